@@ -1,0 +1,85 @@
+"""The one place that decides which implementation a kernel call runs.
+
+Back-ends:
+  ``triton`` -- the Triton kernels (CUDA tensors; on the CPU only under ``TRITON_INTERPRET=1``).
+  ``torch``  -- the chunked pure-PyTorch implementations, the CPU path and the reference.
+
+``auto`` (the default) takes ``triton`` for CUDA tensors when triton imports, else ``torch``.
+Force a back-end with the environment variable ``MEDIX_FAST_BACKEND=triton|torch|auto`` or,
+from code and tests, with :func:`set_backend` / the :func:`force_backend` context manager.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+_forced: str | None = None
+
+
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+HAS_TRITON = _has_triton()
+
+
+def set_backend(name: str | None) -> None:
+    """Force ``"triton"`` or ``"torch"`` for every later call; ``None`` or ``"auto"`` restores the default."""
+    global _forced
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    _forced = None if name in (None, "auto") else name
+
+
+@contextlib.contextmanager
+def force_backend(name: str):
+    """Context manager form of :func:`set_backend`."""
+    global _forced
+    previous = _forced
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def requested_backend() -> str:
+    """The back-end asked for: the forced one, else ``MEDIX_FAST_BACKEND``, else ``auto``."""
+    if _forced is not None:
+        return _forced
+    name = os.environ.get("MEDIX_FAST_BACKEND", "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"MEDIX_FAST_BACKEND must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    """Whether a kernel called on ``tensor`` takes the Triton path."""
+    name = requested_backend()
+    if name == "torch":
+        return False
+    if name == "triton":
+        if not HAS_TRITON:
+            raise RuntimeError("MEDIX_FAST_BACKEND=triton but triton is not importable")
+        if tensor.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                "the triton back-end on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
+            )
+        return True
+    return HAS_TRITON and tensor.device.type == "cuda"
+
+
+def active_backends() -> dict[str, bool]:
+    """Which back-ends can run here (reported by ``python -m medix_fast.kernels``)."""
+    return {
+        "torch": True,
+        "triton": HAS_TRITON and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+        "cuda": torch.cuda.is_available(),
+    }

@@ -1,0 +1,287 @@
+"""Log-probs (and entropy) straight from hidden states and the LM head, never building logits.
+
+    logp[i]    = log softmax(h_i . W^T + b) / T)[targets_i]             fp32
+    entropy[i] = -sum_v p_iv log p_iv  of the same tempered distribution   fp32
+
+Forward, Triton path: one kernel computes logit tiles (BLOCK_M tokens x BLOCK_V vocab) with
+``tl.dot`` and folds them into an online logsumexp, an online sum of p*z (for the entropy) and
+the target logit, all in fp32 registers; the vocabulary is split across programs when the token
+count alone cannot fill the GPU, and the splits are merged by a tiny torch epilogue.
+Backward: a second kernel recomputes each logit tile and writes dL/dlogits for a chunk of tokens
+straight into a (chunk, V) buffer in the weight's dtype; two GEMMs (cuBLAS) turn it into
+dL/dhidden and dL/dW. Peak extra memory is O(chunk x V), never O(tokens x V).
+
+The torch path (CPU, and the reference the kernels are tested against) follows the same chunked
+plan with the logits of one chunk materialised at a time.
+
+Run ``python -m pytest tests/test_logprobs.py`` to check both paths against fp64.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .dispatch import use_triton
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+@triton.jit
+def _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, n_rows, vocab, hidden, inv_temp,
+                HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """z = (h[rows] . W[cols]^T + b[cols]) * inv_temp in fp32; -inf outside the vocabulary."""
+    acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+    ks = tl.arange(0, BLOCK_K)
+    for k0 in range(0, hidden, BLOCK_K):
+        k = k0 + ks
+        h = tl.load(h_ptr + rows[:, None] * hidden + k[None, :],
+                    mask=(rows[:, None] < n_rows) & (k[None, :] < hidden), other=0.0)  # (BM, BK)
+        w = tl.load(w_ptr + cols[None, :] * hidden + k[:, None],
+                    mask=(cols[None, :] < vocab) & (k[:, None] < hidden), other=0.0)  # (BK, BV)
+        if IEEE:  # fp32 inputs (and the interpreter, whose bf16 dot is wrong): exact fp32 products
+            acc = tl.dot(h.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(h, w, acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=cols < vocab, other=0.0).to(tl.float32)[None, :]
+    return tl.where(cols[None, :] < vocab, acc * inv_temp, float("-inf"))  # (BM, BV)
+
+
+@triton.jit
+def _forward_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, max_ptr, sum_ptr, pz_ptr, zt_ptr,
+                    n_rows, vocab, hidden, inv_temp, v_per_split,
+                    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Partial (max, sum exp, sum exp*z, target logit) of one token block over one vocab split."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
+    split = tl.program_id(1)
+    tgt = tl.load(tgt_ptr + rows, mask=rows < n_rows, other=-1)  # (BM,)
+    m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    pz = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    zt = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    v_start = split * v_per_split
+    v_end = tl.minimum(v_start + v_per_split, vocab)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)  # (BV,)
+        z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, n_rows, v_end, hidden, inv_temp,
+                        HAS_BIAS, IEEE, BLOCK_M, BLOCK_V, BLOCK_K)  # (BM, BV)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        scale = tl.exp(m - m_new)
+        e = tl.exp(z - m_new[:, None])  # 0 outside the vocabulary
+        s = s * scale + tl.sum(e, axis=1)
+        pz = pz * scale + tl.sum(e * tl.where(cols[None, :] < v_end, z, 0.0), axis=1)
+        zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
+        m = m_new
+    out = split * n_rows + rows
+    keep = rows < n_rows
+    tl.store(max_ptr + out, m, mask=keep)
+    tl.store(sum_ptr + out, s, mask=keep)
+    tl.store(pz_ptr + out, pz, mask=keep)
+    tl.store(zt_ptr + out, zt, mask=keep)
+
+
+@triton.jit
+def _grad_logits_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, ez_ptr, glp_ptr, gent_ptr, out_ptr,
+                        n_rows, vocab, hidden, inv_temp,
+                        HAS_BIAS: tl.constexpr, HAS_GENT: tl.constexpr, IEEE: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dL/dlogits of one tile: (g_lp*(onehot - p) - g_ent*p*(z - E[z])) / T, stored in W's dtype."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)  # (BV,)
+    z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, n_rows, vocab, hidden, inv_temp,
+                    HAS_BIAS, IEEE, BLOCK_M, BLOCK_V, BLOCK_K)  # (BM, BV)
+    keep = rows < n_rows
+    lse = tl.load(lse_ptr + rows, mask=keep, other=0.0)
+    g_lp = tl.load(glp_ptr + rows, mask=keep, other=0.0)
+    tgt = tl.load(tgt_ptr + rows, mask=keep, other=-1)
+    p = tl.exp(z - lse[:, None])  # (BM, BV)
+    coef = g_lp[:, None] + tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+    if HAS_GENT:
+        ez = tl.load(ez_ptr + rows, mask=keep, other=0.0)
+        g_ent = tl.load(gent_ptr + rows, mask=keep, other=0.0)
+        coef += g_ent[:, None] * (tl.where(cols[None, :] < vocab, z, 0.0) - ez[:, None])
+    dz = tl.where(cols[None, :] == tgt[:, None], g_lp[:, None], 0.0) - p * coef
+    out = out_ptr + rows[:, None] * vocab + cols[None, :]
+    tl.store(out, (dz * inv_temp).to(out_ptr.dtype.element_ty),
+             mask=keep[:, None] & (cols[None, :] < vocab))
+
+
+# ----------------------------------------------------------------------------- launchers
+def _blocks(dtype: torch.dtype) -> tuple[int, int, int]:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return 16, 64, 32  # the interpreter runs whole tiles in numpy: few, mid-sized programs
+    return (64, 128, 64) if dtype == torch.float32 else (128, 128, 64)
+
+
+def _ieee(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _triton_stats(h, w, b, targets, inv_temp):
+    """(logp, lse, E[z]) per token, fp32, from the fused forward kernel."""
+    n, hidden = h.shape
+    vocab = w.shape[0]
+    bm, bv, bk = _blocks(h.dtype)
+    row_blocks = triton.cdiv(n, bm)
+    sms = torch.cuda.get_device_properties(h.device).multi_processor_count if h.is_cuda else 1
+    splits = max(1, min(triton.cdiv(2 * sms, row_blocks), triton.cdiv(vocab, 4 * bv)))
+    v_per_split = triton.cdiv(triton.cdiv(vocab, splits), bv) * bv
+    splits = triton.cdiv(vocab, v_per_split)
+    part = torch.empty(4, splits, n, dtype=torch.float32, device=h.device)  # (4, S, n)
+    _forward_kernel[(row_blocks, splits)](
+        h, w, b if b is not None else h, targets, part[0], part[1], part[2], part[3],
+        n, vocab, hidden, inv_temp, v_per_split,
+        HAS_BIAS=b is not None, IEEE=_ieee(h.dtype), BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk,
+    )
+    m, s, pz, zt = part.unbind(0)  # each (S, n)
+    top = m.max(dim=0).values  # (n,)
+    scale = torch.exp(m - top)  # (S, n)
+    total = (s * scale).sum(0)  # (n,)
+    lse = top + torch.log(total)
+    ez = (pz * scale).sum(0) / total
+    return zt.sum(0) - lse, lse, ez
+
+
+def _triton_grad_logits(h, w, b, targets, inv_temp, lse, ez, g_lp, g_ent):
+    n, hidden = h.shape
+    vocab = w.shape[0]
+    bm, bv, bk = _blocks(h.dtype)
+    out = torch.empty(n, vocab, dtype=w.dtype, device=h.device)  # (n, V)
+    _grad_logits_kernel[(triton.cdiv(n, bm), triton.cdiv(vocab, bv))](
+        h, w, b if b is not None else h, targets, lse, ez, g_lp,
+        g_ent if g_ent is not None else g_lp, out, n, vocab, hidden, inv_temp,
+        HAS_BIAS=b is not None, HAS_GENT=g_ent is not None, IEEE=_ieee(h.dtype),
+        BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------- torch path
+def _torch_logits(h, w, b, inv_temp):
+    z = h @ w.t() if b is None else torch.addmm(b, h, w.t())  # (n, V)
+    return z.float().mul_(inv_temp)
+
+
+def _torch_stats(h, w, b, targets, inv_temp):
+    z = _torch_logits(h, w, b, inv_temp)  # (n, V) fp32
+    lse = torch.logsumexp(z, dim=-1)  # (n,)
+    logp = z.gather(1, targets[:, None]).squeeze(1) - lse
+    ez = torch.softmax(z, dim=-1).mul_(z).sum(-1)  # (n,) E[z] under p
+    return logp, lse, ez
+
+
+def _torch_grad_logits(h, w, b, targets, inv_temp, lse, ez, g_lp, g_ent):
+    z = _torch_logits(h, w, b, inv_temp)  # (n, V) fp32
+    coef = g_lp[:, None]
+    if g_ent is not None:
+        coef = coef + g_ent[:, None] * (z - ez[:, None])
+    dz = z.sub_(lse[:, None]).exp_().mul_(coef).neg_()  # -p * coef, in place of z
+    dz.scatter_add_(1, targets[:, None], g_lp[:, None])
+    return dz.mul_(inv_temp).to(w.dtype)
+
+
+# ----------------------------------------------------------------------------- autograd
+def _chunk_rows(n_tokens: int, vocab: int, chunk_size: int | None) -> int:
+    """Tokens per chunk: about 256 MiB of fp32 logits by default (``MEDIX_FAST_CHUNK_MB``)."""
+    if chunk_size is None:
+        budget = float(os.environ.get("MEDIX_FAST_CHUNK_MB", "256")) * 2**20
+        chunk_size = max(64, int(budget // (4 * vocab)))
+    return max(1, min(chunk_size, n_tokens))
+
+
+class _FusedLinearLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, w, b, targets, inv_temp, want_entropy, chunk, triton_path):
+        stats = _triton_stats if triton_path else _torch_stats
+        step = h.shape[0] if triton_path else chunk  # the Triton forward builds no logits
+        pieces = [stats(h[i:i + step], w, b, targets[i:i + step], inv_temp)
+                  for i in range(0, max(h.shape[0], 1), step)]
+        logp, lse, ez = (torch.cat(x) for x in zip(*pieces))  # each (n,)
+        ctx.save_for_backward(h, w, b, targets, lse, ez)
+        ctx.cfg = (inv_temp, chunk, triton_path)
+        entropy = lse - ez if want_entropy else lse.new_empty(0)
+        if not want_entropy:
+            ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent):
+        h, w, b, targets, lse, ez = ctx.saved_tensors
+        inv_temp, chunk, triton_path = ctx.cfg
+        grad_logits = _triton_grad_logits if triton_path else _torch_grad_logits
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float().contiguous()
+        g_ent = None if g_ent is None or g_ent.numel() == 0 else g_ent.float().contiguous()
+        dh = torch.empty_like(h) if need_h else None
+        dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+        db = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b else None
+        for i in range(0, h.shape[0], chunk):
+            sl = slice(i, i + chunk)
+            dz = grad_logits(h[sl], w, b, targets[sl], inv_temp, lse[sl], ez[sl], g_lp[sl],
+                             None if g_ent is None else g_ent[sl])  # (c, V) in w.dtype
+            if need_h:
+                dh[sl] = dz @ w  # (c, H)
+            if need_w:
+                dw += (dz.t() @ h[sl]).float()  # (V, H)
+            if need_b:
+                db += dz.float().sum(0)
+        dw = dw.to(w.dtype) if need_w else None
+        db = db.to(b.dtype) if need_b else None
+        return dh, dw, db, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------- public API
+def _check(hidden, weight, targets, bias, temperature) -> None:
+    if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden (..., H) and weight (V, H) disagree: hidden {tuple(hidden.shape)}, "
+                         f"weight {tuple(weight.shape)}")
+    if not hidden.is_floating_point() or not weight.is_floating_point():
+        raise ValueError(f"hidden and weight must be floating point, got {hidden.dtype} and {weight.dtype}")
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"targets must have shape {tuple(hidden.shape[:-1])} (hidden without H), "
+                         f"got {tuple(targets.shape)}")
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise ValueError(f"targets must be an integer tensor, got dtype {targets.dtype}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= weight.shape[0]):
+        bad = targets[(targets < 0) | (targets >= weight.shape[0])][0].item()
+        raise ValueError(f"targets must lie in [0, V={weight.shape[0]}), found {bad}")
+
+
+def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0,
+                          return_entropy=False, chunk_size=None):
+    """Log-probs of ``targets`` under ``softmax((hidden @ weight.T + bias) / temperature)``.
+
+    Args:
+        hidden: (..., H) final hidden states, any float dtype (the compute dtype).
+        weight: (V, H) LM-head weight; cast to ``hidden``'s dtype if it differs (autocast-style).
+        targets: (...) integer token ids in [0, V).
+        bias: optional (V,).
+        temperature: logits are divided by it (sampling temperature).
+        return_entropy: also return the per-token entropy of the same distribution.
+        chunk_size: tokens per chunk of the backward's (chunk, V) gradient buffer (and of the
+            CPU forward); default: about ``MEDIX_FAST_CHUNK_MB`` (256) MiB of fp32 logits.
+
+    Returns:
+        logp (...) fp32, and entropy (...) fp32 when ``return_entropy``. Both differentiable
+        with respect to ``hidden``, ``weight`` and ``bias``; no (tokens, V) tensor is built.
+    """
+    _check(hidden, weight, targets, bias, temperature)
+    lead = hidden.shape[:-1]
+    h = hidden.reshape(-1, hidden.shape[-1]).contiguous()  # (n, H)
+    w = weight.to(h.dtype).contiguous()  # (V, H)
+    b = bias.to(h.dtype).contiguous() if bias is not None else None
+    t = targets.reshape(-1).contiguous()  # (n,)
+    chunk = _chunk_rows(max(1, h.shape[0]), w.shape[0], chunk_size)
+    triton_path = use_triton(h) and h.shape[0] > 0
+    logp, entropy = _FusedLinearLogprobs.apply(
+        h, w, b, t, 1.0 / float(temperature), bool(return_entropy), chunk, triton_path)
+    logp = logp.view(lead)
+    return (logp, entropy.view(lead)) if return_entropy else logp

@@ -1,0 +1,37 @@
+"""The MediX-R1 prompt: the fixed instruction around a question, and the modality tags.
+
+The model must answer with exactly one modality tag, then its reasoning inside
+``<thinking>...</thinking>``, then the answer inside ``<answer>...</answer>``. A ground-truth
+``solution`` is ``"<TAG> answer text"``. The image (if any) goes before the question text.
+"""
+from __future__ import annotations
+
+MODALITY_TAGS = (
+    "<X_RAY>", "<MICROSCOPY>", "<CLINICAL_PHOTOGRAPHY>", "<CT_SCAN>", "<GRAPHICS>", "<ANGIOGRAPHY>",
+    "<PET_SCAN>", "<ULTRASOUND>", "<MRI_SCAN>", "<FUNDUS_PHOTOGRAPHY>", "<OCT_SCAN>", "<ENDOSCOPY>",
+    "<MAMMOGRAPHY>", "<FLUOROSCOPY>", "<OTHER>", "<SPECT>",
+)
+FORMAT_TAGS = ("<thinking>", "</thinking>", "<answer>", "</answer>")
+
+INSTRUCTION = (
+    "First output exactly one imaging modality tag from: " + " ".join(MODALITY_TAGS) + ". "
+    "Then reason step by step inside <thinking> </thinking>, then give the final answer inside "
+    "<answer> </answer>. Output nothing else.\n\nQuestion: {question}"
+)
+
+
+def build_messages(question: str, has_image: bool = False) -> list[dict]:
+    """Chat messages for one question (the image placeholder first when there is one)."""
+    text = INSTRUCTION.format(question=question.strip())
+    if not has_image:
+        return [{"role": "user", "content": text}]
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+
+
+def split_solution(solution: str) -> tuple[str, str]:
+    """``"<TAG> answer"`` -> (``"<TAG>"``, ``"answer"``); ValueError when there is no leading tag."""
+    text = solution.strip()
+    if not text.startswith("<") or ">" not in text:
+        raise ValueError(f"solution must start with a modality tag like '<CT_SCAN>', got {solution[:60]!r}")
+    end = text.index(">") + 1
+    return text[:end], text[end:].strip()

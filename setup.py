@@ -1,0 +1,37 @@
+"""Install medix_fast.
+
+The top-level folder ``kernels/`` is installed as ``medix_fast.kernels`` (never as a
+top-level ``kernels`` module: another PyPI package owns that name). The kernels need only
+torch and triton; everything else is for the trainer.
+
+CPU machines: ``pip install torch==2.13.0`` first (the CPU build), then ``pip install -e ".[test]"``.
+"""
+from setuptools import find_packages, setup
+
+packages = [p for p in find_packages(include=["medix_fast", "medix_fast.*"])]
+packages += ["medix_fast.kernels"]
+
+setup(
+    name="medix_fast",
+    version="0.1.0",
+    description="Performance-first GRPO/DAPO/GSPO trainer for clinical QA (MediX-R1 recipe) with fused Triton kernels",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir={"medix_fast.kernels": "kernels"},
+    include_package_data=True,
+    package_data={"medix_fast": ["data/*.jsonl", "data/**/*"]},
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "numpy",
+        "transformers>=4.51",
+        "tokenizers",
+        "safetensors",
+        "pyyaml",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "pytest-xdist"],
+        "gpu": ["flash-attn", "xformers", "liger-kernel"],
+    },
+)
