@@ -1,0 +1,55 @@
+"""The bundled sample set: regenerates byte-identically, covers every modality tag, scores.
+
+Run: pytest tests/test_sample_data.py
+"""
+import json
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from medix_fast.prompt import MODALITY_TAGS, split_solution
+from medix_fast.sample_data import MODALITIES, SPLITS, sample_path
+
+
+def rows(split):
+    return [json.loads(line) for line in sample_path(split).read_text().splitlines()]
+
+
+def test_committed_files_match_the_generator(tmp_path):
+    subprocess.run([sys.executable, "-m", "medix_fast.sample_data", "--out", str(tmp_path)], check=True,
+                   capture_output=True)
+    for split in SPLITS:
+        assert (tmp_path / f"{split}.jsonl").read_bytes() == sample_path(split).read_bytes(), split
+
+
+def test_modality_table_follows_prompt_tags():
+    assert tuple(m.tag for m in MODALITIES) == MODALITY_TAGS
+
+
+@pytest.mark.parametrize("split", sorted(SPLITS))
+def test_schema_and_tag_balance(split):
+    data = rows(split)
+    assert len(data) == SPLITS[split] * len(MODALITY_TAGS)
+    tags = Counter()
+    for i, row in enumerate(data):
+        assert set(row) == {"problem", "solution"}, (split, i)
+        tag, answer = split_solution(row["solution"])
+        tags[tag] += 1
+        # MediX scores an answer of <= 1 character, or with "__", ":" or "?", as 0.
+        assert len(answer) > 1 and not any(c in answer for c in ("__", ":", "?")), (split, i, answer)
+        hints = next(m.hints for m in MODALITIES if m.tag == tag)
+        assert any(h.lower() in row["problem"].lower() for h in hints), (split, i)
+    assert tags == {t: SPLITS[split] for t in MODALITY_TAGS}
+
+
+def test_splits_are_disjoint_and_unique():
+    train, test = ({r["problem"] for r in rows(s)} for s in ("train", "test"))
+    assert len(train) == len(rows("train")) and len(test) == len(rows("test"))
+    assert not train & test
+
+
+def test_unknown_split():
+    with pytest.raises(ValueError, match="validation"):
+        sample_path("validation")
