@@ -9,10 +9,17 @@ prints which back-ends are active here.
 """
 from .advantage import GroupStats, group_advantages
 from .dispatch import active_backends, force_backend, set_backend
+from .fused_policy_loss import fused_linear_policy_loss
 from .logprobs import fused_linear_logprobs
+from .policy_loss import LOSS_TYPES, LEVELS, LossOptions, policy_loss
 
 __all__ = [
+    "LEVELS",
+    "LOSS_TYPES",
     "GroupStats",
+    "LossOptions",
+    "fused_linear_policy_loss",
+    "policy_loss",
     "active_backends",
     "force_backend",
     "fused_linear_logprobs",

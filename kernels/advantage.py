@@ -1,8 +1,8 @@
 """Group-relative advantages (GRPO, Dr. GRPO, RLOO) in one fused pass.
 
 Rewards arrive flat, (N,), in contiguous groups of ``group_size`` responses to one prompt.
-One Triton program normalises a block of groups in registers: group mean, unbiased std,
-advantage, and the per-group statistics a DAPO-style filter needs (drop groups whose std is 0).
+One Triton program normalises a block of groups in registers: group mean, unbiased std
+(both shifted by the group's first reward, so a constant group gives exactly 0), advantage, and the per-group statistics a DAPO-style filter needs (drop groups whose std is 0).
 
     adv, stats = group_advantages(rewards, group_size=5, return_stats=True)
     keep = stats.std > 0                                   # (N // group_size,)
@@ -36,8 +36,11 @@ def _group_advantage_kernel(
     inside = (rows[:, None] < num_groups) & (cols[None, :] < group_size)
     offsets = rows[:, None] * group_size + cols[None, :]
     r = tl.load(rewards_ptr + offsets, mask=inside, other=0.0).to(tl.float32)  # (BLOCK_G, BLOCK_S)
-    mean = tl.sum(r, axis=1) / group_size  # (BLOCK_G,)
-    centred = tl.where(inside, r - mean[:, None], 0.0)
+    first = tl.sum(tl.where(cols[None, :] == 0, r, 0.0), axis=1)  # (BLOCK_G,) shift: exact 0 for constant groups
+    shifted = tl.where(inside, r - first[:, None], 0.0)
+    mean_shifted = tl.sum(shifted, axis=1) / group_size  # (BLOCK_G,)
+    mean = first + mean_shifted
+    centred = tl.where(inside, shifted - mean_shifted[:, None], 0.0)
     std = tl.sqrt(tl.sum(centred * centred, axis=1) / (group_size - 1))  # (BLOCK_G,)
     if ESTIMATOR == 0:
         adv = centred / (std[:, None] + eps)
@@ -67,9 +70,11 @@ def _launch(rewards: torch.Tensor, group_size: int, estimator: str, eps: float):
 
 def _torch_group_advantages(rewards: torch.Tensor, group_size: int, estimator: str, eps: float):
     r = rewards.float().view(-1, group_size)  # (G, S)
-    mean = r.mean(dim=1)  # (G,)
-    std = r.std(dim=1, unbiased=True)  # (G,)
-    centred = r - mean[:, None]
+    shifted = r - r[:, :1]  # shift by the first reward: constant groups centre to exactly 0
+    mean_shifted = shifted.mean(dim=1)  # (G,)
+    mean = r[:, 0] + mean_shifted
+    centred = shifted - mean_shifted[:, None]  # (G, S)
+    std = torch.sqrt(centred.square().sum(1) / (group_size - 1))  # (G,) unbiased
     if estimator == "grpo":
         adv = centred / (std[:, None] + eps)
     elif estimator == "dr_grpo":

@@ -111,9 +111,9 @@ def _grad_logits_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, ez_ptr, glp_ptr, 
 
 
 # ----------------------------------------------------------------------------- launchers
-def _blocks(dtype: torch.dtype) -> tuple[int, int, int]:
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return 16, 64, 32  # the interpreter runs whole tiles in numpy: few, mid-sized programs
+def _blocks(dtype: torch.dtype, vocab: int) -> tuple[int, int, int]:
+    if os.environ.get("TRITON_INTERPRET") == "1":  # numpy runs each tile: fewer, wider tiles at large V
+        return 16, 64 if vocab <= 16384 else 1024, 32
     return (64, 128, 64) if dtype == torch.float32 else (128, 128, 64)
 
 
@@ -125,7 +125,7 @@ def _triton_stats(h, w, b, targets, inv_temp):
     """(logp, lse, E[z]) per token, fp32, from the fused forward kernel."""
     n, hidden = h.shape
     vocab = w.shape[0]
-    bm, bv, bk = _blocks(h.dtype)
+    bm, bv, bk = _blocks(h.dtype, vocab)
     row_blocks = triton.cdiv(n, bm)
     sms = torch.cuda.get_device_properties(h.device).multi_processor_count if h.is_cuda else 1
     splits = max(1, min(triton.cdiv(2 * sms, row_blocks), triton.cdiv(vocab, 4 * bv)))
@@ -149,7 +149,7 @@ def _triton_stats(h, w, b, targets, inv_temp):
 def _triton_grad_logits(h, w, b, targets, inv_temp, lse, ez, g_lp, g_ent):
     n, hidden = h.shape
     vocab = w.shape[0]
-    bm, bv, bk = _blocks(h.dtype)
+    bm, bv, bk = _blocks(h.dtype, vocab)
     out = torch.empty(n, vocab, dtype=w.dtype, device=h.device)  # (n, V)
     _grad_logits_kernel[(triton.cdiv(n, bm), triton.cdiv(vocab, bv))](
         h, w, b if b is not None else h, targets, lse, ez, g_lp,

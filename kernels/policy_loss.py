@@ -1,0 +1,171 @@
+"""The clipped-ratio policy loss of GRPO, DAPO, Dr. GRPO and GSPO from per-token log-probs.
+
+One formula covers every variant (TRL GRPOTrainer's aggregation, EasyR1/veRL's clipping):
+
+    log_w  = logp - old                          token level (GRPO, DAPO)
+           = masked_mean_t(logp - old)           sequence level (GSPO), gradient through the mean
+           = sg[masked_mean_t(logp - old)] + logp - sg[logp]     sequence_token (GSPO-token)
+    ratio  = exp(clamp(log_w, -20, 20)),   clipped = exp(clamp(log_w, log(1-eps_low), log(1+eps_high)))
+    pg     = max(-A * ratio, -A * clipped);  for A < 0 and clip_ratio_c: min(pg, -A * clip_ratio_c)
+    pg    *= min(exp(old - sampling), tis_cap)   optional truncated importance sampling (detached)
+    loss_t = pg + beta * k3(ref, logp) - entropy_coef * entropy
+    k3     = exp(d) - d - 1 with d = clamp(ref - logp, -20, 20), clamped to [-10, 10] (EasyR1)
+
+and ``loss_type`` picks the aggregation of ``loss_t`` over valid (mask = 1) tokens:
+    grpo     mean over sequences of the per-sequence token mean
+    bnpo     sum / valid tokens of this batch
+    dr_grpo  sum / (B * max_completion_length)
+    dapo     sum / num_items_in_batch (the global token count; default: this batch's)
+
+``old_logprobs=None`` means on-policy: the ratio is 1 in value and the gradient still flows.
+Metrics come back as detached 0-dim tensors (no host synchronisation).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LEVELS = ("token", "sequence", "sequence_token")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossOptions:
+    """Every option of :func:`policy_loss` and ``fused_linear_policy_loss``."""
+
+    loss_type: str = "grpo"
+    importance_sampling_level: str = "token"
+    epsilon_low: float = 0.2
+    epsilon_high: float | None = None  # None: same as epsilon_low
+    clip_ratio_c: float | None = None  # dual clip for negative advantages (EasyR1: 3.0)
+    beta: float = 0.0  # k3 KL coefficient (needs ref_logprobs)
+    entropy_coef: float = 0.0  # entropy bonus (needs entropy)
+    max_completion_length: int | None = None  # dr_grpo normaliser
+    num_items_in_batch: float | torch.Tensor | None = None  # dapo normaliser
+    tis_cap: float | None = None  # truncated importance sampling cap (needs sampling_logprobs)
+
+    @classmethod
+    def from_kwargs(cls, opts: dict) -> "LossOptions":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(opts) - names)
+        if unknown:
+            raise ValueError(f"unknown policy-loss option(s) {unknown}; valid: {sorted(names)}")
+        o = cls(**opts)
+        if o.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {o.loss_type!r}")
+        if o.importance_sampling_level not in LEVELS:
+            raise ValueError(f"importance_sampling_level must be one of {LEVELS}, got {o.importance_sampling_level!r}")
+        if not 0 <= o.epsilon_low < 1 or (o.epsilon_high is not None and o.epsilon_high < 0):
+            raise ValueError(f"need 0 <= epsilon_low < 1 and epsilon_high >= 0, got {o.epsilon_low}, {o.epsilon_high}")
+        if o.clip_ratio_c is not None and o.clip_ratio_c <= 1:
+            raise ValueError(f"clip_ratio_c must be > 1, got {o.clip_ratio_c}")
+        if o.loss_type == "dr_grpo" and not (o.max_completion_length or 0) > 0:
+            raise ValueError("loss_type='dr_grpo' needs max_completion_length > 0")
+        if o.tis_cap is not None and o.tis_cap <= 0:
+            raise ValueError(f"tis_cap must be > 0, got {o.tis_cap}")
+        return o
+
+
+def _check_shapes(logprobs, mask, advantages, **per_token) -> None:
+    if logprobs.dim() != 2:
+        raise ValueError(f"logprobs must be (B, T), got {tuple(logprobs.shape)}")
+    shape = tuple(logprobs.shape)
+    for name, t in {"mask": mask, **per_token}.items():
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have the shape of logprobs {shape}, got {tuple(t.shape)}")
+    if tuple(advantages.shape) not in ((shape[0],), shape):
+        raise ValueError(f"advantages must be ({shape[0]},) or {shape}, got {tuple(advantages.shape)}")
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
+
+
+def _aggregate(loss_t: torch.Tensor, mask: torch.Tensor, o: LossOptions) -> torch.Tensor:
+    total = (loss_t * mask).sum()
+    if o.loss_type == "grpo":
+        return _masked_mean(loss_t, mask, dim=-1).mean()
+    if o.loss_type == "bnpo":
+        return total / mask.sum().clamp(min=1.0)
+    if o.loss_type == "dr_grpo":
+        return total / (mask.shape[0] * o.max_completion_length)
+    n = mask.sum().clamp(min=1.0) if o.num_items_in_batch is None else o.num_items_in_batch
+    return total / n
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, *, ref_logprobs=None, entropy=None,
+                sampling_logprobs=None, **opts):
+    """Clipped-ratio policy loss from per-token log-probs (see the module docstring).
+
+    Args:
+        logprobs: (B, T) log-probs of the taken tokens under the current policy (requires grad).
+        old_logprobs: (B, T) behaviour-policy log-probs, or None for on-policy (ratio 1).
+        advantages: (B,) per sequence or (B, T) per token.
+        mask: (B, T) 1 for completion tokens that count, 0 for padding.
+        ref_logprobs: (B, T) reference-model log-probs, needed when ``beta > 0``.
+        entropy: (B, T) per-token entropy, needed when ``entropy_coef > 0`` (reported if given).
+        sampling_logprobs: (B, T) log-probs from the sampler, for ``tis_cap``.
+        **opts: fields of :class:`LossOptions` (loss_type, importance_sampling_level, epsilon_low,
+            epsilon_high, clip_ratio_c, beta, entropy_coef, max_completion_length,
+            num_items_in_batch, tis_cap).
+
+    Returns:
+        (loss, metrics): a 0-dim float32 loss and a dict of detached 0-dim tensors
+        ``ratio_mean, clip_low, clip_high, clip_dual, kl, entropy`` (masked token means).
+    """
+    o = LossOptions.from_kwargs(opts)
+    _check_shapes(logprobs, mask, advantages, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+                  entropy=entropy, sampling_logprobs=sampling_logprobs)
+    if o.beta > 0 and ref_logprobs is None:
+        raise ValueError("beta > 0 needs ref_logprobs")
+    if o.entropy_coef != 0 and entropy is None:
+        raise ValueError("entropy_coef != 0 needs entropy")
+    if o.tis_cap is not None and (sampling_logprobs is None or old_logprobs is None):
+        raise ValueError("tis_cap needs sampling_logprobs and old_logprobs")
+
+    logp = logprobs.float()  # (B, T)
+    mask = mask.to(logp.dtype)  # (B, T)
+    old = logp.detach() if old_logprobs is None else old_logprobs.float()
+    adv = advantages.float()
+    adv = adv[:, None] if adv.dim() == 1 else adv  # (B, 1) or (B, T)
+
+    log_w = logp - old  # (B, T)
+    if o.importance_sampling_level != "token":
+        seq = _masked_mean(log_w, mask, dim=-1)[:, None]  # (B, 1)
+        log_w = seq.expand_as(logp) if o.importance_sampling_level == "sequence" else (
+            seq.detach() + logp - logp.detach())
+    eps_high = o.epsilon_low if o.epsilon_high is None else o.epsilon_high
+    ratio = torch.exp(log_w.clamp(-20.0, 20.0))  # (B, T)
+    clipped = torch.exp(log_w.clamp(math.log1p(-o.epsilon_low), math.log1p(eps_high)))
+    pg = torch.maximum(-adv * ratio, -adv * clipped)  # (B, T)
+    dual = torch.zeros_like(pg, dtype=torch.bool)
+    if o.clip_ratio_c is not None:
+        dual = (adv < 0) & (pg > -adv * o.clip_ratio_c)
+        pg = torch.where(dual, -adv * o.clip_ratio_c, pg)
+    if o.tis_cap is not None:
+        pg = pg * torch.exp(old - sampling_logprobs.float()).clamp(max=o.tis_cap)
+    loss_t = pg
+    kl = None
+    if ref_logprobs is not None:
+        d = (ref_logprobs.float() - logp).clamp(-20.0, 20.0)
+        kl = (torch.exp(d) - d - 1.0).clamp(-10.0, 10.0)  # (B, T)
+        if o.beta > 0:
+            loss_t = loss_t + o.beta * kl
+    if o.entropy_coef != 0:
+        loss_t = loss_t - o.entropy_coef * entropy.float()
+    loss = _aggregate(loss_t, mask, o)
+
+    with torch.no_grad():
+        r = ratio.detach()
+        zero = logp.new_zeros(())
+        metrics = {
+            "ratio_mean": _masked_mean(r, mask),
+            "clip_low": _masked_mean(((r < 1 - o.epsilon_low) & (adv < 0)).float(), mask),
+            "clip_high": _masked_mean(((r > 1 + eps_high) & (adv > 0)).float(), mask),
+            "clip_dual": _masked_mean(dual.float(), mask),
+            "kl": zero if kl is None else _masked_mean(kl.detach(), mask),
+            "entropy": zero if entropy is None else _masked_mean(entropy.detach().float(), mask),
+        }
+    return loss, metrics

@@ -1,0 +1,21 @@
+"""Test set-up: the Triton kernels run under the interpreter on CPU-only machines, and the
+``backend`` fixture runs a kernel test once per implementation (``MEDIX_TEST_BACKENDS`` narrows it)."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton.jit
+
+import pytest  # noqa: E402
+
+from medix_fast.kernels import force_backend  # noqa: E402
+
+BACKENDS = os.environ.get("MEDIX_TEST_BACKENDS", "torch,triton").split(",")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Force one kernel implementation for the duration of a test."""
+    with force_backend(request.param):
+        yield request.param

@@ -1,0 +1,81 @@
+"""fp64 references for the kernel tests, written from the published formulas and independently
+of medix_fast.kernels: full logits, explicit loops over sequences, TRL's min() formulation."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def logprobs_entropy(hidden, weight, targets, bias=None, temperature=1.0):
+    """Materialised fp64 logits -> (logp, entropy), each hidden.shape[:-1]."""
+    logits = hidden.double() @ weight.double().t()
+    if bias is not None:
+        logits = logits + bias.double()
+    logsm = torch.log_softmax(logits / temperature, dim=-1)
+    logp = logsm.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+    entropy = -(logsm.exp() * logsm).sum(-1)
+    return logp, entropy
+
+
+def policy_loss(logp, old, adv, mask, *, ref=None, entropy=None, sampling=None, loss_type="grpo",
+                importance_sampling_level="token", epsilon_low=0.2, epsilon_high=None, clip_ratio_c=None,
+                beta=0.0, entropy_coef=0.0, max_completion_length=None, num_items_in_batch=None,
+                tis_cap=None):
+    """Row-by-row fp64 policy loss; returns (loss, per_token_loss)."""
+    logp = logp.double()
+    old = logp.detach() if old is None else old.double()
+    eps_high = epsilon_low if epsilon_high is None else epsilon_high
+    rows = []
+    for i in range(logp.shape[0]):
+        m = mask[i].double()
+        a = adv[i].double() if adv.dim() == 2 else adv[i].double().expand(logp.shape[1])
+        delta = logp[i] - old[i]
+        n_i = max(float(m.sum()), 1.0)
+        seq = (delta * m).sum() / n_i
+        if importance_sampling_level == "token":
+            log_w = delta
+        elif importance_sampling_level == "sequence":
+            log_w = seq.expand(logp.shape[1])
+        else:
+            log_w = seq.detach() + logp[i] - logp[i].detach()
+        coef_1 = torch.exp(torch.clamp(log_w, -20, 20))
+        coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + eps_high)
+        per_tok = -torch.min(coef_1 * a, coef_2 * a)
+        if clip_ratio_c is not None:
+            per_tok = torch.where(a < 0, torch.min(per_tok, -a * clip_ratio_c), per_tok)
+        if tis_cap is not None:
+            per_tok = per_tok * torch.clamp(torch.exp(old[i] - sampling[i].double()), max=tis_cap)
+        if beta:
+            d = torch.clamp(ref[i].double() - logp[i], -20, 20)
+            per_tok = per_tok + beta * torch.clamp(torch.exp(d) - d - 1, -10, 10)
+        if entropy_coef:
+            per_tok = per_tok - entropy_coef * entropy[i].double()
+        rows.append(per_tok * m)
+    per_token = torch.stack(rows)
+    valid = float(mask.double().sum())
+    if loss_type == "grpo":
+        loss = sum(per_token[i].sum() / max(float(mask[i].double().sum()), 1.0)
+                   for i in range(len(rows))) / len(rows)
+    elif loss_type == "bnpo":
+        loss = per_token.sum() / max(valid, 1.0)
+    elif loss_type == "dr_grpo":
+        loss = per_token.sum() / (len(rows) * max_completion_length)
+    else:
+        loss = per_token.sum() / (max(valid, 1.0) if num_items_in_batch is None else num_items_in_batch)
+    return loss, per_token
+
+
+def group_advantages(rewards, group_size, estimator="grpo", eps=1e-6):
+    out = []
+    for g in rewards.double().split(group_size):
+        mean = sum(g.tolist()) / group_size
+        std = math.sqrt(sum((x - mean) ** 2 for x in g.tolist()) / (group_size - 1))
+        for x in g.tolist():
+            if estimator == "grpo":
+                out.append((x - mean) / (std + eps))
+            elif estimator == "dr_grpo":
+                out.append(x - mean)
+            else:
+                out.append(x - (mean * group_size - x) / (group_size - 1))
+    return torch.tensor(out, dtype=torch.float64)

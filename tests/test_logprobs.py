@@ -1,0 +1,183 @@
+"""fused_linear_logprobs (and its entropy) against fp64 materialised logits, both back-ends.
+
+bf16 follows the rule "the kernel's error against fp64 is at most twice PyTorch's own bf16 error"
+(PyTorch's bf16 path: bf16 logits GEMM, then log_softmax in fp32, gradients by autograd).
+"""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from medix_fast.kernels import force_backend, fused_linear_logprobs
+from reference import logprobs_entropy
+
+SHAPES = [  # (lead shape, H, V)
+    ((3, 7), 33, 1001),
+    ((1,), 16, 64),
+    ((2, 5), 24, 300),
+]
+
+
+def _inputs(lead, hidden, vocab, dtype, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randn(*lead, hidden, generator=g)).to(dtype).requires_grad_()
+    w = (torch.randn(vocab, hidden, generator=g) / hidden ** 0.5 * 3).to(dtype).requires_grad_()
+    b = torch.randn(vocab, generator=g).to(dtype).requires_grad_() if bias else None
+    t = torch.randint(0, vocab, lead, generator=g)
+    return h, w, b, t
+
+
+def _run(h, w, b, t, temperature, g_lp, g_ent, **kw):
+    params = [x for x in (h, w, b) if x is not None]
+    lp, ent = fused_linear_logprobs(h, w, t, bias=b, temperature=temperature, return_entropy=True, **kw)
+    grads = torch.autograd.grad((lp * g_lp).sum() + (ent * g_ent).sum(), params)
+    return [lp, ent, *grads]
+
+
+def _reference(h, w, b, t, temperature, g_lp, g_ent):
+    leaves = [x.detach().double().requires_grad_() for x in (h, w, b) if x is not None]
+    hh, ww, bb = (leaves + [None])[:3]
+    lp, ent = logprobs_entropy(hh, ww, t, bb, temperature)
+    grads = torch.autograd.grad((lp * g_lp.double()).sum() + (ent * g_ent.double()).sum(), leaves)
+    return [lp, ent, *grads]
+
+
+def _torch_bf16(h, w, b, t, temperature, g_lp, g_ent):
+    """PyTorch's own bf16 computation, the yardstick for the bf16 tolerance."""
+    params = [x for x in (h, w, b) if x is not None]
+    logits = h @ w.t() + (b if b is not None else 0)
+    logsm = torch.log_softmax(logits.float() / temperature, -1)
+    lp = logsm.gather(-1, t.unsqueeze(-1)).squeeze(-1)
+    ent = -(logsm.exp() * logsm).sum(-1)
+    grads = torch.autograd.grad((lp * g_lp).sum() + (ent * g_ent).sum(), params)
+    return [lp, ent, *grads]
+
+
+def _max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def _assert_fp32_close(x, y, name, rel=1e-4):
+    """Max error within ``rel`` of the reference's largest magnitude (fp32 sums over V terms)."""
+    assert _max_err(x, y) <= rel * y.abs().max().item() + 1e-6, (name, _max_err(x, y))
+
+
+@pytest.mark.parametrize("lead,hidden,vocab", SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fp32_matches_fp64(backend, lead, hidden, vocab, bias, temperature):
+    h, w, b, t = _inputs(lead, hidden, vocab, torch.float32, bias)
+    g_lp, g_ent = torch.randn(lead), torch.randn(lead)
+    ours = _run(h, w, b, t, temperature, g_lp, g_ent, chunk_size=4)
+    ref = _reference(h, w, b, t, temperature, g_lp, g_ent)
+    for name, x, y in zip(["logp", "entropy", "d_hidden", "d_weight", "d_bias"], ours, ref):
+        assert x.dtype == (torch.float32 if name in ("logp", "entropy") else h.dtype), name
+        _assert_fp32_close(x, y, name)
+
+
+@pytest.mark.parametrize("lead,hidden,vocab", SHAPES[:2])
+def test_bf16_within_twice_torch_error(backend, lead, hidden, vocab):
+    h, w, b, t = _inputs(lead, hidden, vocab, torch.bfloat16, bias=True, seed=1)
+    g_lp, g_ent = torch.randn(lead), torch.randn(lead)
+    ours = _run(h, w, b, t, 1.0, g_lp, g_ent)
+    ref = _reference(h, w, b, t, 1.0, g_lp, g_ent)
+    yardstick = _torch_bf16(h, w, b, t, 1.0, g_lp, g_ent)
+    for name, x, y, z in zip(["logp", "entropy", "d_hidden", "d_weight", "d_bias"], ours, ref, yardstick):
+        assert _max_err(x, y) <= 2 * _max_err(z, y) + 1e-6, name
+
+
+def test_realistic_vocab_few_tokens(backend):
+    """Qwen's vocabulary (151,936: not a multiple of any block) at a handful of tokens."""
+    h, w, b, t = _inputs((3,), 32, 151_936, torch.float32, bias=False, seed=2)
+    t[0] = 151_935  # the last row of the head
+    g_lp, g_ent = torch.randn(3), torch.randn(3)
+    ours = _run(h, w, b, t, 1.0, g_lp, g_ent)
+    ref = _reference(h, w, b, t, 1.0, g_lp, g_ent)
+    for name, x, y in zip(["logp", "entropy", "d_hidden", "d_weight"], ours, ref):
+        _assert_fp32_close(x, y, name)
+
+
+def test_extreme_logits_no_nan(backend):
+    """Logits of +-1e4: one-hot distributions, log-probs of 0 and -2e4, finite gradients."""
+    hidden, vocab = 16, 70
+    h = torch.zeros(4, hidden)
+    h[:, 0] = 1.0
+    w = torch.zeros(vocab, hidden)
+    w[:, 0] = -1e4
+    w[3, 0] = 1e4
+    h.requires_grad_()
+    w.requires_grad_()
+    t = torch.tensor([3, 0, 69, 3])
+    lp, ent = fused_linear_logprobs(h, w, t, return_entropy=True)
+    lp.sum().backward()
+    torch.testing.assert_close(lp, torch.tensor([0.0, -2e4, -2e4, 0.0]))
+    assert torch.all(ent >= 0) and torch.all(ent < 1e-3)
+    assert torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
+
+
+def test_chunking_does_not_change_results():
+    h, w, b, t = _inputs((2, 9), 24, 300, torch.float32, bias=True, seed=3)
+    g_lp, g_ent = torch.randn(2, 9), torch.randn(2, 9)
+    with force_backend("torch"):
+        runs = [_run(h, w, b, t, 1.0, g_lp, g_ent, chunk_size=c) for c in (1, 5, 18, 1000)]
+    for other in runs[1:]:
+        for x, y in zip(runs[0], other):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+def test_no_grad_and_logprob_only_path(backend):
+    h, w, _, t = _inputs((2, 4), 16, 100, torch.float32, bias=False, seed=4)
+    with torch.no_grad():
+        lp = fused_linear_logprobs(h, w, t)
+    assert not lp.requires_grad and lp.shape == (2, 4)
+    ref, _ = logprobs_entropy(h.detach(), w.detach(), t)
+    torch.testing.assert_close(lp.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_weight_cast_to_hidden_dtype_gets_fp32_grad():
+    """Autocast-style call: bf16 hidden, fp32 master weight -> bf16 compute, fp32 weight grad."""
+    h, _, _, t = _inputs((5,), 16, 50, torch.bfloat16, bias=False)
+    w = torch.randn(50, 16, requires_grad=True)
+    fused_linear_logprobs(h, w, t).sum().backward()
+    assert w.grad.dtype == torch.float32 and h.grad.dtype == torch.bfloat16
+
+
+def test_empty_input():
+    h = torch.zeros(0, 8, requires_grad=True)
+    w = torch.randn(10, 8, requires_grad=True)
+    lp = fused_linear_logprobs(h, w, torch.zeros(0, dtype=torch.long))
+    lp.sum().backward()
+    assert lp.shape == (0,) and torch.all(w.grad == 0)
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 12), hidden=st.integers(1, 20), vocab=st.integers(2, 130), seed=st.integers(0, 999),
+       temperature=st.floats(0.3, 2.0))
+def test_properties(n, hidden, vocab, seed, temperature):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, hidden, generator=g) * 4
+    w = torch.randn(vocab, hidden, generator=g)
+    t = torch.randint(0, vocab, (n,), generator=g)
+    lp, ent = fused_linear_logprobs(h, w, t, temperature=temperature, return_entropy=True)
+    assert torch.all(lp <= 0) and torch.all(ent >= -1e-6) and torch.all(ent <= torch.log(torch.tensor(vocab)) + 1e-4)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda h, w, t: (h, w[:, :-1], t), "disagree"),
+    (lambda h, w, t: (h, w, t[:, :-1]), "targets must have shape"),
+    (lambda h, w, t: (h, w, t.float()), "integer"),
+    (lambda h, w, t: (h, w, t + 100), r"\[0, V=100\).*found"),
+    (lambda h, w, t: (h, w, t - 100), r"\[0, V=100\)"),
+])
+def test_bad_input(make, match):
+    h, w, _, t = _inputs((2, 3), 8, 100, torch.float32, bias=False)
+    with pytest.raises(ValueError, match=match):
+        fused_linear_logprobs(*make(h, w, t))
+
+
+def test_bad_bias_and_temperature():
+    h, w, _, t = _inputs((2,), 8, 10, torch.float32, bias=False)
+    with pytest.raises(ValueError, match=r"bias must have shape \(10,\)"):
+        fused_linear_logprobs(h, w, t, bias=torch.zeros(9))
+    with pytest.raises(ValueError, match="temperature"):
+        fused_linear_logprobs(h, w, t, temperature=0.0)
