@@ -9,7 +9,7 @@ CPU machines: ``pip install torch==2.13.0`` first (the CPU build), then ``pip in
 from setuptools import find_packages, setup
 
 packages = [p for p in find_packages(include=["medix_fast", "medix_fast.*"])]
-packages += ["medix_fast.kernels"]
+packages += ["medix_fast.kernels", "medix_fast.configs"]
 
 setup(
     name="medix_fast",
@@ -17,9 +17,9 @@ setup(
     description="Performance-first GRPO/DAPO/GSPO trainer for clinical QA (MediX-R1 recipe) with fused Triton kernels",
     python_requires=">=3.10",
     packages=packages,
-    package_dir={"medix_fast.kernels": "kernels"},
+    package_dir={"medix_fast.kernels": "kernels", "medix_fast.configs": "configs"},
     include_package_data=True,
-    package_data={"medix_fast": ["data/*.jsonl", "data/**/*"]},
+    package_data={"medix_fast": ["data/*.jsonl", "data/**/*"], "medix_fast.configs": ["*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
@@ -33,5 +33,7 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "pytest-xdist"],
         "gpu": ["flash-attn", "xformers", "liger-kernel"],
+        "logging": ["tensorboard", "matplotlib"],
+        "data": ["pyarrow", "datasets"],
     },
 )

@@ -1,0 +1,330 @@
+"""Training configuration: dataclasses loaded from YAML, with dotted command-line overrides.
+
+    cfg = load_config("configs/tiny.yaml", ["train.steps=10", "optim.lr=1e-5"])
+    save_config(cfg, "runs/tiny/config.yaml")
+
+A file may start from another with ``base: other.yaml`` (a path relative to the file); its
+sections are merged key by key over the base's. Each override is ``section.key=value`` (nested as deep as the dataclasses go); the value is
+parsed as a YAML scalar (``true``, ``3``, ``1e-6``, ``null``, ``[a, b]``). Unknown keys, values
+of the wrong type and values outside an enumeration are rejected with a ``ConfigError`` naming
+the full dotted key. ``load_config(None)`` gives the packaged default (configs/tiny.yaml).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .rewards import RewardConfig
+
+DEFAULT_CONFIG = Path(str(importlib.resources.files("medix_fast.configs") / "tiny.yaml"))
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value; the message names the full dotted key."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = "tiny"  # a local Hugging Face checkpoint directory, or "tiny" (the embedded model)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    attn_impl: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    # JSONL / Parquet files or `datasets.save_to_disk` directories; "sample:train" is the bundled set
+    train_files: list[str] = field(default_factory=lambda: ["sample:train"])
+    val_files: list[str] = field(default_factory=list)
+    problem_key: str = "problem"
+    solution_key: str = "solution"
+    image_key: str = "image"
+    max_prompt_length: int = 4352  # tokens; longer prompts are dropped (counted in the log)
+    strict: bool = True  # False: skip malformed rows (counted) instead of failing before training
+    shuffle: bool = True
+
+
+@dataclass
+class SamplingConfig:
+    group_size: int = 5  # responses per prompt (G)
+    max_new_tokens: int = 4096
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_batch_size: int = 0  # sequences decoded at once by the sampler; 0: the whole rollout chunk
+
+
+@dataclass
+class AlgorithmConfig:
+    advantage_estimator: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    importance_sampling_level: Literal["token", "sequence", "sequence_token"] = "token"
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.28
+    clip_ratio_c: float | None = 3.0  # dual clip for negative advantages; null: off
+    beta: float = 0.0  # k3 KL to a frozen copy of the initial policy; > 0 loads the copy
+    entropy_coef: float = 0.0
+    ppo_epochs: int = 1
+    tis_cap: float | None = None  # truncated importance weights against the sampler's log-probs
+    # old log-probs: "recompute" (no-grad forward before the first update; skipped when on-policy)
+    # or "sampler" (the sampler's log softmax(logits / T), computed in the sampling precision)
+    old_logprobs: Literal["recompute", "sampler"] = "recompute"
+    dynamic_sampling: bool = False  # DAPO: keep only groups whose mean reward is inside the bounds
+    filter_key: str = "overall"
+    filter_low: float = 0.01  # kept when filter_low < group mean < filter_high (strictly)
+    filter_high: float = 0.99
+    chunk_prompts: int = 0  # prompts drawn per extra try (global); 0: train.prompts_per_step
+    max_tries: int = 20
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    weight_decay: float = 1e-2
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    grad_clip: float = 1.0  # max global grad norm; 0: off
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    prompts_per_step: int = 512  # global, over all ranks
+    mini_batch_prompts: int = 128  # global prompts per optimizer step
+    micro_batch_tokens: int = 16384  # padded tokens per forward/backward (per rank)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    output_dir: str = "runs/medix_fast"
+    max_nonfinite_steps: int = 3  # stop after this many skipped (NaN/inf) updates in a row
+    eval_every: int = 0  # steps between held-out evaluations on data.val_files; 0: off
+    eval_prompts: int = 64
+    eval_temperature: float = 0.6
+    eval_top_p: float = 0.95
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 50  # steps; the last step is always saved; 0: only at the end
+    keep_last: int = 2
+    save_optimizer: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True  # when the tensorboard package is importable
+    plot: bool = True  # reward curves PNG at the end, when matplotlib is importable
+    progress: bool = True  # tqdm bar on rank 0
+
+
+@dataclass
+class DistributedConfig:
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # FSDP2 fully_shard per decoder layer + root
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    rewards: RewardConfig = field(default_factory=RewardConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+
+# ----------------------------------------------------------------------------- typed conversion
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """``value`` (parsed YAML) as type ``tp``, or ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _convert(value, option, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {tp}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)[:1] or (Any,)
+        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        kt, vt = typing.get_args(tp) or (Any, Any)
+        return {_convert(k, kt, key): _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-6" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {tp}")
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+    """An instance of dataclass ``cls`` from a mapping, every key and value checked."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key {dotted!r}; valid keys here: {sorted(names)}")
+        kwargs[key] = _convert(value, hints[key], dotted)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:  # a section's own __post_init__ check
+        raise ConfigError(f"{prefix or 'config'}: {err}") from err
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain nested dict of a config dataclass (YAML-safe)."""
+    return dataclasses.asdict(cfg)
+
+
+# ----------------------------------------------------------------------------- loading
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {'.'.join(parts[:i + 1])!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"optim.lr=1e-5"`` -> ``("optim.lr", 1e-05)``; the value is a YAML scalar or flow list."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({err})") from err
+    return key, value
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_tree(path: Path, seen: tuple = ()) -> dict:
+    """The YAML mapping of ``path`` merged over its ``base:`` chain."""
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path}: 'base' chain loops back to itself")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err}") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    if not isinstance(base, str):
+        raise ConfigError(f"config file {path}: 'base' must be a file name, got {base!r}")
+    return _merge(read_tree(path.parent / base, seen + (path.resolve(),)), tree)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """A checked :class:`Config` from a YAML file (default: the packaged tiny config) + overrides."""
+    tree = read_tree(Path(path) if path is not None else DEFAULT_CONFIG)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    cfg = _build(Config, tree, "")
+    check(cfg)
+    return cfg
+
+
+def check(cfg: Config) -> None:
+    """Cross-field checks that a single field's type cannot express."""
+    t, a, s = cfg.train, cfg.algorithm, cfg.sampling
+    positive = {"train.steps": t.steps, "train.prompts_per_step": t.prompts_per_step,
+                "train.mini_batch_prompts": t.mini_batch_prompts,
+                "train.micro_batch_tokens": t.micro_batch_tokens, "sampling.max_new_tokens": s.max_new_tokens,
+                "algorithm.ppo_epochs": a.ppo_epochs, "algorithm.max_tries": a.max_tries,
+                "data.max_prompt_length": cfg.data.max_prompt_length, "optim.lr": cfg.optim.lr}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {value}")
+    if s.group_size < 2:
+        raise ConfigError(f"sampling.group_size: must be >= 2 for group advantages, got {s.group_size}")
+    if t.mini_batch_prompts > t.prompts_per_step:
+        raise ConfigError(f"train.mini_batch_prompts ({t.mini_batch_prompts}) must be <= "
+                          f"train.prompts_per_step ({t.prompts_per_step})")
+    if not 0 <= a.epsilon_low < 1:
+        raise ConfigError(f"algorithm.epsilon_low: must be in [0, 1), got {a.epsilon_low}")
+    if a.clip_ratio_c is not None and a.clip_ratio_c <= 1:
+        raise ConfigError(f"algorithm.clip_ratio_c: must be > 1 or null, got {a.clip_ratio_c}")
+    if not a.filter_low < a.filter_high:
+        raise ConfigError(f"algorithm.filter_low ({a.filter_low}) must be < algorithm.filter_high "
+                          f"({a.filter_high})")
+    if not 0 < s.top_p <= 1 or s.temperature < 0 or s.top_k < 0:
+        raise ConfigError(f"sampling: need 0 < top_p <= 1, temperature >= 0, top_k >= 0; got "
+                          f"{s.top_p}, {s.temperature}, {s.top_k}")
+    if s.temperature == 0:
+        raise ConfigError("sampling.temperature: must be > 0 for RL (0 is greedy: every group has zero variance)")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas}")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (loadable again with :func:`load_config`)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

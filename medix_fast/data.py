@@ -1,0 +1,213 @@
+"""Training data: MediX-R1 rows from JSONL / Parquet / ``datasets`` directories, prompts, a resumable loader.
+
+Schema (column names configurable): ``problem`` (the question), ``solution`` (``"<TAG> answer"``),
+optional ``image``. Every row is checked before training starts; problems are reported as
+``file:row: reason`` (rows counted from 1, the line number for JSONL). ``strict=True`` raises a
+:class:`DataError` listing them; ``strict=False`` skips those rows and logs a count.
+
+    examples = load_examples(["train.jsonl"], cfg.data)
+    prompts, dropped = build_prompts(examples, tokenizer, max_length=4352)
+    loader = PromptLoader(len(prompts), seed=0)
+    batch = loader.next(8)                      # indices into prompts; state_dict() to resume
+
+``"sample:train"`` / ``"sample:test"`` name the bundled synthetic set. Parquet needs ``pyarrow``,
+``save_to_disk`` directories need ``datasets`` (both optional imports).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from .prompt import build_messages, split_solution
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """Malformed data: the message lists each bad row as ``file:row: reason``."""
+
+
+@dataclass
+class Example:
+    problem: str
+    solution: str
+    image: Any = None
+    source: str = ""  # "file:row"
+
+
+@dataclass
+class Prompt:
+    ids: list[int]  # chat-templated prompt tokens, generation prompt included
+    solution: str
+    image: Any = None
+
+
+def resolve_path(name: str) -> Path:
+    """``"sample:<split>"`` -> the bundled file; anything else is a filesystem path."""
+    if name.startswith("sample:"):
+        from .sample_data import sample_path
+
+        return sample_path(name.split(":", 1)[1])
+    return Path(name).expanduser()
+
+
+def _rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """(row number from 1, row) for every row of a JSONL file, a Parquet file or a dataset dir.
+
+    A JSONL line that is not valid JSON yields a string describing the error instead of a dict.
+    """
+    if path.is_dir():
+        try:
+            import datasets
+        except ImportError as err:
+            raise DataError(f"{path}: a directory needs the 'datasets' package (pip install datasets)") from err
+        data = datasets.load_from_disk(str(path))
+        if isinstance(data, datasets.DatasetDict):
+            raise DataError(f"{path}: holds the splits {sorted(data)}; point at one split, e.g. {path / next(iter(data))}")
+        yield from enumerate(data, start=1)
+    elif path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as err:
+            raise DataError(f"{path}: Parquet needs the 'pyarrow' package (pip install pyarrow)") from err
+        row = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+            for record in batch.to_pylist():
+                row += 1
+                yield row, record
+    else:
+        with path.open("r", encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield number, json.loads(line)
+                except json.JSONDecodeError as err:
+                    yield number, f"not valid JSON ({err.msg} at column {err.colno})"
+
+
+def _check_row(row: Any, problem_key: str, solution_key: str) -> str | None:
+    """The reason a row is unusable, or None."""
+    if isinstance(row, str):
+        return row
+    if not isinstance(row, dict):
+        return f"expected a JSON object, got {type(row).__name__}"
+    for key in (problem_key, solution_key):
+        if key not in row or row[key] is None:
+            return f"missing field {key!r}"
+        if not isinstance(row[key], str):
+            return f"field {key!r} must be a string, got {type(row[key]).__name__}"
+    if not row[problem_key].strip():
+        return f"field {problem_key!r} is empty"
+    try:
+        split_solution(row[solution_key])
+    except ValueError as err:
+        return f"field {solution_key!r}: {err}"
+    return None
+
+
+def load_examples(files: list[str], cfg) -> list[Example]:
+    """Every valid row of ``files``; ``cfg`` is a :class:`~medix_fast.config.DataConfig`.
+
+    Raises DataError naming each bad row (file and row number) unless ``cfg.strict`` is False,
+    in which case bad rows are skipped and counted in the log.
+    """
+    examples, problems = [], []
+    for name in files:
+        path = resolve_path(name)
+        try:
+            for number, row in _rows(path):
+                reason = _check_row(row, cfg.problem_key, cfg.solution_key)
+                if reason is not None:
+                    problems.append(f"{path}:{number}: {reason}")
+                    continue
+                examples.append(Example(row[cfg.problem_key], row[cfg.solution_key],
+                                        row.get(cfg.image_key), f"{path}:{number}"))
+        except DataError as err:
+            problems.append(str(err))
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            problems.append(f"{path}: unreadable ({type(err).__name__}: {err})")
+    if problems:
+        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        if cfg.strict:
+            raise DataError(f"{len(problems)} malformed row(s) or file(s) in the training data "
+                            f"(data.strict=false skips them):\n  {shown}")
+        log.warning("skipped %d malformed row(s) or file(s):\n  %s", len(problems), shown)
+    if not examples:
+        raise DataError(f"no usable rows in {files}")
+    return examples
+
+
+def build_prompts(examples: list[Example], tokenizer, max_length: int) -> tuple[list[Prompt], int]:
+    """Chat-templated prompts (MediX instruction, generation prompt added); those longer than
+    ``max_length`` tokens are dropped. Returns (prompts, number dropped).
+
+    Images are not yet fed to the model (vision-language support is a later step): a row's
+    image is kept on the :class:`Prompt` but the prompt is built as text only.
+    """
+    texts = [tokenizer.apply_chat_template(build_messages(e.problem), tokenize=False, add_generation_prompt=True)
+             for e in examples]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    prompts = [Prompt(list(t), e.solution, e.image) for t, e in zip(ids, examples) if len(t) <= max_length]
+    dropped = len(examples) - len(prompts)
+    if dropped:
+        log.warning("dropped %d of %d prompts longer than data.max_prompt_length=%d tokens",
+                    dropped, len(examples), max_length)
+    if any(e.image is not None for e in examples):
+        log.warning("image columns are ignored for now: prompts are text only")
+    if not prompts:
+        raise DataError(f"every prompt is longer than data.max_prompt_length={max_length}")
+    return prompts, dropped
+
+
+class PromptLoader:
+    """Draws prompt indices in epochs: a seeded permutation per epoch, resumable exactly.
+
+    ``next(k)`` returns the next ``k`` indices of one global stream, crossing epoch boundaries
+    as needed. With ``rank``/``world`` every rank advances the same global stream by
+    ``k * world`` and keeps its own slice, so the global batch does not depend on the world size.
+    """
+
+    def __init__(self, size: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world: int = 1):
+        if size <= 0:
+            raise ValueError(f"PromptLoader needs at least one prompt, got size={size}")
+        self.size, self.seed, self.shuffle, self.rank, self.world = size, seed, shuffle, rank, world
+        self.epoch, self.pos = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.size))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.size, generator=g).tolist()
+
+    def _take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.pos == self.size:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+            n = min(k - len(out), self.size - self.pos)
+            out += self._order[self.pos:self.pos + n]
+            self.pos += n
+        return out
+
+    def next(self, k: int) -> list[int]:
+        """This rank's ``k`` next prompt indices (the global stream advances by ``k * world``)."""
+        stream = self._take(k * self.world)
+        return stream[self.rank * k:(self.rank + 1) * k]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "size": self.size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["seed"], state["size"]) != (self.seed, self.size):
+            raise ValueError(f"loader state is for seed={state['seed']} size={state['size']}, "
+                             f"this loader has seed={self.seed} size={self.size} (data or seed changed?)")
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self._order = self._permutation(self.epoch)
