@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import use_triton
+from .logits_rows import row_grad, row_stats
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -55,7 +56,7 @@ def _forward_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, max_ptr, sum_ptr, pz_ptr, zt_p
                     n_rows, vocab, hidden, inv_temp, v_per_split,
                     HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Partial (max, sum exp, sum exp*z, target logit) of one token block over one vocab split."""
+    """Partial (max m, sum e^(z-m), sum e^(z-m)(z-m), target logit) of a token block over a vocab split."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
     split = tl.program_id(1)
     tgt = tl.load(tgt_ptr + rows, mask=rows < n_rows, other=-1)  # (BM,)
@@ -72,8 +73,10 @@ def _forward_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, max_ptr, sum_ptr, pz_ptr, zt_p
         m_new = tl.maximum(m, tl.max(z, axis=1))
         scale = tl.exp(m - m_new)
         e = tl.exp(z - m_new[:, None])  # 0 outside the vocabulary
+        # pz = sum e^(z-m) (z-m) <= 0, kept relative to the running max: entropy without cancellation
+        shift = s * tl.where(s > 0, m - m_new, 0.0)
+        pz = (pz + shift) * scale + tl.sum(e * tl.where(cols[None, :] < v_end, z - m_new[:, None], 0.0), axis=1)
         s = s * scale + tl.sum(e, axis=1)
-        pz = pz * scale + tl.sum(e * tl.where(cols[None, :] < v_end, z, 0.0), axis=1)
         zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
         m = m_new
     out = split * n_rows + rows
@@ -85,11 +88,11 @@ def _forward_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, max_ptr, sum_ptr, pz_ptr, zt_p
 
 
 @triton.jit
-def _grad_logits_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, ez_ptr, glp_ptr, gent_ptr, out_ptr,
+def _grad_logits_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, out_ptr,
                         n_rows, vocab, hidden, inv_temp,
                         HAS_BIAS: tl.constexpr, HAS_GENT: tl.constexpr, IEEE: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    """dL/dlogits of one tile: (g_lp*(onehot - p) - g_ent*p*(z - E[z])) / T, stored in W's dtype."""
+    """dL/dlogits of one tile: (g_lp*(onehot - p) - g_ent*p*(log p + H)) / T, stored in W's dtype."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)  # (BV,)
     z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, n_rows, vocab, hidden, inv_temp,
@@ -101,9 +104,10 @@ def _grad_logits_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, ez_ptr, glp_ptr, 
     p = tl.exp(z - lse[:, None])  # (BM, BV)
     coef = g_lp[:, None] + tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
     if HAS_GENT:
-        ez = tl.load(ez_ptr + rows, mask=keep, other=0.0)
+        ent = tl.load(ent_ptr + rows, mask=keep, other=0.0)
         g_ent = tl.load(gent_ptr + rows, mask=keep, other=0.0)
-        coef += g_ent[:, None] * (tl.where(cols[None, :] < vocab, z, 0.0) - ez[:, None])
+        log_p = tl.where(cols[None, :] < vocab, z - lse[:, None], 0.0)
+        coef += g_ent[:, None] * (log_p + ent[:, None])
     dz = tl.where(cols[None, :] == tgt[:, None], g_lp[:, None], 0.0) - p * coef
     out = out_ptr + rows[:, None] * vocab + cols[None, :]
     tl.store(out, (dz * inv_temp).to(out_ptr.dtype.element_ty),
@@ -122,7 +126,7 @@ def _ieee(dtype: torch.dtype) -> bool:
 
 
 def _triton_stats(h, w, b, targets, inv_temp):
-    """(logp, lse, E[z]) per token, fp32, from the fused forward kernel."""
+    """(logp, lse, entropy) per token, fp32, from the fused forward kernel."""
     n, hidden = h.shape
     vocab = w.shape[0]
     bm, bv, bk = _blocks(h.dtype, vocab)
@@ -142,17 +146,17 @@ def _triton_stats(h, w, b, targets, inv_temp):
     scale = torch.exp(m - top)  # (S, n)
     total = (s * scale).sum(0)  # (n,)
     lse = top + torch.log(total)
-    ez = (pz * scale).sum(0) / total
-    return zt.sum(0) - lse, lse, ez
+    centred = ((pz + s * (m - top)) * scale).sum(0)  # (n,) sum_v e^(z-top) (z-top) <= 0
+    return zt.sum(0) - lse, lse, torch.log(total) - centred / total
 
 
-def _triton_grad_logits(h, w, b, targets, inv_temp, lse, ez, g_lp, g_ent):
+def _triton_grad_logits(h, w, b, targets, inv_temp, lse, ent, g_lp, g_ent):
     n, hidden = h.shape
     vocab = w.shape[0]
     bm, bv, bk = _blocks(h.dtype, vocab)
     out = torch.empty(n, vocab, dtype=w.dtype, device=h.device)  # (n, V)
     _grad_logits_kernel[(triton.cdiv(n, bm), triton.cdiv(vocab, bv))](
-        h, w, b if b is not None else h, targets, lse, ez, g_lp,
+        h, w, b if b is not None else h, targets, lse, ent, g_lp,
         g_ent if g_ent is not None else g_lp, out, n, vocab, hidden, inv_temp,
         HAS_BIAS=b is not None, HAS_GENT=g_ent is not None, IEEE=_ieee(h.dtype),
         BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk,
@@ -161,34 +165,31 @@ def _triton_grad_logits(h, w, b, targets, inv_temp, lse, ez, g_lp, g_ent):
 
 
 # ----------------------------------------------------------------------------- torch path
-def _torch_logits(h, w, b, inv_temp):
-    z = h @ w.t() if b is None else torch.addmm(b, h, w.t())  # (n, V)
-    return z.float().mul_(inv_temp)
+def chunk_logits(h, w, b, inv_temp):
+    """fp32 logits (n, V) of one chunk, divided by the temperature (fp32 GEMM output on CUDA)."""
+    if h.is_cuda and h.dtype != torch.float32:
+        z = torch.mm(h, w.t(), out_dtype=torch.float32)  # (n, V) fp32 accumulate and output
+        z = z if b is None else z.add_(b.float())
+    else:
+        z = (h @ w.t() if b is None else torch.addmm(b, h, w.t())).float()  # (n, V)
+    return z.mul_(inv_temp)
 
 
 def _torch_stats(h, w, b, targets, inv_temp):
-    z = _torch_logits(h, w, b, inv_temp)  # (n, V) fp32
-    lse = torch.logsumexp(z, dim=-1)  # (n,)
-    logp = z.gather(1, targets[:, None]).squeeze(1) - lse
-    ez = torch.softmax(z, dim=-1).mul_(z).sum(-1)  # (n,) E[z] under p
-    return logp, lse, ez
+    return row_stats(chunk_logits(h, w, b, inv_temp), targets, triton_path=False)
 
 
-def _torch_grad_logits(h, w, b, targets, inv_temp, lse, ez, g_lp, g_ent):
-    z = _torch_logits(h, w, b, inv_temp)  # (n, V) fp32
-    coef = g_lp[:, None]
-    if g_ent is not None:
-        coef = coef + g_ent[:, None] * (z - ez[:, None])
-    dz = z.sub_(lse[:, None]).exp_().mul_(coef).neg_()  # -p * coef, in place of z
-    dz.scatter_add_(1, targets[:, None], g_lp[:, None])
-    return dz.mul_(inv_temp).to(w.dtype)
+def _torch_grad_logits(h, w, b, targets, inv_temp, lse, ent, g_lp, g_ent):
+    z = chunk_logits(h, w, b, inv_temp)  # (n, V) fp32
+    return row_grad(z, targets, lse, ent, g_lp, g_ent, inv_temp, w.dtype, triton_path=False)
 
 
 # ----------------------------------------------------------------------------- autograd
-def _chunk_rows(n_tokens: int, vocab: int, chunk_size: int | None) -> int:
-    """Tokens per chunk: about 256 MiB of fp32 logits by default (``MEDIX_FAST_CHUNK_MB``)."""
+def chunk_rows(n_tokens: int, vocab: int, chunk_size: int | None, device: torch.device) -> int:
+    """Tokens per chunk: ``MEDIX_FAST_CHUNK_MB`` of fp32 logits (default 256 on CPU, 2048 on CUDA)."""
     if chunk_size is None:
-        budget = float(os.environ.get("MEDIX_FAST_CHUNK_MB", "256")) * 2**20
+        default = "2048" if device.type == "cuda" else "256"
+        budget = float(os.environ.get("MEDIX_FAST_CHUNK_MB", default)) * 2**20
         chunk_size = max(64, int(budget // (4 * vocab)))
     return max(1, min(chunk_size, n_tokens))
 
@@ -200,17 +201,17 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         step = h.shape[0] if triton_path else chunk  # the Triton forward builds no logits
         pieces = [stats(h[i:i + step], w, b, targets[i:i + step], inv_temp)
                   for i in range(0, max(h.shape[0], 1), step)]
-        logp, lse, ez = (torch.cat(x) for x in zip(*pieces))  # each (n,)
-        ctx.save_for_backward(h, w, b, targets, lse, ez)
+        logp, lse, ent = (torch.cat(x) for x in zip(*pieces))  # each (n,)
+        ctx.save_for_backward(h, w, b, targets, lse, ent)
         ctx.cfg = (inv_temp, chunk, triton_path)
-        entropy = lse - ez if want_entropy else lse.new_empty(0)
+        entropy = ent if want_entropy else lse.new_empty(0)
         if not want_entropy:
             ctx.mark_non_differentiable(entropy)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, g_lp, g_ent):
-        h, w, b, targets, lse, ez = ctx.saved_tensors
+        h, w, b, targets, lse, ent = ctx.saved_tensors
         inv_temp, chunk, triton_path = ctx.cfg
         grad_logits = _triton_grad_logits if triton_path else _torch_grad_logits
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -221,7 +222,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         db = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b else None
         for i in range(0, h.shape[0], chunk):
             sl = slice(i, i + chunk)
-            dz = grad_logits(h[sl], w, b, targets[sl], inv_temp, lse[sl], ez[sl], g_lp[sl],
+            dz = grad_logits(h[sl], w, b, targets[sl], inv_temp, lse[sl], ent[sl], g_lp[sl],
                              None if g_ent is None else g_ent[sl])  # (c, V) in w.dtype
             if need_h:
                 dh[sl] = dz @ w  # (c, H)
@@ -267,7 +268,7 @@ def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
         temperature: logits are divided by it (sampling temperature).
         return_entropy: also return the per-token entropy of the same distribution.
         chunk_size: tokens per chunk of the backward's (chunk, V) gradient buffer (and of the
-            CPU forward); default: about ``MEDIX_FAST_CHUNK_MB`` (256) MiB of fp32 logits.
+            CPU forward); default: ``MEDIX_FAST_CHUNK_MB`` MiB of fp32 logits (256 CPU, 2048 CUDA).
 
     Returns:
         logp (...) fp32, and entropy (...) fp32 when ``return_entropy``. Both differentiable
@@ -279,7 +280,7 @@ def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
     w = weight.to(h.dtype).contiguous()  # (V, H)
     b = bias.to(h.dtype).contiguous() if bias is not None else None
     t = targets.reshape(-1).contiguous()  # (n,)
-    chunk = _chunk_rows(max(1, h.shape[0]), w.shape[0], chunk_size)
+    chunk = chunk_rows(max(1, h.shape[0]), w.shape[0], chunk_size, h.device)
     triton_path = use_triton(h) and h.shape[0] > 0
     logp, entropy = _FusedLinearLogprobs.apply(
         h, w, b, t, 1.0 / float(temperature), bool(return_entropy), chunk, triton_path)

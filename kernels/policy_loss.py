@@ -27,6 +27,7 @@ import math
 
 import torch
 
+
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 LEVELS = ("token", "sequence", "sequence_token")
 
@@ -68,13 +69,13 @@ class LossOptions:
         return o
 
 
-def _check_shapes(logprobs, mask, advantages, **per_token) -> None:
-    if logprobs.dim() != 2:
-        raise ValueError(f"logprobs must be (B, T), got {tuple(logprobs.shape)}")
-    shape = tuple(logprobs.shape)
+def _check_shapes(lead, lead_name, mask, advantages, **per_token) -> None:
+    if lead.dim() != 2:
+        raise ValueError(f"{lead_name} must be (B, T), got {tuple(lead.shape)}")
+    shape = tuple(lead.shape)
     for name, t in {"mask": mask, **per_token}.items():
         if t is not None and tuple(t.shape) != shape:
-            raise ValueError(f"{name} must have the shape of logprobs {shape}, got {tuple(t.shape)}")
+            raise ValueError(f"{name} must have the shape of {lead_name} {shape}, got {tuple(t.shape)}")
     if tuple(advantages.shape) not in ((shape[0],), shape):
         raise ValueError(f"advantages must be ({shape[0]},) or {shape}, got {tuple(advantages.shape)}")
 
@@ -83,54 +84,23 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
 
 
-def _aggregate(loss_t: torch.Tensor, mask: torch.Tensor, o: LossOptions) -> torch.Tensor:
-    total = (loss_t * mask).sum()
+def aggregation_weights(mask: torch.Tensor, o: LossOptions) -> torch.Tensor:
+    """(B, T) weights with loss = sum(loss_t * weights): the ``loss_type`` normalisers, per token."""
     if o.loss_type == "grpo":
-        return _masked_mean(loss_t, mask, dim=-1).mean()
+        return mask / (mask.shape[0] * mask.sum(-1, keepdim=True).clamp(min=1.0))
     if o.loss_type == "bnpo":
-        return total / mask.sum().clamp(min=1.0)
+        return mask / mask.sum().clamp(min=1.0)
     if o.loss_type == "dr_grpo":
-        return total / (mask.shape[0] * o.max_completion_length)
-    n = mask.sum().clamp(min=1.0) if o.num_items_in_batch is None else o.num_items_in_batch
-    return total / n
+        return mask / (mask.shape[0] * o.max_completion_length)
+    return mask / (mask.sum().clamp(min=1.0) if o.num_items_in_batch is None else o.num_items_in_batch)
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, *, ref_logprobs=None, entropy=None,
-                sampling_logprobs=None, **opts):
-    """Clipped-ratio policy loss from per-token log-probs (see the module docstring).
+def per_token_loss(logp, old, adv, mask, o: LossOptions, *, ref=None, entropy=None, sampling=None):
+    """loss_t (B, T) before aggregation, with the ratio (B, T), dual-clip flags and k3 KL (or None).
 
-    Args:
-        logprobs: (B, T) log-probs of the taken tokens under the current policy (requires grad).
-        old_logprobs: (B, T) behaviour-policy log-probs, or None for on-policy (ratio 1).
-        advantages: (B,) per sequence or (B, T) per token.
-        mask: (B, T) 1 for completion tokens that count, 0 for padding.
-        ref_logprobs: (B, T) reference-model log-probs, needed when ``beta > 0``.
-        entropy: (B, T) per-token entropy, needed when ``entropy_coef > 0`` (reported if given).
-        sampling_logprobs: (B, T) log-probs from the sampler, for ``tis_cap``.
-        **opts: fields of :class:`LossOptions` (loss_type, importance_sampling_level, epsilon_low,
-            epsilon_high, clip_ratio_c, beta, entropy_coef, max_completion_length,
-            num_items_in_batch, tis_cap).
-
-    Returns:
-        (loss, metrics): a 0-dim float32 loss and a dict of detached 0-dim tensors
-        ``ratio_mean, clip_low, clip_high, clip_dual, kl, entropy`` (masked token means).
+    Elementwise in every input at ``importance_sampling_level="token"``, so a caller may pass any
+    (1, n) slice of tokens; the sequence levels need whole rows (``mask`` gives their lengths).
     """
-    o = LossOptions.from_kwargs(opts)
-    _check_shapes(logprobs, mask, advantages, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
-                  entropy=entropy, sampling_logprobs=sampling_logprobs)
-    if o.beta > 0 and ref_logprobs is None:
-        raise ValueError("beta > 0 needs ref_logprobs")
-    if o.entropy_coef != 0 and entropy is None:
-        raise ValueError("entropy_coef != 0 needs entropy")
-    if o.tis_cap is not None and (sampling_logprobs is None or old_logprobs is None):
-        raise ValueError("tis_cap needs sampling_logprobs and old_logprobs")
-
-    logp = logprobs.float()  # (B, T)
-    mask = mask.to(logp.dtype)  # (B, T)
-    old = logp.detach() if old_logprobs is None else old_logprobs.float()
-    adv = advantages.float()
-    adv = adv[:, None] if adv.dim() == 1 else adv  # (B, 1) or (B, T)
-
     log_w = logp - old  # (B, T)
     if o.importance_sampling_level != "token":
         seq = _masked_mean(log_w, mask, dim=-1)[:, None]  # (B, 1)
@@ -145,27 +115,83 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, ref_logprobs=None, 
         dual = (adv < 0) & (pg > -adv * o.clip_ratio_c)
         pg = torch.where(dual, -adv * o.clip_ratio_c, pg)
     if o.tis_cap is not None:
-        pg = pg * torch.exp(old - sampling_logprobs.float()).clamp(max=o.tis_cap)
+        pg = pg * torch.exp(old - sampling).clamp(max=o.tis_cap)
     loss_t = pg
     kl = None
-    if ref_logprobs is not None:
-        d = (ref_logprobs.float() - logp).clamp(-20.0, 20.0)
+    if ref is not None:
+        d = (ref - logp).clamp(-20.0, 20.0)
         kl = (torch.exp(d) - d - 1.0).clamp(-10.0, 10.0)  # (B, T)
         if o.beta > 0:
             loss_t = loss_t + o.beta * kl
     if o.entropy_coef != 0:
-        loss_t = loss_t - o.entropy_coef * entropy.float()
-    loss = _aggregate(loss_t, mask, o)
+        loss_t = loss_t - o.entropy_coef * entropy
+    return loss_t, ratio, dual, kl
 
+
+def loss_metrics(ratio, dual, kl, entropy, adv, mask, o: LossOptions) -> dict[str, torch.Tensor]:
+    """Masked token means of the ratio, clip fractions, KL and entropy, as detached 0-dim tensors."""
+    eps_high = o.epsilon_low if o.epsilon_high is None else o.epsilon_high
     with torch.no_grad():
         r = ratio.detach()
-        zero = logp.new_zeros(())
-        metrics = {
+        zero = r.new_zeros(())
+        return {
             "ratio_mean": _masked_mean(r, mask),
             "clip_low": _masked_mean(((r < 1 - o.epsilon_low) & (adv < 0)).float(), mask),
             "clip_high": _masked_mean(((r > 1 + eps_high) & (adv > 0)).float(), mask),
             "clip_dual": _masked_mean(dual.float(), mask),
             "kl": zero if kl is None else _masked_mean(kl.detach(), mask),
-            "entropy": zero if entropy is None else _masked_mean(entropy.detach().float(), mask),
+            "entropy": zero if entropy is None else _masked_mean(entropy.detach(), mask),
         }
-    return loss, metrics
+
+
+def prepare(lead, old_logprobs, advantages, mask, ref_logprobs, entropy, sampling_logprobs, opts,
+            lead_name="logprobs", computes_entropy=False):
+    """Validate the inputs of a policy-loss call and return them as fp32 tensors plus the options.
+
+    ``lead`` is the (B, T) tensor the others must match (the log-probs, or the fused path's targets,
+    which ``computes_entropy`` itself).
+    """
+    o = LossOptions.from_kwargs(opts)
+    _check_shapes(lead, lead_name, mask, advantages, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+                  entropy=entropy, sampling_logprobs=sampling_logprobs)
+    if o.beta > 0 and ref_logprobs is None:
+        raise ValueError("beta > 0 needs ref_logprobs")
+    if o.entropy_coef != 0 and entropy is None and not computes_entropy:
+        raise ValueError("entropy_coef != 0 needs entropy")
+    if o.tis_cap is not None and (sampling_logprobs is None or old_logprobs is None):
+        raise ValueError("tis_cap needs sampling_logprobs and old_logprobs")
+    def f32(x):
+        return None if x is None else x.float()
+
+    adv = advantages.float()
+    adv = adv[:, None] if adv.dim() == 1 else adv  # (B, 1) or (B, T)
+    return o, f32(old_logprobs), adv, mask.float(), f32(ref_logprobs), f32(entropy), f32(sampling_logprobs)
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, *, ref_logprobs=None, entropy=None,
+                sampling_logprobs=None, **opts):
+    """Clipped-ratio policy loss from per-token log-probs (see the module docstring).
+
+    Args:
+        logprobs: (B, T) log-probs of the taken tokens under the current policy (requires grad).
+        old_logprobs: (B, T) behaviour-policy log-probs, or None for on-policy (ratio 1).
+        advantages: (B,) per sequence or (B, T) per token.
+        mask: (B, T) 1 for completion tokens that count, 0 for padding.
+        ref_logprobs: (B, T) reference-model log-probs, needed when ``beta > 0``.
+        entropy: (B, T) per-token entropy, needed when ``entropy_coef != 0`` (reported if given).
+        sampling_logprobs: (B, T) log-probs from the sampler, for ``tis_cap``.
+        **opts: fields of :class:`LossOptions` (loss_type, importance_sampling_level, epsilon_low,
+            epsilon_high, clip_ratio_c, beta, entropy_coef, max_completion_length,
+            num_items_in_batch, tis_cap).
+
+    Returns:
+        (loss, metrics): a 0-dim float32 loss and a dict of detached 0-dim tensors
+        ``ratio_mean, clip_low, clip_high, clip_dual, kl, entropy`` (masked token means).
+    """
+    o, old, adv, mask, ref, entropy, sampling = prepare(
+        logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, sampling_logprobs, opts)
+    logp = logprobs.float()  # (B, T)
+    old = logp.detach() if old is None else old
+    loss_t, ratio, dual, kl = per_token_loss(logp, old, adv, mask, o, ref=ref, entropy=entropy, sampling=sampling)
+    loss = (loss_t * aggregation_weights(mask, o)).sum()
+    return loss, loss_metrics(ratio, dual, kl, entropy, adv, mask, o)
