@@ -7,9 +7,9 @@ Forward, Triton path: one kernel computes logit tiles (BLOCK_M tokens x BLOCK_V 
 ``tl.dot`` and folds them into an online logsumexp, an online sum of p*z (for the entropy) and
 the target logit, all in fp32 registers; the vocabulary is split across programs when the token
 count alone cannot fill the GPU, and the splits are merged by a tiny torch epilogue.
-Backward: a second kernel recomputes each logit tile and writes dL/dlogits for a chunk of tokens
-straight into a (chunk, V) buffer in the weight's dtype; two GEMMs (cuBLAS) turn it into
-dL/dhidden and dL/dW. Peak extra memory is O(chunk x V), never O(tokens x V).
+Backward: for a chunk of tokens the fp32 logits are recomputed by one GEMM (cuBLAS, fp32 output),
+a row kernel (``logits_rows.py``) turns them into dL/dlogits in the weight's dtype, and two GEMMs
+give dL/dhidden and dL/dW. Peak extra memory is O(chunk x V), never O(tokens x V).
 
 The torch path (CPU, and the reference the kernels are tested against) follows the same chunked
 plan with the logits of one chunk materialised at a time.
@@ -87,33 +87,6 @@ def _forward_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, max_ptr, sum_ptr, pz_ptr, zt_p
     tl.store(zt_ptr + out, zt, mask=keep)
 
 
-@triton.jit
-def _grad_logits_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, out_ptr,
-                        n_rows, vocab, hidden, inv_temp,
-                        HAS_BIAS: tl.constexpr, HAS_GENT: tl.constexpr, IEEE: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    """dL/dlogits of one tile: (g_lp*(onehot - p) - g_ent*p*(log p + H)) / T, stored in W's dtype."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
-    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)  # (BV,)
-    z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, n_rows, vocab, hidden, inv_temp,
-                    HAS_BIAS, IEEE, BLOCK_M, BLOCK_V, BLOCK_K)  # (BM, BV)
-    keep = rows < n_rows
-    lse = tl.load(lse_ptr + rows, mask=keep, other=0.0)
-    g_lp = tl.load(glp_ptr + rows, mask=keep, other=0.0)
-    tgt = tl.load(tgt_ptr + rows, mask=keep, other=-1)
-    p = tl.exp(z - lse[:, None])  # (BM, BV)
-    coef = g_lp[:, None] + tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
-    if HAS_GENT:
-        ent = tl.load(ent_ptr + rows, mask=keep, other=0.0)
-        g_ent = tl.load(gent_ptr + rows, mask=keep, other=0.0)
-        log_p = tl.where(cols[None, :] < vocab, z - lse[:, None], 0.0)
-        coef += g_ent[:, None] * (log_p + ent[:, None])
-    dz = tl.where(cols[None, :] == tgt[:, None], g_lp[:, None], 0.0) - p * coef
-    out = out_ptr + rows[:, None] * vocab + cols[None, :]
-    tl.store(out, (dz * inv_temp).to(out_ptr.dtype.element_ty),
-             mask=keep[:, None] & (cols[None, :] < vocab))
-
-
 # ----------------------------------------------------------------------------- launchers
 def _blocks(dtype: torch.dtype, vocab: int) -> tuple[int, int, int]:
     if os.environ.get("TRITON_INTERPRET") == "1":  # numpy runs each tile: fewer, wider tiles at large V
@@ -140,6 +113,7 @@ def _triton_stats(h, w, b, targets, inv_temp):
         h, w, b if b is not None else h, targets, part[0], part[1], part[2], part[3],
         n, vocab, hidden, inv_temp, v_per_split,
         HAS_BIAS=b is not None, IEEE=_ieee(h.dtype), BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk,
+        num_warps=8 if bm * bv >= 128 * 128 else 4, num_stages=3,
     )
     m, s, pz, zt = part.unbind(0)  # each (S, n)
     top = m.max(dim=0).values  # (n,)
@@ -150,38 +124,23 @@ def _triton_stats(h, w, b, targets, inv_temp):
     return zt.sum(0) - lse, lse, torch.log(total) - centred / total
 
 
-def _triton_grad_logits(h, w, b, targets, inv_temp, lse, ent, g_lp, g_ent):
-    n, hidden = h.shape
-    vocab = w.shape[0]
-    bm, bv, bk = _blocks(h.dtype, vocab)
-    out = torch.empty(n, vocab, dtype=w.dtype, device=h.device)  # (n, V)
-    _grad_logits_kernel[(triton.cdiv(n, bm), triton.cdiv(vocab, bv))](
-        h, w, b if b is not None else h, targets, lse, ent, g_lp,
-        g_ent if g_ent is not None else g_lp, out, n, vocab, hidden, inv_temp,
-        HAS_BIAS=b is not None, HAS_GENT=g_ent is not None, IEEE=_ieee(h.dtype),
-        BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk,
-    )
-    return out
-
-
 # ----------------------------------------------------------------------------- torch path
 def chunk_logits(h, w, b, inv_temp):
-    """fp32 logits (n, V) of one chunk, divided by the temperature (fp32 GEMM output on CUDA)."""
-    if h.is_cuda and h.dtype != torch.float32:
-        z = torch.mm(h, w.t(), out_dtype=torch.float32)  # (n, V) fp32 accumulate and output
+    """fp32 logits (n, V) of one chunk, divided by the temperature: fp32 accumulation and output
+    for every dtype (on CUDA the GEMM itself outputs fp32; on CPU low precision is upcast first)."""
+    if h.dtype != torch.float32:
+        if h.is_cuda:
+            z = torch.mm(h, w.t(), out_dtype=torch.float32)  # (n, V)
+        else:
+            z = h.float() @ w.float().t()  # (n, V)
         z = z if b is None else z.add_(b.float())
     else:
-        z = (h @ w.t() if b is None else torch.addmm(b, h, w.t())).float()  # (n, V)
+        z = h @ w.t() if b is None else torch.addmm(b, h, w.t())  # (n, V)
     return z.mul_(inv_temp)
 
 
 def _torch_stats(h, w, b, targets, inv_temp):
     return row_stats(chunk_logits(h, w, b, inv_temp), targets, triton_path=False)
-
-
-def _torch_grad_logits(h, w, b, targets, inv_temp, lse, ent, g_lp, g_ent):
-    z = chunk_logits(h, w, b, inv_temp)  # (n, V) fp32
-    return row_grad(z, targets, lse, ent, g_lp, g_ent, inv_temp, w.dtype, triton_path=False)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -213,7 +172,6 @@ class _FusedLinearLogprobs(torch.autograd.Function):
     def backward(ctx, g_lp, g_ent):
         h, w, b, targets, lse, ent = ctx.saved_tensors
         inv_temp, chunk, triton_path = ctx.cfg
-        grad_logits = _triton_grad_logits if triton_path else _torch_grad_logits
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float().contiguous()
         g_ent = None if g_ent is None or g_ent.numel() == 0 else g_ent.float().contiguous()
@@ -222,8 +180,9 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         db = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b else None
         for i in range(0, h.shape[0], chunk):
             sl = slice(i, i + chunk)
-            dz = grad_logits(h[sl], w, b, targets[sl], inv_temp, lse[sl], ent[sl], g_lp[sl],
-                             None if g_ent is None else g_ent[sl])  # (c, V) in w.dtype
+            z = chunk_logits(h[sl], w, b, inv_temp)  # (c, V) fp32, recomputed
+            dz = row_grad(z, targets[sl], lse[sl], ent[sl], g_lp[sl], None if g_ent is None else g_ent[sl],
+                          inv_temp, w.dtype, triton_path)  # (c, V) in w.dtype
             if need_h:
                 dh[sl] = dz @ w  # (c, H)
             if need_w:
