@@ -1,0 +1,122 @@
+"""Run every benchmark that fits this machine and write one CSV and one Markdown table.
+
+    python -m bench                         # or: python bench/run.py
+    python -m bench --smoke                 # each benchmark at its smallest size (the CI smoke test)
+    python -m bench --only policy_loss      # a benchmark (advantages, logprobs, policy_loss, ...)
+                                            # or a module (kernels, sampler, rewards, train); repeatable
+    python -m bench --out DIR               # default bench/results/
+
+Output: ``DIR/<cpu|gpu>[_smoke].csv`` and ``.md``, headed by the device, date, torch version and
+this command. Each row: implementation, shape, device, median and 20/80th-percentile ms, peak
+memory, throughput, TFLOP/s / GB/s and % of peak (GPU), ratios to every baseline of its group.
+On the CPU each case runs in a fresh process (bench/isolate.py) so its peak memory is its own;
+``--in-process`` trades that for speed (the default under ``--smoke``).
+Exit status 1 if a medix_fast case failed (baselines that cannot run here are rows, not errors).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import importlib.util
+import os
+import sys
+
+if __package__ in (None, ""):  # python bench/run.py
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from bench import report  # noqa: E402
+from bench.case import SUBJECT, Result, run_case  # noqa: E402
+from bench.device import default_device, device_name  # noqa: E402
+from bench.isolate import run_isolated  # noqa: E402
+from bench.timing import SMOKE_BUDGET, Budget  # noqa: E402
+
+# name -> module; a module has cases(smoke, device) -> list[Case] (preferred), or run(smoke) -> list[dict]
+MODULES = {
+    "kernels": "bench.bench_kernels",
+    "sampler": "bench.bench_sampler",
+    "rewards": "bench.bench_rewards",
+    "train": "bench.bench_train",
+}
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="smallest size of each benchmark")
+    p.add_argument("--only", action="append", default=[], metavar="NAME",
+                   help="run only this benchmark or module (repeatable)")
+    p.add_argument("--out", default=DEFAULT_OUT, help="output folder (default bench/results/)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    iso = p.add_mutually_exclusive_group()
+    iso.add_argument("--isolate", dest="isolate", action="store_true", default=None,
+                     help="each case in a fresh process (default on CPU, except under --smoke)")
+    iso.add_argument("--in-process", dest="isolate", action="store_false")
+    return p.parse_args(argv)
+
+
+def _from_dict(row: dict, bench: str, device: torch.device) -> Result:
+    """A row returned by a ``run(smoke)`` module; keys that are not Result fields go to ``note``."""
+    names = {f.name for f in dataclasses.fields(Result)}
+    known = {k: v for k, v in row.items() if k in names}
+    extra = ", ".join(f"{k}={v}" for k, v in row.items() if k not in names)
+    known.setdefault("bench", bench)
+    known.setdefault("device", device_name(device))
+    for key, default in (("case", ""), ("impl", SUBJECT), ("shape", ""), ("tokens", 0)):
+        known.setdefault(key, default)
+    if extra:
+        known["note"] = "; ".join(x for x in (known.get("note", ""), extra) if x)
+    return Result(**known)
+
+
+def _wanted(only: list[str], *names: str) -> bool:
+    return not only or any(n in only for n in names)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    device = torch.device(args.device) if args.device else default_device()
+    isolate = args.isolate if args.isolate is not None else (device.type == "cpu" and not args.smoke)
+    budget = SMOKE_BUDGET if args.smoke else Budget()
+    rows: list[Result] = []
+    matched: set[str] = set()
+    for name, module_name in MODULES.items():
+        if importlib.util.find_spec(module_name) is None:
+            print(f"[bench] {name}: {module_name} not written yet, skipped", flush=True)
+            continue
+        module = importlib.import_module(module_name)
+        if not hasattr(module, "cases"):
+            if _wanted(args.only, name):
+                matched.add(name)
+                print(f"[bench] {name} ...", flush=True)
+                rows += [_from_dict(r, name, device) for r in module.run(smoke=args.smoke)]
+            continue
+        chosen = [c for c in module.cases(args.smoke, device) if _wanted(args.only, name, c.bench)]
+        matched.update([name, *(c.bench for c in chosen)] if chosen else [])
+        for i, case in enumerate(chosen, 1):
+            r = (run_isolated(module_name, case, device, args.smoke) if isolate
+                 else run_case(case, device, budget))
+            rows.append(r)
+            what = (f"{r.median_ms:,.2f} ms  {r.peak_mb:,.0f} MB" if r.status == "ok" else r.status)
+            print(f"[bench] {name} {i}/{len(chosen)}  {case.bench} {case.case} {case.shape} "
+                  f"{case.impl}: {what}", flush=True)
+    unknown = [n for n in args.only if n not in matched]
+    if unknown:
+        print(f"[bench] --only {unknown} matched nothing", file=sys.stderr)
+        return 2
+    meta = report.header(device_name(device), report.command_line(), isolate)
+    stem = ("gpu" if device.type == "cuda" else "cpu") + ("_smoke" if args.smoke else "")
+    csv_path, md_path = report.write(args.out, rows, meta, stem)
+    print(report.markdown(rows, meta))
+    print(f"[bench] wrote {csv_path} and {md_path}", flush=True)
+    if importlib.util.find_spec("matplotlib") is not None:
+        from bench.plot import main as plot_main
+        plot_main([csv_path])
+    broken = [r for r in rows if r.impl == SUBJECT and r.status.startswith("failed")]
+    return 1 if broken else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,72 @@
+"""The benchmark harness at its smallest sizes, so the benchmarks cannot rot (timings are not checked).
+
+Runs ``python -m bench --smoke`` in a subprocess (about 30 s on 2 CPU cores) and checks that every
+medix_fast case ran and produced a complete row, and that the CSV and Markdown carry the header
+a reader needs; a second run checks one benchmark in the isolated (fresh process per case) mode.
+"""
+import csv
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _bench(tmp_path, *args):
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MEDIX_FAST_BACKEND")}
+    proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--out", str(tmp_path), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(tmp_path / "cpu_smoke.csv") as f:
+        lines = f.read().splitlines()
+    meta = dict(line[2:].split(": ", 1) for line in lines if line.startswith("# "))
+    rows = list(csv.DictReader(line for line in lines if not line.startswith("#")))
+    return meta, rows, (tmp_path / "cpu_smoke.md").read_text()
+
+
+def _check_subject_rows(rows):
+    subject = [r for r in rows if r["impl"] == "medix_fast"]
+    assert subject
+    for r in subject:
+        assert r["status"] == "ok", r
+        assert float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"]), r
+        assert math.isfinite(float(r["peak_mb"])) and float(r["peak_mb"]) >= 0, r
+    return subject
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="CPU peak memory is read from /proc")
+def test_smoke_run_covers_every_benchmark(tmp_path):
+    meta, rows, md = _bench(tmp_path)
+    assert {"advantages", "logprobs", "policy_loss", "sampler", "rewards"} <= {r["bench"] for r in rows}
+    subject = _check_subject_rows(rows)
+    losses = {r["case"] for r in subject if r["bench"] == "policy_loss"}
+    assert {"grpo fwd+bwd", "dapo fwd+bwd", "gspo fwd+bwd"} <= losses
+    assert any(r["impl"] == "naive" and r["status"] == "ok" for r in rows)
+    # every naive row that ran gives its group's medix_fast row a ratio (memory: when it used any)
+    naive = {(r["bench"], r["case"], r["shape"]): r for r in rows if r["impl"] == "naive" and r["status"] == "ok"}
+    for r in subject:
+        base = naive.get((r["bench"], r["case"], r["shape"]))
+        if base is not None:
+            assert math.isclose(float(r["time/naive"]), float(r["median_ms"]) / float(base["median_ms"])), r
+            assert float(base["peak_mb"]) == 0 or math.isfinite(float(r["mem/naive"])), r
+    # a baseline that cannot run here is a row with its reason, not a crash
+    assert all(r["status"] == "ok" or r["status"].startswith(("skipped:", "failed:")) for r in rows)
+    assert {"device", "date", "torch", "command"} <= set(meta) and "--smoke" in meta["command"]
+    assert "### policy_loss" in md and "**command**" in md
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="CPU peak memory is read from /proc")
+def test_isolated_mode_measures_in_fresh_processes(tmp_path):
+    meta, rows, _ = _bench(tmp_path, "--only", "advantages", "--isolate")
+    assert {r["bench"] for r in rows} == {"advantages"}
+    assert meta["cases"] == "each in a fresh process"
+    _check_subject_rows(rows)
+
+
+def test_unknown_only_name_is_an_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--only", "no_such_bench", "--out",
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "no_such_bench" in proc.stderr
