@@ -33,6 +33,7 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "pytest-xdist"],
         "gpu": ["flash-attn", "xformers", "liger-kernel"],
+        "bench": ["matplotlib", "liger-kernel", "cut-cross-entropy"],  # baselines + plots of bench/
         "logging": ["tensorboard", "matplotlib"],
         "data": ["pyarrow", "datasets"],
     },
