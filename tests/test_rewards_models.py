@@ -140,3 +140,14 @@ def test_semantic_reads_the_pooling_config(minilm, tmp_path):
     torch.testing.assert_close(ours, st_pair_cosines(str(folder), PAIRS), atol=2e-5, rtol=0)
     mean = SentenceEncoder(minilm).cosine([a for a, _ in PAIRS], [b for _, b in PAIRS])
     assert (ours - mean).abs().max() > 1e-2
+
+
+def test_chunk_rows_keeps_similar_lengths_together_and_respects_the_cap():
+    from medix_fast.rewards.batching import chunk_rows
+
+    assert chunk_rows([90, 100, 95, 110], None) == [[0, 2, 1, 3]]  # one forward
+    lengths = [90, 100, 95, 110, 3000, 5, 6]
+    chunks = chunk_rows(lengths, None)
+    assert sorted(i for c in chunks for i in c) == list(range(7)) and [4] in chunks  # the outlier alone
+    for c in chunk_rows([10] * 10, 35):
+        assert len(c) * 10 <= 35
