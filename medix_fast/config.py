@@ -73,8 +73,8 @@ class AlgorithmConfig:
     entropy_coef: float = 0.0
     ppo_epochs: int = 1
     tis_cap: float | None = None  # truncated importance weights against the sampler's log-probs
-    # old log-probs: "recompute" (no-grad forward before the first update; skipped when on-policy)
-    # or "sampler" (the sampler's log softmax(logits / T), computed in the sampling precision)
+    # old log-probs: "recompute" (first mini-batch of one epoch on-policy, the others by a no-grad
+    # forward before the first update) or "sampler" (the sampler's log softmax(logits / T) for all)
     old_logprobs: Literal["recompute", "sampler"] = "recompute"
     dynamic_sampling: bool = False  # DAPO: keep only groups whose mean reward is inside the bounds
     filter_key: str = "overall"

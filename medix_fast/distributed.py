@@ -1,0 +1,186 @@
+"""torch.distributed plumbing: process group, DDP / FSDP2 wrapping, unsharded generation, reductions.
+
+Single node, K GPUs (or K CPU processes with gloo):
+
+    torchrun --nproc_per_node=K -m medix_fast.train --config configs/medix_r1_8b_dapo.yaml
+
+Multi-node: the same command on every node with torchrun's rendezvous flags, e.g. on each of
+N nodes (node 0's address reachable by the others):
+
+    torchrun --nnodes=N --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=NODE0_HOST:29500 \\
+             --rdzv_id=medix_run1 -m medix_fast.train --config configs/medix_r1_8b_dapo.yaml
+
+(set ``NCCL_SOCKET_IFNAME`` / ``NCCL_IB_HCA`` for your network; ``train.output_dir`` must be on
+storage every node can read for ``--resume``; rank 0 writes the model and metrics).
+
+Each rank samples and scores its own prompts (whole groups), computes its loss on them, and the
+gradients are averaged by DDP or reduce-scattered by FSDP2. With FSDP2 (``fully_shard`` on every
+decoder layer and the root, fp32 master shards, bf16 compute on CUDA), the parameters are
+all-gathered once for generation (:func:`generation_mode`) and resharded afterwards.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str, backend: str, strategy: str = "ddp") -> DistInfo:
+    """Set up the process group when launched by torchrun (WORLD_SIZE > 1, or FSDP on one
+    process, which needs a group of one); pick the device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is visible")
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if (world > 1 or strategy == "fsdp") and not dist.is_initialized():
+        name = backend if backend != "auto" else ("nccl" if use_cuda else "gloo")
+        store = dist.HashStore() if world == 1 and "MASTER_ADDR" not in os.environ else None
+        dist.init_process_group(name, timeout=datetime.timedelta(minutes=30), store=store,
+                                rank=rank if store else -1, world_size=world if store else -1,
+                                device_id=dev if use_cuda else None)
+    return DistInfo(rank, world, local_rank, dev)
+
+
+def close() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce (``sum`` / ``max`` / ``min``) when distributed; returns ``t``."""
+    if dist.is_initialized():
+        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+        dist.all_reduce(t, op=ops[op])
+    return t
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks of a HF causal LM (``model.model.layers`` for Qwen/Llama)."""
+    for path in ("model.layers", "model.language_model.layers", "transformer.h"):
+        node = model
+        for part in path.split("."):
+            node = getattr(node, part, None)
+        if isinstance(node, nn.ModuleList):
+            return list(node)
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__} to shard with FSDP")
+
+
+def wrap(objective: nn.Module, model: nn.Module, strategy: str, info: DistInfo, compute_dtype: torch.dtype) -> nn.Module:
+    """The training module: ``objective`` as is (one process), in DDP, or with FSDP2 on ``model``.
+
+    ``objective`` holds ``model``; its forward runs the whole loss, so DDP / FSDP see every
+    parameter (the LM head included) used inside one forward call.
+    """
+    if not info.enabled and strategy != "fsdp":
+        return objective
+    if strategy == "ddp":
+        ids = [info.device.index] if info.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(objective, device_ids=ids)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    for layer in decoder_layers(model):
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(objective, mp_policy=policy)
+    # FSDP2 picks its root at the first forward; the sampler runs the inner model first, so
+    # make the objective the root now (private hook: there is no public one in torch 2.13)
+    objective._get_fsdp_state()._lazy_init()
+    return objective
+
+
+def _fsdp_modules(module: nn.Module) -> list:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in module.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def generation_mode(wrapped: nn.Module):
+    """Parameters unsharded (FSDP2) for the sampler, which may then run any number of forwards
+    per rank without collectives; resharded on exit. A no-op for DDP and single process."""
+    shards = _fsdp_modules(wrapped)
+    for m in shards:
+        m.unshard()
+        m.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        for m in shards:
+            m.reshard()
+            m.set_reshard_after_forward(True)
+
+
+@contextlib.contextmanager
+def gradient_sync(wrapped: nn.Module, enabled: bool):
+    """Skip the gradient all-reduce / reduce-scatter on all but the last micro-batch."""
+    if isinstance(wrapped, nn.parallel.DistributedDataParallel) and not enabled:
+        with wrapped.no_sync():
+            yield
+        return
+    shards = _fsdp_modules(wrapped)
+    for m in shards:
+        m.set_requires_gradient_sync(enabled)
+    try:
+        yield
+    finally:
+        for m in shards:
+            m.set_requires_gradient_sync(True)
+
+
+def full_state_dict(wrapped: nn.Module, model: nn.Module) -> dict:
+    """The model's full state dict on CPU (gathered under FSDP2; every rank must call this)."""
+    if _fsdp_modules(wrapped):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def full_optimizer_state(wrapped: nn.Module, optimizer) -> dict:
+    """The optimizer's full state dict (gathered under FSDP2; every rank must call this)."""
+    if _fsdp_modules(wrapped):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(wrapped, optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return optimizer.state_dict()
+
+
+def load_optimizer_state(wrapped: nn.Module, optimizer, state: dict) -> None:
+    if _fsdp_modules(wrapped):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(wrapped, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state)

@@ -1,0 +1,187 @@
+"""Rollout: draw prompts, sample G responses each, score them, group advantages, DAPO filter.
+
+One call of :meth:`Rollout.collect` gathers this rank's ``prompts_per_step / world`` groups:
+
+1. draw prompts from the :class:`~medix_fast.data.PromptLoader` (whole groups stay on a rank);
+2. sample ``group_size`` responses per prompt with the in-process sampler on the live weights;
+3. score them with the batched reward (one call for the whole chunk);
+4. with ``algorithm.dynamic_sampling`` (DAPO), keep only groups whose mean ``filter_key``
+   reward lies strictly between ``filter_low`` and ``filter_high`` and draw further chunks of
+   ``chunk_prompts`` until every rank has its share or ``max_tries`` draws were made (the
+   ranks agree through one all-reduce per try);
+5. group advantages of the kept groups (``medix_fast.kernels.group_advantages``).
+
+Reward metrics are means over every sampled response of the step (kept or not), so they track
+the policy itself; ``kept_group_fraction`` is kept / drawn groups.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import distributed as D
+from .kernels import group_advantages
+from .update import Sequences
+
+
+@dataclass
+class _Draw:
+    """Sampled and scored groups, flat and group-major."""
+
+    prompt_ids: list[list[int]] = field(default_factory=list)
+    completion_ids: list[list[int]] = field(default_factory=list)
+    logprobs: list[torch.Tensor] = field(default_factory=list)
+    rewards: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    truncated: int = 0
+
+    def extend(self, other: "_Draw", groups: list[int], g: int) -> None:
+        rows = [gi * g + k for gi in groups for k in range(g)]
+        self.prompt_ids += [other.prompt_ids[r] for r in rows]
+        self.completion_ids += [other.completion_ids[r] for r in rows]
+        self.logprobs += [other.logprobs[r] for r in rows]
+        for key, value in other.rewards.items():
+            self.rewards.setdefault(key, []).append(value[0][rows])
+
+
+def stop_ids(tokenizer, model) -> list[int]:
+    """End-of-sequence ids of the tokenizer and the model's generation config."""
+    ids = set()
+    for source in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(source)
+    return sorted(ids)
+
+
+def step_seed(seed: int, step: int, rank: int, attempt: int) -> int:
+    """A sampler seed that depends only on (seed, step, rank, attempt): resumable runs repeat it."""
+    return (seed * 1_000_003 + step * 10_007 + attempt * 101 + rank) % (2**31 - 1)
+
+
+class Rollout:
+    def __init__(self, sampler, reward_fn, tokenizer, prompts, loader, cfg, info: D.DistInfo, stop_token_ids):
+        self.sampler, self.reward_fn, self.tokenizer = sampler, reward_fn, tokenizer
+        self.prompts, self.loader, self.cfg, self.info = prompts, loader, cfg, info
+        self.stop_token_ids = stop_token_ids
+        world = info.world
+        t = cfg.train
+        if t.prompts_per_step % world or t.mini_batch_prompts % world:
+            raise ValueError(f"train.prompts_per_step ({t.prompts_per_step}) and train.mini_batch_prompts "
+                             f"({t.mini_batch_prompts}) must be multiples of the world size {world}")
+        self.target = t.prompts_per_step // world
+        self.chunk = max(1, (cfg.algorithm.chunk_prompts or t.prompts_per_step) // world)
+
+    def generate(self, ids: list[int], n: int, temperature: float, top_p: float, top_k: int, seed: int):
+        """(prompt ids per response, completions, sampling log-probs, finish reasons), prompt-major."""
+        prompt_ids = [self.prompts[i].ids for i in ids]
+        out = self.sampler.generate(prompt_ids, n=n, max_new_tokens=self.cfg.sampling.max_new_tokens,
+                                    temperature=temperature, top_p=top_p, top_k=top_k,
+                                    stop_token_ids=self.stop_token_ids, seed=seed)
+        comps = [list(c) for c in out.completion_ids]
+        logps = [lp.detach().float().cpu() for lp in out.logprobs]
+        reasons = list(out.finish_reasons)
+        return [p for p in prompt_ids for _ in range(n)], comps, logps, reasons
+
+    def score(self, ids: list[int], n: int, comps: list[list[int]], reasons: list[str]) -> dict[str, torch.Tensor]:
+        stop = set(self.stop_token_ids)
+        texts = self.tokenizer.batch_decode([c[:-1] if c and c[-1] in stop else c for c in comps],
+                                            skip_special_tokens=True)
+        solutions = [self.prompts[i].solution for i in ids for _ in range(n)]
+        lengths = torch.tensor([len(c) for c in comps])
+        return {k: v.float().cpu() for k, v in self.reward_fn(texts, solutions, response_lengths=lengths).items()}
+
+    def _draw(self, ids: list[int], seed: int) -> _Draw:
+        s = self.cfg.sampling
+        prompts, comps, logps, reasons = self.generate(ids, s.group_size, s.temperature, s.top_p, s.top_k, seed)
+        rewards = self.score(ids, s.group_size, comps, reasons)
+        return _Draw(prompts, comps, logps, {k: [v] for k, v in rewards.items()},
+                     truncated=sum(r == "length" for r in reasons))
+
+    def collect(self, step: int) -> tuple[Sequences, dict]:
+        """This rank's groups for one training step and the step's rollout metrics."""
+        a, g = self.cfg.algorithm, self.cfg.sampling.group_size
+        kept, seen = _Draw(), _Draw()
+        n_kept = drawn = attempt = 0
+        t_sample = t_reward = 0.0
+        while True:
+            count = self.target if attempt == 0 else self.chunk
+            ids = self.loader.next(count)
+            if n_kept < self.target:
+                t0 = time.perf_counter()
+                draw = self._draw(ids, step_seed(self.cfg.train.seed, step, self.info.rank, attempt))
+                t_sample += time.perf_counter() - t0
+                overall = draw.rewards[a.filter_key][0].view(-1, g)  # (groups, G)
+                means = overall.mean(dim=1)
+                ok = (means > a.filter_low) & (means < a.filter_high) if a.dynamic_sampling \
+                    else torch.ones_like(means, dtype=torch.bool)
+                good = ok.nonzero().flatten().tolist()
+                kept.extend(draw, good, g)
+                seen.extend(draw, list(range(len(ids))), g)
+                seen.truncated += draw.truncated
+                n_kept += len(good)
+                drawn += len(ids)
+            attempt += 1
+            if not a.dynamic_sampling:
+                break
+            done = D.all_reduce(torch.tensor([int(n_kept >= self.target)]), "min").item()
+            if done or attempt >= a.max_tries:
+                break
+        rows = min(n_kept, self.target) * g
+        rewards = {k: torch.cat(v)[:rows] for k, v in kept.rewards.items()}
+        adv = group_advantages(rewards["overall"], g, estimator=a.advantage_estimator) if rows else torch.zeros(0)
+        seqs = Sequences(kept.prompt_ids[:rows], kept.completion_ids[:rows], kept.logprobs[:rows], adv, g)
+        return seqs, self._metrics(seen, adv, n_kept, drawn, attempt, t_sample)
+
+    def _metrics(self, seen: _Draw, adv: torch.Tensor, n_kept: int, drawn: int, attempts: int, t_sample: float) -> dict:
+        lengths = torch.tensor([len(c) for c in seen.completion_ids], dtype=torch.float64)
+        keys = sorted(seen.rewards)
+        sums = [torch.cat(seen.rewards[k]).double().sum() for k in keys]
+        local = torch.stack(sums + [lengths.sum(), torch.tensor(float(len(lengths))), torch.tensor(float(seen.truncated)),
+                                    adv.double().sum(), adv.double().pow(2).sum(), adv.double().abs().sum(),
+                                    torch.tensor(float(adv.numel())), torch.tensor(float(n_kept)),
+                                    torch.tensor(float(drawn))])
+        total = D.all_reduce(local)
+        longest = D.all_reduce(lengths.max()[None] if len(lengths) else torch.zeros(1, dtype=torch.float64), "max")
+        slowest = D.all_reduce(torch.tensor([t_sample]), "max").item()
+        n_resp = max(total[len(keys) + 1].item(), 1.0)
+        out = {f"reward/{k}": total[i].item() / n_resp for i, k in enumerate(keys)}
+        base = len(keys)
+        n_adv = max(total[base + 6].item(), 1.0)
+        adv_mean = total[base + 3].item() / n_adv
+        out.update({
+            "response/length_mean": total[base].item() / n_resp,
+            "response/length_max": longest.item(),
+            "response/truncated_fraction": total[base + 2].item() / n_resp,
+            "advantage/mean": adv_mean,
+            "advantage/std": max(total[base + 4].item() / n_adv - adv_mean ** 2, 0.0) ** 0.5,
+            "advantage/abs_mean": total[base + 5].item() / n_adv,
+            "rollout/kept_group_fraction": total[base + 7].item() / max(total[base + 8].item(), 1.0),
+            "rollout/kept_groups": min(total[base + 7].item(), float(self.cfg.train.prompts_per_step)),
+            "rollout/tries": attempts,
+            "throughput/sample_tokens_per_s": total[base].item() / max(slowest, 1e-9),
+        })
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, prompts, count: int, step: int) -> dict:
+        """Mean rewards of one response per held-out prompt at the evaluation temperature / top-p."""
+        t = self.cfg.train
+        share = [i for i in range(min(count, len(prompts))) if i % self.info.world == self.info.rank]
+        saved, self.prompts = self.prompts, prompts
+        try:
+            if share:
+                _, comps, _, reasons = self.generate(share, 1, t.eval_temperature, t.eval_top_p, 0,
+                                                     step_seed(t.seed + 1, step, self.info.rank, 0))
+                rewards = self.score(share, 1, comps, reasons)
+            else:
+                rewards = {}
+        finally:
+            self.prompts = saved
+        keys = sorted([k for k, w in self.cfg.rewards.weights.items() if w] + ["overall"])  # same on every rank
+        local = torch.tensor([float(rewards[k].sum()) if rewards else 0.0 for k in keys] + [float(len(share))],
+                             dtype=torch.float64)
+        total = D.all_reduce(local)
+        return {f"eval/{k}": total[i].item() / max(total[-1].item(), 1.0) for i, k in enumerate(keys)}

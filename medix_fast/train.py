@@ -1,0 +1,305 @@
+"""``python -m medix_fast.train``: GRPO / DAPO / GSPO / Dr. GRPO on MediX-style clinical QA.
+
+    python -m medix_fast.train                                   # the tiny default, CPU, < 5 min
+    python -m medix_fast.train --config configs/medix_r1_8b_dapo.yaml train.output_dir=runs/8b
+    python -m medix_fast.train --config configs/tiny.yaml train.steps=10 optim.lr=3e-4 --strict false
+    python -m medix_fast.train --config ... --resume              # continue from the latest checkpoint
+    torchrun --nproc_per_node=8 -m medix_fast.train --config ...  # multi-GPU (see distributed.py)
+
+One training step (``Trainer.step``):
+  1. rollout (``rollout.py``): draw prompts, sample G responses each with the in-process
+     sampler on the live weights (parameters unsharded under FSDP2), score them with the
+     batched reward, group advantages; DAPO drops zero-signal groups and draws more;
+  2. update (``update.py``): old (and, with ``beta > 0``, reference) log-probs, then
+     ``ppo_epochs`` x mini-batches of AdamW steps on ``fused_linear_policy_loss`` over
+     micro-batches packed by token budget, grad-norm clipping, NaN/inf updates skipped;
+  3. LR schedule, optional held-out evaluation, metrics (``metrics.py``), checkpoint
+     (``checkpoint.py``).
+
+The algorithm is configuration (``configs/``): GRPO = ``loss_type`` grpo/dapo + ``beta`` for the
+k3 KL; DAPO = ``dynamic_sampling`` + clip-higher + ``loss_type: dapo`` (+ the ``overlong``
+reward for overlong shaping); GSPO / GSPO-token = ``importance_sampling_level`` sequence /
+sequence_token; Dr. GRPO = ``advantage_estimator: dr_grpo`` + ``loss_type: dr_grpo``.
+Departures from the reference stack (EasyR1 + vLLM + a judge server): no separate engine and
+no weight copy (sampling runs on the trained module), rewards in-process and batched, the LM
+head never materialises logits, and the LR schedule counts training steps.
+
+SIGTERM / SIGINT (once) finish the current step, write a checkpoint and exit with status 0; a
+second SIGINT stops at once. ``--resume`` restores model, optimizer, scheduler, RNG and the
+prompt loader; on CPU the resumed run's metrics equal the uninterrupted run's.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import random
+import resource
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint as C
+from . import distributed as D
+from .config import Config, ConfigError, load_config, save_config
+from .data import DataError, PromptLoader, build_prompts, load_examples
+from .metrics import MetricsLogger, truncate_after
+from .models import load_model
+from .rewards import build_reward
+from .rollout import Rollout, stop_ids
+from .sampler import Sampler
+from .update import PolicyObjective, Updater
+
+log = logging.getLogger("medix_fast.train")
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive updates with a NaN/inf loss or gradient."""
+
+
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def lr_lambda(optim, steps: int):
+    """LR multiplier after ``step`` training steps: linear warm-up, then constant or cosine."""
+    def factor(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / (optim.warmup_steps + 1)
+        if optim.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - optim.warmup_steps) / max(1, steps - optim.warmup_steps))
+        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: str | None = None):
+        self.cfg = cfg
+        t = cfg.train
+        self.info = D.init_distributed(t.device, cfg.distributed.backend, cfg.distributed.strategy)
+        self.out = Path(t.output_dir)
+        random.seed(t.seed)
+        np.random.seed(t.seed)
+        torch.manual_seed(t.seed)
+        self.stop_requested = False
+
+        train_examples = load_examples(cfg.data.train_files, cfg.data)  # bad rows fail before any model loads
+        val_examples = load_examples(cfg.data.val_files, cfg.data) if cfg.data.val_files else []
+        ckpt = self._find_checkpoint(resume)
+        dev, dtype = self.info.device, compute_dtype(cfg.model.dtype, self.info.device)
+        attn_impl = None if cfg.model.attn_impl == "auto" else cfg.model.attn_impl
+        self.model, self.tokenizer = load_model(str(ckpt / "model") if ckpt else cfg.model.path, dtype=torch.float32,
+                                                device=dev, attn_impl=attn_impl,
+                                                gradient_checkpointing=cfg.model.gradient_checkpointing)
+        self.model.train()
+        self.prompts, _ = build_prompts(train_examples, self.tokenizer, cfg.data.max_prompt_length)
+        self.val_prompts = build_prompts(val_examples, self.tokenizer, cfg.data.max_prompt_length)[0] if val_examples else []
+
+        fsdp = cfg.distributed.strategy == "fsdp"
+        self.objective = PolicyObjective(self.model, cfg.sampling.temperature)
+        self.wrapped = D.wrap(self.objective, self.model, cfg.distributed.strategy, self.info, dtype)
+        autocast = dtype if dev.type == "cuda" and dtype != torch.float32 and not fsdp else None
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW([p for p in self.wrapped.parameters() if p.requires_grad], lr=o.lr,
+                                           betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(o, t.steps))
+        ref = None
+        if cfg.algorithm.beta > 0:
+            ref_model, _ = load_model(cfg.model.path, dtype=dtype, device=dev, attn_impl=attn_impl,
+                                      gradient_checkpointing=False)
+            ref_model.eval().requires_grad_(False)
+            ref = PolicyObjective(ref_model, cfg.sampling.temperature)
+        self.updater = Updater(self.objective, self.wrapped, self.optimizer, cfg.algorithm, t, cfg.sampling,
+                               self.info, self.tokenizer.pad_token_id or 0, ref, autocast, o.grad_clip)
+
+        world, g = self.info.world, cfg.sampling.group_size
+        rows = max(t.prompts_per_step, cfg.algorithm.chunk_prompts, t.eval_prompts if self.val_prompts else 0)
+        longest = max(len(p.ids) for p in self.prompts + self.val_prompts)
+        self.sampler = Sampler(self.model, max_batch_size=cfg.sampling.max_batch_size or -(-rows // world) * g,
+                               max_seq_len=longest + cfg.sampling.max_new_tokens)
+        self.loader = PromptLoader(len(self.prompts), t.seed, cfg.data.shuffle, self.info.rank, world)
+        reward_fn = build_reward(cfg.rewards, dev, dtype)
+        self.rollout = Rollout(self.sampler, reward_fn, self.tokenizer, self.prompts, self.loader, cfg, self.info,
+                               stop_ids(self.tokenizer, self.model))
+        self.step = 0
+        if ckpt:
+            self._restore(ckpt)
+        if self.info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+            truncate_after(self.out / "metrics.jsonl", self.step)
+        self.logger = MetricsLogger(self.out, self.info.is_main, cfg.logging.tensorboard)
+        log.info("%d train prompts, %d held-out; %s on %s x%d (%s), %d parameters", len(self.prompts),
+                 len(self.val_prompts), cfg.model.path, dev.type, world, cfg.distributed.strategy,
+                 sum(p.numel() for p in self.model.parameters()))
+
+    # ------------------------------------------------------------------ checkpoints
+    def _find_checkpoint(self, resume: str | None) -> Path | None:
+        if resume is None:
+            return None
+        found = C.latest_checkpoint(self.cfg.train.output_dir) if resume == "latest" else Path(resume)
+        if found is None:
+            log.warning("--resume: no checkpoint under %s yet, starting from scratch",
+                        C.checkpoint_root(self.cfg.train.output_dir))
+        elif not (found / "trainer_state.pt").exists():
+            raise FileNotFoundError(f"--resume {found}: not a checkpoint directory (no trainer_state.pt)")
+        return found
+
+    def _restore(self, path: Path) -> None:
+        state, opt_state, rng = C.load_trainer_state(path, self.info.rank)
+        if opt_state is not None:
+            D.load_optimizer_state(self.wrapped, self.optimizer, opt_state)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loader.load_state_dict(state["loader"])
+        self.updater.nonfinite_in_a_row = state["nonfinite_in_a_row"]
+        C.set_rng_state(rng)
+        self.step = state["step"]
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def save(self) -> Path:
+        fsdp = self.cfg.distributed.strategy == "fsdp"
+        model_state = D.full_state_dict(self.wrapped, self.model) if fsdp else None
+        opt_state = D.full_optimizer_state(self.wrapped, self.optimizer) if self.cfg.checkpoint.save_optimizer else None
+
+        def save_model(directory: Path, state: dict | None) -> None:
+            self.model.save_pretrained(directory, state_dict=state)
+
+        trainer_state = {"scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict(),
+                         "nonfinite_in_a_row": self.updater.nonfinite_in_a_row}
+        return C.save_checkpoint(self.out, self.step, model_state=model_state, save_model=save_model,
+                                 tokenizer=self.tokenizer, optimizer_state=opt_state if self.info.is_main else None,
+                                 trainer_state=trainer_state, rank=self.info.rank,
+                                 keep_last=self.cfg.checkpoint.keep_last, barrier=D.barrier)
+
+    # ------------------------------------------------------------------ the loop
+    def train_step(self) -> dict:
+        step = self.step + 1
+        dev = self.info.device
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        t0 = time.perf_counter()
+        with D.generation_mode(self.wrapped):
+            seqs, metrics = self.rollout.collect(step)
+        t1 = time.perf_counter()
+        groups = D.all_reduce(torch.tensor([len(seqs.completion_ids) // seqs.group_size])).item()
+        seq_tokens = D.all_reduce(torch.tensor([float(sum(len(p) + len(c) for p, c in
+                                                          zip(seqs.prompt_ids, seqs.completion_ids)))])).item()
+        if not groups:
+            log.warning("step %d: no group with a learning signal was kept; no update", step)
+        metrics.update(self.updater.update(seqs))
+        t2 = time.perf_counter()
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.step = step
+        t = self.cfg.train
+        if t.eval_every and self.val_prompts and step % t.eval_every == 0:
+            with D.generation_mode(self.wrapped):
+                metrics.update(self.rollout.evaluate(self.val_prompts, t.eval_prompts, step))
+        t3 = time.perf_counter()
+        metrics.update({
+            "time/rollout_s": t1 - t0, "time/update_s": t2 - t1, "time/eval_s": t3 - t2, "time/step_s": t3 - t0,
+            "throughput/train_tokens_per_s": seq_tokens * self.cfg.algorithm.ppo_epochs / max(t2 - t1, 1e-9),
+            "memory/peak_gib": peak_memory_gib(dev),
+        })
+        return metrics
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        log.warning("signal %d: finishing this step, then checkpoint and exit", signum)
+
+    def run(self) -> list[dict]:
+        """Train until ``train.steps`` (or a stop signal); returns this run's metrics records."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not (self.info.is_main and cfg.logging.progress))
+        records = []
+        try:
+            while self.step < cfg.train.steps:
+                metrics = self.train_step()
+                self.logger.log(self.step, metrics)
+                records.append({"step": self.step, **metrics})
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics.get('reward/overall', float('nan')):.3f}",
+                                len=f"{metrics['response/length_mean']:.0f}",
+                                kept=f"{metrics['rollout/kept_group_fraction']:.2f}")
+                if self.updater.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+                    raise TrainingDiverged(f"{self.updater.nonfinite_in_a_row} updates in a row had a NaN/inf loss or "
+                                           f"gradient (train.max_nonfinite_steps={cfg.train.max_nonfinite_steps})")
+                stop = bool(D.all_reduce(torch.tensor([int(self.stop_requested)]), "max").item())
+                every = cfg.checkpoint.every
+                if stop or self.step == cfg.train.steps or (every and self.step % every == 0):
+                    path = self.save()
+                    log.info("checkpoint %s", path)
+                if stop:
+                    log.warning("stopped at step %d by a signal; resume with --resume", self.step)
+                    break
+        finally:
+            bar.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            plot = self.logger.close(cfg.logging.plot and self.step == cfg.train.steps)
+            if plot:
+                log.info("reward curves: %s", plot)
+        return records
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value in ("true", "1", "yes")
+
+
+def parse_args(argv: list[str] | None):
+    p = argparse.ArgumentParser(prog="python -m medix_fast.train", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="overrides: section.key=value, e.g. train.steps=20 optim.lr=1e-5 "
+                                       "data.train_files=[a.jsonl,b.parquet]")
+    p.add_argument("--config", help="YAML config (default: the packaged configs/tiny.yaml)")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                   help="continue from the latest checkpoint in train.output_dir (or the one given)")
+    p.add_argument("--strict", type=_bool, default=None, metavar="{true,false}",
+                   help="same as data.strict=...: false skips malformed rows instead of failing")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides = list(args.overrides) + ([f"data.strict={str(args.strict).lower()}"] if args.strict is not None else [])
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, overrides)
+        trainer = Trainer(cfg, args.resume)
+        trainer.run()
+    except (ConfigError, DataError, TrainingDiverged) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, (ConfigError, DataError)) else 1
+    finally:
+        D.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

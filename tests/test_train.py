@@ -1,0 +1,135 @@
+"""End to end: the tiny default trains, checkpoints, resumes exactly after a kill, and fails cleanly.
+
+Runs use the packaged default config with small overrides (4 prompts x 4 responses x 16 tokens).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from medix_fast import checkpoint as C
+from medix_fast.metrics import read_metrics
+from medix_fast.train import main
+
+SMALL = ["train.prompts_per_step=4", "train.mini_batch_prompts=2", "sampling.group_size=4",
+         "sampling.max_new_tokens=16", "algorithm.chunk_prompts=4", "algorithm.max_tries=2",
+         "train.eval_every=2", "train.eval_prompts=4", "checkpoint.every=2", "checkpoint.keep_last=2",
+         "logging.progress=false"]
+TIMING = ("time/", "throughput/", "memory/")
+
+
+def comparable(records: list[dict]) -> list[dict]:
+    """Everything but timings, NaN (no update made) as None so that records compare equal."""
+    return [{k: None if v != v else v for k, v in r.items() if not k.startswith(TIMING)} for r in records]
+
+
+def command(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "medix_fast.train", *SMALL, f"train.output_dir={out}", *extra]
+
+
+def test_three_steps_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    assert main([*SMALL, f"train.output_dir={out}", "train.steps=3"]) == 0
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for key in ("reward/overall", "reward/format", "reward/accuracy", "advantage/std", "kl", "clip_high",
+                "entropy", "response/length_mean", "rollout/kept_group_fraction", "throughput/sample_tokens_per_s",
+                "throughput/train_tokens_per_s", "time/rollout_s", "time/update_s", "memory/peak_gib", "loss"):
+        assert all(key in r for r in records), key
+    assert "eval/overall" in records[1]
+    assert all(0 <= r["reward/overall"] <= 1 and 0 < r["rollout/kept_group_fraction"] <= 1 for r in records)
+    assert (out / "config.yaml").exists()
+    assert [p.name for p in C.list_checkpoints(out)] == ["step_00000002", "step_00000003"]
+    from transformers import AutoModelForCausalLM
+
+    final = AutoModelForCausalLM.from_pretrained(C.latest_checkpoint(out) / "model")  # plain HF checkpoint
+    assert sum(p.numel() for p in final.parameters()) > 0
+    pytest.importorskip("matplotlib")
+    assert (out / "rewards.png").stat().st_size > 0
+
+
+def test_resume_after_kill_reproduces_the_metrics(tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert main([*SMALL, f"train.output_dir={whole}", "train.steps=4"]) == 0
+    expected = comparable(read_metrics(whole / "metrics.jsonl"))
+    proc = subprocess.Popen(command(killed, "train.steps=4"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while C.latest_checkpoint(killed) is None and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+    finally:
+        proc.kill()  # SIGKILL: no chance to clean up
+        proc.wait()
+    done = C.latest_checkpoint(killed)
+    assert done is not None and done.name == "step_00000002"
+    assert main([*SMALL, f"train.output_dir={killed}", "train.steps=4", "--resume"]) == 0
+    assert comparable(read_metrics(killed / "metrics.jsonl")) == expected
+    resumed = torch.load(C.latest_checkpoint(killed) / "trainer_state.pt", weights_only=False)
+    assert resumed["step"] == 4
+
+
+def test_sigterm_finishes_the_step_and_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(command(out, "train.steps=50", "checkpoint.every=0"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (out / "metrics.jsonl").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-2000:]
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl")]
+    assert 1 <= len(steps) < 50
+    assert C.latest_checkpoint(out).name == f"step_{steps[-1]:08d}"
+
+
+def test_nonfinite_updates_are_skipped_then_training_stops(tmp_path, monkeypatch, capsys):
+    import medix_fast.update as update
+
+    def nan_loss(*args, **kwargs):
+        loss, metrics = real(*args, **kwargs)
+        return loss * float("nan"), metrics
+
+    real = update.fused_linear_policy_loss
+    monkeypatch.setattr(update, "fused_linear_policy_loss", nan_loss)
+    out = tmp_path / "run"
+    assert main([*SMALL, f"train.output_dir={out}", "train.steps=5", "train.max_nonfinite_steps=2",
+                 "train.mini_batch_prompts=4", "train.eval_every=0", "algorithm.dynamic_sampling=false"]) == 1
+    assert "NaN/inf" in capsys.readouterr().err
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["skipped_updates"] for r in records] == [1.0, 1.0]
+    assert all(r["optimizer_steps"] == 0 for r in records)
+
+
+def test_bad_config_key_is_named(capsys, tmp_path):
+    assert main(["train.stpes=3", f"train.output_dir={tmp_path}"]) == 2
+    assert "train.stpes" in capsys.readouterr().err
+
+
+def test_bad_data_rows_fail_before_training_unless_not_strict(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    rows = [json.dumps({"problem": f"Is finding {i} present?", "solution": "<CT_SCAN> yes"}) for i in range(6)]
+    rows[2] = json.dumps({"problem": "no tag", "solution": "yes"})
+    data.write_text("\n".join(rows) + "\n")
+    args = [*SMALL, f"data.train_files=[{data}]", "data.val_files=[]", f"train.output_dir={tmp_path / 'run'}",
+            "train.steps=1", "train.eval_every=0"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{data}:3:" in err and "modality tag" in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert main([*args, "--strict", "false"]) == 0
+    assert len(read_metrics(tmp_path / "run" / "metrics.jsonl")) == 1
+
+
+@pytest.fixture(autouse=True)
+def _single_thread(monkeypatch):
+    """Subprocesses of these tests share the CI machine's cores with pytest itself."""
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
