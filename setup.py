@@ -5,11 +5,15 @@ top-level ``kernels`` module: another PyPI package owns that name). The kernels 
 torch and triton; everything else is for the trainer.
 
 CPU machines: ``pip install torch==2.13.0`` first (the CPU build), then ``pip install -e ".[test]"``.
+
+The C++/CUDA ops of ``csrc/`` (shipped as ``medix_fast/csrc``) are not built here: pip's isolated
+build has no torch to build against, so ``medix_fast.kernels.cpp`` compiles them at first use
+(``python -m medix_fast.kernels`` prebuilds); without a compiler the PyTorch paths run.
 """
 from setuptools import find_packages, setup
 
 packages = [p for p in find_packages(include=["medix_fast", "medix_fast.*"])]
-packages += ["medix_fast.kernels", "medix_fast.configs"]
+packages += ["medix_fast.kernels", "medix_fast.configs", "medix_fast.csrc"]
 
 setup(
     name="medix_fast",
@@ -17,9 +21,10 @@ setup(
     description="Performance-first GRPO/DAPO/GSPO trainer for clinical QA (MediX-R1 recipe) with fused Triton kernels",
     python_requires=">=3.10",
     packages=packages,
-    package_dir={"medix_fast.kernels": "kernels", "medix_fast.configs": "configs"},
+    package_dir={"medix_fast.kernels": "kernels", "medix_fast.configs": "configs", "medix_fast.csrc": "csrc"},
     include_package_data=True,
-    package_data={"medix_fast": ["data/*.jsonl", "data/**/*"], "medix_fast.configs": ["*.yaml"]},
+    package_data={"medix_fast": ["data/*.jsonl", "data/**/*"], "medix_fast.configs": ["*.yaml"],
+                  "medix_fast.csrc": ["*.cpp", "*.h", "cuda/*"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",

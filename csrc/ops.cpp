@@ -1,0 +1,24 @@
+// Schemas of the medix_fast custom ops (torch.ops.medix_fast.*). The CPU kernels register in
+// policy_loss.cpp, advantage.cpp and sampling.cpp, the CUDA kernels in the matching .cu files;
+// autograd and the fake (meta) implementations for torch.compile live in kernels/cpp.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(medix_fast, m) {
+  // loss_type: 0 grpo, 1 bnpo, 2 dr_grpo, 3 dapo; level: 0 token, 1 sequence, 2 sequence_token.
+  // Returns the 0-dim loss, d loss / d logp (B, T), d loss / d entropy ((B, T), or (0,) when
+  // entropy is absent or entropy_coef == 0) and the metrics (6,): ratio_mean, clip_low,
+  // clip_high, clip_dual, kl, entropy (masked token means).
+  m.def(
+      "policy_loss(Tensor logp, Tensor? old, Tensor adv, Tensor mask, Tensor? ref, Tensor? entropy, "
+      "Tensor? sampling, Tensor? num_items, int loss_type, int level, float epsilon_low, float epsilon_high, "
+      "float? clip_ratio_c, float beta, float entropy_coef, int max_completion_length, float? tis_cap) "
+      "-> (Tensor loss, Tensor grad_logp, Tensor grad_entropy, Tensor metrics)");
+  // estimator: 0 grpo, 1 dr_grpo, 2 rloo. Returns advantages (N,), group mean and std (N // G,).
+  m.def("group_advantages(Tensor rewards, int group_size, int estimator, float eps) "
+        "-> (Tensor adv, Tensor mean, Tensor std)");
+  // One token per row of logits (B, V) by inverse-CDF sampling with uniform (B,) in [0, 1) from
+  // the top-k / top-p truncated softmax(logits / temperature); temperature 0 is greedy. Returns
+  // tokens (B,) int64 and their log-probs (B,) under log_softmax(logits / temperature).
+  m.def("sample_tokens(Tensor logits, Tensor uniform, float temperature, int top_k, float top_p) "
+        "-> (Tensor tokens, Tensor logprobs)");
+}

@@ -1,0 +1,159 @@
+// Per-token math of the clipped-ratio policy loss, shared by the CPU (.cpp) and CUDA (.cu) ops.
+//
+// Mirrors kernels/policy_loss.py value for value and, for the gradient, PyTorch autograd's rules:
+// clamp passes the gradient on the closed interval, maximum splits it in half on ties, the dual
+// clip and the truncated-importance-sampling factor are constants. Everything is float32; the
+// callers accumulate sums in double (CPU) or float (CUDA block reductions).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "hd.h"
+
+namespace medix_fast {
+
+enum LossType : int64_t { kGrpo = 0, kBnpo = 1, kDrGrpo = 2, kDapo = 3 };
+enum Level : int64_t { kToken = 0, kSequence = 1, kSequenceToken = 2 };
+
+// Scalar options of one call, already resolved (epsilon_high defaulted, logs taken).
+struct LossParams {
+  int64_t loss_type;
+  int64_t level;
+  float log_lo, log_hi;        // log1p(-epsilon_low), log1p(epsilon_high): the ratio clip
+  float ratio_lo, ratio_hi;    // 1 - epsilon_low, 1 + epsilon_high: the clip-fraction metrics
+  bool has_dual;               // clip_ratio_c given
+  float clip_c;
+  bool has_tis;                // tis_cap given (needs old and sampling)
+  float tis_cap;
+  bool has_ref;                // ref given: the KL is computed (and reported)
+  float beta;                  // KL enters the loss when beta > 0
+  float entropy_coef;          // entropy enters the loss when != 0
+};
+
+// One call: options, shapes, device (or host) pointers of the inputs and outputs.
+struct PolicyLossArgs {
+  LossParams p;
+  int64_t B, T, max_completion_length;
+  const float *logp, *old, *adv, *mask, *ref, *entropy, *sampling;  // old..sampling may be null
+  const float* num_items;                                            // (1,) or null
+  bool adv_per_token;
+  float *grad_logp, *grad_entropy;  // (B, T); grad_entropy may be null
+  float *loss, *metrics;            // (), (kNumMetrics,)
+  float* workspace;                 // CUDA: policy_loss_workspace(B) floats
+};
+
+// What one valid token contributes: its loss, d loss / d log_w (the importance-weight path,
+// before the aggregation scale), d loss / d logp through the KL, and the metric terms.
+struct TokenTerms {
+  float loss;
+  float dlog_w;
+  float dlogp_kl;
+  float ratio;
+  float kl;
+  bool clip_low, clip_high, dual;
+};
+
+MEDIX_HD float clampf(float x, float lo, float hi) { return fminf(fmaxf(x, lo), hi); }
+
+// log_w: the token's log importance weight (value); logp/old/ref/sampling/entropy: its inputs.
+MEDIX_HD TokenTerms token_terms(const LossParams& p, float log_w, float adv, float logp, float old,
+                                float ref, float sampling, float entropy) {
+  TokenTerms t;
+  const bool in20 = log_w >= -20.f && log_w <= 20.f;
+  const float ratio = expf(clampf(log_w, -20.f, 20.f));
+  const float lw_clip = clampf(log_w, p.log_lo, p.log_hi);
+  const bool in_clip = log_w >= p.log_lo && log_w <= p.log_hi;
+  const float clipped = (in20 && in_clip) ? ratio : expf(lw_clip);
+  const float na = -adv;
+  const float p1 = na * ratio, p2 = na * clipped;
+  float pg = fmaxf(p1, p2);
+  const float w1 = p1 > p2 ? 1.f : (p1 == p2 ? 0.5f : 0.f);
+  float g = w1 * (in20 ? p1 : 0.f) + (1.f - w1) * (in_clip ? p2 : 0.f);
+  t.dual = false;
+  if (p.has_dual) {
+    const float cap = na * p.clip_c;
+    if (adv < 0.f && pg > cap) {
+      t.dual = true;
+      pg = cap;
+      g = 0.f;
+    }
+  }
+  if (p.has_tis) {
+    const float w = fminf(expf(old - sampling), p.tis_cap);
+    pg *= w;
+    g *= w;
+  }
+  float loss = pg;
+  t.kl = 0.f;
+  t.dlogp_kl = 0.f;
+  if (p.has_ref) {
+    const float d = ref - logp;
+    const float dc = clampf(d, -20.f, 20.f);
+    const float e = expf(dc);
+    const float kl_raw = e - dc - 1.f;
+    t.kl = clampf(kl_raw, -10.f, 10.f);
+    if (p.beta > 0.f) {
+      loss = loss + p.beta * t.kl;
+      const bool pass = d >= -20.f && d <= 20.f && kl_raw >= -10.f && kl_raw <= 10.f;
+      t.dlogp_kl = pass ? -p.beta * (e - 1.f) : 0.f;
+    }
+  }
+  if (p.entropy_coef != 0.f) loss = loss - p.entropy_coef * entropy;
+  t.loss = loss;
+  t.dlog_w = g;
+  t.ratio = ratio;
+  t.clip_low = ratio < p.ratio_lo && adv < 0.f;
+  t.clip_high = ratio > p.ratio_hi && adv > 0.f;
+  return t;
+}
+
+// Order of the per-row sums both back-ends produce (row_sums[b][k]) and of the metrics output.
+enum RowSum : int { kLoss = 0, kRatio, kClipLow, kClipHigh, kDual, kKl, kEntropy, kMask, kNumRowSums };
+constexpr int kNumMetrics = 6;  // ratio_mean, clip_low, clip_high, clip_dual, kl, entropy
+
+// One token of row b at flat index i: writes its gradients (already scaled; at the sequence level
+// without the mean's term, which the caller adds once the row is summed) and adds its terms to
+// acc[kNumRowSums + 1]: the row sums (RowSum order) and sum_t mask * d loss_t / d log_w.
+template <typename Acc>
+MEDIX_HD void token_step(const PolicyLossArgs& a, int64_t b, int64_t i, float seq_logw, float scale, Acc* acc) {
+  const LossParams& p = a.p;
+  const float m = a.mask[i];
+  if (m == 0.f) {
+    a.grad_logp[i] = 0.f;
+    if (a.grad_entropy) a.grad_entropy[i] = 0.f;
+    return;
+  }
+  const float logp = a.logp[i];
+  const float old = a.old ? a.old[i] : logp;
+  const float adv = a.adv_per_token ? a.adv[i] : a.adv[b];
+  const float ent = a.entropy ? a.entropy[i] : 0.f;
+  const TokenTerms k = token_terms(p, p.level == kToken ? logp - old : seq_logw, adv, logp, old,
+                                   a.ref ? a.ref[i] : 0.f, a.sampling ? a.sampling[i] : 0.f, ent);
+  acc[kLoss] += m * k.loss;
+  acc[kRatio] += m * k.ratio;
+  acc[kClipLow] += k.clip_low ? m : 0.f;
+  acc[kClipHigh] += k.clip_high ? m : 0.f;
+  acc[kDual] += k.dual ? m : 0.f;
+  acc[kKl] += m * k.kl;
+  acc[kEntropy] += m * ent;
+  if (p.level == kSequence) {
+    acc[kNumRowSums] += m * k.dlog_w;
+    a.grad_logp[i] = scale * m * k.dlogp_kl;
+  } else {
+    a.grad_logp[i] = scale * m * (k.dlog_w + k.dlogp_kl);
+  }
+  if (a.grad_entropy) a.grad_entropy[i] = -p.entropy_coef * scale * m;
+}
+
+// Aggregation scale of every token of a row: loss = sum_b scale_b * sum_t mask * loss_t.
+// row_mask: that row's mask sum; total_mask: the batch's; num_items: dapo's normaliser, or < 0.
+MEDIX_HD double row_scale(int64_t loss_type, double row_mask, double total_mask, int64_t batch,
+                          int64_t max_completion_length, double num_items) {
+  if (loss_type == kGrpo) return 1.0 / (static_cast<double>(batch) * fmax(row_mask, 1.0));
+  if (loss_type == kDrGrpo) return 1.0 / (static_cast<double>(batch) * static_cast<double>(max_completion_length));
+  if (loss_type == kDapo && num_items >= 0) return 1.0 / num_items;
+  return 1.0 / fmax(total_mask, 1.0);  // bnpo, and dapo without num_items_in_batch
+}
+
+}  // namespace medix_fast

@@ -1,0 +1,164 @@
+"""Python side of the C++/CUDA ops in ``csrc/`` (``torch.ops.medix_fast.*``): build, load, autograd.
+
+The extension is compiled just in time, once, at first use (``torch.utils.cpp_extension.load``
+with ninja and the system C++ compiler; about a minute on 2 cores), and cached under
+``~/.cache/torch_extensions`` (or ``$TORCH_EXTENSIONS_DIR``); it is rebuilt only when the sources
+or flags change. The CUDA kernels (``csrc/cuda/``) join the build when torch is a CUDA build and
+nvcc is found (if that build fails, the CPU ops are built alone). Any failure (no compiler, no
+ninja) warns once and leaves :func:`available` False, so the dispatch falls back to the PyTorch
+path. Prebuild, and see what is active, with::
+
+    python -m medix_fast.kernels
+
+Ops (schemas in ``csrc/ops.cpp``): ``policy_loss`` (forward and backward in one pass; autograd
+is registered here as grad_output * the saved gradient, so it is differentiable once, not
+twice), ``group_advantages`` and ``sample_tokens``. Each has a fake implementation, so all three
+work under ``torch.compile``.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+# csrc/ beside kernels/ in a checkout; medix_fast/csrc beside medix_fast/kernels when installed.
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+METRICS = ("ratio_mean", "clip_low", "clip_high", "clip_dual", "kl", "entropy")
+_error: str | None = None
+_cuda_built = False
+
+
+def _build(with_cuda: bool) -> None:
+    from torch.utils import cpp_extension
+
+    sources = sorted(str(p) for p in CSRC.glob("*.cpp"))
+    if with_cuda:
+        sources += sorted(str(p) for p in (CSRC / "cuda").glob("*.c*"))  # the .cu kernels and ops.cpp
+    cpp_extension.load(
+        name="medix_fast_C" + ("_cuda" if with_cuda else ""),
+        sources=sources,
+        extra_cflags=["-O3", "-fopenmp"],
+        extra_cuda_cflags=["-O3"],
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+        verbose=os.environ.get("MEDIX_FAST_BUILD_VERBOSE") == "1",
+    )
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the ops are loaded, building them first if needed (once per process). With a CUDA
+    torch and nvcc the CUDA kernels are built too; if that build fails, the CPU ops alone."""
+    global _error, _cuda_built
+    if not any(CSRC.glob("*.cpp")):
+        _error = f"no C++ sources in {CSRC}"
+    else:
+        want_cuda = torch.version.cuda is not None and bool(os.environ.get("CUDA_HOME") or shutil.which("nvcc"))
+        for with_cuda in ([True, False] if want_cuda else [False]):
+            try:
+                _build(with_cuda)
+            except Exception as exc:  # no compiler, no ninja, a compile error
+                first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+                _error = f"{type(exc).__name__}{' (CUDA build)' if with_cuda else ''}: {first_line}"
+                continue
+            _cuda_built = with_cuda
+            _register_python_parts()
+            return True
+    warnings.warn(f"medix_fast C++ ops unavailable, using the PyTorch path ({_error}; "
+                  "MEDIX_FAST_BUILD_VERBOSE=1 shows the build)", stacklevel=2)
+    return False
+
+
+def supports(device: torch.device) -> bool:
+    """Whether the ops run on ``device``: CPU once loaded; CUDA if the CUDA kernels were built too."""
+    return available() and (device.type == "cpu" or (device.type == "cuda" and _cuda_built))
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`available` is False, or why the CUDA build failed (None if nothing failed)."""
+    return _error
+
+
+def _register_python_parts() -> None:
+    lib = "medix_fast::"
+
+    @torch.library.register_fake(lib + "policy_loss")
+    def _policy_loss_fake(logp, old, adv, mask, ref, entropy, sampling, num_items, loss_type, level, epsilon_low,
+                          epsilon_high, clip_ratio_c, beta, entropy_coef, max_completion_length, tis_cap):
+        grad_entropy_shape = logp.shape if entropy is not None and entropy_coef != 0 else (0,)
+        return (logp.new_empty(()), torch.empty_like(logp), logp.new_empty(grad_entropy_shape),
+                logp.new_empty(len(METRICS)))
+
+    def _setup(ctx, inputs, output):
+        ctx.save_for_backward(output[1], output[2])
+
+    def _backward(ctx, grad_loss, *_unused):
+        grad_logp, grad_entropy = ctx.saved_tensors
+        d_entropy = grad_loss * grad_entropy if grad_entropy.numel() else None
+        return (grad_loss * grad_logp, None, None, None, None, d_entropy) + (None,) * 11
+
+    torch.library.register_autograd(lib + "policy_loss", _backward, setup_context=_setup)
+
+    @torch.library.register_fake(lib + "group_advantages")
+    def _group_advantages_fake(rewards, group_size, estimator, eps):
+        groups = rewards.shape[0] // group_size
+        return torch.empty_like(rewards), rewards.new_empty(groups), rewards.new_empty(groups)
+
+    @torch.library.register_fake(lib + "sample_tokens")
+    def _sample_tokens_fake(logits, uniform, temperature, top_k, top_p):
+        rows = logits.shape[0]
+        return logits.new_empty(rows, dtype=torch.long), logits.new_empty(rows)
+
+
+def _f32(t: torch.Tensor | None, detach: bool = True) -> torch.Tensor | None:
+    if t is None:
+        return None
+    t = t.detach() if detach else t
+    return t.float().contiguous()
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, sampling_logprobs, o,
+                loss_type: int, level: int):
+    """``kernels.policy_loss`` on the C++ op, with its validated inputs (``advantages`` (B,), (B, 1)
+    or (B, T)) and ``LossOptions`` ``o``; ``loss_type`` and ``level`` index ``LOSS_TYPES`` and
+    ``LEVELS``. Gradients flow to ``logprobs`` and ``entropy`` only (the other inputs are
+    constants, as in every caller)."""
+    if advantages.dim() == 2 and advantages.shape[1] == 1:
+        advantages = advantages[:, 0]  # (B,)
+    num_items = o.num_items_in_batch if o.loss_type == "dapo" else None
+    if num_items is not None:
+        num_items = torch.as_tensor(num_items).detach().to(device=logprobs.device, dtype=torch.float32).reshape(1)
+    loss, _, _, metrics = torch.ops.medix_fast.policy_loss(
+        _f32(logprobs, detach=False), _f32(old_logprobs), _f32(advantages), _f32(mask), _f32(ref_logprobs),
+        _f32(entropy, detach=False), _f32(sampling_logprobs), num_items, loss_type, level, o.epsilon_low,
+        o.epsilon_low if o.epsilon_high is None else o.epsilon_high, o.clip_ratio_c, o.beta, o.entropy_coef,
+        o.max_completion_length or 0, o.tis_cap)
+    metrics = metrics.detach()
+    return loss, {name: metrics[i] for i, name in enumerate(METRICS)}
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, estimator: int, eps: float):
+    """``kernels.group_advantages`` on the C++ op: (advantages (N,), mean (G,), std (G,)), float32."""
+    return torch.ops.medix_fast.group_advantages(_f32(rewards), group_size, estimator, eps)
+
+
+def sample_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  uniform: torch.Tensor | None = None, generator: torch.Generator | None = None):
+    """Sample one token per row of ``logits`` (B, V): top-k, then top-p (ties at either cut are
+    kept together), at ``temperature`` (0: greedy, first index on ties), by inverse CDF with one
+    uniform number per row (``uniform`` (B,) in [0, 1), else drawn from ``generator`` on the
+    logits' device: no host synchronisation).
+
+    Returns ``(tokens (B,) int64, logprobs (B,) float32)``: the log-probs are
+    ``log_softmax(logits / temperature)`` at the tokens, untruncated by top-k/top-p (the "raw"
+    mode of ``medix_fast.sampling``; with temperature 0, ``log_softmax(logits)``).
+    Needs :func:`supports` for the logits' device.
+    """
+    if uniform is None:
+        uniform = torch.rand(logits.shape[0], device=logits.device, generator=generator)  # (B,)
+    return torch.ops.medix_fast.sample_tokens(_f32(logits), _f32(uniform), float(temperature), int(top_k),
+                                              float(top_p))
