@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import use_triton
+from . import cpp
+from .dispatch import use_cpp, use_triton
 
 ESTIMATORS = ("grpo", "dr_grpo", "rloo")
 _ESTIMATOR_ID = {name: i for i, name in enumerate(ESTIMATORS)}
@@ -121,7 +122,10 @@ def group_advantages(
     """
     _check(rewards, group_size, estimator)
     rewards = rewards.detach().contiguous()
-    if use_triton(rewards):
+    if use_cpp(rewards):
+        adv, mean, std = cpp.group_advantages(rewards, group_size, _ESTIMATOR_ID[estimator], float(eps))
+        stats = GroupStats(mean, std)
+    elif use_triton(rewards):
         adv, stats = _launch(rewards, group_size, estimator, float(eps))
     else:
         adv, stats = _torch_group_advantages(rewards, group_size, estimator, float(eps))

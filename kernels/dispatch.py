@@ -3,9 +3,12 @@
 Back-ends:
   ``triton`` -- the Triton kernels (CUDA tensors; on the CPU only under ``TRITON_INTERPRET=1``).
   ``torch``  -- the chunked pure-PyTorch implementations, the CPU path and the reference.
+  ``cpp``    -- the C++/CUDA ops of ``csrc/`` (``kernels/cpp.py``, built at first use) where a
+                kernel has one (policy_loss, group_advantages); the ``torch`` path elsewhere.
 
-``auto`` (the default) takes ``triton`` for CUDA tensors when triton imports, else ``torch``.
-Force a back-end with the environment variable ``MEDIX_FAST_BACKEND=triton|torch|auto`` or,
+``auto`` (the default) takes ``triton`` for CUDA tensors when triton imports; for CPU tensors
+``cpp`` when the extension builds and loads, else ``torch``.
+Force a back-end with the environment variable ``MEDIX_FAST_BACKEND=triton|torch|cpp|auto`` or,
 from code and tests, with :func:`set_backend` / the :func:`force_backend` context manager.
 """
 from __future__ import annotations
@@ -15,7 +18,9 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "triton", "torch")
+from . import cpp
+
+BACKENDS = ("auto", "triton", "torch", "cpp")
 _forced: str | None = None
 
 
@@ -31,7 +36,7 @@ HAS_TRITON = _has_triton()
 
 
 def set_backend(name: str | None) -> None:
-    """Force ``"triton"`` or ``"torch"`` for every later call; ``None`` or ``"auto"`` restores the default."""
+    """Force ``"triton"``, ``"torch"`` or ``"cpp"`` for every later call; ``None`` or ``"auto"`` restores the default."""
     global _forced
     if name is not None and name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
@@ -63,7 +68,7 @@ def requested_backend() -> str:
 def use_triton(tensor: torch.Tensor) -> bool:
     """Whether a kernel called on ``tensor`` takes the Triton path."""
     name = requested_backend()
-    if name == "torch":
+    if name in ("torch", "cpp"):
         return False
     if name == "triton":
         if not HAS_TRITON:
@@ -76,10 +81,22 @@ def use_triton(tensor: torch.Tensor) -> bool:
     return HAS_TRITON and tensor.device.type == "cuda"
 
 
+def use_cpp(tensor: torch.Tensor) -> bool:
+    """Whether a kernel with a C++ op, called on ``tensor``, takes it (``auto``: CPU tensors only)."""
+    name = requested_backend()
+    if name == "cpp":
+        if not cpp.supports(tensor.device):
+            raise RuntimeError(f"MEDIX_FAST_BACKEND=cpp but the C++ ops do not run on {tensor.device} here "
+                               f"({cpp.unavailable_reason() or 'no CUDA kernels built'})")
+        return True
+    return name == "auto" and tensor.device.type == "cpu" and cpp.available()
+
+
 def active_backends() -> dict[str, bool]:
     """Which back-ends can run here (reported by ``python -m medix_fast.kernels``)."""
     return {
         "torch": True,
         "triton": HAS_TRITON and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+        "cpp": cpp.available(),  # builds the extension on first call
         "cuda": torch.cuda.is_available(),
     }

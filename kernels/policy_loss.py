@@ -27,6 +27,8 @@ import math
 
 import torch
 
+from . import cpp
+from .dispatch import use_cpp
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 LEVELS = ("token", "sequence", "sequence_token")
@@ -190,6 +192,9 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, ref_logprobs=None, 
     """
     o, old, adv, mask, ref, entropy, sampling = prepare(
         logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, sampling_logprobs, opts)
+    if use_cpp(logprobs):
+        return cpp.policy_loss(logprobs, old, adv, mask, ref, entropy, sampling, o, LOSS_TYPES.index(o.loss_type),
+                               LEVELS.index(o.importance_sampling_level))
     logp = logprobs.float()  # (B, T)
     old = logp.detach() if old is None else old
     loss_t, ratio, dual, kl = per_token_loss(logp, old, adv, mask, o, ref=ref, entropy=entropy, sampling=sampling)

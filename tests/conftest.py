@@ -1,5 +1,6 @@
 """Test set-up: the Triton kernels run under the interpreter on CPU-only machines, and the
-``backend`` fixture runs a kernel test once per implementation (``MEDIX_TEST_BACKENDS`` narrows it)."""
+``backend`` fixture runs a kernel test once per implementation (``MEDIX_TEST_BACKENDS`` narrows it;
+``cpp`` joins by default when the C++ ops build here)."""
 import os
 
 import torch
@@ -9,9 +10,9 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from medix_fast.kernels import force_backend  # noqa: E402
+from medix_fast.kernels import cpp, force_backend  # noqa: E402
 
-BACKENDS = os.environ.get("MEDIX_TEST_BACKENDS", "torch,triton").split(",")
+BACKENDS = os.environ.get("MEDIX_TEST_BACKENDS", "torch,triton" + (",cpp" if cpp.available() else "")).split(",")
 
 
 @pytest.fixture(params=BACKENDS)
