@@ -1,0 +1,324 @@
+"""Tests of the in-process KV-cached sampler (medix_fast.sampler) on tiny random Qwen2, Qwen3 and
+Llama models built from transformers configs: greedy parity with ``generate``, the sampling
+distribution, log-probs against a full forward, prefix sharing, stopping and compaction, the
+fixed-shape decode step of the CUDA graphs (run eagerly), reproducibility, model state and bad input.
+
+    pytest tests/test_sampler.py -q
+"""
+from __future__ import annotations
+
+import gc
+import math
+import warnings
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from medix_fast.sampler import Sampler
+from medix_fast.sampling import SamplingParams, sample_tokens
+
+VOCAB = 300
+ARCHS = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+         "llama": (LlamaConfig, LlamaForCausalLM)}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The models are tiny: with several threads, OpenMP hand-offs cost more than the maths."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(arch: str = "qwen2", dtype=torch.float64, seed: int = 0):
+    config_cls, model_cls = ARCHS[arch]
+    config = config_cls(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=256,
+                        initializer_range=0.2, eos_token_id=None, pad_token_id=None)
+    torch.manual_seed(seed)
+    return model_cls(config).to(dtype).eval()
+
+
+def make_prompts(lengths, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def hf_greedy(model, prompt: list[int], max_new: int, eos: int | None = None) -> list[int]:
+    out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new,
+                         eos_token_id=eos, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def full_logits(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    """Logits (len(completion), V) predicting each completion token, from one plain forward."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + completion])).logits[0].double()
+    return logits[len(prompt) - 1: len(prompt) + len(completion) - 1]
+
+
+# ------------------------------------------------------------------ greedy parity
+@pytest.mark.parametrize("decode_mode", ["eager", "static"])
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_greedy_matches_hf_generate(arch, decode_mode):
+    model = tiny_model(arch)
+    prompts = make_prompts([5, 1, 9, 3])
+    refs = [hf_greedy(model, p, 12) for p in prompts]
+    stop = refs[2][4]  # a token greedy decoding emits mid-way: some rows stop, others run to the limit
+    refs_stop = [hf_greedy(model, p, 12, eos=stop) for p in prompts]
+    sampler = Sampler(model, max_batch_size=5, max_seq_len=32, decode_mode=decode_mode)
+    out = sampler.generate(prompts, n=2, max_new_tokens=12, temperature=0, stop_token_ids=[])
+    assert out.completion_ids == [r for r in refs for _ in range(2)]
+    out = sampler.generate(prompts, n=2, max_new_tokens=12, temperature=0, stop_token_ids=[stop])
+    assert out.completion_ids == [r for r in refs_stop for _ in range(2)]
+    assert any(len(r) < 12 for r in refs_stop) and any(len(r) == 12 for r in refs_stop)
+
+
+# ------------------------------------------------------------------ sampling distribution
+@pytest.mark.parametrize("method", ["race", "cdf"])
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (4, 1.0), (0, 0.7), (5, 0.8)])
+def test_sample_tokens_frequencies_and_truncation(method, top_k, top_p):
+    logits = torch.tensor([2.0, 1.5, 1.2, 0.3, 0.0, -0.5, -1.0, -3.0, 0.9, 0.1])
+    temperature, n = 0.8, 40_000
+    probs = torch.softmax(logits.double() / temperature, -1)
+    order = probs.argsort(descending=True)
+    allowed = torch.zeros(10, dtype=torch.bool)
+    allowed[order[: top_k or 10]] = True  # top-k, then the nucleus of the renormalised rest
+    kept = torch.where(allowed, probs, 0) / probs[allowed].sum()
+    sorted_kept = kept[order]
+    nucleus = (sorted_kept.cumsum(0) - sorted_kept) < top_p
+    allowed[order[~nucleus]] = False
+    expected = torch.where(allowed, probs, 0) / probs[allowed].sum()
+
+    g = torch.Generator().manual_seed(0)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, logprobs_mode="processed")
+    tokens, logps = sample_tokens(logits.repeat(n, 1), params, g, method)
+    assert allowed[tokens].all(), "a token outside top-k / top-p was sampled"
+    torch.testing.assert_close(logps.double(), expected[tokens].log(), rtol=0, atol=1e-5)
+    counts = torch.bincount(tokens, minlength=10).double()[allowed]
+    exp_counts = n * expected[allowed]
+    chi2 = ((counts - exp_counts) ** 2 / exp_counts).sum().item()
+    df = int(allowed.sum()) - 1
+    assert chi2 < df + 6 * math.sqrt(2 * df) + 6, f"chi-square {chi2:.1f} on {df} degrees of freedom"
+
+
+def test_one_step_sampler_frequencies():
+    """First tokens of many samples of one prompt follow softmax(logits / T) of the model."""
+    model = tiny_model("qwen2", torch.float32)
+    prompt = make_prompts([6])[0]
+    temperature, n = 1.3, 12_000
+    out = Sampler(model, max_batch_size=4000, max_seq_len=8).generate(
+        [prompt], n=n, max_new_tokens=1, temperature=temperature, stop_token_ids=[], seed=3)
+    probs = torch.softmax(full_logits(model, prompt, [0])[0] / temperature, -1)
+    counts = torch.bincount(torch.tensor([c[0] for c in out.completion_ids]), minlength=VOCAB).double()
+    expected = n * probs
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi2 < (VOCAB - 1) + 6 * math.sqrt(2 * (VOCAB - 1)), f"chi-square {chi2:.1f} on {VOCAB - 1} dof"
+
+
+def test_greedy_picks_first_max_and_logprob():
+    logits = torch.tensor([[1.0, 3.0, 3.0, -1.0]])
+    tokens, logps = sample_tokens(logits, SamplingParams(temperature=0), None)
+    assert tokens.tolist() == [1]
+    torch.testing.assert_close(logps, torch.log_softmax(logits, -1)[:, 1])
+    _, logps = sample_tokens(logits, SamplingParams(temperature=0, logprobs_mode="processed"), None)
+    assert logps.tolist() == [0.0]
+
+
+# ------------------------------------------------------------------ log-probs
+@pytest.mark.parametrize("method", ["race", "cdf"])
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_logprobs_match_full_forward(arch, method):
+    model = tiny_model(arch, torch.float32)
+    prompts = make_prompts([7, 2, 4])
+    temperature, top_k = 0.7, 20
+    sampler = Sampler(model, max_batch_size=6, max_seq_len=40, sample_method=method)
+    kwargs = dict(n=3, max_new_tokens=16, temperature=temperature, top_k=top_k, stop_token_ids=[7, 11], seed=5)
+    raw = sampler.generate(prompts, **kwargs)
+    processed = sampler.generate(prompts, logprobs_mode="processed", **kwargs)
+    assert raw.completion_ids == processed.completion_ids
+    for row, completion in enumerate(raw.completion_ids):
+        logits = full_logits(model, prompts[row // 3], completion) / temperature  # (L, V)
+        chosen = torch.tensor(completion)
+        kth = logits.topk(top_k, -1).values[:, -1:]
+        assert (logits.gather(-1, chosen[:, None]) >= kth).all(), "a token outside the top-k was sampled"
+        expect_raw = torch.log_softmax(logits, -1).gather(-1, chosen[:, None])[:, 0]
+        truncated = logits.masked_fill(logits < kth, float("-inf"))
+        expect_proc = torch.log_softmax(truncated, -1).gather(-1, chosen[:, None])[:, 0]
+        assert raw.logprobs[row].dtype == torch.float32
+        torch.testing.assert_close(raw.logprobs[row].double(), expect_raw, rtol=0, atol=2e-5)
+        torch.testing.assert_close(processed.logprobs[row].double(), expect_proc, rtol=0, atol=2e-5)
+
+
+# ------------------------------------------------------------------ prefix sharing, static decode
+@pytest.mark.parametrize("other,stops", [(dict(share_prefix=False), [3, 5, 8]), (dict(decode_mode="static"), []),
+                                         (dict(decode_mode="static", share_prefix=False), [])])
+def test_variants_match_eager_shared_prefill(other, stops):
+    """Same samples with one prefill per row, or with the fixed-shape decode step of the CUDA graphs
+    (which compacts by batch bucket, so without stop tokens the random streams line up; greedy
+    parity with stops is in test_greedy_matches_hf_generate)."""
+    model = tiny_model("qwen2")
+    prompts = make_prompts([4, 8, 1, 6, 3])
+    kwargs = dict(n=3, max_new_tokens=14, temperature=1.0, top_p=0.9, stop_token_ids=stops, seed=11)
+    ref = Sampler(model, max_batch_size=7, max_seq_len=24).generate(prompts, **kwargs)
+    out = Sampler(model, max_batch_size=7, max_seq_len=24, **other).generate(prompts, **kwargs)
+    assert out.completion_ids == ref.completion_ids
+    assert out.finish_reasons == ref.finish_reasons
+    for a, b in zip(out.logprobs, ref.logprobs):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_prefill_once_per_prompt_and_finished_rows_leave_the_batch():
+    model = tiny_model("qwen2")
+    prompts = make_prompts([5, 3, 7])
+    batch_sizes = []
+    hook = model.register_forward_pre_hook(lambda m, args, kw: batch_sizes.append(kw["input_ids"].shape), with_kwargs=True)
+    refs = [hf_greedy(model, p, 10) for p in prompts]
+    batch_sizes.clear()
+    stop = refs[0][2]
+    out = Sampler(model, max_batch_size=16, max_seq_len=24).generate(
+        prompts, n=4, max_new_tokens=10, temperature=0, stop_token_ids=[stop])
+    hook.remove()
+    assert batch_sizes[0] == (3, 7), "each prompt is prefilled once, not once per sample"
+    lengths = [len(c) for c in out.completion_ids]
+    decode_rows = [s[0] for s in batch_sizes[1:]]
+    for step, rows in enumerate(decode_rows):  # decode step `step` feeds the tokens sampled at `step`
+        assert rows == sum(n > step + 1 for n in lengths), "only unfinished rows are decoded"
+    assert decode_rows[-1] < decode_rows[0]
+
+
+# ------------------------------------------------------------------ stopping
+def test_stop_tokens_length_limit_and_finish_reasons():
+    model = tiny_model("llama", torch.float32)
+    prompts = make_prompts([3, 6])
+    sampler = Sampler(model, max_batch_size=8, max_seq_len=64)
+    stops = [1, 2, 4, 9, 17, 23]
+    out = sampler.generate(prompts, n=4, max_new_tokens=40, temperature=1.5, stop_token_ids=stops, seed=2)
+    assert len(out.completion_ids) == len(out.logprobs) == len(out.finish_reasons) == 8
+    for ids, lp, reason in zip(out.completion_ids, out.logprobs, out.finish_reasons):
+        assert len(ids) == len(lp) and 1 <= len(ids) <= 40
+        assert not set(ids[:-1]) & set(stops), "a completion runs past a stop token"
+        assert (reason == "stop") == (ids[-1] in stops)
+        assert reason == "stop" or len(ids) == 40
+    assert "stop" in out.finish_reasons
+    model.generation_config.eos_token_id = 9
+    default = sampler.generate(prompts, n=4, max_new_tokens=40, temperature=1.5, seed=2)
+    explicit = sampler.generate(prompts, n=4, max_new_tokens=40, temperature=1.5, stop_token_ids=[9], seed=2)
+    assert default.completion_ids == explicit.completion_ids
+    off = sampler.generate(prompts, n=4, max_new_tokens=40, temperature=1.5, stop_token_ids=[], seed=2)
+    assert all(len(c) == 40 for c in off.completion_ids) and set(off.finish_reasons) == {"length"}
+
+
+def test_seeded_reproducibility():
+    model = tiny_model("qwen3", torch.float32)
+    prompts = make_prompts([4, 9])
+    sampler = Sampler(model, max_batch_size=4, max_seq_len=32)
+    kwargs = dict(n=3, max_new_tokens=12, temperature=1.0, top_p=0.95, stop_token_ids=[])
+    a, b = sampler.generate(prompts, seed=7, **kwargs), sampler.generate(prompts, seed=7, **kwargs)
+    assert a.completion_ids == b.completion_ids
+    assert all(torch.equal(x, y) for x, y in zip(a.logprobs, b.logprobs))
+    assert sampler.generate(prompts, seed=8, **kwargs).completion_ids != a.completion_ids
+    torch.manual_seed(0)
+    c = sampler.generate(prompts, **kwargs)
+    torch.manual_seed(0)
+    assert sampler.generate(prompts, **kwargs).completion_ids == c.completion_ids
+    assert len(set(map(tuple, a.completion_ids[:3]))) > 1, "the samples of one prompt differ"
+
+
+# ------------------------------------------------------------------ model state, wrappers, memory
+def test_model_state_grad_and_memory():
+    model = tiny_model("qwen2", torch.float32)
+    model.train()
+    model.model.layers[0].mlp.eval()
+    attn = model.config._attn_implementation
+    flags = [m.training for m in model.modules()]
+    prompts = make_prompts([5, 2])
+    sampler = Sampler(model, max_batch_size=4, max_seq_len=16)
+    kwargs = dict(n=2, max_new_tokens=8, temperature=1.0, stop_token_ids=[], seed=0)
+    out = sampler.generate(prompts, **kwargs)
+    assert [m.training for m in model.modules()] == flags
+    assert model.config._attn_implementation == attn
+    assert all(p.grad is None for p in model.parameters())
+    assert not any(lp.requires_grad for lp in out.logprobs)
+    with torch.inference_mode():
+        in_inference = sampler.generate(prompts, **kwargs)
+    with torch.no_grad():
+        in_no_grad = sampler.generate(prompts, **kwargs)
+    assert in_inference.completion_ids == in_no_grad.completion_ids == out.completion_ids
+    (out.logprobs[0] * 2).sum()  # usable in ordinary autograd code (not an inference tensor)
+
+    def live_tensors():
+        gc.collect()
+        with warnings.catch_warnings():  # touching some modules' deprecated attributes warns
+            warnings.simplefilter("ignore")
+            return sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
+
+    sampler.generate(prompts, **kwargs)
+    before = live_tensors()
+    for _ in range(3):
+        sampler.generate(prompts, **kwargs)
+    assert live_tensors() == before
+
+
+def test_wrapped_model_is_unwrapped():
+    class Wrapper(torch.nn.Module):  # stands for DDP / FSDP, which keep the model in .module
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    model = tiny_model("llama")
+    prompts = make_prompts([3, 5])
+    kwargs = dict(n=2, max_new_tokens=6, temperature=0, stop_token_ids=[])
+    plain = Sampler(model, max_batch_size=4, max_seq_len=16).generate(prompts, **kwargs)
+    wrapped = Sampler(Wrapper(model), max_batch_size=4, max_seq_len=16).generate(prompts, **kwargs)
+    assert wrapped.completion_ids == plain.completion_ids
+
+
+def test_follows_weight_updates():
+    """The sampler reads the live parameters: an in-place update changes the next call's output."""
+    model = tiny_model("qwen2")
+    prompts = make_prompts([4])
+    sampler = Sampler(model, max_batch_size=2, max_seq_len=16)
+    before = sampler.generate(prompts, max_new_tokens=8, temperature=0, stop_token_ids=[])
+    with torch.no_grad():
+        model.lm_head.weight[before.completion_ids[0][0]] -= 100.0
+    after = sampler.generate(prompts, max_new_tokens=8, temperature=0, stop_token_ids=[])
+    assert after.completion_ids[0] == hf_greedy(model, prompts[0], 8) != before.completion_ids[0]
+
+
+# ------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("prompts,kwargs,match", [
+    ([], {}, "prompt_ids is empty"),
+    ([[1, 2], []], {}, "prompt 1 is empty"),
+    ([[1, 2], [3] * 10], {"max_new_tokens": 7}, "prompt 1: 10 tokens"),
+    ([[1, 2], [3, VOCAB]], {}, f"prompt 1: token {VOCAB} at position 1"),
+    ([[-1, 2]], {}, "prompt 0: token -1 at position 0"),
+    ([[1, 2.5]], {}, "prompt 0: token 2.5 at position 1"),
+    ([[1]], {"n": 0}, "n must be"),
+    ([[1]], {"max_new_tokens": 0}, "max_new_tokens must be"),
+    ([[1]], {"temperature": -1.0}, "temperature"),
+    ([[1]], {"top_p": 0.0}, "top_p"),
+    ([[1]], {"top_k": -2}, "top_k"),
+    ([[1]], {"logprobs_mode": "sampled"}, "logprobs_mode"),
+    ([[1]], {"stop_token_ids": [VOCAB + 5]}, "stop_token_ids"),
+])
+def test_bad_input_raises_before_compute(prompts, kwargs, match):
+    model = tiny_model("qwen2", torch.float32)
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    sampler = Sampler(model, max_batch_size=4, max_seq_len=16)
+    with pytest.raises(ValueError, match=match):
+        sampler.generate(prompts, **{"max_new_tokens": 4, **kwargs})
+    assert not calls
+
+
+def test_bad_construction():
+    model = tiny_model("qwen2", torch.float32)
+    with pytest.raises(ValueError, match="decode_mode"):
+        Sampler(model, decode_mode="graph")
+    with pytest.raises(ValueError, match="sample_method"):
+        Sampler(model, sample_method="gumbel")
+    with pytest.raises(ValueError, match="needs a CUDA model"):
+        Sampler(model, decode_mode="cuda_graph", max_seq_len=16).generate([[1]], max_new_tokens=2)
