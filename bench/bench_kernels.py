@@ -44,10 +44,10 @@ def _head_shapes(smoke: bool, device: torch.device) -> list[tuple[int, int, int,
 
 
 def _head_inputs(n: int, h: int, v: int, device: torch.device, grad: bool):
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    hidden = torch.randn(n, h, generator=gen).to(device, _dtype(device))  # (N, H)
-    weight = (torch.randn(v, h, generator=gen) / h ** 0.5).to(device, _dtype(device))  # (V, H)
-    targets = torch.randint(0, v, (n,), generator=gen).to(device)  # (N,)
+    like = dict(device=device, dtype=_dtype(device), generator=torch.Generator(device).manual_seed(0))
+    hidden = torch.randn(n, h, **like)  # (N, H)
+    weight = torch.randn(v, h, **like).div_(h ** 0.5)  # (V, H)
+    targets = torch.randint(0, v, (n,), device=device, generator=like["generator"])  # (N,)
     return hidden.requires_grad_(grad), weight.requires_grad_(grad), targets
 
 
@@ -61,7 +61,7 @@ def _advantage_cases(smoke: bool, device: torch.device) -> list[Case]:
     for n in sizes:
         for impl, f in impls.items():
             def build(dev, n=n, f=f):
-                rewards = torch.rand(n, generator=torch.Generator().manual_seed(0)).to(dev)  # (N,)
+                rewards = torch.rand(n, device=dev, generator=torch.Generator(dev).manual_seed(0))  # (N,)
                 return lambda: f(rewards, 8)
             cases.append(Case("advantages", "grpo, group 8", impl, f"N={n}", n, build, bytes=8.0 * n))
     return cases
@@ -112,10 +112,10 @@ def _loss_inputs(n: int, h: int, v: int, device: torch.device):
     length = min(n, 1024 if device.type == "cuda" else 512)
     hidden, weight, targets = _head_inputs(n, h, v, device, grad=True)
     batch = n // length
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator(device).manual_seed(1)
     mask = torch.ones(batch, length, device=device)  # (B, T) every token valid: same work for all
-    advantages = torch.randn(batch, generator=gen).to(device)  # (B,)
-    old = (-torch.rand(batch, length, generator=gen) * 5).to(device)  # (B, T)
+    advantages = torch.randn(batch, device=device, generator=gen)  # (B,)
+    old = torch.rand(batch, length, device=device, generator=gen).mul_(-5)  # (B, T)
     return hidden.detach().view(batch, length, h).requires_grad_(), weight, targets.view(batch, length), \
         mask, advantages, old
 

@@ -65,6 +65,7 @@ class Result:
     gbps: float = math.nan
     gbps_pct: float = math.nan
     note: str = ""
+    suite: str = ""  # the harness module it came from (bench/run.py's MODULES key)
 
     @classmethod
     def of(cls, case: Case, device: torch.device, status: str = "ok") -> "Result":

@@ -27,14 +27,14 @@ def read_rows(path: str) -> tuple[dict[str, str], list[dict[str, str]]]:
     return meta, list(csv.DictReader(line for line in lines if not line.startswith("#")))
 
 
-def sweeps(rows: list[dict[str, str]]) -> dict[tuple[str, str, str], dict[str, list[tuple[int, float, float]]]]:
-    """``{(bench, case, fixed dims): {impl: [(tokens, median_ms, peak_mb), ...]}}`` with >= 2 token counts."""
+def sweeps(rows: list[dict[str, str]]) -> dict[tuple[str, ...], dict[str, list[tuple[int, float, float]]]]:
+    """``{(suite, bench, case, fixed dims): {impl: [(tokens, median_ms, peak_mb), ...]}}``, >= 2 token counts."""
     out: dict = defaultdict(lambda: defaultdict(list))
     for r in rows:
         if r["status"] != "ok" or not r["tokens"] or int(r["tokens"]) <= 0:
             continue
         fixed = re.sub(r"\bN=\d+\s*", "", r["shape"]).strip()
-        out[(r["bench"], r["case"], fixed)][r["impl"]].append(
+        out[(r.get("suite", ""), r["bench"], r["case"], fixed)][r["impl"]].append(
             (int(r["tokens"]), float(r["median_ms"]), float(r["peak_mb"])))
     return {k: {impl: sorted(pts) for impl, pts in v.items()} for k, v in out.items()
             if len({t for pts in v.values() for t, _, _ in pts}) >= 2}
@@ -52,8 +52,9 @@ def plot(path: str) -> str | None:
     if not groups:
         return None
     fig, axes = plt.subplots(len(groups), 2, figsize=(11, 3.4 * len(groups)), squeeze=False)
-    for (bench, case, fixed), (time_ax, mem_ax) in zip(groups, axes):
-        for impl, pts in groups[(bench, case, fixed)].items():
+    for key, (time_ax, mem_ax) in zip(groups, axes):
+        _, bench, case, fixed = key
+        for impl, pts in groups[key].items():
             tokens = [t for t, _, _ in pts]
             style = dict(marker="o", linewidth=2.5 if impl == "medix_fast" else 1.2, label=impl)
             time_ax.plot(tokens, [ms for _, ms, _ in pts], **style)

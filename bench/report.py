@@ -1,6 +1,6 @@
 """Ratios to the baselines measured in the same run, and the CSV + Markdown the harness writes.
 
-Rows with the same ``(bench, case, shape)`` are compared: for every implementation ``X`` in the
+Rows with the same ``(suite, bench, case, shape)`` are compared: for every implementation ``X`` in the
 group other than medix_fast, each row gets ``time/X`` (its median over X's) and ``mem/X`` (its
 peak memory over X's). Below 1 is better for both.
 """
@@ -34,7 +34,7 @@ def ratios(rows: list[Result]) -> dict[int, dict[str, float]]:
     """``{id(row): {"time/X": ..., "mem/X": ...}}`` for each baseline X that ran in the row's group."""
     groups: dict[tuple, list[Result]] = defaultdict(list)
     for r in rows:
-        groups[(r.bench, r.case, r.shape)].append(r)
+        groups[(r.suite, r.bench, r.case, r.shape)].append(r)
     out: dict[int, dict[str, float]] = {}
     for group in groups.values():
         done = {r.impl: r for r in group if r.status == "ok"}
@@ -50,7 +50,15 @@ def ratios(rows: list[Result]) -> dict[int, dict[str, float]]:
     return out
 
 
-def header(device_name: str, command: str, isolated: bool) -> dict[str, str]:
+def load_average() -> str:
+    """The 1-minute load average and the core count: other work on the machine skews CPU timings."""
+    try:
+        return f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    except OSError:
+        return "unknown"
+
+
+def header(device_name: str, command: str, isolated: bool, load_at_start: str) -> dict[str, str]:
     try:
         import triton
         triton_version = triton.__version__
@@ -64,6 +72,7 @@ def header(device_name: str, command: str, isolated: bool) -> dict[str, str]:
         "python": platform.python_version(),
         "command": command,
         "cases": "each in a fresh process" if isolated else "all in one process",
+        "load average": f"{load_at_start} at the start, {load_average()} at the end",
     }
 
 
@@ -122,8 +131,10 @@ def markdown(rows: list[Result], meta: dict[str, str]) -> str:
     lines = [f"**{key}**: `{value}`  " if key == "command" else f"**{key}**: {value}  "
              for key, value in meta.items()]
     lines += ["", f"_{METHOD}._", ""]
-    for bench in dict.fromkeys(r.bench for r in rows):
-        lines += [f"### {bench}", ""] + _table([r for r in rows if r.bench == bench], rat) + [""]
+    for suite, bench in dict.fromkeys((r.suite, r.bench) for r in rows):
+        title = bench if suite in ("", bench) else f"{bench} ({suite})"
+        section = [r for r in rows if (r.suite, r.bench) == (suite, bench)]
+        lines += [f"### {title}", ""] + _table(section, rat) + [""]
     return "\n".join(lines)
 
 

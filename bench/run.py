@@ -3,7 +3,7 @@
     python -m bench                         # or: python bench/run.py
     python -m bench --smoke                 # each benchmark at its smallest size (the CI smoke test)
     python -m bench --only policy_loss      # a benchmark (advantages, logprobs, policy_loss, ...)
-                                            # or a module (kernels, sampler, rewards, train); repeatable
+                                            # or a module (kernels, cpp, sampler, rewards, train); repeatable
     python -m bench --out DIR               # default bench/results/
 
 Output: ``DIR/<cpu|gpu>[_smoke].csv`` and ``.md``, headed by the device, date, torch version and
@@ -36,6 +36,7 @@ from bench.timing import SMOKE_BUDGET, Budget  # noqa: E402
 # name -> module; a module has cases(smoke, device) -> list[Case] (preferred), or run(smoke) -> list[dict]
 MODULES = {
     "kernels": "bench.bench_kernels",
+    "cpp": "bench.bench_cpp",
     "sampler": "bench.bench_sampler",
     "rewards": "bench.bench_rewards",
     "train": "bench.bench_train",
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device) if args.device else default_device()
     isolate = args.isolate if args.isolate is not None else (device.type == "cpu" and not args.smoke)
     budget = SMOKE_BUDGET if args.smoke else Budget()
+    load_at_start = report.load_average()
     rows: list[Result] = []
     matched: set[str] = set()
     for name, module_name in MODULES.items():
@@ -91,13 +93,15 @@ def main(argv: list[str] | None = None) -> int:
             if _wanted(args.only, name):
                 matched.add(name)
                 print(f"[bench] {name} ...", flush=True)
-                rows += [_from_dict(r, name, device) for r in module.run(smoke=args.smoke)]
+                rows += [dataclasses.replace(_from_dict(r, name, device), suite=name)
+                         for r in module.run(smoke=args.smoke)]
             continue
         chosen = [c for c in module.cases(args.smoke, device) if _wanted(args.only, name, c.bench)]
         matched.update([name, *(c.bench for c in chosen)] if chosen else [])
         for i, case in enumerate(chosen, 1):
             r = (run_isolated(module_name, case, device, args.smoke) if isolate
                  else run_case(case, device, budget))
+            r.suite = name
             rows.append(r)
             what = (f"{r.median_ms:,.2f} ms  {r.peak_mb:,.0f} MB" if r.status == "ok" else r.status)
             print(f"[bench] {name} {i}/{len(chosen)}  {case.bench} {case.case} {case.shape} "
@@ -106,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"[bench] --only {unknown} matched nothing", file=sys.stderr)
         return 2
-    meta = report.header(device_name(device), report.command_line(), isolate)
+    meta = report.header(device_name(device), report.command_line(), isolate, load_at_start)
     stem = ("gpu" if device.type == "cuda" else "cpu") + ("_smoke" if args.smoke else "")
     csv_path, md_path = report.write(args.out, rows, meta, stem)
     print(report.markdown(rows, meta))

@@ -46,9 +46,12 @@ def test_smoke_run_covers_every_benchmark(tmp_path):
     assert {"grpo fwd+bwd", "dapo fwd+bwd", "gspo fwd+bwd"} <= losses
     assert any(r["impl"] == "naive" and r["status"] == "ok" for r in rows)
     # every naive row that ran gives its group's medix_fast row a ratio (memory: when it used any)
-    naive = {(r["bench"], r["case"], r["shape"]): r for r in rows if r["impl"] == "naive" and r["status"] == "ok"}
+    def group(r):
+        return r["suite"], r["bench"], r["case"], r["shape"]
+
+    naive = {group(r): r for r in rows if r["impl"] == "naive" and r["status"] == "ok"}
     for r in subject:
-        base = naive.get((r["bench"], r["case"], r["shape"]))
+        base = naive.get(group(r))
         if base is not None:
             assert math.isclose(float(r["time/naive"]), float(r["median_ms"]) / float(base["median_ms"])), r
             assert float(base["peak_mb"]) == 0 or math.isfinite(float(r["mem/naive"])), r
@@ -70,3 +73,14 @@ def test_unknown_only_name_is_an_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--only", "no_such_bench", "--out",
                            str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and "no_such_bench" in proc.stderr
+
+
+def test_peak_table_matches_real_device_names(monkeypatch):
+    monkeypatch.syspath_prepend(ROOT)  # bench/ is not installed: it runs from the repo root
+    from bench.device import peak_for
+
+    assert peak_for("NVIDIA H100 80GB HBM3").tbps == 3.35
+    assert peak_for("NVIDIA H100 PCIe").tflops == 756.0
+    assert peak_for("NVIDIA H200").tbps == 4.8
+    assert peak_for("NVIDIA A100-SXM4-80GB").tflops == 312.0
+    assert peak_for("NVIDIA GeForce RTX 4090") is None
