@@ -3,6 +3,7 @@
 A benchmark module exposes ``cases(smoke: bool, device: torch.device) -> list[Case]``. A case's
 ``build(device)`` creates the inputs and returns the zero-argument callable that is timed; it is
 called lazily, in the process that measures (see bench/isolate.py), so listing cases is cheap.
+A case whose work cannot be called one step at a time gives ``measure`` instead.
 Cases with the same ``(bench, case, shape)`` form a group: every implementation other than
 ``medix_fast`` in a group is a baseline the others are compared with (bench/report.py).
 """
@@ -16,7 +17,7 @@ from typing import Callable
 import torch
 
 from .device import device_name, peak_for
-from .timing import Budget, measure
+from .timing import Budget, Timing, measure
 
 SUBJECT = "medix_fast"
 
@@ -32,12 +33,15 @@ class Case:
     impl: str  # "medix_fast" or a baseline's name
     shape: str  # e.g. "N=8192 H=512 V=50000 fp32"
     tokens: int  # the x axis of the plots
-    build: Callable[[torch.device], Callable[[], object]]
+    build: Callable[[torch.device], Callable[[], object]] | None
     flops: float = 0.0  # per call, for TFLOP/s on GPU (0: not a compute-bound case)
     bytes: float = 0.0  # minimal bytes moved per call, for GB/s on GPU (0: not reported)
     work: float = 0.0  # items per call for the throughput column (e.g. generated tokens)
     work_unit: str = ""  # e.g. "tok/s"
     note: str = ""
+    # instead of ``build``, for work that cannot be called step by step (another trainer's loop):
+    # measure(device, budget) -> (Timing, peak MB)
+    measure: Callable[[torch.device, Budget], tuple[Timing, float]] | None = None
 
     @property
     def key(self) -> str:
@@ -82,8 +86,8 @@ def run_case(case: Case, device: torch.device, budget: Budget) -> Result:
     """Build and measure one case; a failure becomes the row's status, never an exception."""
     result = Result.of(case, device)
     try:
-        fn = case.build(device)
-        timing, peak_mb = measure(fn, device, budget)
+        timing, peak_mb = (case.measure(device, budget) if case.measure is not None
+                           else measure(case.build(device), device, budget))
     except Skip as exc:
         result.status = f"skipped: {exc}"
         return result

@@ -5,7 +5,7 @@ The parent (bench/run.py) calls :func:`run_isolated`; the child is this module:
     python -m bench.isolate MODULE KEY --device cpu [--smoke]
 
 which rebuilds MODULE's case list, measures the case whose ``Case.key`` is KEY and prints the
-:class:`~bench.case.Result` as one JSON line. A child killed by the OS (out of memory) or past
+:class:`~bench.case.Result` as one JSON line after ``BENCH_RESULT``. A child killed by the OS (out of memory) or past
 its time limit becomes a row whose status says so.
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ from .case import Case, Result, run_case
 from .timing import SMOKE_BUDGET, Budget
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MARK = "BENCH_RESULT "  # the child's result line (a benchmarked library may print its own JSON)
 
 
 def run_isolated(module: str, case: Case, device: torch.device, smoke: bool,
@@ -36,7 +37,7 @@ def run_isolated(module: str, case: Case, device: torch.device, smoke: bool,
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return Result.of(case, device, status=f"failed: over the {timeout_s:.0f} s limit")
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    lines = [line[len(MARK):] for line in proc.stdout.splitlines() if line.startswith(MARK)]
     if proc.returncode != 0 or not lines:
         why = "killed (out of memory?)" if proc.returncode in (-9, 137) else (
             f"exit {proc.returncode}: {' '.join(proc.stderr.split()[-30:])}")
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if case is None:
         raise SystemExit(f"no case {args.key!r} in {args.module}")
     result = run_case(case, device, SMOKE_BUDGET if args.smoke else Budget())
-    print(json.dumps(dataclasses.asdict(result)), flush=True)
+    print(MARK + json.dumps(dataclasses.asdict(result)), flush=True)
     return 0
 
 

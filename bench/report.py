@@ -107,7 +107,8 @@ def _table(rows: list[Result], rat: dict[int, dict[str, float]]) -> list[str]:
         "median ms": lambda r: _ms(r.median_ms),
         "p20-p80 ms": lambda r: "" if math.isnan(r.median_ms) else f"{_ms(r.p20_ms)}-{_ms(r.p80_ms)}",
         "peak MB": lambda r: _fmt(r.peak_mb, 0),
-        "throughput": lambda r: "" if math.isnan(r.throughput) else f"{_fmt(r.throughput, 0)} {r.throughput_unit}",
+        "throughput": lambda r: "" if math.isnan(r.throughput) else (
+            f"{_fmt(r.throughput, 2 if r.throughput < 10 else 0)} {r.throughput_unit}"),
         "TFLOP/s": lambda r: _fmt(r.tflops, 1),
         "% peak FLOP/s": lambda r: _fmt(r.tflops_pct, 1),
         "GB/s": lambda r: _fmt(r.gbps, 1),

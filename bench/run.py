@@ -51,6 +51,8 @@ def _parse(argv):
                    help="run only this benchmark or module (repeatable)")
     p.add_argument("--out", default=DEFAULT_OUT, help="output folder (default bench/results/)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's own choice; 1 is steadier on a busy machine)")
     iso = p.add_mutually_exclusive_group()
     iso.add_argument("--isolate", dest="isolate", action="store_true", default=None,
                      help="each case in a fresh process (default on CPU, except under --smoke)")
@@ -79,6 +81,9 @@ def _wanted(only: list[str], *names: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     device = torch.device(args.device) if args.device else default_device()
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the per-case processes
+        torch.set_num_threads(args.threads)
     isolate = args.isolate if args.isolate is not None else (device.type == "cpu" and not args.smoke)
     budget = SMOKE_BUDGET if args.smoke else Budget()
     load_at_start = report.load_average()

@@ -13,9 +13,9 @@ not counted):
        ``/proc/self/clear_refs``; the call's peak is ``VmHWM`` after it minus ``VmRSS`` before it.
        To make RSS follow live tensors, glibc is first told (``mallopt``) to serve every
        allocation above 64 KiB with its own mmap, returned on free, and ``malloc_trim`` hands back
-       what earlier calls left in its heaps; the timing runs use the default allocator settings.
-       The harness runs each case in a fresh process (``bench/isolate.py``), so no other case's
-       leftovers count. Without ``/proc`` (not Linux) the peak is reported as NaN.
+       what earlier calls left in its heaps. The harness runs each case in a fresh process
+       (``bench/isolate.py``), so no other case's leftovers count and the timing runs, which come
+       first, use the default allocator settings. Without ``/proc`` (not Linux) the peak is NaN.
 """
 from __future__ import annotations
 
@@ -58,6 +58,11 @@ class Budget:
 SMOKE_BUDGET = Budget(warmup=1, min_reps=1, max_reps=2, budget_s=0.0, warmup_ms=1.0, rep_ms=5.0)
 
 
+def summarize(times_ms: list[float]) -> Timing:
+    med, p20, p80 = np.quantile(times_ms, QUANTILES)
+    return Timing(float(med), float(p20), float(p80), len(times_ms))
+
+
 def time_cpu(fn: Callable[[], object], budget: Budget) -> Timing:
     for _ in range(budget.warmup):
         fn()
@@ -68,8 +73,7 @@ def time_cpu(fn: Callable[[], object], budget: Budget) -> Timing:
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    med, p20, p80 = np.quantile(times, QUANTILES)
-    return Timing(float(med), float(p20), float(p80), len(times))
+    return summarize(times)
 
 
 def time_gpu(fn: Callable[[], object], budget: Budget) -> Timing:
@@ -97,37 +101,51 @@ def _release_heap() -> None:
         libc.malloc_trim(0)
 
 
-def peak_memory_cpu(fn: Callable[[], object]) -> float:
-    """Peak extra resident memory (MB) of one call of ``fn``; NaN where /proc is unavailable."""
-    gc.collect()
-    _release_heap()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-        before = _proc_status_kb("VmRSS")
-    except OSError:
-        return math.nan
-    out = fn()
-    peak = _proc_status_kb("VmHWM")
-    del out
-    return max(0, peak - before) / 1024.0
+class PeakMemory:
+    """Peak extra memory (MB) between :meth:`start` and :meth:`stop` (NaN where it cannot be read).
+
+    For code that cannot be wrapped in one call (a step inside someone else's training loop):
+    ``pm = PeakMemory(device); pm.start(); ...; mb = pm.stop()``.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.before = math.nan
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            self.before = torch.cuda.memory_allocated()
+            return
+        gc.collect()
+        _release_heap()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current RSS
+            self.before = _proc_status_kb("VmRSS") * 1024.0
+        except OSError:
+            self.before = math.nan
+
+    def stop(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - self.before) / 2**20
+        if math.isnan(self.before):
+            return math.nan
+        return max(0.0, _proc_status_kb("VmHWM") * 1024.0 - self.before) / 2**20
 
 
-def peak_memory_gpu(fn: Callable[[], object]) -> float:
-    """Peak extra allocated CUDA memory (MB) of one call of ``fn``."""
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    del out
-    return (peak - before) / 2**20
+def peak_memory(fn: Callable[[], object], device: torch.device) -> float:
+    """Peak extra memory (MB) of one call of ``fn``; its result stays alive until the peak is read."""
+    pm = PeakMemory(device)
+    pm.start()
+    out = fn()  # noqa: F841 (kept alive: outputs count)
+    return pm.stop()
 
 
 def measure(fn: Callable[[], object], device: torch.device, budget: Budget) -> tuple[Timing, float]:
     """(timing, peak memory MB) of ``fn`` on ``device``."""
-    if device.type == "cuda":
-        return time_gpu(fn, budget), peak_memory_gpu(fn)
-    return time_cpu(fn, budget), peak_memory_cpu(fn)
+    timing = time_gpu(fn, budget) if device.type == "cuda" else time_cpu(fn, budget)
+    return timing, peak_memory(fn, device)

@@ -1,8 +1,9 @@
 """The benchmark harness at its smallest sizes, so the benchmarks cannot rot (timings are not checked).
 
-Runs ``python -m bench --smoke`` in a subprocess (about 30 s on 2 CPU cores) and checks that every
-medix_fast case ran and produced a complete row, and that the CSV and Markdown carry the header
-a reader needs; a second run checks one benchmark in the isolated (fresh process per case) mode.
+Runs ``python -m bench --smoke --threads 1`` in a subprocess (about 40 s of one core; one thread so
+that a busy CI machine does not stall it) and checks that every medix_fast case ran and produced a
+complete row, and that the CSV and Markdown carry the header a reader needs; a second run checks
+one benchmark in the isolated (fresh process per case) mode.
 """
 import csv
 import math
@@ -17,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _bench(tmp_path, *args):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MEDIX_FAST_BACKEND")}
-    proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--out", str(tmp_path), *args],
+    proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--threads", "1", "--out", str(tmp_path), *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(tmp_path / "cpu_smoke.csv") as f:
@@ -40,7 +41,7 @@ def _check_subject_rows(rows):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="CPU peak memory is read from /proc")
 def test_smoke_run_covers_every_benchmark(tmp_path):
     meta, rows, md = _bench(tmp_path)
-    assert {"advantages", "logprobs", "policy_loss", "sampler", "rewards"} <= {r["bench"] for r in rows}
+    assert {"advantages", "logprobs", "policy_loss", "sampler", "rewards", "train"} <= {r["bench"] for r in rows}
     subject = _check_subject_rows(rows)
     losses = {r["case"] for r in subject if r["bench"] == "policy_loss"}
     assert {"grpo fwd+bwd", "dapo fwd+bwd", "gspo fwd+bwd"} <= losses
