@@ -39,7 +39,7 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "pytest-xdist", "sentence-transformers"],
         "gpu": ["flash-attn", "xformers", "liger-kernel"],
-        "bench": ["matplotlib", "liger-kernel", "cut-cross-entropy"],  # baselines + plots of bench/
+        "bench": ["matplotlib", "liger-kernel", "cut-cross-entropy", "trl"],  # bench/ baselines + plots
         "logging": ["tensorboard", "matplotlib"],
         "data": ["pyarrow", "datasets"],
     },
