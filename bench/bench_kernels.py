@@ -3,9 +3,11 @@
     python -m bench --only kernels          # all three;  --only logprobs / policy_loss / advantages
 
 Shapes. CPU (fp32): the issue-2 target N=8,192 tokens, H=512, V=50,000, and a sweep of smaller
-token counts for the plots. GPU (bf16, only when CUDA is present): LM heads of real models,
+token counts for the plots; policy-loss rows are sequences of 512 tokens (1,024 on GPU), all
+valid, plus one batch with about half of them padding (medix_fast skips padded tokens). GPU (bf16, only when CUDA is present): LM heads of real models,
 H 2,048 / 3,584 / 4,096 with V 151,936 / 152,064, at 4K-32K tokens per micro-batch.
-FLOPs: 2*N*H*V for a forward, 6*N*H*V for forward+backward (recompute not counted).
+FLOPs: 2*N*H*V for a forward, 6*N*H*V for forward+backward (recompute not counted; N counts
+valid tokens only).
 Baselines: bench/baselines.py. ``--smoke`` shrinks everything to N=64, H=64, V=1,000 and skips
 ``torch.compile`` (its first compile takes longer than the whole smoke run may).
 """
@@ -108,12 +110,19 @@ def _loss_fn(impl: str, loss: str, smoke: bool):
     return fn
 
 
-def _loss_inputs(n: int, h: int, v: int, device: torch.device):
-    length = min(n, 1024 if device.type == "cuda" else 512)
-    hidden, weight, targets = _head_inputs(n, h, v, device, grad=True)
+def _valid_lengths(n: int, device: torch.device, padded: bool) -> list[int]:
+    """Completion lengths of the B = n / T rows: all T, or T/B, 2T/B, ..., T (about half padding)."""
+    length = min(n // 2, 1024 if device.type == "cuda" else 512)  # at least 2 rows
     batch = n // length
+    return [length * (i + 1) // batch if padded else length for i in range(batch)]
+
+
+def _loss_inputs(n: int, h: int, v: int, device: torch.device, padded: bool):
+    lengths = _valid_lengths(n, device, padded)
+    batch, length = len(lengths), max(lengths)
+    hidden, weight, targets = _head_inputs(n, h, v, device, grad=True)
     gen = torch.Generator(device).manual_seed(1)
-    mask = torch.ones(batch, length, device=device)  # (B, T) every token valid: same work for all
+    mask = (torch.arange(length, device=device)[None] < torch.tensor(lengths, device=device)[:, None]).float()  # (B, T)
     advantages = torch.randn(batch, device=device, generator=gen)  # (B,)
     old = torch.rand(batch, length, device=device, generator=gen).mul_(-5)  # (B, T)
     return hidden.detach().view(batch, length, h).requires_grad_(), weight, targets.view(batch, length), \
@@ -122,18 +131,23 @@ def _loss_inputs(n: int, h: int, v: int, device: torch.device):
 
 def _loss_cases(smoke: bool, device: torch.device) -> list[Case]:
     shapes = _head_shapes(smoke, device)
+    largest = [max(shapes)]
+    # grpo over every shape (the plots' sweep); dapo, gspo and a padded batch at the largest only
+    variants = [("grpo", False, shapes), ("dapo", False, largest), ("gspo", False, largest),
+                ("grpo", True, largest)]
     cases = []
-    for loss in LOSSES:
-        # grpo over every shape (the plots' sweep); dapo and gspo at the largest token count only
-        for n, h, v, label in (shapes if loss == "grpo" else [max(shapes)]):
+    for loss, padded, where in variants:
+        for n, h, v, label in where:
+            valid = sum(_valid_lengths(n, device, padded))
+            name = f"{loss} fwd+bwd" + (f", {100 * valid // n} % valid tokens" if padded else "")
             for impl in (SUBJECT, "naive", "liger"):
-                def build(dev, n=n, h=h, v=v, impl=impl, loss=loss):
+                def build(dev, n=n, h=h, v=v, impl=impl, loss=loss, padded=padded):
                     f = _loss_fn(impl, loss, smoke)
-                    args = _loss_inputs(n, h, v, dev)
+                    args = _loss_inputs(n, h, v, dev, padded)
                     return lambda: torch.autograd.grad(f(*args), (args[0], args[1]))
                 note = "loss math eager under --smoke" if smoke and impl == "liger" else ""
-                cases.append(Case("policy_loss", f"{loss} fwd+bwd", impl, _shape(n, h, v, device, label), n,
-                                  build, flops=6.0 * n * h * v, note=note))
+                cases.append(Case("policy_loss", name, impl, _shape(n, h, v, device, label), n, build,
+                                  flops=6.0 * valid * h * v, note=note))
     return cases
 
 
