@@ -1,0 +1,296 @@
+"""``python -m medix_fast.eval``: accuracy of a checkpoint on medical QA tasks, graded like MediX-R1.
+
+    python -m medix_fast.eval --model tiny                      # the bundled held-out split
+    python -m medix_fast.eval --model DIR --data test.jsonl --judge JUDGE_DIR --out runs/eval/x
+    python -m medix_fast.eval --model DIR --tasks tasks.yaml --max-new-tokens 1024 --judge-votes 3 \\
+        --judge-temperature 0.7
+    torchrun --nproc_per_node=8 -m medix_fast.eval --model DIR --tasks tasks.yaml   # items split by rank
+
+Each item's question goes through the MediX instruction and the model's chat template; the
+in-process sampler answers it (greedy by default); ``eval_scoring.Scorer`` scores it with the
+rewards (format, modality, semantic, overall) and an accuracy that is a letter match for
+multiple-choice tasks and the judge (exact match without ``--judge``) for open ones. Tasks:
+``eval_tasks.py`` (``--tasks`` YAML, ``--data`` files, default the bundled ``sample:test``).
+Output (``eval_results.py``): ``generations.jsonl`` (one line per item, appended batch by batch,
+so a killed run continued with the same command only generates what is missing),
+``summary.md`` / ``summary.json`` (per-task and overall table, also printed). Under torchrun
+every rank generates and scores its share of each batch and rank 0 writes what it gathers.
+
+The training loop runs the same code every ``eval.every`` steps (``Evaluator.during_training``).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.distributed as dist
+
+from . import distributed as D
+from .data import Example, build_prompts
+from .eval_results import (ResumeError, check_settings, markdown_table, read_records, summarize, to_metrics,
+                           write_summary)
+from .eval_scoring import Scorer, answer_of
+from .eval_tasks import Item, Task, TaskError, data_tasks, default_tasks, load_tasks
+
+log = logging.getLogger("medix_fast.eval")
+
+
+@dataclass
+class EvalSettings:
+    max_new_tokens: int = 512
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    batch_size: int = 32  # items per rank per sampler call (and per write)
+    seed: int = 0
+    judge_votes: int = 1
+    judge_temperature: float = 0.0  # > 0 with judge_votes > 1: a sampled majority vote
+
+
+@dataclass
+class Generation:
+    text: str  # decoded, stop token and special tokens dropped
+    tokens: int
+    finish_reason: str  # "stop" | "length"
+
+
+Generate = Callable[[list[Item], list[list[int]], int], list[Generation]]  # (items, prompt ids, seed)
+
+
+def sampler_generate(sampler, tokenizer, stop_token_ids: list[int], settings: EvalSettings) -> Generate:
+    """A ``Generate`` running ``medix_fast.sampler.Sampler`` (one completion per item)."""
+    stop = set(stop_token_ids)
+
+    def generate(items: list[Item], prompt_ids: list[list[int]], seed: int) -> list[Generation]:
+        out = sampler.generate(prompt_ids, n=1, max_new_tokens=settings.max_new_tokens,
+                               temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+                               stop_token_ids=stop_token_ids, seed=seed)
+        texts = tokenizer.batch_decode([c[:-1] if c and c[-1] in stop else c for c in out.completion_ids],
+                                       skip_special_tokens=True)
+        return [Generation(t, len(c), r) for t, c, r in zip(texts, out.completion_ids, out.finish_reasons)]
+
+    return generate
+
+
+def _broadcast(obj):
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _gather(obj) -> list:
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+class Evaluator:
+    """The items of some tasks, their prompts, and a resumable, distributed ``run``."""
+
+    def __init__(self, tasks: list[Task], tokenizer, settings: EvalSettings, info: D.DistInfo | None = None):
+        names = [t.name for t in tasks]
+        if len(set(names)) != len(names):
+            raise TaskError(f"task names must be unique, got {names}")
+        self.tasks, self.tokenizer, self.settings = tasks, tokenizer, settings
+        self.info = info or D.DistInfo()
+        self.items = [it for t in tasks for it in t.items]
+        examples = [Example(it.question, it.solution, it.image) for it in self.items]
+        self.prompt_ids = [p.ids for p in build_prompts(examples, tokenizer, max_length=sys.maxsize)[0]]
+
+    @property
+    def longest_prompt(self) -> int:
+        return max(len(p) for p in self.prompt_ids)
+
+    def fingerprint(self, extra: dict | None) -> dict:
+        """What the generations depend on: a resumed run must match it."""
+        s = dataclasses.asdict(self.settings)
+        s.pop("batch_size")
+        return {"tasks": {t.name: t.file for t in self.tasks}, **s, **(extra or {})}
+
+    def _pending(self, out: Path, extra: dict | None, overwrite: bool) -> list[int]:
+        """Indices into ``self.items`` not yet in the JSONL, longest prompt first (rank 0 only)."""
+        out.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            for name in ("generations.jsonl", "run.json", "summary.md", "summary.json"):
+                (out / name).unlink(missing_ok=True)
+        check_settings(out / "run.json", self.fingerprint(extra))
+        done = {(r["task"], r["index"]) for r in read_records(out / "generations.jsonl")}
+        pending = [i for i, it in enumerate(self.items) if (it.task, it.index) not in done]
+        if len(pending) < len(self.items):
+            log.info("%s: %d of %d items already done, generating the other %d", out, len(self.items) - len(pending),
+                     len(self.items), len(pending))
+        return sorted(pending, key=lambda i: -len(self.prompt_ids[i]))
+
+    def _records(self, share: list[int], generate: Generate, scorer: Scorer, seed: int) -> list[dict]:
+        items = [self.items[i] for i in share]
+        gens = generate(items, [self.prompt_ids[i] for i in share], seed)
+        scores, choices = scorer(items, [g.text for g in gens], [g.tokens for g in gens])
+        records = []
+        for j, (it, g, choice) in enumerate(zip(items, gens, choices)):
+            record = {"task": it.task, "index": it.index, "question": it.question, "solution": it.solution,
+                      "gold": it.gold, "response": g.text, "answer": answer_of(g.text)}
+            if it.letters:
+                record["choice"] = choice
+            record.update(finish_reason=g.finish_reason, tokens=g.tokens,
+                          scores={k: float(v[j]) for k, v in scores.items()})
+            records.append(record)
+        return records
+
+    def run(self, generate: Generate, scorer: Scorer, out_dir: str | Path, fingerprint: dict | None = None,
+            overwrite: bool = False, progress: bool = True) -> dict:
+        """Generate and score every item missing from ``out_dir/generations.jsonl``, then write
+        and return the summary (``eval_results.summarize``). Every rank must call it."""
+        from tqdm.auto import tqdm
+
+        out, rank, world = Path(out_dir), self.info.rank, self.info.world
+        path = out / "generations.jsonl"
+        pending = None
+        if self.info.is_main:
+            try:
+                pending = self._pending(out, fingerprint, overwrite)
+            except ResumeError as err:
+                pending = err
+        pending = _broadcast(pending)
+        if isinstance(pending, ResumeError):
+            raise pending
+        per_call = self.settings.batch_size * world
+        bar = tqdm(total=len(pending), desc="eval", unit="item", disable=not (self.info.is_main and progress))
+        with path.open("a", encoding="utf-8") if self.info.is_main else nullcontext() as f:
+            for batch, start in enumerate(range(0, len(pending), per_call)):
+                share = pending[start:start + per_call][rank::world]
+                seed = (self.settings.seed * 1_000_003 + batch * world + rank) % (2**31 - 1)
+                gathered = _gather(self._records(share, generate, scorer, seed) if share else [])
+                if f is not None:
+                    lines = [json.dumps(r, ensure_ascii=False) + "\n" for part in gathered for r in part]
+                    f.write("".join(lines))
+                    f.flush()
+                    bar.update(len(lines))
+        bar.close()
+        summary = None
+        if self.info.is_main:
+            keys = {(it.task, it.index) for it in self.items}
+            records = [r for r in read_records(path) if (r["task"], r["index"]) in keys]
+            summary = summarize(records, {t.name: len(t.items) for t in self.tasks})
+            write_summary(out, summary)
+        return _broadcast(summary)
+
+    # ------------------------------------------------------------------ inside training
+    @classmethod
+    def from_config(cls, cfg, tokenizer, info: D.DistInfo) -> "Evaluator":
+        """The ``eval`` section of a training config: its tasks YAML, else ``data.val_files``."""
+        e, d = cfg.eval, cfg.data
+        if e.tasks:
+            tasks = load_tasks(e.tasks, e.limit)
+        else:
+            columns = {"question": d.problem_key, "answer": d.solution_key, "image": d.image_key}
+            tasks = [t for name in d.val_files for t in data_tasks(name, e.limit, columns)]
+        settings = EvalSettings(max_new_tokens=e.max_new_tokens or cfg.sampling.max_new_tokens,
+                                temperature=e.temperature, top_p=e.top_p, seed=cfg.train.seed,
+                                judge_votes=e.judge_votes, judge_temperature=e.judge_temperature)
+        return cls(tasks, tokenizer, settings, info)
+
+    def during_training(self, sampler, reward_fn, stop_token_ids: list[int], out_dir: Path) -> dict[str, float]:
+        """Evaluate the live weights with the trainer's sampler and reward models (no copies);
+        writes ``out_dir`` afresh and returns ``eval/<task>/accuracy`` and ``eval/mean_accuracy``."""
+        settings = dataclasses.replace(self.settings, batch_size=sampler.max_batch_size)
+        scorer = Scorer(reward_fn, votes=settings.judge_votes, judge_temperature=settings.judge_temperature,
+                        seed=settings.seed + self.info.rank)
+        generate = sampler_generate(sampler, self.tokenizer, stop_token_ids, settings)
+        saved, self.settings = self.settings, settings
+        try:
+            return to_metrics(self.run(generate, scorer, out_dir, overwrite=True, progress=False))
+        finally:
+            self.settings = saved
+
+
+# ----------------------------------------------------------------------------- command line
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m medix_fast.eval", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="local Hugging Face checkpoint directory, or 'tiny'")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--data", help="MediX-schema JSONL / Parquet / dataset dir, or a folder of them "
+                                       "(one open-answer task per file); default: the bundled sample:test")
+    source.add_argument("--tasks", help="tasks YAML (see medix_fast/eval_tasks.py)")
+    p.add_argument("--judge", help="local judge LLM directory; without it open answers score by exact match")
+    p.add_argument("--semantic-model", help="sentence encoder directory (default: all-MiniLM-L6-v2)")
+    p.add_argument("--out", help="output folder (default: runs/eval/<model name>)")
+    p.add_argument("--overwrite", action="store_true", help="start again instead of continuing the output folder")
+    p.add_argument("--limit", type=int, default=0, help="first N items of each task (0: all)")
+    d = EvalSettings()
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--temperature", type=float, default=d.temperature, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=d.top_p)
+    p.add_argument("--top-k", type=int, default=d.top_k)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="items per rank per sampler call")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--judge-votes", type=int, default=d.judge_votes, help="majority vote over k judge asks")
+    p.add_argument("--judge-temperature", type=float, default=d.judge_temperature,
+                   help="judge sampling temperature for the vote (0: one greedy ask)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="auto: bf16 on CUDA, fp32 on CPU")
+    args = p.parse_args(argv)
+    if args.batch_size < 1 or args.max_new_tokens < 1 or args.limit < 0:
+        p.error("--batch-size and --max-new-tokens must be >= 1, --limit >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .models import load_model, resolve_path
+    from .rewards import RewardConfig, build_reward
+    from .rollout import stop_ids
+    from .sampler import Sampler
+    from .train import compute_dtype
+
+    try:
+        resolve_path(args.model)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    info = D.init_distributed(args.device, "auto")
+    try:
+        tasks = (load_tasks(args.tasks, args.limit) if args.tasks else
+                 data_tasks(args.data, args.limit) if args.data else default_tasks(args.limit))
+        dtype = compute_dtype(args.dtype, info.device)
+        model, tokenizer = load_model(args.model, dtype=dtype, device=info.device)
+        settings = EvalSettings(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.batch_size,
+                                args.seed, args.judge_votes, args.judge_temperature)
+        evaluator = Evaluator(tasks, tokenizer, settings, info)
+        sampler = Sampler(model, settings.batch_size, evaluator.longest_prompt + settings.max_new_tokens)
+        reward_fn = build_reward(RewardConfig(judge_model=args.judge, semantic_model=args.semantic_model),
+                                 info.device, dtype)
+        scorer = Scorer(reward_fn, votes=args.judge_votes, judge_temperature=args.judge_temperature,
+                        seed=args.seed + info.rank)
+        out = Path(args.out or Path("runs/eval") / Path(args.model).name)
+        fingerprint = {"model": str(args.model), "judge": args.judge, "semantic_model": args.semantic_model}
+        summary = evaluator.run(sampler_generate(sampler, tokenizer, stop_ids(tokenizer, model), settings), scorer,
+                                out, fingerprint, args.overwrite)
+    except (TaskError, ResumeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        D.close()
+    if info.is_main:
+        print(markdown_table(summary), end="")
+        print(f"generations: {out / 'generations.jsonl'}\nsummary: {out / 'summary.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
