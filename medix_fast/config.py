@@ -113,6 +113,19 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Benchmark accuracy during training, by the code of ``python -m medix_fast.eval``."""
+    every: int = 0  # steps between evaluations; 0: off
+    tasks: str | None = None  # tasks YAML (see medix_fast/eval_tasks.py); null: one open task per data.val_files
+    limit: int = 0  # first N items of each task; 0: all
+    max_new_tokens: int = 0  # 0: sampling.max_new_tokens (at most that: the sampler is shared)
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    judge_votes: int = 1
+    judge_temperature: float = 0.0
+
+
+@dataclass
 class CheckpointConfig:
     every: int = 50  # steps; the last step is always saved; 0: only at the end
     keep_last: int = 2
@@ -141,6 +154,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     rewards: RewardConfig = field(default_factory=RewardConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -320,6 +334,13 @@ def check(cfg: Config) -> None:
                           f"{s.top_p}, {s.temperature}, {s.top_k}")
     if s.temperature == 0:
         raise ConfigError("sampling.temperature: must be > 0 for RL (0 is greedy: every group has zero variance)")
+    e = cfg.eval
+    if e.every < 0 or e.limit < 0 or not 0 <= e.max_new_tokens <= s.max_new_tokens or e.judge_votes < 1:
+        raise ConfigError(f"eval: need every >= 0, limit >= 0, 0 <= max_new_tokens <= sampling.max_new_tokens "
+                          f"({s.max_new_tokens}), judge_votes >= 1; got {e.every}, {e.limit}, {e.max_new_tokens}, "
+                          f"{e.judge_votes}")
+    if e.every and not e.tasks and not cfg.data.val_files:
+        raise ConfigError("eval.every: give eval.tasks (a tasks YAML) or data.val_files to evaluate on")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas}")
 

@@ -48,6 +48,7 @@ from . import checkpoint as C
 from . import distributed as D
 from .config import Config, ConfigError, load_config, save_config
 from .data import DataError, PromptLoader, build_prompts, load_examples
+from .eval import Evaluator
 from .metrics import MetricsLogger, truncate_after
 from .models import load_model
 from .rewards import build_reward
@@ -108,6 +109,7 @@ class Trainer:
         self.model.train()
         self.prompts, _ = build_prompts(train_examples, self.tokenizer, cfg.data.max_prompt_length)
         self.val_prompts = build_prompts(val_examples, self.tokenizer, cfg.data.max_prompt_length)[0] if val_examples else []
+        self.bench = Evaluator.from_config(cfg, self.tokenizer, self.info) if cfg.eval.every else None
 
         fsdp = cfg.distributed.strategy == "fsdp"
         self.objective = PolicyObjective(self.model, cfg.sampling.temperature)
@@ -129,6 +131,7 @@ class Trainer:
         world, g = self.info.world, cfg.sampling.group_size
         rows = max(t.prompts_per_step, cfg.algorithm.chunk_prompts, t.eval_prompts if self.val_prompts else 0)
         longest = max(len(p.ids) for p in self.prompts + self.val_prompts)
+        longest = max(longest, self.bench.longest_prompt if self.bench else 0)
         self.sampler = Sampler(self.model, max_batch_size=cfg.sampling.max_batch_size or -(-rows // world) * g,
                                max_seq_len=longest + cfg.sampling.max_new_tokens)
         self.loader = PromptLoader(len(self.prompts), t.seed, cfg.data.shuffle, self.info.rank, world)
@@ -209,6 +212,11 @@ class Trainer:
         if t.eval_every and self.val_prompts and step % t.eval_every == 0:
             with D.generation_mode(self.wrapped):
                 metrics.update(self.rollout.evaluate(self.val_prompts, t.eval_prompts, step))
+        if self.bench and step % self.cfg.eval.every == 0:
+            where = self.out / "eval" / f"step_{step:08d}"
+            with D.generation_mode(self.wrapped):
+                metrics.update(self.bench.during_training(self.sampler, self.rollout.reward_fn,
+                                                          self.rollout.stop_token_ids, where))
         t3 = time.perf_counter()
         metrics.update({
             "time/rollout_s": t1 - t0, "time/update_s": t2 - t1, "time/eval_s": t3 - t2, "time/step_s": t3 - t0,
