@@ -119,21 +119,30 @@ class StaticKVCache:
         k_comp = self.comp_k[layer_idx][:rows, :, : self.comp_width]  # (rows, kv, Wc, D)
         v_comp = self.comp_v[layer_idx][:rows, :, : self.comp_width]
         kv = k_prompt.shape[1]
-        q = query.reshape(rows, kv, heads // kv, dim)  # (rows, kv, r, D): head i uses KV head i // r
+        q = (query * scaling).reshape(rows, kv, heads // kv, dim)  # (rows, kv, r, D): head i uses KV head i // r
         flat_grid = self.grid.reshape(-1)
 
-        s_prompt = _to_grid(q[flat_grid], prompts) @ k_prompt.transpose(-1, -2) * scaling  # (P, kv, G*r, Wp)
+        s_prompt = _matmul32(_to_grid(q[flat_grid], prompts), k_prompt.transpose(-1, -2))  # (P, kv, G*r, Wp)
         s_prompt = s_prompt.masked_fill(~self.prompt_valid[:, None, None, :], float("-inf"))
         s_prompt = _from_grid(s_prompt, group)[self.slot]  # (rows, kv, r, Wp)
-        s_comp = q @ k_comp.transpose(-1, -2) * scaling  # (rows, kv, r, Wc)
+        s_comp = _matmul32(q, k_comp.transpose(-1, -2))  # (rows, kv, r, Wc)
         if self.comp_valid is not None:
             s_comp = s_comp.masked_fill(~self.comp_valid[:, None, None, :], float("-inf"))
-        weights = torch.softmax(torch.cat([s_prompt, s_comp], -1), -1, dtype=torch.float32).to(q.dtype)
+        weights = torch.softmax(torch.cat([s_prompt, s_comp], -1), -1).to(q.dtype)  # fp32 softmax
         w_prompt, w_comp = weights.split([width, self.comp_width], -1)
 
-        out = _from_grid(_to_grid(w_prompt[flat_grid], prompts) @ v_prompt, group)[self.slot]  # (rows, kv, r, D)
-        out = out + w_comp @ v_comp
-        return out.reshape(rows, 1, heads, dim)
+        out = _from_grid(_matmul32(_to_grid(w_prompt[flat_grid], prompts), v_prompt), group)[self.slot]  # (rows, kv, r, D)
+        out = out + _matmul32(w_comp, v_comp)
+        return out.to(q.dtype).reshape(rows, 1, heads, dim)
+
+
+def _matmul32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (..., M, K) @ b (..., K, N) in at least fp32: fp16/bf16 CUDA GEMMs write fp32 directly
+    (as flash attention keeps its scores); other inputs are computed in their dtype."""
+    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
+        out = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), out_dtype=torch.float32)
+        return out.view(*a.shape[:-1], b.shape[-1])
+    return torch.matmul(a, b).to(torch.promote_types(a.dtype, torch.float32))
 
 
 def _to_grid(x: torch.Tensor, prompts: int) -> torch.Tensor:

@@ -211,34 +211,37 @@ class Sampler:
         grid, slot = build_grid(owner, prompts, group if self._decoder is not None else None)
         return torch.tensor(grid, device=device), torch.tensor(slot, device=device)  # (P, G), (b,)
 
-    def _generate_chunk(self, prompts, row_prompt: list[int], max_new: int, params, stop_t, generator):
-        """Generate for rows whose prompts are ``row_prompt``; returns tokens (rows, max_new),
-        -1 past a row's end of compute, and their log-probs (rows, max_new) fp32."""
-        device, cache = stop_t.device, self._cache
+    def _prefill(self, prompts, row_prompt: list[int], device):
+        """Prefill each distinct prompt of the chunk once. Returns the live rows' prompt index
+        (host list), next-token logits (rows, V), next positions (rows,), the prompt columns
+        holding tokens (P, T) and T."""
         first = row_prompt[0]
         unique = list(range(first, row_prompt[-1] + 1)) if self.share_prefix else row_prompt
         owner = [p - first for p in row_prompt] if self.share_prefix else list(range(len(row_prompt)))
         lengths = [len(prompts[p]) for p in unique]
         width = max(lengths)
-        ids = torch.tensor([[0] * (width - len(prompts[p])) + prompts[p] for p in unique], device=device)  # (u, T)
-        pad = width - torch.tensor(lengths, device=device)  # (u,)
+        ids = torch.tensor([[0] * (width - len(prompts[p])) + prompts[p] for p in unique], device=device)  # (P, T)
+        pad = width - torch.tensor(lengths, device=device)  # (P,)
         columns = torch.arange(width, device=device)
-        cache.prefill(reserve=self._bucket(len(unique)))
-        logits = self._forward(ids, prefill_mask(pad, width), (columns[None] - pad[:, None]).clamp_min(0))  # (u, V)
+        self._cache.prefill(reserve=self._bucket(len(unique)))
+        logits = self._forward(ids, prefill_mask(pad, width), (columns[None] - pad[:, None]).clamp_min(0))  # (P, V)
         owner_t = torch.tensor(owner, device=device)  # (rows,)
-        logits = logits[owner_t]  # (rows, V)
-        valid = columns[None] >= pad[:, None]  # (u, T) prompt columns holding tokens
+        valid = columns[None] >= pad[:, None]  # (P, T)
         self._set_prompts(valid)
+        return owner, logits[owner_t], (width - pad)[owner_t], valid, width
 
-        rows = len(row_prompt)
-        pos = (width - pad)[owner_t]  # (b,) position of each live row's next token
+    def _generate_chunk(self, prompts, row_prompt: list[int], max_new: int, params, stop_t, generator):
+        """Generate for rows whose prompts are ``row_prompt``; returns tokens (rows, max_new),
+        -1 past a row's end of compute, and their log-probs (rows, max_new) fp32."""
+        device, cache, rows = stop_t.device, self._cache, len(row_prompt)
+        owner, logits, pos, valid, width = self._prefill(prompts, row_prompt, device)  # pos (b,): next positions
         row_id = torch.arange(rows, device=device)  # (b,) chunk row of each live row
         done = torch.zeros(rows, dtype=torch.bool, device=device)  # (b,)
         tokens = torch.full((rows, max_new), -1, dtype=torch.long, device=device)
         logps = torch.zeros((rows, max_new), dtype=torch.float32, device=device)
         col = torch.zeros(1, dtype=torch.long, device=device)  # completion column of the next token
         group = max(Counter(owner).values())
-        grid, slot = self._grid(owner, len(unique), group, device)
+        grid, slot = self._grid(owner, valid.shape[0], group, device)
         sync_every = self.sync_every or (8 if device.type == "cuda" else 1)
         method = self.sample_method if self.sample_method != "auto" else ("race" if device.type == "cuda" else "cdf")
         for step in range(max_new):
@@ -253,18 +256,9 @@ class Sampler:
                 if keep.numel() == 0:
                     break
                 if self._bucket(keep.numel()) < self._bucket(tok.numel()):
-                    owner = [owner[i] for i in keep.tolist()]
-                    live = sorted(set(owner))
-                    if len(live) < valid.shape[0]:  # whole prompts finished: drop their K/V rows too
-                        live_t = torch.tensor(live, device=device)
-                        cache.compact_prompts(live_t, used=width)
-                        valid = valid[live_t]
-                        rank = {p: i for i, p in enumerate(live)}
-                        owner = [rank[p] for p in owner]
-                        self._set_prompts(valid)
-                    cache.compact(keep, used=step)
+                    owner, valid = self._compact(keep, owner, valid, width, step)
                     tok, pos, row_id, done = tok[keep], pos[keep], row_id[keep], done[keep]
-                    grid, slot = self._grid(owner, len(live), group, device)
+                    grid, slot = self._grid(owner, valid.shape[0], group, device)
             if self._decoder is not None:
                 logits = self._decoder(tok, pos, col, grid, slot)
             else:
@@ -273,6 +267,21 @@ class Sampler:
             col += 1
             pos += 1
         return tokens, logps
+
+    def _compact(self, keep: torch.Tensor, owner: list[int], valid: torch.Tensor, width: int, step: int):
+        """Keep rows ``keep`` (n,) in the cache, and the prompts they still use; returns the new
+        owner list and prompt columns (P', T)."""
+        owner = [owner[i] for i in keep.tolist()]
+        live = sorted(set(owner))
+        if len(live) < valid.shape[0]:  # all samples of some prompts finished: drop their K/V too
+            live_t = torch.tensor(live, device=keep.device)
+            self._cache.compact_prompts(live_t, used=width)
+            valid = valid[live_t]
+            rank = {p: i for i, p in enumerate(live)}
+            owner = [rank[p] for p in owner]
+            self._set_prompts(valid)
+        self._cache.compact(keep, used=step)  # completion columns 0 .. step-1 are written
+        return owner, valid
 
 
 def _token_ids(ids: list, vocab_size: int, where: str) -> list[int]:
@@ -321,6 +330,8 @@ def _sampling_mode(model: nn.Module):
     try:
         model.eval()
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+            raise ValueError(f"{type(model).__name__} cannot switch its attention back-end, which the sampler needs")
         yield
     finally:
         model.set_attn_implementation(attn)

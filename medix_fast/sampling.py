@@ -65,9 +65,12 @@ def sample_tokens(
         race = torch.rand(scaled.shape, generator=generator, device=scaled.device).log_().neg_()  # E ~ Exp(1)
         tokens = (truncated - race.clamp_min_(torch.finfo(torch.float32).tiny).log_()).argmax(-1)  # (B,)
     elif method == "cdf":
-        cdf = torch.softmax(truncated, -1).cumsum_(-1)  # (B, V)
+        probs = torch.softmax(truncated, -1)  # (B, V)
+        cdf = probs.cumsum(-1)  # (B, V)
         u = torch.rand(scaled.shape[0], 1, generator=generator, device=scaled.device)
         tokens = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0].clamp_max_(scaled.shape[1] - 1)
+        if truncated is scaled or params.logprobs_mode == "processed":  # the sampled distribution is the one asked
+            return tokens, _pick(probs, tokens).log()
     else:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     chosen = truncated if params.logprobs_mode == "processed" else scaled

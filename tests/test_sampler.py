@@ -60,15 +60,17 @@ def full_logits(model, prompt: list[int], completion: list[int]) -> torch.Tensor
 
 
 # ------------------------------------------------------------------ greedy parity
-@pytest.mark.parametrize("decode_mode", ["eager", "static"])
+@pytest.mark.parametrize("decode_mode,sync_every", [("eager", None), ("static", None), ("static", 3)])
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_greedy_matches_hf_generate(arch, decode_mode):
+def test_greedy_matches_hf_generate(arch, decode_mode, sync_every):
+    """Prompts of different lengths, n > 1, chunks that split a prompt's samples, stop tokens
+    (rows leave the batch), and the fixed-shape step of the CUDA graphs with CUDA's lazy syncs."""
     model = tiny_model(arch)
     prompts = make_prompts([5, 1, 9, 3])
     refs = [hf_greedy(model, p, 12) for p in prompts]
     stop = refs[2][4]  # a token greedy decoding emits mid-way: some rows stop, others run to the limit
     refs_stop = [hf_greedy(model, p, 12, eos=stop) for p in prompts]
-    sampler = Sampler(model, max_batch_size=5, max_seq_len=32, decode_mode=decode_mode)
+    sampler = Sampler(model, max_batch_size=5, max_seq_len=32, decode_mode=decode_mode, sync_every=sync_every)
     out = sampler.generate(prompts, n=2, max_new_tokens=12, temperature=0, stop_token_ids=[])
     assert out.completion_ids == [r for r in refs for _ in range(2)]
     out = sampler.generate(prompts, n=2, max_new_tokens=12, temperature=0, stop_token_ids=[stop])
