@@ -2,7 +2,7 @@
 
 Rows with the same ``(suite, bench, case, shape)`` are compared: for every implementation ``X`` in the
 group other than medix_fast, each row gets ``time/X`` (its median over X's) and ``mem/X`` (its
-peak memory over X's). Below 1 is better for both.
+peak memory over X's; omitted when X's peak is under 1 MB). Below 1 is better for both.
 """
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ METHOD = ("time: median [p20-p80] of repeated calls after warm-up (GPU: triton.t
           "peak MB: extra memory of one call over its inputs (GPU: max_memory_allocated; CPU: RSS "
           "high-water mark, see bench/timing.py); ratios: this row / the baseline, same run, "
           "below 1 is better")
+
+
+MEM_FLOOR_MB = 1.0  # below this a CPU peak is page-granular noise: no memory ratio against it
 
 
 def baselines(rows: list[Result]) -> list[str]:
@@ -46,7 +49,7 @@ def ratios(rows: list[Result]) -> dict[int, dict[str, float]]:
                 if name == SUBJECT or base is r:
                     continue
                 out[id(r)][f"time/{name}"] = r.median_ms / base.median_ms
-                out[id(r)][f"mem/{name}"] = r.peak_mb / base.peak_mb if base.peak_mb > 0 else math.nan
+                out[id(r)][f"mem/{name}"] = r.peak_mb / base.peak_mb if base.peak_mb >= MEM_FLOOR_MB else math.nan
     return out
 
 
@@ -106,7 +109,7 @@ def _table(rows: list[Result], rat: dict[int, dict[str, float]]) -> list[str]:
         "shape": lambda r: r.shape,
         "median ms": lambda r: _ms(r.median_ms),
         "p20-p80 ms": lambda r: "" if math.isnan(r.median_ms) else f"{_ms(r.p20_ms)}-{_ms(r.p80_ms)}",
-        "peak MB": lambda r: _fmt(r.peak_mb, 0),
+        "peak MB": lambda r: _fmt(r.peak_mb, 1 if r.peak_mb < 10 else 0),
         "throughput": lambda r: "" if math.isnan(r.throughput) else (
             f"{_fmt(r.throughput, 2 if r.throughput < 10 else 0)} {r.throughput_unit}"),
         "TFLOP/s": lambda r: _fmt(r.tflops, 1),

@@ -55,7 +55,7 @@ def test_smoke_run_covers_every_benchmark(tmp_path):
         base = naive.get(group(r))
         if base is not None:
             assert math.isclose(float(r["time/naive"]), float(r["median_ms"]) / float(base["median_ms"])), r
-            assert float(base["peak_mb"]) == 0 or math.isfinite(float(r["mem/naive"])), r
+            assert float(base["peak_mb"]) < 1 or math.isfinite(float(r["mem/naive"])), r
     # a baseline that cannot run here is a row with its reason, not a crash
     assert all(r["status"] == "ok" or r["status"].startswith(("skipped:", "failed:")) for r in rows)
     assert {"device", "date", "torch", "command"} <= set(meta) and "--smoke" in meta["command"]
