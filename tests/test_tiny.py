@@ -1,0 +1,113 @@
+"""The embedded tiny model: tokenizer, chat template, determinism, cache, warm-started format.
+
+Run: pytest tests/test_tiny.py   (one full build, about half a minute on 2 idle cores)
+"""
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from medix_fast.prompt import FORMAT_TAGS, MODALITY_TAGS, build_messages, split_solution
+from medix_fast.tiny import (TinyConfig, build_tiny, collate, common_prefix_len, encode_examples, ensure_tiny_model,
+                             read_train_rows, shared_prefix_loss)
+
+FORMAT = re.compile(r"(<[A-Z_]+>)<thinking>.+?</thinking><answer>(.+?)</answer>", re.S)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """XDG_CACHE_HOME for the module, holding one full default build."""
+    root = tmp_path_factory.mktemp("xdg")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(root))
+        path = ensure_tiny_model()
+        yield root, path
+
+
+@pytest.fixture(scope="module")
+def small_builds(tmp_path_factory):
+    """Two builds with the same seed and one with another, 3 warm-start steps each."""
+    cfg = TinyConfig(steps=3)
+    return [build_tiny(tmp_path_factory.mktemp(f"b{i}"), seed=s, cfg=cfg) for i, s in enumerate((0, 0, 1))]
+
+
+def test_cache_location_and_reuse(cache):
+    root, path = cache
+    assert path == root / "medix_fast" / "tiny-v1-seed0"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["tiny-v1-seed0"]  # no temp dir left behind
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+    assert ensure_tiny_model() == path and (path / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_tags_are_single_tokens_and_round_trip(cache):
+    tok = AutoTokenizer.from_pretrained(cache[1])
+    for tag in (*FORMAT_TAGS, *MODALITY_TAGS, "<|im_start|>", "<|im_end|>", "<|endoftext|>"):
+        assert len(tok(tag, add_special_tokens=False).input_ids) == 1, tag
+    text = "<OCT_SCAN><thinking>fluid at the fovea</thinking><answer>macular hole</answer>"
+    ids = tok(text + "<|im_end|>", add_special_tokens=False).input_ids
+    assert tok.decode(ids, skip_special_tokens=True) == text
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+
+
+def test_chat_template(cache):
+    tok = AutoTokenizer.from_pretrained(cache[1])
+    messages = build_messages("A plain chest x-ray shows a pleural line.")
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == f"<|im_start|>user\n{messages[0]['content']}<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.apply_chat_template(messages, tokenize=False) == text.removesuffix("<|im_start|>assistant\n")
+    image = tok.apply_chat_template(build_messages("Q?", has_image=True), tokenize=False)
+    assert image == tok.apply_chat_template(build_messages("Q?"), tokenize=False)
+
+
+def test_loads_with_auto_classes(cache):
+    model = AutoModelForCausalLM.from_pretrained(cache[1])
+    params = sum(p.numel() for p in model.parameters())
+    assert model.config.model_type == "qwen2" and model.config.tie_word_embeddings
+    assert 1_000_000 < params < 10_000_000
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+
+def test_warm_started_model_writes_the_format(cache):
+    model, tok = AutoModelForCausalLM.from_pretrained(cache[1]), AutoTokenizer.from_pretrained(cache[1])
+    rows = read_train_rows()[:10]
+    prompts = [tok.apply_chat_template(build_messages(r["problem"]), tokenize=False, add_generation_prompt=True)
+               for r in rows]
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=48, do_sample=False)
+    texts = tok.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+    matches = [FORMAT.fullmatch(t.strip()) for t in texts]
+    assert sum(m is not None for m in matches) > len(rows) // 2, texts
+    tags = {m.group(1) for m in matches if m}
+    assert tags <= set(MODALITY_TAGS), tags
+    # Not a constant output: the tag or the answer follows the question at least sometimes.
+    right = sum(m is not None and m.group(2) == split_solution(r["solution"])[1] for m, r in zip(matches, rows))
+    assert len({m.group(2) for m in matches if m}) > 1 and right >= 1, texts
+
+
+def test_same_seed_same_checkpoint(small_builds):
+    a, b, c = small_builds
+    assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
+    wa, wb, wc = (load_file(p / "model.safetensors") for p in (a, b, c))
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+    assert any(not torch.equal(wa[name], wc[name]) for name in wa)
+
+
+def test_shared_prefix_loss_equals_full_batch_loss(small_builds):
+    tok = AutoTokenizer.from_pretrained(small_builds[0])
+    model = AutoModelForCausalLM.from_pretrained(small_builds[0])
+    examples = encode_examples(tok, read_train_rows()[:6])
+    prefix_len = common_prefix_len(examples)
+    assert 50 < prefix_len < min(len(p) for p, _ in examples)
+    full = model(**collate(examples, tok.pad_token_id)).loss
+    shared = shared_prefix_loss(model, examples, prefix_len, tok.pad_token_id)
+    torch.testing.assert_close(shared, full, rtol=1e-5, atol=1e-5)
+    g_full = torch.autograd.grad(full, list(model.parameters()))
+    g_shared = torch.autograd.grad(shared, list(model.parameters()))
+    for a, b in zip(g_full, g_shared):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
