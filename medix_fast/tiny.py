@@ -19,12 +19,13 @@ What it builds, with no download:
    (``shared_prefix_loss``): about 40 s on one CPU thread, which is all the build uses.
 
 Deterministic given the seed (on a given CPU and torch build). ``ensure_tiny_model()``
-caches the build under ``$XDG_CACHE_HOME/medix_fast`` (default ``~/.cache/medix_fast``);
-``model.path: tiny`` in a config means that checkpoint.
+caches the build as ``$XDG_CACHE_HOME/medix_fast/tiny-<recipe digest>-seed<seed>`` (default
+root ``~/.cache/medix_fast``); ``model.path: tiny`` in a config means that checkpoint.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import pathlib
@@ -37,10 +38,10 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import DynamicCache, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from medix_fast import prompt
 from medix_fast.prompt import FORMAT_TAGS, INSTRUCTION, MODALITY_TAGS, build_messages, split_solution
 from medix_fast.sample_data import sample_path
 
-VERSION = "v1"  # bump when the recipe below changes: it names the cache directory
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
@@ -215,7 +216,7 @@ def build_tiny(out: str | os.PathLike, seed: int = 0, cfg: TinyConfig = TinyConf
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    meta = {"version": VERSION, "seed": seed, "config": asdict(cfg), "losses": losses}
+    meta = {"recipe": recipe_digest(), "seed": seed, "config": asdict(cfg), "losses": losses}
     (out / "medix_tiny.json").write_text(json.dumps(meta, indent=1) + "\n")
     return out
 
@@ -228,16 +229,27 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
     return pathlib.Path(base) / "medix_fast"
 
 
+def recipe_digest() -> str:
+    """8 hex digits naming the build recipe (this file, the prompt, the train data), so that a
+    changed recipe never reuses a stale cached build."""
+    digest = hashlib.sha256()
+    for path in (pathlib.Path(__file__), pathlib.Path(prompt.__file__), sample_path("train")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:8]
+
+
 def ensure_tiny_model(seed: int = 0, cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
-    """The cached tiny checkpoint for ``seed``, built (atomically: temp dir, then rename) if missing."""
+    """The cached tiny checkpoint ``<cache root>/tiny-<recipe>-seed<seed>``, built if missing
+    (atomically: into a temporary directory beside it, then renamed)."""
     root = cache_root(cache_dir)
-    path = root / f"tiny-{VERSION}-seed{seed}"
+    path = root / f"tiny-{recipe_digest()}-seed{seed}"
     if path.is_dir():
         return path
     root.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=root))
     try:
         build_tiny(tmp, seed)
+        tmp.chmod(0o755)  # mkdtemp makes it private
         os.rename(tmp, path)
     except OSError:
         if not path.is_dir():  # not a concurrent builder that won the rename

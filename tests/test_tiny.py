@@ -1,7 +1,8 @@
 """The embedded tiny model: tokenizer, chat template, determinism, cache, warm-started format.
 
-Run: pytest tests/test_tiny.py   (one full build, about half a minute on 2 idle cores)
+Run: pytest tests/test_tiny.py   (builds the default tiny model into the user cache when missing: ~40 s)
 """
+import pathlib
 import re
 
 import pytest
@@ -10,20 +11,17 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from medix_fast.prompt import FORMAT_TAGS, MODALITY_TAGS, build_messages, split_solution
+import medix_fast.tiny as tiny_module
 from medix_fast.tiny import (TinyConfig, build_tiny, collate, common_prefix_len, encode_examples, ensure_tiny_model,
-                             read_train_rows, shared_prefix_loss)
+                             read_train_rows, recipe_digest, shared_prefix_loss)
 
 FORMAT = re.compile(r"(<[A-Z_]+>)<thinking>.+?</thinking><answer>(.+?)</answer>", re.S)
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """XDG_CACHE_HOME for the module, holding one full default build."""
-    root = tmp_path_factory.mktemp("xdg")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XDG_CACHE_HOME", str(root))
-        path = ensure_tiny_model()
-        yield root, path
+def tiny():
+    """The default build, from the user's cache (built there once, shared with the other tests)."""
+    return ensure_tiny_model()
 
 
 @pytest.fixture(scope="module")
@@ -33,16 +31,26 @@ def small_builds(tmp_path_factory):
     return [build_tiny(tmp_path_factory.mktemp(f"b{i}"), seed=s, cfg=cfg) for i, s in enumerate((0, 0, 1))]
 
 
-def test_cache_location_and_reuse(cache):
-    root, path = cache
-    assert path == root / "medix_fast" / "tiny-v1-seed0"
-    assert sorted(p.name for p in path.parent.iterdir()) == ["tiny-v1-seed0"]  # no temp dir left behind
-    stamp = (path / "model.safetensors").stat().st_mtime_ns
-    assert ensure_tiny_model() == path and (path / "model.safetensors").stat().st_mtime_ns == stamp
+def test_cache_location_atomic_build_and_reuse(tmp_path, monkeypatch):
+    builds = []
+
+    def short_build(out, seed):  # the real builder, with fewer warm-start steps
+        builds.append(pathlib.Path(out))
+        return build_tiny(out, seed, TinyConfig(steps=2))
+
+    monkeypatch.setattr(tiny_module, "build_tiny", short_build)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = ensure_tiny_model(seed=3)
+    assert path == tmp_path / "medix_fast" / f"tiny-{recipe_digest()}-seed3"
+    assert builds[0].parent == path.parent and builds[0] != path  # built beside it, then renamed
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temp dir left behind
+    assert ensure_tiny_model(seed=3) == path and len(builds) == 1
+    assert ensure_tiny_model(seed=3, cache_dir=tmp_path / "elsewhere").parent == tmp_path / "elsewhere"
+    AutoModelForCausalLM.from_pretrained(path)
 
 
-def test_tags_are_single_tokens_and_round_trip(cache):
-    tok = AutoTokenizer.from_pretrained(cache[1])
+def test_tags_are_single_tokens_and_round_trip(tiny):
+    tok = AutoTokenizer.from_pretrained(tiny)
     for tag in (*FORMAT_TAGS, *MODALITY_TAGS, "<|im_start|>", "<|im_end|>", "<|endoftext|>"):
         assert len(tok(tag, add_special_tokens=False).input_ids) == 1, tag
     text = "<OCT_SCAN><thinking>fluid at the fovea</thinking><answer>macular hole</answer>"
@@ -51,8 +59,8 @@ def test_tags_are_single_tokens_and_round_trip(cache):
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
 
 
-def test_chat_template(cache):
-    tok = AutoTokenizer.from_pretrained(cache[1])
+def test_chat_template(tiny):
+    tok = AutoTokenizer.from_pretrained(tiny)
     messages = build_messages("A plain chest x-ray shows a pleural line.")
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert text == f"<|im_start|>user\n{messages[0]['content']}<|im_end|>\n<|im_start|>assistant\n"
@@ -61,16 +69,16 @@ def test_chat_template(cache):
     assert image == tok.apply_chat_template(build_messages("Q?"), tokenize=False)
 
 
-def test_loads_with_auto_classes(cache):
-    model = AutoModelForCausalLM.from_pretrained(cache[1])
+def test_loads_with_auto_classes(tiny):
+    model = AutoModelForCausalLM.from_pretrained(tiny)
     params = sum(p.numel() for p in model.parameters())
     assert model.config.model_type == "qwen2" and model.config.tie_word_embeddings
     assert 1_000_000 < params < 10_000_000
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
 
 
-def test_warm_started_model_writes_the_format(cache):
-    model, tok = AutoModelForCausalLM.from_pretrained(cache[1]), AutoTokenizer.from_pretrained(cache[1])
+def test_warm_started_model_writes_the_format(tiny):
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny), AutoTokenizer.from_pretrained(tiny)
     rows = read_train_rows()[:10]
     prompts = [tok.apply_chat_template(build_messages(r["problem"]), tokenize=False, add_generation_prompt=True)
                for r in rows]
