@@ -1,0 +1,128 @@
+"""Load a local Hugging Face decoder checkpoint and expose what the trainer needs.
+
+    model, tokenizer = load_model("/path/to/Qwen2.5-0.5B-Instruct", dtype=torch.bfloat16, device="cuda")
+    h = hidden_states(model, input_ids, attention_mask)   # (B, T, H): final normed hidden states
+    weight, bias = lm_head(model)                         # (V, H), None
+
+Log-probs then go through ``medix_fast.kernels.fused_linear_logprobs(h, weight, ...)``, so no
+full (B, T, V) logits tensor is built in training. ``load_model("tiny")`` is the embedded tiny
+model (``medix_fast.tiny.ensure_tiny_model``).
+
+Choices made once, here: the attention back-end is ``flash_attention_2`` when ``flash_attn``
+imports and the device is CUDA, else PyTorch ``sdpa`` (pass ``attn_impl`` to force one, e.g.
+"eager"); Liger's RMSNorm / SwiGLU / RoPE kernels are patched in on CUDA when ``liger_kernel``
+imports (never its cross-entropy losses: the trainer has its own fused head). Liger patches the
+architecture's module functions process-wide, which is why it is CUDA only.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")  # liger_kernel has apply_liger_kernel_to_<type> for each
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def resolve_path(path: str | os.PathLike) -> pathlib.Path:
+    """``"tiny"`` -> the cached embedded tiny model; otherwise an existing checkpoint directory."""
+    if str(path) == "tiny":
+        from medix_fast.tiny import ensure_tiny_model
+        return ensure_tiny_model()
+    resolved = pathlib.Path(path).expanduser()
+    if not resolved.is_dir():
+        raise ValueError(f"model path {str(path)!r} does not exist or is not a directory "
+                         "(give a local Hugging Face checkpoint directory, or 'tiny')")
+    if not (resolved / "config.json").is_file():
+        raise ValueError(f"model path {str(resolved)!r} has no config.json: not a Hugging Face checkpoint")
+    return resolved
+
+
+def attention_backend(device: str | torch.device) -> str:
+    """``flash_attention_2`` on CUDA when ``flash_attn`` imports, else ``sdpa``."""
+    if torch.device(device).type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def apply_liger(model: PreTrainedModel) -> bool:
+    """Patch Liger's RMSNorm, SwiGLU and RoPE into ``model`` (no loss patches); False if not installed."""
+    try:
+        import liger_kernel.transformers as liger
+    except ImportError:
+        return False
+    patch = getattr(liger, f"apply_liger_kernel_to_{model.config.model_type}")
+    patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model)
+    return True
+
+
+def load_tokenizer(path: pathlib.Path) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer with its chat template; pad falls back to eos when unset."""
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"no tokenizer in {str(path)!r}: expected one of {', '.join(TOKENIZER_FILES)}")
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if not tokenizer.chat_template:
+        raise ValueError(f"the tokenizer in {str(path)!r} has no chat template (the MediX prompt needs one)")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    attn_impl: str | None = None,
+    gradient_checkpointing: bool = False,
+    liger: bool | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a supported causal LM and its tokenizer from a local directory (or ``"tiny"``).
+
+    ``attn_impl`` None picks :func:`attention_backend`; ``liger`` None means "on CUDA when
+    installed". Returns the model on ``device`` in eval mode (the trainer calls ``.train()``).
+    """
+    path = resolve_path(path)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model_type {config.model_type!r} in {str(path)!r} is not supported; "
+                         f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    tokenizer = load_tokenizer(path)
+    attn_impl = attn_impl or attention_backend(device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_impl,
+                                                 local_files_only=True)
+    use_liger = torch.device(device).type == "cuda" if liger is None else liger
+    patched = use_liger and apply_liger(model)
+    if gradient_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+        model.config.use_cache = False
+    log.info("loaded %s (%s, %s) attention=%s liger=%s", path, config.model_type, dtype, attn_impl, patched)
+    return model.to(device), tokenizer
+
+
+def hidden_states(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Final (normed) hidden states (B, T, H) from the decoder alone: the LM head is not applied."""
+    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False)
+    return out.last_hidden_state  # (B, T, H)
+
+
+def lm_head(model: PreTrainedModel) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output projection: weight (V, H) and bias (V,) or None. Tied to the embeddings when the config says so."""
+    head = model.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
