@@ -29,7 +29,7 @@ setup(
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
         "numpy",
-        "transformers>=4.51",
+        "transformers>=4.56",  # from_pretrained(dtype=...)
         "tokenizers",
         "safetensors",
         "pyyaml",
