@@ -1,12 +1,13 @@
 """Training data: MediX-R1 rows from JSONL / Parquet / ``datasets`` directories, prompts, a resumable loader.
 
 Schema (column names configurable): ``problem`` (the question), ``solution`` (``"<TAG> answer"``),
-optional ``image``. Every row is checked before training starts; problems are reported as
+optional ``image`` (a path, relative ones from the data file's folder, bytes, a PIL image or a
+``datasets`` Image; checked from its header, decoded only at rollout). Every row is checked before training starts; problems are reported as
 ``file:row: reason`` (rows counted from 1, the line number for JSONL). ``strict=True`` raises a
 :class:`DataError` listing them; ``strict=False`` skips those rows and logs a count.
 
     examples = load_examples(["train.jsonl"], cfg.data)
-    prompts, dropped = build_prompts(examples, tokenizer, max_length=4352)
+    prompts, dropped = build_prompts(examples, tokenizer, max_length=4352)   # vision=Vision(...) for a VL model
     loader = PromptLoader(len(prompts), seed=0)
     batch = loader.next(8)                      # indices into prompts; state_dict() to resume
 
@@ -126,8 +127,15 @@ def load_examples(files: list[str], cfg) -> list[Example]:
                 if reason is not None:
                     problems.append(f"{path}:{number}: {reason}")
                     continue
-                examples.append(Example(row[cfg.problem_key], row[cfg.solution_key],
-                                        row.get(cfg.image_key), f"{path}:{number}"))
+                image = row.get(cfg.image_key)
+                if image is not None:
+                    from .vision import check_image, resolve_image
+                    image = resolve_image(image, path.parent)
+                    reason = check_image(image)
+                    if reason is not None:
+                        problems.append(f"{path}:{number}: {reason}")
+                        continue
+                examples.append(Example(row[cfg.problem_key], row[cfg.solution_key], image, f"{path}:{number}"))
         except DataError as err:
             problems.append(str(err))
         except (OSError, UnicodeDecodeError, ValueError) as err:
@@ -143,23 +151,30 @@ def load_examples(files: list[str], cfg) -> list[Example]:
     return examples
 
 
-def build_prompts(examples: list[Example], tokenizer, max_length: int) -> tuple[list[Prompt], int]:
+def build_prompts(examples: list[Example], tokenizer, max_length: int, vision=None) -> tuple[list[Prompt], int]:
     """Chat-templated prompts (MediX instruction, generation prompt added); those longer than
     ``max_length`` tokens are dropped. Returns (prompts, number dropped).
 
-    Images are not yet fed to the model (vision-language support is a later step): a row's
-    image is kept on the :class:`Prompt` but the prompt is built as text only.
+    With ``vision`` (a :class:`medix_fast.vision.Vision`, for a VL model) a row's image goes
+    before the question and its ``<|image_pad|>`` is expanded to the image's token count at the
+    configured pixel limits (read from the header; pixels are encoded at rollout). Without it,
+    prompts are text only and images are ignored.
     """
-    texts = [tokenizer.apply_chat_template(build_messages(e.problem), tokenize=False, add_generation_prompt=True)
-             for e in examples]
+    with_image = [vision is not None and e.image is not None for e in examples]
+    texts = [tokenizer.apply_chat_template(build_messages(e.problem, has_image), tokenize=False,
+                                           add_generation_prompt=True) for e, has_image in zip(examples, with_image)]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    if vision is not None:
+        from .vision import expand_image_tokens, image_size
+        ids = [expand_image_tokens(t, vision.image_token_id, [vision.tokens(image_size(e.image))] if has_image else [])
+               for t, e, has_image in zip(ids, examples, with_image)]
     prompts = [Prompt(list(t), e.solution, e.image) for t, e in zip(ids, examples) if len(t) <= max_length]
     dropped = len(examples) - len(prompts)
     if dropped:
         log.warning("dropped %d of %d prompts longer than data.max_prompt_length=%d tokens",
                     dropped, len(examples), max_length)
-    if any(e.image is not None for e in examples):
-        log.warning("image columns are ignored for now: prompts are text only")
+    if vision is None and any(e.image is not None for e in examples):
+        log.warning("image columns are ignored: the model is text only")
     if not prompts:
         raise DataError(f"every prompt is longer than data.max_prompt_length={max_length}")
     return prompts, dropped

@@ -21,19 +21,21 @@ import os
 import pathlib
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText,
+                          AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase)
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")  # liger_kernel has apply_liger_kernel_to_<type> for each
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "qwen2_5_vl", "qwen3_vl")  # liger has apply_liger_kernel_to_<type>
+VL_MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl")  # loaded as image-text-to-text; pixel inputs through hidden_states
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 def resolve_path(path: str | os.PathLike) -> pathlib.Path:
-    """``"tiny"`` -> the cached embedded tiny model; otherwise an existing checkpoint directory."""
-    if str(path) == "tiny":
+    """``"tiny"`` / ``"tiny-vl"`` -> the cached embedded tiny model; otherwise an existing checkpoint directory."""
+    if str(path) in ("tiny", "tiny-vl"):
         from medix_fast.tiny import ensure_tiny_model
-        return ensure_tiny_model()
+        return ensure_tiny_model(vl=str(path) == "tiny-vl")
     resolved = pathlib.Path(path).expanduser()
     if not resolved.is_dir():
         raise ValueError(f"model path {str(path)!r} does not exist or is not a directory "
@@ -98,8 +100,8 @@ def load_model(
                          f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     tokenizer = load_tokenizer(path)
     attn_impl = attn_impl or attention_backend(device)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_impl,
-                                                 local_files_only=True)
+    auto = AutoModelForImageTextToText if config.model_type in VL_MODEL_TYPES else AutoModelForCausalLM
+    model = auto.from_pretrained(path, dtype=dtype, attn_implementation=attn_impl, local_files_only=True)
     use_liger = torch.device(device).type == "cuda" if liger is None else liger
     patched = use_liger and apply_liger(model)
     if gradient_checkpointing:
@@ -110,15 +112,38 @@ def load_model(
     return model.to(device), tokenizer
 
 
+def is_vl(model: PreTrainedModel) -> bool:
+    return model.config.model_type in VL_MODEL_TYPES
+
+
+def load_image_processor(path: str | os.PathLike):
+    """The VL checkpoint's image processor, PIL/numpy back-end (works without torchvision)."""
+    path = resolve_path(path)
+    if not (path / "preprocessor_config.json").is_file():
+        raise ValueError(f"no image processor in {str(path)!r}: expected preprocessor_config.json")
+    return AutoImageProcessor.from_pretrained(path, backend="pil", local_files_only=True)
+
+
 def hidden_states(
     model: PreTrainedModel,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
+    pixel_values: torch.Tensor | None = None,
+    image_grid_thw: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Final (normed) hidden states (B, T, H) from the decoder alone: the LM head is not applied."""
-    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              use_cache=False)
+    """Final (normed) hidden states (B, T, H) from the decoder alone: the LM head is not applied.
+
+    For a VL model, ``pixel_values`` / ``image_grid_thw`` (from :mod:`medix_fast.vision`) go
+    through the vision tower and replace the ``<|image_pad|>`` embeddings; ``position_ids``
+    None lets the model compute its multimodal (3, B, T) rotary positions.
+    """
+    if is_vl(model):
+        out = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          pixel_values=pixel_values, image_grid_thw=image_grid_thw, use_cache=False)
+    else:
+        out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  use_cache=False)
     return out.last_hidden_state  # (B, T, H)
 
 

@@ -210,9 +210,9 @@ def build_splits(seed: int = SEED) -> dict[str, list[dict]]:
 
 
 def sample_path(split: str) -> pathlib.Path:
-    """Path of a bundled split (``"train"`` or ``"test"``) as JSONL."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown sample split {split!r}; choose one of {sorted(SPLITS)}")
+    """Path of a bundled split (``"train"``, ``"test"``, or ``"train_vl"``: with images) as JSONL."""
+    if split not in (*SPLITS, "train_vl"):
+        raise ValueError(f"unknown sample split {split!r}; choose one of {sorted(SPLITS) + ['train_vl']}")
     return DATA_DIR / f"{split}.jsonl"
 
 

@@ -229,26 +229,29 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
     return pathlib.Path(base) / "medix_fast"
 
 
-def recipe_digest() -> str:
-    """8 hex digits naming the build recipe (this file, the prompt, the train data), so that a
-    changed recipe never reuses a stale cached build."""
+def recipe_digest(extra: str | None = None) -> str:
+    """8 hex digits naming the build recipe (this file, the prompt, the train data, ``extra``), so
+    that a changed recipe never reuses a stale cached build."""
     digest = hashlib.sha256()
-    for path in (pathlib.Path(__file__), pathlib.Path(prompt.__file__), sample_path("train")):
+    extras = [pathlib.Path(extra)] if extra else []
+    for path in (pathlib.Path(__file__), pathlib.Path(prompt.__file__), sample_path("train"), *extras):
         digest.update(path.read_bytes())
     return digest.hexdigest()[:8]
 
 
-def ensure_tiny_model(seed: int = 0, cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
-    """The cached tiny checkpoint ``<cache root>/tiny-<recipe>-seed<seed>``, built if missing
-    (atomically: into a temporary directory beside it, then renamed)."""
+def ensure_tiny_model(seed: int = 0, cache_dir: str | os.PathLike | None = None, vl: bool = False) -> pathlib.Path:
+    """The cached tiny checkpoint ``<cache root>/tiny-<recipe>-seed<seed>`` (``tiny-vl-...``: the
+    random vision-language variant of :mod:`medix_fast.tiny_vl`), built if missing (atomically:
+    into a temporary directory beside it, then renamed)."""
+    from medix_fast import tiny_vl
     root = cache_root(cache_dir)
-    path = root / f"tiny-{recipe_digest()}-seed{seed}"
+    path = root / f"tiny{'-vl' if vl else ''}-{recipe_digest(tiny_vl.__file__ if vl else None)}-seed{seed}"
     if path.is_dir():
         return path
     root.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=root))
     try:
-        build_tiny(tmp, seed)
+        (tiny_vl.build_tiny_vl if vl else build_tiny)(tmp, seed)
         tmp.chmod(0o755)  # mkdtemp makes it private
         os.rename(tmp, path)
     except OSError:
@@ -264,9 +267,14 @@ def main() -> None:
     parser.add_argument("--out", required=True, type=pathlib.Path, help="output directory")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=TinyConfig.steps, help="warm-start steps")
+    parser.add_argument("--vl", action="store_true", help="the random vision-language variant (medix_fast.tiny_vl)")
     args = parser.parse_args()
     start = time.perf_counter()
-    build_tiny(args.out, args.seed, TinyConfig(steps=args.steps))
+    if args.vl:
+        from medix_fast.tiny_vl import build_tiny_vl
+        build_tiny_vl(args.out, args.seed)
+    else:
+        build_tiny(args.out, args.seed, TinyConfig(steps=args.steps))
     print(f"built {args.out} in {time.perf_counter() - start:.1f} s")
 
 
