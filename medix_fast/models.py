@@ -124,6 +124,23 @@ def load_image_processor(path: str | os.PathLike):
     return AutoImageProcessor.from_pretrained(path, backend="pil", local_files_only=True)
 
 
+def image_token_id(model: PreTrainedModel) -> int:
+    """The id of the ``<|image_pad|>`` placeholder of a VL model."""
+    return model.config.image_token_id
+
+
+def mrope_positions(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                    image_grid_thw: torch.Tensor | None) -> torch.Tensor:
+    """A VL model's multimodal rotary positions (3, B, T) (temporal, height, width): text tokens
+    count on all three axes, an image's tokens take its (t, h, w) grid positions from the text
+    position before it, and the text after it resumes at that position + the grid's larger side.
+    Padding (``attention_mask`` 0, left or right) gets 0."""
+    types = (input_ids == image_token_id(model)).int()  # (B, T): 1 on image tokens
+    positions, _ = model.model.get_rope_index(input_ids, types, image_grid_thw=image_grid_thw,
+                                              attention_mask=attention_mask)
+    return positions  # (3, B, T)
+
+
 def hidden_states(
     model: PreTrainedModel,
     input_ids: torch.Tensor,
@@ -136,9 +153,11 @@ def hidden_states(
 
     For a VL model, ``pixel_values`` / ``image_grid_thw`` (from :mod:`medix_fast.vision`) go
     through the vision tower and replace the ``<|image_pad|>`` embeddings; ``position_ids``
-    None lets the model compute its multimodal (3, B, T) rotary positions.
+    None means :func:`mrope_positions` (never the model's cached rope deltas of a past generate).
     """
     if is_vl(model):
+        if position_ids is None:
+            position_ids = mrope_positions(model, input_ids, attention_mask, image_grid_thw)  # (3, B, T)
         out = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           pixel_values=pixel_values, image_grid_thw=image_grid_thw, use_cache=False)
     else:

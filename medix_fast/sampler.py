@@ -6,6 +6,8 @@
     out.completion_ids[i * 8 + j]  # prompt i's sample j (prompt-major), stop token included
     out.logprobs[i * 8 + j]        # (len,) fp32 log-probs of those tokens, see medix_fast.sampling
     out.finish_reasons[i * 8 + j]  # "stop" | "length"
+    # VL model (Qwen2.5-VL / Qwen3-VL): images=[PixelBatch or None per prompt] (medix_fast.vision),
+    # prompt_ids with each image's <|image_pad|> run already expanded
 
 Algorithm (gpt-fast's static cache and no-sync sampling, nano-vllm's batch buckets and CUDA
 graphs, cascade attention over shared prompts; all on the Hugging Face forward of the module the
@@ -22,6 +24,11 @@ optimizer updates: no weight copy, no second engine):
    when it fits a smaller bucket and each shape's step replays a CUDA graph
    (``medix_fast.decode_graphs``).
 4. Completions end at the first stop token (included, "stop") or at max_new_tokens ("length").
+5. VL models: the prefill also runs the vision tower on the chunk's distinct prompts' images
+   (each image encoded once per prompt, not once per sample) with the multimodal rotary
+   positions (3, P, T) of ``models.mrope_positions``; decode positions continue from the
+   prompt's largest mrope position + 1 (HF's rope deltas), the same on all three axes, so
+   decode is the text path. Only the language model switches to the "medix_sampler" back-end.
 
 Departures from ``model.generate``: prompts share their prefill and their K/V; the attention
 back-end is switched to "medix_sampler" for the call (prefill runs SDPA whatever the model's
@@ -41,6 +48,7 @@ import torch
 from torch import nn
 
 from .decode_graphs import StaticDecoder
+from .models import mrope_positions
 from .kv_cache import ATTN_IMPLEMENTATION, StaticKVCache, build_grid, prefill_mask
 from .sampling import METHODS, SamplingParams, sample_tokens
 
@@ -89,7 +97,9 @@ class Sampler:
             raise ValueError(f"need max_batch_size >= 1 and max_seq_len >= 2, got {max_batch_size}, {max_seq_len}")
         if decode_mode not in DECODE_MODES:
             raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {decode_mode!r}")
-        layer_types = set(getattr(self.model.config, "layer_types", None) or ["full_attention"])
+        self.vl = getattr(self.model.config, "image_token_id", None) is not None
+        text_config = self.model.config.get_text_config()
+        layer_types = set(getattr(text_config, "layer_types", None) or ["full_attention"])
         if layer_types != {"full_attention"}:
             raise ValueError(f"only full-attention decoders are supported, the model has layer types {sorted(layer_types)}")
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
@@ -114,13 +124,16 @@ class Sampler:
         stop_token_ids: list[int] | None = None,
         seed: int | None = None,
         logprobs_mode: str = "raw",
+        images: list | None = None,
     ) -> SamplerOutput:
         """Sample ``n`` completions for each prompt. stop_token_ids=None takes the model's
         eos_token_id (generation config, else config), [] disables stopping. seed=None draws one
-        from torch's global generator (so ``torch.manual_seed`` makes calls reproducible)."""
+        from torch's global generator (so ``torch.manual_seed`` makes calls reproducible).
+        ``images`` (VL models): one ``medix_fast.vision.PixelBatch`` or None per prompt."""
         params = SamplingParams(temperature, top_p, top_k, logprobs_mode)
         stops = self._stop_ids(stop_token_ids)
         prompts = self._validate(prompt_ids, n, max_new_tokens)
+        self._images = self._validate_images(prompts, images)
         param = next(self.model.parameters())
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
@@ -156,6 +169,23 @@ class Sampler:
             prompts.append(_token_ids(ids, self.vocab_size, f"prompt {i}"))
         return prompts
 
+    def _validate_images(self, prompts: list[list[int]], images) -> list:
+        """One PixelBatch or None per prompt, its image tokens matching the prompt's placeholders."""
+        if images is None:
+            images = [None] * len(prompts)
+        if images and any(i is not None for i in images) and not self.vl:
+            raise ValueError(f"images given but {type(self.model).__name__} is not a vision-language model")
+        if len(images) != len(prompts):
+            raise ValueError(f"images has {len(images)} entries for {len(prompts)} prompts (use None for no image)")
+        token = self.model.config.image_token_id if self.vl else None
+        for i, (ids, pix) in enumerate(zip(prompts, images)):
+            placeholders = ids.count(token) if self.vl else 0
+            given = sum(pix.tokens) if pix is not None else 0
+            if placeholders != given:
+                raise ValueError(f"prompt {i}: {placeholders} image tokens in the prompt but its images give {given} "
+                                 "(expand each <|image_pad|> with medix_fast.vision.expand_image_tokens)")
+        return images
+
     def _stop_ids(self, stop_token_ids) -> list[int]:
         if stop_token_ids is None:
             gen_config = getattr(self.model, "generation_config", None)
@@ -188,9 +218,11 @@ class Sampler:
             self._decoder.reset()
         self._weights = weights
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor) -> torch.Tensor:
-        """ids, pos (B, T); prefill: boolean mask (B, 1, T, T), decode: None -> fp32 last-position logits (B, V)."""
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor, **vision) -> torch.Tensor:
+        """ids, pos (B, T) (VL prefill: pos (3, B, T), ``vision`` the pixel inputs); prefill: boolean
+        mask (B, 1, T, T), decode: None -> fp32 last-position logits (B, V)."""
         out = self.model(
+            **vision,
             input_ids=ids,
             attention_mask=mask,  # 4-D: used as given by every HF decoder
             position_ids=pos,
@@ -223,12 +255,23 @@ class Sampler:
         ids = torch.tensor([[0] * (width - len(prompts[p])) + prompts[p] for p in unique], device=device)  # (P, T)
         pad = width - torch.tensor(lengths, device=device)  # (P,)
         columns = torch.arange(width, device=device)
-        self._cache.prefill(reserve=self._bucket(len(unique)))
-        logits = self._forward(ids, prefill_mask(pad, width), (columns[None] - pad[:, None]).clamp_min(0))  # (P, V)
-        owner_t = torch.tensor(owner, device=device)  # (rows,)
         valid = columns[None] >= pad[:, None]  # (P, T)
+        pos, vision, next_pos = (columns[None] - pad[:, None]).clamp_min(0), {}, width - pad  # (P, T), (P,)
+        if self.vl:
+            pos, vision = self._vision_inputs(ids, valid, unique, device)  # (3, P, T)
+            next_pos = pos.amax((0, 2)) + 1  # (P,): HF's rope delta continuation
+        self._cache.prefill(reserve=self._bucket(len(unique)))
+        logits = self._forward(ids, prefill_mask(pad, width), pos, **vision)  # (P, V)
+        owner_t = torch.tensor(owner, device=device)  # (rows,)
         self._set_prompts(valid)
-        return owner, logits[owner_t], (width - pad)[owner_t], valid, width
+        return owner, logits[owner_t], next_pos[owner_t], valid, width
+
+    def _vision_inputs(self, ids: torch.Tensor, valid: torch.Tensor, unique: list[int], device):
+        """mrope positions (3, P, T) and the pixel inputs of the distinct prompts ``unique``."""
+        pix = [self._images[p] for p in unique if self._images[p] is not None]
+        grid = torch.cat([b.image_grid_thw for b in pix]).to(device) if pix else None  # (N, 3)
+        vision = {"pixel_values": torch.cat([b.pixel_values for b in pix]).to(device), "image_grid_thw": grid} if pix else {}
+        return mrope_positions(self.model, ids, valid.long(), grid), vision
 
     def _generate_chunk(self, prompts, row_prompt: list[int], max_new: int, params, stop_t, generator):
         """Generate for rows whose prompts are ``row_prompt``; returns tokens (rows, max_new),
@@ -326,14 +369,16 @@ def _sampling_mode(model: nn.Module):
     """Eval mode and the sampler's attention back-end for the duration; every module's training
     flag and the attention implementation restored after."""
     flags = [(m, m.training) for m in model.modules()]
-    attn = model.config._attn_implementation
+    text_config = model.config.get_text_config()
+    vl = text_config is not model.config  # VL: only the language model switches, not the vision tower
+    attn = text_config._attn_implementation
     try:
         model.eval()
-        model.set_attn_implementation(ATTN_IMPLEMENTATION)
-        if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+        model.set_attn_implementation({"text_config": ATTN_IMPLEMENTATION} if vl else ATTN_IMPLEMENTATION)
+        if text_config._attn_implementation != ATTN_IMPLEMENTATION:
             raise ValueError(f"{type(model).__name__} cannot switch its attention back-end, which the sampler needs")
         yield
     finally:
-        model.set_attn_implementation(attn)
+        model.set_attn_implementation({"text_config": attn} if vl else attn)
         for module, flag in flags:
             module.training = flag

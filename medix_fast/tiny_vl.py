@@ -2,11 +2,14 @@
 
     python -m medix_fast.tiny --vl --out DIR [--seed 0]
 
-Built offline in a few seconds: the tiny text model's byte-level BPE tokenizer plus Qwen's
-vision tokens (``<|vision_start|>``, ``<|image_pad|>``, ``<|vision_end|>``, ``<|video_pad|>``),
-a chat template that renders an image part as ``<|vision_start|><|image_pad|><|vision_end|>``,
-a ``Qwen2_5_VLForConditionalGeneration`` (text: hidden 128, 4 layers, 4/2 heads, mrope;
-vision: 2 blocks of width 64, patch 14, 2x2 merge) with random weights, and a
+Built offline in a few seconds from the embedded tiny text model (``ensure_tiny_model()``,
+built first if missing): its byte-level BPE tokenizer plus Qwen's vision tokens
+(``<|vision_start|>``, ``<|image_pad|>``, ``<|vision_end|>``, ``<|video_pad|>``), a chat
+template that renders an image part as ``<|vision_start|><|image_pad|><|vision_end|>``, a
+``Qwen2_5_VLForConditionalGeneration`` whose language model (hidden 128, 4 layers, 4/2 heads,
+mrope) carries the warm-started text weights (so it writes the MediX format and its output
+depends on positions; the 4 new token embeddings are random) and whose vision tower (2 blocks
+of width 64, patch 14, 2x2 merge) is random, and a
 PIL/numpy Qwen2-VL image processor (no torchvision needed; ``medix_fast.vision`` expands
 the image tokens itself, since transformers' ``Qwen2_5_VLProcessor`` wants a torchvision video processor).
 Pixel limits are small (``TINY_MIN_PIXELS`` .. ``TINY_MAX_PIXELS``): a 64x64 image becomes
@@ -35,7 +38,8 @@ TINY_MIN_PIXELS, TINY_MAX_PIXELS = (PATCH * MERGE) ** 2, (4 * PATCH * MERGE) ** 
 def build_tiny_vl(out: str | pathlib.Path, seed: int = 0, cfg: tiny.TinyConfig = tiny.TinyConfig()) -> pathlib.Path:
     """Save a random tiny Qwen2.5-VL model, its tokenizer and processor to ``out``; returns the path."""
     out = pathlib.Path(out)
-    tokenizer = tiny.build_tokenizer(tiny.read_train_rows(), cfg.vocab_size)
+    text = tiny.ensure_tiny_model(seed)
+    tokenizer = tiny.PreTrainedTokenizerFast.from_pretrained(text)
     tokenizer.add_special_tokens({"additional_special_tokens": [VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD]})
     tokenizer.chat_template = CHAT_TEMPLATE
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)}
@@ -59,6 +63,11 @@ def build_tiny_vl(out: str | pathlib.Path, seed: int = 0, cfg: tiny.TinyConfig =
     )
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    text_model = tiny.Qwen2ForCausalLM.from_pretrained(text)
+    with torch.no_grad():
+        for name, param in text_model.model.state_dict().items():
+            target = model.model.language_model.state_dict()[name]
+            target[:param.shape[0]].copy_(param)  # embeddings: the first rows; the vision tokens keep their init
     model.generation_config.eos_token_id = config.text_config.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     image_processor = Qwen2VLImageProcessorPil(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS,
