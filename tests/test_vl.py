@@ -1,0 +1,185 @@
+"""Vision-language support on the tiny Qwen2.5-VL (``ensure_tiny_model(vl=True)``): loading, the
+sample images, image columns and their errors, multimodal positions, sampler parity with
+``generate`` and a training step through the vision tower.
+
+    pytest tests/test_vl.py
+"""
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from medix_fast import sample_images
+from medix_fast.config import DataConfig
+from medix_fast.data import DataError, Example, build_prompts, load_examples
+from medix_fast.models import hidden_states, lm_head, load_image_processor, load_model, mrope_positions
+from medix_fast.sample_data import DATA_DIR
+from medix_fast.sampler import Sampler
+from medix_fast.vision import Vision, expand_image_tokens, load_image
+
+
+@pytest.fixture(scope="module")
+def vl():
+    torch.set_num_threads(1)
+    model, tokenizer = load_model("tiny-vl")
+    vision = Vision(load_image_processor("tiny-vl"), model.config.image_token_id)
+    return model, tokenizer, vision
+
+
+@pytest.fixture(scope="module")
+def prompts(vl):
+    _, tokenizer, vision = vl
+    examples = load_examples(["sample:train_vl"], DataConfig())
+    return build_prompts(examples[::8], tokenizer, 4096, vision)[0]  # 4 prompts, 4 modalities
+
+
+def pixels(vision, prompts):
+    return [vision.encode([load_image(p.image)]) for p in prompts]
+
+
+def test_tiny_vl_loads_with_pil_image_processor(vl):
+    model, tokenizer, vision = vl
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert type(vision.image_processor).__name__ == "Qwen2VLImageProcessorPil"
+    assert "<|vision_start|><|image_pad|><|vision_end|>" in tokenizer.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"}]}], tokenize=False)
+    weight, _ = lm_head(model)
+    assert weight.shape == (len(tokenizer), model.config.text_config.hidden_size)
+
+
+def test_sample_images_are_rebuilt_byte_identically(tmp_path):
+    path = sample_images.write_vl_sample(tmp_path)
+    assert path.read_bytes() == (DATA_DIR / "train_vl.jsonl").read_bytes()
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len({r["solution"].split(">")[0] for r in rows}) == 16
+    for row in rows:
+        assert (tmp_path / row["image"]).read_bytes() == (DATA_DIR / row["image"]).read_bytes()
+
+
+def test_image_tokens_follow_the_pixel_limits(vl, prompts):
+    model, tokenizer, vision = vl
+    image = load_image(prompts[0].image)  # 64x64
+    assert prompts[0].ids.count(model.config.image_token_id) == vision.encode([image]).tokens[0] == 4  # 56x56: 2x2
+    big = Vision(vision.image_processor, vision.image_token_id, min_pixels=112 * 112, max_pixels=112 * 112)
+    assert big.encode([image]).tokens == [16]
+    ids = build_prompts([Example("q?", "<X_RAY> a", prompts[0].image)], tokenizer, 4096, big)[0][0].ids
+    assert ids.count(model.config.image_token_id) == 16
+    with pytest.raises(ValueError, match="min_pixels <= max_pixels"):
+        Vision(vision.image_processor, vision.image_token_id, min_pixels=100, max_pixels=10)
+
+
+def test_image_as_path_bytes_pil_or_datasets_dict(prompts):
+    path = prompts[0].image
+    expected = load_image(path)
+    for value in (str(path), path.read_bytes(), Image.open(path), {"bytes": path.read_bytes(), "path": None}):
+        assert np.array_equal(np.asarray(load_image(value)), np.asarray(expected))
+
+
+def test_bad_images_are_reported_with_file_and_row(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    rows = [{"problem": "q", "solution": "<CT_SCAN> a", "image": "ok.png"},
+            {"problem": "q", "solution": "<CT_SCAN> a", "image": "missing.png"},
+            {"problem": "q", "solution": "<CT_SCAN> a", "image": "junk.png"},
+            {"problem": "q", "solution": "<CT_SCAN> a", "image": 7}]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError) as err:
+        load_examples([str(data)], DataConfig())
+    message = str(err.value)
+    assert f"{data}:2: image file" in message and "missing.png' does not exist" in message
+    assert f"{data}:3: image '{tmp_path / 'junk.png'}' is unreadable" in message
+    assert f"{data}:4: field 'image' must be a path, bytes or a PIL image, got int" in message
+    kept = load_examples([str(data)], DataConfig(strict=False))
+    assert [e.source for e in kept] == [f"{data}:1"] and kept[0].image == tmp_path / "ok.png"
+    with pytest.raises(DataError, match="rows.jsonl:9: image of 3 bytes is unreadable"):
+        load_image(b"abc", source="rows.jsonl:9")
+    buf = io.BytesIO()
+    Image.new("L", (5, 3)).save(buf, format="PNG")
+    assert load_image(buf.getvalue()).mode == "RGB"
+
+
+def test_expand_image_tokens_counts_must_match():
+    assert expand_image_tokens([1, 9, 2], 9, [3]) == [1, 9, 9, 9, 2]
+    with pytest.raises(ValueError, match="1 image token"):
+        expand_image_tokens([1, 9, 2], 9, [3, 2])
+    with pytest.raises(ValueError, match="more image tokens"):
+        expand_image_tokens([9, 9], 9, [1])
+
+
+def test_mrope_positions_of_a_padded_batch_equal_the_unpadded_samples(vl, prompts):
+    model, _, vision = vl
+    pix = pixels(vision, prompts[:2])
+    a, b = prompts[0].ids, prompts[1].ids[:-5]
+    width = max(len(a), len(b))
+    for left in (True, False):
+        rows = [[0] * (width - len(x)) + x if left else x + [0] * (width - len(x)) for x in (a, b)]
+        mask = torch.tensor([[1 if (j >= width - len(x) if left else j < len(x)) else 0 for j in range(width)]
+                             for x in (a, b)])  # (2, T)
+        grid = torch.cat([p.image_grid_thw for p in pix])
+        batch = mrope_positions(model, torch.tensor(rows), mask, grid)  # (3, 2, T)
+        for i, (x, p) in enumerate(zip((a, b), pix)):
+            alone = mrope_positions(model, torch.tensor([x]), None, p.image_grid_thw)[:, 0]  # (3, len)
+            assert torch.equal(batch[:, i][:, mask[i].bool()], alone)
+    alone = mrope_positions(model, torch.tensor([a]), None, pix[0].image_grid_thw)[:, 0]
+    image = torch.tensor(a) == model.config.image_token_id
+    s = int(alone[0, image][0])  # the image's start position: t stays, (h, w) walk the 2x2 merged grid
+    assert alone[:, image].tolist() == [[s] * 4, [s, s, s + 1, s + 1], [s, s + 1, s, s + 1]]
+    assert int(alone.max()) + 1 == len(a) - 2  # 4 image tokens span 2 positions: HF's rope delta is -2
+
+
+def test_sampler_greedy_matches_generate_with_images(vl, prompts):
+    model, tokenizer, vision = vl
+    pix = pixels(vision, prompts)
+    text_only = build_prompts([Example("Is this a CT scan?", "<CT_SCAN> yes")], tokenizer, 4096, vision)[0][0]
+    ids, pix = [p.ids for p in prompts] + [text_only.ids], pix + [None]
+    out = Sampler(model, max_batch_size=6, max_seq_len=256).generate(
+        ids, n=2, max_new_tokens=16, temperature=0.0, images=pix, stop_token_ids=[])  # 2 chunks of prompts
+    differs_without_mrope = False
+    for i, (x, p) in enumerate(zip(ids, pix)):
+        x = torch.tensor([x])
+        kw = {} if p is None else dict(pixel_values=p.pixel_values, image_grid_thw=p.image_grid_thw,
+                                       mm_token_type_ids=(x == model.config.image_token_id).int())
+        ref = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=16, do_sample=False,
+                             eos_token_id=None, **kw)[0, x.shape[1]:].tolist()
+        assert out.completion_ids[2 * i] == out.completion_ids[2 * i + 1] == ref, i
+        if p is not None:  # same image, plain 1-D positions: the check above would have caught them
+            plain = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=16, do_sample=False,
+                                   eos_token_id=None, pixel_values=p.pixel_values, image_grid_thw=p.image_grid_thw)
+            differs_without_mrope |= plain[0, x.shape[1]:].tolist() != ref
+    assert differs_without_mrope
+
+
+def test_sampler_rejects_mismatched_images(vl, prompts):
+    model, _, vision = vl
+    sampler = Sampler(model, max_batch_size=4, max_seq_len=256)
+    pix = pixels(vision, prompts[:1])
+    with pytest.raises(ValueError, match="prompt 0: 4 image tokens in the prompt but its images give 0"):
+        sampler.generate([prompts[0].ids], max_new_tokens=2, images=[None])
+    with pytest.raises(ValueError, match="images has 1 entries for 2 prompts"):
+        sampler.generate([prompts[0].ids, prompts[1].ids], max_new_tokens=2, images=pix)
+
+
+def test_training_step_through_the_vision_tower(vl, prompts):
+    model, _, vision = vl
+    model.train()
+    pix = pixels(vision, prompts[:2])
+    width = max(len(p.ids) for p in prompts[:2])
+    ids = torch.tensor([p.ids + [0] * (width - len(p.ids)) for p in prompts[:2]])  # (2, T) right-padded
+    mask = torch.tensor([[1] * len(p.ids) + [0] * (width - len(p.ids)) for p in prompts[:2]])  # (2, T)
+    h = hidden_states(model, ids, mask, pixel_values=torch.cat([p.pixel_values for p in pix]),
+                      image_grid_thw=torch.cat([p.image_grid_thw for p in pix]))  # (2, T, H)
+    weight, _ = lm_head(model)
+    logp = torch.log_softmax(h[:, :-1] @ weight.T, -1).gather(-1, ids[:, 1:, None])[..., 0]  # (2, T - 1)
+    loss = -(logp * mask[:, 1:]).sum() / mask[:, 1:].sum()
+    loss.backward()
+    visual = model.model.visual
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in visual.merger.parameters())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    torch.optim.SGD(model.parameters(), lr=1e-2).step()
+    assert any(not torch.equal(before[n], p) for n, p in visual.named_parameters(prefix="model.visual"))
+    model.zero_grad(set_to_none=True)
+    model.eval()
