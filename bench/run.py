@@ -3,7 +3,7 @@
     python -m bench                         # or: python bench/run.py
     python -m bench --smoke                 # each benchmark at its smallest size (the CI smoke test)
     python -m bench --only policy_loss      # a benchmark (advantages, logprobs, policy_loss, ...)
-                                            # or a module (kernels, cpp, sampler, rewards, train); repeatable
+                                            # or a module (kernels, cpp, sampler, rewards, train, vl); repeatable
     python -m bench --out DIR               # default bench/results/
 
 Output: ``DIR/<cpu|gpu>[_smoke].csv`` and ``.md``, headed by the device, date, torch version and
@@ -40,6 +40,7 @@ MODULES = {
     "sampler": "bench.bench_sampler",
     "rewards": "bench.bench_rewards",
     "train": "bench.bench_train",
+    "vl": "bench.bench_vl",
 }
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
