@@ -124,6 +124,13 @@ def load_image_processor(path: str | os.PathLike):
     return AutoImageProcessor.from_pretrained(path, backend="pil", local_files_only=True)
 
 
+def set_vision_trainable(model: PreTrainedModel, trainable: bool) -> None:
+    """Train or freeze a VL model's vision tower (patch embedding, blocks and merger); MediX trains it."""
+    if not is_vl(model):
+        raise ValueError(f"{model.config.model_type!r} is not a vision-language model: it has no vision tower")
+    model.model.visual.requires_grad_(trainable)
+
+
 def image_token_id(model: PreTrainedModel) -> int:
     """The id of the ``<|image_pad|>`` placeholder of a VL model."""
     return model.config.image_token_id

@@ -183,3 +183,54 @@ def test_training_step_through_the_vision_tower(vl, prompts):
     assert any(not torch.equal(before[n], p) for n, p in visual.named_parameters(prefix="model.visual"))
     model.zero_grad(set_to_none=True)
     model.eval()
+
+
+def test_qwen3_vl_loads_and_samples_like_generate(vl, prompts, tmp_path):
+    """A random tiny Qwen3-VL (interleaved mrope, deepstack visual features), saved and loaded
+    through load_model: the sampler's greedy output equals generate's."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    _, tokenizer, vision = vl
+    token = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+                                                              "<|vision_end|>")}
+    config = Qwen3VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, initializer_range=0.2,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3],
+                                          "mrope_interleaved": True},
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=None, bos_token_id=None),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                           deepstack_visual_indexes=[0]),
+        image_token_id=token["<|image_pad|>"], video_token_id=token["<|video_pad|>"],
+        vision_start_token_id=token["<|vision_start|>"], vision_end_token_id=token["<|vision_end|>"],
+        tie_word_embeddings=True)
+    torch.manual_seed(0)
+    Qwen3VLForConditionalGeneration(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    vision.image_processor.save_pretrained(tmp_path)
+    model, _ = load_model(tmp_path)
+    assert type(model).__name__ == "Qwen3VLForConditionalGeneration"
+    assert type(load_image_processor(tmp_path)).__name__ == "Qwen2VLImageProcessorPil"
+    pix = pixels(vision, prompts)
+    out = Sampler(model, max_batch_size=8, max_seq_len=256).generate(
+        [p.ids for p in prompts], n=2, max_new_tokens=10, temperature=0.0, images=pix, stop_token_ids=[])
+    for i, (p, b) in enumerate(zip(prompts, pix)):
+        x = torch.tensor([p.ids])
+        ref = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=10, do_sample=False,
+                             eos_token_id=None, pixel_values=b.pixel_values, image_grid_thw=b.image_grid_thw,
+                             mm_token_type_ids=(x == model.config.image_token_id).int())[0, x.shape[1]:].tolist()
+        assert out.completion_ids[2 * i] == out.completion_ids[2 * i + 1] == ref, i
+
+
+def test_vision_tower_can_be_frozen(vl):
+    from medix_fast.models import set_vision_trainable
+
+    model, _, _ = vl
+    try:
+        set_vision_trainable(model, False)
+        assert not any(p.requires_grad for p in model.model.visual.parameters())
+        assert all(p.requires_grad for p in model.model.language_model.parameters())
+    finally:
+        set_vision_trainable(model, True)
+    assert all(p.requires_grad for p in model.model.visual.parameters())
