@@ -48,6 +48,7 @@ class DataConfig:
     image_key: str = "image"
     max_prompt_length: int = 4352  # tokens; longer prompts are dropped (counted in the log)
     strict: bool = True  # False: skip malformed rows (counted) instead of failing before training
+    max_examples: int = 0  # keep only the first N valid training rows (0: all), for quick runs
     shuffle: bool = True
 
 
@@ -101,7 +102,8 @@ class TrainConfig:
     steps: int = 200
     prompts_per_step: int = 512  # global, over all ranks
     mini_batch_prompts: int = 128  # global prompts per optimizer step
-    micro_batch_tokens: int = 16384  # padded tokens per forward/backward (per rank)
+    micro_batch_tokens: int = 16384  # padded prompt + completion tokens per forward/backward (per rank)
+    share_prompt: bool = True  # run each group's prompt once for its G responses (not under grad. ckpt.)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     output_dir: str = "runs/medix_fast"
@@ -317,6 +319,8 @@ def check(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be > 0, got {value}")
+    if cfg.data.max_examples < 0:
+        raise ConfigError(f"data.max_examples: must be >= 0 (0: all rows), got {cfg.data.max_examples}")
     if s.group_size < 2:
         raise ConfigError(f"sampling.group_size: must be >= 2 for group advantages, got {s.group_size}")
     if t.mini_batch_prompts > t.prompts_per_step:

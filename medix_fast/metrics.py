@@ -66,8 +66,18 @@ class MetricsLogger:
         return plot_rewards(self.path, self.dir / "rewards.png") if plot else None
 
 
+def rolling_mean(values: list[float], window: int) -> list[float]:
+    """Mean of the last ``window`` values at each point (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def plot_rewards(metrics_path: str | Path, out: str | Path) -> Path | None:
-    """Reward components (``reward/*``, ``eval/*``) against the step, as a PNG."""
+    """Reward components (``reward/*``, ``eval/*``) against the step, as a PNG: training
+    rewards faint per step with a rolling mean over a tenth of the run on top."""
     try:
         import matplotlib
 
@@ -82,8 +92,12 @@ def plot_rewards(metrics_path: str | Path, out: str | Path) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for key in keys:
-        points = [(r["step"], r[key]) for r in records if key in r]
-        ax.plot([p[0] for p in points], [p[1] for p in points], label=key, marker="." if len(points) < 50 else None)
+        steps, values = zip(*[(r["step"], r[key]) for r in records if key in r])
+        if key.startswith("eval/"):
+            ax.plot(steps, values, label=key, marker="o", linestyle="--")
+            continue
+        (line,) = ax.plot(steps, values, alpha=0.25)
+        ax.plot(steps, rolling_mean(list(values), max(1, len(values) // 10)), color=line.get_color(), label=key)
     ax.set_xlabel("step")
     ax.set_ylabel("mean reward")
     ax.grid(alpha=0.3)

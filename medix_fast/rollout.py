@@ -34,7 +34,9 @@ class _Draw:
     completion_ids: list[list[int]] = field(default_factory=list)
     logprobs: list[torch.Tensor] = field(default_factory=list)
     rewards: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-    truncated: int = 0
+    truncated: int = 0  # responses cut at max_new_tokens
+    sample_s: float = 0.0
+    reward_s: float = 0.0
 
     def extend(self, other: "_Draw", groups: list[int], g: int) -> None:
         rows = [gi * g + k for gi in groups for k in range(g)]
@@ -85,7 +87,8 @@ class Rollout:
         reasons = list(out.finish_reasons)
         return [p for p in prompt_ids for _ in range(n)], comps, logps, reasons
 
-    def score(self, ids: list[int], n: int, comps: list[list[int]], reasons: list[str]) -> dict[str, torch.Tensor]:
+    def score(self, ids: list[int], n: int, comps: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Rewards of the decoded completions (stop token dropped) against the prompts' solutions."""
         stop = set(self.stop_token_ids)
         texts = self.tokenizer.batch_decode([c[:-1] if c and c[-1] in stop else c for c in comps],
                                             skip_special_tokens=True)
@@ -95,24 +98,24 @@ class Rollout:
 
     def _draw(self, ids: list[int], seed: int) -> _Draw:
         s = self.cfg.sampling
+        t0 = time.perf_counter()
         prompts, comps, logps, reasons = self.generate(ids, s.group_size, s.temperature, s.top_p, s.top_k, seed)
-        rewards = self.score(ids, s.group_size, comps, reasons)
+        t1 = time.perf_counter()
+        rewards = self.score(ids, s.group_size, comps)
         return _Draw(prompts, comps, logps, {k: [v] for k, v in rewards.items()},
-                     truncated=sum(r == "length" for r in reasons))
+                     truncated=sum(r == "length" for r in reasons), sample_s=t1 - t0,
+                     reward_s=time.perf_counter() - t1)
 
     def collect(self, step: int) -> tuple[Sequences, dict]:
         """This rank's groups for one training step and the step's rollout metrics."""
         a, g = self.cfg.algorithm, self.cfg.sampling.group_size
         kept, seen = _Draw(), _Draw()
         n_kept = drawn = attempt = 0
-        t_sample = t_reward = 0.0
         while True:
             count = self.target if attempt == 0 else self.chunk
             ids = self.loader.next(count)
             if n_kept < self.target:
-                t0 = time.perf_counter()
                 draw = self._draw(ids, step_seed(self.cfg.train.seed, step, self.info.rank, attempt))
-                t_sample += time.perf_counter() - t0
                 overall = draw.rewards[a.filter_key][0].view(-1, g)  # (groups, G)
                 means = overall.mean(dim=1)
                 ok = (means > a.filter_low) & (means < a.filter_high) if a.dynamic_sampling \
@@ -121,6 +124,8 @@ class Rollout:
                 kept.extend(draw, good, g)
                 seen.extend(draw, list(range(len(ids))), g)
                 seen.truncated += draw.truncated
+                seen.sample_s += draw.sample_s
+                seen.reward_s += draw.reward_s
                 n_kept += len(good)
                 drawn += len(ids)
             attempt += 1
@@ -133,9 +138,9 @@ class Rollout:
         rewards = {k: torch.cat(v)[:rows] for k, v in kept.rewards.items()}
         adv = group_advantages(rewards["overall"], g, estimator=a.advantage_estimator) if rows else torch.zeros(0)
         seqs = Sequences(kept.prompt_ids[:rows], kept.completion_ids[:rows], kept.logprobs[:rows], adv, g)
-        return seqs, self._metrics(seen, adv, n_kept, drawn, attempt, t_sample)
+        return seqs, self._metrics(seen, adv, n_kept, drawn, attempt)
 
-    def _metrics(self, seen: _Draw, adv: torch.Tensor, n_kept: int, drawn: int, attempts: int, t_sample: float) -> dict:
+    def _metrics(self, seen: _Draw, adv: torch.Tensor, n_kept: int, drawn: int, attempts: int) -> dict:
         lengths = torch.tensor([len(c) for c in seen.completion_ids], dtype=torch.float64)
         keys = sorted(seen.rewards)
         sums = [torch.cat(seen.rewards[k]).double().sum() for k in keys]
@@ -145,7 +150,7 @@ class Rollout:
                                     torch.tensor(float(drawn))])
         total = D.all_reduce(local)
         longest = D.all_reduce(lengths.max()[None] if len(lengths) else torch.zeros(1, dtype=torch.float64), "max")
-        slowest = D.all_reduce(torch.tensor([t_sample]), "max").item()
+        slowest = D.all_reduce(torch.tensor([seen.sample_s, seen.reward_s], dtype=torch.float64), "max").tolist()
         n_resp = max(total[len(keys) + 1].item(), 1.0)
         out = {f"reward/{k}": total[i].item() / n_resp for i, k in enumerate(keys)}
         base = len(keys)
@@ -161,7 +166,9 @@ class Rollout:
             "rollout/kept_group_fraction": total[base + 7].item() / max(total[base + 8].item(), 1.0),
             "rollout/kept_groups": min(total[base + 7].item(), float(self.cfg.train.prompts_per_step)),
             "rollout/tries": attempts,
-            "throughput/sample_tokens_per_s": total[base].item() / max(slowest, 1e-9),
+            "throughput/sample_tokens_per_s": total[base].item() / max(slowest[0], 1e-9),
+            "time/sample_s": slowest[0],
+            "time/reward_s": slowest[1],
         })
         return out
 
@@ -173,9 +180,9 @@ class Rollout:
         saved, self.prompts = self.prompts, prompts
         try:
             if share:
-                _, comps, _, reasons = self.generate(share, 1, t.eval_temperature, t.eval_top_p, 0,
-                                                     step_seed(t.seed + 1, step, self.info.rank, 0))
-                rewards = self.score(share, 1, comps, reasons)
+                _, comps, _, _ = self.generate(share, 1, t.eval_temperature, t.eval_top_p, 0,
+                                               step_seed(t.seed + 1, step, self.info.rank, 0))
+                rewards = self.score(share, 1, comps)
             else:
                 rewards = {}
         finally:

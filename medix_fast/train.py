@@ -99,6 +99,7 @@ class Trainer:
         self.stop_requested = False
 
         train_examples = load_examples(cfg.data.train_files, cfg.data)  # bad rows fail before any model loads
+        train_examples = train_examples[:cfg.data.max_examples or None]
         val_examples = load_examples(cfg.data.val_files, cfg.data) if cfg.data.val_files else []
         ckpt = self._find_checkpoint(resume)
         dev, dtype = self.info.device, compute_dtype(cfg.model.dtype, self.info.device)
@@ -112,7 +113,7 @@ class Trainer:
         self.bench = Evaluator.from_config(cfg, self.tokenizer, self.info) if cfg.eval.every else None
 
         fsdp = cfg.distributed.strategy == "fsdp"
-        self.objective = PolicyObjective(self.model, cfg.sampling.temperature)
+        self.objective = PolicyObjective(self.model, cfg.sampling.temperature, t.share_prompt)
         self.wrapped = D.wrap(self.objective, self.model, cfg.distributed.strategy, self.info, dtype)
         autocast = dtype if dev.type == "cuda" and dtype != torch.float32 and not fsdp else None
         o = cfg.optim
@@ -124,7 +125,7 @@ class Trainer:
             ref_model, _ = load_model(cfg.model.path, dtype=dtype, device=dev, attn_impl=attn_impl,
                                       gradient_checkpointing=False)
             ref_model.eval().requires_grad_(False)
-            ref = PolicyObjective(ref_model, cfg.sampling.temperature)
+            ref = PolicyObjective(ref_model, cfg.sampling.temperature, t.share_prompt)
         self.updater = Updater(self.objective, self.wrapped, self.optimizer, cfg.algorithm, t, cfg.sampling,
                                self.info, self.tokenizer.pad_token_id or 0, ref, autocast, o.grad_clip)
 
@@ -241,6 +242,11 @@ class Trainer:
                    disable=not (self.info.is_main and cfg.logging.progress))
         records = []
         try:
+            if self.step == 0 and cfg.train.eval_every and self.val_prompts:  # the baseline, as step 0
+                with D.generation_mode(self.wrapped):
+                    baseline = self.rollout.evaluate(self.val_prompts, cfg.train.eval_prompts, 0)
+                self.logger.log(0, baseline)
+                records.append({"step": 0, **baseline})
             while self.step < cfg.train.steps:
                 metrics = self.train_step()
                 self.logger.log(self.step, metrics)

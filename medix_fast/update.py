@@ -2,8 +2,9 @@
 
 For one rollout (this rank's sequences with their advantages) :meth:`Updater.update` runs
 ``ppo_epochs`` passes over mini-batches of whole groups; each mini-batch is one optimizer step,
-its gradient accumulated over micro-batches of at most ``micro_batch_tokens`` padded tokens
-(sequences sorted by length, so little padding). Every loss is normalised over the whole
+its gradient accumulated over micro-batches of whole groups, at most ``micro_batch_tokens``
+padded prompt + completion tokens each (groups sorted by length, so little padding); each
+group's prompt runs through the decoder once for its G completions (``share_prompt``). Every loss is normalised over the whole
 mini-batch as if it were one batch: ``dapo`` by the mini-batch's valid-token count over all
 micro-batches and ranks (``num_items_in_batch``), ``grpo`` / ``dr_grpo`` by its global sequence
 count, ``bnpo`` by this rank's token count (TRL's "local batch"). Ranks pad to the same number
@@ -19,10 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from . import distributed as D
 from .kernels import fused_linear_logprobs, fused_linear_policy_loss
@@ -44,14 +47,16 @@ class Sequences:
 
 @dataclass
 class MicroBatch:
-    rows: list[int]  # indices into Sequences
-    input_ids: torch.Tensor  # (B, T) prompt + completion, right-padded
-    attention_mask: torch.Tensor  # (B, T)
-    gather: torch.Tensor  # (B, C) position of the hidden state that predicts each completion token
+    """Whole groups: each group's prompt once (left-padded), its G completions (right-padded)."""
+
+    rows: list[int]  # indices into Sequences (B = groups x G, group-major)
+    prompt_ids: torch.Tensor  # (n_groups, P) left-padded
+    prompt_mask: torch.Tensor  # (n_groups, P)
     targets: torch.Tensor  # (B, C) completion tokens, right-padded
     mask: torch.Tensor  # (B, C) float, 1 on completion tokens
     advantages: torch.Tensor  # (B,)
     sampling: torch.Tensor  # (B, C) sampler log-probs
+    group_size: int
     old: torch.Tensor | None = None  # (B, C)
     ref: torch.Tensor | None = None  # (B, C)
     tokens: int = 0  # completion tokens (mask sum)
@@ -67,8 +72,8 @@ class MicroBatch:
 
 
 def pack(lengths: list[int], budget: int) -> list[list[int]]:
-    """Indices grouped so that (rows x longest) <= budget tokens; longest first, a longer-than-
-    budget sequence alone."""
+    """Indices grouped so that (items x longest) <= budget tokens; longest first, an item over
+    the budget alone."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches, current = [], []
     for i in order:
@@ -79,63 +84,94 @@ def pack(lengths: list[int], budget: int) -> list[list[int]]:
     return batches + ([current] if current else [])
 
 
-def collate(seqs: Sequences, rows: list[int], pad_id: int, device: torch.device) -> MicroBatch:
-    prompts = [seqs.prompt_ids[r] for r in rows]
+def collate(seqs: Sequences, groups: list[int], pad_id: int, device: torch.device) -> MicroBatch:
+    g = seqs.group_size
+    rows = [k * g + j for k in groups for j in range(g)]
+    prompts = [seqs.prompt_ids[k * g] for k in groups]
+    if any(seqs.prompt_ids[r] != seqs.prompt_ids[(r // g) * g] for r in rows):
+        raise ValueError("every response of a group must share its group's prompt")
     comps = [seqs.completion_ids[r] for r in rows]
-    width = max(len(p) + len(c) for p, c in zip(prompts, comps))
-    clen = max(len(c) for c in comps)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
-    attn = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
-    gather = torch.zeros((len(rows), clen), dtype=torch.long)  # (B, C)
+    plen, clen = max(len(p) for p in prompts), max(len(c) for c in comps)
+    prompt_ids = torch.full((len(groups), plen), pad_id, dtype=torch.long)  # (n_groups, P)
+    prompt_mask = torch.zeros((len(groups), plen), dtype=torch.long)  # (n_groups, P)
     targets = torch.full((len(rows), clen), pad_id, dtype=torch.long)  # (B, C)
     mask = torch.zeros((len(rows), clen))  # (B, C)
     sampling = torch.zeros((len(rows), clen))  # (B, C)
-    for b, (p, c) in enumerate(zip(prompts, comps)):
-        ids[b, :len(p) + len(c)] = torch.tensor(p + c)
-        attn[b, :len(p) + len(c)] = 1
-        gather[b, :len(c)] = torch.arange(len(p) - 1, len(p) + len(c) - 1)
+    for k, p in enumerate(prompts):
+        prompt_ids[k, plen - len(p):] = torch.tensor(p)
+        prompt_mask[k, plen - len(p):] = 1
+    for b, c in enumerate(comps):
         targets[b, :len(c)] = torch.tensor(c, dtype=torch.long)
         mask[b, :len(c)] = 1.0
         sampling[b, :len(c)] = seqs.sampling_logprobs[rows[b]].float()
-    return MicroBatch(list(rows), ids.to(device), attn.to(device), gather.to(device), targets.to(device),
-                      mask.to(device), seqs.advantages[rows].float().to(device), sampling.to(device),
+    return MicroBatch(rows, prompt_ids.to(device), prompt_mask.to(device), targets.to(device), mask.to(device),
+                      seqs.advantages[rows].float().to(device), sampling.to(device), g,
                       tokens=sum(len(c) for c in comps))
 
 
 def padding_batch(template: MicroBatch | None, pad_id: int, device: torch.device) -> MicroBatch:
-    """A zero-weight micro-batch (a copy of ``template``, or two pad tokens) for ranks with fewer."""
+    """A zero-weight micro-batch (a copy of ``template``, or one pad token) for ranks with fewer."""
     if template is not None:
         return replace(template, weight=0.0)
     one = torch.ones((1, 1), device=device)
-    ids = torch.full((1, 2), pad_id, dtype=torch.long, device=device)
-    return MicroBatch([], ids, torch.ones_like(ids), torch.zeros((1, 1), dtype=torch.long, device=device),
-                      ids[:, :1].clone(), one, torch.zeros(1, device=device), torch.zeros_like(one), weight=0.0)
+    ids = torch.full((1, 1), pad_id, dtype=torch.long, device=device)
+    return MicroBatch([], ids, torch.ones_like(ids), ids.clone(), one, torch.zeros(1, device=device),
+                      torch.zeros_like(one), group_size=1, weight=0.0)
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    """Whether activation (gradient) checkpointing is on (the newer transformers name first)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(model, name):
+            return bool(getattr(model, name))
+    return False
 
 
 class PolicyObjective(nn.Module):
-    """Wraps the causal LM so one forward runs decoder + LM head + loss (what DDP / FSDP wrap)."""
+    """Wraps the causal LM so one forward runs decoder + LM head + loss (what DDP / FSDP wrap).
 
-    def __init__(self, model: nn.Module, temperature: float):
+    With ``share_prompt`` each group's prompt goes through the decoder once and its K/V is
+    repeated for the group's G completions (the gradient flows through the shared K/V), instead
+    of G times; without it (and always under gradient checkpointing, which drops the cache) every
+    row is the full prompt + completion. The two give the same loss and gradients.
+    """
+
+    def __init__(self, model: nn.Module, temperature: float, share_prompt: bool = True):
         super().__init__()
         self.model = model
         self.temperature = temperature
+        self.share_prompt = share_prompt
 
     def _hidden(self, mb: MicroBatch) -> torch.Tensor:
-        return hidden_states(self.model, mb.input_ids, attention_mask=mb.attention_mask)  # (B, T, H)
+        """(B, C, H): the final hidden state that predicts each completion token."""
+        g, plen = mb.group_size, mb.prompt_ids.shape[1]
+        prompt_pos = (mb.prompt_mask.cumsum(1) - 1).clamp(min=0)  # (n_groups, P)
+        pmask = mb.prompt_mask.repeat_interleave(g, 0)  # (B, P)
+        full_mask = torch.cat([pmask, mb.mask.to(pmask.dtype)], 1)  # (B, P + C)
+        comp_pos = pmask.sum(1, keepdim=True) + torch.arange(mb.targets.shape[1], device=pmask.device)  # (B, C)
+        if self.share_prompt and not _checkpointing(self.model):
+            decoder, cache = self.model.get_decoder(), DynamicCache()
+            hp = decoder(input_ids=mb.prompt_ids, attention_mask=mb.prompt_mask, position_ids=prompt_pos,
+                         past_key_values=cache, use_cache=True).last_hidden_state  # (n_groups, P, H)
+            cache.batch_repeat_interleave(g)
+            hc = decoder(input_ids=mb.targets, attention_mask=full_mask, position_ids=comp_pos,
+                         past_key_values=cache, use_cache=True).last_hidden_state  # (B, C, H)
+            return torch.cat([hp[:, -1:].repeat_interleave(g, 0), hc[:, :-1]], 1)  # (B, C, H)
+        ids = torch.cat([mb.prompt_ids.repeat_interleave(g, 0), mb.targets], 1)  # (B, P + C)
+        pos = torch.cat([prompt_pos.repeat_interleave(g, 0), comp_pos], 1)  # (B, P + C)
+        hidden = hidden_states(self.model, ids, attention_mask=full_mask, position_ids=pos)  # (B, P + C, H)
+        return hidden[:, plen - 1:-1]  # (B, C, H)
 
     def forward(self, mb: MicroBatch, loss_opts: dict | None = None):
         """(loss, metrics) of ``fused_linear_policy_loss``; with ``loss_opts=None`` the (B, C)
         log-probs of the completion tokens instead (zeros at padding)."""
-        hidden = self._hidden(mb)  # (B, T, H)
+        h = self._hidden(mb)  # (B, C, H)
         weight, bias = lm_head(self.model)
         if loss_opts is None:
             valid = mb.mask.bool()  # (B, C)
-            batch_idx = torch.arange(mb.mask.shape[0], device=mb.mask.device)[:, None].expand_as(valid)
-            rows = hidden[batch_idx[valid], mb.gather[valid]]  # (n_valid, H)
-            logp = fused_linear_logprobs(rows, weight, mb.targets[valid], bias=bias, temperature=self.temperature)
+            logp = fused_linear_logprobs(h[valid], weight, mb.targets[valid], bias=bias,
+                                         temperature=self.temperature)  # (n_valid,)
             return torch.zeros_like(mb.mask).masked_scatter(valid, logp)  # (B, C)
-        width = hidden.shape[-1]
-        h = hidden.gather(1, mb.gather[..., None].expand(-1, -1, width))  # (B, C, H)
         return fused_linear_policy_loss(h, weight, mb.targets, mb.mask, mb.advantages, mb.old, mb.ref,
                                         bias=bias, temperature=self.temperature,
                                         sampling_logprobs=mb.sampling if loss_opts.get("tis_cap") else None,
@@ -189,11 +225,12 @@ class Updater:
         n_groups = len(seqs.completion_ids) // g
         per_mb = max(1, self.train.mini_batch_prompts // self.info.world)
         minis = []
-        for start in range(0, n_groups * g, per_mb * g):
-            rows = list(range(start, min(start + per_mb * g, n_groups * g)))
-            lengths = [len(seqs.prompt_ids[r]) + len(seqs.completion_ids[r]) for r in rows]
-            minis.append([collate(seqs, [rows[i] for i in part], self.pad_id, self.info.device)
-                          for part in pack(lengths, self.train.micro_batch_tokens)])
+        for start in range(0, n_groups, per_mb):
+            groups = list(range(start, min(start + per_mb, n_groups)))
+            sizes = [g * (len(seqs.prompt_ids[k * g]) + max(len(seqs.completion_ids[k * g + j]) for j in range(g)))
+                     for k in groups]  # padded tokens of each group, prompt repeated
+            minis.append([collate(seqs, [groups[i] for i in part], self.pad_id, self.info.device)
+                          for part in pack(sizes, self.train.micro_batch_tokens)])
         count = D.all_reduce(torch.tensor([len(minis)]), "max").item()
         template = minis[0][0] if minis else None
         minis += [[] for _ in range(count - len(minis))]
@@ -221,8 +258,10 @@ class Updater:
 
     def update(self, seqs: Sequences) -> dict:
         """All optimizer steps of one training step; returns averaged metrics."""
+        t0 = time.perf_counter()
         minis = self.plan(seqs)
         self.prepare(minis)
+        t1 = time.perf_counter()
         totals = {k: 0.0 for k in ("loss", "grad_norm", *LOSS_METRICS)}
         steps = skipped = 0
         tokens = 0.0
@@ -262,7 +301,8 @@ class Updater:
         out = {"loss": totals["loss"] / steps if steps else math.nan,
                "grad_norm": totals["grad_norm"] / steps if steps else math.nan}
         out.update({k: totals[k] / tokens if tokens else math.nan for k in LOSS_METRICS})
-        out.update(optimizer_steps=steps, skipped_updates=skipped, train_tokens=tokens)
+        out.update({"optimizer_steps": steps, "skipped_updates": skipped, "train_tokens": tokens,
+                    "time/logprobs_s": t1 - t0, "time/train_s": time.perf_counter() - t1})
         return out
 
     def _clip(self) -> float:

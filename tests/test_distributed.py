@@ -77,8 +77,8 @@ def test_two_process_fsdp_training_run(tmp_path):
               "algorithm.chunk_prompts=4", "algorithm.max_tries=2", "train.eval_every=2", "train.eval_prompts=4",
               "checkpoint.every=2", "logging.progress=false", f"train.output_dir={out}"], tmp_path)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2]
-    assert "eval/overall" in records[1]
+    assert [r["step"] for r in records] == [0, 1, 2]  # 0: the held-out baseline
+    assert "eval/overall" in records[2]
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out / "checkpoints" / "step_00000002" / "model")

@@ -38,7 +38,8 @@ def command(out: Path, *extra: str) -> list[str]:
 def test_three_steps_end_to_end(tmp_path):
     out = tmp_path / "run"
     assert main([*SMALL, f"train.output_dir={out}", "train.steps=3"]) == 0
-    records = read_metrics(out / "metrics.jsonl")
+    baseline, *records = read_metrics(out / "metrics.jsonl")
+    assert baseline["step"] == 0 and "eval/overall" in baseline  # held-out score before training
     assert [r["step"] for r in records] == [1, 2, 3]
     for key in ("reward/overall", "reward/format", "reward/accuracy", "advantage/std", "kl", "clip_high",
                 "entropy", "response/length_mean", "rollout/kept_group_fraction", "throughput/sample_tokens_per_s",
@@ -105,7 +106,7 @@ def test_nonfinite_updates_are_skipped_then_training_stops(tmp_path, monkeypatch
                  "train.mini_batch_prompts=4", "train.eval_every=0", "algorithm.dynamic_sampling=false"]) == 1
     assert "NaN/inf" in capsys.readouterr().err
     records = read_metrics(out / "metrics.jsonl")
-    assert [r["skipped_updates"] for r in records] == [1.0, 1.0]
+    assert [r["skipped_updates"] for r in records] == [1.0, 1.0]  # (eval off: no step-0 record)
     assert all(r["optimizer_steps"] == 0 for r in records)
 
 
@@ -133,3 +134,16 @@ def test_bad_data_rows_fail_before_training_unless_not_strict(tmp_path, capsys):
 def _single_thread(monkeypatch):
     """Subprocesses of these tests share the CI machine's cores with pytest itself."""
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+
+
+def test_metrics_file_truncates_to_the_resumed_step(tmp_path):
+    from medix_fast.metrics import MetricsLogger, truncate_after
+
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    for step in (1, 2, 3):
+        logger.log(step, {"reward/overall": step / 10, "loss": torch.tensor(0.5)})
+    truncate_after(tmp_path / "metrics.jsonl", 2)
+    assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1, "reward/overall": 0.1, "loss": 0.5},
+                                                       {"step": 2, "reward/overall": 0.2, "loss": 0.5}]
+    pytest.importorskip("matplotlib")
+    assert logger.close(plot=True).stat().st_size > 0

@@ -119,9 +119,9 @@ def reference_run(model, ref_model, seqs: Sequences, a: AlgorithmConfig, mini_gr
     return sum(losses) / len(losses), model
 
 
-def run_updater(model, ref_model, seqs, a, mini_groups: int, micro_tokens: int, lr: float):
+def run_updater(model, ref_model, seqs, a, mini_groups: int, micro_tokens: int, lr: float, share: bool = True):
     model = copy.deepcopy(model)
-    objective = PolicyObjective(model, temperature=1.0)
+    objective = PolicyObjective(model, temperature=1.0, share_prompt=share)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     ref = PolicyObjective(ref_model, 1.0) if ref_model is not None else None
     train = TrainConfig(prompts_per_step=len(seqs.completion_ids) // G, mini_batch_prompts=mini_groups,
@@ -138,17 +138,19 @@ def setup():
     return model, ref_model, make_sequences(4, model=model)
 
 
-CASES = [(name, "sampler", 1, 4, 40) for name in sorted(ALGORITHMS)] + [
-    (name, "recompute", 2, 2, 64) for name in ("grpo_kl", "dapo", "gspo_token")]
+CASES = [(name, "sampler", 1, 4, 40, True) for name in sorted(ALGORITHMS)] + [
+    (name, "recompute", 2, 2, 64, share) for name in ("grpo_kl", "dapo", "gspo_token") for share in (True, False)]
 
 
-@pytest.mark.parametrize("name, old, epochs, mini_groups, micro_tokens", CASES)
-def test_update_matches_fp64_first_principles(setup, name, old, epochs, mini_groups, micro_tokens):
+@pytest.mark.parametrize("name, old, epochs, mini_groups, micro_tokens, share", CASES)
+def test_update_matches_fp64_first_principles(setup, name, old, epochs, mini_groups, micro_tokens, share):
     """One optimizer step with the sampler's log-probs as old; or 2 epochs x 2 mini-batches
-    with recomputed old log-probs (the first mini-batch of epoch 1 differs from epoch 2's)."""
+    with recomputed old log-probs (the first mini-batch of epoch 1 differs from epoch 2's),
+    with each group's prompt run once (share) or once per response."""
     model, ref_model, seqs = setup
     a = AlgorithmConfig(old_logprobs=old, ppo_epochs=epochs, **ALGORITHMS[name])
-    metrics, trained = run_updater(model, ref_model if a.beta else None, seqs, a, mini_groups, micro_tokens, lr=0.5)
+    metrics, trained = run_updater(model, ref_model if a.beta else None, seqs, a, mini_groups, micro_tokens, lr=0.5,
+                                   share=share)
     want, want_model = reference_run(model, ref_model, seqs, a, mini_groups, lr=0.5)
     assert metrics["optimizer_steps"] == epochs * 4 // mini_groups
     assert metrics["loss"] == pytest.approx(want, rel=1e-5, abs=1e-6)
@@ -160,11 +162,12 @@ def test_update_matches_fp64_first_principles(setup, name, old, epochs, mini_gro
 
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
 def test_gradient_accumulation_equals_one_big_batch(setup, name):
+    """One micro-batch with shared prompts vs one group per micro-batch, prompts repeated."""
     model, ref_model, seqs = setup
     a = AlgorithmConfig(old_logprobs="sampler", **ALGORITHMS[name])
     ref = ref_model if a.beta else None
     one, big = run_updater(model, ref, seqs, a, mini_groups=4, micro_tokens=10_000, lr=0.5)
-    many, small = run_updater(model, ref, seqs, a, mini_groups=4, micro_tokens=20, lr=0.5)
+    many, small = run_updater(model, ref, seqs, a, mini_groups=4, micro_tokens=20, lr=0.5, share=False)
     assert one["loss"] == pytest.approx(many["loss"], rel=1e-6, abs=1e-7)
     for p, q in zip(big.parameters(), small.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
