@@ -165,6 +165,9 @@ def hidden_states(
     if is_vl(model):
         if position_ids is None:
             position_ids = mrope_positions(model, input_ids, attention_mask, image_grid_thw)  # (3, B, T)
+        elif pixel_values is not None and position_ids.dim() == 2:
+            raise ValueError("a VL model with images needs multimodal positions (3, B, T) "
+                             "(models.mrope_positions), got 2-D position_ids")
         out = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           pixel_values=pixel_values, image_grid_thw=image_grid_thw, use_cache=False)
     else:
@@ -177,3 +180,43 @@ def lm_head(model: PreTrainedModel) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The output projection: weight (V, H) and bias (V,) or None. Tied to the embeddings when the config says so."""
     head = model.get_output_embeddings()
     return head.weight, getattr(head, "bias", None)
+
+
+def prompt_hidden_states(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    past_key_values=None,
+    pixel_values: torch.Tensor | None = None,
+    image_grid_thw: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompts (B, P) through the model once, filling ``past_key_values``: their hidden
+    states (B, P, H) and the position each one's continuation starts at (B,). Text: the token count;
+    VL: the largest mrope position + 1 (the images go through the vision tower here)."""
+    if is_vl(model):
+        positions = mrope_positions(model, input_ids, attention_mask, image_grid_thw)  # (3, B, P)
+        out = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                          pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                          past_key_values=past_key_values, use_cache=past_key_values is not None)
+        return out.last_hidden_state, positions.amax((0, 2)) + 1  # (B, P, H), (B,)
+    positions = (attention_mask.cumsum(1) - 1).clamp(min=0)  # (B, P)
+    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                              past_key_values=past_key_values, use_cache=past_key_values is not None)
+    return out.last_hidden_state, attention_mask.sum(1)  # (B, P, H), (B,)
+
+
+def continuation_hidden_states(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    start: torch.Tensor,
+    past_key_values,
+) -> torch.Tensor:
+    """Hidden states (B, C, H) of tokens that continue the prompts in ``past_key_values`` (from
+    :func:`prompt_hidden_states`, its start positions ``start`` (B,) repeated to B rows if the
+    cache was). ``attention_mask`` (B, P + C) covers prompt and continuation. Positions are
+    ``start + 0, 1, ...``, the same on the three mrope axes of a VL model (text after the image)."""
+    positions = start[:, None] + torch.arange(input_ids.shape[1], device=input_ids.device)  # (B, C)
+    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                              past_key_values=past_key_values, use_cache=True)
+    return out.last_hidden_state  # (B, C, H)

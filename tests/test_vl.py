@@ -234,3 +234,37 @@ def test_vision_tower_can_be_frozen(vl):
     finally:
         set_vision_trainable(model, True)
     assert all(p.requires_grad for p in model.model.visual.parameters())
+
+
+def test_shared_prompt_with_images_equals_the_full_sequences(vl, prompts):
+    """A group's image prompt run once (K/V repeated over G) then its completions: the same hidden
+    states as every full prompt + completion through hidden_states, which is what training needs."""
+    from transformers import DynamicCache
+
+    from medix_fast.models import continuation_hidden_states, prompt_hidden_states
+
+    model, _, vision = vl
+    pix = pixels(vision, prompts[:2])
+    g, comps = 2, [[30, 31, 32], [33, 34], [35], [36, 37, 38]]  # 2 groups x G=2, right-padded to 3
+    plen = max(len(p.ids) for p in prompts[:2])
+    pids = torch.tensor([[0] * (plen - len(p.ids)) + p.ids for p in prompts[:2]])  # (2, P) left-padded
+    pmask = torch.tensor([[int(j >= plen - len(p.ids)) for j in range(plen)] for p in prompts[:2]])  # (2, P)
+    targets = torch.tensor([c + [0] * (3 - len(c)) for c in comps])  # (4, 3)
+    cmask = torch.tensor([[1] * len(c) + [0] * (3 - len(c)) for c in comps])  # (4, 3)
+    vision_in = dict(pixel_values=torch.cat([p.pixel_values for p in pix]),
+                     image_grid_thw=torch.cat([p.image_grid_thw for p in pix]))
+    with torch.no_grad():
+        cache = DynamicCache()
+        hp, start = prompt_hidden_states(model, pids, pmask, cache, **vision_in)  # (2, P, H), (2,)
+        cache.batch_repeat_interleave(g)
+        full_mask = torch.cat([pmask.repeat_interleave(g, 0), cmask], 1)  # (4, P + 3)
+        hc = continuation_hidden_states(model, targets, full_mask, start.repeat_interleave(g), cache)  # (4, 3, H)
+        for b, c in enumerate(comps):
+            p = prompts[b // g]
+            x = torch.tensor([p.ids + c])
+            ref = hidden_states(model, x, torch.ones_like(x), pixel_values=pix[b // g].pixel_values,
+                                image_grid_thw=pix[b // g].image_grid_thw)[0]  # (len, H)
+            torch.testing.assert_close(hp[b // g, -1], ref[len(p.ids) - 1], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(hc[b, :len(c)], ref[len(p.ids):], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"needs multimodal positions \(3, B, T\)"):
+        hidden_states(model, pids, pmask, position_ids=torch.zeros_like(pids), **vision_in)
