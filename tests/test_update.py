@@ -180,3 +180,18 @@ def test_pack_respects_the_token_budget():
     for b in batches:
         assert len(b) == 1 or max(lengths[i] for i in b) * len(b) <= 20
     assert [30] in [[lengths[i] for i in b] for b in batches]  # too long for the budget: alone
+
+
+def test_gradient_checkpointing_gives_the_same_update(setup):
+    """Under activation checkpointing (prompt sharing is then off: the decoder drops its cache)."""
+    model, _, seqs = setup
+    a = AlgorithmConfig(old_logprobs="sampler", **ALGORITHMS["dapo"])
+    plain, want = run_updater(model, None, seqs, a, mini_groups=4, micro_tokens=10_000, lr=0.5)
+    ckpt = copy.deepcopy(model)
+    (getattr(ckpt, "activation_checkpointing_enable", None) or ckpt.gradient_checkpointing_enable)(
+        {"use_reentrant": False})
+    ckpt.train()
+    got, trained = run_updater(ckpt, None, seqs, a, mini_groups=4, micro_tokens=10_000, lr=0.5)
+    assert got["loss"] == pytest.approx(plain["loss"], rel=1e-6)
+    for p, q in zip(trained.parameters(), want.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
