@@ -36,6 +36,7 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     attn_impl: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
     gradient_checkpointing: bool = False
+    train_vision: bool = True  # VL models: train the vision tower too (MediX does), or freeze it
 
 
 @dataclass
@@ -46,6 +47,8 @@ class DataConfig:
     problem_key: str = "problem"
     solution_key: str = "solution"
     image_key: str = "image"
+    min_pixels: int = 0  # VL models: images resized to at least / at most this many pixels
+    max_pixels: int = 0  # (0: the checkpoint's image processor's own limits); MediX 262144 / 4194304
     max_prompt_length: int = 4352  # tokens; longer prompts are dropped (counted in the log)
     strict: bool = True  # False: skip malformed rows (counted) instead of failing before training
     max_examples: int = 0  # keep only the first N valid training rows (0: all), for quick runs
@@ -319,6 +322,10 @@ def check(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be > 0, got {value}")
+    if cfg.data.min_pixels < 0 or cfg.data.max_pixels < 0 or (
+            cfg.data.min_pixels and cfg.data.max_pixels and cfg.data.min_pixels > cfg.data.max_pixels):
+        raise ConfigError(f"data.min_pixels / data.max_pixels: need 0 <= min <= max (0: the model's own), "
+                          f"got {cfg.data.min_pixels} / {cfg.data.max_pixels}")
     if cfg.data.max_examples < 0:
         raise ConfigError(f"data.max_examples: must be >= 0 (0: all rows), got {cfg.data.max_examples}")
     if s.group_size < 2:

@@ -31,6 +31,7 @@ class _Draw:
     """Sampled and scored groups, flat and group-major."""
 
     prompt_ids: list[list[int]] = field(default_factory=list)
+    images: list = field(default_factory=list)  # a medix_fast.vision.PixelBatch or None per response
     completion_ids: list[list[int]] = field(default_factory=list)
     logprobs: list[torch.Tensor] = field(default_factory=list)
     rewards: dict[str, list[torch.Tensor]] = field(default_factory=dict)
@@ -41,6 +42,7 @@ class _Draw:
     def extend(self, other: "_Draw", groups: list[int], g: int) -> None:
         rows = [gi * g + k for gi in groups for k in range(g)]
         self.prompt_ids += [other.prompt_ids[r] for r in rows]
+        self.images += [other.images[r] for r in rows]
         self.completion_ids += [other.completion_ids[r] for r in rows]
         self.logprobs += [other.logprobs[r] for r in rows]
         for key, value in other.rewards.items():
@@ -64,8 +66,9 @@ def step_seed(seed: int, step: int, rank: int, attempt: int) -> int:
 
 
 class Rollout:
-    def __init__(self, sampler, reward_fn, tokenizer, prompts, loader, cfg, info: D.DistInfo, stop_token_ids):
-        self.sampler, self.reward_fn, self.tokenizer = sampler, reward_fn, tokenizer
+    def __init__(self, sampler, reward_fn, tokenizer, prompts, loader, cfg, info: D.DistInfo, stop_token_ids,
+                 vision=None):
+        self.sampler, self.reward_fn, self.tokenizer, self.vision = sampler, reward_fn, tokenizer, vision
         self.prompts, self.loader, self.cfg, self.info = prompts, loader, cfg, info
         self.stop_token_ids = stop_token_ids
         world = info.world
@@ -76,16 +79,27 @@ class Rollout:
         self.target = t.prompts_per_step // world
         self.chunk = max(1, (cfg.algorithm.chunk_prompts or t.prompts_per_step) // world)
 
+    def pixels(self, ids: list[int]) -> list:
+        """Each prompt's image decoded and patchified (a PixelBatch; None without image or VL model)."""
+        from .vision import load_image
+
+        return [self.vision.encode([load_image(self.prompts[i].image)])
+                if self.vision is not None and self.prompts[i].image is not None else None for i in ids]
+
     def generate(self, ids: list[int], n: int, temperature: float, top_p: float, top_k: int, seed: int):
-        """(prompt ids per response, completions, sampling log-probs, finish reasons), prompt-major."""
+        """(prompt ids per response, completions, sampling log-probs, finish reasons, images per
+        response), prompt-major; each image is encoded once for its prompt's n responses."""
         prompt_ids = [self.prompts[i].ids for i in ids]
+        images = self.pixels(ids)
         out = self.sampler.generate(prompt_ids, n=n, max_new_tokens=self.cfg.sampling.max_new_tokens,
                                     temperature=temperature, top_p=top_p, top_k=top_k,
-                                    stop_token_ids=self.stop_token_ids, seed=seed)
+                                    stop_token_ids=self.stop_token_ids, seed=seed,
+                                    images=images if self.vision is not None else None)
         comps = [list(c) for c in out.completion_ids]
         logps = [lp.detach().float().cpu() for lp in out.logprobs]
         reasons = list(out.finish_reasons)
-        return [p for p in prompt_ids for _ in range(n)], comps, logps, reasons
+        return ([p for p in prompt_ids for _ in range(n)], comps, logps, reasons,
+                [b for b in images for _ in range(n)])
 
     def score(self, ids: list[int], n: int, comps: list[list[int]]) -> dict[str, torch.Tensor]:
         """Rewards of the decoded completions (stop token dropped) against the prompts' solutions."""
@@ -99,10 +113,11 @@ class Rollout:
     def _draw(self, ids: list[int], seed: int) -> _Draw:
         s = self.cfg.sampling
         t0 = time.perf_counter()
-        prompts, comps, logps, reasons = self.generate(ids, s.group_size, s.temperature, s.top_p, s.top_k, seed)
+        prompts, comps, logps, reasons, images = self.generate(ids, s.group_size, s.temperature, s.top_p, s.top_k,
+                                                               seed)
         t1 = time.perf_counter()
         rewards = self.score(ids, s.group_size, comps)
-        return _Draw(prompts, comps, logps, {k: [v] for k, v in rewards.items()},
+        return _Draw(prompts, images, comps, logps, {k: [v] for k, v in rewards.items()},
                      truncated=sum(r == "length" for r in reasons), sample_s=t1 - t0,
                      reward_s=time.perf_counter() - t1)
 
@@ -137,7 +152,8 @@ class Rollout:
         rows = min(n_kept, self.target) * g
         rewards = {k: torch.cat(v)[:rows] for k, v in kept.rewards.items()}
         adv = group_advantages(rewards["overall"], g, estimator=a.advantage_estimator) if rows else torch.zeros(0)
-        seqs = Sequences(kept.prompt_ids[:rows], kept.completion_ids[:rows], kept.logprobs[:rows], adv, g)
+        seqs = Sequences(kept.prompt_ids[:rows], kept.completion_ids[:rows], kept.logprobs[:rows], adv, g,
+                         kept.images[:rows])
         return seqs, self._metrics(seen, adv, n_kept, drawn, attempt)
 
     def _metrics(self, seen: _Draw, adv: torch.Tensor, n_kept: int, drawn: int, attempts: int) -> dict:
@@ -180,7 +196,7 @@ class Rollout:
         saved, self.prompts = self.prompts, prompts
         try:
             if share:
-                _, comps, _, _ = self.generate(share, 1, t.eval_temperature, t.eval_top_p, 0,
+                _, comps, _, _, _ = self.generate(share, 1, t.eval_temperature, t.eval_top_p, 0,
                                                step_seed(t.seed + 1, step, self.info.rank, 0))
                 rewards = self.score(share, 1, comps)
             else:

@@ -4,6 +4,7 @@
     python -m medix_fast.train --config configs/medix_r1_8b_dapo.yaml train.output_dir=runs/8b
     python -m medix_fast.train --config configs/tiny.yaml train.steps=10 optim.lr=3e-4 --strict false
     python -m medix_fast.train --config ... --resume              # continue from the latest checkpoint
+    python -m medix_fast.train --config ... --resume-from runs/x/checkpoints/step_00000040
     torchrun --nproc_per_node=8 -m medix_fast.train --config ...  # multi-GPU (see distributed.py)
 
 One training step (``Trainer.step``):
@@ -50,11 +51,12 @@ from .config import Config, ConfigError, load_config, save_config
 from .data import DataError, PromptLoader, build_prompts, load_examples
 from .eval import Evaluator
 from .metrics import MetricsLogger, truncate_after
-from .models import load_model
+from .models import image_token_id, is_vl, load_image_processor, load_model, set_vision_trainable
 from .rewards import build_reward
 from .rollout import Rollout, stop_ids
 from .sampler import Sampler
 from .update import PolicyObjective, Updater
+from .vision import Vision
 
 log = logging.getLogger("medix_fast.train")
 
@@ -108,8 +110,14 @@ class Trainer:
                                                 device=dev, attn_impl=attn_impl,
                                                 gradient_checkpointing=cfg.model.gradient_checkpointing)
         self.model.train()
-        self.prompts, _ = build_prompts(train_examples, self.tokenizer, cfg.data.max_prompt_length)
-        self.val_prompts = build_prompts(val_examples, self.tokenizer, cfg.data.max_prompt_length)[0] if val_examples else []
+        vision = None
+        if is_vl(self.model):  # images go before the question; the tower trains unless model.train_vision is off
+            set_vision_trainable(self.model, cfg.model.train_vision)
+            vision = Vision(load_image_processor(cfg.model.path), image_token_id(self.model),
+                            cfg.data.min_pixels or None, cfg.data.max_pixels or None)
+        self.prompts, _ = build_prompts(train_examples, self.tokenizer, cfg.data.max_prompt_length, vision)
+        self.val_prompts = build_prompts(val_examples, self.tokenizer, cfg.data.max_prompt_length,
+                                         vision)[0] if val_examples else []
         self.bench = Evaluator.from_config(cfg, self.tokenizer, self.info) if cfg.eval.every else None
 
         fsdp = cfg.distributed.strategy == "fsdp"
@@ -138,7 +146,7 @@ class Trainer:
         self.loader = PromptLoader(len(self.prompts), t.seed, cfg.data.shuffle, self.info.rank, world)
         reward_fn = build_reward(cfg.rewards, dev, dtype)
         self.rollout = Rollout(self.sampler, reward_fn, self.tokenizer, self.prompts, self.loader, cfg, self.info,
-                               stop_ids(self.tokenizer, self.model))
+                               stop_ids(self.tokenizer, self.model), vision)
         self.step = 0
         if ckpt:
             self._restore(ckpt)
@@ -160,7 +168,7 @@ class Trainer:
             log.warning("--resume: no checkpoint under %s yet, starting from scratch",
                         C.checkpoint_root(self.cfg.train.output_dir))
         elif not (found / "trainer_state.pt").exists():
-            raise FileNotFoundError(f"--resume {found}: not a checkpoint directory (no trainer_state.pt)")
+            raise ConfigError(f"--resume-from {found}: not a checkpoint directory (no trainer_state.pt)")
         return found
 
     def _restore(self, path: Path) -> None:
@@ -289,8 +297,10 @@ def parse_args(argv: list[str] | None):
                                 epilog="overrides: section.key=value, e.g. train.steps=20 optim.lr=1e-5 "
                                        "data.train_files=[a.jsonl,b.parquet]")
     p.add_argument("--config", help="YAML config (default: the packaged configs/tiny.yaml)")
-    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-                   help="continue from the latest checkpoint in train.output_dir (or the one given)")
+    p.add_argument("--resume", action="store_const", const="latest", default=None,
+                   help="continue from the latest checkpoint in train.output_dir")
+    p.add_argument("--resume-from", dest="resume", metavar="CHECKPOINT",
+                   help="continue from this checkpoint directory (.../checkpoints/step_N)")
     p.add_argument("--strict", type=_bool, default=None, metavar="{true,false}",
                    help="same as data.strict=...: false skips malformed rows instead of failing")
     p.add_argument("overrides", nargs="*", help="section.key=value")

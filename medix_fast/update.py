@@ -29,7 +29,7 @@ from transformers import DynamicCache
 
 from . import distributed as D
 from .kernels import fused_linear_logprobs, fused_linear_policy_loss
-from .models import hidden_states, lm_head
+from .models import continuation_hidden_states, hidden_states, lm_head, prompt_hidden_states
 
 LOSS_METRICS = ("ratio_mean", "clip_low", "clip_high", "clip_dual", "kl", "entropy")
 
@@ -43,6 +43,7 @@ class Sequences:
     sampling_logprobs: list[torch.Tensor]  # (len(completion),) fp32 each
     advantages: torch.Tensor  # (N,) float32
     group_size: int
+    images: list | None = None  # VL: a medix_fast.vision.PixelBatch or None per row (its group's prompt image)
 
 
 @dataclass
@@ -61,6 +62,8 @@ class MicroBatch:
     ref: torch.Tensor | None = None  # (B, C)
     tokens: int = 0  # completion tokens (mask sum)
     weight: float = 1.0  # 0 for the padding micro-batches that keep the ranks in step
+    pixel_values: torch.Tensor | None = None  # VL: the groups' prompt images' patches, in group order
+    image_grid_thw: torch.Tensor | None = None  # (n_images, 3)
 
     @property
     def n_tokens(self) -> int:
@@ -104,9 +107,12 @@ def collate(seqs: Sequences, groups: list[int], pad_id: int, device: torch.devic
         targets[b, :len(c)] = torch.tensor(c, dtype=torch.long)
         mask[b, :len(c)] = 1.0
         sampling[b, :len(c)] = seqs.sampling_logprobs[rows[b]].float()
+    pix = [b for b in (seqs.images[k * g] for k in groups) if b is not None] if seqs.images else []
     return MicroBatch(rows, prompt_ids.to(device), prompt_mask.to(device), targets.to(device), mask.to(device),
                       seqs.advantages[rows].float().to(device), sampling.to(device), g,
-                      tokens=sum(len(c) for c in comps))
+                      tokens=sum(len(c) for c in comps),
+                      pixel_values=torch.cat([b.pixel_values for b in pix]).to(device) if pix else None,
+                      image_grid_thw=torch.cat([b.image_grid_thw for b in pix]).to(device) if pix else None)
 
 
 def padding_batch(template: MicroBatch | None, pad_id: int, device: torch.device) -> MicroBatch:
@@ -127,6 +133,15 @@ def _checkpointing(model: nn.Module) -> bool:
     return False
 
 
+def _repeat_images(mb: MicroBatch, g: int) -> dict:
+    """The micro-batch's image inputs for its B = groups x G rows: a prompt has at most one image
+    (``Prompt.image``) and rows are group-major, so each image is repeated G times in place."""
+    counts = mb.image_grid_thw.prod(-1).tolist()  # patches per image
+    pieces = torch.split(mb.pixel_values, counts)
+    return {"pixel_values": torch.cat([p for p in pieces for _ in range(g)]),  # (G * patches, D)
+            "image_grid_thw": mb.image_grid_thw.repeat_interleave(g, 0)}  # (G * n_images, 3)
+
+
 class PolicyObjective(nn.Module):
     """Wraps the causal LM so one forward runs decoder + LM head + loss (what DDP / FSDP wrap).
 
@@ -145,21 +160,26 @@ class PolicyObjective(nn.Module):
     def _hidden(self, mb: MicroBatch) -> torch.Tensor:
         """(B, C, H): the final hidden state that predicts each completion token."""
         g, plen = mb.group_size, mb.prompt_ids.shape[1]
-        prompt_pos = (mb.prompt_mask.cumsum(1) - 1).clamp(min=0)  # (n_groups, P)
         pmask = mb.prompt_mask.repeat_interleave(g, 0)  # (B, P)
         full_mask = torch.cat([pmask, mb.mask.to(pmask.dtype)], 1)  # (B, P + C)
-        comp_pos = pmask.sum(1, keepdim=True) + torch.arange(mb.targets.shape[1], device=pmask.device)  # (B, C)
+        vision = {"pixel_values": mb.pixel_values, "image_grid_thw": mb.image_grid_thw}
         if self.share_prompt and not _checkpointing(self.model):
-            decoder, cache = self.model.get_decoder(), DynamicCache()
-            hp = decoder(input_ids=mb.prompt_ids, attention_mask=mb.prompt_mask, position_ids=prompt_pos,
-                         past_key_values=cache, use_cache=True).last_hidden_state  # (n_groups, P, H)
+            cache = DynamicCache()
+            hp, start = prompt_hidden_states(self.model, mb.prompt_ids, mb.prompt_mask, cache,
+                                             **vision)  # (n_groups, P, H), (n_groups,)
             cache.batch_repeat_interleave(g)
-            hc = decoder(input_ids=mb.targets, attention_mask=full_mask, position_ids=comp_pos,
-                         past_key_values=cache, use_cache=True).last_hidden_state  # (B, C, H)
+            hc = continuation_hidden_states(self.model, mb.targets, full_mask, start.repeat_interleave(g),
+                                            cache)  # (B, C, H)
             return torch.cat([hp[:, -1:].repeat_interleave(g, 0), hc[:, :-1]], 1)  # (B, C, H)
         ids = torch.cat([mb.prompt_ids.repeat_interleave(g, 0), mb.targets], 1)  # (B, P + C)
-        pos = torch.cat([prompt_pos.repeat_interleave(g, 0), comp_pos], 1)  # (B, P + C)
-        hidden = hidden_states(self.model, ids, attention_mask=full_mask, position_ids=pos)  # (B, P + C, H)
+        if mb.pixel_values is not None:  # every row carries its group's image; mrope from the full rows
+            vision = _repeat_images(mb, g)
+            pos = None
+        else:
+            prompt_pos = (mb.prompt_mask.cumsum(1) - 1).clamp(min=0)  # (n_groups, P)
+            comp_pos = pmask.sum(1, keepdim=True) + torch.arange(mb.targets.shape[1], device=pmask.device)  # (B, C)
+            pos = torch.cat([prompt_pos.repeat_interleave(g, 0), comp_pos], 1)  # (B, P + C)
+        hidden = hidden_states(self.model, ids, full_mask, pos, **vision)  # (B, P + C, H)
         return hidden[:, plen - 1:-1]  # (B, C, H)
 
     def forward(self, mb: MicroBatch, loss_opts: dict | None = None):

@@ -6,6 +6,7 @@ sample images, image columns and their errors, multimodal positions, sampler par
 """
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -268,3 +269,60 @@ def test_shared_prompt_with_images_equals_the_full_sequences(vl, prompts):
             torch.testing.assert_close(hc[b, :len(c)], ref[len(p.ids):], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match=r"needs multimodal positions \(3, B, T\)"):
         hidden_states(model, pids, pmask, position_ids=torch.zeros_like(pids), **vision_in)
+
+
+def test_policy_logprobs_with_images_shared_prompt_equals_full_rows(vl, prompts):
+    """PolicyObjective on a collated image micro-batch: the shared-prompt path (image encoded
+    once per group) and the full-row path (each row with its group's image) agree."""
+    from medix_fast.update import PolicyObjective, Sequences, collate
+
+    model, _, vision = vl
+    pix = pixels(vision, prompts[:2])
+    g = 2
+    comps = [[30, 31, 32], [33, 34], [35], [36, 37, 38]]
+    seqs = Sequences([prompts[k].ids for k in (0, 0, 1, 1)], comps, [torch.zeros(len(c)) for c in comps],
+                     torch.tensor([1.0, -1.0, 0.5, -0.5]), g, [pix[k] for k in (0, 0, 1, 1)])
+    mb = collate(seqs, [0, 1], 0, torch.device("cpu"))
+    assert mb.image_grid_thw.shape == (2, 3)
+    with torch.no_grad():
+        shared = PolicyObjective(model, 1.0, share_prompt=True)(mb)  # (B, C)
+        full = PolicyObjective(model, 1.0, share_prompt=False)(mb)  # (B, C)
+    torch.testing.assert_close(shared, full, atol=1e-5, rtol=1e-5)
+    assert (shared[mb.mask.bool()] < 0).all()
+
+
+@pytest.mark.parametrize("train_vision", [True, False])
+def test_one_training_step_on_images_end_to_end(tmp_path, train_vision):
+    from safetensors.torch import load_file
+
+    from medix_fast.checkpoint import latest_checkpoint
+    from medix_fast.metrics import read_metrics
+    from medix_fast.tiny import ensure_tiny_model
+    from medix_fast.train import main
+
+    out = tmp_path / "run"
+    assert main(["model.path=tiny-vl", "data.train_files=[sample:train_vl]", "data.val_files=[]",
+                 "data.min_pixels=784", "data.max_pixels=12544", f"model.train_vision={str(train_vision).lower()}",
+                 "train.steps=1", "train.prompts_per_step=2", "train.mini_batch_prompts=2", "sampling.group_size=4",
+                 "sampling.max_new_tokens=40", "algorithm.chunk_prompts=4", "algorithm.max_tries=4",
+                 "train.eval_every=0", "checkpoint.every=1", "logging.progress=false", "optim.lr=1e-2",
+                 f"train.output_dir={out}"]) == 0
+    (record,) = read_metrics(out / "metrics.jsonl")  # dynamic sampling kept groups with a reward spread
+    assert record["optimizer_steps"] == 1 and record["advantage/abs_mean"] > 0 and record["grad_norm"] > 0
+    before = load_file(ensure_tiny_model(vl=True) / "model.safetensors")
+    after = load_file(latest_checkpoint(out) / "model" / "model.safetensors")
+    visual = [k for k in before if ".visual." in k or k.startswith("visual.")]
+    assert visual and any(k in after for k in visual)
+    changed = any(not torch.equal(before[k], after[k]) for k in visual if k in after)
+    assert changed == train_vision
+
+
+def test_pixel_limits_in_the_config_are_checked():
+    from medix_fast.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="data.min_pixels / data.max_pixels"):
+        load_config(None, ["data.min_pixels=5000", "data.max_pixels=100"])
+    with pytest.raises(ConfigError, match="data.min_pixels / data.max_pixels"):
+        load_config(None, ["data.min_pixels=-1"])
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "medix_r1_7b_gspo.yaml")
+    assert (cfg.data.min_pixels, cfg.data.max_pixels, cfg.model.train_vision) == (262_144, 4_194_304, True)
