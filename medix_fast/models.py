@@ -16,6 +16,7 @@ architecture's module functions process-wide, which is why it is CUDA only.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pathlib
@@ -68,10 +69,13 @@ def apply_liger(model: PreTrainedModel) -> bool:
 
 
 def load_tokenizer(path: pathlib.Path) -> PreTrainedTokenizerBase:
-    """The checkpoint's tokenizer with its chat template; pad falls back to eos when unset."""
+    """The checkpoint's tokenizer with its chat template (a VL checkpoint may keep it in the
+    processor's ``chat_template.json``); pad falls back to eos when unset."""
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise ValueError(f"no tokenizer in {str(path)!r}: expected one of {', '.join(TOKENIZER_FILES)}")
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if not tokenizer.chat_template and (path / "chat_template.json").is_file():
+        tokenizer.chat_template = json.loads((path / "chat_template.json").read_text())["chat_template"]
     if not tokenizer.chat_template:
         raise ValueError(f"the tokenizer in {str(path)!r} has no chat template (the MediX prompt needs one)")
     if tokenizer.pad_token is None:

@@ -326,3 +326,20 @@ def test_pixel_limits_in_the_config_are_checked():
         load_config(None, ["data.min_pixels=-1"])
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "medix_r1_7b_gspo.yaml")
     assert (cfg.data.min_pixels, cfg.data.max_pixels, cfg.model.train_vision) == (262_144, 4_194_304, True)
+
+
+def test_chat_template_from_the_processor_file(vl, tmp_path):
+    """Qwen VL checkpoints may ship the chat template only in the processor's chat_template.json."""
+    from medix_fast.models import load_tokenizer
+
+    _, tokenizer, _ = vl
+    template = tokenizer.chat_template
+    tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="no chat template"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    assert load_tokenizer(tmp_path).chat_template == template
