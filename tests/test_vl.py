@@ -289,6 +289,11 @@ def test_policy_logprobs_with_images_shared_prompt_equals_full_rows(vl, prompts)
         full = PolicyObjective(model, 1.0, share_prompt=False)(mb)  # (B, C)
     torch.testing.assert_close(shared, full, atol=1e-5, rtol=1e-5)
     assert (shared[mb.mask.bool()] < 0).all()
+    with torch.no_grad():  # packed with another group, each group's image stays with its rows
+        alone = [PolicyObjective(model, 1.0)(collate(seqs, [k], 0, torch.device("cpu"))) for k in (0, 1)]
+    for k, part in enumerate(alone):
+        width = part.shape[1]
+        torch.testing.assert_close(shared[k * g:(k + 1) * g, :width], part, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("train_vision", [True, False])
