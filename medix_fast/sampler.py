@@ -108,6 +108,7 @@ class Sampler:
         self.decode_mode, self.share_prefix, self.sync_every = decode_mode, share_prefix, sync_every
         self.sample_method = sample_method
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
+        self._images: list = []  # this call's PixelBatch (or None) per prompt, VL models
         self._cache: StaticKVCache | None = None
         self._decoder: StaticDecoder | None = None
         self._weights: tuple = ()  # (dtype, device, parameter addresses) the cache and graphs were built for
