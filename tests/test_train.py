@@ -110,9 +110,11 @@ def test_nonfinite_updates_are_skipped_then_training_stops(tmp_path, monkeypatch
     assert all(r["optimizer_steps"] == 0 for r in records)
 
 
-def test_bad_config_key_is_named(capsys, tmp_path):
+def test_bad_config_key_or_checkpoint_is_named(capsys, tmp_path):
     assert main(["train.stpes=3", f"train.output_dir={tmp_path}"]) == 2
     assert "train.stpes" in capsys.readouterr().err
+    assert main([*SMALL, f"train.output_dir={tmp_path}", "--resume-from", str(tmp_path)]) == 2
+    assert "not a checkpoint directory" in capsys.readouterr().err
 
 
 def test_bad_data_rows_fail_before_training_unless_not_strict(tmp_path, capsys):
