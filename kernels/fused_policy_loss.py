@@ -20,7 +20,7 @@ import torch
 
 from .dispatch import use_triton
 from .logits_rows import row_grad, row_stats
-from .logprobs import chunk_logits, chunk_rows, fused_linear_logprobs
+from .logprobs import HeadGrads, chunk_logits, chunk_rows, fused_linear_logprobs
 from .policy_loss import aggregation_weights, per_token_loss, policy_loss, prepare
 
 
@@ -28,12 +28,9 @@ class _TokenLevelPolicyLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, b, targets, weights, old, adv, ref, sampling, inv_temp, o, chunk, triton_rows):
         n = h.shape[0]
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
         logp = torch.empty(n, dtype=torch.float32, device=h.device)  # (n,)
         entropy = torch.empty_like(logp)  # (n,)
-        dh = torch.empty_like(h) if need_h else None  # (n, H)
-        dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None  # (V, H)
-        db = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b else None  # (V,)
+        grads = HeadGrads(h, w, ctx.needs_input_grad[:3])
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         take = lambda x, sl: None if x is None else x[sl][None]  # noqa: E731  (n,) -> (1, c)
         for i in range(0, n, chunk):
@@ -51,13 +48,8 @@ class _TokenLevelPolicyLoss(torch.autograd.Function):
                 g_lp, g_ent = torch.autograd.grad(part, (lp_leaf, ent_leaf), allow_unused=True)
             total += part.detach()
             dz = row_grad(z, targets[sl], lse, ent, g_lp, g_ent, inv_temp, w.dtype, triton_rows)  # (c, V)
-            if need_h:
-                dh[sl] = dz @ w  # (c, H)
-            if need_w:
-                dw += (dz.t() @ h[sl]).float()  # (V, H)
-            if need_b:
-                db += dz.float().sum(0)
-        ctx.grads = (dh, None if dw is None else dw.to(w.dtype), None if db is None else db.to(b.dtype))
+            grads.add(dz, h, w, sl)
+        ctx.grads = grads.result(w, b)
         ctx.mark_non_differentiable(logp, entropy)
         return total, logp, entropy
 

@@ -144,6 +144,31 @@ def _torch_stats(h, w, b, targets, inv_temp):
 
 
 # ----------------------------------------------------------------------------- autograd
+class HeadGrads:
+    """dL/dhidden (n, H), dL/dW (V, H) and dL/db (V,) accumulated chunk by chunk from dL/dlogits."""
+
+    def __init__(self, h, w, needs):
+        need_h, need_w, need_b = needs
+        self.dh = torch.empty_like(h) if need_h else None  # (n, H)
+        self.dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None  # (V, H)
+        self.db = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b else None  # (V,)
+
+    def add(self, dz, h, w, sl):
+        """Fold the chunk ``dz`` (c, V) of rows ``sl`` in: two GEMMs and a column sum."""
+        if self.dh is not None:
+            self.dh[sl] = dz @ w  # (c, H)
+        if self.dw is not None:
+            self.dw += (dz.t() @ h[sl]).float()  # (V, H)
+        if self.db is not None:
+            self.db += dz.float().sum(0)
+
+    def result(self, w, b):
+        """(dh, dW, db) in the dtypes of h, w and b (None where not needed)."""
+        dw = None if self.dw is None else self.dw.to(w.dtype)
+        db = None if self.db is None else self.db.to(b.dtype)
+        return self.dh, dw, db
+
+
 def chunk_rows(n_tokens: int, vocab: int, chunk_size: int | None, device: torch.device) -> int:
     """Tokens per chunk: ``MEDIX_FAST_CHUNK_MB`` of fp32 logits (default 256 on CPU, 2048 on CUDA)."""
     if chunk_size is None:
@@ -172,26 +197,16 @@ class _FusedLinearLogprobs(torch.autograd.Function):
     def backward(ctx, g_lp, g_ent):
         h, w, b, targets, lse, ent = ctx.saved_tensors
         inv_temp, chunk, triton_path = ctx.cfg
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
         g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float().contiguous()
         g_ent = None if g_ent is None or g_ent.numel() == 0 else g_ent.float().contiguous()
-        dh = torch.empty_like(h) if need_h else None
-        dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
-        db = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b else None
+        grads = HeadGrads(h, w, ctx.needs_input_grad[:3])
         for i in range(0, h.shape[0], chunk):
             sl = slice(i, i + chunk)
             z = chunk_logits(h[sl], w, b, inv_temp)  # (c, V) fp32, recomputed
             dz = row_grad(z, targets[sl], lse[sl], ent[sl], g_lp[sl], None if g_ent is None else g_ent[sl],
                           inv_temp, w.dtype, triton_path)  # (c, V) in w.dtype
-            if need_h:
-                dh[sl] = dz @ w  # (c, H)
-            if need_w:
-                dw += (dz.t() @ h[sl]).float()  # (V, H)
-            if need_b:
-                db += dz.float().sum(0)
-        dw = dw.to(w.dtype) if need_w else None
-        db = db.to(b.dtype) if need_b else None
-        return dh, dw, db, None, None, None, None, None
+            grads.add(dz, h, w, sl)
+        return (*grads.result(w, b), None, None, None, None, None)
 
 
 # ----------------------------------------------------------------------------- public API
