@@ -130,15 +130,18 @@ def generation_mode(wrapped: nn.Module):
     """Parameters unsharded (FSDP2) for the sampler, which may then run any number of forwards
     per rank without collectives; resharded on exit. A no-op for DDP and single process."""
     shards = _fsdp_modules(wrapped)
+    layers = [m for m in shards if m is not wrapped]  # the root never reshards after forward
     for m in shards:
         m.unshard()
-        m.set_reshard_after_forward(False)
+    for m in layers:
+        m.set_reshard_after_forward(False, recurse=False)
     try:
         yield
     finally:
         for m in shards:
             m.reshard()
-            m.set_reshard_after_forward(True)
+        for m in layers:
+            m.set_reshard_after_forward(True, recurse=False)
 
 
 @contextlib.contextmanager
