@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from .device import device_name, peak_for
-from .timing import Budget, Timing, measure
+from .timing import Budget, Timing, peak_memory, time_interleaved
 
 SUBJECT = "medix_fast"
 
@@ -82,33 +82,28 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:160]}"
 
 
-def run_case(case: Case, device: torch.device, budget: Budget) -> Result:
-    """Build and measure one case; a failure becomes the row's status, never an exception."""
-    result = Result.of(case, device)
-    try:
-        timing, peak_mb = (case.measure(device, budget) if case.measure is not None
-                           else measure(case.build(device), device, budget))
-    except Skip as exc:
-        result.status = f"skipped: {exc}"
-        return result
-    except torch.cuda.OutOfMemoryError:
-        result.status = "OOM"
-        return result
-    except Exception as exc:  # a baseline that cannot run here is a row, not a crash
-        result.status = f"failed: {_short(exc)}"
-        if case.impl == SUBJECT:
-            traceback.print_exc()
-        return result
-    finally:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    result.median_ms, result.p20_ms, result.p80_ms = timing.median_ms, timing.p20_ms, timing.p80_ms
-    result.reps, result.peak_mb = timing.reps, peak_mb
+def _status(exc: BaseException, case: Case) -> str:
+    if isinstance(exc, Skip):
+        return f"skipped: {exc}"
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return "OOM"
+    if case.impl == SUBJECT:
+        traceback.print_exception(exc)
+    return f"failed: {_short(exc)}"  # a baseline that cannot run here is a row, not a crash
+
+
+def _fill(result: Result, case: Case, device: torch.device, timing: Timing | None, peak_mb: float | None) -> None:
+    if peak_mb is not None:
+        result.peak_mb = peak_mb
+    if timing is None:
+        return
+    result.median_ms, result.p20_ms, result.p80_ms, result.reps = (
+        timing.median_ms, timing.p20_ms, timing.p80_ms, timing.reps)
     seconds = timing.median_ms / 1e3
     if case.work:
         result.throughput = case.work / seconds
     if device.type != "cuda":
-        return result
+        return
     peak = peak_for(result.device)
     if case.flops:
         result.tflops = case.flops / seconds / 1e12
@@ -116,4 +111,67 @@ def run_case(case: Case, device: torch.device, budget: Budget) -> Result:
     if case.bytes:
         result.gbps = case.bytes / seconds / 1e9
         result.gbps_pct = 100 * result.gbps / (1e3 * peak.tbps) if peak else math.nan
+
+
+def _guard(fn: Callable[[], object], errors: list[BaseException]) -> Callable[[], object]:
+    """``fn`` that records its first exception and is a no-op afterwards."""
+    def call():
+        if errors:
+            return None
+        try:
+            return fn()
+        except Exception as exc:
+            errors.append(exc)
+            return None
+    return call
+
+
+def run_group(cases: list[Case], device: torch.device, budget: Budget,
+              parts: tuple[str, ...] = ("time", "memory")) -> list[Result]:
+    """Measure the implementations of one comparison; failures become row statuses, never exceptions.
+
+    Every case is built and warmed up (compilation happens here, and so does the failure of a
+    baseline that cannot run); then they are timed round-robin (each round calls every
+    implementation once, so all of them share whatever else the machine is doing, and their
+    ratios stay fair on a busy CPU); then each one's peak memory is measured. ``parts`` picks
+    "time" and/or "memory". Cases with their own ``measure`` are measured alone.
+    """
+    results = [Result.of(c, device) for c in cases]
+    live: list[tuple[int, Callable[[], object], list[BaseException]]] = []
+    for i, case in enumerate(cases):
+        if case.measure is not None:
+            results[i] = run_case(case, device, budget)
+            continue
+        try:
+            fn = case.build(device)
+            for _ in range(max(1, budget.warmup)):
+                fn()
+        except Exception as exc:
+            results[i].status = _status(exc, case)
+            continue
+        errors: list[BaseException] = []
+        live.append((i, _guard(fn, errors), errors))
+    timings = time_interleaved([fn for _, fn, _ in live], device, budget) if "time" in parts else [None] * len(live)
+    for (i, fn, errors), timing in zip(live, timings):
+        peak_mb = peak_memory(fn, device) if "memory" in parts else None
+        if errors:
+            results[i].status = _status(errors[0], cases[i])
+        else:
+            _fill(results[i], cases[i], device, timing, peak_mb)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return results
+
+
+def run_case(case: Case, device: torch.device, budget: Budget) -> Result:
+    """Build and measure one case (time, then peak memory); a failure becomes the row's status."""
+    if case.measure is None:
+        return run_group([case], device, budget)[0]
+    result = Result.of(case, device)
+    try:
+        timing, peak_mb = case.measure(device, budget)
+    except Exception as exc:
+        result.status = _status(exc, case)
+        return result
+    _fill(result, case, device, timing, peak_mb)
     return result

@@ -74,7 +74,8 @@ def header(device_name: str, command: str, isolated: bool, load_at_start: str) -
         "triton": triton_version,
         "python": platform.python_version(),
         "command": command,
-        "cases": "each in a fresh process" if isolated else "all in one process",
+        "cases": ("timed round-robin per comparison in a fresh process; peak memory in a fresh process per case"
+                  if isolated else "timed round-robin per comparison, all in one process"),
         "load average": f"{load_at_start} at the start, {load_average()} at the end",
     }
 

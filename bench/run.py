@@ -9,8 +9,10 @@
 Output: ``DIR/<cpu|gpu>[_smoke].csv`` and ``.md``, headed by the device, date, torch version and
 this command. Each row: implementation, shape, device, median and 20/80th-percentile ms, peak
 memory, throughput, TFLOP/s / GB/s and % of peak (GPU), ratios to every baseline of its group.
-On the CPU each case runs in a fresh process (bench/isolate.py) so its peak memory is its own;
-``--in-process`` trades that for speed (the default under ``--smoke``).
+The implementations of one comparison are timed round-robin, so a busy machine slows them alike.
+On the CPU that happens in a fresh process per comparison, and each case's peak memory is taken in
+a fresh process of its own (bench/isolate.py); ``--in-process`` trades that for speed (the
+default under ``--smoke``).
 Exit status 1 if a medix_fast case failed (baselines that cannot run here are rows, not errors).
 """
 from __future__ import annotations
@@ -28,7 +30,7 @@ if __package__ in (None, ""):  # python bench/run.py
 import torch  # noqa: E402
 
 from bench import report  # noqa: E402
-from bench.case import SUBJECT, Result, run_case  # noqa: E402
+from bench.case import SUBJECT, Result, run_group  # noqa: E402
 from bench.device import default_device, device_name  # noqa: E402
 from bench.isolate import run_isolated  # noqa: E402
 from bench.timing import SMOKE_BUDGET, Budget  # noqa: E402
@@ -104,14 +106,18 @@ def main(argv: list[str] | None = None) -> int:
             continue
         chosen = [c for c in module.cases(args.smoke, device) if _wanted(args.only, name, c.bench)]
         matched.update([name, *(c.bench for c in chosen)] if chosen else [])
-        for i, case in enumerate(chosen, 1):
-            r = (run_isolated(module_name, case, device, args.smoke) if isolate
-                 else run_case(case, device, budget))
-            r.suite = name
-            rows.append(r)
-            what = (f"{r.median_ms:,.2f} ms  {r.peak_mb:,.0f} MB" if r.status == "ok" else r.status)
-            print(f"[bench] {name} {i}/{len(chosen)}  {case.bench} {case.case} {case.shape} "
-                  f"{case.impl}: {what}", flush=True)
+        groups: dict[tuple, list] = {}
+        for case in chosen:  # one comparison: the implementations of one (bench, case, shape)
+            groups.setdefault((case.bench, case.case, case.shape), []).append(case)
+        for i, group in enumerate(groups.values(), 1):
+            results = (run_isolated(module_name, group, device, args.smoke) if isolate
+                       else run_group(group, device, budget))
+            for r in results:
+                r.suite = name
+                what = f"{r.median_ms:,.2f} ms  {r.peak_mb:,.0f} MB" if r.status == "ok" else r.status
+                print(f"[bench] {name} {i}/{len(groups)}  {r.bench} {r.case} {r.shape} {r.impl}: {what}",
+                      flush=True)
+            rows += results
     unknown = [n for n in args.only if n not in matched]
     if unknown:
         print(f"[bench] --only {unknown} matched nothing", file=sys.stderr)

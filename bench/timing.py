@@ -1,9 +1,11 @@
 """Wall time and peak memory of one benchmark call, on GPU or CPU.
 
-Time
+Time (after ``warmup`` calls of each implementation, done by bench/case.py)
   GPU: ``triton.testing.do_bench`` (L2 flushed between calls, CUDA events), quantiles 0.5/0.2/0.8.
-  CPU: ``warmup`` calls, then calls until both ``min_reps`` calls and ``budget_s`` seconds have
-       passed (at most ``max_reps``); median and 20th/80th percentiles of ``perf_counter`` times.
+  CPU: the implementations of one comparison are called round-robin until ``min_reps`` rounds and
+       ``budget_s`` seconds per implementation have passed (at most ``max_reps`` rounds), so a
+       machine busy with other work slows all of them alike; median and 20th/80th percentiles of
+       ``perf_counter`` times.
 
 Peak memory: the extra memory one call needs on top of its already-built inputs, outputs and
 gradients included, measured after the timing runs (so compilation and lazy initialisation are
@@ -63,17 +65,21 @@ def summarize(times_ms: list[float]) -> Timing:
     return Timing(float(med), float(p20), float(p80), len(times_ms))
 
 
-def time_cpu(fn: Callable[[], object], budget: Budget) -> Timing:
-    for _ in range(budget.warmup):
-        fn()
-    times: list[float] = []
+def time_interleaved(fns: list[Callable[[], object]], device: torch.device, budget: Budget) -> list[Timing]:
+    """Timings of already warmed-up ``fns``. CPU: round-robin, each round calls every fn once, until
+    ``min_reps`` rounds and ``budget_s`` seconds per fn have passed (at most ``max_reps`` rounds).
+    GPU: one ``do_bench`` after another (a GPU is not shared with other work)."""
+    if device.type == "cuda":
+        return [time_gpu(fn, budget) for fn in fns]
+    times: list[list[float]] = [[] for _ in fns]
     start = time.perf_counter()
-    while len(times) < budget.max_reps and (
-            len(times) < budget.min_reps or time.perf_counter() - start < budget.budget_s):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return summarize(times)
+    while fns and len(times[0]) < budget.max_reps and (
+            len(times[0]) < budget.min_reps or time.perf_counter() - start < budget.budget_s * len(fns)):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e3)
+    return [summarize(ts) for ts in times]
 
 
 def time_gpu(fn: Callable[[], object], budget: Budget) -> Timing:
@@ -145,7 +151,3 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> float:
     return pm.stop()
 
 
-def measure(fn: Callable[[], object], device: torch.device, budget: Budget) -> tuple[Timing, float]:
-    """(timing, peak memory MB) of ``fn`` on ``device``."""
-    timing = time_gpu(fn, budget) if device.type == "cuda" else time_cpu(fn, budget)
-    return timing, peak_memory(fn, device)
