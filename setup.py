@@ -41,8 +41,8 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "pytest-xdist", "sentence-transformers"],
         "gpu": ["flash-attn", "xformers", "liger-kernel"],
-        "bench": ["matplotlib", "liger-kernel", "cut-cross-entropy", "trl"],  # bench/ baselines + plots
-        "logging": ["tensorboard", "matplotlib"],
+        "bench": ["liger-kernel", "cut-cross-entropy", "trl"],  # bench/ baselines
+        "logging": ["tensorboard"],
         "data": ["pyarrow", "datasets"],
     },
 )
