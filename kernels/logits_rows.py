@@ -72,27 +72,36 @@ def _block_v(vocab: int) -> int:
     return min(cap, triton.next_power_of_2(vocab))
 
 
-def row_stats(z: torch.Tensor, targets: torch.Tensor, triton_path: bool):
-    """(logp, lse, entropy), each (n,) fp32, of the fp32 logits ``z`` (n, V)."""
+def row_stats(z: torch.Tensor, targets: torch.Tensor, triton_path: bool, entropy: bool = True,
+              overwrite: bool = False):
+    """(logp, lse, entropy), each (n,) fp32, of the fp32 logits ``z`` (n, V).
+
+    The torch path holds one (n, V) buffer beside ``z``, none with ``overwrite`` (``z`` is then
+    clobbered); without ``entropy`` it returns zeros for it and skips that pass."""
     if not triton_path:
-        lse = torch.logsumexp(z, dim=-1)  # (n,)
-        logp = z.gather(1, targets[:, None]).squeeze(1) - lse
-        neg_logp = lse[:, None] - z  # (n, V) >= 0
-        entropy = (torch.exp(-neg_logp) * neg_logp).sum(-1)  # (n,)
-        return logp, lse, entropy
+        top = z.amax(dim=-1, keepdim=True)  # (n, 1)
+        logp = z.gather(1, targets[:, None]).sub_(top).squeeze(1)  # (n,) z_t - m, the lse comes next
+        p = z.sub_(top) if overwrite else torch.sub(z, top)  # (n, V) z - m <= 0
+        total = p.exp_().sum(-1)  # (n,) >= 1; p now holds e^(z - m)
+        lse = top.squeeze(1) + torch.log(total)
+        ent = torch.zeros_like(lse)
+        if entropy:  # log(total) + sum_v -e^(z-m) (z-m) / total, two non-negative terms
+            ent = torch.log(total) + torch.special.entr(p, out=p).sum(-1) / total
+        return logp.sub_(torch.log(total)), lse, ent
     n, vocab = z.shape
-    lse, logp, entropy = torch.empty(3, n, dtype=torch.float32, device=z.device)
-    _row_stats_kernel[(n,)](z, targets, lse, logp, entropy, vocab, z.stride(0), BLOCK_V=_block_v(vocab))
-    return logp, lse, entropy
+    lse, logp, ent = torch.empty(3, n, dtype=torch.float32, device=z.device)
+    _row_stats_kernel[(n,)](z, targets, lse, logp, ent, vocab, z.stride(0), BLOCK_V=_block_v(vocab))
+    return logp, lse, ent
 
 
 def row_grad(z, targets, lse, entropy, g_lp, g_ent, inv_temp, out_dtype, triton_path: bool):
     """dL/d(raw logits) (n, V) in ``out_dtype``; overwrites ``z`` (its buffer is reused)."""
     if not triton_path:
+        log_p = z.sub_(lse[:, None])  # (n, V) in place of z
         coef = g_lp[:, None]
-        if g_ent is not None:
-            coef = coef + g_ent[:, None] * (z - lse[:, None] + entropy[:, None])
-        dz = z.sub_(lse[:, None]).exp_().mul_(coef).neg_()  # -p * coef, in place of z
+        if g_ent is not None:  # -p (g_lp + g_ent (log p + entropy))
+            coef = torch.mul(log_p, g_ent[:, None]).add_((g_lp + g_ent * entropy)[:, None])  # (n, V)
+        dz = log_p.exp_().mul_(coef).neg_()  # -p * coef, in place of z
         dz.scatter_add_(1, targets[:, None], g_lp[:, None])
         return dz.mul_(inv_temp).to(out_dtype)
     n, vocab = z.shape

@@ -98,8 +98,9 @@ def _ieee(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _triton_stats(h, w, b, targets, inv_temp):
-    """(logp, lse, entropy) per token, fp32, from the fused forward kernel."""
+def _triton_stats(h, w, b, targets, inv_temp, entropy):
+    """(logp, lse, entropy) per token, fp32, from the fused forward kernel (which always has the
+    entropy: its two extra sums cost nothing beside the GEMM, so ``entropy`` is not needed)."""
     n, hidden = h.shape
     vocab = w.shape[0]
     bm, bv, bk = _blocks(h.dtype, vocab)
@@ -139,8 +140,8 @@ def chunk_logits(h, w, b, inv_temp):
     return z.mul_(inv_temp)
 
 
-def _torch_stats(h, w, b, targets, inv_temp):
-    return row_stats(chunk_logits(h, w, b, inv_temp), targets, triton_path=False)
+def _torch_stats(h, w, b, targets, inv_temp, entropy):
+    return row_stats(chunk_logits(h, w, b, inv_temp), targets, triton_path=False, entropy=entropy, overwrite=True)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -156,8 +157,10 @@ class HeadGrads:
     def add(self, dz, h, w, sl):
         """Fold the chunk ``dz`` (c, V) of rows ``sl`` in: two GEMMs and a column sum."""
         if self.dh is not None:
-            self.dh[sl] = dz @ w  # (c, H)
-        if self.dw is not None:
+            torch.mm(dz, w, out=self.dh[sl])  # (c, H), written in place
+        if self.dw is not None and dz.dtype == torch.float32:
+            self.dw.addmm_(dz.t(), h[sl])  # (V, H), accumulated in place
+        elif self.dw is not None:
             self.dw += (dz.t() @ h[sl]).float()  # (V, H)
         if self.db is not None:
             self.db += dz.float().sum(0)
@@ -183,7 +186,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
     def forward(ctx, h, w, b, targets, inv_temp, want_entropy, chunk, triton_path):
         stats = _triton_stats if triton_path else _torch_stats
         step = h.shape[0] if triton_path else chunk  # the Triton forward builds no logits
-        pieces = [stats(h[i:i + step], w, b, targets[i:i + step], inv_temp)
+        pieces = [stats(h[i:i + step], w, b, targets[i:i + step], inv_temp, want_entropy)
                   for i in range(0, max(h.shape[0], 1), step)]
         logp, lse, ent = (torch.cat(x) for x in zip(*pieces))  # each (n,)
         ctx.save_for_backward(h, w, b, targets, lse, ent)
