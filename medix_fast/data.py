@@ -57,7 +57,7 @@ def resolve_path(name: str) -> Path:
     return Path(name).expanduser()
 
 
-def _rows(path: Path) -> Iterator[tuple[int, Any]]:
+def iter_rows(path: Path) -> Iterator[tuple[int, Any]]:
     """(row number from 1, row) for every row of a JSONL file, a Parquet file or a dataset dir.
 
     A JSONL line that is not valid JSON yields a string describing the error instead of a dict.
@@ -122,7 +122,7 @@ def load_examples(files: list[str], cfg) -> list[Example]:
     for name in files:
         path = resolve_path(name)
         try:
-            for number, row in _rows(path):
+            for number, row in iter_rows(path):
                 reason = _check_row(row, cfg.problem_key, cfg.solution_key)
                 if reason is not None:
                     problems.append(f"{path}:{number}: {reason}")

@@ -6,7 +6,8 @@
         --judge-temperature 0.7
     torchrun --nproc_per_node=8 -m medix_fast.eval --model DIR --tasks tasks.yaml   # items split by rank
 
-Each item's question goes through the MediX instruction and the model's chat template; the
+Each item's question goes through the MediX instruction and the model's chat template (with a
+vision-language model, its image goes before the question, as in training); the
 in-process sampler answers it (greedy by default); ``eval_scoring.Scorer`` scores it with the
 rewards (format, modality, semantic, overall) and an accuracy that is a letter match for
 multiple-choice tasks and the judge (exact match without ``--judge``) for open ones. Tasks:
@@ -65,14 +66,20 @@ class Generation:
 Generate = Callable[[list[Item], list[list[int]], int], list[Generation]]  # (items, prompt ids, seed)
 
 
-def sampler_generate(sampler, tokenizer, stop_token_ids: list[int], settings: EvalSettings) -> Generate:
-    """A ``Generate`` running ``medix_fast.sampler.Sampler`` (one completion per item)."""
+def sampler_generate(sampler, tokenizer, stop_token_ids: list[int], settings: EvalSettings,
+                     vision=None) -> Generate:
+    """A ``Generate`` running ``medix_fast.sampler.Sampler`` (one completion per item); with
+    ``vision`` (a ``medix_fast.vision.Vision``, VL models) the items' images are encoded and fed."""
+    from .vision import load_image
+
     stop = set(stop_token_ids)
 
     def generate(items: list[Item], prompt_ids: list[list[int]], seed: int) -> list[Generation]:
+        images = None if vision is None else [
+            None if it.image is None else vision.encode([load_image(it.image)]) for it in items]
         out = sampler.generate(prompt_ids, n=1, max_new_tokens=settings.max_new_tokens,
                                temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
-                               stop_token_ids=stop_token_ids, seed=seed)
+                               stop_token_ids=stop_token_ids, seed=seed, images=images)
         texts = tokenizer.batch_decode([c[:-1] if c and c[-1] in stop else c for c in out.completion_ids],
                                        skip_special_tokens=True)
         return [Generation(t, len(c), r) for t, c, r in zip(texts, out.completion_ids, out.finish_reasons)]
@@ -97,17 +104,20 @@ def _gather(obj) -> list:
 
 
 class Evaluator:
-    """The items of some tasks, their prompts, and a resumable, distributed ``run``."""
+    """The items of some tasks, their prompts, and a resumable, distributed ``run``. With
+    ``vision`` (VL models) an item's image tokens are expanded in its prompt; the same ``vision``
+    must then go to ``sampler_generate``."""
 
-    def __init__(self, tasks: list[Task], tokenizer, settings: EvalSettings, info: D.DistInfo | None = None):
+    def __init__(self, tasks: list[Task], tokenizer, settings: EvalSettings, info: D.DistInfo | None = None,
+                 vision=None):
         names = [t.name for t in tasks]
         if len(set(names)) != len(names):
             raise TaskError(f"task names must be unique, got {names}")
-        self.tasks, self.tokenizer, self.settings = tasks, tokenizer, settings
+        self.tasks, self.tokenizer, self.settings, self.vision = tasks, tokenizer, settings, vision
         self.info = info or D.DistInfo()
         self.items = [it for t in tasks for it in t.items]
         examples = [Example(it.question, it.solution, it.image) for it in self.items]
-        self.prompt_ids = [p.ids for p in build_prompts(examples, tokenizer, max_length=sys.maxsize)[0]]
+        self.prompt_ids = [p.ids for p in build_prompts(examples, tokenizer, sys.maxsize, vision)[0]]
 
     @property
     def longest_prompt(self) -> int:
@@ -117,6 +127,8 @@ class Evaluator:
         """What the generations depend on: a resumed run must match it."""
         s = dataclasses.asdict(self.settings)
         s.pop("batch_size")
+        if self.vision is not None:
+            s["pixels"] = [self.vision.min_pixels, self.vision.max_pixels]
         return {"tasks": {t.name: t.file for t in self.tasks}, **s, **(extra or {})}
 
     def _pending(self, out: Path, extra: dict | None, overwrite: bool) -> list[int]:
@@ -188,8 +200,9 @@ class Evaluator:
 
     # ------------------------------------------------------------------ inside training
     @classmethod
-    def from_config(cls, cfg, tokenizer, info: D.DistInfo) -> "Evaluator":
-        """The ``eval`` section of a training config: its tasks YAML, else ``data.val_files``."""
+    def from_config(cls, cfg, tokenizer, info: D.DistInfo, vision=None) -> "Evaluator":
+        """The ``eval`` section of a training config: its tasks YAML, else ``data.val_files``
+        (``vision``: the trainer's, for a VL model)."""
         e, d = cfg.eval, cfg.data
         if e.tasks:
             tasks = load_tasks(e.tasks, e.limit)
@@ -199,7 +212,7 @@ class Evaluator:
         settings = EvalSettings(max_new_tokens=e.max_new_tokens or cfg.sampling.max_new_tokens,
                                 temperature=e.temperature, top_p=e.top_p, seed=cfg.train.seed,
                                 judge_votes=e.judge_votes, judge_temperature=e.judge_temperature)
-        return cls(tasks, tokenizer, settings, info)
+        return cls(tasks, tokenizer, settings, info, vision)
 
     def during_training(self, sampler, reward_fn, stop_token_ids: list[int], out_dir: Path) -> dict[str, float]:
         """Evaluate the live weights with the trainer's sampler and reward models (no copies);
@@ -207,7 +220,7 @@ class Evaluator:
         settings = dataclasses.replace(self.settings, batch_size=sampler.max_batch_size)
         scorer = Scorer(reward_fn, votes=settings.judge_votes, judge_temperature=settings.judge_temperature,
                         seed=settings.seed + self.info.rank)
-        generate = sampler_generate(sampler, self.tokenizer, stop_token_ids, settings)
+        generate = sampler_generate(sampler, self.tokenizer, stop_token_ids, settings, self.vision)
         saved, self.settings = self.settings, settings
         try:
             return to_metrics(self.run(generate, scorer, out_dir, overwrite=True, progress=False))
@@ -239,12 +252,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--judge-votes", type=int, default=d.judge_votes, help="majority vote over k judge asks")
     p.add_argument("--judge-temperature", type=float, default=d.judge_temperature,
                    help="judge sampling temperature for the vote (0: one greedy ask)")
+    p.add_argument("--min-pixels", type=int, default=0, help="VL models: image resize floor (0: the processor's)")
+    p.add_argument("--max-pixels", type=int, default=0, help="VL models: image resize cap (0: the processor's)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="auto: bf16 on CUDA, fp32 on CPU")
     args = p.parse_args(argv)
-    if args.batch_size < 1 or args.max_new_tokens < 1 or args.limit < 0:
-        p.error("--batch-size and --max-new-tokens must be >= 1, --limit >= 0")
+    if args.batch_size < 1 or args.max_new_tokens < 1 or min(args.limit, args.min_pixels, args.max_pixels) < 0:
+        p.error("--batch-size and --max-new-tokens must be >= 1, --limit, --min-pixels and --max-pixels >= 0")
+    if args.min_pixels and args.max_pixels and args.min_pixels > args.max_pixels:
+        p.error(f"--min-pixels {args.min_pixels} is above --max-pixels {args.max_pixels}")
     return args
 
 
@@ -252,11 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .models import load_model, resolve_path
+    from .models import image_token_id, is_vl, load_image_processor, load_model, resolve_path
     from .rewards import RewardConfig, build_reward
     from .rollout import stop_ids
     from .sampler import Sampler
     from .train import compute_dtype
+    from .vision import Vision
 
     try:
         resolve_path(args.model)
@@ -271,7 +289,9 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer = load_model(args.model, dtype=dtype, device=info.device)
         settings = EvalSettings(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.batch_size,
                                 args.seed, args.judge_votes, args.judge_temperature)
-        evaluator = Evaluator(tasks, tokenizer, settings, info)
+        vision = Vision(load_image_processor(args.model), image_token_id(model), args.min_pixels or None,
+                        args.max_pixels or None) if is_vl(model) else None
+        evaluator = Evaluator(tasks, tokenizer, settings, info, vision)
         sampler = Sampler(model, settings.batch_size, evaluator.longest_prompt + settings.max_new_tokens)
         reward_fn = build_reward(RewardConfig(judge_model=args.judge, semantic_model=args.semantic_model),
                                  info.device, dtype)
@@ -279,8 +299,8 @@ def main(argv: list[str] | None = None) -> int:
                         seed=args.seed + info.rank)
         out = Path(args.out or Path("runs/eval") / Path(args.model).name)
         fingerprint = {"model": str(args.model), "judge": args.judge, "semantic_model": args.semantic_model}
-        summary = evaluator.run(sampler_generate(sampler, tokenizer, stop_ids(tokenizer, model), settings), scorer,
-                                out, fingerprint, args.overwrite)
+        generate = sampler_generate(sampler, tokenizer, stop_ids(tokenizer, model), settings, vision)
+        summary = evaluator.run(generate, scorer, out, fingerprint, args.overwrite)
     except (TaskError, ResumeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -7,7 +7,7 @@ A tasks YAML is a list of tasks (or a mapping with the list under ``tasks:``):
 
     - name: medqa                       # unique; names the task in the table and the JSONL
       file: data/medqa_test.jsonl       # JSONL / Parquet / `datasets` dir, relative to the YAML
-      columns: {question: question, answer: answer_idx, options: options}  # image too (kept, unused)
+      columns: {question: question, answer: answer_idx, options: options}  # and image, for VL models
       template: "{question}\\nOptions:\\n{options}"   # optional; any column name may be a field
       answer_type: multiple_choice      # or open (the default)
       letters: ABCDE                    # optional; default: the options' keys or count, else ABCD
@@ -17,12 +17,13 @@ Columns default to MediX's ``problem`` / ``solution`` / ``image`` / ``options``.
 is text (a leading modality tag is kept as the item's tag). A multiple-choice answer is a letter
 ("B", "(b)", "B."), a 0-based option index, or an option's text; options are a list (lettered
 A, B, ... in order) or a mapping letter -> text; without an options column the question must
-list them itself and the answer must be a letter. Every problem is reported as
+list them itself and the answer must be a letter. An image (a path relative to the task file,
+bytes, or a ``datasets`` image dict) goes before the question for a vision-language model and is
+ignored, with a warning, by a text-only one. Every problem is reported as
 ``task 'name': file:row: reason`` (``TaskError``).
 """
 from __future__ import annotations
 
-import logging
 import re
 import string
 from dataclasses import dataclass, field
@@ -31,10 +32,8 @@ from typing import Any
 
 import yaml
 
-from .data import DataError, _rows, resolve_path
+from .data import DataError, iter_rows, resolve_path
 from .prompt import MODALITY_TAGS, split_solution
-
-log = logging.getLogger(__name__)
 
 ANSWER_TYPES = ("open", "multiple_choice")
 DEFAULT_COLUMNS = {"question": "problem", "answer": "solution", "image": "image", "options": "options"}
@@ -190,7 +189,18 @@ def _split_tag(answer: str) -> tuple[str | None, str]:
     return (tag.upper(), rest) if tag.upper() in MODALITY_TAGS else (None, answer.strip())
 
 
-def _item(task: Task, index: int, row: dict, where: str) -> Item:
+def _image(value: Any, root: Path, where: str, column: str) -> Any:
+    """The row's image resolved against the task file's folder and checked to decode."""
+    from .vision import check_image, resolve_image
+
+    image = resolve_image(value, root)
+    reason = check_image(image)
+    if reason is not None:
+        raise TaskError(f"{where}: column {column!r} (columns.image): {reason}")
+    return image
+
+
+def _item(task: Task, index: int, row: dict, where: str, root: Path) -> Item:
     fields = {key: task.column(key) for key in DEFAULT_COLUMNS}
     for key in ("question", "answer"):
         if row.get(fields[key]) is None:
@@ -229,8 +239,10 @@ def _item(task: Task, index: int, row: dict, where: str) -> Item:
                         f"nor a column of {where}") from None
     except (ValueError, IndexError, AttributeError) as err:
         raise TaskError(f"task {task.name!r}: template {task.template!r} is malformed ({err})") from None
-    return Item(task.name, index, rendered, f"{tag or task.modality} {text}", gold, letters, options,
-                row.get(fields["image"]))
+    image = row.get(fields["image"])
+    if image is not None:
+        image = _image(image, root, where, fields["image"])
+    return Item(task.name, index, rendered, f"{tag or task.modality} {text}", gold, letters, options, image)
 
 
 def read_task(task: Task, limit: int = 0) -> Task:
@@ -238,7 +250,7 @@ def read_task(task: Task, limit: int = 0) -> Task:
     path = resolve_path(task.file)
     items = []
     try:
-        for number, row in _rows(path):
+        for number, row in iter_rows(path):
             if limit and len(items) >= limit:
                 break
             where = f"task {task.name!r}: {path}:{number}"
@@ -246,14 +258,12 @@ def read_task(task: Task, limit: int = 0) -> Task:
                 raise TaskError(f"{where}: {row}")
             if not isinstance(row, dict):
                 raise TaskError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            items.append(_item(task, len(items), row, where))
+            items.append(_item(task, len(items), row, where, path.parent))
     except TaskError:
         raise
     except (DataError, OSError, UnicodeDecodeError) as err:
         raise TaskError(f"task {task.name!r}: cannot read {path} ({type(err).__name__}: {err})") from err
     if not items:
         raise TaskError(f"task {task.name!r}: {path} has no rows")
-    if any(it.image is not None for it in items):
-        log.warning("task %r: images are not fed to the model yet; questions are text only", task.name)
     task.items = items
     return task

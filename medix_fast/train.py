@@ -118,7 +118,7 @@ class Trainer:
         self.prompts, _ = build_prompts(train_examples, self.tokenizer, cfg.data.max_prompt_length, vision)
         self.val_prompts = build_prompts(val_examples, self.tokenizer, cfg.data.max_prompt_length,
                                          vision)[0] if val_examples else []
-        self.bench = Evaluator.from_config(cfg, self.tokenizer, self.info) if cfg.eval.every else None
+        self.bench = Evaluator.from_config(cfg, self.tokenizer, self.info, vision) if cfg.eval.every else None
 
         fsdp = cfg.distributed.strategy == "fsdp"
         self.objective = PolicyObjective(self.model, cfg.sampling.temperature, t.share_prompt)

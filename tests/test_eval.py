@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from medix_fast.eval import EvalSettings, Evaluator, Generation, main
 from medix_fast.eval_results import ResumeError, markdown_table, read_records, to_metrics
@@ -334,3 +335,45 @@ def test_training_loop_calls_eval(tmp_path):
     assert 0.0 <= record["eval/sample_test/accuracy"] <= 1.0
     assert record["eval/mean_accuracy"] == record["eval/sample_test/accuracy"]
     assert len(read_records(out / "eval" / "step_00000001" / "generations.jsonl")) == 3
+
+
+def test_bad_image_names_the_row_and_column(tmp_path):
+    write_jsonl(tmp_path / "x.jsonl", [{"problem": "q1", "solution": "<X_RAY> a", "img": "scan.png"}])
+    (tmp_path / "t.yaml").write_text("- {name: a, file: x.jsonl, columns: {image: img}}")
+    with pytest.raises(TaskError) as err:
+        load_tasks(tmp_path / "t.yaml")
+    assert "x.jsonl:1: column 'img' (columns.image)" in str(err.value)
+    assert str(tmp_path / "scan.png") in str(err.value)  # resolved against the task file's folder
+
+
+def test_vl_eval_feeds_each_item_its_image(tmp_path, monkeypatch):
+    """tiny-vl on the bundled image split: each prompt's <|image_pad|> run is expanded to its image's
+    token count, the sampler gets that item's pixels, and the command line runs end to end."""
+    from medix_fast.eval_tasks import data_tasks
+    from medix_fast.models import load_image_processor, load_model
+    from medix_fast.sampler import Sampler
+    from medix_fast.vision import Vision, image_size, load_image
+
+    model, tokenizer = load_model("tiny-vl")
+    vision = Vision(load_image_processor("tiny-vl"), model.config.image_token_id)
+    items = data_tasks("sample:train_vl", limit=3)[0].items
+    evaluator = Evaluator(data_tasks("sample:train_vl", limit=3), tokenizer, EvalSettings(), vision=vision)
+    for it, ids in zip(items, evaluator.prompt_ids):
+        assert ids.count(vision.image_token_id) == vision.tokens(image_size(it.image)) > 0
+
+    seen = []
+    real = Sampler.generate
+
+    def spy(self, prompts, *args, images=None, **kwargs):
+        seen.extend(zip(prompts, images))
+        return real(self, prompts, *args, images=images, **kwargs)
+
+    monkeypatch.setattr(Sampler, "generate", spy)
+    out = tmp_path / "vl"
+    assert main(["--model", "tiny-vl", "--data", "sample:train_vl", "--limit", "3", "--max-new-tokens", "4",
+                 "--out", str(out)]) == 0
+    assert len(read_records(out / "generations.jsonl")) == 3 and len(seen) == 3
+    by_prompt = {tuple(ids): it for it, ids in zip(items, evaluator.prompt_ids)}
+    for ids, pix in seen:
+        want = vision.encode([load_image(by_prompt[tuple(ids)].image)])
+        assert torch.equal(pix.pixel_values, want.pixel_values) and pix.tokens == want.tokens
