@@ -40,7 +40,7 @@ def _medix(device: torch.device, w: dict):
 
     out = tempfile.mkdtemp(prefix="medix_bench_train_")
     cfg = load_config(None, [
-        f"train.device={device.type}", f"train.output_dir={out}", "train.steps=1000", "train.eval_every=0",
+        f"train.device={device.type}", f"train.output_dir={out}", "train.steps=1000", "eval.every=0",
         f"train.prompts_per_step={w['prompts']}", f"train.mini_batch_prompts={w['mini_batch']}",
         f"sampling.group_size={w['group']}", f"sampling.max_new_tokens={w['new_tokens']}",
         "algorithm.dynamic_sampling=false", "algorithm.clip_ratio_c=null", "algorithm.loss_type=dapo",

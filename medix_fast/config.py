@@ -111,16 +111,15 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     output_dir: str = "runs/medix_fast"
     max_nonfinite_steps: int = 3  # stop after this many skipped (NaN/inf) updates in a row
-    eval_every: int = 0  # steps between held-out evaluations on data.val_files; 0: off
-    eval_prompts: int = 64
-    eval_temperature: float = 0.6
-    eval_top_p: float = 0.95
 
 
 @dataclass
 class EvalConfig:
-    """Benchmark accuracy during training, by the code of ``python -m medix_fast.eval``."""
+    """Held-out evaluation during training, by the code of ``python -m medix_fast.eval``: the
+    reward components and per-task accuracy, logged as ``eval/*``, generations under
+    ``<output_dir>/eval/step_N/``."""
     every: int = 0  # steps between evaluations; 0: off
+    at_start: bool = True  # also evaluate the initial weights, logged as step 0 (not on resume)
     tasks: str | None = None  # tasks YAML (see medix_fast/eval_tasks.py); null: one open task per data.val_files
     limit: int = 0  # first N items of each task; 0: all
     max_new_tokens: int = 0  # 0: sampling.max_new_tokens (at most that: the sampler is shared)
@@ -223,6 +222,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported field type {tp}")
 
 
+MOVED = {"train.eval_every": "eval.every", "train.eval_prompts": "eval.limit",
+         "train.eval_temperature": "eval.temperature", "train.eval_top_p": "eval.top_p"}
+
+
 def _build(cls: type, values: Any, prefix: str) -> Any:
     """An instance of dataclass ``cls`` from a mapping, every key and value checked."""
     if values is None:
@@ -234,6 +237,9 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
     kwargs = {}
     for key, value in values.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
+        if dotted in MOVED:
+            raise ConfigError(f"config key {dotted!r} is now {MOVED[dotted]!r} (one held-out evaluation, "
+                              f"in the eval section)")
         if key not in names:
             raise ConfigError(f"unknown config key {dotted!r}; valid keys here: {sorted(names)}")
         kwargs[key] = _convert(value, hints[key], dotted)

@@ -103,7 +103,9 @@ def write_summary(out: Path, summary: dict) -> None:
 
 
 def to_metrics(summary: dict) -> dict[str, float]:
-    """Training-log metrics: ``eval/<task>/accuracy`` and ``eval/mean_accuracy`` (over tasks)."""
-    out = {f"eval/{name}/accuracy": t["accuracy"] for name, t in summary["tasks"].items() if t["n"]}
+    """Training-log metrics: ``eval/<score>`` (every score's mean over all items: overall,
+    accuracy, format, ...), ``eval/<task>/accuracy`` and ``eval/mean_accuracy`` (over tasks)."""
+    out = {f"eval/{k}": summary["micro"][k] for k in summary["keys"]} if summary["micro"]["n"] else {}
+    out.update({f"eval/{name}/accuracy": t["accuracy"] for name, t in summary["tasks"].items() if t["n"]})
     out["eval/mean_accuracy"] = summary["macro"].get("accuracy", float("nan"))
     return out

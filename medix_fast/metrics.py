@@ -76,8 +76,9 @@ def rolling_mean(values: list[float], window: int) -> list[float]:
 
 
 def plot_rewards(metrics_path: str | Path, out: str | Path) -> Path | None:
-    """Reward components (``reward/*``, ``eval/*``) against the step, as a PNG: training
-    rewards faint per step with a rolling mean over a tenth of the run on top."""
+    """Reward components (``reward/*`` and the held-out ``eval/*`` means, not per task) against
+    the step, as a PNG: training rewards faint per step with a rolling mean over a tenth of the
+    run on top."""
     try:
         import matplotlib
 
@@ -87,7 +88,8 @@ def plot_rewards(metrics_path: str | Path, out: str | Path) -> Path | None:
         log.info("matplotlib is not installed: no reward plot")
         return None
     records = read_metrics(metrics_path)
-    keys = sorted({k for r in records for k in r if k.startswith(("reward/", "eval/"))})
+    keys = sorted({k for r in records for k in r if k.startswith(("reward/", "eval/")) and k.count("/") == 1
+                   and k != "eval/mean_accuracy"})
     if not keys:
         return None
     fig, ax = plt.subplots(figsize=(8, 4.5))

@@ -187,24 +187,3 @@ class Rollout:
             "time/reward_s": slowest[1],
         })
         return out
-
-    @torch.no_grad()
-    def evaluate(self, prompts, count: int, step: int) -> dict:
-        """Mean rewards of one response per held-out prompt at the evaluation temperature / top-p."""
-        t = self.cfg.train
-        share = [i for i in range(min(count, len(prompts))) if i % self.info.world == self.info.rank]
-        saved, self.prompts = self.prompts, prompts
-        try:
-            if share:
-                _, comps, _, _, _ = self.generate(share, 1, t.eval_temperature, t.eval_top_p, 0,
-                                               step_seed(t.seed + 1, step, self.info.rank, 0))
-                rewards = self.score(share, 1, comps)
-            else:
-                rewards = {}
-        finally:
-            self.prompts = saved
-        keys = sorted([k for k, w in self.cfg.rewards.weights.items() if w] + ["overall"])  # same on every rank
-        local = torch.tensor([float(rewards[k].sum()) if rewards else 0.0 for k in keys] + [float(len(share))],
-                             dtype=torch.float64)
-        total = D.all_reduce(local)
-        return {f"eval/{k}": total[i].item() / max(total[-1].item(), 1.0) for i, k in enumerate(keys)}

@@ -102,7 +102,6 @@ class Trainer:
 
         train_examples = load_examples(cfg.data.train_files, cfg.data)  # bad rows fail before any model loads
         train_examples = train_examples[:cfg.data.max_examples or None]
-        val_examples = load_examples(cfg.data.val_files, cfg.data) if cfg.data.val_files else []
         ckpt = self._find_checkpoint(resume)
         dev, dtype = self.info.device, compute_dtype(cfg.model.dtype, self.info.device)
         attn_impl = None if cfg.model.attn_impl == "auto" else cfg.model.attn_impl
@@ -116,9 +115,7 @@ class Trainer:
             vision = Vision(load_image_processor(cfg.model.path), image_token_id(self.model),
                             cfg.data.min_pixels or None, cfg.data.max_pixels or None)
         self.prompts, _ = build_prompts(train_examples, self.tokenizer, cfg.data.max_prompt_length, vision)
-        self.val_prompts = build_prompts(val_examples, self.tokenizer, cfg.data.max_prompt_length,
-                                         vision)[0] if val_examples else []
-        self.bench = Evaluator.from_config(cfg, self.tokenizer, self.info, vision) if cfg.eval.every else None
+        self.evaluator = Evaluator.from_config(cfg, self.tokenizer, self.info, vision) if cfg.eval.every else None
 
         fsdp = cfg.distributed.strategy == "fsdp"
         self.objective = PolicyObjective(self.model, cfg.sampling.temperature, t.share_prompt)
@@ -138,9 +135,8 @@ class Trainer:
                                self.info, self.tokenizer.pad_token_id or 0, ref, autocast, o.grad_clip)
 
         world, g = self.info.world, cfg.sampling.group_size
-        rows = max(t.prompts_per_step, cfg.algorithm.chunk_prompts, t.eval_prompts if self.val_prompts else 0)
-        longest = max(len(p.ids) for p in self.prompts + self.val_prompts)
-        longest = max(longest, self.bench.longest_prompt if self.bench else 0)
+        rows = max(t.prompts_per_step, cfg.algorithm.chunk_prompts)
+        longest = max([len(p.ids) for p in self.prompts] + [self.evaluator.longest_prompt if self.evaluator else 0])
         self.sampler = Sampler(self.model, max_batch_size=cfg.sampling.max_batch_size or -(-rows // world) * g,
                                max_seq_len=longest + cfg.sampling.max_new_tokens)
         self.loader = PromptLoader(len(self.prompts), t.seed, cfg.data.shuffle, self.info.rank, world)
@@ -156,7 +152,7 @@ class Trainer:
             truncate_after(self.out / "metrics.jsonl", self.step)
         self.logger = MetricsLogger(self.out, self.info.is_main, cfg.logging.tensorboard)
         log.info("%d train prompts, %d held-out; %s on %s x%d (%s), %d parameters", len(self.prompts),
-                 len(self.val_prompts), cfg.model.path, dev.type, world, cfg.distributed.strategy,
+                 len(self.evaluator.items) if self.evaluator else 0, cfg.model.path, dev.type, world, cfg.distributed.strategy,
                  sum(p.numel() for p in self.model.parameters()))
 
     # ------------------------------------------------------------------ checkpoints
@@ -217,15 +213,8 @@ class Trainer:
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.step = step
-        t = self.cfg.train
-        if t.eval_every and self.val_prompts and step % t.eval_every == 0:
-            with D.generation_mode(self.wrapped):
-                metrics.update(self.rollout.evaluate(self.val_prompts, t.eval_prompts, step))
-        if self.bench and step % self.cfg.eval.every == 0:
-            where = self.out / "eval" / f"step_{step:08d}"
-            with D.generation_mode(self.wrapped):
-                metrics.update(self.bench.during_training(self.sampler, self.rollout.reward_fn,
-                                                          self.rollout.stop_token_ids, where))
+        if self.evaluator and step % self.cfg.eval.every == 0:
+            metrics.update(self.evaluate(step))
         t3 = time.perf_counter()
         metrics.update({
             "time/rollout_s": t1 - t0, "time/update_s": t2 - t1, "time/eval_s": t3 - t2, "time/step_s": t3 - t0,
@@ -233,6 +222,13 @@ class Trainer:
             "memory/peak_gib": peak_memory_gib(dev),
         })
         return metrics
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """The held-out evaluation of the live weights (``eval`` section), written under
+        ``<output_dir>/eval/step_N/``; returns its ``eval/*`` metrics."""
+        with D.generation_mode(self.wrapped):
+            return self.evaluator.during_training(self.sampler, self.rollout.reward_fn, self.rollout.stop_token_ids,
+                                                  self.out / "eval" / f"step_{step:08d}")
 
     def _on_signal(self, signum, frame) -> None:
         if self.stop_requested and signum == signal.SIGINT:
@@ -250,9 +246,8 @@ class Trainer:
                    disable=not (self.info.is_main and cfg.logging.progress))
         records = []
         try:
-            if self.step == 0 and cfg.train.eval_every and self.val_prompts:  # the baseline, as step 0
-                with D.generation_mode(self.wrapped):
-                    baseline = self.rollout.evaluate(self.val_prompts, cfg.train.eval_prompts, 0)
+            if self.step == 0 and self.evaluator and cfg.eval.at_start:  # the baseline, as step 0
+                baseline = self.evaluate(0)
                 self.logger.log(0, baseline)
                 records.append({"step": 0, **baseline})
             while self.step < cfg.train.steps:

@@ -74,7 +74,7 @@ def test_two_process_fsdp_training_run(tmp_path):
     out = tmp_path / "run"
     torchrun(["-m", "medix_fast.train", "distributed.strategy=fsdp", "train.steps=2", "train.prompts_per_step=4",
               "train.mini_batch_prompts=2", "sampling.group_size=4", "sampling.max_new_tokens=12",
-              "algorithm.chunk_prompts=4", "algorithm.max_tries=2", "train.eval_every=2", "train.eval_prompts=4",
+              "algorithm.chunk_prompts=4", "algorithm.max_tries=2", "eval.every=2", "eval.limit=4",
               "checkpoint.every=2", "logging.progress=false", f"train.output_dir={out}"], tmp_path)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2]  # 0: the held-out baseline

@@ -140,8 +140,10 @@ def test_accuracy_table_with_fake_judge(tasks_yaml, tokenizer, reward_fn, tmp_pa
     assert lines[3].startswith("| mcq | 4 | 50.0 | 75.0 | 75.0 |")
     assert lines[4].startswith("| **mean over tasks** | 9 | 55.0 |")
     assert lines[5].startswith("| **all items** | 9 | 55.6 |")
-    assert to_metrics(summary) == {"eval/open_qa/accuracy": pytest.approx(0.6), "eval/mcq/accuracy": 0.5,
+    micro = {f"eval/{k}": pytest.approx(summary["micro"][k]) for k in ("accuracy", "format", "modality", "overall")}
+    assert to_metrics(summary) == {**micro, "eval/open_qa/accuracy": pytest.approx(0.6), "eval/mcq/accuracy": 0.5,
                                    "eval/mean_accuracy": pytest.approx(0.55)}
+    assert micro["eval/format"] == 7 / 9 and micro["eval/accuracy"] == 5 / 9
 
 
 @pytest.mark.parametrize("response, expected", [
@@ -325,16 +327,23 @@ def test_training_loop_calls_eval(tmp_path):
 
     with pytest.raises(ConfigError, match="eval: need"):
         load_config(None, ["eval.every=1", "eval.max_new_tokens=4096"])
+    with pytest.raises(ConfigError, match="'train.eval_every' is now 'eval.every'"):
+        load_config(None, ["train.eval_every=5"])
     out = tmp_path / "run"
     assert train_main(["train.steps=1", "train.prompts_per_step=2", "train.mini_batch_prompts=2",
                        "sampling.group_size=2", "sampling.max_new_tokens=16", "algorithm.dynamic_sampling=false",
-                       "train.eval_every=0", "eval.every=1", "eval.limit=3", "checkpoint.every=0",
+                       "eval.every=1", "eval.limit=3", "checkpoint.every=0",
                        "logging.progress=false", "logging.plot=false", "logging.tensorboard=false",
                        f"train.output_dir={out}"]) == 0
-    record = read_metrics(out / "metrics.jsonl")[0]
-    assert 0.0 <= record["eval/sample_test/accuracy"] <= 1.0
-    assert record["eval/mean_accuracy"] == record["eval/sample_test/accuracy"]
-    assert len(read_records(out / "eval" / "step_00000001" / "generations.jsonl")) == 3
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1]  # eval.at_start: the initial weights as step 0
+    for record in records:
+        assert 0.0 <= record["eval/sample_test/accuracy"] <= 1.0
+        assert record["eval/mean_accuracy"] == record["eval/sample_test/accuracy"] == record["eval/accuracy"]
+        assert {"eval/overall", "eval/format", "eval/modality", "eval/semantic"} <= set(record)
+        step = out / "eval" / f"step_{record['step']:08d}"
+        scores = [r["scores"]["overall"] for r in read_records(step / "generations.jsonl")]
+        assert len(scores) == 3 and record["eval/overall"] == pytest.approx(sum(scores) / 3)
 
 
 def test_bad_image_names_the_row_and_column(tmp_path):

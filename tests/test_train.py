@@ -21,7 +21,7 @@ from medix_fast.train import main
 
 SMALL = ["train.prompts_per_step=4", "train.mini_batch_prompts=2", "sampling.group_size=4",
          "sampling.max_new_tokens=16", "algorithm.chunk_prompts=4", "algorithm.max_tries=2",
-         "train.eval_every=2", "train.eval_prompts=4", "checkpoint.every=2", "checkpoint.keep_last=2",
+         "eval.every=2", "eval.limit=4", "checkpoint.every=2", "checkpoint.keep_last=2",
          "logging.progress=false"]
 TIMING = ("time/", "throughput/", "memory/")
 
@@ -103,7 +103,7 @@ def test_nonfinite_updates_are_skipped_then_training_stops(tmp_path, monkeypatch
     monkeypatch.setattr(update, "fused_linear_policy_loss", nan_loss)
     out = tmp_path / "run"
     assert main([*SMALL, f"train.output_dir={out}", "train.steps=5", "train.max_nonfinite_steps=2",
-                 "train.mini_batch_prompts=4", "train.eval_every=0", "algorithm.dynamic_sampling=false"]) == 1
+                 "train.mini_batch_prompts=4", "eval.every=0", "algorithm.dynamic_sampling=false"]) == 1
     assert "NaN/inf" in capsys.readouterr().err
     records = read_metrics(out / "metrics.jsonl")
     assert [r["skipped_updates"] for r in records] == [1.0, 1.0]  # (eval off: no step-0 record)
@@ -123,7 +123,7 @@ def test_bad_data_rows_fail_before_training_unless_not_strict(tmp_path, capsys):
     rows[2] = json.dumps({"problem": "no tag", "solution": "yes"})
     data.write_text("\n".join(rows) + "\n")
     args = [*SMALL, f"data.train_files=[{data}]", "data.val_files=[]", f"train.output_dir={tmp_path / 'run'}",
-            "train.steps=1", "train.eval_every=0"]
+            "train.steps=1", "eval.every=0"]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert f"{data}:3:" in err and "modality tag" in err

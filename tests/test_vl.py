@@ -310,7 +310,7 @@ def test_one_training_step_on_images_end_to_end(tmp_path, train_vision):
                  "data.min_pixels=784", "data.max_pixels=12544", f"model.train_vision={str(train_vision).lower()}",
                  "train.steps=1", "train.prompts_per_step=2", "train.mini_batch_prompts=2", "sampling.group_size=4",
                  "sampling.max_new_tokens=40", "algorithm.chunk_prompts=4", "algorithm.max_tries=4",
-                 "train.eval_every=0", "checkpoint.every=1", "logging.progress=false", "optim.lr=1e-2",
+                 "eval.every=0", "checkpoint.every=1", "logging.progress=false", "optim.lr=1e-2",
                  f"train.output_dir={out}"]) == 0
     (record,) = read_metrics(out / "metrics.jsonl")  # dynamic sampling kept groups with a reward spread
     assert record["optimizer_steps"] == 1 and record["advantage/abs_mean"] > 0 and record["grad_norm"] > 0
