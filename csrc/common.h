@@ -64,8 +64,8 @@ inline PolicyLossCall prepare_policy_loss(const at::Tensor& logp, const std::opt
               "need 0 <= epsilon_low < 1 and epsilon_high >= 0, got ", epsilon_low, ", ", epsilon_high);
   TORCH_CHECK(loss_type != kDrGrpo || max_completion_length > 0, "loss_type dr_grpo needs max_completion_length > 0");
   TORCH_CHECK(!clip_ratio_c.has_value() || *clip_ratio_c > 1, "clip_ratio_c must be > 1");
-  TORCH_CHECK(!tis_cap.has_value() || (*tis_cap > 0 && old.has_value() && sampling.has_value()),
-              "tis_cap must be > 0 and needs old_logprobs and sampling_logprobs");
+  TORCH_CHECK(!tis_cap.has_value() || (*tis_cap > 0 && sampling.has_value()),
+              "tis_cap must be > 0 and needs sampling_logprobs");  // no old: on-policy, old = logp
   TORCH_CHECK(beta <= 0 || ref.has_value(), "beta > 0 needs ref_logprobs");
   TORCH_CHECK(entropy_coef == 0 || entropy.has_value(), "entropy_coef != 0 needs entropy");
 

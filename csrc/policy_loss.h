@@ -24,7 +24,7 @@ struct LossParams {
   float ratio_lo, ratio_hi;    // 1 - epsilon_low, 1 + epsilon_high: the clip-fraction metrics
   bool has_dual;               // clip_ratio_c given
   float clip_c;
-  bool has_tis;                // tis_cap given (needs old and sampling)
+  bool has_tis;                // tis_cap given (needs sampling; old defaults to logp)
   float tis_cap;
   bool has_ref;                // ref given: the KL is computed (and reported)
   float beta;                  // KL enters the loss when beta > 0

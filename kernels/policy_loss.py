@@ -47,7 +47,7 @@ class LossOptions:
     entropy_coef: float = 0.0  # entropy bonus (needs entropy)
     max_completion_length: int | None = None  # dr_grpo normaliser
     num_items_in_batch: float | torch.Tensor | None = None  # dapo normaliser
-    tis_cap: float | None = None  # truncated importance sampling cap (needs sampling_logprobs)
+    tis_cap: float | None = None  # truncated importance sampling cap (needs sampling_logprobs; old may be None)
 
     @classmethod
     def from_kwargs(cls, opts: dict) -> "LossOptions":
@@ -160,8 +160,8 @@ def prepare(lead, old_logprobs, advantages, mask, ref_logprobs, entropy, samplin
         raise ValueError("beta > 0 needs ref_logprobs")
     if o.entropy_coef != 0 and entropy is None and not computes_entropy:
         raise ValueError("entropy_coef != 0 needs entropy")
-    if o.tis_cap is not None and (sampling_logprobs is None or old_logprobs is None):
-        raise ValueError("tis_cap needs sampling_logprobs and old_logprobs")
+    if o.tis_cap is not None and sampling_logprobs is None:
+        raise ValueError("tis_cap needs sampling_logprobs (old_logprobs=None: on-policy, the current log-probs)")
     def f32(x):
         return None if x is None else x.float()
 

@@ -12,7 +12,8 @@ of micro-batches with zero-weight ones, so DDP / FSDP collectives always line up
 
 Old log-probs (``algorithm.old_logprobs``): ``recompute`` trains the first mini-batch of a
 single epoch on-policy (``old=None``: ratio 1, exactly the policy that sampled, no extra
-forward) and recomputes the others under ``no_grad`` before the first optimizer step;
+forward, also under ``tis_cap``) and recomputes the others under ``no_grad`` before the first
+optimizer step;
 ``sampler`` uses the sampler's log-probs for every mini-batch (no extra forward at all).
 With ``beta > 0`` the reference log-probs come from the frozen copy of the initial policy.
 """
@@ -273,7 +274,7 @@ class Updater:
                         mb.ref = self._logprobs(self.ref_objective, mb)
                     if a.old_logprobs == "sampler":
                         mb.old = mb.sampling
-                    elif j > 0 or a.ppo_epochs > 1 or a.tis_cap:
+                    elif j > 0 or a.ppo_epochs > 1:  # on-policy TIS takes old = the current log-probs
                         mb.old = self._logprobs(self.objective, mb)
 
     def update(self, seqs: Sequences) -> dict:

@@ -33,11 +33,11 @@ def _batch(b, t, h, v, dtype, seed):
     return hidden, weight, targets, mask, adv, old, ref
 
 
-def _reference(hidden, weight, targets, mask, adv, old, ref, temperature, opts):
+def _reference(hidden, weight, targets, mask, adv, old, ref, temperature, opts, sampling=None):
     hh = hidden.detach().double().requires_grad_()
     ww = weight.detach().double().requires_grad_()
     lp, ent = logprobs_entropy(hh, ww, targets, temperature=temperature)
-    loss, _ = ref_policy_loss(lp, old, adv, mask, ref=ref, entropy=ent, **opts)
+    loss, _ = ref_policy_loss(lp, old, adv, mask, ref=ref, entropy=ent, sampling=sampling, **opts)
     return [loss, *torch.autograd.grad(loss, (hh, ww))]
 
 
@@ -55,6 +55,24 @@ def test_fp32_matches_fp64(backend, opts, shape):
         assert err <= 1e-4 * y.abs().max().item() + 1e-7, (name, err)
     assert torch.all(got[1][mask == 0] == 0), "padding positions must get exactly zero gradient"
     assert metrics["entropy"] > 0
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("on_policy", [False, True], ids=["old_logprobs", "on_policy"])
+def test_truncated_importance_sampling(backend, level, on_policy):
+    """tis_cap weights each token by min(exp(old - sampling), cap); on-policy (old=None) old is the
+    current log-prob, so no old-log-prob pass is needed."""
+    hidden, weight, targets, mask, adv, old, _ = _batch(3, 7, 33, 1001, torch.float32, seed=5)
+    sampling = old + 0.3 * torch.randn(old.shape, generator=torch.Generator().manual_seed(6))  # some above the cap
+    old = None if on_policy else old
+    opts = dict(loss_type="dapo", importance_sampling_level=level, clip_ratio_c=3.0, tis_cap=1.2)
+    loss, _ = fused_linear_policy_loss(hidden, weight, targets, mask, adv, old, temperature=0.9,
+                                       sampling_logprobs=sampling, **opts)
+    got = [loss, *torch.autograd.grad(loss, (hidden, weight))]
+    want = _reference(hidden, weight, targets, mask, adv, old, None, 0.9, opts, sampling=sampling)
+    for name, x, y in zip(["loss", "d_hidden", "d_weight"], got, want):
+        err = (x.double() - y).abs().max().item()
+        assert err <= 1e-4 * y.abs().max().item() + 1e-7, (name, err)
 
 
 def test_bf16_close_to_fp64(backend):

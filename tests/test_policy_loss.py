@@ -53,11 +53,12 @@ def test_matches_fp64_reference(loss_type, level, clip_c, beta, ent_coef, on_pol
 def test_per_token_advantages_and_truncated_importance_sampling(level):
     logp, old, adv, mask, ref, entropy, sampling = _batch(seed=7, adv_per_token=True)
     opts = dict(loss_type="bnpo", importance_sampling_level=level, clip_ratio_c=3.0, tis_cap=1.5)
-    loss, _ = policy_loss(logp, old, adv, mask, sampling_logprobs=sampling, **opts)
-    expected, _ = ref_policy_loss(logp, old, adv, mask, sampling=sampling, **opts)
-    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(torch.autograd.grad(loss, logp)[0].double(),
-                               torch.autograd.grad(expected, logp)[0].double(), rtol=1e-5, atol=1e-7)
+    for behaviour in (old, None):  # None: on-policy, the TIS weight is exp(logp - sampling), detached
+        loss, _ = policy_loss(logp, behaviour, adv, mask, sampling_logprobs=sampling, **opts)
+        expected, _ = ref_policy_loss(logp, behaviour, adv, mask, sampling=sampling, **opts)
+        torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.autograd.grad(loss, logp)[0].double(),
+                                   torch.autograd.grad(expected, logp)[0].double(), rtol=1e-5, atol=1e-7)
 
 
 def test_on_policy_gradient_is_advantage_weighted():

@@ -63,8 +63,8 @@ def make_sequences(groups: int, seed: int = 1, model=None) -> Sequences:
     return Sequences(prompts, comps, sampling, adv, G)
 
 
-def reference_terms(logp, old, adv, ref, a: AlgorithmConfig) -> torch.Tensor:
-    """Per-token loss of one sequence (fp64): clipped ratio, dual clip, k3 KL."""
+def reference_terms(logp, old, adv, ref, a: AlgorithmConfig, sampling=None) -> torch.Tensor:
+    """Per-token loss of one sequence (fp64): clipped ratio, dual clip, truncated IS, k3 KL."""
     if a.importance_sampling_level == "token":
         log_w = logp - old
     elif a.importance_sampling_level == "sequence":
@@ -76,6 +76,8 @@ def reference_terms(logp, old, adv, ref, a: AlgorithmConfig) -> torch.Tensor:
     pg = torch.maximum(-adv * ratio, -adv * clipped)
     if a.clip_ratio_c is not None and adv < 0:
         pg = torch.minimum(pg, -adv * a.clip_ratio_c)
+    if a.tis_cap:
+        pg = pg * torch.exp(old - sampling.double()).clamp(max=a.tis_cap)
     if a.beta:
         d = ref - logp
         pg = pg + a.beta * (torch.exp(d) - d - 1)
@@ -97,9 +99,8 @@ def reference_run(model, ref_model, seqs: Sequences, a: AlgorithmConfig, mini_gr
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     rows = range(len(seqs.completion_ids))
     with torch.no_grad():
-        ref_model = copy.deepcopy(ref_model).double()
-        ref = [seq_logprobs(ref_model, seqs.prompt_ids[r], seqs.completion_ids[r]) for r in rows] \
-            if a.beta else [None] * len(rows)
+        frozen = copy.deepcopy(ref_model).double() if a.beta else None
+        ref = [seq_logprobs(frozen, seqs.prompt_ids[r], seqs.completion_ids[r]) if a.beta else None for r in rows]
         if a.old_logprobs == "sampler":
             old = [seqs.sampling_logprobs[r].double() for r in rows]
         else:
@@ -109,7 +110,8 @@ def reference_run(model, ref_model, seqs: Sequences, a: AlgorithmConfig, mini_gr
         for start in range(0, len(rows), mini_groups * G):
             part = rows[start:start + mini_groups * G]
             terms = [reference_terms(seq_logprobs(model, seqs.prompt_ids[r], seqs.completion_ids[r]), old[r],
-                                     seqs.advantages[r].double(), ref[r], a) for r in part]
+                                     seqs.advantages[r].double(), ref[r], a, seqs.sampling_logprobs[r])
+                     for r in part]
             loss = reference_loss(terms, a)
             opt.zero_grad()
             loss.backward()
@@ -158,6 +160,25 @@ def test_update_matches_fp64_first_principles(setup, name, old, epochs, mini_gro
         torch.testing.assert_close(p.double(), q, rtol=1e-5, atol=1e-6)
     if name == "gspo":
         assert metrics["clip_low"] + metrics["clip_high"] > 0  # the test exercises clipping
+
+
+def test_on_policy_truncated_importance_sampling_needs_no_old_logprob_pass(setup, monkeypatch):
+    """tis_cap on one on-policy mini-batch: old = the current log-probs inside the loss, no extra forward."""
+    model, _, seqs = setup
+    a = AlgorithmConfig(old_logprobs="recompute", tis_cap=1.05, **ALGORITHMS["dapo"])
+    passes = []
+    real = Updater._logprobs
+    monkeypatch.setattr(Updater, "_logprobs", lambda self, *args: passes.append(1) or real(self, *args))
+    metrics, trained = run_updater(model, None, seqs, a, mini_groups=4, micro_tokens=64, lr=0.5)
+    want, want_model = reference_run(model, None, seqs, a, mini_groups=4, lr=0.5)
+    assert passes == []
+    assert metrics["loss"] == pytest.approx(want, rel=1e-5, abs=1e-6)
+    for p, q in zip(trained.parameters(), want_model.parameters()):
+        torch.testing.assert_close(p.double(), q, rtol=1e-5, atol=1e-6)
+    capped = [torch.exp(reference_old - s.double()) > a.tis_cap for reference_old, s in
+              zip((seq_logprobs(model, p, c) for p, c in zip(seqs.prompt_ids, seqs.completion_ids)),
+                  seqs.sampling_logprobs)]
+    assert 0 < sum(int(c.sum()) for c in capped) < sum(len(c) for c in capped)  # the cap bites on some tokens
 
 
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
