@@ -17,7 +17,6 @@ work under ``torch.compile``.
 """
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 import warnings
@@ -30,6 +29,7 @@ CSRC = Path(__file__).resolve().parent.parent / "csrc"
 METRICS = ("ratio_mean", "clip_low", "clip_high", "clip_dual", "kl", "entropy")
 _error: str | None = None
 _cuda_built = False
+_available: bool | None = None  # None: not tried yet
 
 
 def _build(with_cuda: bool) -> None:
@@ -49,10 +49,17 @@ def _build(with_cuda: bool) -> None:
     )
 
 
-@functools.cache
 def available() -> bool:
     """Whether the ops are loaded, building them first if needed (once per process). With a CUDA
-    torch and nvcc the CUDA kernels are built too; if that build fails, the CPU ops alone."""
+    torch and nvcc the CUDA kernels are built too; if that build fails, the CPU ops alone. Once
+    answered it is a global read, which ``torch.compile`` traces as a constant."""
+    global _available
+    if _available is None:
+        _available = _load()
+    return _available
+
+
+def _load() -> bool:
     global _error, _cuda_built
     if not any(CSRC.glob("*.cpp")):
         _error = f"no C++ sources in {CSRC}"

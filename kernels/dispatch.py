@@ -7,7 +7,8 @@ Back-ends:
                 kernel has one (policy_loss, group_advantages); the ``torch`` path elsewhere.
 
 ``auto`` (the default) takes ``triton`` for CUDA tensors when triton imports; for CPU tensors
-``cpp`` when the extension builds and loads, else ``torch``.
+``cpp`` when the extension builds and loads, else ``torch`` (also inside ``torch.compile``, which
+fuses the PyTorch path itself and must not trace the extension's build).
 Force a back-end with the environment variable ``MEDIX_FAST_BACKEND=triton|torch|cpp|auto`` or,
 from code and tests, with :func:`set_backend` / the :func:`force_backend` context manager.
 """
@@ -40,6 +41,8 @@ def set_backend(name: str | None) -> None:
     global _forced
     if name is not None and name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name == "cpp":
+        cpp.available()  # build now, not inside a torch.compile trace
     _forced = None if name in (None, "auto") else name
 
 
@@ -89,7 +92,7 @@ def use_cpp(tensor: torch.Tensor) -> bool:
             raise RuntimeError(f"MEDIX_FAST_BACKEND=cpp but the C++ ops do not run on {tensor.device} here "
                                f"({cpp.unavailable_reason() or 'no CUDA kernels built'})")
         return True
-    return name == "auto" and tensor.device.type == "cpu" and cpp.available()
+    return name == "auto" and tensor.device.type == "cpu" and not torch.compiler.is_compiling() and cpp.available()
 
 
 def active_backends() -> dict[str, bool]:

@@ -51,10 +51,9 @@ class LossOptions:
 
     @classmethod
     def from_kwargs(cls, opts: dict) -> "LossOptions":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(opts) - names)
+        unknown = sorted(set(opts) - OPTION_NAMES)
         if unknown:
-            raise ValueError(f"unknown policy-loss option(s) {unknown}; valid: {sorted(names)}")
+            raise ValueError(f"unknown policy-loss option(s) {unknown}; valid: {sorted(OPTION_NAMES)}")
         o = cls(**opts)
         if o.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {o.loss_type!r}")
@@ -69,6 +68,9 @@ class LossOptions:
         if o.tis_cap is not None and o.tis_cap <= 0:
             raise ValueError(f"tis_cap must be > 0, got {o.tis_cap}")
         return o
+
+
+OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(LossOptions))  # a constant: torch.compile traces it
 
 
 def _check_shapes(lead, lead_name, mask, advantages, **per_token) -> None:

@@ -290,3 +290,23 @@ def test_cuda_sources_compile(tmp_path):
     for job, proc in zip(jobs, procs):
         out = proc.communicate(timeout=600)[0]
         assert proc.returncode == 0, f"{' '.join(job)}\n{out[-4000:]}"
+
+
+@pytest.mark.parametrize("level", ["token", "sequence_token"])
+def test_compiles_as_one_graph(forced, level):
+    """policy_loss and group_advantages trace into one torch.compile graph (no break at the dispatch,
+    the option check or the op), with the eager values and gradients."""
+    torch._dynamo.reset()
+    logp, old, adv, mask, ref, entropy, sampling = table._batch(seed=11)
+    opts = dict(loss_type="dapo", importance_sampling_level=level, clip_ratio_c=3.0, beta=0.04, tis_cap=2.0)
+
+    def loss_fn(logp):
+        return policy_loss(logp, old, adv, mask, ref_logprobs=ref, sampling_logprobs=sampling, **opts)[0]
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="eager")
+    got, want = compiled(logp), loss_fn(logp)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got, logp)[0], torch.autograd.grad(want, logp)[0])
+    rewards = torch.rand(32, generator=torch.Generator().manual_seed(0))
+    advantages = torch.compile(lambda r: group_advantages(r, 8), fullgraph=True, backend="eager")
+    torch.testing.assert_close(advantages(rewards), group_advantages(rewards, 8))
