@@ -16,7 +16,9 @@ storage every node can read for ``--resume``; rank 0 writes the model and metric
 Each rank samples and scores its own prompts (whole groups), computes its loss on them, and the
 gradients are averaged by DDP or reduce-scattered by FSDP2. With FSDP2 (``fully_shard`` on every
 decoder layer and the root, fp32 master shards, bf16 compute on CUDA), the parameters are
-all-gathered once for generation (:func:`generation_mode`) and resharded afterwards.
+all-gathered once for generation (:func:`generation_mode`) and resharded afterwards. The frozen
+KL reference model is sharded the same way (:func:`shard_reference`), gathered layer by layer for
+its forwards, so no rank holds a whole copy.
 """
 from __future__ import annotations
 
@@ -107,6 +109,20 @@ def wrap(objective: nn.Module, model: nn.Module, strategy: str, info: DistInfo, 
     if strategy == "ddp":
         ids = [info.device.index] if info.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(objective, device_ids=ids)
+    return _fully_shard(objective, model, compute_dtype)
+
+
+def shard_reference(objective: nn.Module, model: nn.Module, strategy: str, info: DistInfo,
+                    compute_dtype: torch.dtype) -> nn.Module:
+    """The frozen reference ``objective`` (holding ``model``): FSDP2-sharded like the policy under
+    ``strategy="fsdp"`` (1/world of it per rank, all-gathered per layer in each forward, which every
+    rank runs in step since micro-batch counts are padded to agree); as is otherwise."""
+    if strategy != "fsdp" or not info.enabled:
+        return objective
+    return _fully_shard(objective, model, compute_dtype)
+
+
+def _fully_shard(objective: nn.Module, model: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)

@@ -130,7 +130,8 @@ class Trainer:
             ref_model, _ = load_model(cfg.model.path, dtype=dtype, device=dev, attn_impl=attn_impl,
                                       gradient_checkpointing=False)
             ref_model.eval().requires_grad_(False)
-            ref = PolicyObjective(ref_model, cfg.sampling.temperature, t.share_prompt)
+            ref = D.shard_reference(PolicyObjective(ref_model, cfg.sampling.temperature, t.share_prompt), ref_model,
+                                    cfg.distributed.strategy, self.info, dtype)
         self.updater = Updater(self.objective, self.wrapped, self.optimizer, cfg.algorithm, t, cfg.sampling,
                                self.info, self.tokenizer.pad_token_id or 0, ref, autocast, o.grad_clip)
 

@@ -1,7 +1,7 @@
 """Worker for tests/test_distributed.py, run under ``torchrun --nproc_per_node=2``.
 
 Each rank takes its half of the groups of the batch that test_update.py builds, runs one
-``Updater.update`` under DDP and under FSDP2 (gloo, CPU), and rank 0 saves the full
+``Updater.update`` under DDP and under FSDP2 (gloo, CPU; the KL reference sharded too), and rank 0 saves the full
 parameters to ``OUT/<strategy>_<algorithm>.pt`` for the test to compare with one process.
 """
 from __future__ import annotations
@@ -40,7 +40,13 @@ def main(out: Path, names: list[str]) -> None:
             opt = torch.optim.SGD([p for p in wrapped.parameters()], lr=0.5)
             a = AlgorithmConfig(old_logprobs="recompute", ppo_epochs=2, **ALGORITHMS[name])
             train = TrainConfig(prompts_per_step=GROUPS, mini_batch_prompts=GROUPS, micro_batch_tokens=40)
-            ref = PolicyObjective(tiny_model(5), 1.0) if a.beta else None
+            ref = None
+            if a.beta:  # the KL reference, sharded too under FSDP2
+                ref_model = tiny_model(5)
+                ref = D.shard_reference(PolicyObjective(ref_model, 1.0), ref_model, strategy, info, torch.float32)
+                local = sum(getattr(p, "to_local", lambda p=p: p)().numel() for p in ref.parameters())
+                full = sum(p.numel() for p in ref.parameters())
+                assert (local < full) == (strategy == "fsdp"), (strategy, local, full)  # 1/world per rank
             updater = Updater(objective, wrapped, opt, a, train, SamplingConfig(group_size=G, max_new_tokens=MAX_NEW),
                               info, pad_id=0, ref_objective=ref, grad_clip=1.0)
             metrics = updater.update(seqs)

@@ -69,12 +69,12 @@ def test_two_ranks_equal_one_process(two_process_results, strategy, name):
 
 
 def test_two_process_fsdp_training_run(tmp_path):
-    """The whole loop under torchrun with FSDP2: per-rank rollouts, unsharded generation,
+    """The whole loop under torchrun with FSDP2 (and a sharded KL reference): per-rank rollouts, unsharded generation,
     DAPO's cross-rank dynamic-sampling agreement, a gathered HF checkpoint."""
     out = tmp_path / "run"
     torchrun(["-m", "medix_fast.train", "distributed.strategy=fsdp", "train.steps=2", "train.prompts_per_step=4",
               "train.mini_batch_prompts=2", "sampling.group_size=4", "sampling.max_new_tokens=12",
-              "algorithm.chunk_prompts=4", "algorithm.max_tries=2", "eval.every=2", "eval.limit=4",
+              "algorithm.chunk_prompts=4", "algorithm.max_tries=2", "algorithm.beta=0.02", "eval.every=2", "eval.limit=4",
               "checkpoint.every=2", "logging.progress=false", f"train.output_dir={out}"], tmp_path)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2]  # 0: the held-out baseline
