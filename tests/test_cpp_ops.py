@@ -16,7 +16,6 @@ import torch
 
 import test_policy_loss as table
 from medix_fast.kernels import LossOptions, cpp, force_backend, group_advantages, policy_loss
-from reference import policy_loss as ref_policy_loss
 
 needs_ops = pytest.mark.skipif(not cpp.available(), reason=f"C++ ops unavailable: {cpp.unavailable_reason()}")
 
