@@ -67,27 +67,40 @@ def _row_grad_kernel(z_ptr, out_ptr, tgt_ptr, lse_ptr, ent_ptr, glp_ptr, gent_pt
         tl.store(out_ptr + offset + v0 + cols, (dz * inv_temp).to(out_ptr.dtype.element_ty), mask=inside)
 
 
+SCRATCH_MB = 16
+
+
 def _block_v(vocab: int) -> int:
     cap = 1024 if os.environ.get("TRITON_INTERPRET") == "1" else 4096
     return min(cap, triton.next_power_of_2(vocab))
+
+
+def _row_blocks(n: int, vocab: int) -> list[slice]:
+    """Row blocks of at most ``SCRATCH_MB`` of fp32 (the torch path's per-block temporaries)."""
+    rows = max(1, (SCRATCH_MB << 20) // (4 * vocab))
+    return [slice(i, i + rows) for i in range(0, n, rows)]
 
 
 def row_stats(z: torch.Tensor, targets: torch.Tensor, triton_path: bool, entropy: bool = True,
               overwrite: bool = False):
     """(logp, lse, entropy), each (n,) fp32, of the fp32 logits ``z`` (n, V).
 
-    The torch path holds one (n, V) buffer beside ``z``, none with ``overwrite`` (``z`` is then
-    clobbered); without ``entropy`` it returns zeros for it and skips that pass."""
+    The torch path works in row blocks with one block-sized temporary (none with ``overwrite``:
+    ``z`` is then clobbered); without ``entropy`` it returns zeros for it and skips that pass."""
     if not triton_path:
-        top = z.amax(dim=-1, keepdim=True)  # (n, 1)
-        logp = z.gather(1, targets[:, None]).sub_(top).squeeze(1)  # (n,) z_t - m, the lse comes next
-        p = z.sub_(top) if overwrite else torch.sub(z, top)  # (n, V) z - m <= 0
-        total = p.exp_().sum(-1)  # (n,) >= 1; p now holds e^(z - m)
-        lse = top.squeeze(1) + torch.log(total)
-        ent = torch.zeros_like(lse)
-        if entropy:  # log(total) + sum_v -e^(z-m) (z-m) / total, two non-negative terms
-            ent = torch.log(total) + torch.special.entr(p, out=p).sum(-1) / total
-        return logp.sub_(torch.log(total)), lse, ent
+        logp, lse, ent = torch.zeros(3, z.shape[0], dtype=torch.float32, device=z.device)
+        for sl in _row_blocks(*z.shape):
+            zb = z[sl]  # (r, V)
+            top = zb.amax(dim=-1, keepdim=True)  # (r, 1)
+            z_t = zb.gather(1, targets[sl, None]).squeeze(1)  # (r,)
+            p = zb.sub_(top) if overwrite else torch.sub(zb, top)  # (r, V) z - m <= 0
+            total = p.exp_().sum(-1)  # (r,) >= 1; p now holds e^(z - m)
+            log_total = torch.log(total)
+            lse[sl] = top.squeeze(1) + log_total
+            logp[sl] = z_t - lse[sl]
+            if entropy:  # log(total) + sum_v -e^(z-m) (z-m) / total, two non-negative terms
+                ent[sl] = log_total + torch.special.entr(p, out=p).sum(-1) / total
+        return logp, lse, ent
     n, vocab = z.shape
     lse, logp, ent = torch.empty(3, n, dtype=torch.float32, device=z.device)
     _row_stats_kernel[(n,)](z, targets, lse, logp, ent, vocab, z.stride(0), BLOCK_V=_block_v(vocab))
@@ -97,13 +110,15 @@ def row_stats(z: torch.Tensor, targets: torch.Tensor, triton_path: bool, entropy
 def row_grad(z, targets, lse, entropy, g_lp, g_ent, inv_temp, out_dtype, triton_path: bool):
     """dL/d(raw logits) (n, V) in ``out_dtype``; overwrites ``z`` (its buffer is reused)."""
     if not triton_path:
-        log_p = z.sub_(lse[:, None])  # (n, V) in place of z
-        coef = g_lp[:, None]
-        if g_ent is not None:  # -p (g_lp + g_ent (log p + entropy))
-            coef = torch.mul(log_p, g_ent[:, None]).add_((g_lp + g_ent * entropy)[:, None])  # (n, V)
-        dz = log_p.exp_().mul_(coef).neg_()  # -p * coef, in place of z
-        dz.scatter_add_(1, targets[:, None], g_lp[:, None])
-        return dz.mul_(inv_temp).to(out_dtype)
+        for sl in _row_blocks(*z.shape):  # dz = -p * coef, in place of z
+            log_p = z[sl].sub_(lse[sl, None])  # (r, V)
+            coef = (g_lp[sl] * inv_temp)[:, None]  # (r, 1)
+            if g_ent is not None:  # -p (g_lp + g_ent (log p + entropy))
+                coef = torch.mul(log_p, (g_ent[sl] * inv_temp)[:, None]).add_(
+                    ((g_lp[sl] + g_ent[sl] * entropy[sl]) * inv_temp)[:, None])  # (r, V)
+            log_p.exp_().mul_(coef).neg_()
+        z.scatter_add_(1, targets[:, None], (g_lp * inv_temp)[:, None])
+        return z.to(out_dtype)
     n, vocab = z.shape
     out = z if out_dtype == torch.float32 else torch.empty(n, vocab, dtype=out_dtype, device=z.device)
     _row_grad_kernel[(n,)](z, out, targets, lse, entropy, g_lp, g_ent if g_ent is not None else g_lp,

@@ -125,6 +125,21 @@ def test_chunking_does_not_change_results():
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
 
 
+def test_row_blocks_of_the_torch_path_match_fp64(monkeypatch):
+    """The torch path's scratch in row blocks: one row per block gives the fp64 values too."""
+    from medix_fast.kernels import logits_rows
+
+    h, w, b, t = _inputs((3, 7), 33, 1001, torch.float32, bias=True, seed=8)
+    g_lp, g_ent = torch.randn(3, 7), torch.randn(3, 7)
+    want = _reference(h, w, b, t, 0.7, g_lp, g_ent)
+    monkeypatch.setattr(logits_rows, "SCRATCH_MB", 0)  # max(1, 0) = 1 row per block
+    assert len(logits_rows._row_blocks(21, 1001)) == 21
+    with force_backend("torch"):
+        got = _run(h, w, b, t, 0.7, g_lp, g_ent, chunk_size=5)
+    for name, x, y in zip(["logp", "entropy", "d_hidden", "d_weight", "d_bias"], got, want):
+        _assert_fp32_close(x, y, name)
+
+
 def test_no_grad_and_logprob_only_path(backend):
     h, w, _, t = _inputs((2, 4), 16, 100, torch.float32, bias=False, seed=4)
     with torch.no_grad():
