@@ -49,6 +49,7 @@ class _TokenLevelPolicyLoss(torch.autograd.Function):
             total += part.detach()
             dz = row_grad(z, targets[sl], lse, ent, g_lp, g_ent, inv_temp, w.dtype, triton_rows)  # (c, V)
             grads.add(dz, h, w, sl)
+            del z, dz  # before the next chunk's logits exist: one (chunk, V) buffer at a time
         ctx.grads = grads.result(w, b)
         ctx.mark_non_differentiable(logp, entropy)
         return total, logp, entropy

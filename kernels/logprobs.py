@@ -209,6 +209,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
             dz = row_grad(z, targets[sl], lse[sl], ent[sl], g_lp[sl], None if g_ent is None else g_ent[sl],
                           inv_temp, w.dtype, triton_path)  # (c, V) in w.dtype
             grads.add(dz, h, w, sl)
+            del z, dz  # before the next chunk's logits exist: one (chunk, V) buffer at a time
         return (*grads.result(w, b), None, None, None, None, None)
 
 
