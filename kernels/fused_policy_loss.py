@@ -3,18 +3,22 @@
     loss, metrics = fused_linear_policy_loss(hidden, lm_head.weight, targets, mask, advantages,
                                              old_logprobs, loss_type="dapo", epsilon_high=0.28)
 
-The valid (mask = 1) tokens are gathered first, so padding never goes through the (V, H) GEMMs.
+The valid (mask != 0) tokens are gathered first, so padding never goes through the (V, H) GEMMs.
 
-Token-level importance sampling (GRPO, DAPO, Dr. GRPO), with gradients wanted: one pass. For each
-chunk of tokens the fp32 logits are built (one GEMM), a row kernel takes the log-prob, logsumexp and
-entropy, the per-token loss gradient is taken (it depends on that token alone, the aggregation
-being a fixed per-token weight), a second row kernel turns the logits into dL/dlogits in place, and
-two GEMMs give dL/dhidden and dL/dW, kept for the backward: 6·n·H·V FLOPs in all, peak extra
-memory O(chunk × V). Sequence levels (GSPO) couple the tokens of a sequence, so they take the
-two-pass path: :func:`fused_linear_logprobs` (no logits, recompute in backward, 8·n·H·V) then
-:func:`policy_loss`, which is also the path when no gradient is needed.
+With gradients wanted, one pass: for each chunk of tokens the fp32 logits are built (one GEMM), a
+row kernel takes the log-prob, logsumexp and entropy, the loss gradient with respect to those
+log-probs and entropies is taken on the chunk alone, a second row kernel turns the logits into
+dL/dlogits in place, and two GEMMs give dL/dhidden and dL/dW, kept for the backward: 6·n·H·V FLOPs
+in all, peak extra memory O(chunk × V). That works because a chunk holds all a token's loss depends
+on: at token level (GRPO, DAPO, Dr. GRPO) the token itself (the aggregation is a fixed per-token
+weight), so chunks cut anywhere; at the sequence levels (GSPO, GSPO-token) its whole sequence (the
+ratio is a sequence mean), so chunks are whole sequences, packed (k rows, longest) for the loss.
+A sequence longer than a chunk takes the two-pass path, :func:`fused_linear_logprobs` (no logits,
+recompute in backward, 8·n·H·V) then :func:`policy_loss`, which is also the path without gradients.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -24,27 +28,68 @@ from .logprobs import HeadGrads, chunk_logits, chunk_rows, fused_linear_logprobs
 from .policy_loss import aggregation_weights, per_token_loss, policy_loss, prepare
 
 
-class _TokenLevelPolicyLoss(torch.autograd.Function):
+@dataclass
+class _Chunk:
+    """Tokens ``tokens`` of the valid-token order, packed into a (k, width) grid for the loss."""
+    tokens: slice
+    rows: torch.Tensor  # (c,) grid row of each token
+    cols: torch.Tensor  # (c,) grid column
+    shape: tuple[int, int]
+
+    def grid(self, x: torch.Tensor) -> torch.Tensor:
+        """(c,) values of this chunk's tokens -> its (k, width) grid, zeros elsewhere (differentiable)."""
+        return x.new_zeros(self.shape).index_put((self.rows, self.cols), x)
+
+    def pack(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """(n,) per valid token -> this chunk's grid (None stays None)."""
+        return None if x is None else self.grid(x[self.tokens])
+
+
+def _layout(lengths: list[int], chunk: int, whole_rows: bool, device: torch.device) -> list[_Chunk] | None:
+    """Chunks of at most ``chunk`` tokens over rows of ``lengths`` valid tokens; with ``whole_rows``
+    each row in one chunk (None when a row is longer than ``chunk``), else one (1, c) grid per chunk."""
+    n = sum(lengths)
+    if not whole_rows:
+        return [_Chunk(slice(i, min(i + chunk, n)), torch.zeros(min(chunk, n - i), dtype=torch.long, device=device),
+                       torch.arange(min(chunk, n - i), device=device), (1, min(chunk, n - i)))
+                for i in range(0, n, chunk)]
+    lengths = [x for x in lengths if x]
+    if lengths and max(lengths) > chunk:
+        return None
+    out, start, group = [], 0, []
+    for length in lengths + [None]:  # None flushes the last group
+        if group and (length is None or sum(group) + length > chunk):
+            count = sum(group)
+            sizes = torch.tensor(group, device=device)
+            rows = torch.repeat_interleave(torch.arange(len(group), device=device), sizes)  # (count,)
+            cols = torch.arange(count, device=device) - torch.repeat_interleave(sizes.cumsum(0) - sizes, sizes)
+            out.append(_Chunk(slice(start, start + count), rows, cols, (len(group), max(group))))
+            start, group = start + count, []
+        if length is not None:
+            group.append(length)
+    return out
+
+
+class _OnePassPolicyLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, w, b, targets, weights, old, adv, ref, sampling, inv_temp, o, chunk, triton_rows):
+    def forward(ctx, h, w, b, targets, weights, mask, old, adv, ref, sampling, layout, inv_temp, o, triton_rows):
         n = h.shape[0]
         logp = torch.empty(n, dtype=torch.float32, device=h.device)  # (n,)
         entropy = torch.empty_like(logp)  # (n,)
         grads = HeadGrads(h, w, ctx.needs_input_grad[:3])
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        take = lambda x, sl: None if x is None else x[sl][None]  # noqa: E731  (n,) -> (1, c)
-        for i in range(0, n, chunk):
-            sl = slice(i, i + chunk)
+        for c in layout:
+            sl = c.tokens
             z = chunk_logits(h[sl], w, b, inv_temp)  # (c, V) fp32
             lp, lse, ent = row_stats(z, targets[sl], triton_rows)  # each (c,)
             logp[sl], entropy[sl] = lp, ent
             with torch.enable_grad():
                 lp_leaf = lp.detach().requires_grad_()
                 ent_leaf = ent.detach().requires_grad_()
-                old_c = lp_leaf.detach()[None] if old is None else take(old, sl)
-                loss_t, *_ = per_token_loss(lp_leaf[None], old_c, adv[sl][None], weights[sl][None], o,
-                                            ref=take(ref, sl), entropy=ent_leaf[None], sampling=take(sampling, sl))
-                part = (loss_t[0] * weights[sl]).sum()
+                loss_t, *_ = per_token_loss(c.grid(lp_leaf), c.grid(lp.detach()) if old is None else c.pack(old),
+                                            c.pack(adv), c.pack(mask), o, ref=c.pack(ref), entropy=c.grid(ent_leaf),
+                                            sampling=c.pack(sampling))  # (k, width)
+                part = (loss_t * c.pack(weights)).sum()
                 g_lp, g_ent = torch.autograd.grad(part, (lp_leaf, ent_leaf), allow_unused=True)
             total += part.detach()
             dz = row_grad(z, targets[sl], lse, ent, g_lp, g_ent, inv_temp, w.dtype, triton_rows)  # (c, V)
@@ -57,7 +102,7 @@ class _TokenLevelPolicyLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, _g_logp, _g_entropy):
         grads = tuple(None if g is None else g * g_loss.to(g.dtype) for g in ctx.grads)
-        return (*grads, *([None] * 10))
+        return (*grads, *([None] * 11))
 
 
 def fused_linear_policy_loss(hidden, weight, targets, mask, advantages, old_logprobs=None,
@@ -96,17 +141,20 @@ def fused_linear_policy_loss(hidden, weight, targets, mask, advantages, old_logp
     h = hidden.reshape(-1, width).index_select(0, keep)  # (n, H)
     t = valid(targets)
     params = [x for x in (hidden, weight, bias) if x is not None]
-    if torch.is_grad_enabled() and any(p.requires_grad for p in params) and o.importance_sampling_level == "token":
+    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
         w = weight.to(h.dtype).contiguous()
-        b = None if bias is None else bias.to(h.dtype)
         chunk = chunk_rows(max(1, h.shape[0]), w.shape[0], chunk_size, h.device)
-        loss, logp, ent = _TokenLevelPolicyLoss.apply(
-            h.contiguous(), w, b, t.contiguous(), valid(aggregation_weights(maskf, o)), valid(old), valid(adv),
-            valid(ref), valid(sampling), 1.0 / float(temperature), o, chunk, use_triton(h))
-        with torch.no_grad():
-            _, metrics = policy_loss(scatter(logp), old_logprobs, advantages, mask, ref_logprobs=ref_logprobs,
-                                     entropy=scatter(ent), sampling_logprobs=sampling_logprobs, **opts)
-        return loss, metrics
+        lengths = (maskf != 0).sum(-1).tolist()  # valid tokens per row
+        layout = _layout(lengths, chunk, o.importance_sampling_level != "token", h.device)
+        if layout is not None:
+            loss, logp, ent = _OnePassPolicyLoss.apply(
+                h.contiguous(), w, None if bias is None else bias.to(h.dtype), t.contiguous(),
+                valid(aggregation_weights(maskf, o)), valid(maskf), valid(old), valid(adv), valid(ref), valid(sampling),
+                layout, 1.0 / float(temperature), o, use_triton(h))
+            with torch.no_grad():
+                _, metrics = policy_loss(scatter(logp), old_logprobs, advantages, mask, ref_logprobs=ref_logprobs,
+                                         entropy=scatter(ent), sampling_logprobs=sampling_logprobs, **opts)
+            return loss, metrics
     want_entropy = compute_entropy or o.entropy_coef != 0
     out = fused_linear_logprobs(h, weight, t, bias=bias, temperature=temperature,
                                 return_entropy=want_entropy, chunk_size=chunk_size)

@@ -57,6 +57,29 @@ def test_fp32_matches_fp64(backend, opts, shape):
     assert metrics["entropy"] > 0
 
 
+@pytest.mark.parametrize("level", ["token", "sequence", "sequence_token"])
+@pytest.mark.parametrize("chunk_size", [1, 4, 8, 13, None])
+def test_chunks_of_tokens_or_whole_sequences(backend, level, chunk_size, monkeypatch):
+    """One pass over chunks (any tokens at token level, whole sequences at the sequence levels,
+    several per chunk when they fit); a sequence longer than a chunk takes the two-pass path."""
+    import medix_fast.kernels.fused_policy_loss as fpl
+
+    two_pass = []
+    real = fpl.fused_linear_logprobs
+    monkeypatch.setattr(fpl, "fused_linear_logprobs", lambda *a, **k: two_pass.append(1) or real(*a, **k))
+    hidden, weight, targets, mask, adv, old, ref = _batch(4, 7, 33, 1001, torch.float32, seed=9)
+    opts = dict(loss_type="dapo", importance_sampling_level=level, clip_ratio_c=3.0, beta=0.02, entropy_coef=0.01)
+    loss, _ = fused_linear_policy_loss(hidden, weight, targets, mask, adv, old, ref, temperature=0.8,
+                                       chunk_size=chunk_size, **opts)
+    got = [loss, *torch.autograd.grad(loss, (hidden, weight))]
+    want = _reference(hidden, weight, targets, mask, adv, old, ref, 0.8, opts)
+    for name, x, y in zip(["loss", "d_hidden", "d_weight"], got, want):
+        err = (x.double() - y).abs().max().item()
+        assert err <= 1e-4 * y.abs().max().item() + 1e-7, (name, err)
+    longest = int(mask.sum(-1).max())
+    assert bool(two_pass) == (level != "token" and chunk_size is not None and chunk_size < longest)
+
+
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("on_policy", [False, True], ids=["old_logprobs", "on_policy"])
 def test_truncated_importance_sampling(backend, level, on_policy):
