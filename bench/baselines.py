@@ -7,6 +7,7 @@ Log-probs, ``fn(hidden (N, H), weight (V, H), targets (N,)) -> logp (N,)``:
   ``cce``            Apple's cut-cross-entropy ``linear_cross_entropy``, ``reduction="none"``
 Policy loss, ``fn(hidden (B, T, H), weight, targets, mask, advantages, old_logprobs) -> loss``:
   ``naive``          materialised logits -> log-probs -> medix_fast's ``policy_loss`` formula
+  ``torch.compile``  the same function through ``torch.compile`` (the loss traces as one graph)
   ``liger``          Liger's ``LigerFusedLinearGRPOLoss`` (chunked PyTorch, loss math compiled)
 Group advantages, ``fn(rewards (N,), group_size) -> (N,)``:
   ``naive``          TRL GRPOTrainer's repeat_interleave formulation
@@ -81,6 +82,10 @@ def naive_policy_loss(loss: str):
         return policy_loss(logp, old_logprobs, advantages, mask, **LOSS_PRESETS[loss])[0]
 
     return fn
+
+
+def compiled_policy_loss(loss: str):
+    return torch.compile(naive_policy_loss(loss))
 
 
 def liger_policy_loss(loss: str, compiled: bool = True):

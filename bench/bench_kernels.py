@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from .baselines import (LOGPROB_BASELINES, LOSS_PRESETS, liger_policy_loss, naive_group_advantages,
-                        naive_policy_loss)
+from .baselines import (LOGPROB_BASELINES, LOSS_PRESETS, compiled_policy_loss, liger_policy_loss,
+                        naive_group_advantages, naive_policy_loss)
 from .case import SUBJECT, Case, Skip
 
 LOSSES = ("grpo", "dapo", "gspo")
@@ -100,6 +100,10 @@ def _logprob_cases(smoke: bool, device: torch.device) -> list[Case]:
 def _loss_fn(impl: str, loss: str, smoke: bool):
     if impl == "naive":
         return naive_policy_loss(loss)
+    if impl == "torch.compile":
+        if smoke:
+            raise Skip("not compiled under --smoke")
+        return compiled_policy_loss(loss)
     if impl == "liger":
         return liger_policy_loss(loss, compiled=not smoke)
     from medix_fast.kernels import fused_linear_policy_loss
@@ -140,7 +144,7 @@ def _loss_cases(smoke: bool, device: torch.device) -> list[Case]:
         for n, h, v, label in where:
             valid = sum(_valid_lengths(n, device, padded))
             name = f"{loss} fwd+bwd" + (f", {100 * valid // n} % valid tokens" if padded else "")
-            for impl in (SUBJECT, "naive", "liger"):
+            for impl in (SUBJECT, "naive", "torch.compile", "liger"):
                 def build(dev, n=n, h=h, v=v, impl=impl, loss=loss, padded=padded):
                     f = _loss_fn(impl, loss, smoke)
                     args = _loss_inputs(n, h, v, dev, padded)
