@@ -45,28 +45,33 @@ class _Chunk:
         return None if x is None else self.grid(x[self.tokens])
 
 
+def _rows_chunk(start: int, sizes: list[int], device: torch.device) -> _Chunk:
+    """Whole rows of ``sizes`` valid tokens from valid token ``start`` on, one grid row each."""
+    counts = torch.tensor(sizes, device=device)  # (k,)
+    rows = torch.repeat_interleave(torch.arange(len(sizes), device=device), counts)  # (c,)
+    cols = torch.arange(sum(sizes), device=device) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+    return _Chunk(slice(start, start + sum(sizes)), rows, cols, (len(sizes), max(sizes)))
+
+
 def _layout(lengths: list[int], chunk: int, whole_rows: bool, device: torch.device) -> list[_Chunk] | None:
-    """Chunks of at most ``chunk`` tokens over rows of ``lengths`` valid tokens; with ``whole_rows``
-    each row in one chunk (None when a row is longer than ``chunk``), else one (1, c) grid per chunk."""
-    n = sum(lengths)
+    """Chunks of at most ``chunk`` tokens over rows of ``lengths`` valid tokens: with ``whole_rows``
+    as many whole rows as fit (None when a row is longer than ``chunk``), else cut anywhere."""
     if not whole_rows:
-        return [_Chunk(slice(i, min(i + chunk, n)), torch.zeros(min(chunk, n - i), dtype=torch.long, device=device),
-                       torch.arange(min(chunk, n - i), device=device), (1, min(chunk, n - i)))
-                for i in range(0, n, chunk)]
+        n = sum(lengths)
+        return [_rows_chunk(i, [min(chunk, n - i)], device) for i in range(0, n, chunk)]
     lengths = [x for x in lengths if x]
     if lengths and max(lengths) > chunk:
         return None
-    out, start, group = [], 0, []
-    for length in lengths + [None]:  # None flushes the last group
-        if group and (length is None or sum(group) + length > chunk):
-            count = sum(group)
-            sizes = torch.tensor(group, device=device)
-            rows = torch.repeat_interleave(torch.arange(len(group), device=device), sizes)  # (count,)
-            cols = torch.arange(count, device=device) - torch.repeat_interleave(sizes.cumsum(0) - sizes, sizes)
-            out.append(_Chunk(slice(start, start + count), rows, cols, (len(group), max(group))))
-            start, group = start + count, []
-        if length is not None:
-            group.append(length)
+    groups: list[list[int]] = [[]]
+    for length in lengths:
+        if sum(groups[-1]) + length > chunk:
+            groups.append([])
+        groups[-1].append(length)
+    out, start = [], 0
+    for g in groups:
+        if g:  # empty only when no row has a valid token
+            out.append(_rows_chunk(start, g, device))
+            start += sum(g)
     return out
 
 
