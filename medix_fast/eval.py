@@ -70,13 +70,10 @@ def sampler_generate(sampler, tokenizer, stop_token_ids: list[int], settings: Ev
                      vision=None) -> Generate:
     """A ``Generate`` running ``medix_fast.sampler.Sampler`` (one completion per item); with
     ``vision`` (a ``medix_fast.vision.Vision``, VL models) the items' images are encoded and fed."""
-    from .vision import load_image
-
     stop = set(stop_token_ids)
 
     def generate(items: list[Item], prompt_ids: list[list[int]], seed: int) -> list[Generation]:
-        images = None if vision is None else [
-            None if it.image is None else vision.encode([load_image(it.image)]) for it in items]
+        images = None if vision is None else [vision.pixels(it.image) for it in items]
         out = sampler.generate(prompt_ids, n=1, max_new_tokens=settings.max_new_tokens,
                                temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
                                stop_token_ids=stop_token_ids, seed=seed, images=images)

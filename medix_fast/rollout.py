@@ -81,10 +81,7 @@ class Rollout:
 
     def pixels(self, ids: list[int]) -> list:
         """Each prompt's image decoded and patchified (a PixelBatch; None without image or VL model)."""
-        from .vision import load_image
-
-        return [self.vision.encode([load_image(self.prompts[i].image)])
-                if self.vision is not None and self.prompts[i].image is not None else None for i in ids]
+        return [None if self.vision is None else self.vision.pixels(self.prompts[i].image) for i in ids]
 
     def generate(self, ids: list[int], n: int, temperature: float, top_p: float, top_k: int, seed: int):
         """(prompt ids per response, completions, sampling log-probs, finish reasons, images per

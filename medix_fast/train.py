@@ -153,8 +153,8 @@ class Trainer:
             truncate_after(self.out / "metrics.jsonl", self.step)
         self.logger = MetricsLogger(self.out, self.info.is_main, cfg.logging.tensorboard)
         log.info("%d train prompts, %d held-out; %s on %s x%d (%s), %d parameters", len(self.prompts),
-                 len(self.evaluator.items) if self.evaluator else 0, cfg.model.path, dev.type, world, cfg.distributed.strategy,
-                 sum(p.numel() for p in self.model.parameters()))
+                 len(self.evaluator.items) if self.evaluator else 0, cfg.model.path, dev.type, world,
+                 cfg.distributed.strategy, sum(p.numel() for p in self.model.parameters()))
 
     # ------------------------------------------------------------------ checkpoints
     def _find_checkpoint(self, resume: str | None) -> Path | None:

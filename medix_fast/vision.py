@@ -111,6 +111,10 @@ class Vision:
             *size, {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels})
         return patches // self.image_processor.merge_size ** 2
 
+    def pixels(self, image: Any) -> PixelBatch | None:
+        """One prompt's image (anything :func:`load_image` takes) patchified; None without one."""
+        return None if image is None else self.encode([load_image(image)])
+
     def encode(self, images: list) -> PixelBatch:
         """Resize (within [min_pixels, max_pixels]) and patchify RGB PIL ``images``."""
         size = {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
