@@ -23,7 +23,7 @@ setup(
     packages=packages,
     package_dir={"medix_fast.kernels": "kernels", "medix_fast.configs": "configs", "medix_fast.csrc": "csrc"},
     include_package_data=True,
-    package_data={"medix_fast": ["data/*.jsonl", "data/**/*"], "medix_fast.configs": ["*.yaml"],
+    package_data={"medix_fast.data": ["sample/*.jsonl", "sample/images/*.png"], "medix_fast.configs": ["*.yaml"],
                   "medix_fast.csrc": ["*.cpp", "*.h", "cuda/*"]},
     install_requires=[
         "torch>=2.4",

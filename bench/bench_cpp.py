@@ -7,7 +7,7 @@ Cases (fp32, CPU; the subject ``medix_fast`` forces the ``cpp`` back-end, ``torc
                     (about 3/5 of them valid): grpo, dapo with dual clip + KL + entropy bonus, gspo
   advantages        group advantages, N = 2^20 rewards in groups of 8
   sample_step       one sampling step, B=64 rows of V=151,936 logits: top-k 50 + top-p 0.9 at T=0.7,
-                    and top-p 0.9 alone; the baseline is medix_fast.sampling.sample_tokens
+                    and top-p 0.9 alone; the baseline is medix_fast.generate.tokens.sample_tokens
 ``--smoke`` shrinks every shape (B=4 x T=64, N=64, B=2 x V=1,000).
 """
 from __future__ import annotations
@@ -82,9 +82,9 @@ def _sampling_case(impl: str, name: str, B: int, V: int) -> Case:
             from medix_fast.kernels import cpp
             return lambda: cpp.sample_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=g)
         try:
-            from medix_fast.sampling import SamplingParams, sample_tokens
+            from medix_fast.generate.tokens import SamplingParams, sample_tokens
         except ImportError as exc:
-            raise Skip(f"medix_fast.sampling unavailable: {exc}") from exc
+            raise Skip(f"medix_fast.generate.tokens unavailable: {exc}") from exc
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
         return lambda: sample_tokens(logits, params, g)
     return Case("sample_step", name, impl, f"B={B} V={V} fp32", B, build)

@@ -52,8 +52,8 @@ JUDGE_SHAPES = {  # name -> Qwen3Config fields
 
 def make_batch(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
     """n (response, solution) pairs in the fixed mix described in the module docstring."""
-    from medix_fast.prompt import split_solution
-    from medix_fast.sample_data import sample_path
+    from medix_fast.data.prompt import split_solution
+    from medix_fast.data.loader import sample_path
 
     rows = [json.loads(line) for line in sample_path("train").read_text().splitlines()]
     rng = random.Random(seed)

@@ -60,7 +60,7 @@ def _hf_generate(model, prompts: list[list[int]], n: int, new_tokens: int):
 
 
 def _medix_generate(model, prompts: list[list[int]], n: int, new_tokens: int):
-    from medix_fast.sampler import Sampler
+    from medix_fast.generate import Sampler
 
     sampler = Sampler(model, max_batch_size=len(prompts) * n, max_seq_len=max(map(len, prompts)) + new_tokens)
     return lambda: sampler.generate(prompts, n=n, max_new_tokens=new_tokens, temperature=1.0, top_p=1.0,

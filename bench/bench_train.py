@@ -2,7 +2,7 @@
 
     python -m bench --only train
 
-Both train the embedded tiny Qwen2 (``medix_fast.tiny``, built offline) on the bundled clinical QA
+Both train the embedded tiny Qwen2 (``medix_fast.demo.tiny``, built offline) on the bundled clinical QA
 prompts with the same work per step: one rollout of 16 prompts x G=8 (sampling temperature 1,
 no top-k/top-p, at most 48 new tokens, stop at the model's eos), rewards from medix_fast's
 composite reward (the same function object type and weights for both: exact-match accuracy, MiniLM
@@ -60,9 +60,9 @@ def _trl_measure(device: torch.device, budget: Budget, w: dict) -> tuple[Timing,
         raise Skip(f"trl not installed ({exc.name})") from exc
     from medix_fast.config import DataConfig
     from medix_fast.data import load_examples
-    from medix_fast.prompt import build_messages
+    from medix_fast.data.prompt import build_messages
     from medix_fast.rewards import RewardConfig, build_reward
-    from medix_fast.tiny import ensure_tiny_model
+    from medix_fast.demo.cache import ensure_tiny_model
 
     path = str(ensure_tiny_model())
     tokenizer = AutoTokenizer.from_pretrained(path)

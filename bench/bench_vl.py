@@ -55,7 +55,7 @@ def _model(text: dict, vision: dict, device: torch.device, dtype: torch.dtype):
 
 def _inputs(side: int, layout: tuple, vocab: int, device, dtype):
     """Image prompts, their PixelBatches and the same prompts without the image."""
-    from medix_fast.vision import PixelBatch
+    from medix_fast.data.vision import PixelBatch
 
     prompts_n, _, _, text_len = layout
     gen = torch.Generator().manual_seed(0)
@@ -69,7 +69,7 @@ def _inputs(side: int, layout: tuple, vocab: int, device, dtype):
 
 
 def cases(smoke: bool, device: torch.device) -> list[Case]:
-    from medix_fast.sampler import Sampler
+    from medix_fast.generate import Sampler
 
     gpu = device.type == "cuda"
     text, vision, side, layout = SHAPES["smoke" if smoke else ("gpu" if gpu else "cpu")]

@@ -162,7 +162,7 @@ def sample_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int 
 
     Returns ``(tokens (B,) int64, logprobs (B,) float32)``: the log-probs are
     ``log_softmax(logits / temperature)`` at the tokens, untruncated by top-k/top-p (the "raw"
-    mode of ``medix_fast.sampling``; with temperature 0, ``log_softmax(logits)``).
+    mode of ``medix_fast.generate.tokens``; with temperature 0, ``log_softmax(logits)``).
     Needs :func:`supports` for the logits' device.
     """
     if uniform is None:

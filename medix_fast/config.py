@@ -21,13 +21,10 @@ from typing import Any, Literal
 
 import yaml
 
+from .errors import ConfigError
 from .rewards import RewardConfig
 
 DEFAULT_CONFIG = Path(str(importlib.resources.files("medix_fast.configs") / "tiny.yaml"))
-
-
-class ConfigError(ValueError):
-    """A bad configuration key or value; the message names the full dotted key."""
 
 
 @dataclass
@@ -120,7 +117,7 @@ class EvalConfig:
     ``<output_dir>/eval/step_N/``."""
     every: int = 0  # steps between evaluations; 0: off
     at_start: bool = True  # also evaluate the initial weights, logged as step 0 (not on resume)
-    tasks: str | None = None  # tasks YAML (see medix_fast/eval_tasks.py); null: one open task per data.val_files
+    tasks: str | None = None  # tasks YAML (see medix_fast/eval/tasks.py); null: one open task per data.val_files
     limit: int = 0  # first N items of each task; 0: all
     max_new_tokens: int = 0  # 0: sampling.max_new_tokens (at most that: the sampler is shared)
     temperature: float = 0.0  # 0: greedy

@@ -8,10 +8,10 @@
     torchrun --nproc_per_node=8 -m medix_fast.train --config ...  # multi-GPU (see distributed.py)
 
 One training step (``Trainer.step``):
-  1. rollout (``rollout.py``): draw prompts, sample G responses each with the in-process
+  1. rollout (``rl/rollout.py``): draw prompts, sample G responses each with the in-process
      sampler on the live weights (parameters unsharded under FSDP2), score them with the
      batched reward, group advantages; DAPO drops zero-signal groups and draws more;
-  2. update (``update.py``): old (and, with ``beta > 0``, reference) log-probs, then
+  2. update (``rl/update.py``): old (and, with ``beta > 0``, reference) log-probs, then
      ``ppo_epochs`` x mini-batches of AdamW steps on ``fused_linear_policy_loss`` over
      micro-batches packed by token budget, grad-norm clipping, NaN/inf updates skipped;
   3. LR schedule, optional held-out evaluation, metrics (``metrics.py``), checkpoint
@@ -47,28 +47,24 @@ import torch
 
 from . import checkpoint as C
 from . import distributed as D
-from .config import Config, ConfigError, load_config, save_config
-from .data import DataError, PromptLoader, build_prompts, load_examples
+from .config import Config, load_config, save_config
+from .data import PromptLoader, build_prompts, load_examples
+from .data.vision import Vision
+from .errors import ConfigError, DataError
 from .eval import Evaluator
+from .generate import Sampler
 from .metrics import MetricsLogger, truncate_after
-from .models import image_token_id, is_vl, load_image_processor, load_model, set_vision_trainable
+from .model.loading import (compute_dtype, image_token_id, is_vl, load_image_processor, load_model,
+                            set_vision_trainable, stop_ids)
 from .rewards import build_reward
-from .rollout import Rollout, stop_ids
-from .sampler import Sampler
-from .update import PolicyObjective, Updater
-from .vision import Vision
+from .rl.rollout import Rollout
+from .rl.update import PolicyObjective, Updater
 
 log = logging.getLogger("medix_fast.train")
 
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive updates with a NaN/inf loss or gradient."""
-
-
-def compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
 
 
 def lr_lambda(optim, steps: int):

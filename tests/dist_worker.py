@@ -16,7 +16,8 @@ from test_update import ALGORITHMS, G, MAX_NEW, make_sequences, tiny_model  # no
 
 from medix_fast import distributed as D  # noqa: E402
 from medix_fast.config import AlgorithmConfig, SamplingConfig, TrainConfig  # noqa: E402
-from medix_fast.update import PolicyObjective, Sequences, Updater  # noqa: E402
+from medix_fast.rl.batch import Sequences  # noqa: E402
+from medix_fast.rl.update import PolicyObjective, Updater  # noqa: E402
 
 GROUPS = 4
 

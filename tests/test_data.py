@@ -6,7 +6,7 @@ import json
 import pytest
 
 from medix_fast.config import DataConfig
-from medix_fast.data import DataError, PromptLoader, build_prompts, load_examples, resolve_path
+from medix_fast.data import DataError, PromptLoader, build_prompts, load_examples, resolve_data_path
 
 
 def jsonl(path, rows) -> str:
@@ -16,7 +16,7 @@ def jsonl(path, rows) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_tokenizer():
-    from medix_fast.tiny import build_tokenizer, read_train_rows
+    from medix_fast.demo.tiny import build_tokenizer, read_train_rows
 
     return build_tokenizer(read_train_rows(), 2048)
 
@@ -27,7 +27,7 @@ GOOD = {"problem": "Which organ?", "solution": "<CT_SCAN> liver"}
 def test_bundled_sample_loads():
     examples = load_examples(["sample:train"], DataConfig())
     assert len(examples) == 400 and all(e.solution.startswith("<") for e in examples)
-    assert resolve_path("sample:test").name == "test.jsonl"
+    assert resolve_data_path("sample:test").name == "test.jsonl"
 
 
 def test_each_bad_row_is_reported_with_file_and_row(tmp_path):

@@ -20,7 +20,7 @@ from test_update import ALGORITHMS, G, MAX_NEW, make_sequences, tiny_model
 
 from medix_fast.config import AlgorithmConfig, SamplingConfig, TrainConfig
 from medix_fast.distributed import DistInfo
-from medix_fast.update import PolicyObjective, Updater
+from medix_fast.rl.update import PolicyObjective, Updater
 
 NAMES = ["dapo", "grpo_kl", "dr_grpo", "gspo_token"]
 GROUPS = 4

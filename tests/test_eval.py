@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from medix_fast.eval import EvalSettings, Evaluator, Generation, main
-from medix_fast.eval_results import ResumeError, markdown_table, read_records, to_metrics
-from medix_fast.eval_scoring import Scorer, extract_choice, vote
-from medix_fast.eval_tasks import TaskError, load_tasks
+from medix_fast.eval.results import ResumeError, markdown_table, read_records, to_metrics
+from medix_fast.eval.scoring import Scorer, extract_choice, vote
+from medix_fast.eval.tasks import TaskError, load_tasks
 from medix_fast.rewards import RewardConfig, build_reward, medix_weights
 
 W = medix_weights()  # accuracy 0.5175, semantic 0.3375, modality 0.045, format 0.1
@@ -77,8 +77,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from medix_fast.models import load_tokenizer
-    from medix_fast.tiny import ensure_tiny_model
+    from medix_fast.model.loading import load_tokenizer
+    from medix_fast.demo.cache import ensure_tiny_model
 
     return load_tokenizer(ensure_tiny_model())
 
@@ -188,7 +188,7 @@ def test_scorer_votes_with_a_real_judge_model(tasks_yaml):
     """The tiny model as the judge: the open rows that need it get the vote of its YES/NO margins."""
     import torch
 
-    from medix_fast.tiny import ensure_tiny_model
+    from medix_fast.demo.cache import ensure_tiny_model
 
     weights = {k: v for k, v in W.items() if k != "semantic"}
     reward = build_reward(RewardConfig(weights=weights, judge_model=str(ensure_tiny_model())))
@@ -358,10 +358,10 @@ def test_bad_image_names_the_row_and_column(tmp_path):
 def test_vl_eval_feeds_each_item_its_image(tmp_path, monkeypatch):
     """tiny-vl on the bundled image split: each prompt's <|image_pad|> run is expanded to its image's
     token count, the sampler gets that item's pixels, and the command line runs end to end."""
-    from medix_fast.eval_tasks import data_tasks
-    from medix_fast.models import load_image_processor, load_model
-    from medix_fast.sampler import Sampler
-    from medix_fast.vision import Vision, image_size, load_image
+    from medix_fast.eval.tasks import data_tasks
+    from medix_fast.model.loading import load_image_processor, load_model
+    from medix_fast.generate import Sampler
+    from medix_fast.data.vision import Vision, image_size, load_image
 
     model, tokenizer = load_model("tiny-vl")
     vision = Vision(load_image_processor("tiny-vl"), model.config.image_token_id)

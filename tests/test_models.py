@@ -11,8 +11,9 @@ import pytest
 import torch
 from transformers import GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
 
-from medix_fast.models import SUPPORTED_MODEL_TYPES, attention_backend, hidden_states, lm_head, load_model
-from medix_fast.tiny import build_tokenizer, read_train_rows
+from medix_fast.model.loading import SUPPORTED_MODEL_TYPES, attention_backend, load_model
+from medix_fast.model.forward import hidden_states, lm_head
+from medix_fast.demo.tiny import build_tokenizer, read_train_rows
 
 SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256)
@@ -91,7 +92,7 @@ def test_dtype_attention_and_checkpointing_options(checkpoint, tokenizer):
 
 def test_tiny_means_the_cached_tiny_model(checkpoint, monkeypatch):
     _, path, _ = checkpoint
-    monkeypatch.setattr("medix_fast.tiny.ensure_tiny_model", lambda: path)
+    monkeypatch.setattr("medix_fast.model.loading.ensure_tiny_model", lambda: path)
     model, _ = load_model("tiny")
     assert model.name_or_path == str(path)
 
@@ -135,7 +136,7 @@ def test_attention_backend(monkeypatch):
 LIGER_CHECK = """
 import sys, torch
 from transformers import AutoModelForCausalLM
-from medix_fast.models import apply_liger
+from medix_fast.model.loading import apply_liger
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
 forward = type(model).forward
 assert apply_liger(model)

@@ -9,8 +9,9 @@ from collections import Counter
 
 import pytest
 
-from medix_fast.prompt import MODALITY_TAGS, split_solution
-from medix_fast.sample_data import MODALITIES, SPLITS, sample_path
+from medix_fast.data.prompt import MODALITY_TAGS, split_solution
+from medix_fast.demo.sample_data import MODALITIES, SPLITS
+from medix_fast.data.loader import sample_path
 
 
 def rows(split):
@@ -18,7 +19,7 @@ def rows(split):
 
 
 def test_committed_files_match_the_generator(tmp_path):
-    subprocess.run([sys.executable, "-m", "medix_fast.sample_data", "--out", str(tmp_path)], check=True,
+    subprocess.run([sys.executable, "-m", "medix_fast.demo.sample_data", "--out", str(tmp_path)], check=True,
                    capture_output=True)
     for split in SPLITS:
         assert (tmp_path / f"{split}.jsonl").read_bytes() == sample_path(split).read_bytes(), split

@@ -1,4 +1,4 @@
-"""Tests of the in-process KV-cached sampler (medix_fast.sampler) on tiny random Qwen2, Qwen3 and
+"""Tests of the in-process KV-cached sampler (medix_fast.generate) on tiny random Qwen2, Qwen3 and
 Llama models built from transformers configs: greedy parity with ``generate``, the sampling
 distribution, log-probs against a full forward, prefix sharing, stopping and compaction, the
 fixed-shape decode step of the CUDA graphs (run eagerly), reproducibility, model state and bad input.
@@ -15,8 +15,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from medix_fast.sampler import Sampler
-from medix_fast.sampling import SamplingParams, sample_tokens
+from medix_fast.generate import Sampler
+from medix_fast.generate.tokens import SamplingParams, sample_tokens
 
 VOCAB = 300
 ARCHS = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM),

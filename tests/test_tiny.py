@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from medix_fast.prompt import FORMAT_TAGS, MODALITY_TAGS, build_messages, split_solution
-import medix_fast.tiny as tiny_module
-from medix_fast.tiny import (TinyConfig, build_tiny, collate, common_prefix_len, encode_examples, ensure_tiny_model,
-                             read_train_rows, recipe_digest, shared_prefix_loss)
+from medix_fast.data.prompt import FORMAT_TAGS, MODALITY_TAGS, build_messages, split_solution
+import medix_fast.demo.tiny as tiny_module
+from medix_fast.demo.tiny import TinyConfig, build_tiny, collate, common_prefix_len, encode_examples, read_train_rows, shared_prefix_loss
+from medix_fast.demo.cache import ensure_tiny_model, recipe_digest
 
 FORMAT = re.compile(r"(<[A-Z_]+>)<thinking>.+?</thinking><answer>(.+?)</answer>", re.S)
 

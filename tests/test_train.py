@@ -93,7 +93,7 @@ def test_sigterm_finishes_the_step_and_checkpoints(tmp_path):
 
 
 def test_nonfinite_updates_are_skipped_then_training_stops(tmp_path, monkeypatch, capsys):
-    import medix_fast.update as update
+    import medix_fast.rl.update as update
 
     def nan_loss(*args, **kwargs):
         loss, metrics = real(*args, **kwargs)

@@ -17,7 +17,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from medix_fast.config import AlgorithmConfig, SamplingConfig, TrainConfig
 from medix_fast.distributed import DistInfo
-from medix_fast.update import PolicyObjective, Sequences, Updater, pack
+from medix_fast.rl.update import PolicyObjective, Updater
+from medix_fast.rl.batch import Sequences, pack
 
 VOCAB, G, MAX_NEW = 61, 3, 9
 

@@ -13,13 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
-from medix_fast import sample_images
+from medix_fast.demo import sample_images
 from medix_fast.config import DataConfig
 from medix_fast.data import DataError, Example, build_prompts, load_examples
-from medix_fast.models import hidden_states, lm_head, load_image_processor, load_model, mrope_positions
-from medix_fast.sample_data import DATA_DIR
-from medix_fast.sampler import Sampler
-from medix_fast.vision import Vision, expand_image_tokens, load_image
+from medix_fast.model.forward import hidden_states, lm_head, mrope_positions
+from medix_fast.model.loading import load_image_processor, load_model
+from medix_fast.data.loader import SAMPLE_DIR as DATA_DIR
+from medix_fast.generate import Sampler
+from medix_fast.data.vision import Vision, expand_image_tokens, load_image
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +226,7 @@ def test_qwen3_vl_loads_and_samples_like_generate(vl, prompts, tmp_path):
 
 
 def test_vision_tower_can_be_frozen(vl):
-    from medix_fast.models import set_vision_trainable
+    from medix_fast.model.loading import set_vision_trainable
 
     model, _, _ = vl
     try:
@@ -242,7 +243,7 @@ def test_shared_prompt_with_images_equals_the_full_sequences(vl, prompts):
     states as every full prompt + completion through hidden_states, which is what training needs."""
     from transformers import DynamicCache
 
-    from medix_fast.models import continuation_hidden_states, prompt_hidden_states
+    from medix_fast.model.forward import continuation_hidden_states, prompt_hidden_states
 
     model, _, vision = vl
     pix = pixels(vision, prompts[:2])
@@ -274,7 +275,8 @@ def test_shared_prompt_with_images_equals_the_full_sequences(vl, prompts):
 def test_policy_logprobs_with_images_shared_prompt_equals_full_rows(vl, prompts):
     """PolicyObjective on a collated image micro-batch: the shared-prompt path (image encoded
     once per group) and the full-row path (each row with its group's image) agree."""
-    from medix_fast.update import PolicyObjective, Sequences, collate
+    from medix_fast.rl.update import PolicyObjective
+    from medix_fast.rl.batch import Sequences, collate
 
     model, _, vision = vl
     pix = pixels(vision, prompts[:2])
@@ -302,7 +304,7 @@ def test_one_training_step_on_images_end_to_end(tmp_path, train_vision):
 
     from medix_fast.checkpoint import latest_checkpoint
     from medix_fast.metrics import read_metrics
-    from medix_fast.tiny import ensure_tiny_model
+    from medix_fast.demo.cache import ensure_tiny_model
     from medix_fast.train import main
 
     out = tmp_path / "run"
@@ -335,7 +337,7 @@ def test_pixel_limits_in_the_config_are_checked():
 
 def test_chat_template_from_the_processor_file(vl, tmp_path):
     """Qwen VL checkpoints may ship the chat template only in the processor's chat_template.json."""
-    from medix_fast.models import load_tokenizer
+    from medix_fast.model.loading import load_tokenizer
 
     _, tokenizer, _ = vl
     template = tokenizer.chat_template

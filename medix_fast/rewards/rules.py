@@ -5,7 +5,7 @@ to run in linear time: the reference's regexes backtrack quadratically on long j
 take ~50 s to normalise), so each pattern here is replaced by an equivalent scan, and
 ``tests/test_rewards_rules.py`` checks the equivalence against the original regexes.
 
-One departure: the ground-truth tag and answer come from ``medix_fast.prompt.split_solution``,
+One departure: the ground-truth tag and answer come from ``medix_fast.data.prompt.split_solution``,
 which strips the solution first (the reference keeps leading whitespace in the tag).
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from medix_fast.prompt import split_solution
+from medix_fast.data.prompt import split_solution
 
 INVALID_SYMBOLS = ("__", ":", "?")
 _SPACE_RUN = re.compile(r"\s+")

@@ -1,12 +1,11 @@
 """Load a local Hugging Face decoder checkpoint and expose what the trainer needs.
 
     model, tokenizer = load_model("/path/to/Qwen2.5-0.5B-Instruct", dtype=torch.bfloat16, device="cuda")
-    h = hidden_states(model, input_ids, attention_mask)   # (B, T, H): final normed hidden states
-    weight, bias = lm_head(model)                         # (V, H), None
 
-Log-probs then go through ``medix_fast.kernels.fused_linear_logprobs(h, weight, ...)``, so no
-full (B, T, V) logits tensor is built in training. ``load_model("tiny")`` is the embedded tiny
-model (``medix_fast.tiny.ensure_tiny_model``).
+The forward pieces (hidden states, LM head, positions) are in ``forward.py``; log-probs go through
+``medix_fast.kernels.fused_linear_logprobs(h, weight, ...)``, so no full (B, T, V) logits tensor is
+built in training. ``load_model("tiny")`` is the embedded tiny
+model (``medix_fast.demo.cache.ensure_tiny_model``).
 
 Choices made once, here: the attention back-end is ``flash_attention_2`` when ``flash_attn``
 imports and the device is CUDA, else PyTorch ``sdpa`` (pass ``attn_impl`` to force one, e.g.
@@ -25,6 +24,8 @@ import torch
 from transformers import (AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText,
                           AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase)
 
+from ..demo.cache import ensure_tiny_model
+
 log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "qwen2_5_vl", "qwen3_vl")  # liger has apply_liger_kernel_to_<type>
@@ -32,10 +33,9 @@ VL_MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl")  # loaded as image-text-to-text; pix
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
-def resolve_path(path: str | os.PathLike) -> pathlib.Path:
+def resolve_model_path(path: str | os.PathLike) -> pathlib.Path:
     """``"tiny"`` / ``"tiny-vl"`` -> the cached embedded tiny model; otherwise an existing checkpoint directory."""
     if str(path) in ("tiny", "tiny-vl"):
-        from medix_fast.tiny import ensure_tiny_model
         return ensure_tiny_model(vl=True) if str(path) == "tiny-vl" else ensure_tiny_model()
     resolved = pathlib.Path(path).expanduser()
     if not resolved.is_dir():
@@ -97,7 +97,7 @@ def load_model(
     ``attn_impl`` None picks :func:`attention_backend`; ``liger`` None means "on CUDA when
     installed". Returns the model on ``device`` in eval mode (the trainer calls ``.train()``).
     """
-    path = resolve_path(path)
+    path = resolve_model_path(path)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model_type {config.model_type!r} in {str(path)!r} is not supported; "
@@ -122,7 +122,7 @@ def is_vl(model: PreTrainedModel) -> bool:
 
 def load_image_processor(path: str | os.PathLike):
     """The VL checkpoint's image processor, PIL/numpy back-end (works without torchvision)."""
-    path = resolve_path(path)
+    path = resolve_model_path(path)
     if not (path / "preprocessor_config.json").is_file():
         raise ValueError(f"no image processor in {str(path)!r}: expected preprocessor_config.json")
     return AutoImageProcessor.from_pretrained(path, backend="pil", local_files_only=True)
@@ -140,87 +140,19 @@ def image_token_id(model: PreTrainedModel) -> int:
     return model.config.image_token_id
 
 
-def mrope_positions(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                    image_grid_thw: torch.Tensor | None) -> torch.Tensor:
-    """A VL model's multimodal rotary positions (3, B, T) (temporal, height, width): text tokens
-    count on all three axes, an image's tokens take its (t, h, w) grid positions from the text
-    position before it, and the text after it resumes at that position + the grid's larger side.
-    Padding (``attention_mask`` 0, left or right) gets 0."""
-    types = (input_ids == image_token_id(model)).int()  # (B, T): 1 on image tokens
-    positions, _ = model.model.get_rope_index(input_ids, types, image_grid_thw=image_grid_thw,
-                                              attention_mask=attention_mask)
-    return positions  # (3, B, T)
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The compute dtype a config's ``"auto"`` / dtype name means on ``device``: bf16 on CUDA, fp32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
 
 
-def hidden_states(
-    model: PreTrainedModel,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    position_ids: torch.Tensor | None = None,
-    pixel_values: torch.Tensor | None = None,
-    image_grid_thw: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Final (normed) hidden states (B, T, H) from the decoder alone: the LM head is not applied.
-
-    For a VL model, ``pixel_values`` / ``image_grid_thw`` (from :mod:`medix_fast.vision`) go
-    through the vision tower and replace the ``<|image_pad|>`` embeddings; ``position_ids``
-    None means :func:`mrope_positions` (never the model's cached rope deltas of a past generate).
-    """
-    if is_vl(model):
-        if position_ids is None:
-            position_ids = mrope_positions(model, input_ids, attention_mask, image_grid_thw)  # (3, B, T)
-        elif pixel_values is not None and position_ids.dim() == 2:
-            raise ValueError("a VL model with images needs multimodal positions (3, B, T) "
-                             "(models.mrope_positions), got 2-D position_ids")
-        out = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          pixel_values=pixel_values, image_grid_thw=image_grid_thw, use_cache=False)
-    else:
-        out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                  use_cache=False)
-    return out.last_hidden_state  # (B, T, H)
-
-
-def lm_head(model: PreTrainedModel) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The output projection: weight (V, H) and bias (V,) or None. Tied to the embeddings when the config says so."""
-    head = model.get_output_embeddings()
-    return head.weight, getattr(head, "bias", None)
-
-
-def prompt_hidden_states(
-    model: PreTrainedModel,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    past_key_values=None,
-    pixel_values: torch.Tensor | None = None,
-    image_grid_thw: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompts (B, P) through the model once, filling ``past_key_values``: their hidden
-    states (B, P, H) and the position each one's continuation starts at (B,). Text: the token count;
-    VL: the largest mrope position + 1 (the images go through the vision tower here)."""
-    if is_vl(model):
-        positions = mrope_positions(model, input_ids, attention_mask, image_grid_thw)  # (3, B, P)
-        out = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                          pixel_values=pixel_values, image_grid_thw=image_grid_thw,
-                          past_key_values=past_key_values, use_cache=past_key_values is not None)
-        return out.last_hidden_state, positions.amax((0, 2)) + 1  # (B, P, H), (B,)
-    positions = (attention_mask.cumsum(1) - 1).clamp(min=0)  # (B, P)
-    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                              past_key_values=past_key_values, use_cache=past_key_values is not None)
-    return out.last_hidden_state, attention_mask.sum(1)  # (B, P, H), (B,)
-
-
-def continuation_hidden_states(
-    model: PreTrainedModel,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    start: torch.Tensor,
-    past_key_values,
-) -> torch.Tensor:
-    """Hidden states (B, C, H) of tokens that continue the prompts in ``past_key_values`` (from
-    :func:`prompt_hidden_states`, its start positions ``start`` (B,) repeated to B rows if the
-    cache was). ``attention_mask`` (B, P + C) covers prompt and continuation. Positions are
-    ``start + 0, 1, ...``, the same on the three mrope axes of a VL model (text after the image)."""
-    positions = start[:, None] + torch.arange(input_ids.shape[1], device=input_ids.device)  # (B, C)
-    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                              past_key_values=past_key_values, use_cache=True)
-    return out.last_hidden_state  # (B, C, H)
+def stop_ids(tokenizer, model) -> list[int]:
+    """End-of-sequence ids of the tokenizer and the model's generation config."""
+    ids = set()
+    for source in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(source)
+    return sorted(ids)

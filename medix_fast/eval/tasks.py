@@ -32,8 +32,9 @@ from typing import Any
 
 import yaml
 
-from .data import DataError, iter_rows, resolve_path
-from .prompt import MODALITY_TAGS, split_solution
+from ..data import DataError, iter_rows, resolve_data_path
+from ..data.prompt import MODALITY_TAGS, split_solution
+from ..data.vision import check_image, resolve_image
 
 ANSWER_TYPES = ("open", "multiple_choice")
 DEFAULT_COLUMNS = {"question": "problem", "answer": "solution", "image": "image", "options": "options"}
@@ -133,7 +134,7 @@ def load_tasks(path: str | Path, limit: int = 0) -> list[Task]:
 def data_tasks(data: str, limit: int = 0, columns: dict[str, str] | None = None) -> list[Task]:
     """Open-answer tasks for ``--data``: one file (or ``datasets`` dir, or ``sample:test``), or a
     folder of such files (one task per file, named by its stem); MediX columns unless ``columns``."""
-    path = resolve_path(data)
+    path = resolve_data_path(data)
     if not path.exists():
         raise TaskError(f"--data {data}: no such file or directory")
     if path.is_dir() and not any((path / f).is_file() for f in _DATASET_FILES):
@@ -191,8 +192,6 @@ def _split_tag(answer: str) -> tuple[str | None, str]:
 
 def _image(value: Any, root: Path, where: str, column: str) -> Any:
     """The row's image resolved against the task file's folder and checked to decode."""
-    from .vision import check_image, resolve_image
-
     image = resolve_image(value, root)
     reason = check_image(image)
     if reason is not None:
@@ -247,7 +246,7 @@ def _item(task: Task, index: int, row: dict, where: str, root: Path) -> Item:
 
 def read_task(task: Task, limit: int = 0) -> Task:
     """Read the task's rows into ``task.items`` (the first ``limit`` rows when > 0)."""
-    path = resolve_path(task.file)
+    path = resolve_data_path(task.file)
     items = []
     try:
         for number, row in iter_rows(path):

@@ -1,6 +1,6 @@
 """The embedded tiny vision-language model: a random Qwen2.5-VL checkpoint with its processor, for tests.
 
-    python -m medix_fast.tiny --vl --out DIR [--seed 0]
+    python -c 'from medix_fast.demo.cache import ensure_tiny_model; print(ensure_tiny_model(vl=True))'
 
 Built offline in a few seconds from the embedded tiny text model (``ensure_tiny_model()``,
 built first if missing): its byte-level BPE tokenizer plus Qwen's vision tokens
@@ -10,7 +10,7 @@ template that renders an image part as ``<|vision_start|><|image_pad|><|vision_e
 mrope) carries the warm-started text weights (so it writes the MediX format and its output
 depends on positions; the 4 new token embeddings are random) and whose vision tower (2 blocks
 of width 64, patch 14, 2x2 merge) is random, and a
-PIL/numpy Qwen2-VL image processor (no torchvision needed; ``medix_fast.vision`` expands
+PIL/numpy Qwen2-VL image processor (no torchvision needed; ``medix_fast.data.vision`` expands
 the image tokens itself, since transformers' ``Qwen2_5_VLProcessor`` wants a torchvision video processor).
 Pixel limits are small (``TINY_MIN_PIXELS`` .. ``TINY_MAX_PIXELS``): a 64x64 image becomes
 a 56x56 resize, 16 patches, 4 image tokens.
@@ -25,7 +25,7 @@ import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
 
-from medix_fast import tiny
+from . import tiny
 
 VISION_START, IMAGE_PAD, VISION_END, VIDEO_PAD = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"
 TEXT_PART = "{%- if part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
@@ -35,10 +35,11 @@ PATCH, MERGE = 14, 2
 TINY_MIN_PIXELS, TINY_MAX_PIXELS = (PATCH * MERGE) ** 2, (4 * PATCH * MERGE) ** 2  # 28x28 .. 112x112
 
 
-def build_tiny_vl(out: str | pathlib.Path, seed: int = 0, cfg: tiny.TinyConfig = tiny.TinyConfig()) -> pathlib.Path:
-    """Save a random tiny Qwen2.5-VL model, its tokenizer and processor to ``out``; returns the path."""
+def build_tiny_vl(out: str | pathlib.Path, text: str | pathlib.Path, seed: int = 0,
+                  cfg: tiny.TinyConfig = tiny.TinyConfig()) -> pathlib.Path:
+    """Save a random tiny Qwen2.5-VL model, its tokenizer and processor to ``out``, its language model
+    carrying the weights of the tiny text checkpoint ``text``; returns the path."""
     out = pathlib.Path(out)
-    text = tiny.ensure_tiny_model(seed)
     tokenizer = tiny.PreTrainedTokenizerFast.from_pretrained(text)
     tokenizer.add_special_tokens({"additional_special_tokens": [VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD]})
     tokenizer.chat_template = CHAT_TEMPLATE

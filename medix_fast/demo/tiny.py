@@ -1,6 +1,6 @@
 """The embedded tiny model: a complete Hugging Face checkpoint built offline in under a minute.
 
-    python -m medix_fast.tiny --out DIR [--seed 0] [--steps N]
+    python -m medix_fast.demo.tiny --out DIR [--seed 0] [--steps N]
 
 What it builds, with no download:
 1. A byte-level BPE tokenizer trained with ``tokenizers`` on the bundled train split, the
@@ -18,19 +18,16 @@ What it builds, with no download:
    The shared instruction prefix runs once per batch and the LM head only on the response
    (``shared_prefix_loss``): about 40 s on one CPU thread, which is all the build uses.
 
-Deterministic given the seed (on a given CPU and torch build). ``ensure_tiny_model()``
+Deterministic given the seed (on a given CPU and torch build). ``demo.cache.ensure_tiny_model()``
 caches the build as ``$XDG_CACHE_HOME/medix_fast/tiny-<recipe digest>-seed<seed>`` (default
 root ``~/.cache/medix_fast``); ``model.path: tiny`` in a config means that checkpoint.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import pathlib
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 
@@ -38,9 +35,8 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import DynamicCache, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from medix_fast import prompt
-from medix_fast.prompt import FORMAT_TAGS, INSTRUCTION, MODALITY_TAGS, build_messages, split_solution
-from medix_fast.sample_data import sample_path
+from ..data.loader import sample_path
+from ..data.prompt import FORMAT_TAGS, INSTRUCTION, MODALITY_TAGS, build_messages, split_solution
 
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 CHAT_TEMPLATE = (
@@ -216,50 +212,9 @@ def build_tiny(out: str | os.PathLike, seed: int = 0, cfg: TinyConfig = TinyConf
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    meta = {"recipe": recipe_digest(), "seed": seed, "config": asdict(cfg), "losses": losses}
+    meta = {"seed": seed, "config": asdict(cfg), "losses": losses}
     (out / "medix_tiny.json").write_text(json.dumps(meta, indent=1) + "\n")
     return out
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
-    """``cache_dir``, else ``$XDG_CACHE_HOME/medix_fast``, else ``~/.cache/medix_fast``."""
-    if cache_dir is not None:
-        return pathlib.Path(cache_dir)
-    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
-    return pathlib.Path(base) / "medix_fast"
-
-
-def recipe_digest(extra: str | None = None) -> str:
-    """8 hex digits naming the build recipe (this file, the prompt, the train data, ``extra``), so
-    that a changed recipe never reuses a stale cached build."""
-    digest = hashlib.sha256()
-    extras = [pathlib.Path(extra)] if extra else []
-    for path in (pathlib.Path(__file__), pathlib.Path(prompt.__file__), sample_path("train"), *extras):
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:8]
-
-
-def ensure_tiny_model(seed: int = 0, cache_dir: str | os.PathLike | None = None, vl: bool = False) -> pathlib.Path:
-    """The cached tiny checkpoint ``<cache root>/tiny-<recipe>-seed<seed>`` (``tiny-vl-...``: the
-    random vision-language variant of :mod:`medix_fast.tiny_vl`), built if missing (atomically:
-    into a temporary directory beside it, then renamed)."""
-    from medix_fast import tiny_vl
-    root = cache_root(cache_dir)
-    path = root / f"tiny{'-vl' if vl else ''}-{recipe_digest(tiny_vl.__file__ if vl else None)}-seed{seed}"
-    if path.is_dir():
-        return path
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=root))
-    try:
-        (tiny_vl.build_tiny_vl if vl else build_tiny)(tmp, seed)
-        tmp.chmod(0o755)  # mkdtemp makes it private
-        os.rename(tmp, path)
-    except OSError:
-        if not path.is_dir():  # not a concurrent builder that won the rename
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
 
 
 def main() -> None:
@@ -267,14 +222,9 @@ def main() -> None:
     parser.add_argument("--out", required=True, type=pathlib.Path, help="output directory")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=TinyConfig.steps, help="warm-start steps")
-    parser.add_argument("--vl", action="store_true", help="the random vision-language variant (medix_fast.tiny_vl)")
     args = parser.parse_args()
     start = time.perf_counter()
-    if args.vl:
-        from medix_fast.tiny_vl import build_tiny_vl
-        build_tiny_vl(args.out, args.seed)
-    else:
-        build_tiny(args.out, args.seed, TinyConfig(steps=args.steps))
+    build_tiny(args.out, args.seed, TinyConfig(steps=args.steps))
     print(f"built {args.out} in {time.perf_counter() - start:.1f} s")
 
 

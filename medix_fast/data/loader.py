@@ -24,13 +24,11 @@ from typing import Any, Iterator
 
 import torch
 
+from ..errors import DataError
 from .prompt import build_messages, split_solution
+from .vision import check_image, expand_image_tokens, image_size, resolve_image
 
 log = logging.getLogger(__name__)
-
-
-class DataError(ValueError):
-    """Malformed data: the message lists each bad row as ``file:row: reason``."""
 
 
 @dataclass
@@ -48,11 +46,20 @@ class Prompt:
     image: Any = None
 
 
-def resolve_path(name: str) -> Path:
+SAMPLE_DIR = Path(__file__).parent / "sample"  # the bundled set (medix_fast.demo.sample_data writes it)
+
+
+def sample_path(split: str) -> Path:
+    """Path of a bundled split (``"train"``, ``"test"``, or ``"train_vl"``: with images) as JSONL."""
+    splits = sorted(p.stem for p in SAMPLE_DIR.glob("*.jsonl"))
+    if split not in splits:
+        raise ValueError(f"unknown sample split {split!r}; choose one of {splits}")
+    return SAMPLE_DIR / f"{split}.jsonl"
+
+
+def resolve_data_path(name: str) -> Path:
     """``"sample:<split>"`` -> the bundled file; anything else is a filesystem path."""
     if name.startswith("sample:"):
-        from .sample_data import sample_path
-
         return sample_path(name.split(":", 1)[1])
     return Path(name).expanduser()
 
@@ -120,7 +127,7 @@ def load_examples(files: list[str], cfg) -> list[Example]:
     """
     examples, problems = [], []
     for name in files:
-        path = resolve_path(name)
+        path = resolve_data_path(name)
         try:
             for number, row in iter_rows(path):
                 reason = _check_row(row, cfg.problem_key, cfg.solution_key)
@@ -129,7 +136,6 @@ def load_examples(files: list[str], cfg) -> list[Example]:
                     continue
                 image = row.get(cfg.image_key)
                 if image is not None:
-                    from .vision import check_image, resolve_image
                     image = resolve_image(image, path.parent)
                     reason = check_image(image)
                     if reason is not None:
@@ -155,7 +161,7 @@ def build_prompts(examples: list[Example], tokenizer, max_length: int, vision=No
     """Chat-templated prompts (MediX instruction, generation prompt added); those longer than
     ``max_length`` tokens are dropped. Returns (prompts, number dropped).
 
-    With ``vision`` (a :class:`medix_fast.vision.Vision`, for a VL model) a row's image goes
+    With ``vision`` (a :class:`medix_fast.data.vision.Vision`, for a VL model) a row's image goes
     before the question and its ``<|image_pad|>`` is expanded to the image's token count at the
     configured pixel limits (read from the header; pixels are encoded at rollout). Without it,
     prompts are text only and images are ignored.
@@ -165,7 +171,6 @@ def build_prompts(examples: list[Example], tokenizer, max_length: int, vision=No
                                            add_generation_prompt=True) for e, has_image in zip(examples, with_image)]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     if vision is not None:
-        from .vision import expand_image_tokens, image_size
         ids = [expand_image_tokens(t, vision.image_token_id, [vision.tokens(image_size(e.image))] if has_image else [])
                for t, e, has_image in zip(ids, examples, with_image)]
     prompts = [Prompt(list(t), e.solution, e.image) for t, e in zip(ids, examples) if len(t) <= max_length]

@@ -1,4 +1,5 @@
-"""``python -m medix_fast.eval``: accuracy of a checkpoint on medical QA tasks, graded like MediX-R1.
+"""The evaluator of ``python -m medix_fast.eval`` (the command line is ``cli.py``): accuracy of a
+checkpoint on medical QA tasks, graded like MediX-R1.
 
     python -m medix_fast.eval --model tiny                      # the bundled held-out split
     python -m medix_fast.eval --model DIR --data test.jsonl --judge JUDGE_DIR --out runs/eval/x
@@ -8,11 +9,11 @@
 
 Each item's question goes through the MediX instruction and the model's chat template (with a
 vision-language model, its image goes before the question, as in training); the
-in-process sampler answers it (greedy by default); ``eval_scoring.Scorer`` scores it with the
+in-process sampler answers it (greedy by default); ``scoring.Scorer`` scores it with the
 rewards (format, modality, semantic, overall) and an accuracy that is a letter match for
 multiple-choice tasks and the judge (exact match without ``--judge``) for open ones. Tasks:
-``eval_tasks.py`` (``--tasks`` YAML, ``--data`` files, default the bundled ``sample:test``).
-Output (``eval_results.py``): ``generations.jsonl`` (one line per item, appended batch by batch,
+``tasks.py`` (``--tasks`` YAML, ``--data`` files, default the bundled ``sample:test``).
+Output (``results.py``): ``generations.jsonl`` (one line per item, appended batch by batch,
 so a killed run continued with the same command only generates what is missing),
 ``summary.md`` / ``summary.json`` (per-task and overall table, also printed). Under torchrun
 every rank generates and scores its share of each batch and rank 0 writes what it gathers.
@@ -21,11 +22,9 @@ The training loop runs the same code every ``eval.every`` steps (``Evaluator.dur
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -34,12 +33,12 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from . import distributed as D
-from .data import Example, build_prompts
-from .eval_results import (ResumeError, check_settings, markdown_table, read_records, summarize, to_metrics,
+from .. import distributed as D
+from ..data import Example, build_prompts
+from .results import (ResumeError, check_settings, read_records, summarize, to_metrics,
                            write_summary)
-from .eval_scoring import Scorer, answer_of
-from .eval_tasks import Item, Task, TaskError, data_tasks, default_tasks, load_tasks
+from .scoring import Scorer, answer_of
+from .tasks import Item, Task, TaskError, data_tasks, load_tasks
 
 log = logging.getLogger("medix_fast.eval")
 
@@ -68,8 +67,8 @@ Generate = Callable[[list[Item], list[list[int]], int], list[Generation]]  # (it
 
 def sampler_generate(sampler, tokenizer, stop_token_ids: list[int], settings: EvalSettings,
                      vision=None) -> Generate:
-    """A ``Generate`` running ``medix_fast.sampler.Sampler`` (one completion per item); with
-    ``vision`` (a ``medix_fast.vision.Vision``, VL models) the items' images are encoded and fed."""
+    """A ``Generate`` running ``medix_fast.generate.Sampler`` (one completion per item); with
+    ``vision`` (a ``medix_fast.data.vision.Vision``, VL models) the items' images are encoded and fed."""
     stop = set(stop_token_ids)
 
     def generate(items: list[Item], prompt_ids: list[list[int]], seed: int) -> list[Generation]:
@@ -223,91 +222,3 @@ class Evaluator:
             return to_metrics(self.run(generate, scorer, out_dir, overwrite=True, progress=False))
         finally:
             self.settings = saved
-
-
-# ----------------------------------------------------------------------------- command line
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m medix_fast.eval", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="local Hugging Face checkpoint directory, or 'tiny'")
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--data", help="MediX-schema JSONL / Parquet / dataset dir, or a folder of them "
-                                       "(one open-answer task per file); default: the bundled sample:test")
-    source.add_argument("--tasks", help="tasks YAML (see medix_fast/eval_tasks.py)")
-    p.add_argument("--judge", help="local judge LLM directory; without it open answers score by exact match")
-    p.add_argument("--semantic-model", help="sentence encoder directory (default: all-MiniLM-L6-v2)")
-    p.add_argument("--out", help="output folder (default: runs/eval/<model name>)")
-    p.add_argument("--overwrite", action="store_true", help="start again instead of continuing the output folder")
-    p.add_argument("--limit", type=int, default=0, help="first N items of each task (0: all)")
-    d = EvalSettings()
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    p.add_argument("--temperature", type=float, default=d.temperature, help="0: greedy")
-    p.add_argument("--top-p", type=float, default=d.top_p)
-    p.add_argument("--top-k", type=int, default=d.top_k)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="items per rank per sampler call")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--judge-votes", type=int, default=d.judge_votes, help="majority vote over k judge asks")
-    p.add_argument("--judge-temperature", type=float, default=d.judge_temperature,
-                   help="judge sampling temperature for the vote (0: one greedy ask)")
-    p.add_argument("--min-pixels", type=int, default=0, help="VL models: image resize floor (0: the processor's)")
-    p.add_argument("--max-pixels", type=int, default=0, help="VL models: image resize cap (0: the processor's)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                   help="auto: bf16 on CUDA, fp32 on CPU")
-    args = p.parse_args(argv)
-    if args.batch_size < 1 or args.max_new_tokens < 1 or min(args.limit, args.min_pixels, args.max_pixels) < 0:
-        p.error("--batch-size and --max-new-tokens must be >= 1, --limit, --min-pixels and --max-pixels >= 0")
-    if args.min_pixels and args.max_pixels and args.min_pixels > args.max_pixels:
-        p.error(f"--min-pixels {args.min_pixels} is above --max-pixels {args.max_pixels}")
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .models import image_token_id, is_vl, load_image_processor, load_model, resolve_path
-    from .rewards import RewardConfig, build_reward
-    from .rollout import stop_ids
-    from .sampler import Sampler
-    from .train import compute_dtype
-    from .vision import Vision
-
-    try:
-        resolve_path(args.model)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    info = D.init_distributed(args.device, "auto")
-    try:
-        tasks = (load_tasks(args.tasks, args.limit) if args.tasks else
-                 data_tasks(args.data, args.limit) if args.data else default_tasks(args.limit))
-        dtype = compute_dtype(args.dtype, info.device)
-        model, tokenizer = load_model(args.model, dtype=dtype, device=info.device)
-        settings = EvalSettings(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.batch_size,
-                                args.seed, args.judge_votes, args.judge_temperature)
-        vision = Vision(load_image_processor(args.model), image_token_id(model), args.min_pixels or None,
-                        args.max_pixels or None) if is_vl(model) else None
-        evaluator = Evaluator(tasks, tokenizer, settings, info, vision)
-        sampler = Sampler(model, settings.batch_size, evaluator.longest_prompt + settings.max_new_tokens)
-        reward_fn = build_reward(RewardConfig(judge_model=args.judge, semantic_model=args.semantic_model),
-                                 info.device, dtype)
-        scorer = Scorer(reward_fn, votes=args.judge_votes, judge_temperature=args.judge_temperature,
-                        seed=args.seed + info.rank)
-        out = Path(args.out or Path("runs/eval") / Path(args.model).name)
-        fingerprint = {"model": str(args.model), "judge": args.judge, "semantic_model": args.semantic_model}
-        generate = sampler_generate(sampler, tokenizer, stop_ids(tokenizer, model), settings, vision)
-        summary = evaluator.run(generate, scorer, out, fingerprint, args.overwrite)
-    except (TaskError, ResumeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        D.close()
-    if info.is_main:
-        print(markdown_table(summary), end="")
-        print(f"generations: {out / 'generations.jsonl'}\nsummary: {out / 'summary.md'}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

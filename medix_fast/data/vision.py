@@ -9,7 +9,7 @@
 
 The image processor is transformers' PIL/numpy one (``backend="pil"``), so no torchvision is
 needed; the token expansion is done here because transformers' ``Qwen*VLProcessor`` insists on
-a torchvision video processor. A bad image raises :class:`~medix_fast.data.DataError` naming
+a torchvision video processor. A bad image raises :class:`~medix_fast.errors.DataError` naming
 the row and the file.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .data import DataError
+from ..errors import DataError
 
 IMAGE_TOKEN = "<|image_pad|>"
 

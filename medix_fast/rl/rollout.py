@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import distributed as D
-from .kernels import group_advantages
-from .update import Sequences
+from .. import distributed as D
+from ..kernels import group_advantages
+from .batch import Sequences
 
 
 @dataclass
@@ -31,7 +31,7 @@ class _Draw:
     """Sampled and scored groups, flat and group-major."""
 
     prompt_ids: list[list[int]] = field(default_factory=list)
-    images: list = field(default_factory=list)  # a medix_fast.vision.PixelBatch or None per response
+    images: list = field(default_factory=list)  # a medix_fast.data.vision.PixelBatch or None per response
     completion_ids: list[list[int]] = field(default_factory=list)
     logprobs: list[torch.Tensor] = field(default_factory=list)
     rewards: dict[str, list[torch.Tensor]] = field(default_factory=dict)
@@ -47,17 +47,6 @@ class _Draw:
         self.logprobs += [other.logprobs[r] for r in rows]
         for key, value in other.rewards.items():
             self.rewards.setdefault(key, []).append(value[0][rows])
-
-
-def stop_ids(tokenizer, model) -> list[int]:
-    """End-of-sequence ids of the tokenizer and the model's generation config."""
-    ids = set()
-    for source in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
-        if isinstance(source, int):
-            ids.add(source)
-        elif source:
-            ids.update(source)
-    return sorted(ids)
 
 
 def step_seed(seed: int, step: int, rank: int, attempt: int) -> int:

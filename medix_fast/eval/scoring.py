@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .rewards.rules import extract_answer, normalize, parse
+from ..rewards.rules import extract_answer, normalize, parse
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Synthetic images for the bundled sample set: small procedural pictures, one look per modality.
 
-    python -m medix_fast.sample_images --out medix_fast/data/sample
+    python -m medix_fast.demo.sample_images --out medix_fast/data/sample
 
 Writes ``images/<tag>_<k>.png`` (64x64 RGB, drawn with numpy from a seeded generator: no real
 patient data) for the first ``PER_MODALITY`` train items of each of the 16 modality tags, and
@@ -17,8 +17,8 @@ import pathlib
 
 import numpy as np
 
-from medix_fast.prompt import MODALITY_TAGS, split_solution
-from medix_fast.sample_data import DATA_DIR, sample_path
+from medix_fast.data.prompt import MODALITY_TAGS, split_solution
+from medix_fast.data.loader import SAMPLE_DIR as DATA_DIR, sample_path
 
 SIZE, PER_MODALITY, SEED = 64, 2, 20240612
 # (background RGB, foreground RGB, pattern) per tag; patterns: ellipse, blobs, ring, stripes, grid, noise

@@ -4,9 +4,9 @@
     out = sampler.generate(prompt_ids, n=8, max_new_tokens=512, temperature=1.0, top_p=1.0,
                            top_k=0, stop_token_ids=[eos], seed=0)
     out.completion_ids[i * 8 + j]  # prompt i's sample j (prompt-major), stop token included
-    out.logprobs[i * 8 + j]        # (len,) fp32 log-probs of those tokens, see medix_fast.sampling
+    out.logprobs[i * 8 + j]        # (len,) fp32 log-probs of those tokens, see medix_fast.generate.tokens
     out.finish_reasons[i * 8 + j]  # "stop" | "length"
-    # VL model (Qwen2.5-VL / Qwen3-VL): images=[PixelBatch or None per prompt] (medix_fast.vision),
+    # VL model (Qwen2.5-VL / Qwen3-VL): images=[PixelBatch or None per prompt] (medix_fast.data.vision),
     # prompt_ids with each image's <|image_pad|> run already expanded
 
 Algorithm (gpt-fast's static cache and no-sync sampling, nano-vllm's batch buckets and CUDA
@@ -14,19 +14,19 @@ graphs, cascade attention over shared prompts; all on the Hugging Face forward o
 optimizer updates: no weight copy, no second engine):
 1. Rows are (prompt, sample) pairs in prompt-major order, taken in chunks of max_batch_size.
 2. Each distinct prompt of a chunk is prefilled once (left-padded, SDPA) into the prompt region of
-   the static cache (``medix_fast.kv_cache``): no G-fold prefill, and its K/V is stored once.
+   the static cache (``kv_cache.py``): no G-fold prefill, and its K/V is stored once.
 3. Decode: one token per live row per step, written in place into the row's completion region;
    attention (the "medix_sampler" back-end) reads each prompt's K/V once for all its samples.
-   Tokens are sampled on the device (``medix_fast.sampling``) and stop tokens detected there.
+   Tokens are sampled on the device (``tokens.py``) and stop tokens detected there.
    Every ``sync_every`` steps (1 on CPU, where a sync is free) the host looks at which rows
    finished and compacts the cache and the batch onto the rest (prompts whose samples all
    finished leave too), so finished rows stop costing compute. On CUDA the batch is compacted
    when it fits a smaller bucket and each shape's step replays a CUDA graph
-   (``medix_fast.decode_graphs``).
+   (``cuda_graphs.py``).
 4. Completions end at the first stop token (included, "stop") or at max_new_tokens ("length").
 5. VL models: the prefill also runs the vision tower on the chunk's distinct prompts' images
    (each image encoded once per prompt, not once per sample) with the multimodal rotary
-   positions (3, P, T) of ``models.mrope_positions``; decode positions continue from the
+   positions (3, P, T) of ``model.forward.mrope_positions``; decode positions continue from the
    prompt's largest mrope position + 1 (HF's rope deltas), the same on all three axes, so
    decode is the text path. Only the language model switches to the "medix_sampler" back-end.
 
@@ -47,10 +47,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .decode_graphs import StaticDecoder
-from .models import mrope_positions
+from ..model.forward import mrope_positions
+from .cuda_graphs import StaticDecoder
 from .kv_cache import ATTN_IMPLEMENTATION, StaticKVCache, build_grid, prefill_mask
-from .sampling import METHODS, SamplingParams, sample_tokens
+from .tokens import METHODS, SamplingParams, sample_tokens
 
 DECODE_MODES = ("auto", "eager", "static", "cuda_graph")
 
@@ -79,7 +79,7 @@ class Sampler:
     CUDA graphs, run eagerly); "cuda_graph"; "auto" = "cuda_graph" on CUDA, else "eager".
     share_prefix=False prefills every row separately (for comparison). sync_every: decode steps
     between host checks for finished rows (default 1 on CPU, 8 on CUDA). sample_method: "race" |
-    "cdf" (see medix_fast.sampling); "auto" = "race" on CUDA, "cdf" elsewhere.
+    "cdf" (see medix_fast.generate.tokens); "auto" = "race" on CUDA, "cdf" elsewhere.
     """
 
     def __init__(
@@ -130,7 +130,7 @@ class Sampler:
         """Sample ``n`` completions for each prompt. stop_token_ids=None takes the model's
         eos_token_id (generation config, else config), [] disables stopping. seed=None draws one
         from torch's global generator (so ``torch.manual_seed`` makes calls reproducible).
-        ``images`` (VL models): one ``medix_fast.vision.PixelBatch`` or None per prompt."""
+        ``images`` (VL models): one ``medix_fast.data.vision.PixelBatch`` or None per prompt."""
         params = SamplingParams(temperature, top_p, top_k, logprobs_mode)
         stops = self._stop_ids(stop_token_ids)
         prompts = self._validate(prompt_ids, n, max_new_tokens)
@@ -184,7 +184,7 @@ class Sampler:
             given = sum(pix.tokens) if pix is not None else 0
             if placeholders != given:
                 raise ValueError(f"prompt {i}: {placeholders} image tokens in the prompt but its images give {given} "
-                                 "(expand each <|image_pad|> with medix_fast.vision.expand_image_tokens)")
+                                 "(expand each <|image_pad|> with medix_fast.data.vision.expand_image_tokens)")
         return images
 
     def _stop_ids(self, stop_token_ids) -> list[int]:
