@@ -11,6 +11,10 @@ Back-ends:
 fuses the PyTorch path itself and must not trace the extension's build).
 Force a back-end with the environment variable ``MEDIX_FAST_BACKEND=triton|torch|cpp|auto`` or,
 from code and tests, with :func:`set_backend` / the :func:`force_backend` context manager.
+
+``MEDIX_FAST_DEBUG=1`` turns on the checks of tensor *values* (target ids in range, hinted
+lengths against the mask): they read device memory on the host, a sync the hot path never makes.
+Shapes, dtypes and options are always checked.
 """
 from __future__ import annotations
 
@@ -93,6 +97,11 @@ def use_cpp(tensor: torch.Tensor) -> bool:
                                f"({cpp.unavailable_reason() or 'no CUDA kernels built'})")
         return True
     return name == "auto" and tensor.device.type == "cpu" and not torch.compiler.is_compiling() and cpp.available()
+
+
+def debug_checks() -> bool:
+    """Whether the value checks that cost a host-device sync run (``MEDIX_FAST_DEBUG=1``)."""
+    return os.environ.get("MEDIX_FAST_DEBUG", "0").strip() not in ("", "0")
 
 
 def active_backends() -> dict[str, bool]:

@@ -139,3 +139,21 @@ def test_bad_shapes():
         fused_linear_policy_loss(hidden, weight, targets[:, :4], mask, adv)
     with pytest.raises(ValueError, match="loss_type must be one of"):
         fused_linear_policy_loss(hidden, weight, targets, mask, adv, loss_type="nope")
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("no_grad", [False, True], ids=["one_pass", "no_grad"])
+def test_under_cpu_autocast(backend, level, no_grad):
+    """bf16 autocast around fp32 inputs (the DDP set-up of train.py): no dtype error, an fp32 loss
+    and fp32 gradients within the bf16 tolerance of the fp64 reference."""
+    hidden, weight, targets, mask, adv, old, ref = _batch(3, 7, 33, 1001, torch.float32, seed=4)
+    opts = dict(loss_type="dapo", importance_sampling_level=level, clip_ratio_c=3.0, beta=0.02, entropy_coef=0.01)
+    want = _reference(hidden, weight, targets, mask, adv, old, ref, 0.9, opts)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(not no_grad):
+        loss, metrics = fused_linear_policy_loss(hidden, weight, targets, mask, adv, old, ref, temperature=0.9,
+                                                 chunk_size=8, **opts)
+    assert loss.dtype == torch.float32 and all(v.dtype == torch.float32 for v in metrics.values())
+    got = [loss] if no_grad else [loss, *torch.autograd.grad(loss, (hidden, weight))]
+    for x, y in zip(got, want):
+        assert x.dtype == torch.float32
+        assert (x.double() - y).abs().max() <= 2e-2 * y.abs().max() + 1e-4
