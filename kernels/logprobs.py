@@ -6,10 +6,16 @@
 Forward, Triton path: one kernel computes logit tiles (BLOCK_M tokens x BLOCK_V vocab) with
 ``tl.dot`` and folds them into an online logsumexp, an online sum of p*z (for the entropy) and
 the target logit, all in fp32 registers; the vocabulary is split across programs when the token
-count alone cannot fill the GPU, and the splits are merged by a tiny torch epilogue.
+count alone cannot fill the GPU (the split is the grid's fast axis, so programs resident together
+share rows of h), and the splits are merged by a tiny torch epilogue. fp32 inputs take tf32
+tensor cores unless ``fp32_precision="ieee"``. Offsets are 64-bit and rows may have any stride.
 Backward: for a chunk of tokens the fp32 logits are recomputed by one GEMM (cuBLAS, fp32 output),
 a row kernel (``logits_rows.py``) turns them into dL/dlogits in the weight's dtype, and two GEMMs
-give dL/dhidden and dL/dW. Peak extra memory is O(chunk x V), never O(tokens x V).
+give dL/dhidden and dL/dW (accumulated in fp32). Peak extra memory is O(chunk x V), never O(tokens x V).
+
+Dtypes: the GEMMs run in the compute dtype (autocast's when autocast is on, else hidden's);
+autocast is off inside the autograd Functions, which cast explicitly and return gradients in the
+inputs' dtypes. No host-device sync (the target range check runs with ``MEDIX_FAST_DEBUG=1``).
 
 The torch path (CPU, and the reference the kernels are tested against) follows the same chunked
 plan with the logits of one chunk materialised at a time.
