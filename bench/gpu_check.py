@@ -16,7 +16,7 @@ stops only that part:
            H200 this is run on), peak memory; against naive PyTorch, torch.compile of it,
            Liger's chunked GRPO loss and fused linear cross entropy, cut-cross-entropy (each when
            importable; bench/baselines.py). torch.compile runs last: its compile is the slowest.
-  decode   generation throughput of the sampler (``medix_fast.sampler.Sampler``, called through
+  decode   generation throughput of the sampler (``medix_fast.generate.Sampler``, called through
            bench/bench_sampler.py) on a random model of Qwen3-1.7B's shape in bf16, batch 1, 64
            and 256 (groups of 8 past batch 1), 128-token prompts, 64 new tokens, against HF
            ``generate``: tokens/s, and % of 4.8 TB/s from the bytes a decode step must read
@@ -183,7 +183,7 @@ def part_decode(dry: bool, deadline: float, emit) -> None:
 
 def part_train(dry: bool, deadline: float, emit) -> None:
     from bench.bench_sampler import random_model
-    from medix_fast.tiny import TinyConfig, build_tokenizer, read_train_rows
+    from medix_fast.demo.tiny import TinyConfig, build_tokenizer, read_train_rows
 
     device = _device()
     work = tempfile.mkdtemp(prefix="medix_gpu_check_train_")
