@@ -3,6 +3,7 @@
     python -m bench                      # everything that fits this machine -> bench/results/
     python -m bench --smoke              # each benchmark at its smallest size (CI smoke test)
     python -m bench --only policy_loss   # one benchmark (or a module: kernels, sampler, rewards)
+    python -m bench --gpu-check          # the prepared ~8-minute check of every CUDA path (bench/gpu_check.py)
     python bench/plot.py                 # time and memory against tokens, PNG next to the CSV
     pytest bench/ --benchmark-only       # the same cases through pytest-benchmark
 

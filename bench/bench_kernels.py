@@ -77,10 +77,11 @@ def _logprob_fn(impl: str, device: torch.device):
     return LOGPROB_BASELINES[impl](device)
 
 
-def _logprob_cases(smoke: bool, device: torch.device) -> list[Case]:
+def logprob_cases(smoke: bool, device: torch.device, shapes=None, grads=(False, True)) -> list[Case]:
+    """Log-prob cases at ``shapes`` ((tokens, H, V, label); default the harness's), with and/or without grad."""
     cases = []
-    for n, h, v, label in _head_shapes(smoke, device):
-        for grad in (False, True):
+    for n, h, v, label in shapes or _head_shapes(smoke, device):
+        for grad in grads:
             for impl in (SUBJECT, *LOGPROB_BASELINES):
                 def build(dev, n=n, h=h, v=v, grad=grad, impl=impl):
                     if smoke and impl == "torch.compile":
@@ -97,7 +98,7 @@ def _logprob_cases(smoke: bool, device: torch.device) -> list[Case]:
 
 
 # ----------------------------------------------------------------------------- policy loss
-def _loss_fn(impl: str, loss: str, smoke: bool):
+def _loss_fn(impl: str, loss: str, smoke: bool, lengths: list[int] | None = None):
     if impl == "naive":
         return naive_policy_loss(loss)
     if impl == "torch.compile":
@@ -108,9 +109,9 @@ def _loss_fn(impl: str, loss: str, smoke: bool):
         return liger_policy_loss(loss, compiled=not smoke)
     from medix_fast.kernels import fused_linear_policy_loss
 
-    def fn(hidden, weight, targets, mask, advantages, old_logprobs):
+    def fn(hidden, weight, targets, mask, advantages, old_logprobs):  # lengths: host-side, as a trainer has them
         return fused_linear_policy_loss(hidden, weight, targets, mask, advantages, old_logprobs,
-                                        **LOSS_PRESETS[loss])[0]
+                                        valid_lengths=lengths, **LOSS_PRESETS[loss])[0]
     return fn
 
 
@@ -133,12 +134,13 @@ def _loss_inputs(n: int, h: int, v: int, device: torch.device, padded: bool):
         mask, advantages, old
 
 
-def _loss_cases(smoke: bool, device: torch.device) -> list[Case]:
+def loss_cases(smoke: bool, device: torch.device, variants=None) -> list[Case]:
+    """Policy-loss cases for ``variants`` ((loss, padded, shapes) triples; default the harness's)."""
     shapes = _head_shapes(smoke, device)
     largest = [max(shapes)]
     # grpo over every shape (the plots' sweep); dapo, gspo and a padded batch at the largest only
-    variants = [("grpo", False, shapes), ("dapo", False, largest), ("gspo", False, largest),
-                ("grpo", True, largest)]
+    variants = variants or [("grpo", False, shapes), ("dapo", False, largest), ("gspo", False, largest),
+                            ("grpo", True, largest)]
     cases = []
     for loss, padded, where in variants:
         for n, h, v, label in where:
@@ -146,7 +148,7 @@ def _loss_cases(smoke: bool, device: torch.device) -> list[Case]:
             name = f"{loss} fwd+bwd" + (f", {100 * valid // n} % valid tokens" if padded else "")
             for impl in (SUBJECT, "naive", "torch.compile", "liger"):
                 def build(dev, n=n, h=h, v=v, impl=impl, loss=loss, padded=padded):
-                    f = _loss_fn(impl, loss, smoke)
+                    f = _loss_fn(impl, loss, smoke, _valid_lengths(n, dev, padded))
                     args = _loss_inputs(n, h, v, dev, padded)
                     return lambda: torch.autograd.grad(f(*args), (args[0], args[1]))
                 note = "loss math eager under --smoke" if smoke and impl == "liger" else ""
@@ -156,4 +158,4 @@ def _loss_cases(smoke: bool, device: torch.device) -> list[Case]:
 
 
 def cases(smoke: bool, device: torch.device) -> list[Case]:
-    return _advantage_cases(smoke, device) + _logprob_cases(smoke, device) + _loss_cases(smoke, device)
+    return _advantage_cases(smoke, device) + logprob_cases(smoke, device) + loss_cases(smoke, device)

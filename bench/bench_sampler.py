@@ -27,25 +27,28 @@ SMOKE_MODEL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, nu
                    num_key_value_heads=1, vocab_size=256)
 
 
-def _model(fields: dict, device: torch.device, dtype: torch.dtype):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def random_model(fields: dict, device: torch.device, dtype: torch.dtype, arch: str = "qwen2"):
+    """A randomly initialised, never-stopping ``arch`` ("qwen2" or "qwen3") causal LM with ``fields``."""
+    import transformers
 
-    config = Qwen2Config(**fields, max_position_embeddings=2048, tie_word_embeddings=True,
-                         eos_token_id=None, bos_token_id=None, pad_token_id=0)
+    name = {"qwen2": "Qwen2", "qwen3": "Qwen3"}[arch]
+    config = getattr(transformers, f"{name}Config")(**fields, max_position_embeddings=4096, tie_word_embeddings=True,
+                                                    eos_token_id=None, bos_token_id=None, pad_token_id=0)
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config).to(device, dtype).eval()
+    with torch.device(device):  # initialised where it runs: seconds, not minutes, for a 1.7B model
+        model = getattr(transformers, f"{name}ForCausalLM")(config).to(dtype).eval()
     model.generation_config.eos_token_id = None  # never stop early: equal work for both
     model.generation_config.pad_token_id = 0
     return model
 
 
-def _prompts(count: int, vocab: int, min_len: int, max_len: int) -> list[list[int]]:
+def random_prompts(count: int, vocab: int, min_len: int, max_len: int) -> list[list[int]]:
     gen = torch.Generator().manual_seed(0)
     lengths = torch.randint(min_len, max_len + 1, (count,), generator=gen).tolist()
     return [torch.randint(1, vocab, (n,), generator=gen).tolist() for n in lengths]
 
 
-def _hf_generate(model, prompts: list[list[int]], n: int, new_tokens: int):
+def hf_generate(model, prompts: list[list[int]], n: int, new_tokens: int):
     width = max(map(len, prompts))
     device = model.device
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)  # (P, T) left-padded
@@ -59,8 +62,8 @@ def _hf_generate(model, prompts: list[list[int]], n: int, new_tokens: int):
     return torch.no_grad()(fn)
 
 
-def _medix_generate(model, prompts: list[list[int]], n: int, new_tokens: int):
-    from medix_fast.generate import Sampler
+def medix_generate(model, prompts: list[list[int]], n: int, new_tokens: int):
+    from medix_fast.generate import Sampler  # the sampler's public API (bench/gpu_check.py calls it through here)
 
     sampler = Sampler(model, max_batch_size=len(prompts) * n, max_seq_len=max(map(len, prompts)) + new_tokens)
     return lambda: sampler.generate(prompts, n=n, max_new_tokens=new_tokens, temperature=1.0, top_p=1.0,
@@ -75,13 +78,13 @@ def cases(smoke: bool, device: torch.device) -> list[Case]:
     layouts = [(2, 2)] if smoke else ([(1, 1), (8, 8)] if gpu else [(8, 8)])  # (prompts, G)
     lengths = (4, 12) if smoke else (32, 128)
     name = "smoke" if smoke else ("Qwen2.5-0.5B shape" if gpu else "Qwen2 ~3M")
-    impls = {SUBJECT: _medix_generate, "hf generate": _hf_generate}
+    impls = {SUBJECT: medix_generate, "hf generate": hf_generate}
     cases = []
     for prompts_n, g in layouts:
         for impl, make in impls.items():
             def build(dev, prompts_n=prompts_n, g=g, make=make):
-                model = _model(fields, dev, dtype)
-                return make(model, _prompts(prompts_n, fields["vocab_size"], *lengths), g, new_tokens)
+                model = random_model(fields, dev, dtype)
+                return make(model, random_prompts(prompts_n, fields["vocab_size"], *lengths), g, new_tokens)
             rows = prompts_n * g
             shape = f"{name} {'bf16' if gpu else 'fp32'}, {prompts_n} prompts x G={g} x {new_tokens} new"
             param_bytes = _param_count(fields) * (2 if gpu else 4)

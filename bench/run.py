@@ -5,6 +5,7 @@
     python -m bench --only policy_loss      # a benchmark (advantages, logprobs, policy_loss, ...)
                                             # or a module (kernels, cpp, sampler, rewards, train, vl); repeatable
     python -m bench --out DIR               # default bench/results/
+    python -m bench --gpu-check [--dry-run] # the prepared check of every CUDA path (bench/gpu_check.py)
 
 Output: ``DIR/<cpu|gpu>[_smoke].csv`` and ``.md``, headed by the device, date, torch version and
 this command. Each row: implementation, shape, device, median and 20/80th-percentile ms, peak
@@ -82,6 +83,10 @@ def _wanted(only: list[str], *names: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--gpu-check" in argv:  # the prepared GPU check has its own flags (bench/gpu_check.py)
+        from bench.gpu_check import main as gpu_check
+        return gpu_check(argv)
     args = _parse(argv)
     device = torch.device(args.device) if args.device else default_device()
     if args.threads:

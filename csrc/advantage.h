@@ -1,4 +1,4 @@
-// One group's advantages, shared by the CPU (advantage.cpp) and CUDA (cuda/advantage.cu) ops.
+// One group's advantages, for the CPU op (advantage.cpp).
 // The arithmetic of kernels/advantage.py: rewards shifted by the group's first one (a constant
 // group centres to exactly 0), mean and unbiased std, sums in double.
 #pragma once
@@ -6,13 +6,11 @@
 #include <cmath>
 #include <cstdint>
 
-#include "hd.h"
-
 namespace medix_fast {
 
 // estimator: 0 grpo (r - mean) / (std + eps), 1 dr_grpo r - mean, 2 rloo G / (G - 1) * (r - mean).
-MEDIX_HD void group_advantage(const float* x, int64_t G, int64_t estimator, float eps, float* adv, float* mean,
-                              float* std) {
+inline void group_advantage(const float* x, int64_t G, int64_t estimator, float eps, float* adv, float* mean,
+                            float* std) {
   double shifted_sum = 0;
   for (int64_t i = 0; i < G; ++i) shifted_sum += static_cast<double>(x[i] - x[0]);
   const float mean_shifted = static_cast<float>(shifted_sum / G);

@@ -1,4 +1,4 @@
-// Host-side argument checks and option parsing shared by the CPU and CUDA implementations.
+// Host-side argument checks and option parsing of the ops (the CPU ones; sample_tokens on CUDA too).
 // The ops take float32 contiguous tensors; kernels/cpp.py converts before calling.
 #pragma once
 
@@ -110,7 +110,6 @@ inline PolicyLossCall prepare_policy_loss(const at::Tensor& logp, const std::opt
   a.grad_entropy = entropy_grad ? c.grad_entropy.data_ptr<float>() : nullptr;
   a.loss = c.loss.data_ptr<float>();
   a.metrics = c.metrics.data_ptr<float>();
-  a.workspace = nullptr;
   return c;
 }
 

@@ -1,15 +1,13 @@
-// Per-token math of the clipped-ratio policy loss, shared by the CPU (.cpp) and CUDA (.cu) ops.
+// Per-token math of the clipped-ratio policy loss of the CPU op (policy_loss.cpp).
 //
 // Mirrors kernels/policy_loss.py value for value and, for the gradient, PyTorch autograd's rules:
 // clamp passes the gradient on the closed interval, maximum splits it in half on ties, the dual
 // clip and the truncated-importance-sampling factor are constants. Everything is float32; the
-// callers accumulate sums in double (CPU) or float (CUDA block reductions).
+// caller accumulates sums in double.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
-
-#include "hd.h"
 
 namespace medix_fast {
 
@@ -40,7 +38,6 @@ struct PolicyLossArgs {
   bool adv_per_token;
   float *grad_logp, *grad_entropy;  // (B, T); grad_entropy may be null
   float *loss, *metrics;            // (), (kNumMetrics,)
-  float* workspace;                 // CUDA: policy_loss_workspace(B) floats
 };
 
 // What one valid token contributes: its loss, d loss / d log_w (the importance-weight path,
@@ -54,11 +51,11 @@ struct TokenTerms {
   bool clip_low, clip_high, dual;
 };
 
-MEDIX_HD float clampf(float x, float lo, float hi) { return fminf(fmaxf(x, lo), hi); }
+inline float clampf(float x, float lo, float hi) { return fminf(fmaxf(x, lo), hi); }
 
 // log_w: the token's log importance weight (value); logp/old/ref/sampling/entropy: its inputs.
-MEDIX_HD TokenTerms token_terms(const LossParams& p, float log_w, float adv, float logp, float old,
-                                float ref, float sampling, float entropy) {
+inline TokenTerms token_terms(const LossParams& p, float log_w, float adv, float logp, float old,
+                              float ref, float sampling, float entropy) {
   TokenTerms t;
   const bool in20 = log_w >= -20.f && log_w <= 20.f;
   const float ratio = expf(clampf(log_w, -20.f, 20.f));
@@ -108,7 +105,7 @@ MEDIX_HD TokenTerms token_terms(const LossParams& p, float log_w, float adv, flo
   return t;
 }
 
-// Order of the per-row sums both back-ends produce (row_sums[b][k]) and of the metrics output.
+// Order of the per-row sums (row_sums[b][k]) and of the metrics output.
 enum RowSum : int { kLoss = 0, kRatio, kClipLow, kClipHigh, kDual, kKl, kEntropy, kMask, kNumRowSums };
 constexpr int kNumMetrics = 6;  // ratio_mean, clip_low, clip_high, clip_dual, kl, entropy
 
@@ -116,7 +113,7 @@ constexpr int kNumMetrics = 6;  // ratio_mean, clip_low, clip_high, clip_dual, k
 // without the mean's term, which the caller adds once the row is summed) and adds its terms to
 // acc[kNumRowSums + 1]: the row sums (RowSum order) and sum_t mask * d loss_t / d log_w.
 template <typename Acc>
-MEDIX_HD void token_step(const PolicyLossArgs& a, int64_t b, int64_t i, float seq_logw, float scale, Acc* acc) {
+inline void token_step(const PolicyLossArgs& a, int64_t b, int64_t i, float seq_logw, float scale, Acc* acc) {
   const LossParams& p = a.p;
   const float m = a.mask[i];
   if (m == 0.f) {
@@ -148,8 +145,8 @@ MEDIX_HD void token_step(const PolicyLossArgs& a, int64_t b, int64_t i, float se
 
 // Aggregation scale of every token of a row: loss = sum_b scale_b * sum_t mask * loss_t.
 // row_mask: that row's mask sum; total_mask: the batch's; num_items: dapo's normaliser, or < 0.
-MEDIX_HD double row_scale(int64_t loss_type, double row_mask, double total_mask, int64_t batch,
-                          int64_t max_completion_length, double num_items) {
+inline double row_scale(int64_t loss_type, double row_mask, double total_mask, int64_t batch,
+                        int64_t max_completion_length, double num_items) {
   if (loss_type == kGrpo) return 1.0 / (static_cast<double>(batch) * fmax(row_mask, 1.0));
   if (loss_type == kDrGrpo) return 1.0 / (static_cast<double>(batch) * static_cast<double>(max_completion_length));
   if (loss_type == kDapo && num_items >= 0) return 1.0 / num_items;

@@ -2,9 +2,10 @@
 
 The extension is compiled just in time, once, at first use (``torch.utils.cpp_extension.load``
 with ninja and the system C++ compiler; about a minute on 2 cores), and cached under
-``~/.cache/torch_extensions`` (or ``$TORCH_EXTENSIONS_DIR``); it is rebuilt only when the sources
-or flags change. The CUDA kernels (``csrc/cuda/``) join the build when torch is a CUDA build and
-nvcc is found (if that build fails, the CPU ops are built alone). Any failure (no compiler, no
+``~/.cache/torch_extensions`` (or ``$TORCH_EXTENSIONS_DIR``) under a name that carries a digest of
+the sources, so another version of them (another checkout, another branch) is another build, never
+a rebuild over this one. The CUDA kernel of ``sample_tokens`` (``csrc/cuda/``) joins the build when torch
+is a CUDA build and nvcc is found (if that build fails, the CPU ops are built alone). Any failure (no compiler, no
 ninja) warns once and leaves :func:`available` False, so the dispatch falls back to the PyTorch
 path. Prebuild, and see what is active, with::
 
@@ -12,11 +13,13 @@ path. Prebuild, and see what is active, with::
 
 Ops (schemas in ``csrc/ops.cpp``): ``policy_loss`` (forward and backward in one pass; autograd
 is registered here as grad_output * the saved gradient, so it is differentiable once, not
-twice), ``group_advantages`` and ``sample_tokens``. Each has a fake implementation, so all three
-work under ``torch.compile``.
+twice) and ``group_advantages``, CPU only (the default there: faster than the PyTorch path; on
+CUDA tensors the Triton kernels run), and ``sample_tokens`` (CPU, and CUDA when built). Each has a
+fake implementation, so all three work under ``torch.compile``.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import warnings
@@ -35,12 +38,15 @@ _available: bool | None = None  # None: not tried yet
 def _build(with_cuda: bool) -> None:
     from torch.utils import cpp_extension
 
-    sources = sorted(str(p) for p in CSRC.glob("*.cpp"))
+    sources = sorted(CSRC.glob("*.cpp"))
     if with_cuda:
-        sources += sorted(str(p) for p in (CSRC / "cuda").glob("*.c*"))  # the .cu kernels and ops.cpp
-    cpp_extension.load(
-        name="medix_fast_C" + ("_cuda" if with_cuda else ""),
-        sources=sources,
+        sources += sorted((CSRC / "cuda").glob("*.c*"))  # the .cu kernel and ops.cpp
+    digest = hashlib.sha256()
+    for path in sorted([*sources, *CSRC.glob("*.h"), *(CSRC / "cuda").glob("*.h")]):
+        digest.update(path.read_bytes())
+    cpp_extension.load(  # named by its sources: two checkouts (or branches) never rebuild over each other
+        name="medix_fast_C" + ("_cuda" if with_cuda else "") + "_" + digest.hexdigest()[:10],
+        sources=[str(p) for p in sources],
         extra_cflags=["-O3", "-fopenmp"],
         extra_cuda_cflags=["-O3"],
         extra_ldflags=["-fopenmp"],
@@ -81,7 +87,8 @@ def _load() -> bool:
 
 
 def supports(device: torch.device) -> bool:
-    """Whether the ops run on ``device``: CPU once loaded; CUDA if the CUDA kernels were built too."""
+    """Whether ``sample_tokens`` runs on ``device``: CPU once loaded; CUDA if its kernel was built too
+    (``policy_loss`` and ``group_advantages`` run on the CPU only)."""
     return available() and (device.type == "cpu" or (device.type == "cuda" and _cuda_built))
 
 

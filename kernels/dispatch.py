@@ -3,7 +3,7 @@
 Back-ends:
   ``triton`` -- the Triton kernels (CUDA tensors; on the CPU only under ``TRITON_INTERPRET=1``).
   ``torch``  -- the chunked pure-PyTorch implementations, the CPU path and the reference.
-  ``cpp``    -- the C++/CUDA ops of ``csrc/`` (``kernels/cpp.py``, built at first use) where a
+  ``cpp``    -- the C++ CPU ops of ``csrc/`` (``kernels/cpp.py``, built at first use) where a
                 kernel has one (policy_loss, group_advantages); the ``torch`` path elsewhere.
 
 ``auto`` (the default) takes ``triton`` for CUDA tensors when triton imports; for CPU tensors
@@ -11,6 +11,10 @@ Back-ends:
 fuses the PyTorch path itself and must not trace the extension's build).
 Force a back-end with the environment variable ``MEDIX_FAST_BACKEND=triton|torch|cpp|auto`` or,
 from code and tests, with :func:`set_backend` / the :func:`force_backend` context manager.
+
+``MEDIX_FAST_DEBUG=1`` turns on the checks of tensor *values* (target ids in range, hinted
+lengths against the mask): they read device memory on the host, a sync the hot path never makes.
+Shapes, dtypes and options are always checked.
 """
 from __future__ import annotations
 
@@ -85,14 +89,22 @@ def use_triton(tensor: torch.Tensor) -> bool:
 
 
 def use_cpp(tensor: torch.Tensor) -> bool:
-    """Whether a kernel with a C++ op, called on ``tensor``, takes it (``auto``: CPU tensors only)."""
+    """Whether a kernel with a C++ op (policy_loss, group_advantages: CPU ops), called on ``tensor``,
+    takes it."""
     name = requested_backend()
     if name == "cpp":
-        if not cpp.supports(tensor.device):
-            raise RuntimeError(f"MEDIX_FAST_BACKEND=cpp but the C++ ops do not run on {tensor.device} here "
-                               f"({cpp.unavailable_reason() or 'no CUDA kernels built'})")
+        if tensor.device.type != "cpu":
+            raise RuntimeError(f"MEDIX_FAST_BACKEND=cpp: the C++ ops run on the CPU only, got a {tensor.device} "
+                               "tensor (CUDA tensors take the Triton kernels)")
+        if not cpp.available():
+            raise RuntimeError(f"MEDIX_FAST_BACKEND=cpp but the C++ ops are unavailable ({cpp.unavailable_reason()})")
         return True
     return name == "auto" and tensor.device.type == "cpu" and not torch.compiler.is_compiling() and cpp.available()
+
+
+def debug_checks() -> bool:
+    """Whether the value checks that cost a host-device sync run (``MEDIX_FAST_DEBUG=1``)."""
+    return os.environ.get("MEDIX_FAST_DEBUG", "0").strip() not in ("", "0")
 
 
 def active_backends() -> dict[str, bool]:

@@ -11,7 +11,7 @@ logits (a near one-hot distribution) do not cancel it into negative values.
 (``z`` already divided by the temperature, ``inv_temp`` the chain rule back to the raw logits).
 The Triton kernels stream each row once per pass in ``BLOCK_V`` tiles, in fp32, and write the
 gradient in the dtype of the output buffer (in place over ``z`` when it is fp32); the torch
-functions are the CPU path and the reference.
+functions are the CPU path and the reference. Row offsets are 64-bit (``row * stride``).
 """
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ def _row_stats_kernel(z_ptr, tgt_ptr, lse_ptr, logp_ptr, ent_ptr, vocab, stride,
         m = m_new
     lse = m + tl.log(s)
     tl.store(lse_ptr + row, lse)
-    tl.store(logp_ptr + row, tl.load(base + tgt) - lse)
+    in_vocab = (tgt >= 0) & (tgt < vocab)  # an id out of range reads nothing and gives NaN
+    tl.store(logp_ptr + row, tl.load(base + tgt, mask=in_vocab, other=float("nan")) - lse)
     tl.store(ent_ptr + row, tl.log(s) - pz / s)
 
 
@@ -70,9 +71,17 @@ def _row_grad_kernel(z_ptr, out_ptr, tgt_ptr, lse_ptr, ent_ptr, glp_ptr, gent_pt
 SCRATCH_MB = 16
 
 
+GPU_BLOCK_V = 4096  # the row kernels' tile on the GPU (the tests also run it under the interpreter)
+
+
+def gpu_block_v(vocab: int) -> int:
+    return min(GPU_BLOCK_V, triton.next_power_of_2(vocab))
+
+
 def _block_v(vocab: int) -> int:
-    cap = 1024 if os.environ.get("TRITON_INTERPRET") == "1" else 4096
-    return min(cap, triton.next_power_of_2(vocab))
+    if os.environ.get("TRITON_INTERPRET") == "1":  # numpy runs each tile: smaller ones
+        return min(1024, triton.next_power_of_2(vocab))
+    return gpu_block_v(vocab)
 
 
 def _row_blocks(n: int, vocab: int) -> list[slice]:
@@ -108,7 +117,8 @@ def row_stats(z: torch.Tensor, targets: torch.Tensor, triton_path: bool, entropy
 
 
 def row_grad(z, targets, lse, entropy, g_lp, g_ent, inv_temp, out_dtype, triton_path: bool):
-    """dL/d(raw logits) (n, V) in ``out_dtype``; overwrites ``z`` (its buffer is reused)."""
+    """dL/d(raw logits) (n, V): the Triton kernel writes it in ``out_dtype`` (the cast fused into
+    its one pass; in place over ``z`` when fp32), the torch path in fp32 in place over ``z``."""
     if not triton_path:
         for sl in _row_blocks(*z.shape):  # dz = -p * coef, in place of z
             log_p = z[sl].sub_(lse[sl, None])  # (r, V)
@@ -117,8 +127,7 @@ def row_grad(z, targets, lse, entropy, g_lp, g_ent, inv_temp, out_dtype, triton_
                 coef = torch.mul(log_p, (g_ent[sl] * inv_temp)[:, None]).add_(
                     ((g_lp[sl] + g_ent[sl] * entropy[sl]) * inv_temp)[:, None])  # (r, V)
             log_p.exp_().mul_(coef).neg_()
-        z.scatter_add_(1, targets[:, None], (g_lp * inv_temp)[:, None])
-        return z.to(out_dtype)
+        return z.scatter_add_(1, targets[:, None], (g_lp * inv_temp)[:, None])
     n, vocab = z.shape
     out = z if out_dtype == torch.float32 else torch.empty(n, vocab, dtype=out_dtype, device=z.device)
     _row_grad_kernel[(n,)](z, out, targets, lse, entropy, g_lp, g_ent if g_ent is not None else g_lp,

@@ -6,10 +6,16 @@
 Forward, Triton path: one kernel computes logit tiles (BLOCK_M tokens x BLOCK_V vocab) with
 ``tl.dot`` and folds them into an online logsumexp, an online sum of p*z (for the entropy) and
 the target logit, all in fp32 registers; the vocabulary is split across programs when the token
-count alone cannot fill the GPU, and the splits are merged by a tiny torch epilogue.
+count alone cannot fill the GPU (the split is the grid's fast axis, so programs resident together
+share rows of h), and the splits are merged by a tiny torch epilogue. fp32 inputs take tf32
+tensor cores unless ``fp32_precision="ieee"``. Offsets are 64-bit and rows may have any stride.
 Backward: for a chunk of tokens the fp32 logits are recomputed by one GEMM (cuBLAS, fp32 output),
 a row kernel (``logits_rows.py``) turns them into dL/dlogits in the weight's dtype, and two GEMMs
-give dL/dhidden and dL/dW. Peak extra memory is O(chunk x V), never O(tokens x V).
+give dL/dhidden and dL/dW (accumulated in fp32). Peak extra memory is O(chunk x V), never O(tokens x V).
+
+Dtypes: the GEMMs run in the compute dtype (autocast's when autocast is on, else hidden's);
+autocast is off inside the autograd Functions, which cast explicitly and return gradients in the
+inputs' dtypes. No host-device sync (the target range check runs with ``MEDIX_FAST_DEBUG=1``).
 
 The torch path (CPU, and the reference the kernels are tested against) follows the same chunked
 plan with the logits of one chunk materialised at a time.
@@ -18,34 +24,36 @@ Run ``python -m pytest tests/test_logprobs.py`` to check both paths against fp64
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from .dispatch import use_triton
+from .dispatch import debug_checks, use_triton
 from .logits_rows import row_grad, row_stats
 
 
 # ----------------------------------------------------------------------------- Triton kernels
 @triton.jit
-def _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, n_rows, vocab, hidden, inv_temp,
-                HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+def _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, n_rows, vocab, hidden, stride_h, stride_w, inv_temp,
+                HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     """z = (h[rows] . W[cols]^T + b[cols]) * inv_temp in fp32; -inf outside the vocabulary."""
     acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
     ks = tl.arange(0, BLOCK_K)
+    h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_h  # (BM, 1) 64-bit: n * H may pass 2^31
+    w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_w  # (1, BV) 64-bit: V * H may pass 2^31
     for k0 in range(0, hidden, BLOCK_K):
         k = k0 + ks
-        h = tl.load(h_ptr + rows[:, None] * hidden + k[None, :],
-                    mask=(rows[:, None] < n_rows) & (k[None, :] < hidden), other=0.0)  # (BM, BK)
-        w = tl.load(w_ptr + cols[None, :] * hidden + k[:, None],
-                    mask=(cols[None, :] < vocab) & (k[:, None] < hidden), other=0.0)  # (BK, BV)
-        if IEEE:  # fp32 inputs (and the interpreter, whose bf16 dot is wrong): exact fp32 products
-            acc = tl.dot(h.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(h, w, acc)
+        h = tl.load(h_rows + k[None, :], mask=(rows[:, None] < n_rows) & (k[None, :] < hidden), other=0.0)  # (BM, BK)
+        w = tl.load(w_cols + k[:, None], mask=(cols[None, :] < vocab) & (k[:, None] < hidden), other=0.0)  # (BK, BV)
+        if PRECISION == "ieee":  # exact fp32 products (asked for, or the interpreter, whose bf16 dot is wrong)
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, w, acc, input_precision=PRECISION)  # the precision only matters for fp32 inputs
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=cols < vocab, other=0.0).to(tl.float32)[None, :]
     return tl.where(cols[None, :] < vocab, acc * inv_temp, float("-inf"))  # (BM, BV)
@@ -53,12 +61,15 @@ def _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, n_rows, vocab, hidden, inv_temp
 
 @triton.jit
 def _forward_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, max_ptr, sum_ptr, pz_ptr, zt_ptr,
-                    n_rows, vocab, hidden, inv_temp, v_per_split,
-                    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                    n_rows, vocab, hidden, stride_h, stride_w, inv_temp, v_per_split,
+                    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Partial (max m, sum e^(z-m), sum e^(z-m)(z-m), target logit) of a token block over a vocab split."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
-    split = tl.program_id(1)
+    """Partial (max m, sum e^(z-m), sum e^(z-m)(z-m), target logit) of a token block over a vocab split.
+
+    Grid (splits, row blocks): the vocabulary split is the fast axis, so the programs resident at
+    once mostly share row blocks and read the same rows of h from L2."""
+    split = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
     tgt = tl.load(tgt_ptr + rows, mask=rows < n_rows, other=-1)  # (BM,)
     m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -68,8 +79,8 @@ def _forward_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, max_ptr, sum_ptr, pz_ptr, zt_p
     v_end = tl.minimum(v_start + v_per_split, vocab)
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)  # (BV,)
-        z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, n_rows, v_end, hidden, inv_temp,
-                        HAS_BIAS, IEEE, BLOCK_M, BLOCK_V, BLOCK_K)  # (BM, BV)
+        z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, n_rows, v_end, hidden, stride_h, stride_w, inv_temp,
+                        HAS_BIAS, PRECISION, BLOCK_M, BLOCK_V, BLOCK_K)  # (BM, BV)
         m_new = tl.maximum(m, tl.max(z, axis=1))
         scale = tl.exp(m - m_new)
         e = tl.exp(z - m_new[:, None])  # 0 outside the vocabulary
@@ -79,7 +90,7 @@ def _forward_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, max_ptr, sum_ptr, pz_ptr, zt_p
         s = s * scale + tl.sum(e, axis=1)
         zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
         m = m_new
-    out = split * n_rows + rows
+    out = split.to(tl.int64) * n_rows + rows
     keep = rows < n_rows
     tl.store(max_ptr + out, m, mask=keep)
     tl.store(sum_ptr + out, s, mask=keep)
@@ -88,33 +99,63 @@ def _forward_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, max_ptr, sum_ptr, pz_ptr, zt_p
 
 
 # ----------------------------------------------------------------------------- launchers
-def _blocks(dtype: torch.dtype, vocab: int) -> tuple[int, int, int]:
-    if os.environ.get("TRITON_INTERPRET") == "1":  # numpy runs each tile: fewer, wider tiles at large V
-        return 16, 64 if vocab <= 16384 else 1024, 32
-    return (64, 128, 64) if dtype == torch.float32 else (128, 128, 64)
+@dataclass(frozen=True)
+class Tiles:
+    block_m: int
+    block_v: int
+    block_k: int
+    num_warps: int
 
 
-def _ieee(dtype: torch.dtype) -> bool:
-    return dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+# The tiles the GPU runs (tests/test_logprobs.py runs them under the interpreter too).
+GPU_TILES = {torch.float32: Tiles(64, 128, 64, 4), torch.bfloat16: Tiles(128, 128, 64, 8),
+             torch.float16: Tiles(128, 128, 64, 8)}
 
 
-def _triton_stats(h, w, b, targets, inv_temp, entropy):
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def tiles(dtype: torch.dtype, vocab: int) -> Tiles:
+    """The forward kernel's tiles: ``GPU_TILES``, or under the interpreter (numpy runs each tile)
+    fewer, wider ones."""
+    if interpreting():
+        return Tiles(16, 64 if vocab <= 16384 else 1024, 32, 4)
+    return GPU_TILES[dtype]
+
+
+def dot_precision(dtype: torch.dtype, fp32_precision: str) -> str:
+    """``tl.dot``'s input precision: tf32 tensor cores for fp32 inputs unless ``fp32_precision``
+    is "ieee" (ignored for bf16/fp16 inputs); always "ieee" under the interpreter."""
+    return "ieee" if interpreting() or (dtype == torch.float32 and fp32_precision == "ieee") else "tf32"
+
+
+def sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def launch_shape(n: int, vocab: int, t: Tiles, sms: int) -> tuple[int, int, int]:
+    """(splits, vocab per split, row blocks): the vocabulary is split across programs when the
+    row blocks alone cannot give every SM two programs; the grid is (splits, row blocks)."""
+    row_blocks = triton.cdiv(n, t.block_m)
+    splits = max(1, min(triton.cdiv(2 * sms, row_blocks), triton.cdiv(vocab, 4 * t.block_v)))
+    v_per_split = triton.cdiv(triton.cdiv(vocab, splits), t.block_v) * t.block_v
+    return triton.cdiv(vocab, v_per_split), v_per_split, row_blocks
+
+
+def _triton_stats(h, w, b, targets, cfg, want_entropy):
     """(logp, lse, entropy) per token, fp32, from the fused forward kernel (which always has the
-    entropy: its two extra sums cost nothing beside the GEMM, so ``entropy`` is not needed)."""
+    entropy: its two extra sums cost nothing beside the GEMM, so ``want_entropy`` is not needed)."""
     n, hidden = h.shape
     vocab = w.shape[0]
-    bm, bv, bk = _blocks(h.dtype, vocab)
-    row_blocks = triton.cdiv(n, bm)
-    sms = torch.cuda.get_device_properties(h.device).multi_processor_count if h.is_cuda else 1
-    splits = max(1, min(triton.cdiv(2 * sms, row_blocks), triton.cdiv(vocab, 4 * bv)))
-    v_per_split = triton.cdiv(triton.cdiv(vocab, splits), bv) * bv
-    splits = triton.cdiv(vocab, v_per_split)
+    t = tiles(h.dtype, vocab)
+    splits, v_per_split, row_blocks = launch_shape(n, vocab, t, sm_count(h.device))
     part = torch.empty(4, splits, n, dtype=torch.float32, device=h.device)  # (4, S, n)
-    _forward_kernel[(row_blocks, splits)](
+    _forward_kernel[(splits, row_blocks)](
         h, w, b if b is not None else h, targets, part[0], part[1], part[2], part[3],
-        n, vocab, hidden, inv_temp, v_per_split,
-        HAS_BIAS=b is not None, IEEE=_ieee(h.dtype), BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk,
-        num_warps=8 if bm * bv >= 128 * 128 else 4, num_stages=3,
+        n, vocab, hidden, h.stride(0), w.stride(0), cfg.inv_temp, v_per_split,
+        HAS_BIAS=b is not None, PRECISION=dot_precision(h.dtype, cfg.fp32_precision),
+        BLOCK_M=t.block_m, BLOCK_V=t.block_v, BLOCK_K=t.block_k, num_warps=t.num_warps, num_stages=3,
     )
     m, s, pz, zt = part.unbind(0)  # each (S, n)
     top = m.max(dim=0).values  # (n,)
@@ -122,7 +163,8 @@ def _triton_stats(h, w, b, targets, inv_temp, entropy):
     total = (s * scale).sum(0)  # (n,)
     lse = top + torch.log(total)
     centred = ((pz + s * (m - top)) * scale).sum(0)  # (n,) sum_v e^(z-top) (z-top) <= 0
-    return zt.sum(0) - lse, lse, torch.log(total) - centred / total
+    logp = torch.where((targets >= 0) & (targets < vocab), zt.sum(0) - lse, float("nan"))  # NaN: id out of range
+    return logp, lse, torch.log(total) - centred / total
 
 
 # ----------------------------------------------------------------------------- torch path
@@ -140,36 +182,71 @@ def chunk_logits(h, w, b, inv_temp):
     return z.mul_(inv_temp)
 
 
-def _torch_stats(h, w, b, targets, inv_temp, entropy):
-    return row_stats(chunk_logits(h, w, b, inv_temp), targets, triton_path=False, entropy=entropy, overwrite=True)
+def _torch_stats(h, w, b, targets, cfg, want_entropy):
+    return row_stats(chunk_logits(h, w, b, cfg.inv_temp), targets, triton_path=False, entropy=want_entropy,
+                     overwrite=True)
 
 
-# ----------------------------------------------------------------------------- autograd
+# ----------------------------------------------------------------------------- dtypes, autograd
+@dataclass(frozen=True)
+class HeadConfig:
+    """How one LM-head call computes (fixed before the autograd Function runs)."""
+    dtype: torch.dtype  # compute dtype of the GEMMs (see compute_dtype)
+    inv_temp: float
+    chunk: int  # tokens per (chunk, V) fp32 logits buffer
+    triton_path: bool
+    fp32_precision: str = "tf32"  # the Triton forward's tl.dot for fp32 inputs: "tf32" or "ieee"
+
+
+def compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The LM head's compute dtype: autocast's when autocast is on for ``hidden``'s device (the
+    GEMM the head replaces would run in it), else ``hidden``'s own."""
+    kind = hidden.device.type
+    if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return hidden.dtype
+
+
+def no_autocast(t: torch.Tensor):
+    """Autocast off on ``t``'s device: inside the Functions every dtype is chosen explicitly."""
+    kind = t.device.type
+    return torch.autocast(kind, enabled=False) if kind in ("cpu", "cuda") else contextlib.nullcontext()
+
+
+def cast(tensors, dtype: torch.dtype):
+    """Each tensor (or None) in ``dtype`` (no copy when it already is)."""
+    return tuple(None if x is None else x.to(dtype) for x in tensors)
+
+
 class HeadGrads:
-    """dL/dhidden (n, H), dL/dW (V, H) and dL/db (V,) accumulated chunk by chunk from dL/dlogits."""
+    """dL/dhidden (n, H), dL/dW (V, H) and dL/db (V,) accumulated chunk by chunk from dL/dlogits.
+
+    dW and db are fp32 buffers the chunks accumulate into in place: on CUDA a bf16/fp16 dz goes
+    into dW through one GEMM with fp32 output (cuBLAS, fp32 accumulation), so no (V, H) product
+    is ever rounded to low precision or held as a temporary."""
 
     def __init__(self, h, w, needs):
         need_h, need_w, need_b = needs
-        self.dh = torch.empty_like(h) if need_h else None  # (n, H)
+        self.dh = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_h else None  # (n, H)
         self.dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None  # (V, H)
         self.db = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b else None  # (V,)
 
     def add(self, dz, h, w, sl):
-        """Fold the chunk ``dz`` (c, V) of rows ``sl`` in: two GEMMs and a column sum."""
+        """Fold the chunk ``dz`` (c, V) of rows ``sl`` in: two GEMMs and a column sum. ``dz`` is
+        fp32, or in ``w``'s dtype when the Triton row kernel wrote it so."""
+        hc = h[sl]  # (c, H)
         if self.dh is not None:
-            torch.mm(dz, w, out=self.dh[sl])  # (c, H), written in place
-        if self.dw is not None and dz.dtype == torch.float32:
-            self.dw.addmm_(dz.t(), h[sl])  # (V, H), accumulated in place
+            torch.mm(dz.to(w.dtype), w, out=self.dh[sl])  # (c, H), written in place
+        if self.dw is not None and (dz.dtype == torch.float32 or dz.device.type == "cpu"):
+            self.dw.addmm_(dz.t().float(), hc.float())  # (V, H) fp32 operands (the CPU has no mixed GEMM)
         elif self.dw is not None:
-            self.dw += (dz.t() @ h[sl]).float()  # (V, H)
+            torch.addmm(self.dw, dz.t(), hc, out_dtype=torch.float32, out=self.dw)  # (V, H) fp32 output
         if self.db is not None:
-            self.db += dz.float().sum(0)
+            self.db += dz.sum(0, dtype=torch.float32)  # (V,)
 
-    def result(self, w, b):
-        """(dh, dW, db) in the dtypes of h, w and b (None where not needed)."""
-        dw = None if self.dw is None else self.dw.to(w.dtype)
-        db = None if self.db is None else self.db.to(b.dtype)
-        return self.dh, dw, db
+    def result(self, dtypes):
+        """(dh, dW, db) in ``dtypes`` (those of the caller's hidden, weight and bias); None where not needed."""
+        return tuple(None if g is None else g.to(d) for g, d in zip((self.dh, self.dw, self.db), dtypes))
 
 
 def chunk_rows(n_tokens: int, vocab: int, chunk_size: int | None, device: torch.device) -> int:
@@ -183,14 +260,17 @@ def chunk_rows(n_tokens: int, vocab: int, chunk_size: int | None, device: torch.
 
 class _FusedLinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, w, b, targets, inv_temp, want_entropy, chunk, triton_path):
-        stats = _triton_stats if triton_path else _torch_stats
-        step = h.shape[0] if triton_path else chunk  # the Triton forward builds no logits
-        pieces = [stats(h[i:i + step], w, b, targets[i:i + step], inv_temp, want_entropy)
-                  for i in range(0, max(h.shape[0], 1), step)]
-        logp, lse, ent = (torch.cat(x) for x in zip(*pieces))  # each (n,)
+    def forward(ctx, hidden, weight, bias, targets, want_entropy, cfg):
+        ctx.dtypes = tuple(None if x is None else x.dtype for x in (hidden, weight, bias))
+        with no_autocast(hidden):
+            h, w, b = cast((hidden, weight, bias), cfg.dtype)
+            stats = _triton_stats if cfg.triton_path else _torch_stats
+            step = h.shape[0] if cfg.triton_path else cfg.chunk  # the Triton forward builds no logits
+            pieces = [stats(h[i:i + step], w, b, targets[i:i + step], cfg, want_entropy)
+                      for i in range(0, max(h.shape[0], 1), step)]
+            logp, lse, ent = (torch.cat(x) for x in zip(*pieces))  # each (n,)
         ctx.save_for_backward(h, w, b, targets, lse, ent)
-        ctx.cfg = (inv_temp, chunk, triton_path)
+        ctx.cfg = cfg
         entropy = ent if want_entropy else lse.new_empty(0)
         if not want_entropy:
             ctx.mark_non_differentiable(entropy)
@@ -199,22 +279,32 @@ class _FusedLinearLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_lp, g_ent):
         h, w, b, targets, lse, ent = ctx.saved_tensors
-        inv_temp, chunk, triton_path = ctx.cfg
+        cfg = ctx.cfg
         g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float().contiguous()
         g_ent = None if g_ent is None or g_ent.numel() == 0 else g_ent.float().contiguous()
         grads = HeadGrads(h, w, ctx.needs_input_grad[:3])
-        for i in range(0, h.shape[0], chunk):
-            sl = slice(i, i + chunk)
-            z = chunk_logits(h[sl], w, b, inv_temp)  # (c, V) fp32, recomputed
-            dz = row_grad(z, targets[sl], lse[sl], ent[sl], g_lp[sl], None if g_ent is None else g_ent[sl],
-                          inv_temp, w.dtype, triton_path)  # (c, V) in w.dtype
-            grads.add(dz, h, w, sl)
-            del z, dz  # before the next chunk's logits exist: one (chunk, V) buffer at a time
-        return (*grads.result(w, b), None, None, None, None, None)
+        with no_autocast(h):
+            for i in range(0, h.shape[0], cfg.chunk):
+                sl = slice(i, i + cfg.chunk)
+                z = chunk_logits(h[sl], w, b, cfg.inv_temp)  # (c, V) fp32, recomputed
+                dz = row_grad(z, targets[sl], lse[sl], ent[sl], g_lp[sl], None if g_ent is None else g_ent[sl],
+                              cfg.inv_temp, w.dtype, cfg.triton_path)  # (c, V)
+                grads.add(dz, h, w, sl)
+                del z, dz  # before the next chunk's logits exist: one (chunk, V) buffer at a time
+        return (*grads.result(ctx.dtypes), None, None, None)
 
 
 # ----------------------------------------------------------------------------- public API
-def _check(hidden, weight, targets, bias, temperature) -> None:
+def check_targets(targets: torch.Tensor, vocab: int) -> None:
+    """Target ids in [0, V): a value check, so it reads device memory (a host sync) and runs only
+    when ``debug_checks()`` (``MEDIX_FAST_DEBUG=1``)."""
+    if debug_checks() and targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
+        bad = (targets < 0) | (targets >= vocab)
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"targets must lie in [0, V={vocab}), found {targets[where].item()} at {where}")
+
+
+def _check(hidden, weight, targets, bias, temperature, fp32_precision) -> None:
     if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"hidden (..., H) and weight (V, H) disagree: hidden {tuple(hidden.shape)}, "
                          f"weight {tuple(weight.shape)}")
@@ -229,38 +319,52 @@ def _check(hidden, weight, targets, bias, temperature) -> None:
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= weight.shape[0]):
-        bad = targets[(targets < 0) | (targets >= weight.shape[0])][0].item()
-        raise ValueError(f"targets must lie in [0, V={weight.shape[0]}), found {bad}")
+    if fp32_precision not in ("tf32", "ieee"):
+        raise ValueError(f"fp32_precision must be 'tf32' or 'ieee', got {fp32_precision!r}")
+    check_targets(targets, weight.shape[0])
+
+
+def rows_of(hidden: torch.Tensor) -> torch.Tensor:
+    """``hidden`` (..., H) as (n, H) with unit stride along H; any row stride is kept (no copy)."""
+    h = hidden.reshape(-1, hidden.shape[-1])  # (n, H)
+    return h if h.stride(-1) == 1 else h.contiguous()
 
 
 def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0,
-                          return_entropy=False, chunk_size=None):
+                          return_entropy=False, chunk_size=None, fp32_precision="tf32"):
     """Log-probs of ``targets`` under ``softmax((hidden @ weight.T + bias) / temperature)``.
 
     Args:
-        hidden: (..., H) final hidden states, any float dtype (the compute dtype).
-        weight: (V, H) LM-head weight; cast to ``hidden``'s dtype if it differs (autocast-style).
-        targets: (...) integer token ids in [0, V).
-        bias: optional (V,).
+        hidden: (..., H) final hidden states, any float dtype.
+        weight: (V, H) LM-head weight; bias: optional (V,).
+        targets: (...) integer token ids in [0, V) (checked only with ``MEDIX_FAST_DEBUG=1``: the
+            check reads them on the host).
         temperature: logits are divided by it (sampling temperature).
         return_entropy: also return the per-token entropy of the same distribution.
         chunk_size: tokens per chunk of the backward's (chunk, V) gradient buffer (and of the
             CPU forward); default: ``MEDIX_FAST_CHUNK_MB`` MiB of fp32 logits (256 CPU, 2048 CUDA).
+        fp32_precision: for fp32 inputs on the GPU, the Triton forward's products: "tf32" (tensor
+            cores, the default) or "ieee" (exact fp32, several times slower). The cuBLAS GEMMs
+            follow PyTorch's own setting (``torch.backends.cuda.matmul``).
+
+    The GEMMs run in ``hidden``'s dtype, or in autocast's when autocast is on (``weight`` and
+    ``bias`` are cast to it), always with fp32 accumulation and fp32 softmax statistics; autocast
+    is off inside. Gradients come back in the dtypes of ``hidden``, ``weight`` and ``bias`` (an
+    fp32 master weight gets its fp32 dW, accumulated in fp32).
 
     Returns:
         logp (...) fp32, and entropy (...) fp32 when ``return_entropy``. Both differentiable
         with respect to ``hidden``, ``weight`` and ``bias``; no (tokens, V) tensor is built.
     """
-    _check(hidden, weight, targets, bias, temperature)
+    _check(hidden, weight, targets, bias, temperature, fp32_precision)
     lead = hidden.shape[:-1]
-    h = hidden.reshape(-1, hidden.shape[-1]).contiguous()  # (n, H)
-    w = weight.to(h.dtype).contiguous()  # (V, H)
-    b = bias.to(h.dtype).contiguous() if bias is not None else None
+    h = rows_of(hidden)  # (n, H)
+    w = weight if weight.stride(-1) == 1 else weight.contiguous()  # (V, H)
     t = targets.reshape(-1).contiguous()  # (n,)
-    chunk = chunk_rows(max(1, h.shape[0]), w.shape[0], chunk_size, h.device)
-    triton_path = use_triton(h) and h.shape[0] > 0
-    logp, entropy = _FusedLinearLogprobs.apply(
-        h, w, b, t, 1.0 / float(temperature), bool(return_entropy), chunk, triton_path)
+    cfg = HeadConfig(compute_dtype(hidden), 1.0 / float(temperature),
+                     chunk_rows(max(1, h.shape[0]), w.shape[0], chunk_size, h.device),
+                     use_triton(h) and h.shape[0] > 0, fp32_precision)
+    b = None if bias is None else bias.contiguous()  # (V,)
+    logp, entropy = _FusedLinearLogprobs.apply(h, w, b, t, bool(return_entropy), cfg)
     logp = logp.view(lead)
     return (logp, entropy.view(lead)) if return_entropy else logp

@@ -132,20 +132,30 @@ def per_token_loss(logp, old, adv, mask, o: LossOptions, *, ref=None, entropy=No
     return loss_t, ratio, dual, kl
 
 
-def loss_metrics(ratio, dual, kl, entropy, adv, mask, o: LossOptions) -> dict[str, torch.Tensor]:
-    """Masked token means of the ratio, clip fractions, KL and entropy, as detached 0-dim tensors."""
+METRICS = cpp.METRICS  # ratio_mean, clip_low, clip_high, clip_dual, kl, entropy (the C++ op's order too)
+
+
+def metric_sums(ratio, dual, kl, entropy, adv, mask, o: LossOptions) -> torch.Tensor:
+    """(6,) masked token sums of the ratio, clip flags, KL and entropy, in :data:`METRICS` order:
+    the numerators of :func:`loss_metrics`, so chunks of tokens can add theirs up."""
     eps_high = o.epsilon_low if o.epsilon_high is None else o.epsilon_high
     with torch.no_grad():
         r = ratio.detach()
-        zero = r.new_zeros(())
-        return {
-            "ratio_mean": _masked_mean(r, mask),
-            "clip_low": _masked_mean(((r < 1 - o.epsilon_low) & (adv < 0)).float(), mask),
-            "clip_high": _masked_mean(((r > 1 + eps_high) & (adv > 0)).float(), mask),
-            "clip_dual": _masked_mean(dual.float(), mask),
-            "kl": zero if kl is None else _masked_mean(kl.detach(), mask),
-            "entropy": zero if entropy is None else _masked_mean(entropy.detach(), mask),
-        }
+        zero = torch.zeros_like(r)
+        terms = (r, ((r < 1 - o.epsilon_low) & (adv < 0)).float(), ((r > 1 + eps_high) & (adv > 0)).float(),
+                 dual.float(), zero if kl is None else kl.detach(), zero if entropy is None else entropy.detach())
+        return torch.stack([(t * mask).sum() for t in terms])  # (6,)
+
+
+def metrics_from_sums(sums: torch.Tensor, valid_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Token means from :func:`metric_sums` and the valid-token count, as detached 0-dim tensors."""
+    means = sums / valid_tokens.clamp(min=1.0)  # (6,)
+    return {name: means[i] for i, name in enumerate(METRICS)}
+
+
+def loss_metrics(ratio, dual, kl, entropy, adv, mask, o: LossOptions) -> dict[str, torch.Tensor]:
+    """Masked token means of the ratio, clip fractions, KL and entropy, as detached 0-dim tensors."""
+    return metrics_from_sums(metric_sums(ratio, dual, kl, entropy, adv, mask, o), mask.sum())
 
 
 def prepare(lead, old_logprobs, advantages, mask, ref_logprobs, entropy, sampling_logprobs, opts,

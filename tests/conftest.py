@@ -1,6 +1,7 @@
 """Test set-up: the Triton kernels run under the interpreter on CPU-only machines, and the
 ``backend`` fixture runs a kernel test once per implementation (``MEDIX_TEST_BACKENDS`` narrows it;
-``cpp`` joins by default when the C++ ops build here)."""
+``cpp`` joins by default when the C++ ops build here). Tests marked ``cuda`` need a CUDA GPU and
+are skipped without one; ``pytest -m cuda`` selects them (``python -m bench --gpu-check`` runs them)."""
 import os
 
 import torch
@@ -20,3 +21,16 @@ def backend(request):
     """Force one kernel implementation for the duration of a test."""
     with force_backend(request.param):
         yield request.param
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one; python -m bench --gpu-check runs them)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)

@@ -139,3 +139,48 @@ def test_bad_shapes():
         fused_linear_policy_loss(hidden, weight, targets[:, :4], mask, adv)
     with pytest.raises(ValueError, match="loss_type must be one of"):
         fused_linear_policy_loss(hidden, weight, targets, mask, adv, loss_type="nope")
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("no_grad", [False, True], ids=["one_pass", "no_grad"])
+def test_under_cpu_autocast(backend, level, no_grad):
+    """bf16 autocast around fp32 inputs (the DDP set-up of train.py): no dtype error, an fp32 loss
+    and fp32 gradients within the bf16 tolerance of the fp64 reference."""
+    hidden, weight, targets, mask, adv, old, ref = _batch(3, 7, 33, 1001, torch.float32, seed=4)
+    opts = dict(loss_type="dapo", importance_sampling_level=level, clip_ratio_c=3.0, beta=0.02, entropy_coef=0.01)
+    want = _reference(hidden, weight, targets, mask, adv, old, ref, 0.9, opts)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(not no_grad):
+        loss, metrics = fused_linear_policy_loss(hidden, weight, targets, mask, adv, old, ref, temperature=0.9,
+                                                 chunk_size=8, **opts)
+    assert loss.dtype == torch.float32 and all(v.dtype == torch.float32 for v in metrics.values())
+    got = [loss] if no_grad else [loss, *torch.autograd.grad(loss, (hidden, weight))]
+    for x, y in zip(got, want):
+        assert x.dtype == torch.float32
+        assert (x.double() - y).abs().max() <= 2e-2 * y.abs().max() + 1e-4
+
+
+@pytest.mark.parametrize("level", ["token", "sequence_token"])
+def test_one_pass_makes_loss_and_metrics_together(backend, level, monkeypatch):
+    """With gradients the loss and its metrics come from the one pass over the chunks (no second
+    policy_loss over the batch); the metrics are the fp64 reference's masked token means."""
+    import medix_fast.kernels.fused_policy_loss as fpl
+
+    monkeypatch.setattr(fpl, "policy_loss", lambda *a, **k: pytest.fail("policy_loss ran a second pass"))
+    hidden, weight, targets, mask, adv, old, ref = _batch(3, 7, 33, 1001, torch.float32, seed=12)
+    old = old + 0.8 * torch.randn(old.shape, generator=torch.Generator().manual_seed(1))  # some clipped
+    opts = dict(loss_type="bnpo", importance_sampling_level=level, clip_ratio_c=1.5, beta=0.1)
+    _, metrics = fused_linear_policy_loss(hidden, weight, targets, mask, adv, old, ref, chunk_size=7, **opts)
+    lp, ent = logprobs_entropy(hidden.detach(), weight.detach(), targets)
+    log_w = lp - old.double()
+    if level != "token":
+        log_w = ((log_w * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)).expand_as(lp)
+    ratio, a = log_w.exp(), adv.double()[:, None].expand_as(lp)
+    d = ref.double() - lp
+    want = {"ratio_mean": ratio, "clip_low": ((ratio < 0.8) & (a < 0)).double(),
+            "clip_high": ((ratio > 1.2) & (a > 0)).double(),
+            "clip_dual": ((a < 0) & (-a * torch.clamp(ratio, 0.8, 1.2).maximum(ratio) > -a * 1.5)).double(),
+            "kl": d.exp() - d - 1, "entropy": ent}
+    for key, value in want.items():
+        expected = (value * mask).sum() / mask.sum()
+        assert abs(metrics[key].item() - expected.item()) <= 1e-5 + 1e-4 * abs(expected.item()), key
+    assert metrics["clip_low"] + metrics["clip_high"] > 0 and metrics["clip_dual"] > 0

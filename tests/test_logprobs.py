@@ -181,13 +181,30 @@ def test_properties(n, hidden, vocab, seed, temperature):
     (lambda h, w, t: (h, w[:, :-1], t), "disagree"),
     (lambda h, w, t: (h, w, t[:, :-1]), "targets must have shape"),
     (lambda h, w, t: (h, w, t.float()), "integer"),
-    (lambda h, w, t: (h, w, t + 100), r"\[0, V=100\).*found"),
-    (lambda h, w, t: (h, w, t - 100), r"\[0, V=100\)"),
 ])
 def test_bad_input(make, match):
     h, w, _, t = _inputs((2, 3), 8, 100, torch.float32, bias=False)
     with pytest.raises(ValueError, match=match):
         fused_linear_logprobs(*make(h, w, t))
+
+
+@pytest.mark.parametrize("shift,match", [(100, r"\[0, V=100\), found 1\d\d at \(0, 0\)"), (-100, r"\[0, V=100\)")])
+def test_target_range_checked_in_debug_mode(monkeypatch, shift, match):
+    """The value check reads the targets on the host (a sync): only with MEDIX_FAST_DEBUG=1."""
+    monkeypatch.setenv("MEDIX_FAST_DEBUG", "1")
+    h, w, _, t = _inputs((2, 3), 8, 100, torch.float32, bias=False)
+    with pytest.raises(ValueError, match=match):
+        fused_linear_logprobs(h, w, t + shift)
+
+
+def test_target_out_of_range_without_debug_is_nan_on_triton(monkeypatch):
+    """Without the check the Triton kernels read nothing out of bounds: that token's log-prob is NaN."""
+    monkeypatch.delenv("MEDIX_FAST_DEBUG", raising=False)
+    h, w, _, t = _inputs((2, 3), 8, 100, torch.float32, bias=False)
+    t[0, 1] = 100
+    with force_backend("triton"), torch.no_grad():
+        lp = fused_linear_logprobs(h, w, t)
+    assert torch.isnan(lp[0, 1]) and torch.isfinite(lp.flatten()[[0, 2, 3, 4, 5]]).all()
 
 
 def test_bad_bias_and_temperature():
@@ -196,3 +213,127 @@ def test_bad_bias_and_temperature():
         fused_linear_logprobs(h, w, t, bias=torch.zeros(9))
     with pytest.raises(ValueError, match="temperature"):
         fused_linear_logprobs(h, w, t, temperature=0.0)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_autocast_computes_in_bf16_and_returns_input_dtypes(backend, bias):
+    """Under torch.autocast (fp32 master weights, as DDP trains) the head computes in autocast's
+    bf16, like the GEMM it replaces: the values equal a bf16 call's, the gradients come back fp32
+    (dW accumulated in fp32) within the bf16 tolerance of the fp64 reference."""
+    h, w, b, t = _inputs((3, 7), 33, 1001, torch.float32, bias=bias, seed=6)
+    g_lp, g_ent = torch.randn(3, 7), torch.randn(3, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = _run(h, w, b, t, 0.8, g_lp, g_ent, chunk_size=5)
+    low = [x.detach().bfloat16().requires_grad_() if x is not None else None for x in (h, w, b)]
+    as_bf16 = _run(*low, t, 0.8, g_lp, g_ent, chunk_size=5)
+    ref = _reference(h, w, b, t, 0.8, g_lp, g_ent)
+    yardstick = _torch_bf16(*low, t, 0.8, g_lp, g_ent)
+    names = ["logp", "entropy", "d_hidden", "d_weight", "d_bias"]
+    for name, x, y, z, low_run in zip(names, ours, ref, yardstick, as_bf16):
+        assert x.dtype == torch.float32, name
+        assert _max_err(x, y) <= 2 * _max_err(z, y) + 1e-6, name
+        if name in ("logp", "entropy"):
+            torch.testing.assert_close(x, low_run, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- GPU configuration
+from medix_fast.kernels import logits_rows, logprobs  # noqa: E402
+from medix_fast.kernels.logprobs import GPU_TILES, HeadGrads, Tiles, dot_precision, launch_shape  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_tiles_under_the_interpreter(monkeypatch, dtype):
+    """The tiles and row-kernel block the GPU runs, at odd sizes (every mask in play: several row
+    blocks and vocabulary splits, a partial row block, k-step and vocabulary tile, 2 row-kernel tiles)."""
+    monkeypatch.setattr(logprobs, "tiles", lambda dt, vocab: GPU_TILES[dt])
+    monkeypatch.setattr(logits_rows, "_block_v", logits_rows.gpu_block_v)
+    monkeypatch.setattr(logprobs, "sm_count", lambda device: 4)
+    splits, _, row_blocks = launch_shape(201, 4133, GPU_TILES[dtype], 4)
+    assert splits > 1 and row_blocks > 1
+    h, w, b, t = _inputs((3, 67), 70, 4133, dtype, bias=True, seed=7)
+    t[0, 0] = 4132
+    g_lp, g_ent = torch.randn(3, 67), torch.randn(3, 67)
+    with force_backend("triton"):
+        ours = _run(h, w, b, t, 0.9, g_lp, g_ent, chunk_size=150)
+    ref = _reference(h, w, b, t, 0.9, g_lp, g_ent)
+    if dtype == torch.float32:
+        for name, x, y in zip(["logp", "entropy", "d_hidden", "d_weight", "d_bias"], ours, ref):
+            _assert_fp32_close(x, y, name)
+    else:
+        yardstick = _torch_bf16(h, w, b, t, 0.9, g_lp, g_ent)
+        for name, x, y, z in zip(["logp", "entropy", "d_hidden", "d_weight", "d_bias"], ours, ref, yardstick):
+            assert _max_err(x, y) <= 2 * _max_err(z, y) + 1e-6, name
+
+
+def test_launch_shape_at_the_target_shape():
+    """N=16,384, H=4,096, V=151,936 bf16 on an H200 (132 SMs): 128 row blocks, the vocabulary in 3
+    splits so every SM gets about 2 programs; splits are whole tiles and cover V."""
+    splits, per_split, row_blocks = launch_shape(16_384, 151_936, GPU_TILES[torch.bfloat16], 132)
+    assert (splits, row_blocks) == (3, 128)
+    assert per_split % 128 == 0 and (splits - 1) * per_split < 151_936 <= splits * per_split
+    assert launch_shape(200_000, 151_936, GPU_TILES[torch.bfloat16], 132)[0] == 1  # tokens alone fill it
+
+
+def test_forward_grid_puts_the_vocabulary_split_on_the_fast_axis(monkeypatch):
+    """Grid (splits, row blocks): programs launched together share rows of h (read from L2)."""
+    monkeypatch.setattr(logprobs, "sm_count", lambda device: 8)
+    grids = []
+    kernel = logprobs._forward_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(logprobs, "_forward_kernel", Recorder())
+    h, w, _, t = _inputs((40,), 24, 1001, torch.float32, bias=False, seed=9)
+    with force_backend("triton"), torch.no_grad():
+        lp = fused_linear_logprobs(h, w, t)
+    splits, _, row_blocks = launch_shape(40, 1001, logprobs.tiles(torch.float32, 1001), 8)
+    assert grids == [(splits, row_blocks)] and splits > 1 and row_blocks > 1 and splits != row_blocks
+    torch.testing.assert_close(lp.double(), logprobs_entropy(h.detach(), w.detach(), t)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_fp32_takes_tf32_unless_ieee_is_asked(monkeypatch):
+    monkeypatch.setattr(logprobs, "interpreting", lambda: False)
+    assert dot_precision(torch.float32, "tf32") == "tf32"
+    assert dot_precision(torch.float32, "ieee") == "ieee"
+    assert dot_precision(torch.bfloat16, "ieee") == "tf32"  # bf16 operands: the option does not apply
+    monkeypatch.setattr(logprobs, "interpreting", lambda: True)
+    assert dot_precision(torch.float32, "tf32") == "ieee"  # the interpreter stays exact
+    h, w, _, t = _inputs((2,), 8, 10, torch.float32, bias=False)
+    with pytest.raises(ValueError, match="fp32_precision"):
+        fused_linear_logprobs(h, w, t, fp32_precision="fp16")
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])  # meta: the CUDA branch's calls, without a GPU
+@pytest.mark.parametrize("dz_dtype", [torch.float32, torch.bfloat16])
+def test_dw_accumulates_in_fp32_with_no_vocab_by_hidden_temporary(device, dz_dtype):
+    """dW (V, H) fp32 is the only (V, H) tensor a chunk touches: no bf16 product, no fp32 copy."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    vocab, hidden, c = 37, 11, 5
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(c, hidden, generator=g).bfloat16()
+    w = torch.randn(vocab, hidden, generator=g).bfloat16()
+    dz = torch.randn(c, vocab, generator=g).to(dz_dtype)
+    h, w, dz = h.to(device), w.to(device), dz.to(device)
+    grads = HeadGrads(h, w, (True, True, True))
+    outputs = []
+
+    class Outputs(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            outputs.extend((func, o) for o in (out if isinstance(out, (tuple, list)) else [out]))
+            return out
+
+    with Outputs():
+        grads.add(dz, h, w, slice(0, c))
+    big = [(func, tuple(o.shape), o.dtype) for func, o in outputs
+           if isinstance(o, torch.Tensor) and o.numel() == vocab * hidden and o is not grads.dw]
+    assert not big, big
+    assert grads.dw.dtype == torch.float32 and grads.db.dtype == torch.float32
+    if device == "cpu":
+        torch.testing.assert_close(grads.dw.double(), dz.double().t() @ h.double(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(grads.dh.double(), (dz.to(w.dtype).double() @ w.double()).bfloat16().double())
+        torch.testing.assert_close(grads.db.double(), dz.double().sum(0), rtol=1e-6, atol=1e-6)

@@ -60,8 +60,10 @@ __device__ T block_reduce(const T& x, Op op) {
 
 __device__ float block_sum(float x) { return block_reduce(x, SumOp()); }
 
-__global__ void sample_kernel(const float* logits, const float* uniform, int64_t V, float temperature, int64_t top_k,
-                              float top_p, int64_t* tokens, float* logprobs) {
+// 1,024 threads need <= 64 registers each on every arch: the bound makes ptxas hold to it.
+__global__ void __launch_bounds__(kThreads)
+    sample_kernel(const float* logits, const float* uniform, int64_t V, float temperature, int64_t top_k, float top_p,
+                  int64_t* tokens, float* logprobs) {
   const float* x = logits + blockIdx.x * V;
   const float div = temperature == 0.f ? 1.f : temperature;  // greedy: log_softmax(logits)
 

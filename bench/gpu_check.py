@@ -1,0 +1,380 @@
+"""``python -m bench --gpu-check``: the one prepared check of the CUDA paths, about 8 minutes on one H200.
+
+    python -m bench --gpu-check              # on a GPU -> bench/results/gpu/check.{md,csv}, one log per part
+    python -m bench --gpu-check --dry-run    # the same plumbing at tiny shapes (what a CPU runs)
+
+Parts, each in a fresh process with its own time limit out of the total budget (``--budget-s``,
+default 480 s; time a part leaves unused goes to the next), so a crash, hang or out-of-memory
+stops only that part:
+  tests    ``pytest -m cuda tests`` (tests/test_cuda.py and any other test marked ``cuda``): every
+           Triton kernel at its GPU tiles against fp64 in bf16 and fp32 (tf32 and ieee), CUDA
+           autocast, no host sync, offsets past 2^31, the CUDA ``sample_tokens`` op, a
+           one-process NCCL group's all_reduce of a device tensor
+  lm_head  ``fused_linear_policy_loss`` (grpo, ``valid_lengths`` given) and ``fused_linear_logprobs``
+           forward + backward at N=16,384, H=4,096, V=151,936 bf16: time, TFLOP/s of 6·N·H·V
+           (and of what runs, recompute included), % of 790 TFLOP/s (PyTorch's bf16 GEMM on the
+           H200 this is run on), peak memory; against naive PyTorch, torch.compile of it,
+           Liger's chunked GRPO loss and fused linear cross entropy, cut-cross-entropy (each when
+           importable; bench/baselines.py). torch.compile runs last: its compile is the slowest.
+  decode   generation throughput of the sampler (``medix_fast.generate.Sampler``, called through
+           bench/bench_sampler.py) on a random model of Qwen3-1.7B's shape in bf16, batch 1, 64
+           and 256 (groups of 8 past batch 1), 128-token prompts, 64 new tokens, against HF
+           ``generate``: tokens/s, and % of 4.8 TB/s from the bytes a decode step must read
+           (every weight once, plus each row's K/V)
+  train    3 steps of ``python -m medix_fast.train`` on a random Qwen3-0.6B-shaped model in bf16
+           with ``distributed.strategy=fsdp`` on one GPU (the embedded tiny model's tokenizer,
+           whose ids fit the model's vocabulary): step time by phase, peak memory
+``--dry-run`` (the default without CUDA): the same parts at tiny shapes, compiled baselines
+skipped, results to a temporary folder unless ``--out``; tests/test_gpu_check.py runs it.
+The child side is ``python -m bench.gpu_check --part NAME --rows FILE [--dry-run] [--deadline T]``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_OUT = os.path.join(ROOT, "bench", "results", "gpu")
+PARTS = {"tests": 170.0, "lm_head": 160.0, "decode": 75.0, "train": 75.0}  # share of the budget, s
+GEMM_PEAK_TFLOPS = 790.0  # bf16 GEMM 8192^3 through PyTorch on the H200 this check targets
+HBM_TBPS = 4.8
+SUBJECT = "medix_fast"
+QWEN3_1_7B = dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                  num_key_value_heads=8, head_dim=128, vocab_size=151_936)
+QWEN3_0_6B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                  num_key_value_heads=8, head_dim=128, vocab_size=151_936)
+TINY_QWEN3 = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=16, vocab_size=4096)
+
+
+@dataclasses.dataclass
+class Row:
+    part: str
+    case: str
+    impl: str = SUBJECT
+    shape: str = ""
+    status: str = "ok"  # ok | skipped: why | failed: why
+    ms: float = math.nan
+    tflops: float = math.nan  # of the model FLOPs (6·N·H·V)
+    tflops_run: float = math.nan  # of the FLOPs executed (recompute included)
+    pct_790: float = math.nan
+    tok_s: float = math.nan
+    gbps: float = math.nan
+    pct_hbm: float = math.nan
+    peak_gb: float = math.nan
+    note: str = ""
+
+
+# ----------------------------------------------------------------------------- parts (child side)
+def _device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def part_tests(dry: bool, deadline: float, emit) -> None:
+    """``pytest -m cuda``: one row per test (its outcome), from pytest's JUnit XML."""
+    xml = os.path.join(tempfile.mkdtemp(prefix="medix_gpu_check_"), "pytest.xml")
+    target = os.path.join("tests", "test_cuda.py") if dry else "tests"  # dry: only the collection that matters
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", target, "-p", "no:cacheprovider", f"--junitxml={xml}"]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, timeout=max(1.0, deadline - time.time()), text=True)
+        ending = f"pytest exit {proc.returncode}"
+    except subprocess.TimeoutExpired:
+        ending = "pytest stopped at the part's time limit"
+    if not os.path.exists(xml):
+        emit(Row("tests", "pytest -m cuda", impl="pytest", status=f"failed: {ending}, no report"))
+        return
+    for case in ET.parse(xml).getroot().iter("testcase"):
+        outcome = next(iter(case), None)
+        status = "ok" if outcome is None else (
+            f"skipped: {outcome.get('message', '')}" if outcome.tag == "skipped"
+            else f"failed: {' '.join((outcome.get('message') or '').split())[:200]}")
+        emit(Row("tests", case.get("name", "?"), impl="pytest", shape=case.get("classname", ""), status=status,
+                 ms=float(case.get("time", "nan")) * 1e3))
+
+
+def part_lm_head(dry: bool, deadline: float, emit) -> None:
+    from bench.bench_kernels import logprob_cases, loss_cases
+    from bench.case import run_group
+    from bench.timing import SMOKE_BUDGET, Budget
+
+    device = _device()
+    n, h, v = (64, 32, 1000) if dry else (16_384, 4096, 151_936)
+    shapes = [(n, h, v, "")]
+    cases = loss_cases(dry, device, variants=[("grpo", False, shapes)]) + logprob_cases(dry, device, shapes, (True,))
+    cases.sort(key=lambda c: c.impl == "torch.compile")  # the slowest to build, last
+    for case in cases:
+        if time.time() > deadline - (60 if case.impl == "torch.compile" else 15):
+            emit(Row("lm_head", f"{case.bench} {case.case}", case.impl, case.shape, status="skipped: time budget"))
+            continue
+        r = run_group([case], device, SMOKE_BUDGET if dry else Budget())[0]
+        # medix_fast's log-prob backward recomputes the logits (8·N·H·V); everything else runs what it counts
+        ran = 8 / 6 if (case.impl == SUBJECT and case.bench == "logprobs") else 1.0
+        emit(Row("lm_head", f"{r.bench} {r.case}", r.impl, r.shape, r.status, r.median_ms, r.tflops,
+                 r.tflops * ran if r.impl == SUBJECT else math.nan, 100 * r.tflops / GEMM_PEAK_TFLOPS,
+                 peak_gb=r.peak_mb / 1024, note=r.note))
+
+
+def _timed(fn, device: torch.device, reps: int) -> tuple[float, float]:
+    """(median ms of ``reps`` calls after one warm-up, peak GB of the last call over what was allocated)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    peak = (torch.cuda.max_memory_allocated() - before) / 2**30 if device.type == "cuda" else math.nan
+    return statistics.median(times), peak
+
+
+def part_decode(dry: bool, deadline: float, emit) -> None:
+    from bench.bench_sampler import hf_generate, medix_generate, random_model, random_prompts
+
+    device = _device()
+    fields = TINY_QWEN3 if dry else QWEN3_1_7B
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    prompt_len, new = (8, 8) if dry else (128, 64)
+    layouts = [(1, 1), (2, 2)] if dry else [(1, 1), (8, 8), (32, 8)]  # (prompts, G): batch 1, 64, 256
+    model = random_model(fields, device, dtype, arch="qwen3")
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied head counted once
+    kv_per_token = (2 * fields["num_hidden_layers"] * fields["num_key_value_heads"] * fields["head_dim"]
+                    * torch.finfo(dtype).bits // 8)
+    name = "tiny Qwen3" if dry else "Qwen3-1.7B shape"
+    for prompts_n, g in layouts:
+        batch = prompts_n * g
+        prompts = random_prompts(prompts_n, fields["vocab_size"], prompt_len, prompt_len)
+        step_bytes = weight_bytes + batch * (prompt_len + new / 2) * kv_per_token  # a mean decode step's reads
+        shape = f"{name} {str(dtype)[6:]}, {prompts_n} prompts x G={g}, {prompt_len} + {new} tokens"
+        for impl, make in ((SUBJECT, medix_generate), ("hf generate", hf_generate)):
+            if time.time() > deadline - 10:
+                emit(Row("decode", f"batch {batch}", impl, shape, status="skipped: time budget"))
+                continue
+            try:
+                ms, peak = _timed(make(model, prompts, g, new), device, reps=1 if dry else 2)
+            except Exception as exc:  # a row, not the end of the part
+                emit(Row("decode", f"batch {batch}", impl, shape, status=f"failed: {type(exc).__name__}: {exc}"[:200]))
+                continue
+            gbps = step_bytes * new / (ms / 1e3) / 1e9
+            emit(Row("decode", f"batch {batch}", impl, shape, ms=ms, tok_s=batch * new / (ms / 1e3), gbps=gbps,
+                     pct_hbm=100 * gbps / (HBM_TBPS * 1e3) if device.type == "cuda" else math.nan, peak_gb=peak,
+                     note="time includes the prefill; bytes: weights + K/V per decode step"))
+
+
+def part_train(dry: bool, deadline: float, emit) -> None:
+    from bench.bench_sampler import random_model
+    from medix_fast.demo.tiny import TinyConfig, build_tokenizer, read_train_rows
+
+    device = _device()
+    work = tempfile.mkdtemp(prefix="medix_gpu_check_train_")
+    tokenizer = build_tokenizer(read_train_rows(), TinyConfig().vocab_size)  # the embedded tiny model's
+    fields = TINY_QWEN3 if dry else QWEN3_0_6B
+    if len(tokenizer) > fields["vocab_size"]:
+        raise ValueError(f"tokenizer ids ({len(tokenizer)}) do not fit the model's vocabulary")
+    model = random_model(fields, device, torch.bfloat16, arch="qwen3")
+    model.config.eos_token_id = model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
+    params = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(os.path.join(work, "model"))
+    tokenizer.save_pretrained(os.path.join(work, "model"))
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    w = dict(prompts=2, mini=2, group=2, new=8) if dry else dict(prompts=16, mini=8, group=8, new=256)
+    overrides = [
+        f"model.path={work}/model", f"model.dtype={'float32' if dry else 'bfloat16'}", f"train.device={device.type}",
+        "distributed.strategy=fsdp", "train.steps=3", f"train.prompts_per_step={w['prompts']}",
+        f"train.mini_batch_prompts={w['mini']}", f"sampling.group_size={w['group']}",
+        f"sampling.max_new_tokens={w['new']}", "sampling.temperature=1.0", "algorithm.dynamic_sampling=false",
+        "data.max_prompt_length=1024", "eval.every=0", "checkpoint.every=0", "checkpoint.save_optimizer=false",
+        "logging.tensorboard=false", "logging.plot=false", "logging.progress=false", f"train.output_dir={work}/run"]
+    shape = (f"random Qwen3 {params / 1e6:,.3g}M {'fp32' if dry else 'bf16'} fsdp, {w['prompts']} prompts x "
+             f"G={w['group']}, <= {w['new']} new")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    try:
+        code = subprocess.run([sys.executable, "-m", "medix_fast.train", *overrides], cwd=work, env=env,
+                              timeout=max(1.0, deadline - time.time())).returncode
+    except subprocess.TimeoutExpired:
+        code = "stopped at the part's time limit"
+    steps = []
+    metrics = os.path.join(work, "run", "metrics.jsonl")
+    if os.path.exists(metrics):
+        with open(metrics) as f:
+            steps = [json.loads(line) for line in f if line.strip()]
+    for m in steps:
+        emit(Row("train", f"step {m['step']}", shape=shape, ms=1e3 * m["time/step_s"], peak_gb=m["memory/peak_gib"],
+                 note=f"rollout {m['time/rollout_s']:.2f} s, update {m['time/update_s']:.2f} s, "
+                      f"{m.get('throughput/train_tokens_per_s', math.nan):,.0f} train tok/s"))
+    status = "ok" if code == 0 and len(steps) == 3 else f"failed: exit {code}, {len(steps)} steps"
+    emit(Row("train", "3 steps", shape=shape, status=status))
+
+
+PART_FUNCS = {"tests": part_tests, "lm_head": part_lm_head, "decode": part_decode, "train": part_train}
+
+
+def _child(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.gpu_check")
+    p.add_argument("--part", choices=PART_FUNCS, required=True)
+    p.add_argument("--rows", required=True, help="JSON file the rows are written to, after each one")
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--deadline", type=float, default=math.inf, help="wall-clock time (epoch s) to stop by")
+    args = p.parse_args(argv)
+    rows: list[dict] = []
+
+    def emit(row: Row) -> None:
+        rows.append(dataclasses.asdict(row))
+        print(f"[gpu-check] {row.part} {row.case} {row.impl}: {row.status} {row.ms:,.1f} ms", flush=True)
+        with open(args.rows + ".tmp", "w") as f:
+            json.dump(rows, f)
+        os.replace(args.rows + ".tmp", args.rows)  # a crash later keeps the rows so far
+
+    PART_FUNCS[args.part](args.dry_run, args.deadline, emit)
+    return 0
+
+
+# ----------------------------------------------------------------------------- the parent
+def run_part(name: str, dry: bool, limit_s: float, out: str) -> list[Row]:
+    """Run part ``name`` in a fresh process for at most ``limit_s``; its rows, plus one saying how
+    it ended when it did not end well. Its output goes to ``out/<name>.log``."""
+    rows_path = os.path.join(out, f".{name}.json")
+    if os.path.exists(rows_path):
+        os.remove(rows_path)
+    cmd = [sys.executable, "-m", "bench.gpu_check", "--part", name, "--rows", rows_path,
+           "--deadline", str(time.time() + limit_s - 5)] + (["--dry-run"] if dry else [])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    with open(os.path.join(out, f"{name}.log"), "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = proc.wait(timeout=limit_s)
+            ending = None if code == 0 else f"failed: exit {code} (see {name}.log)"
+        except subprocess.TimeoutExpired:
+            ending = f"failed: over its {limit_s:.0f} s limit (see {name}.log)"
+        finally:  # the part and whatever it started (pytest, the trainer): nothing outlives its limit
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    rows = []
+    if os.path.exists(rows_path):
+        with open(rows_path) as f:
+            rows = [Row(**r) for r in json.load(f)]
+        os.remove(rows_path)
+    if ending or not rows:
+        rows.append(Row(name, "part", impl="", status=ending or "failed: no result"))
+    return rows
+
+
+def _driver() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "no nvidia-smi"
+
+
+def header(dry: bool, command: str, budget_s: float) -> dict[str, str]:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    cuda = torch.cuda.is_available()
+    return {
+        "command": command,
+        "mode": "dry run (tiny shapes: plumbing only, no figure)" if dry else "GPU check",
+        "device": torch.cuda.get_device_name() if cuda else f"CPU: {platform.processor() or platform.machine()}",
+        "torch": torch.__version__, "CUDA": str(torch.version.cuda), "triton": triton_version,
+        "driver": _driver() if cuda else "none", "python": platform.python_version(),
+        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "budget": f"{budget_s:.0f} s",
+    }
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else (f"{value:,.1f}" if abs(value) >= 10 else f"{value:,.3g}")
+    return str(value).replace("|", "/")
+
+
+def write_report(out: str, rows: list[Row], meta: dict[str, str]) -> tuple[str, str]:
+    """``out/check.csv`` (header comments, then one line per row) and ``out/check.md`` (a table per part)."""
+    fields = [f.name for f in dataclasses.fields(Row)]
+    csv_path, md_path = os.path.join(out, "check.csv"), os.path.join(out, "check.md")
+    with open(csv_path, "w", newline="") as f:
+        f.writelines(f"# {k}: {v}\n" for k, v in meta.items())
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(dataclasses.asdict(r) for r in rows)
+    lines = ["# GPU check", ""] + [f"**{k}**: `{v}`  " if k == "command" else f"**{k}**: {v}  " for k, v in meta.items()]
+    lines += ["", "_ms: median after warm-up (lm_head: triton.testing.do_bench); TFLOP/s of 6·N·H·V, "
+              "TFLOP/s run: recompute included; % of 790 TFLOP/s (bf16 GEMM through PyTorch on the H200); "
+              "% HBM of 4.8 TB/s; peak GB over the inputs_", ""]
+    for part in dict.fromkeys(r.part for r in rows):
+        section = [r for r in rows if r.part == part]
+        cols = [c for c in fields[1:] if any(_cell(getattr(r, c)) for r in section)]
+        lines += [f"## {part}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(_cell(getattr(r, c)) for c in cols) + " |" for r in section] + [""]
+    with open(md_path, "w") as f:
+        f.write("\n".join(lines))
+    return csv_path, md_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench --gpu-check", description=__doc__.splitlines()[0])
+    p.add_argument("--gpu-check", action="store_true", help=argparse.SUPPRESS)  # when called through bench/run.py
+    p.add_argument("--dry-run", action="store_true", help="tiny shapes (the default without CUDA)")
+    p.add_argument("--out", default=None, help=f"output folder (default {os.path.relpath(DEFAULT_OUT, ROOT)}; "
+                                               "a dry run: a temporary folder)")
+    p.add_argument("--budget-s", type=float, default=sum(PARTS.values()), help="total wall-clock budget")
+    p.add_argument("--parts", nargs="+", default=list(PARTS), help=f"a subset of {list(PARTS)}")
+    args = p.parse_args(argv)
+    dry = args.dry_run or not torch.cuda.is_available()
+    out = args.out or (tempfile.mkdtemp(prefix="medix_gpu_check_dry_") if dry else DEFAULT_OUT)
+    os.makedirs(out, exist_ok=True)
+    command = "python -m bench --gpu-check " + " ".join(a for a in (argv if argv is not None else sys.argv[1:])
+                                                         if a != "--gpu-check")
+    meta = header(dry, command.strip(), args.budget_s)
+    start = time.monotonic()
+    rows: list[Row] = []
+    for i, name in enumerate(args.parts):
+        later = sum(PARTS.get(n, 0.0) for n in args.parts[i + 1:]) * args.budget_s / sum(PARTS.values())
+        limit = args.budget_s - (time.monotonic() - start) - later  # its share plus what earlier parts left
+        if limit < 5:
+            rows.append(Row(name, "part", impl="", status="skipped: total budget spent"))
+            continue
+        print(f"[gpu-check] {name}: up to {limit:.0f} s", flush=True)
+        t0 = time.monotonic()
+        rows += run_part(name, dry, limit, out)
+        meta[f"{name} part"] = f"{time.monotonic() - t0:.0f} s"
+    meta["total"] = f"{time.monotonic() - start:.0f} s"
+    csv_path, md_path = write_report(out, rows, meta)
+    with open(os.path.join(out, "command.txt"), "w") as f:
+        f.write(meta["command"] + "\n")
+    print(open(md_path).read())
+    print(f"[gpu-check] wrote {md_path} and {csv_path}", flush=True)
+    broken = [r for r in rows if r.status.startswith("failed") and r.impl in (SUBJECT, "pytest", "")]
+    return 1 if broken else 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child(sys.argv[1:]))

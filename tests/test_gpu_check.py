@@ -1,0 +1,72 @@
+"""``python -m bench --gpu-check`` in its dry mode (tiny shapes, the CPU): every part runs in its own
+process and lands in the report with the header a reader of GPU figures needs; a part that fails,
+overruns or finds the budget spent is a row, not the end of the check. About 30 s of 2 cores."""
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PARTS = ("tests", "lm_head", "decode", "train")
+
+
+@pytest.fixture
+def gpu_check(monkeypatch):
+    monkeypatch.syspath_prepend(ROOT)  # bench/ is not installed: it runs from the repository root
+    from bench import gpu_check
+
+    return gpu_check
+
+
+def _report(out):
+    with open(os.path.join(out, "check.csv")) as f:
+        lines = f.read().splitlines()
+    meta = dict(line[2:].split(": ", 1) for line in lines if line.startswith("# "))
+    return meta, list(csv.DictReader(line for line in lines if not line.startswith("#")))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups")
+def test_dry_run_exercises_every_part(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MEDIX_FAST_BACKEND")}
+    proc = subprocess.run([sys.executable, "-m", "bench", "--gpu-check", "--dry-run", "--out", str(tmp_path)],
+                          cwd=ROOT, env=dict(env, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    meta, rows = _report(tmp_path)
+    assert {"command", "device", "torch", "CUDA", "triton", "driver", "date"} <= set(meta)
+    assert meta["command"].startswith("python -m bench --gpu-check") and "dry run" in meta["mode"]
+    assert (tmp_path / "check.md").read_text().count("## ") == 4
+    assert (tmp_path / "command.txt").exists() and all((tmp_path / f"{p}.log").exists() for p in PARTS)
+    by_part = {p: [r for r in rows if r["part"] == p] for p in PARTS}
+    tests = by_part["tests"]
+    assert len(tests) >= 10 and all(r["status"].startswith("skipped") for r in tests)  # no GPU here
+    ran = {(r["case"], r["impl"]) for r in by_part["lm_head"] if r["status"] == "ok"}
+    assert {("policy_loss grpo fwd+bwd", "medix_fast"), ("logprobs fwd+bwd", "medix_fast"),
+            ("policy_loss grpo fwd+bwd", "naive"), ("logprobs fwd+bwd", "naive")} <= ran
+    decode = [r for r in by_part["decode"] if r["status"] == "ok"]
+    assert {r["impl"] for r in decode} == {"medix_fast", "hf generate"} and len(decode) == 4
+    assert all(float(r["tok_s"]) > 0 and float(r["gbps"]) > 0 for r in decode)
+    train = by_part["train"]
+    assert [r["case"] for r in train] == ["step 1", "step 2", "step 3", "3 steps"], train
+    assert all(r["status"] == "ok" for r in train) and "rollout" in train[0]["note"]
+
+
+def test_spent_budget_skips_parts(gpu_check, tmp_path):
+    assert gpu_check.main(["--dry-run", "--out", str(tmp_path), "--budget-s", "1"]) == 0
+    _, rows = _report(tmp_path)
+    assert [(r["part"], r["status"]) for r in rows] == [(p, "skipped: total budget spent") for p in PARTS]
+
+
+def test_a_failing_part_is_a_row(gpu_check, tmp_path):
+    rows = gpu_check.run_part("no_such_part", True, 120, str(tmp_path))
+    assert len(rows) == 1 and rows[0].status.startswith("failed: exit 2"), rows
+    assert "invalid choice" in (tmp_path / "no_such_part.log").read_text()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups")
+def test_a_part_past_its_limit_is_stopped_with_its_children(gpu_check, tmp_path):
+    rows = gpu_check.run_part("train", True, 3, str(tmp_path))
+    assert rows[-1].status.startswith("failed: over its 3 s limit"), rows
+    leftover = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True)  # its command names tmp_path
+    assert leftover.returncode == 1, leftover.stdout  # nothing of the part survives it
