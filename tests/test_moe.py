@@ -63,6 +63,17 @@ def updater_for(objective, model, info=D.DistInfo(), wrapped=None, micro_batch_t
                    SamplingConfig(group_size=G, max_new_tokens=8), info, pad_id=0, grad_clip=0.0)
 
 
+def grads_at_step(updater, model) -> dict:
+    """Filled with every parameter's gradient (None if it has none) when the optimizer steps (the
+    Updater frees the gradients when it ends)."""
+    seen = {}
+
+    def snapshot(optimizer, args, kwargs):
+        seen.update({n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()})
+    updater.optimizer.register_step_pre_hook(snapshot)
+    return seen
+
+
 @pytest.fixture(scope="module")
 def vl():
     torch.set_num_threads(1)
@@ -150,7 +161,7 @@ def test_sampler_greedy_matches_generate_text_moe():
     """The text-only Qwen3-MoE, eager experts: the sampler's greedy rows equal generate's."""
     model, tokenizer = load_model("tiny-moe", experts_implementation="eager")
     prompts = build_prompts(load_examples(["sample:test"], DataConfig())[:3], tokenizer, 4096)[0]
-    out = Sampler(model, max_batch_size=6, max_seq_len=512).generate(
+    out = Sampler(model).generate(
         [p.ids for p in prompts], n=2, max_new_tokens=10, temperature=0.0, stop_token_ids=[])
     for i, p in enumerate(prompts):
         x = torch.tensor([p.ids])
@@ -166,7 +177,7 @@ def test_sampler_greedy_matches_generate_with_images(vl):
     text_only = build_prompts(load_examples(["sample:test"], DataConfig())[:1], tokenizer, 4096, vision)[0]
     ids = [p.ids for p in prompts] + [text_only[0].ids]
     pix = [vision.encode([load_image(p.image)]) for p in prompts] + [None]
-    out = Sampler(model, max_batch_size=6, max_seq_len=512).generate(
+    out = Sampler(model).generate(
         ids, n=2, max_new_tokens=10, temperature=0.0, images=pix, stop_token_ids=[])
     for i, (x, p) in enumerate(zip(ids, pix)):
         x = torch.tensor([x])
@@ -201,15 +212,19 @@ def test_training_step_on_images_reaches_router_and_used_experts(tmp_path):
             lambda m, args, layer=layer: chosen[layer].update(args[1].flatten().tolist()))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     objective = PolicyObjective(model, temperature=1.0)
-    metrics = updater_for(objective, model).update(image_sequences(model, tokenizer, vision, 2))
+    updater = updater_for(objective, model)
+    grads = grads_at_step(updater, model)
+    metrics = updater.update(image_sequences(model, tokenizer, vision, 2))
     assert metrics["optimizer_steps"] == 1 and "router_aux" not in metrics
     assert chosen[0] == {0, 1, 2} and chosen[1] == {0, 1, 2, 3}
-    for layer, block in enumerate(blocks):
-        assert block.gate.weight.grad.abs().sum() > 0, layer
-        for bank in (block.experts.gate_up_proj.grad, block.experts.down_proj.grad):
+    for layer in range(2):
+        prefix = f"model.language_model.layers.{layer}.mlp."
+        assert grads[prefix + "gate.weight"].abs().sum() > 0, layer
+        for bank in (grads[prefix + "experts.gate_up_proj"], grads[prefix + "experts.down_proj"]):
             for e in range(4):
                 assert (bank[e].abs().sum() > 0) == (e in chosen[layer]), (layer, e)
-    assert all(p.grad.abs().sum() > 0 for p in model.model.visual.merger.parameters())
+    assert all(grads[n].abs().sum() > 0 for n, _ in model.named_parameters() if ".visual.merger." in n)
+    assert all(p.grad is None for p in model.parameters())  # freed: the next rollout does not carry them
     changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
     assert {n for n in changed if ".mlp.gate." in n} == {f"model.language_model.layers.{i}.mlp.gate.weight"
                                                           for i in range(2)}
@@ -220,9 +235,11 @@ def test_frozen_routers_get_no_gradient():
     vision = Vision(load_image_processor("tiny-vl-moe"), model.config.image_token_id)
     moe.set_router_trainable(model, False)
     objective = PolicyObjective(model, temperature=1.0)
-    updater_for(objective, model).update(image_sequences(model, tokenizer, vision, 1, seed=2))
-    assert all(b.gate.weight.grad is None for b in moe.sparse_blocks(model))
-    assert all(e.gate_up_proj.grad.abs().sum() > 0 for e in experts_of(model))
+    updater = updater_for(objective, model)
+    grads = grads_at_step(updater, model)
+    updater.update(image_sequences(model, tokenizer, vision, 1, seed=2))
+    assert {n for n, g in grads.items() if g is None} == {n for n, _ in model.named_parameters() if ".mlp.gate." in n}
+    assert all(grads[n].abs().sum() > 0 for n in grads if n.endswith("experts.gate_up_proj"))
     with pytest.raises(ValueError, match="no mixture-of-experts router"):
         moe.set_router_trainable(load_model("tiny")[0], False)
 
@@ -281,11 +298,11 @@ def test_router_aux_loss_is_weighted_into_the_update():
     budget = 150  # one group per micro-batch
     grads = {}
     for coef in (0.0, 0.3):
-        model.zero_grad(set_to_none=True)
         updater = updater_for(PolicyObjective(model, 1.0, router_aux_coef=coef), model, micro_batch_tokens=budget)
         updater.optimizer.param_groups[0]["lr"] = 0.0  # keep the weights: compare gradients only
+        seen = grads_at_step(updater, model)
         metrics = updater.update(seqs)
-        grads[coef] = [b.gate.weight.grad.clone() for b in moe.sparse_blocks(model)]
+        grads[coef] = [seen[f"model.language_model.layers.{i}.mlp.gate.weight"] for i in range(2)]
     minis = updater.plan(seqs)
     assert len(minis) == 1 and len(minis[0]) == 2
     total = sum(mb.tokens for mb in minis[0])
@@ -352,6 +369,62 @@ def test_text_moe_checkpoint_keeps_per_expert_keys(tmp_path):
     loaded, _ = load_model(tmp_path)
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
+
+
+# ----------------------------------------------------------------------------- memory plan
+QWEN3_VL_30B_A3B = dict(  # config.json of Qwen/Qwen3-VL-30B-A3B-Instruct / -Thinking (the same shapes)
+    tie_word_embeddings=False,
+    text_config=dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+                     num_experts_per_tok=8, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                     head_dim=128, vocab_size=151936, decoder_sparse_step=1),
+    vision_config=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
+                       spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                       out_hidden_size=2048, deepstack_visual_indexes=[8, 16, 24]))
+REWARD_MODELS = {"judge Qwen3-4B-Instruct-2507": 4_022_468_096, "encoder MedEmbed-large-v0.1": 335_141_888}
+
+
+def test_parameter_counts_total_active_and_fsdp_units(vl):
+    from medix_fast.model.footprint import parameter_counts
+
+    model = vl[0]
+    c = parameter_counts(model.config)
+    assert c.total == sum(p.numel() for p in model.parameters())
+    assert c.experts == sum(p.numel() for e in experts_of(model) for p in e.parameters())
+    assert c.active == c.total - c.experts // 2  # 2 of 4 experts run per token
+    assert c.units == tuple(sum(p.numel() for p in u.parameters()) for u in D.shard_units(model))
+    assert len(c.units) == 4 and c.root == c.total - sum(c.units)  # 2 vision blocks, 2 decoder layers
+    dense = parameter_counts(load_model("tiny-vl")[0].config)
+    assert dense.experts == 0 and dense.active == dense.total
+
+
+def test_30b_update_plan_fits_8_h200_and_names_the_fix():
+    """The shipped 30B config on Qwen3-VL-30B-A3B's shapes: 31.1 B parameters, 3.9 B active; the
+    update and the old log-prob recomputation fit one of 8 H200s (141 GB) and not one of 8 80 GB
+    GPUs; without activation checkpointing the update does not fit and the verdict says what to change."""
+    from transformers import AutoConfig
+
+    from medix_fast.config import load_config
+    from medix_fast.model.footprint import update_plan
+
+    path = Path(__file__).parents[1] / "configs" / "medix_r1_30b_a3b_dapo.yaml"
+    cfg = load_config(path)
+    assert (cfg.model.router_aux_loss_coef, cfg.model.train_router, cfg.model.gradient_checkpointing) == (0.0, True, True)
+    assert (cfg.data.max_prompt_length, cfg.sampling.max_new_tokens, cfg.sampling.group_size) == (4352, 4096, 5)
+    assert (cfg.data.min_pixels, cfg.data.max_pixels, cfg.distributed.strategy) == (262144, 4194304, "fsdp")
+    model_config = AutoConfig.for_model("qwen3_vl_moe", **QWEN3_VL_30B_A3B)
+    plan = update_plan(cfg, model_config, int(141e9), 8, REWARD_MODELS)
+    assert plan.counts.total == pytest.approx(31.07e9, rel=1e-3) and plan.counts.active == pytest.approx(3.89e9, rel=1e-2)
+    assert plan.resident["fp32 master shards"] == 4 * plan.counts.total // 8
+    assert plan.update["fp32 gradient shards"] == 4 * plan.counts.total // 8
+    assert plan.logprobs["bf16 weights, unsharded"] == 2 * plan.counts.total
+    assert plan.fits and plan.update_bytes < plan.logprobs_bytes < 141e9
+    assert "verdict" in plan.table() and "3.89 B active" in plan.table()
+    assert not update_plan(cfg, model_config, int(80e9), 8, REWARD_MODELS).fits
+    eager = update_plan(load_config(path, ["model.gradient_checkpointing=false"]), model_config, int(141e9), 8,
+                        REWARD_MODELS)
+    assert not eager.fits and "model.gradient_checkpointing" in eager.table()
+    offloaded = update_plan(load_config(path, ["rewards.offload=true"]), model_config, int(141e9), 8, REWARD_MODELS)
+    assert plan.update_bytes - offloaded.update_bytes == 2 * sum(REWARD_MODELS.values())
 
 
 # ----------------------------------------------------------------------------- two ranks

@@ -256,6 +256,7 @@ class Updater:
                 for k, v in zip((*LOSS_METRICS, "router_aux"), stats[1:].tolist()):
                     totals[k] += v
                 tokens += global_tokens
+        self.optimizer.zero_grad(set_to_none=True)  # the rollout does not carry the gradients (4 B/param/world)
         # NaN when no update was made (every one skipped, or no group kept)
         out = {"loss": totals["loss"] / steps if steps else math.nan,
                "grad_norm": totals["grad_norm"] / steps if steps else math.nan}
