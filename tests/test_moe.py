@@ -156,6 +156,52 @@ def test_experts_implementations_match_fp64(vl, impl):
         assert all(bank[e].abs().sum() > 0 for e in range(3))
 
 
+def test_grouped_mm_layer_and_router_loss_make_no_host_sync(vl):
+    """A sparse MoE block forward + backward with grouped_mm, and the load-balancing loss, issue
+    no host-device sync (tests/syncs.py, on the CPU too); eager's per-expert loop does."""
+    from syncs import count_syncs
+
+    block = copy.deepcopy(moe.sparse_blocks(vl[0])[0])
+    x = torch.randn(2, 9, block.experts.hidden_dim, requires_grad=True)  # (B, T, H)
+    for impl, free in (("grouped_mm", True), ("eager", False)):
+        block.experts.config._experts_implementation = impl
+        with count_syncs() as c:
+            block(x).sum().backward()
+        assert (c.count == 0) == free, (impl, c.where)
+    router = moe.RouterLogits(copy.deepcopy(vl[0]))
+    router.logits = [torch.randn(18, 4, requires_grad=True) for _ in range(2)]  # (rows, E) of 2 layers
+    with count_syncs() as c:
+        router.loss([torch.ones(2, 9)]).backward()
+    assert c.count == 0, c.where
+
+
+@pytest.mark.cuda
+def test_grouped_mm_on_cuda_bf16_matches_fp64(vl):
+    """What auto picks on a GPU (grouped_mm on the bf16 compute weights) against the fp64 loop,
+    forward and gradients, within bf16's error; no host sync."""
+    from syncs import count_syncs
+
+    dev = torch.device("cuda")
+    experts = copy.deepcopy(experts_of(vl[0])[0]).to(dev, torch.bfloat16)
+    assert moe.experts_implementation(vl[0].config, dev, torch.bfloat16) == "grouped_mm"
+    experts.config._experts_implementation = "grouped_mm"
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, experts.hidden_dim, generator=gen).to(dev, torch.bfloat16).requires_grad_()
+    index = torch.stack([torch.randperm(4, generator=gen)[:2] for _ in range(64)]).to(dev)  # (T, 2) distinct
+    weight = torch.softmax(torch.randn(64, 2, generator=gen), -1).to(dev, torch.bfloat16).requires_grad_()
+    with count_syncs() as c:
+        out = experts(x, index, weight)
+        out.float().sum().backward()
+    assert c.count == 0, c.where
+    ref_in = [t.detach().double().cpu().requires_grad_() for t in (x, weight, experts.gate_up_proj, experts.down_proj)]
+    ref = reference_experts(ref_in[0], index.cpu(), ref_in[1], ref_in[2], ref_in[3])
+    ref.sum().backward()
+    scale = ref.abs().max()
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=2e-2, atol=2e-2 * float(scale))
+    for got, want in zip((x.grad, weight.grad, experts.gate_up_proj.grad, experts.down_proj.grad), ref_in):
+        torch.testing.assert_close(got.double().cpu(), want.grad, rtol=2e-2, atol=2e-2 * float(want.grad.abs().max()))
+
+
 # ----------------------------------------------------------------------------- rollout
 def test_sampler_greedy_matches_generate_text_moe():
     """The text-only Qwen3-MoE, eager experts: the sampler's greedy rows equal generate's."""
@@ -250,6 +296,8 @@ def router_aux_and_grad(model, mb, **objective_kwargs):
     model.zero_grad(set_to_none=True)
     _, metrics = objective(mb, {"loss_type": "dapo", "num_items_in_batch": float(mb.tokens)})
     metrics["router_aux"].backward()
+    objective(mb)  # log-probs only: nothing recorded
+    assert objective.router.logits == []  # nor in a checkpointed layer's recomputation during backward
     return metrics["router_aux"].detach(), [b.gate.weight.grad.clone() for b in moe.sparse_blocks(model)]
 
 
