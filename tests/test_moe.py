@@ -203,17 +203,25 @@ def test_grouped_mm_on_cuda_bf16_matches_fp64(vl):
 
 
 # ----------------------------------------------------------------------------- rollout
+def assert_greedy_like_generate(model, ids: list[list[int]], pix: list | None = None, new: int = 10) -> None:
+    """The sampler's greedy rows (2 per prompt) equal ``model.generate``'s for each prompt alone."""
+    pix = pix or [None] * len(ids)
+    out = Sampler(model).generate(ids, n=2, max_new_tokens=new, temperature=0.0, stop_token_ids=[],
+                                  images=pix if any(b is not None for b in pix) else None)
+    for i, (x, b) in enumerate(zip(ids, pix)):
+        x = torch.tensor([x])
+        kw = {} if b is None else dict(pixel_values=b.pixel_values, image_grid_thw=b.image_grid_thw,
+                                       mm_token_type_ids=(x == model.config.image_token_id).int())
+        ref = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=new, do_sample=False,
+                             eos_token_id=None, **kw)[0, x.shape[1]:].tolist()
+        assert out.completion_ids[2 * i] == out.completion_ids[2 * i + 1] == ref, i
+
+
 def test_sampler_greedy_matches_generate_text_moe():
-    """The text-only Qwen3-MoE, eager experts: the sampler's greedy rows equal generate's."""
+    """The text-only Qwen3-MoE, eager experts."""
     model, tokenizer = load_model("tiny-moe", experts_implementation="eager")
     prompts = build_prompts(load_examples(["sample:test"], DataConfig())[:3], tokenizer, 4096)[0]
-    out = Sampler(model).generate(
-        [p.ids for p in prompts], n=2, max_new_tokens=10, temperature=0.0, stop_token_ids=[])
-    for i, p in enumerate(prompts):
-        x = torch.tensor([p.ids])
-        ref = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=10, do_sample=False,
-                             eos_token_id=None)[0, x.shape[1]:].tolist()
-        assert out.completion_ids[2 * i] == out.completion_ids[2 * i + 1] == ref, i
+    assert_greedy_like_generate(model, [p.ids for p in prompts])
 
 
 def test_sampler_greedy_matches_generate_with_images(vl):
@@ -221,17 +229,8 @@ def test_sampler_greedy_matches_generate_with_images(vl):
     model, tokenizer, vision = vl
     prompts = image_prompts(tokenizer, vision, 2)
     text_only = build_prompts(load_examples(["sample:test"], DataConfig())[:1], tokenizer, 4096, vision)[0]
-    ids = [p.ids for p in prompts] + [text_only[0].ids]
-    pix = [vision.encode([load_image(p.image)]) for p in prompts] + [None]
-    out = Sampler(model).generate(
-        ids, n=2, max_new_tokens=10, temperature=0.0, images=pix, stop_token_ids=[])
-    for i, (x, p) in enumerate(zip(ids, pix)):
-        x = torch.tensor([x])
-        kw = {} if p is None else dict(pixel_values=p.pixel_values, image_grid_thw=p.image_grid_thw,
-                                       mm_token_type_ids=(x == model.config.image_token_id).int())
-        ref = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=10, do_sample=False,
-                             eos_token_id=None, **kw)[0, x.shape[1]:].tolist()
-        assert out.completion_ids[2 * i] == out.completion_ids[2 * i + 1] == ref, i
+    assert_greedy_like_generate(model, [p.ids for p in prompts] + [text_only[0].ids],
+                                [vision.encode([load_image(p.image)]) for p in prompts] + [None])
 
 
 # ----------------------------------------------------------------------------- training
