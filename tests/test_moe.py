@@ -95,6 +95,26 @@ def test_loads_qwen3_moe_and_qwen3_vl_moe_with_the_chosen_experts(vl):
     assert not moe.is_moe(load_model("tiny")[0].config)
 
 
+def test_liger_leaves_the_experts_alone(vl, monkeypatch):
+    """Liger (CUDA only) patches norms and RoPE of an MoE but not SwiGLU, whose per-expert modules
+    transformers 5 fuses into banks; an architecture it lacks is skipped."""
+    import sys
+    import types
+
+    from medix_fast.model.loading import apply_liger
+
+    calls = {}
+    fake = types.ModuleType("liger_kernel.transformers")
+    fake.apply_liger_kernel_to_qwen3_vl_moe = lambda **kw: calls.setdefault("moe", kw)
+    fake.apply_liger_kernel_to_qwen2 = lambda **kw: calls.setdefault("dense", kw)
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
+    assert apply_liger(vl[0]) and apply_liger(load_model("tiny")[0])
+    assert calls["moe"]["swiglu"] is False and calls["dense"]["swiglu"] is True
+    assert calls["moe"]["rms_norm"] and not calls["moe"]["fused_linear_cross_entropy"]
+    assert not apply_liger(load_model("tiny-moe")[0])  # no apply_liger_kernel_to_qwen3_moe in the fake
+
+
 def test_experts_implementation_is_chosen_in_one_place(vl, monkeypatch):
     config = vl[0].config
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)

@@ -63,8 +63,8 @@ def attention_backend(device: str | torch.device) -> str:
 
 
 def apply_liger(model: PreTrainedModel) -> bool:
-    """Patch Liger's RMSNorm, SwiGLU and RoPE into ``model`` (no loss patches); False if not
-    installed or without this architecture."""
+    """Patch Liger's RMSNorm, SwiGLU (dense MLPs only) and RoPE into ``model`` (no loss patches);
+    False if not installed or without this architecture."""
     try:
         import liger_kernel.transformers as liger
     except ImportError:
@@ -72,7 +72,9 @@ def apply_liger(model: PreTrainedModel) -> bool:
     patch = getattr(liger, f"apply_liger_kernel_to_{model.config.model_type}", None)
     if patch is None:  # an older liger without this architecture
         return False
-    patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model)
+    # an MoE's experts are fused (E, ...) banks run by the experts implementation, not SwiGLU modules
+    patch(rope=True, rms_norm=True, swiglu=not is_moe(model.config), cross_entropy=False,
+          fused_linear_cross_entropy=False, model=model)
     return True
 
 
