@@ -103,11 +103,12 @@ class Trainer:
         dev, dtype = self.info.device, compute_dtype(cfg.model.dtype, self.info.device)
         attn_impl = None if cfg.model.attn_impl == "auto" else cfg.model.attn_impl
         fsdp = cfg.distributed.strategy == "fsdp"
-        experts = dict(experts_implementation=cfg.model.experts_implementation)  # MoE only
+        experts = cfg.model.experts_implementation  # MoE only; FSDP2 computes the fp32 weights in bf16
         self.model, self.tokenizer = load_model(str(ckpt / "model") if ckpt else cfg.model.path, dtype=torch.float32,
                                                 device=dev, attn_impl=attn_impl,
                                                 gradient_checkpointing=cfg.model.gradient_checkpointing,
-                                                compute_dtype=dtype if fsdp else torch.float32, **experts)
+                                                experts_implementation=experts,
+                                                compute_dtype=dtype if fsdp else torch.float32)
         self.model.train()
         if is_moe(self.model.config):
             set_router_trainable(self.model, cfg.model.train_router)
@@ -131,7 +132,7 @@ class Trainer:
         ref = None
         if cfg.algorithm.beta > 0:
             ref_model, _ = load_model(cfg.model.path, dtype=dtype, device=dev, attn_impl=attn_impl,
-                                      gradient_checkpointing=False, **experts)
+                                      gradient_checkpointing=False, experts_implementation=experts)
             ref_model.eval().requires_grad_(False)
             ref = D.shard_reference(PolicyObjective(ref_model, cfg.sampling.temperature, t.share_prompt), ref_model,
                                     cfg.distributed.strategy, self.info, dtype)
