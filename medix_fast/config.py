@@ -34,6 +34,10 @@ class ModelConfig:
     attn_impl: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
     gradient_checkpointing: bool = False
     train_vision: bool = True  # VL models: train the vision tower too (MediX does), or freeze it
+    # mixture-of-experts models (model/moe.py): auto = grouped GEMM where it runs, else eager
+    experts_implementation: Literal["auto", "grouped_mm", "batched_mm", "eager"] = "auto"
+    train_router: bool = True  # MoE: train the routers (MediX-R1 does) or freeze them
+    router_aux_loss_coef: float = 0.0  # MoE load-balancing loss weight; MediX-R1 applies none (0)
 
 
 @dataclass
@@ -355,6 +359,8 @@ def check(cfg: Config) -> None:
                           f"{e.judge_votes}")
     if e.every and not e.tasks and not cfg.data.val_files:
         raise ConfigError("eval.every: give eval.tasks (a tasks YAML) or data.val_files to evaluate on")
+    if cfg.model.router_aux_loss_coef < 0:
+        raise ConfigError(f"model.router_aux_loss_coef: must be >= 0, got {cfg.model.router_aux_loss_coef}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas}")
 

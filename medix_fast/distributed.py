@@ -15,7 +15,8 @@ storage every node can read for ``--resume``; rank 0 writes the model and metric
 
 Each rank samples and scores its own prompts (whole groups), computes its loss on them, and the
 gradients are averaged by DDP or reduce-scattered by FSDP2. With FSDP2 (``fully_shard`` on every
-decoder layer and the root, fp32 master shards, bf16 compute on CUDA), the parameters are
+decoder layer, every vision block of a VL model and the root, as MediX-R1 / veRL wrap the model's
+``_no_split_modules``; fp32 master shards, bf16 compute on CUDA), the parameters are
 all-gathered once for generation (:func:`generation_mode`) and resharded afterwards. The frozen
 KL reference model is sharded the same way (:func:`shard_reference`), gathered layer by layer for
 its forwards, so no rank holds a whole copy.
@@ -98,6 +99,17 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     raise ValueError(f"cannot find the decoder layers of {type(model).__name__} to shard with FSDP")
 
 
+def shard_units(model: nn.Module) -> list[nn.Module]:
+    """The modules FSDP2 shards as units of their own, in forward order: a VL model's vision blocks
+    (``model.visual.blocks``), then the decoder layers. A mixture-of-experts layer is one unit
+    with its experts: FSDP2 splits every parameter on dim 0, for the stacked expert weights
+    (experts, out, in) the expert dimension, so each rank keeps experts / world whole experts and
+    the unit is all-gathered once per layer."""
+    visual = getattr(getattr(model, "model", None), "visual", None)
+    blocks = list(visual.blocks) if isinstance(getattr(visual, "blocks", None), nn.ModuleList) else []
+    return blocks + decoder_layers(model)
+
+
 def wrap(objective: nn.Module, model: nn.Module, strategy: str, info: DistInfo, compute_dtype: torch.dtype) -> nn.Module:
     """The training module: ``objective`` as is (one process), in DDP, or with FSDP2 on ``model``.
 
@@ -126,8 +138,8 @@ def _fully_shard(objective: nn.Module, model: nn.Module, compute_dtype: torch.dt
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    for layer in decoder_layers(model):
-        fully_shard(layer, mp_policy=policy)
+    for unit in shard_units(model):
+        fully_shard(unit, mp_policy=policy)
     fully_shard(objective, mp_policy=policy)
     # FSDP2 picks its root at the first forward; the sampler runs the inner model first, so
     # make the objective the root now (private hook: there is no public one in torch 2.13)

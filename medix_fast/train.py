@@ -56,6 +56,7 @@ from .generate import Sampler
 from .metrics import MetricsLogger, truncate_after
 from .model.loading import (compute_dtype, image_token_id, is_vl, load_image_processor, load_model,
                             set_vision_trainable, stop_ids)
+from .model.moe import is_moe, save_pretrained, set_router_trainable
 from .rewards import build_reward
 from .rl.rollout import Rollout
 from .rl.update import PolicyObjective, Updater
@@ -101,20 +102,27 @@ class Trainer:
         ckpt = self._find_checkpoint(resume)
         dev, dtype = self.info.device, compute_dtype(cfg.model.dtype, self.info.device)
         attn_impl = None if cfg.model.attn_impl == "auto" else cfg.model.attn_impl
+        fsdp = cfg.distributed.strategy == "fsdp"
+        experts = cfg.model.experts_implementation  # MoE only; FSDP2 computes the fp32 weights in bf16
         self.model, self.tokenizer = load_model(str(ckpt / "model") if ckpt else cfg.model.path, dtype=torch.float32,
                                                 device=dev, attn_impl=attn_impl,
-                                                gradient_checkpointing=cfg.model.gradient_checkpointing)
+                                                gradient_checkpointing=cfg.model.gradient_checkpointing,
+                                                experts_implementation=experts,
+                                                compute_dtype=dtype if fsdp else torch.float32)
         self.model.train()
+        if is_moe(self.model.config):
+            set_router_trainable(self.model, cfg.model.train_router)
         vision = None
         if is_vl(self.model):  # images go before the question; the tower trains unless model.train_vision is off
             set_vision_trainable(self.model, cfg.model.train_vision)
             vision = Vision(load_image_processor(cfg.model.path), image_token_id(self.model),
                             cfg.data.min_pixels or None, cfg.data.max_pixels or None)
+        self.vision = vision
         self.prompts, _ = build_prompts(train_examples, self.tokenizer, cfg.data.max_prompt_length, vision)
         self.evaluator = Evaluator.from_config(cfg, self.tokenizer, self.info, vision) if cfg.eval.every else None
 
-        fsdp = cfg.distributed.strategy == "fsdp"
-        self.objective = PolicyObjective(self.model, cfg.sampling.temperature, t.share_prompt)
+        self.objective = PolicyObjective(self.model, cfg.sampling.temperature, t.share_prompt,
+                                         cfg.model.router_aux_loss_coef if is_moe(self.model.config) else 0.0)
         self.wrapped = D.wrap(self.objective, self.model, cfg.distributed.strategy, self.info, dtype)
         autocast = dtype if dev.type == "cuda" and dtype != torch.float32 and not fsdp else None
         o = cfg.optim
@@ -124,7 +132,7 @@ class Trainer:
         ref = None
         if cfg.algorithm.beta > 0:
             ref_model, _ = load_model(cfg.model.path, dtype=dtype, device=dev, attn_impl=attn_impl,
-                                      gradient_checkpointing=False)
+                                      gradient_checkpointing=False, experts_implementation=experts)
             ref_model.eval().requires_grad_(False)
             ref = D.shard_reference(PolicyObjective(ref_model, cfg.sampling.temperature, t.share_prompt), ref_model,
                                     cfg.distributed.strategy, self.info, dtype)
@@ -181,7 +189,9 @@ class Trainer:
         opt_state = D.full_optimizer_state(self.wrapped, self.optimizer) if self.cfg.checkpoint.save_optimizer else None
 
         def save_model(directory: Path, state: dict | None) -> None:
-            self.model.save_pretrained(directory, state_dict=state)
+            save_pretrained(self.model, directory, state)  # an MoE's experts in the Hub layout
+            if self.vision is not None:  # a VL checkpoint is evaluated / served with its image processor
+                self.vision.image_processor.save_pretrained(directory)
 
         trainer_state = {"scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict(),
                          "nonfinite_in_a_row": self.updater.nonfinite_in_a_row}

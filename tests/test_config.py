@@ -93,7 +93,8 @@ def test_saved_config_round_trips(tmp_path):
     assert load_config(tmp_path / "out" / "config.yaml") == cfg
 
 
-@pytest.mark.parametrize("name", ["tiny", "medix_r1_2b_dapo", "medix_r1_8b_dapo", "medix_r1_8b_grpo", "medix_r1_7b_gspo"])
+@pytest.mark.parametrize("name", ["tiny", "tiny_vl_moe", "medix_r1_2b_dapo", "medix_r1_8b_dapo", "medix_r1_8b_grpo",
+                                  "medix_r1_7b_gspo", "medix_r1_30b_a3b_dapo"])
 def test_shipped_configs_load(name):
     cfg = load_config(REPO_CONFIGS / f"{name}.yaml")
     if name.startswith("medix"):  # the recipe's shared settings

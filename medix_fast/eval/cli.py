@@ -21,6 +21,7 @@ from ..data.vision import Vision
 from ..generate import Sampler
 from ..model.loading import (compute_dtype, image_token_id, is_vl, load_image_processor, load_model,
                              resolve_model_path, stop_ids)
+from ..model.moe import EXPERTS_IMPLEMENTATIONS
 from ..rewards import RewardConfig, build_reward
 from .evaluator import EvalSettings, Evaluator, sampler_generate
 from .results import ResumeError, markdown_table
@@ -56,6 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--experts-implementation", choices=EXPERTS_IMPLEMENTATIONS, default="auto",
+                   help="mixture-of-experts models: auto picks grouped GEMM where it runs (model/moe.py)")
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.max_new_tokens < 1 or min(args.limit, args.min_pixels, args.max_pixels) < 0:
         p.error("--batch-size and --max-new-tokens must be >= 1, --limit, --min-pixels and --max-pixels >= 0")
@@ -78,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         tasks = (load_tasks(args.tasks, args.limit) if args.tasks else
                  data_tasks(args.data, args.limit) if args.data else default_tasks(args.limit))
         dtype = compute_dtype(args.dtype, info.device)
-        model, tokenizer = load_model(args.model, dtype=dtype, device=info.device)
+        model, tokenizer = load_model(args.model, dtype=dtype, device=info.device,
+                                      experts_implementation=args.experts_implementation)
         settings = EvalSettings(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.batch_size,
                                 args.seed, args.judge_votes, args.judge_temperature)
         vision = Vision(load_image_processor(args.model), image_token_id(model), args.min_pixels or None,

@@ -9,9 +9,12 @@ model (``medix_fast.demo.cache.ensure_tiny_model``).
 
 Choices made once, here: the attention back-end is ``flash_attention_2`` when ``flash_attn``
 imports and the device is CUDA, else PyTorch ``sdpa`` (pass ``attn_impl`` to force one, e.g.
-"eager"); Liger's RMSNorm / SwiGLU / RoPE kernels are patched in on CUDA when ``liger_kernel``
-imports (never its cross-entropy losses: the trainer has its own fused head). Liger patches the
-architecture's module functions process-wide, which is why it is CUDA only.
+"eager"); a mixture-of-experts model (``qwen3_moe``, ``qwen3_vl_moe``) runs its experts with the
+implementation ``moe.experts_implementation`` picks (grouped GEMM where it runs; pass
+``experts_implementation`` to force one); Liger's RMSNorm / SwiGLU / RoPE kernels are patched in
+on CUDA when ``liger_kernel`` imports and has the architecture (never its cross-entropy losses:
+the trainer has its own fused head). Liger patches the architecture's module functions
+process-wide, which is why it is CUDA only.
 """
 from __future__ import annotations
 
@@ -24,19 +27,21 @@ import torch
 from transformers import (AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText,
                           AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase)
 
-from ..demo.cache import ensure_tiny_model
+from ..demo.cache import TINY_NAMES, ensure_tiny_model
+from .moe import experts_implementation as choose_experts, is_moe
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "qwen2_5_vl", "qwen3_vl")  # liger has apply_liger_kernel_to_<type>
-VL_MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl")  # loaded as image-text-to-text; pixel inputs through hidden_states
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "qwen3_moe", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+VL_MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")  # image-text-to-text; pixel inputs through hidden_states
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 def resolve_model_path(path: str | os.PathLike) -> pathlib.Path:
-    """``"tiny"`` / ``"tiny-vl"`` -> the cached embedded tiny model; otherwise an existing checkpoint directory."""
-    if str(path) in ("tiny", "tiny-vl"):
-        return ensure_tiny_model(vl=True) if str(path) == "tiny-vl" else ensure_tiny_model()
+    """``"tiny"`` / ``"tiny-vl"`` / ``"tiny-moe"`` / ``"tiny-vl-moe"`` -> the cached embedded tiny
+    model (``demo.cache.TINY_NAMES``); otherwise an existing checkpoint directory."""
+    if str(path) in TINY_NAMES:
+        return ensure_tiny_model(**TINY_NAMES[str(path)])
     resolved = pathlib.Path(path).expanduser()
     if not resolved.is_dir():
         raise ValueError(f"model path {str(path)!r} does not exist or is not a directory "
@@ -58,13 +63,18 @@ def attention_backend(device: str | torch.device) -> str:
 
 
 def apply_liger(model: PreTrainedModel) -> bool:
-    """Patch Liger's RMSNorm, SwiGLU and RoPE into ``model`` (no loss patches); False if not installed."""
+    """Patch Liger's RMSNorm, SwiGLU (dense MLPs only) and RoPE into ``model`` (no loss patches);
+    False if not installed or without this architecture."""
     try:
         import liger_kernel.transformers as liger
     except ImportError:
         return False
-    patch = getattr(liger, f"apply_liger_kernel_to_{model.config.model_type}")
-    patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model)
+    patch = getattr(liger, f"apply_liger_kernel_to_{model.config.model_type}", None)
+    if patch is None:  # an older liger without this architecture
+        return False
+    # an MoE's experts are fused (E, ...) banks run by the experts implementation, not SwiGLU modules
+    patch(rope=True, rms_norm=True, swiglu=not is_moe(model.config), cross_entropy=False,
+          fused_linear_cross_entropy=False, model=model)
     return True
 
 
@@ -91,11 +101,16 @@ def load_model(
     attn_impl: str | None = None,
     gradient_checkpointing: bool = False,
     liger: bool | None = None,
+    experts_implementation: str = "auto",
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a supported causal LM and its tokenizer from a local directory (or ``"tiny"``).
 
     ``attn_impl`` None picks :func:`attention_backend`; ``liger`` None means "on CUDA when
-    installed". Returns the model on ``device`` in eval mode (the trainer calls ``.train()``).
+    installed". A mixture-of-experts model's experts run with ``experts_implementation``
+    (``"auto"``: :func:`medix_fast.model.moe.experts_implementation` for weights computed in
+    ``compute_dtype``, default ``dtype``; FSDP2 computes fp32 master weights in bf16).
+    Returns the model on ``device`` in eval mode (the trainer calls ``.train()``).
     """
     path = resolve_model_path(path)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
@@ -105,14 +120,19 @@ def load_model(
     tokenizer = load_tokenizer(path)
     attn_impl = attn_impl or attention_backend(device)
     auto = AutoModelForImageTextToText if config.model_type in VL_MODEL_TYPES else AutoModelForCausalLM
-    model = auto.from_pretrained(path, dtype=dtype, attn_implementation=attn_impl, local_files_only=True)
+    experts = {}
+    if is_moe(config):
+        experts["experts_implementation"] = choose_experts(config, device, compute_dtype or dtype,
+                                                           experts_implementation)
+    model = auto.from_pretrained(path, dtype=dtype, attn_implementation=attn_impl, local_files_only=True, **experts)
     use_liger = torch.device(device).type == "cuda" if liger is None else liger
     patched = use_liger and apply_liger(model)
     if gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable({"use_reentrant": False})
         model.config.use_cache = False
-    log.info("loaded %s (%s, %s) attention=%s liger=%s", path, config.model_type, dtype, attn_impl, patched)
+    log.info("loaded %s (%s, %s) attention=%s liger=%s%s", path, config.model_type, dtype, attn_impl, patched,
+             "".join(f" experts={v}" for v in experts.values()))
     return model.to(device), tokenizer
 
 

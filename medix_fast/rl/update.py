@@ -30,6 +30,7 @@ from transformers import DynamicCache
 from .. import distributed as D
 from ..kernels import fused_linear_logprobs, fused_linear_policy_loss
 from ..model.forward import continuation_hidden_states, hidden_states, lm_head, prompt_hidden_states
+from ..model.moe import RouterLogits
 from .batch import MicroBatch, Sequences, collate, pack, padding_batch
 
 LOSS_METRICS = ("ratio_mean", "clip_low", "clip_high", "clip_dual", "kl", "entropy")
@@ -59,13 +60,30 @@ class PolicyObjective(nn.Module):
     repeated for the group's G completions (the gradient flows through the shared K/V), instead
     of G times; without it (and always under gradient checkpointing, which drops the cache) every
     row is the full prompt + completion. The two give the same loss and gradients.
+
+    ``router_aux_coef > 0`` (mixture-of-experts models) records the routers' logits in the loss
+    forward and returns the model's load-balancing loss over the valid tokens as
+    ``metrics["router_aux"]`` (with gradient), which :class:`Updater` weights into the mini-batch.
     """
 
-    def __init__(self, model: nn.Module, temperature: float, share_prompt: bool = True):
+    def __init__(self, model: nn.Module, temperature: float, share_prompt: bool = True, router_aux_coef: float = 0.0):
         super().__init__()
         self.model = model
         self.temperature = temperature
         self.share_prompt = share_prompt
+        self.router_aux_coef = router_aux_coef
+        self.router = RouterLogits(model) if router_aux_coef > 0 else None
+
+    def _shares_prompt(self) -> bool:
+        return self.share_prompt and not _checkpointing(self.model)
+
+    def _token_weights(self, mb: MicroBatch) -> list[torch.Tensor]:
+        """Each forward's token weights for the load-balancing loss, in the order :meth:`_hidden`
+        runs them: 0 on padding, G on a prompt token run once for its group's G rows."""
+        completion = mb.mask.to(mb.prompt_mask.dtype)  # (B, C)
+        if self._shares_prompt():
+            return [mb.prompt_mask * mb.group_size, completion]  # (n_groups, P), (B, C)
+        return [torch.cat([mb.prompt_mask.repeat_interleave(mb.group_size, 0), completion], 1)]  # (B, P + C)
 
     def _hidden(self, mb: MicroBatch) -> torch.Tensor:
         """(B, C, H): the final hidden state that predicts each completion token."""
@@ -73,7 +91,7 @@ class PolicyObjective(nn.Module):
         pmask = mb.prompt_mask.repeat_interleave(g, 0)  # (B, P)
         full_mask = torch.cat([pmask, mb.mask.to(pmask.dtype)], 1)  # (B, P + C)
         vision = {"pixel_values": mb.pixel_values, "image_grid_thw": mb.image_grid_thw}
-        if self.share_prompt and not _checkpointing(self.model):
+        if self._shares_prompt():
             cache = DynamicCache()
             hp, start = prompt_hidden_states(self.model, mb.prompt_ids, mb.prompt_mask, cache,
                                              **vision)  # (n_groups, P, H), (n_groups,)
@@ -95,17 +113,22 @@ class PolicyObjective(nn.Module):
     def forward(self, mb: MicroBatch, loss_opts: dict | None = None):
         """(loss, metrics) of ``fused_linear_policy_loss``; with ``loss_opts=None`` the (B, C)
         log-probs of the completion tokens instead (zeros at padding)."""
-        h = self._hidden(mb)  # (B, C, H)
+        record = self.router is not None and loss_opts is not None
+        with self.router.recording() if record else contextlib.nullcontext():
+            h = self._hidden(mb)  # (B, C, H)
         weight, bias = lm_head(self.model)
         if loss_opts is None:
             valid = mb.mask.bool()  # (B, C)
             logp = fused_linear_logprobs(h[valid], weight, mb.targets[valid], bias=bias,
                                          temperature=self.temperature)  # (n_valid,)
             return torch.zeros_like(mb.mask).masked_scatter(valid, logp)  # (B, C)
-        return fused_linear_policy_loss(h, weight, mb.targets, mb.mask, mb.advantages, mb.old, mb.ref,
-                                        bias=bias, temperature=self.temperature,
-                                        sampling_logprobs=mb.sampling if loss_opts.get("tis_cap") else None,
-                                        **loss_opts)
+        loss, metrics = fused_linear_policy_loss(h, weight, mb.targets, mb.mask, mb.advantages, mb.old, mb.ref,
+                                                 bias=bias, temperature=self.temperature,
+                                                 sampling_logprobs=mb.sampling if loss_opts.get("tis_cap") else None,
+                                                 **loss_opts)
+        if record:
+            metrics["router_aux"] = self.router.loss(self._token_weights(mb))
+        return loss, metrics
 
 
 class Updater:
@@ -192,7 +215,7 @@ class Updater:
         minis = self.plan(seqs)
         self.prepare(minis)
         t1 = time.perf_counter()
-        totals = {k: 0.0 for k in ("loss", "grad_norm", *LOSS_METRICS)}
+        totals = {k: 0.0 for k in ("loss", "grad_norm", *LOSS_METRICS, "router_aux")}
         steps = skipped = 0
         tokens = 0.0
         for epoch in range(self.algo.ppo_epochs):
@@ -203,15 +226,21 @@ class Updater:
                 opts = self.loss_options(global_tokens)
                 loss_sum = torch.zeros((), device=self.info.device)
                 sums = torch.zeros(len(LOSS_METRICS), device=self.info.device)
+                aux_sum = torch.zeros((), device=self.info.device)
                 self.optimizer.zero_grad(set_to_none=True)
                 for i, mb in enumerate(mini):
                     scale = self._scale(mb, local_tokens, global_tokens, global_seqs)
                     with D.gradient_sync(self.wrapped, i == len(mini) - 1), self._autocast():
                         loss, metrics = self.wrapped(mb, opts)
-                    (loss * scale).backward()
+                    total = loss * scale
+                    if "router_aux" in metrics:  # token-weighted over the mini-batch (all ranks), any loss type
+                        aux_share = self.info.world * mb.n_tokens / max(global_tokens, 1.0)
+                        total = total + self.objective.router_aux_coef * aux_share * metrics["router_aux"]
+                        aux_sum += metrics["router_aux"].detach() * mb.n_tokens
+                    total.backward()
                     loss_sum += loss.detach() * scale
                     sums += torch.stack([metrics[k] for k in LOSS_METRICS]) * mb.n_tokens
-                stats = D.all_reduce(torch.cat([loss_sum[None] / self.info.world, sums]))
+                stats = D.all_reduce(torch.cat([loss_sum[None] / self.info.world, sums, aux_sum[None]]))
                 norm = self._clip()
                 loss_value = stats[0].item()
                 if not (math.isfinite(loss_value) and math.isfinite(norm)):
@@ -224,13 +253,16 @@ class Updater:
                 steps += 1
                 totals["loss"] += loss_value
                 totals["grad_norm"] += norm
-                for k, v in zip(LOSS_METRICS, stats[1:].tolist()):
+                for k, v in zip((*LOSS_METRICS, "router_aux"), stats[1:].tolist()):
                     totals[k] += v
                 tokens += global_tokens
+        self.optimizer.zero_grad(set_to_none=True)  # the rollout does not carry the gradients (4 B/param/world)
         # NaN when no update was made (every one skipped, or no group kept)
         out = {"loss": totals["loss"] / steps if steps else math.nan,
                "grad_norm": totals["grad_norm"] / steps if steps else math.nan}
         out.update({k: totals[k] / tokens if tokens else math.nan for k in LOSS_METRICS})
+        if self.objective.router is not None:  # the load-balancing loss, token-weighted
+            out["router_aux"] = totals["router_aux"] / tokens if tokens else math.nan
         out.update({"optimizer_steps": steps, "skipped_updates": skipped, "train_tokens": tokens,
                     "time/logprobs_s": t1 - t0, "time/train_s": time.perf_counter() - t1})
         return out
