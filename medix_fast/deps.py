@@ -2,21 +2,24 @@
 medix_fast.doctor`` checks the installed versions against them. Standard library only (``setup.py``
 runs this file before anything is installed).
 
-Each floor is the oldest version the project has been run on, and why nothing older works:
-- torch 2.11: the GPU machine's torch (CI runs 2.13.0, the CPU build); the code needs >= 2.8 for
-  ``torch.mm`` / ``torch.bmm`` with ``out_dtype`` (fp32 logits from bf16 GEMMs), >= 2.6 for FSDP2's
-  public ``torch.distributed.fsdp.fully_shard``, but 2.8-2.10 were never run.
-- triton 3.6: the GPU machine's triton; the whole suite also passes with the Triton interpreter of
-  3.6 and of 3.9 (CI). Linux only: elsewhere the PyTorch paths run.
-- transformers 5.5: the oldest release whose PIL image processor (``Qwen2VLImageProcessorPil``) loads
-  without torchvision (5.4's needs it; 4.x and 5.0-5.3 have none); ``get_rope_index`` takes
-  ``mm_token_type_ids`` from 5.3; the whole suite passes on 5.5, 5.17 (the GPU machine's) and 5.24.
-  Below 6: the renames within 5.x (``past_key_values`` -> ``cache`` in 5.24) are handled by
-  ``medix_fast.model.compat``.
+Each floor, with the evidence for it:
+- torch 2.11: the GPU machine's torch, the one the GPU figures are taken with; CI tests 2.13.0 (the
+  CPU build, the only torch on the project's machines). The code needs >= 2.8 (``torch.mm`` /
+  ``torch.bmm`` with ``out_dtype``: fp32 logits from bf16 GEMMs) and >= 2.6 (FSDP2's public
+  ``torch.distributed.fsdp.fully_shard``); nothing below 2.11 is claimed, as none was ever run.
+- triton 3.6: the GPU machine's triton. The whole suite passes on triton 3.6's interpreter (with
+  numpy < 2.4, which that interpreter needs) and on 3.9's (CI). Linux only: elsewhere the PyTorch
+  and C++ paths run.
+- transformers 5.6: the oldest release that gets a Qwen2.5-VL image's multimodal positions right
+  (5.5 gives an image other positions than the Qwen2-VL rule, e.g. its temporal index times
+  tokens_per_second: tests/test_vl.py's mrope test fails there) and whose PIL image processor
+  loads without torchvision (from 5.5). ``get_rope_index`` takes ``mm_token_type_ids`` from 5.3; 4.x lacks it all.
+  The whole suite passes on 5.6, 5.17 (the GPU machine's) and 5.24 (CI). Below 6: the renames
+  within 5.x (``past_key_values`` -> ``cache`` in 5.24) are handled by ``medix_fast.model.compat``.
 """
 
 PYTHON = ">=3.10"
-FLOORS = {"torch": "2.11", "triton": "3.6", "transformers": "5.5"}  # .ci/run tests triton's and transformers'
+FLOORS = {"torch": "2.11", "triton": "3.6", "transformers": "5.6"}  # .ci/run tests triton's and transformers'
 
 INSTALL_REQUIRES = [
     f"torch>={FLOORS['torch']}",

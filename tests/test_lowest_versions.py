@@ -4,7 +4,7 @@ installs the transformers and triton floors over the test environment and runs t
 installed versions). torch's floor (2.11) has no CPU build on this project's machines, so torch
 stays the test environment's.
 
-    pip install --target /tmp/lowest transformers==5.5 triton==3.6 "numpy<2.4"   # the floors (deps.FLOORS)
+    pip install --target /tmp/lowest transformers==5.6 triton==3.6 "numpy<2.4"   # the floors (deps.FLOORS)
     PYTHONPATH=/tmp/lowest MEDIX_LOWEST_DEPS=1 python -m pytest -q tests/test_lowest_versions.py
 
 numpy < 2.4 beside triton 3.6: its interpreter turns a 1-element array into an int, which numpy 2.4
