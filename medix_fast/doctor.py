@@ -3,7 +3,7 @@
     python -m medix_fast.doctor            # prints the report; exit 1 if a required package is missing or out of range
     python -m medix_fast.doctor --json     # the same report as JSON
     python -m medix_fast.doctor --no-build # skip the C++ ops (their build takes a minute the first
-                                           # time) and so the back-end table, which depends on them
+                                           # time) and so the CPU column of the back-end table
 
     from medix_fast.doctor import check
     report = check()                       # a Report: .ok, .problems, .to_dict(), .format()
@@ -49,7 +49,8 @@ class Report:
     torch_cuda: str | None  # torch.version.cuda: None for a CPU build
     devices: list[str]  # one line per visible CUDA device
     cpp: dict  # {"built": bool, "cuda_kernels": bool, "error": str | None}
-    backends: dict[str, dict[str, str]]  # op -> device type -> "cpp" | "triton" | "torch" | "error: ..."; {} with no build
+    backends: dict[str, dict[str, str]]  # op -> device type -> "cpp" | "triton" | "torch" | "error: ..."
+    # (no "cpu" column without the C++ build: the CPU choice depends on it)
     attention: dict[str, str]  # device type -> attention implementation of the policy forward
     problems: list[str]  # why a required piece is not usable; empty = supported
 
@@ -81,7 +82,7 @@ class Report:
         lines.append(f"C++ ops: {state}")
         devices = sorted({d for per_op in self.backends.values() for d in per_op})
         lines.append("kernel back-ends (" + ", ".join(devices) + "):" if self.backends
-                     else "kernel back-ends: not checked (they depend on the C++ ops)")
+                     else "kernel back-ends: not checked (on the CPU they depend on the C++ build)")
         for op, per_op in self.backends.items():
             lines.append(f"  {op:26s} " + "  ".join(f"{per_op[d]:8s}" for d in devices))
         lines.append("policy attention: " + ", ".join(f"{d} {a}" for d, a in self.attention.items()))
@@ -189,7 +190,7 @@ def check(*, build_cpp: bool = True) -> Report:
     except ImportError as exc:  # transformers missing or broken: already a problem above
         attention = {dev: f"unknown ({exc})" for dev in device_types}
     return Report(python, deps.PYTHON, packages, torch.version.cuda, _devices(), _cpp(build_cpp),
-                  _backends(device_types) if build_cpp else {}, attention, problems)
+                  _backends([d for d in device_types if build_cpp or d != "cpu"]), attention, problems)
 
 
 def main(argv: list[str] | None = None) -> int:
