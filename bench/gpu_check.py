@@ -354,6 +354,13 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m bench --gpu-check " + " ".join(a for a in (argv if argv is not None else sys.argv[1:])
                                                          if a != "--gpu-check")
     meta = header(dry, command.strip(), args.budget_s)
+    from medix_fast.doctor import check  # the environment first: versions against the declared ranges
+
+    env = check(build_cpp=False)  # the C++ ops are CPU ops: their build would only spend the budget
+    print(env.format(), flush=True)
+    with open(os.path.join(out, "doctor.json"), "w") as f:
+        json.dump(env.to_dict(), f, indent=2)
+    meta["environment"] = "supported" if env.ok else "; ".join(env.problems)
     start = time.monotonic()
     rows: list[Row] = []
     for i, name in enumerate(args.parts):

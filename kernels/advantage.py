@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from . import cpp
-from .dispatch import use_cpp, use_triton
+from .dispatch import backend_for
 
 ESTIMATORS = ("grpo", "dr_grpo", "rloo")
 _ESTIMATOR_ID = {name: i for i, name in enumerate(ESTIMATORS)}
@@ -122,10 +122,11 @@ def group_advantages(
     """
     _check(rewards, group_size, estimator)
     rewards = rewards.detach().contiguous()
-    if use_cpp(rewards):
+    path = backend_for("group_advantages", rewards)
+    if path == "cpp":
         adv, mean, std = cpp.group_advantages(rewards, group_size, _ESTIMATOR_ID[estimator], float(eps))
         stats = GroupStats(mean, std)
-    elif use_triton(rewards):
+    elif path == "triton":
         adv, stats = _launch(rewards, group_size, estimator, float(eps))
     else:
         adv, stats = _torch_group_advantages(rewards, group_size, estimator, float(eps))

@@ -26,6 +26,13 @@ import torch
 from . import cpp
 
 BACKENDS = ("auto", "triton", "torch", "cpp")
+# The public ops and their non-PyTorch implementations, in the order they are preferred.
+OPS = {
+    "group_advantages": ("cpp", "triton"),
+    "policy_loss": ("cpp",),
+    "fused_linear_logprobs": ("triton",),
+    "fused_linear_policy_loss": ("triton",),
+}
 _forced: str | None = None
 
 
@@ -100,6 +107,15 @@ def use_cpp(tensor: torch.Tensor) -> bool:
             raise RuntimeError(f"MEDIX_FAST_BACKEND=cpp but the C++ ops are unavailable ({cpp.unavailable_reason()})")
         return True
     return name == "auto" and tensor.device.type == "cpu" and not torch.compiler.is_compiling() and cpp.available()
+
+
+def backend_for(op: str, tensor: torch.Tensor) -> str:
+    """The implementation ``op`` (a key of :data:`OPS`) runs on ``tensor``'s device: ``cpp``,
+    ``triton`` or ``torch``. What each public op branches on, and what ``python -m medix_fast.doctor`` reports."""
+    for name in OPS[op]:
+        if (use_cpp if name == "cpp" else use_triton)(tensor):
+            return name
+    return "torch"
 
 
 def debug_checks() -> bool:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .dispatch import debug_checks, use_triton
+from .dispatch import backend_for, debug_checks
 from .logits_rows import row_grad, row_stats
 from .logprobs import (HeadConfig, HeadGrads, cast, check_targets, chunk_logits, chunk_rows, compute_dtype,
                        fused_linear_logprobs, no_autocast)
@@ -190,8 +190,8 @@ def fused_linear_policy_loss(hidden, weight, targets, mask, advantages, old_logp
     params = [x for x in (hidden, weight, bias) if x is not None]
     if torch.is_grad_enabled() and any(p.requires_grad for p in params):
         cfg = HeadConfig(compute_dtype(hidden), 1.0 / float(temperature),
-                         chunk_rows(max(1, h.shape[0]), weight.shape[0], chunk_size, h.device), use_triton(h),
-                         fp32_precision)
+                         chunk_rows(max(1, h.shape[0]), weight.shape[0], chunk_size, h.device),
+                         backend_for("fused_linear_policy_loss", h) == "triton", fp32_precision)
         whole_rows = o.importance_sampling_level != "token"
         row_of = rank = None
         if whole_rows:

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import debug_checks, use_triton
+from .dispatch import backend_for, debug_checks
 from .logits_rows import row_grad, row_stats
 
 
@@ -363,7 +363,7 @@ def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
     t = targets.reshape(-1).contiguous()  # (n,)
     cfg = HeadConfig(compute_dtype(hidden), 1.0 / float(temperature),
                      chunk_rows(max(1, h.shape[0]), w.shape[0], chunk_size, h.device),
-                     use_triton(h) and h.shape[0] > 0, fp32_precision)
+                     backend_for("fused_linear_logprobs", h) == "triton" and h.shape[0] > 0, fp32_precision)
     b = None if bias is None else bias.contiguous()  # (V,)
     logp, entropy = _FusedLinearLogprobs.apply(h, w, b, t, bool(return_entropy), cfg)
     logp = logp.view(lead)

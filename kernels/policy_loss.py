@@ -28,7 +28,7 @@ import math
 import torch
 
 from . import cpp
-from .dispatch import use_cpp
+from .dispatch import backend_for
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 LEVELS = ("token", "sequence", "sequence_token")
@@ -204,7 +204,7 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, ref_logprobs=None, 
     """
     o, old, adv, mask, ref, entropy, sampling = prepare(
         logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, sampling_logprobs, opts)
-    if use_cpp(logprobs):
+    if backend_for("policy_loss", logprobs) == "cpp":
         return cpp.policy_loss(logprobs, old, adv, mask, ref, entropy, sampling, o, LOSS_TYPES.index(o.loss_type),
                                LEVELS.index(o.importance_sampling_level))
     logp = logprobs.float()  # (B, T)

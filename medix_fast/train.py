@@ -40,6 +40,7 @@ import resource
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -218,7 +219,12 @@ class Trainer:
         metrics.update(self.updater.update(seqs))
         t2 = time.perf_counter()
         metrics["lr"] = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # The schedule counts training steps, updated or not (no group kept, every update
+            # non-finite): torch's "lr_scheduler.step() before optimizer.step()" on a first step
+            # without an update is that case, not a wrong order.
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
+            self.scheduler.step()
         self.step = step
         if self.evaluator and step % self.cfg.eval.every == 0:
             metrics.update(self.evaluate(step))

@@ -2,6 +2,7 @@
 process and lands in the report with the header a reader of GPU figures needs; a part that fails,
 overruns or finds the budget spent is a row, not the end of the check. About 30 s of 2 cores."""
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -38,6 +39,8 @@ def test_dry_run_exercises_every_part(tmp_path):
     assert meta["command"].startswith("python -m bench --gpu-check") and "dry run" in meta["mode"]
     assert (tmp_path / "check.md").read_text().count("## ") == 4
     assert (tmp_path / "command.txt").exists() and all((tmp_path / f"{p}.log").exists() for p in PARTS)
+    doctor = json.loads((tmp_path / "doctor.json").read_text())  # the environment, checked first
+    assert meta["environment"] == ("supported" if doctor["ok"] else "; ".join(doctor["problems"]))
     by_part = {p: [r for r in rows if r["part"] == p] for p in PARTS}
     tests = by_part["tests"]
     assert len(tests) >= 10 and all(r["status"].startswith("skipped") for r in tests)  # no GPU here

@@ -92,7 +92,7 @@ def test_sigterm_finishes_the_step_and_checkpoints(tmp_path):
     assert C.latest_checkpoint(out).name == f"step_{steps[-1]:08d}"
 
 
-def test_nonfinite_updates_are_skipped_then_training_stops(tmp_path, monkeypatch, capsys):
+def test_nonfinite_updates_are_skipped_then_training_stops(tmp_path, monkeypatch, capsys, recwarn):
     import medix_fast.rl.update as update
 
     def nan_loss(*args, **kwargs):
@@ -108,6 +108,9 @@ def test_nonfinite_updates_are_skipped_then_training_stops(tmp_path, monkeypatch
     records = read_metrics(out / "metrics.jsonl")
     assert [r["skipped_updates"] for r in records] == [1.0, 1.0]  # (eval off: no step-0 record)
     assert all(r["optimizer_steps"] == 0 for r in records)
+    # the schedule still advances per training step, without torch's ordering warning
+    assert records[0]["lr"] < records[1]["lr"]
+    assert not [w for w in recwarn if "lr_scheduler" in str(w.message)]
 
 
 def test_bad_config_key_or_checkpoint_is_named(capsys, tmp_path):

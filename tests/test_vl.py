@@ -16,6 +16,7 @@ from PIL import Image
 from medix_fast.demo import sample_images
 from medix_fast.config import DataConfig
 from medix_fast.data import DataError, Example, build_prompts, load_examples
+from medix_fast.model.compat import hf_image_kwargs
 from medix_fast.model.forward import hidden_states, lm_head, mrope_positions
 from medix_fast.model.loading import load_image_processor, load_model
 from medix_fast.data.loader import SAMPLE_DIR as DATA_DIR
@@ -143,12 +144,11 @@ def test_sampler_greedy_matches_generate_with_images(vl, prompts):
     differs_without_mrope = False
     for i, (x, p) in enumerate(zip(ids, pix)):
         x = torch.tensor([x])
-        kw = {} if p is None else dict(pixel_values=p.pixel_values, image_grid_thw=p.image_grid_thw,
-                                       mm_token_type_ids=(x == model.config.image_token_id).int())
+        kw = hf_image_kwargs(model, x, p.pixel_values, p.image_grid_thw) if p is not None else {}
         ref = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=16, do_sample=False,
                              eos_token_id=None, **kw)[0, x.shape[1]:].tolist()
         assert out.completion_ids[2 * i] == out.completion_ids[2 * i + 1] == ref, i
-        if p is not None:  # same image, plain 1-D positions: the check above would have caught them
+        if p is not None:  # same image without mm_token_type_ids: 1-D positions, which the check above catches
             plain = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=16, do_sample=False,
                                    eos_token_id=None, pixel_values=p.pixel_values, image_grid_thw=p.image_grid_thw)
             differs_without_mrope |= plain[0, x.shape[1]:].tolist() != ref
@@ -220,8 +220,8 @@ def test_qwen3_vl_loads_and_samples_like_generate(vl, prompts, tmp_path):
     for i, (p, b) in enumerate(zip(prompts, pix)):
         x = torch.tensor([p.ids])
         ref = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=10, do_sample=False,
-                             eos_token_id=None, pixel_values=b.pixel_values, image_grid_thw=b.image_grid_thw,
-                             mm_token_type_ids=(x == model.config.image_token_id).int())[0, x.shape[1]:].tolist()
+                             eos_token_id=None, **hf_image_kwargs(model, x, b.pixel_values, b.image_grid_thw)
+                             )[0, x.shape[1]:].tolist()
         assert out.completion_ids[2 * i] == out.completion_ids[2 * i + 1] == ref, i
 
 

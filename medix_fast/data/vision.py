@@ -7,7 +7,7 @@
     pix = vision.encode([image])                                    # pixel_values, image_grid_thw, tokens
     ids = expand_image_tokens(ids, vision.image_token_id, pix.tokens)  # one <|image_pad|> -> n tokens
 
-The image processor is transformers' PIL/numpy one (``backend="pil"``), so no torchvision is
+The image processor is transformers' PIL/numpy one (``Qwen2VLImageProcessorPil``), so no torchvision is
 needed; the token expansion is done here because transformers' ``Qwen*VLProcessor`` insists on
 a torchvision video processor. A bad image raises :class:`~medix_fast.errors.DataError` naming
 the row and the file.

@@ -37,6 +37,7 @@ from transformers import DynamicCache, PreTrainedTokenizerFast, Qwen2Config, Qwe
 
 from ..data.loader import sample_path
 from ..data.prompt import FORMAT_TAGS, INSTRUCTION, MODALITY_TAGS, build_messages, split_solution
+from ..model.compat import cache_kwargs
 
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 CHAT_TEMPLATE = (
@@ -152,14 +153,14 @@ def shared_prefix_loss(model: Qwen2ForCausalLM, examples: list, prefix_len: int,
     """
     prefix = torch.tensor([examples[0][0][:prefix_len]])  # (1, P)
     cache = DynamicCache()
-    model.model(input_ids=prefix, past_key_values=cache, use_cache=True)
+    model.model(input_ids=prefix, **cache_kwargs(model.model, cache), use_cache=True)
     cache.batch_repeat_interleave(len(examples))
     batch = collate([(p[prefix_len:], r) for p, r in examples], pad_id)
     B, T = batch["input_ids"].shape
     mask = torch.cat([torch.ones(B, prefix_len, dtype=torch.long), batch["attention_mask"]], 1)  # (B, P + T)
     positions = torch.arange(prefix_len, prefix_len + T).expand(B, T)  # (B, T)
     hidden = model.model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions,
-                         past_key_values=cache).last_hidden_state  # (B, T, H)
+                         **cache_kwargs(model.model, cache)).last_hidden_state  # (B, T, H)
     targets = batch["labels"][:, 1:]  # (B, T - 1): position t predicts token t + 1
     keep = targets != -100  # (B, T - 1)
     logits = model.lm_head(hidden[:, :-1][keep])  # (N, V)

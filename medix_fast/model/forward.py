@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from .loading import image_token_id, is_vl
+from .compat import cache_kwargs, image_token_types
+from .loading import is_vl
 
 
 def mrope_positions(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -20,7 +21,7 @@ def mrope_positions(model: PreTrainedModel, input_ids: torch.Tensor, attention_m
     count on all three axes, an image's tokens take its (t, h, w) grid positions from the text
     position before it, and the text after it resumes at that position + the grid's larger side.
     Padding (``attention_mask`` 0, left or right) gets 0."""
-    types = (input_ids == image_token_id(model)).int()  # (B, T): 1 on image tokens
+    types = image_token_types(model, input_ids)  # (B, T): 1 on image tokens
     positions, _ = model.model.get_rope_index(input_ids, types, image_grid_thw=image_grid_thw,
                                               attention_mask=attention_mask)
     return positions  # (3, B, T)
@@ -64,22 +65,24 @@ def prompt_hidden_states(
     model: PreTrainedModel,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    past_key_values=None,
+    cache=None,
     pixel_values: torch.Tensor | None = None,
     image_grid_thw: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompts (B, P) through the model once, filling ``past_key_values``: their hidden
+    """Left-padded prompts (B, P) through the model once, filling ``cache`` (a transformers
+    ``Cache``, or None for no cache): their hidden
     states (B, P, H) and the position each one's continuation starts at (B,). Text: the token count;
     VL: the largest mrope position + 1 (the images go through the vision tower here)."""
     if is_vl(model):
         positions = mrope_positions(model, input_ids, attention_mask, image_grid_thw)  # (3, B, P)
         out = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                           pixel_values=pixel_values, image_grid_thw=image_grid_thw,
-                          past_key_values=past_key_values, use_cache=past_key_values is not None)
+                          **cache_kwargs(model.model, cache), use_cache=cache is not None)
         return out.last_hidden_state, positions.amax((0, 2)) + 1  # (B, P, H), (B,)
     positions = (attention_mask.cumsum(1) - 1).clamp(min=0)  # (B, P)
-    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                              past_key_values=past_key_values, use_cache=past_key_values is not None)
+    decoder = model.get_decoder()
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                  **cache_kwargs(decoder, cache), use_cache=cache is not None)
     return out.last_hidden_state, attention_mask.sum(1)  # (B, P, H), (B,)
 
 
@@ -88,13 +91,14 @@ def continuation_hidden_states(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     start: torch.Tensor,
-    past_key_values,
+    cache,
 ) -> torch.Tensor:
-    """Hidden states (B, C, H) of tokens that continue the prompts in ``past_key_values`` (from
+    """Hidden states (B, C, H) of tokens that continue the prompts in ``cache`` (from
     :func:`prompt_hidden_states`, its start positions ``start`` (B,) repeated to B rows if the
     cache was). ``attention_mask`` (B, P + C) covers prompt and continuation. Positions are
     ``start + 0, 1, ...``, the same on the three mrope axes of a VL model (text after the image)."""
     positions = start[:, None] + torch.arange(input_ids.shape[1], device=input_ids.device)  # (B, C)
-    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                              past_key_values=past_key_values, use_cache=True)
+    decoder = model.get_decoder()
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                  **cache_kwargs(decoder, cache), use_cache=True)
     return out.last_hidden_state  # (B, C, H)

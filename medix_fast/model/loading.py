@@ -24,8 +24,9 @@ import os
 import pathlib
 
 import torch
-from transformers import (AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText,
-                          AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer,
+                          PreTrainedModel, PreTrainedTokenizerBase)
+from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
 
 from ..demo.cache import TINY_NAMES, ensure_tiny_model
 from .moe import experts_implementation as choose_experts, is_moe
@@ -141,11 +142,13 @@ def is_vl(model: PreTrainedModel) -> bool:
 
 
 def load_image_processor(path: str | os.PathLike):
-    """The VL checkpoint's image processor, PIL/numpy back-end (works without torchvision)."""
+    """The VL checkpoint's image processor, PIL/numpy back-end (works without torchvision). Both
+    supported VL families (Qwen2.5-VL, Qwen3-VL) use the Qwen2-VL image processor, named here
+    directly: ``AutoImageProcessor`` needs torchvision before transformers 5.18, even for ``backend="pil"``."""
     path = resolve_model_path(path)
     if not (path / "preprocessor_config.json").is_file():
         raise ValueError(f"no image processor in {str(path)!r}: expected preprocessor_config.json")
-    return AutoImageProcessor.from_pretrained(path, backend="pil", local_files_only=True)
+    return Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
 
 
 def set_vision_trainable(model: PreTrainedModel, trainable: bool) -> None:

@@ -1,0 +1,207 @@
+"""Is this environment one medix_fast supports, and what will run here?
+
+    python -m medix_fast.doctor            # prints the report; exit 1 if a required package is missing or out of range
+    python -m medix_fast.doctor --json     # the same report as JSON
+    python -m medix_fast.doctor --no-build # skip the C++ ops (their build takes a minute the first
+                                           # time) and so the CPU column of the back-end table
+
+    from medix_fast.doctor import check
+    report = check()                       # a Report: .ok, .problems, .to_dict(), .format()
+
+It reads the installed versions of Python and of every package ``medix_fast/deps.py`` declares
+(torch with its CUDA, triton, transformers, ...; the optional flash-attn, liger-kernel, trl, ...),
+compares them with the declared ranges, lists the CUDA devices, builds the C++ ops of ``csrc/``,
+and prints which back-end each kernel op takes on each device (``medix_fast.kernels.dispatch``)
+and which attention the policy forward uses, with the command that installs what is missing.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import warnings
+from importlib import metadata
+
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
+
+from . import deps
+
+
+@dataclasses.dataclass
+class Package:
+    name: str  # distribution name
+    version: str | None  # installed version, None when not installed
+    spec: str  # declared range ("" = any version)
+    required: bool
+    ok: bool  # installed and inside ``spec``
+    hint: str  # what to run (and, for an optional package, what it buys)
+
+
+@dataclasses.dataclass
+class Report:
+    python: str
+    python_spec: str
+    packages: list[Package]
+    torch_cuda: str | None  # torch.version.cuda: None for a CPU build
+    devices: list[str]  # one line per visible CUDA device
+    cpp: dict  # {"built": bool, "cuda_kernels": bool, "error": str | None}
+    backends: dict[str, dict[str, str]]  # op -> device type -> "cpp" | "triton" | "torch" | "error: ..."
+    # (no "cpu" column without the C++ build: the CPU choice depends on it)
+    attention: dict[str, str]  # device type -> attention implementation of the policy forward
+    problems: list[str]  # why a required piece is not usable; empty = supported
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "ok": self.ok}
+
+    def format(self) -> str:
+        lines = [f"python {self.python} {'ok' if _in(self.python, self.python_spec) else 'OUT OF RANGE'} "
+                 f"({self.python_spec})"]
+        for required in (True, False):
+            lines.append("required packages:" if required else "optional packages:")
+            for p in (p for p in self.packages if p.required == required):
+                state = "ok" if p.ok else ("missing" if p.version is None else "OUT OF RANGE")
+                if not required and p.version is None:
+                    state = "not installed"
+                lines.append(f"  {p.name:22s} {p.version or '-':16s} {state:14s} {p.spec or 'any'}")
+                if not p.ok:
+                    lines.append(f"      {p.hint}")
+        build = f"CUDA {self.torch_cuda}" if self.torch_cuda else "CPU build"
+        lines.append(f"torch build: {build}; CUDA devices: {len(self.devices) or 'none'}")
+        lines += [f"  {d}" for d in self.devices]
+        cpp = self.cpp
+        state = ("built" + (" (CPU and CUDA kernels)" if cpp["cuda_kernels"] else " (CPU)")) if cpp["built"] \
+            else "not built" if cpp["error"] is None else f"unavailable: {cpp['error']}"
+        lines.append(f"C++ ops: {state}")
+        devices = sorted({d for per_op in self.backends.values() for d in per_op})
+        lines.append("kernel back-ends (" + ", ".join(devices) + "):" if self.backends
+                     else "kernel back-ends: not checked (on the CPU they depend on the C++ build)")
+        for op, per_op in self.backends.items():
+            lines.append(f"  {op:26s} " + "  ".join(f"{per_op[d]:8s}" for d in devices))
+        lines.append("policy attention: " + ", ".join(f"{d} {a}" for d, a in self.attention.items()))
+        lines.append("result: supported" if self.ok else
+                     f"result: {len(self.problems)} problem(s)\n" + "\n".join(f"  - {p}" for p in self.problems))
+        return "\n".join(lines)
+
+
+def installed_version(dist: str) -> str | None:
+    """The installed version of distribution ``dist``, or None."""
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _in(version: str, spec: str) -> bool:
+    try:
+        return SpecifierSet(spec).contains(Version(version), prereleases=True)  # nightlies / local builds count
+    except InvalidVersion:
+        return False
+
+
+def _packages() -> list[Package]:
+    out = []
+    for line in deps.INSTALL_REQUIRES:
+        req = Requirement(line)
+        if req.marker is not None and not req.marker.evaluate():
+            continue  # e.g. triton off Linux
+        version, spec = installed_version(req.name), str(req.specifier)
+        out.append(Package(req.name, version, spec, True, version is not None and _in(version, spec),
+                           deps.INSTALL.get(req.name, f"pip install '{req.name}{spec}'")))
+    for name, use in deps.OPTIONAL_USE.items():
+        version = installed_version(name)
+        out.append(Package(name, version, "", False, version is not None,
+                           f"{use}: {deps.INSTALL.get(name, f'pip install {name}')}"))
+    return out
+
+
+def _devices() -> list[str]:
+    import torch
+
+    out = []
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        out.append(f"cuda:{i} {p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, "
+                   f"{p.total_memory / 2**30:.1f} GiB")
+    return out
+
+
+def _cpp(build: bool) -> dict:
+    import torch
+
+    from .kernels import cpp
+
+    if not build:
+        return {"built": False, "cuda_kernels": False, "error": None}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the build failure is reported below instead
+        built = cpp.available()
+    return {"built": built, "cuda_kernels": built and torch.cuda.is_available() and cpp.supports(torch.device("cuda")),
+            "error": cpp.unavailable_reason()}
+
+
+def _backends(device_types: list[str]) -> dict[str, dict[str, str]]:
+    import torch
+
+    from .kernels import dispatch
+
+    out = {}
+    for op in dispatch.OPS:
+        out[op] = {}
+        for dev in device_types:
+            try:
+                out[op][dev] = dispatch.backend_for(op, torch.empty(0, device=dev))
+            except RuntimeError as exc:  # a forced back-end that cannot run here
+                out[op][dev] = f"error: {exc}"
+    return out
+
+
+def _attention(device_types: list[str]) -> dict[str, str]:
+    from .model.loading import attention_backend
+
+    return {dev: attention_backend(dev) for dev in device_types}
+
+
+def check(*, build_cpp: bool = True) -> Report:
+    """The report for this environment (see the module docstring). Needs only torch and packaging
+    to run; every missing or out-of-range required package is listed in ``problems``."""
+    python = platform.python_version()
+    packages = _packages()
+    problems = [] if _in(python, deps.PYTHON) else [f"python {python} is outside {deps.PYTHON}"]
+    for p in packages:
+        if p.required and not p.ok:
+            state = "not installed" if p.version is None else f"{p.version} is outside {p.spec}"
+            problems.append(f"{p.name} {state}: {p.hint}")
+    try:
+        import torch
+    except ImportError:
+        return Report(python, deps.PYTHON, packages, None, [], {"built": False, "cuda_kernels": False,
+                      "error": "torch is not importable"}, {}, {}, problems)
+    device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    try:
+        attention = _attention(device_types)
+    except ImportError as exc:  # transformers missing or broken: already a problem above
+        attention = {dev: f"unknown ({exc})" for dev in device_types}
+    return Report(python, deps.PYTHON, packages, torch.version.cuda, _devices(), _cpp(build_cpp),
+                  _backends([d for d in device_types if build_cpp or d != "cpu"]), attention, problems)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m medix_fast.doctor", description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--no-build", action="store_true", help="do not build the C++ ops")
+    args = parser.parse_args(argv)
+    report = check(build_cpp=not args.no_build)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
