@@ -36,11 +36,10 @@ def run_update(groups: int, mini_groups: int, autocast: torch.dtype | None = Non
     return updater.update(seqs), model
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="kernels autocast: merged from h1-kernels")
 def test_whole_update_under_bf16_autocast_matches_fp32():
     """Per parameter, the bf16 update is within 5 % of the fp32 one (bf16 rounding through two
-    layers, forward and backward). The LM-head kernels run inside the autocast region: they must
-    own their dtypes there."""
+    layers, forward and backward). The LM-head kernels run inside the autocast region and own their
+    dtypes there."""
     want, fp32 = run_update(4, 2)
     got, bf16 = run_update(4, 2, autocast=torch.bfloat16)
     assert got["optimizer_steps"] == want["optimizer_steps"] == 2
@@ -53,7 +52,7 @@ def test_whole_update_under_bf16_autocast_matches_fp32():
     assert max(errors) > 1e-4  # autocast really ran in bf16
 
 
-BOUND = 44  # syncs of this two-mini-batch update today: 38, whatever the batch size
+BOUND = 32  # syncs of this two-mini-batch update today: 26, whatever the batch size
 
 
 @pytest.mark.parametrize("groups", [4, 12])
