@@ -37,7 +37,9 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest", "pytest-benchmark", "hypothesis", "pytest-xdist", "sentence-transformers"],
+    # pyarrow / datasets / liger-kernel: the Parquet, datasets-directory and Liger tests run, never skip
+    "test": ["pytest", "pytest-benchmark", "hypothesis", "pytest-xdist", "sentence-transformers", "pyarrow",
+             "datasets", "liger-kernel"],
     "gpu": ["flash-attn", "liger-kernel"],
     "bench": ["liger-kernel", "cut-cross-entropy", "trl"],  # bench/ baselines
     "logging": ["tensorboard"],

@@ -13,6 +13,11 @@ N nodes (node 0's address reachable by the others):
 (set ``NCCL_SOCKET_IFNAME`` / ``NCCL_IB_HCA`` for your network; ``train.output_dir`` must be on
 storage every node can read for ``--resume``; rank 0 writes the model and metrics).
 
+Every collective of the trainer goes through this file: tensors through :func:`all_reduce` (or
+:func:`reduce_scalars`, a named dict in one call), which puts them on the training device first
+(NCCL takes no CPU tensors), and Python objects through :func:`broadcast_object` /
+:func:`gather_objects`.
+
 Each rank samples and scores its own prompts (whole groups), computes its loss on them, and the
 gradients are averaged by DDP or reduce-scattered by FSDP2. With FSDP2 (``fully_shard`` on every
 decoder layer, every vision block of a VL model and the root, as MediX-R1 / veRL wrap the model's
@@ -75,12 +80,48 @@ def close() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """In-place all-reduce (``sum`` / ``max`` / ``min``) when distributed; returns ``t``."""
+def all_reduce(values: torch.Tensor | list, device: torch.device, op: str = "sum") -> torch.Tensor:
+    """``values`` (a tensor, or a list of numbers) reduced over the ranks (``sum`` / ``max`` / ``min``),
+    as a tensor on ``device``, the training device (``DistInfo.device``).
+
+    The one caller of torch.distributed's tensor collectives: NCCL takes device tensors only, so
+    whatever the caller holds is put on ``device`` here (a host list in one copy; a tensor already
+    there is reduced in place)."""
+    t = torch.as_tensor(values, device=device)
     if dist.is_initialized():
         ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
         dist.all_reduce(t, op=ops[op])
     return t
+
+
+def reduce_scalars(values: dict[str, float | torch.Tensor], device: torch.device, op: str = "sum") -> dict[str, float]:
+    """Named scalars (Python numbers or 0-dim tensors) reduced over the ranks in one all-reduce of
+    one fp64 tensor on ``device``, read back on the host once. Every rank passes the same names."""
+    host = [k for k, v in values.items() if not isinstance(v, torch.Tensor)]
+    held = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
+    parts = [torch.tensor([float(values[k]) for k in host], dtype=torch.float64, device=device)]  # (n_host,)
+    if held:
+        parts.append(torch.stack([values[k].reshape(()) for k in held]).to(device, torch.float64))  # (n_held,)
+    total = all_reduce(torch.cat(parts), device, op)  # (n,)
+    return dict(zip(host + held, total.tolist()))
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank (as is when not distributed)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj) -> list | None:
+    """Every rank's ``obj`` in rank order on rank 0 (None elsewhere); ``[obj]`` when not distributed."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
 
 
 def barrier() -> None:

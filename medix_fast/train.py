@@ -211,10 +211,11 @@ class Trainer:
         with D.generation_mode(self.wrapped):
             seqs, metrics = self.rollout.collect(step)
         t1 = time.perf_counter()
-        groups = D.all_reduce(torch.tensor([len(seqs.completion_ids) // seqs.group_size])).item()
-        seq_tokens = D.all_reduce(torch.tensor([float(sum(len(p) + len(c) for p, c in
-                                                          zip(seqs.prompt_ids, seqs.completion_ids)))])).item()
-        if not groups:
+        sizes = D.reduce_scalars({"groups": len(seqs.completion_ids) // seqs.group_size,
+                                  "tokens": sum(len(p) + len(c) for p, c in zip(seqs.prompt_ids, seqs.completion_ids))},
+                                 dev)
+        seq_tokens = sizes["tokens"]
+        if not sizes["groups"]:
             log.warning("step %d: no group with a learning signal was kept; no update", step)
         metrics.update(self.updater.update(seqs))
         t2 = time.perf_counter()
@@ -274,7 +275,7 @@ class Trainer:
                 if self.updater.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
                     raise TrainingDiverged(f"{self.updater.nonfinite_in_a_row} updates in a row had a NaN/inf loss or "
                                            f"gradient (train.max_nonfinite_steps={cfg.train.max_nonfinite_steps})")
-                stop = bool(D.all_reduce(torch.tensor([int(self.stop_requested)]), "max").item())
+                stop = bool(D.reduce_scalars({"stop": self.stop_requested}, self.info.device, "max")["stop"])
                 every = cfg.checkpoint.every
                 if stop or self.step == cfg.train.steps or (every and self.step % every == 0):
                     path = self.save()

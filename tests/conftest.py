@@ -1,7 +1,9 @@
 """Test set-up: the Triton kernels run under the interpreter on CPU-only machines, and the
 ``backend`` fixture runs a kernel test once per implementation (``MEDIX_TEST_BACKENDS`` narrows it;
 ``cpp`` joins by default when the C++ ops build here). Tests marked ``cuda`` need a CUDA GPU and
-are skipped without one; ``pytest -m cuda`` selects them (``python -m bench --gpu-check`` runs them)."""
+are skipped without one; ``pytest -m cuda`` selects them (``python -m bench --gpu-check`` runs them).
+Every run draws the same numbers: torch's global generator is seeded before each test (so a bare
+``torch.randn`` is reproducible too) and hypothesis is derandomised, with no example database."""
 import os
 
 import torch
@@ -10,8 +12,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton.jit
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 from medix_fast.kernels import cpp, force_backend  # noqa: E402
+
+settings.register_profile("deterministic", derandomize=True, database=None)
+settings.load_profile("deterministic")
 
 BACKENDS = os.environ.get("MEDIX_TEST_BACKENDS", "torch,triton" + (",cpp" if cpp.available() else "")).split(",")
 
@@ -34,3 +40,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed_torch():
+    """The same global-generator stream for every test, whatever ran before it."""
+    torch.manual_seed(0)

@@ -79,3 +79,22 @@ def group_advantages(rewards, group_size, estimator="grpo", eps=1e-6):
             else:
                 out.append(x - (mean * group_size - x) / (group_size - 1))
     return torch.tensor(out, dtype=torch.float64)
+
+
+# Importance ratios in every region of the clipped objective with epsilon_low=0.2, epsilon_high=0.28,
+# clip_ratio_c=3: below 1 - eps_low, inside, above 1 + eps_high, above c (each 0.01+ from an edge).
+CLIP_EDGES = dict(epsilon_low=0.2, epsilon_high=0.28, clip_ratio_c=3.0)
+CLIP_RATIOS = (0.3, 0.79, 0.9, 1.0, 1.1, 1.27, 1.29, 2.0, 2.9, 3.1, 5.0, 9.0)
+CLIP_ADVANTAGES = (1.3, -0.7, 0.4, -2.0)  # one row each: both signs, twice
+
+
+def clip_regions(ratio, adv, mask):
+    """Token counts (valid tokens) of each clip region and advantage sign; asserts every one occurs."""
+    valid = mask.bool()
+    a = adv[:, None].expand_as(ratio) if adv.dim() == 1 else adv
+    e = CLIP_EDGES
+    regions = {"low": ratio < 1 - e["epsilon_low"], "high": ratio > 1 + e["epsilon_high"], "dual": ratio > e["clip_ratio_c"]}
+    counts = {(name, sign): int((valid & region & (a > 0 if sign == "+" else a < 0)).sum())
+              for name, region in regions.items() for sign in "+-"}
+    assert all(counts.values()), counts
+    return counts

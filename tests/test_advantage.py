@@ -33,11 +33,19 @@ def test_bf16_rewards_and_no_grad(backend):
 @settings(max_examples=25, deadline=None)
 @given(group_size=st.integers(2, 9), groups=st.integers(1, 6), seed=st.integers(0, 10_000),
        estimator=st.sampled_from(["grpo", "dr_grpo", "rloo"]))
-def test_zero_group_mean(group_size, groups, seed, estimator):
+def test_zero_group_mean_and_reward_order(group_size, groups, seed, estimator):
+    """Zero mean per group, and (which an all-zero output would not give) the rewards' order within
+    each group with a positive spread, unit std under grpo."""
     g = torch.Generator().manual_seed(seed)
     rewards = torch.randn(group_size * groups, generator=g) * 3
     adv = group_advantages(rewards, group_size, estimator=estimator)
-    assert torch.allclose(adv.view(groups, group_size).mean(1), torch.zeros(groups), atol=1e-5)
+    grouped, r = adv.view(groups, group_size), rewards.view(groups, group_size)
+    assert torch.allclose(grouped.mean(1), torch.zeros(groups), atol=1e-5)
+    higher = r[:, :, None] > r[:, None, :]  # (groups, G, G): reward i above reward j
+    assert torch.equal(higher, grouped[:, :, None] > grouped[:, None, :])
+    assert torch.all(grouped.amax(1) - grouped.amin(1) > 0)
+    if estimator == "grpo":
+        torch.testing.assert_close(grouped.std(1), torch.ones(groups), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("args,match", [

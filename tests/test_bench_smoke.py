@@ -3,7 +3,8 @@
 Runs ``python -m bench --smoke --threads 1`` in a subprocess (about 40 s of one core; one thread so
 that a busy CI machine does not stall it) and checks that every medix_fast case ran and produced a
 complete row, and that the CSV and Markdown carry the header a reader needs; a second run checks
-one benchmark in the isolated (fresh process per case) mode.
+one benchmark in the isolated (fresh process per case) mode. ``bench/``'s own pytest front end
+(``bench/test_bench_cases.py``) runs here too, each case once at its smoke size, so CI runs it.
 """
 import csv
 import math
@@ -16,10 +17,15 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _bench(tmp_path, *args):
+def _clean_env() -> dict:
+    """As a user runs the benchmarks: no forced back-end, no Triton interpreter, one thread."""
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MEDIX_FAST_BACKEND")}
+    return {**env, "OMP_NUM_THREADS": "1"}
+
+
+def _bench(tmp_path, *args):
     proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--threads", "1", "--out", str(tmp_path), *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(tmp_path / "cpu_smoke.csv") as f:
         lines = f.read().splitlines()
@@ -68,6 +74,16 @@ def test_isolated_mode_measures_in_fresh_processes(tmp_path):
     assert {r["bench"] for r in rows} == {"advantages"}
     assert "fresh process per case" in meta["cases"]
     _check_subject_rows(rows)
+
+
+def test_bench_pytest_front_end_runs_every_case_once(tmp_path):
+    """``pytest bench/`` with timing off: every case's callable runs once (a medix_fast case that
+    fails fails the run; a baseline that cannot run here is a skip with its reason)."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
+                           "bench/"], cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "failed" not in summary and "error" not in summary, summary
 
 
 def test_unknown_only_name_is_an_error(tmp_path):

@@ -76,7 +76,7 @@ def test_column_names_are_configurable(tmp_path):
 
 
 def test_parquet_rows(tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     path = tmp_path / "d.parquet"
@@ -87,7 +87,7 @@ def test_parquet_rows(tmp_path):
 
 
 def test_datasets_directory(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets
     data = datasets.Dataset.from_list([GOOD, {"problem": "q", "solution": "<OCT_SCAN> drusen"}])
     data.save_to_disk(str(tmp_path / "ds"))
     assert [e.solution for e in load_examples([str(tmp_path / "ds")], DataConfig())] == [GOOD["solution"],

@@ -117,3 +117,28 @@ def test_bad_shapes():
         policy_loss(logp[0], old[0], adv, mask[0])
     with pytest.raises(ValueError, match="old_logprobs must have the shape"):
         policy_loss(logp, old[:, :3], adv, mask)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_every_clip_region_and_advantage_sign_matches_fp64(backend, loss_type):
+    """Ratios below 1 - eps_low, above 1 + eps_high and above the dual clip c, on rows of each
+    advantage sign; loss, gradient and clip fractions against the fp64 reference."""
+    from reference import CLIP_ADVANTAGES, CLIP_EDGES, CLIP_RATIOS, clip_regions
+
+    ratio = torch.tensor(CLIP_RATIOS).expand(len(CLIP_ADVANTAGES), -1)  # (4, 12)
+    logp = (-torch.rand(ratio.shape, generator=torch.Generator().manual_seed(11)) * 3).requires_grad_()
+    old = logp.detach() - ratio.log()
+    adv = torch.tensor(CLIP_ADVANTAGES)
+    mask = torch.ones(ratio.shape)
+    mask[2, -2:] = 0
+    counts = clip_regions(ratio, adv, mask)
+    opts = dict(loss_type=loss_type, max_completion_length=ratio.shape[1], **CLIP_EDGES)
+    loss, metrics = policy_loss(logp, old, adv, mask, **opts)
+    expected, _ = ref_policy_loss(logp, old, adv, mask, **opts)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(loss, logp)[0].double(),
+                               torch.autograd.grad(expected, logp)[0].double(), rtol=1e-5, atol=1e-7)
+    n = mask.sum().item()
+    assert metrics["clip_dual"].item() == pytest.approx(counts["dual", "-"] / n)
+    assert metrics["clip_low"].item() == pytest.approx(counts["low", "-"] / n)
+    assert metrics["clip_high"].item() == pytest.approx(counts["high", "+"] / n)

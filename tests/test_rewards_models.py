@@ -1,5 +1,6 @@
-"""The two reward models: the batched LLM judge against itself one prompt at a time (a tiny random
-Qwen3 with a byte-level tokenizer built here), and the batched sentence encoder against
+"""The two reward models: the batched LLM judge against itself one prompt at a time, against
+log P(YES) - log P(NO) of a plain unpadded forward, and rigged so that its verdict is known (a tiny
+random Qwen3 with a byte-level tokenizer built here), and the batched sentence encoder against
 ``sentence_transformers`` pair by pair on the bundled all-MiniLM-L6-v2.
 
 Run: pytest tests/test_rewards_models.py
@@ -68,6 +69,59 @@ def test_judge_batched_equals_one_prompt_at_a_time(tiny_judge):
     assert batched.abs().min() > 1e-3 and len(set(judge.verdict(list(pred), list(gt)).tolist())) == 2
     judge.max_batch_tokens = 400  # several length-sorted chunks give the same margins
     torch.testing.assert_close(judge.margin(list(pred), list(gt)), single, atol=1e-4, rtol=1e-4)
+
+
+def test_judge_margin_is_log_p_yes_minus_log_p_no_of_a_plain_forward(tiny_judge):
+    """Each pair alone, unpadded, through the plain HF forward: log P(YES) - log P(NO) of the first
+    reply token, the first tokens of "YES" and "NO" found here."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_judge)
+    model = AutoModelForCausalLM.from_pretrained(tiny_judge).eval()
+    yes, no = tokenizer.encode("YES", add_special_tokens=False)[0], tokenizer.encode("NO", add_special_tokens=False)[0]
+    expected = []
+    for predicted, truth in PAIRS:
+        messages = [{"role": "user", "content": judge_prompt(predicted, truth)}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, -1].double(), -1)
+        expected.append(logp[yes] - logp[no])
+    expected = torch.stack(expected).float()
+    judge = Judge(tiny_judge)
+    pred, gt = map(list, zip(*PAIRS))
+    torch.testing.assert_close(judge.margin(pred, gt), expected, atol=1e-4, rtol=1e-4)
+    assert judge.verdict(pred, gt).tolist() == (expected > 0).float().tolist()
+    assert 0 < int((expected > 0).sum()) < len(PAIRS)  # both verdicts occur
+
+
+@pytest.mark.parametrize("winner", ["YES", "NO"])
+def test_rigged_judge_gives_its_known_verdict(tiny_judge, tmp_path, winner):
+    """The tiny judge rigged so that one answer wins for every input: the attention and MLP outputs
+    are zeroed, so the last position's hidden state is the normed embedding of the prompt's last
+    token (the same for every pair), and the LM-head rows of Y and N point along it, winner first."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_judge)
+    model = AutoModelForCausalLM.from_pretrained(tiny_judge)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        last = tokenizer("\n", add_special_tokens=False)["input_ids"][-1]  # the rendered prompt ends with it
+        h = model.model(input_ids=torch.tensor([[last]])).last_hidden_state[0, -1]
+        first = {w: tokenizer.encode(w, add_special_tokens=False)[0] for w in ("YES", "NO")}
+        sign = {"YES": 1.0, "NO": -1.0}[winner]
+        model.lm_head.weight[first["YES"]] = sign * 5 * h / h.norm()
+        model.lm_head.weight[first["NO"]] = -sign * 5 * h / h.norm()
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    judge = Judge(str(tmp_path))
+    assert judge.render("x", "y").endswith("\n")
+    pred, gt = map(list, zip(*PAIRS))
+    margins = judge.margin(pred, gt)
+    assert (margins * sign > 1.0).all(), margins
+    assert judge.verdict(pred, gt).tolist() == [float(winner == "YES")] * len(PAIRS)
 
 
 def test_judge_prompt_goes_through_chat_template_with_thinking_off(tiny_judge):

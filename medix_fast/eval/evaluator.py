@@ -31,8 +31,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch.distributed as dist
-
 from .. import distributed as D
 from ..data import Example, build_prompts
 from .results import (ResumeError, check_settings, read_records, summarize, to_metrics,
@@ -81,22 +79,6 @@ def sampler_generate(sampler, tokenizer, stop_token_ids: list[int], settings: Ev
         return [Generation(t, len(c), r) for t, c, r in zip(texts, out.completion_ids, out.finish_reasons)]
 
     return generate
-
-
-def _broadcast(obj):
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _gather(obj) -> list:
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(obj, out, dst=0)
-    return out
 
 
 class Evaluator:
@@ -170,7 +152,7 @@ class Evaluator:
                 pending = self._pending(out, fingerprint, overwrite)
             except ResumeError as err:
                 pending = err
-        pending = _broadcast(pending)
+        pending = D.broadcast_object(pending)
         if isinstance(pending, ResumeError):
             raise pending
         per_call = self.settings.batch_size * world
@@ -179,7 +161,7 @@ class Evaluator:
             for batch, start in enumerate(range(0, len(pending), per_call)):
                 share = pending[start:start + per_call][rank::world]
                 seed = (self.settings.seed * 1_000_003 + batch * world + rank) % (2**31 - 1)
-                gathered = _gather(self._records(share, generate, scorer, seed) if share else [])
+                gathered = D.gather_objects(self._records(share, generate, scorer, seed) if share else [])
                 if f is not None:
                     lines = [json.dumps(r, ensure_ascii=False) + "\n" for part in gathered for r in part]
                     f.write("".join(lines))
@@ -192,7 +174,7 @@ class Evaluator:
             records = [r for r in read_records(path) if (r["task"], r["index"]) in keys]
             summary = summarize(records, {t.name: len(t.items) for t in self.tasks})
             write_summary(out, summary)
-        return _broadcast(summary)
+        return D.broadcast_object(summary)
 
     # ------------------------------------------------------------------ inside training
     @classmethod

@@ -132,7 +132,7 @@ class Rollout:
             attempt += 1
             if not a.dynamic_sampling:
                 break
-            done = D.all_reduce(torch.tensor([int(n_kept >= self.target)]), "min").item()
+            done = D.reduce_scalars({"done": float(n_kept >= self.target)}, self.info.device, "min")["done"]
             if done or attempt >= a.max_tries:
                 break
         rows = min(n_kept, self.target) * g
@@ -144,32 +144,30 @@ class Rollout:
 
     def _metrics(self, seen: _Draw, adv: torch.Tensor, n_kept: int, drawn: int, attempts: int) -> dict:
         lengths = torch.tensor([len(c) for c in seen.completion_ids], dtype=torch.float64)
-        keys = sorted(seen.rewards)
-        sums = [torch.cat(seen.rewards[k]).double().sum() for k in keys]
-        local = torch.stack(sums + [lengths.sum(), torch.tensor(float(len(lengths))), torch.tensor(float(seen.truncated)),
-                                    adv.double().sum(), adv.double().pow(2).sum(), adv.double().abs().sum(),
-                                    torch.tensor(float(adv.numel())), torch.tensor(float(n_kept)),
-                                    torch.tensor(float(drawn))])
-        total = D.all_reduce(local)
-        longest = D.all_reduce(lengths.max()[None] if len(lengths) else torch.zeros(1, dtype=torch.float64), "max")
-        slowest = D.all_reduce(torch.tensor([seen.sample_s, seen.reward_s], dtype=torch.float64), "max").tolist()
-        n_resp = max(total[len(keys) + 1].item(), 1.0)
-        out = {f"reward/{k}": total[i].item() / n_resp for i, k in enumerate(keys)}
-        base = len(keys)
-        n_adv = max(total[base + 6].item(), 1.0)
-        adv_mean = total[base + 3].item() / n_adv
+        adv = adv.double()
+        local = {f"reward/{k}": float(torch.cat(seen.rewards[k]).double().sum()) for k in sorted(seen.rewards)}
+        local.update(length=float(lengths.sum()), responses=float(len(lengths)), truncated=float(seen.truncated),
+                     adv=float(adv.sum()), adv_sq=float(adv.pow(2).sum()), adv_abs=float(adv.abs().sum()),
+                     adv_n=float(adv.numel()), kept=float(n_kept), drawn=float(drawn))
+        total = D.reduce_scalars(local, self.info.device)
+        slowest = D.reduce_scalars({"length": float(lengths.max()) if len(lengths) else 0.0,
+                                    "sample_s": seen.sample_s, "reward_s": seen.reward_s}, self.info.device, "max")
+        n_resp = max(total["responses"], 1.0)
+        n_adv = max(total["adv_n"], 1.0)
+        adv_mean = total["adv"] / n_adv
+        out = {k: total[k] / n_resp for k in local if k.startswith("reward/")}
         out.update({
-            "response/length_mean": total[base].item() / n_resp,
-            "response/length_max": longest.item(),
-            "response/truncated_fraction": total[base + 2].item() / n_resp,
+            "response/length_mean": total["length"] / n_resp,
+            "response/length_max": slowest["length"],
+            "response/truncated_fraction": total["truncated"] / n_resp,
             "advantage/mean": adv_mean,
-            "advantage/std": max(total[base + 4].item() / n_adv - adv_mean ** 2, 0.0) ** 0.5,
-            "advantage/abs_mean": total[base + 5].item() / n_adv,
-            "rollout/kept_group_fraction": total[base + 7].item() / max(total[base + 8].item(), 1.0),
-            "rollout/kept_groups": min(total[base + 7].item(), float(self.cfg.train.prompts_per_step)),
+            "advantage/std": max(total["adv_sq"] / n_adv - adv_mean ** 2, 0.0) ** 0.5,
+            "advantage/abs_mean": total["adv_abs"] / n_adv,
+            "rollout/kept_group_fraction": total["kept"] / max(total["drawn"], 1.0),
+            "rollout/kept_groups": min(total["kept"], float(self.cfg.train.prompts_per_step)),
             "rollout/tries": attempts,
-            "throughput/sample_tokens_per_s": total[base].item() / max(slowest[0], 1e-9),
-            "time/sample_s": slowest[0],
-            "time/reward_s": slowest[1],
+            "throughput/sample_tokens_per_s": total["length"] / max(slowest["sample_s"], 1e-9),
+            "time/sample_s": slowest["sample_s"],
+            "time/reward_s": slowest["reward_s"],
         })
         return out

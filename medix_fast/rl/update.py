@@ -184,10 +184,10 @@ class Updater:
                      for k in groups]  # padded tokens of each group, prompt repeated
             minis.append([collate(seqs, [groups[i] for i in part], self.pad_id, self.info.device)
                           for part in pack(sizes, self.train.micro_batch_tokens)])
-        count = D.all_reduce(torch.tensor([len(minis)]), "max").item()
+        count = int(D.all_reduce([len(minis)], self.info.device, "max").item())
         template = minis[0][0] if minis else None
         minis += [[] for _ in range(count - len(minis))]
-        sizes = D.all_reduce(torch.tensor([len(m) for m in minis]), "max").tolist()
+        sizes = D.all_reduce([len(m) for m in minis], self.info.device, "max").tolist()
         return [m + [padding_batch(template or (m[0] if m else None), self.pad_id, self.info.device)
                      for _ in range(n - len(m))] for m, n in zip(minis, sizes)]
 
@@ -221,8 +221,9 @@ class Updater:
         for epoch in range(self.algo.ppo_epochs):
             for j, mini in enumerate(minis):
                 local_tokens = sum(mb.n_tokens for mb in mini)
-                counts = D.all_reduce(torch.tensor([float(local_tokens), float(sum(mb.n_seqs for mb in mini))]))
-                global_tokens, global_seqs = counts.tolist()
+                counts = D.reduce_scalars({"tokens": local_tokens, "seqs": sum(mb.n_seqs for mb in mini)},
+                                          self.info.device)
+                global_tokens, global_seqs = counts["tokens"], counts["seqs"]
                 opts = self.loss_options(global_tokens)
                 loss_sum = torch.zeros((), device=self.info.device)
                 sums = torch.zeros(len(LOSS_METRICS), device=self.info.device)
@@ -240,9 +241,10 @@ class Updater:
                     total.backward()
                     loss_sum += loss.detach() * scale
                     sums += torch.stack([metrics[k] for k in LOSS_METRICS]) * mb.n_tokens
-                stats = D.all_reduce(torch.cat([loss_sum[None] / self.info.world, sums, aux_sum[None]]))
+                stats = D.reduce_scalars({"loss": loss_sum / self.info.world, **dict(zip(LOSS_METRICS, sums)),
+                                          "router_aux": aux_sum}, self.info.device)
                 norm = self._clip()
-                loss_value = stats[0].item()
+                loss_value = stats["loss"]
                 if not (math.isfinite(loss_value) and math.isfinite(norm)):
                     skipped += 1
                     self.nonfinite_in_a_row += 1
@@ -253,8 +255,8 @@ class Updater:
                 steps += 1
                 totals["loss"] += loss_value
                 totals["grad_norm"] += norm
-                for k, v in zip((*LOSS_METRICS, "router_aux"), stats[1:].tolist()):
-                    totals[k] += v
+                for k in (*LOSS_METRICS, "router_aux"):
+                    totals[k] += stats[k]
                 tokens += global_tokens
         self.optimizer.zero_grad(set_to_none=True)  # the rollout does not carry the gradients (4 B/param/world)
         # NaN when no update was made (every one skipped, or no group kept)
