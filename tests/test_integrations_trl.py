@@ -136,6 +136,7 @@ def assert_same(a, b, rtol=1e-5):
 
 CASES = {  # GRPOConfig settings, gradient-accumulation steps of the step under test
     "dapo": (dict(loss_type="dapo", epsilon_high=0.28, gradient_accumulation_steps=2, steps_per_generation=4), 2),
+    "dapo_on_policy": (dict(loss_type="dapo", beta=0.04, use_bias_correction_kl=False), 1),  # no old log-probs
     "dr_grpo_accum2": (dict(loss_type="dr_grpo", gradient_accumulation_steps=2), 2),
     "bnpo": (dict(loss_type="bnpo"), 1),
     "grpo_beta": (dict(loss_type="grpo", beta=0.04, use_bias_correction_kl=False), 1),
@@ -151,9 +152,12 @@ def test_loss_and_gradients_equal_trl(case, model_dir, tokenizer, tmp_path):
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = accumulation
     inputs = make_batch(trainer)
+    if case.endswith("on_policy"):  # TRL's batch when the old policy is the current one: ratio 1
+        del inputs["old_per_token_logps"]
     expected = loss_and_grads(theirs, trainer, inputs)
     got = loss_and_grads(ours, trainer, inputs)
-    assert expected[2]["clip_ratio/low_mean"] > 0 and expected[2]["clip_ratio/high_mean"] > 0  # both clips exercised
+    if "old_per_token_logps" in inputs:
+        assert expected[2]["clip_ratio/low_mean"] > 0 and expected[2]["clip_ratio/high_mean"] > 0  # both clips ran
     assert_same(got, expected)
 
 
@@ -174,9 +178,9 @@ def test_eval_mode_tool_mask_and_vllm_ratio_equal_trl(tokenizer, tmp_path):
             assert_same(loss_and_grads(ours, trainer, inputs), loss_and_grads(theirs, trainer, inputs))
 
 
-@pytest.mark.parametrize("kind", ["untied", "bias", "logit_scale", "cast_fp32"])
+@pytest.mark.parametrize("kind", ["untied", "bias", "logit_scale"])
 def test_heads_equal_trl(kind, tokenizer, tmp_path):
-    """Untied and biased LM heads, a logit scale (Cohere), TRL's ``cast_lm_head_to_fp32``."""
+    """Untied and biased LM heads, a logit scale (Cohere)."""
     torch.manual_seed(0)
     common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                   num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
@@ -189,12 +193,30 @@ def test_heads_equal_trl(kind, tokenizer, tmp_path):
         model = CohereForCausalLM(CohereConfig(**common, logit_scale=0.37, tie_word_embeddings=True))
     else:
         model = qwen2(tokenizer, tied=kind != "untied")
-        overrides = dict(cast_lm_head_to_fp32=True) if kind == "cast_fp32" else {}
-    trainer = make_trainer(tmp_path, model, tokenizer, loss_type="bnpo", temperature=0.7, **overrides)
+    trainer = make_trainer(tmp_path, model, tokenizer, loss_type="bnpo", temperature=0.7)
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
     inputs = make_batch(trainer)
     assert_same(loss_and_grads(ours, trainer, inputs), loss_and_grads(theirs, trainer, inputs))
+
+
+def test_cast_lm_head_to_fp32_equals_trl(tokenizer, tmp_path):
+    """A bf16 model with TRL's ``cast_lm_head_to_fp32``: bf16 hidden states, an fp32 head. The
+    head's inputs are the same for both, so the loss agrees to fp32 precision (the bf16 backbone's
+    gradients to a bf16 ulp)."""
+    trainer = make_trainer(tmp_path, qwen2(tokenizer).to(torch.bfloat16), tokenizer, bf16=True,
+                           cast_lm_head_to_fp32=True, loss_type="bnpo")
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    head = trainer.model.lm_head.weight
+    assert head.dtype == torch.float32
+    with torch.no_grad():  # as after fp32 optimizer steps: no longer bf16-representable
+        head.add_(1e-3 * torch.randn(head.shape, generator=torch.Generator().manual_seed(0)))
+    inputs = make_batch(trainer)
+    got, expected = loss_and_grads(ours, trainer, inputs), loss_and_grads(theirs, trainer, inputs)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=0)
+    for name, grad in expected[1].items():
+        torch.testing.assert_close(got[1][name].float(), grad.float(), rtol=2e-2, atol=2e-2 * grad.abs().max().item())
 
 
 def test_peft_lora_equals_trl(tokenizer, tmp_path):

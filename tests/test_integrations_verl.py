@@ -178,3 +178,11 @@ def test_plugin_registers_and_imports_stay_lazy():
         "assert k.linear_cross_entropy is a.linear_cross_entropy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_unsupported_verl_version_refused(monkeypatch):
+    import verl
+
+    monkeypatch.setattr(verl, "__version__", "0.4.1")
+    with pytest.raises(ImportError, match="supports verl"):
+        adapter.register()

@@ -52,6 +52,7 @@ from accelerate.utils import is_peft_model
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 from torch.distributed.tensor import DTensor
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from trl.models.utils import _ForwardRedirection
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
@@ -192,7 +193,7 @@ class GRPOTrainer(trl.GRPOTrainer):
             advantages = advantages.view(advantages.shape[0], -1) * inputs["importance_sampling_ratio"]  # (B, 1|K)
             advantages = advantages.squeeze(1) if advantages.shape[1] == 1 else advantages
         chunk = None
-        if self.importance_sampling_level != "token" and _zero3():
+        if self.importance_sampling_level != "token" and is_deepspeed_zero3_enabled():
             chunk = k  # whole sequences in one chunk: the one-pass path, which needs no weight in backward
         with torch.autocast(hidden.device.type, enabled=False), maybe_gather_lm_head_ctx(weight, bias):
             loss, metrics = fused_linear_policy_loss(
@@ -218,9 +219,3 @@ class GRPOTrainer(trl.GRPOTrainer):
         means = (totals[:-1] / totals[-1].clamp(min=1.0)).tolist()
         for name, value in zip(values, means):
             self._metrics[mode][name].append(value)
-
-
-def _zero3() -> bool:
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-    return is_deepspeed_zero3_enabled()

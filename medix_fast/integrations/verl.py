@@ -29,14 +29,18 @@ the padded response length; ``actor/ppo_kl`` is taken on the log-ratio clamped t
 ``gspo`` does not clamp it); tokens whose ``rollout_is_weights`` are 0 do not count as clipped.
 Not supported: a vocabulary-parallel head (``dist_process_group``), hence Megatron's fused path.
 
-veRL needs nothing from medix_fast at import; this module imports veRL only inside :func:`register`.
+veRL needs nothing from medix_fast at import; this module imports veRL only inside :func:`register`,
+which checks its version (:data:`SUPPORTED_VERL`).
 """
 from __future__ import annotations
 
 import torch
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
 
 from medix_fast.kernels import fused_linear_logprobs, policy_loss
 
+SUPPORTED_VERL = SpecifierSet(">=0.9,<0.10")  # the PolicyLossFn signature and kernel slot tested here
 LOSSES = {"medix_vanilla": "token", "medix_gspo": "sequence", "medix_gspo_token": "sequence_token"}
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean")
 
@@ -44,7 +48,11 @@ AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-su
 def register(fused_kernel: bool = True) -> None:
     """Add the :data:`LOSSES` to veRL's policy-loss registry; with ``fused_kernel`` also make
     veRL's Triton fused-kernel forward call :func:`linear_cross_entropy`. Idempotent."""
+    import verl
     from verl.trainer.ppo import core_algos
+
+    if Version(verl.__version__) not in SUPPORTED_VERL:
+        raise ImportError(f"medix_fast.integrations.verl supports verl{SUPPORTED_VERL}, found verl {verl.__version__}")
 
     for name, level in LOSSES.items():
         core_algos.register_policy_loss(name)(make_policy_loss(level))
