@@ -53,7 +53,7 @@ def _training_step(device: torch.device, w: dict, fused: bool):
         raise Skip(f"trl not installed ({exc.name})") from exc
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from medix_fast import tiny
+    from medix_fast.demo import tiny
 
     trainer_cls = trl.GRPOTrainer
     if fused:

@@ -24,7 +24,7 @@ from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2F
                           Qwen2ForCausalLM)
 from trl import GRPOConfig
 
-from medix_fast import tiny
+from medix_fast.demo import tiny
 from medix_fast.integrations import trl as adapter
 import reference
 

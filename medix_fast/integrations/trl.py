@@ -24,7 +24,8 @@ so they are logged token-weighted as ``clip_ratio/{low,high,region}_token_mean``
 Extra: ``clip_ratio_c`` (the dual clip of EasyR1/veRL) as a constructor keyword.
 The backbone runs under the accelerator's autocast (bf16/fp16 as configured, as TRL's does); the
 head then gets those hidden states with autocast off, so its logits are fp32-accumulated GEMMs of
-the hidden states' dtype. The loss goes through TRL's forward redirection, so DDP/FSDP/DeepSpeed
+the hidden states' dtype (fp32 ones in tf32 only where ``TrainingArguments.tf32`` / torch allow it, as
+TRL's own head). The loss goes through TRL's forward redirection, so DDP/FSDP/DeepSpeed
 wrapper hooks fire; under ZeRO-3 the head is gathered for it, and an FSDP2-sharded head is
 all-gathered (``full_tensor``). Tied heads and PEFT models (weight adapters such as LoRA) work;
 a logit scale (``logit_scale``, ``output_multiplier``, ``lm_head_multiplier``, ``logits_scaling``)
@@ -200,6 +201,7 @@ class GRPOTrainer(trl.GRPOTrainer):
                 hidden, weight, completion_ids, mask, advantages, inputs.get("old_per_token_logps"),
                 inputs.get("ref_per_token_logps") if self.beta != 0 else None, bias=bias,
                 temperature=self.temperature / logit_scale(model.config.get_text_config()), chunk_size=chunk,
+                fp32_precision="tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee",  # TrainingArguments.tf32
                 **self._loss_options(inputs, mode))
         if self.loss_type != "dapo" and mode == "train":
             loss = loss / self.current_gradient_accumulation_steps
