@@ -2,8 +2,8 @@
 
     python -m bench                         # or: python bench/run.py
     python -m bench --smoke                 # each benchmark at its smallest size (the CI smoke test)
-    python -m bench --only policy_loss      # a benchmark (advantages, logprobs, policy_loss, ...)
-                                            # or a module (kernels, cpp, sampler, rewards, train, vl, moe); repeatable
+    python -m bench --only policy_loss      # a benchmark (advantages, logprobs, policy_loss, ...) or a module
+                                            # (kernels, cpp, sampler, rewards, train, vl, moe, integrations); repeatable
     python -m bench --out DIR               # default bench/results/
     python -m bench --gpu-check [--dry-run] # the prepared check of every CUDA path (bench/gpu_check.py)
 
@@ -45,6 +45,7 @@ MODULES = {
     "train": "bench.bench_train",
     "vl": "bench.bench_vl",
     "moe": "bench.bench_moe",
+    "integrations": "bench.bench_integrations",
 }
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

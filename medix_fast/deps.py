@@ -39,7 +39,11 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     # pyarrow / datasets / liger-kernel: the Parquet, datasets-directory and Liger tests run, never skip
     "test": ["pytest", "pytest-benchmark", "hypothesis", "pytest-xdist", "sentence-transformers", "pyarrow",
-             "datasets", "liger-kernel"],
+             "datasets", "liger-kernel",
+             # the TRL and veRL adapters' tests (medix_fast.integrations). veRL itself goes in with
+             # `pip install --no-deps verl==0.9.1` (.ci/run): its own requirements would replace transformers;
+             # these are what its policy-loss module imports
+             "trl>=1.15,<1.17", "peft", "omegaconf", "ray", "tensordict", "codetiming", "orjson"],
     "gpu": ["flash-attn", "liger-kernel"],
     "bench": ["liger-kernel", "cut-cross-entropy", "trl"],  # bench/ baselines
     "logging": ["tensorboard"],
@@ -50,7 +54,8 @@ EXTRAS = {
 OPTIONAL_USE = {
     "flash-attn": "flash_attention_2 for the policy forward on CUDA (else PyTorch sdpa)",
     "liger-kernel": "Liger's RMSNorm / SwiGLU / RoPE patched in on CUDA; the bench baselines",
-    "trl": "the GRPOTrainer baseline of bench/bench_train.py",
+    "trl": "medix_fast.integrations.trl (trl>=1.15,<1.17); the GRPOTrainer baselines of bench/",
+    "verl": "medix_fast.integrations.verl (verl 0.9.x)",
     "cut-cross-entropy": "a bench baseline of the LM-head kernels",
     "tensorboard": "TensorBoard event files beside metrics.jsonl (logging.tensorboard)",
     "datasets": "datasets.save_to_disk folders as data files",
@@ -60,4 +65,6 @@ OPTIONAL_USE = {
 INSTALL = {
     "torch": f"pip install 'torch>={FLOORS['torch']}' (the build for your CUDA; CPU machines: pip install torch==2.13.0)",
     "flash-attn": "pip install flash-attn --no-build-isolation (PyPI has source only: needs nvcc and a CUDA torch)",
+    "verl": "pip install --no-deps verl==0.9.1 (its requirements would replace transformers; a veRL "
+            "environment has them already)",
 }

@@ -1,0 +1,223 @@
+"""TRL's ``GRPOTrainer`` with medix_fast's fused policy loss: a TRL user changes one import.
+
+    from medix_fast.integrations.trl import GRPOTrainer     # was: from trl import GRPOTrainer
+    trainer = GRPOTrainer(model=..., reward_funcs=..., args=GRPOConfig(...), train_dataset=...)
+    trainer.train()
+
+Everything but the loss stays TRL's (generation, rewards, advantages, optimiser, logging). The loss
+runs the backbone, takes its last hidden states at the positions that predict the completion
+tokens (``[:, -K-1:-1]``) and hands them with the LM head to
+:func:`medix_fast.kernels.fused_linear_policy_loss` (loss and gradients in one pass, never the
+tokens x vocabulary logits) instead of TRL's fused log-prob head followed by its loss.
+
+What it reproduces of TRL's ``_compute_loss`` (tests/test_integrations_trl.py checks loss,
+gradients and metrics against TRL's own): ``loss_type`` grpo | bnpo | dr_grpo | dapo with TRL's
+normalisers (dapo: ``num_items_in_batch / num_processes``, rescaled to one accumulation window;
+the others divided by the gradient-accumulation steps in training), ``importance_sampling_level``
+token | sequence, ``epsilon`` / ``epsilon_high``, ``beta`` with the k3 KL to
+``ref_per_token_logps``, ``temperature``, ``tool_mask``, vLLM's ``importance_sampling_ratio``
+(any mode; folded into the advantages, which is exact because the clipped objective is
+positively homogeneous in the advantage), ``cast_lm_head_to_fp32``, and the metrics ``kl``,
+``entropy``, ``clip_ratio/{low,high,region}_mean`` (token means reduced across processes; at
+sequence level TRL's clip ratios are fractions of sequences, which the kernel's batch means are not,
+so they are logged token-weighted as ``clip_ratio/{low,high,region}_token_mean``).
+Extra: ``clip_ratio_c`` (the dual clip of EasyR1/veRL) as a constructor keyword.
+The backbone runs under the accelerator's autocast (bf16/fp16 as configured, as TRL's does); the
+head then gets those hidden states with autocast off, so its logits are fp32-accumulated GEMMs of
+the hidden states' dtype (fp32 ones in tf32 only where ``TrainingArguments.tf32`` / torch allow it, as
+TRL's own head). The loss goes through TRL's forward redirection, so DDP/FSDP/DeepSpeed
+wrapper hooks fire; under ZeRO-3 the head is gathered for it, and an FSDP2-sharded head is
+all-gathered (``full_tensor``). Tied heads and PEFT models (weight adapters such as LoRA) work;
+a logit scale (``logit_scale``, ``output_multiplier``, ``lm_head_multiplier``, ``logits_scaling``)
+becomes part of the temperature; VLM inputs (pixel values, grid sizes, ...) go to the backbone.
+
+Refused by name, never computed differently (:func:`unsupported_options`, :func:`unsupported_model`):
+other loss types, ``delta``, ``use_bias_correction_kl`` with ``beta != 0`` (TRL's default is True:
+set it to False), ``entropy_coef`` / ``use_adaptive_entropy``, ``top_entropy_quantile < 1``,
+``off_policy_mask_threshold``, the MoE router auxiliary loss, ``final_logit_softcapping``, and
+prompt-learning PEFT methods (the backbone is called directly, as in TRL's Liger path).
+Known differences: the k3 KL is clamped to [-10, 10] and the log-ratio to [-20, 20] (EasyR1), which
+only matters far off-policy; ``clip_ratio/low_min`` / ``clip_ratio/high_max`` (per-sequence
+extremes) are not logged: the kernel returns batch means only.
+
+Supported TRL versions: :data:`SUPPORTED_TRL`, checked at import.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+import transformers
+import trl
+from accelerate.utils import is_peft_model
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+from torch.distributed.tensor import DTensor
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from trl.models.utils import _ForwardRedirection
+from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+from medix_fast.kernels import LossOptions, fused_linear_policy_loss
+
+SUPPORTED_TRL = SpecifierSet(">=1.15,<1.17")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LEVELS = ("token", "sequence")
+# multimodal fields TRL's batch may carry, passed to the backbone as they are (one chunk: no slicing)
+VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
+               "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
+if Version(trl.__version__) not in SUPPORTED_TRL:
+    raise ImportError(f"medix_fast.integrations.trl supports trl{SUPPORTED_TRL}, found trl {trl.__version__}")
+
+
+def unsupported_options(args) -> list[str]:
+    """The ``GRPOConfig`` settings this adapter does not implement, each named with why."""
+    problems = []
+    if args.loss_type not in LOSS_TYPES:
+        problems.append(f"loss_type={args.loss_type!r} (supported: {', '.join(LOSS_TYPES)})")
+    if args.importance_sampling_level not in LEVELS:
+        problems.append(f"importance_sampling_level={args.importance_sampling_level!r} (supported: token, sequence)")
+    if getattr(args, "delta", None) is not None:
+        problems.append(f"delta={args.delta} (two-sided clipping of the ratio)")
+    if args.beta != 0 and getattr(args, "use_bias_correction_kl", False):
+        problems.append("use_bias_correction_kl=True with beta != 0 (the KL times the importance ratio; "
+                        "set use_bias_correction_kl=False for the plain k3 KL)")
+    if getattr(args, "entropy_coef", 0.0) != 0 or getattr(args, "use_adaptive_entropy", False):
+        problems.append("entropy_coef / use_adaptive_entropy (the entropy bonus)")
+    if getattr(args, "top_entropy_quantile", 1.0) < 1.0:
+        problems.append(f"top_entropy_quantile={args.top_entropy_quantile} (entropy-quantile token masking)")
+    if getattr(args, "off_policy_mask_threshold", None) is not None:
+        problems.append(f"off_policy_mask_threshold={args.off_policy_mask_threshold} (off-policy sequence masking)")
+    return problems
+
+
+def unsupported_model(model, aux_loss_enabled: bool) -> list[str]:
+    """What about ``model`` (possibly PEFT-wrapped) this adapter cannot compute, each named."""
+    problems = []
+    text_config = model.config.get_text_config()
+    if getattr(text_config, "final_logit_softcapping", None) is not None:
+        problems.append(f"final_logit_softcapping={text_config.final_logit_softcapping} (logit soft-capping)")
+    if not logit_scale(text_config) > 0:
+        problems.append(f"a logit scale of {logit_scale(text_config)} (must be > 0)")
+    if aux_loss_enabled:
+        problems.append("router_aux_loss_coef != 0 (the MoE router load-balancing loss)")
+    if is_peft_model(model) and any(getattr(c, "is_prompt_learning", False) for c in model.peft_config.values()):
+        problems.append("a prompt-learning PEFT method (prefix/prompt tuning: the backbone is called directly)")
+    return problems
+
+
+def logit_scale(text_config) -> float:
+    """The factor the model multiplies its logits by (1.0 for most models)."""
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        if getattr(text_config, name, None) is not None:
+            return float(getattr(text_config, name))
+    scaling = getattr(text_config, "logits_scaling", None)  # Granite, MiniCPM3 divide; HyperCLOVA X multiplies
+    if scaling is not None:
+        return float(scaling) if text_config.model_type == "hyperclovax" else 1.0 / float(scaling)
+    return 1.0
+
+
+def _refuse(problems: list[str]) -> None:
+    if problems:
+        raise ValueError("medix_fast.integrations.trl.GRPOTrainer does not implement: " + "; ".join(problems)
+                         + ". Use trl.GRPOTrainer for these.")
+
+
+def _backbone(model):
+    """The module that returns ``last_hidden_state`` (vision tower included for VLMs)."""
+    if model.config.get_text_config() is not model.config and Version(transformers.__version__) < Version("5"):
+        return model.model  # VLMs before transformers 5 do not expose it as ``base_model``
+    return model.base_model
+
+
+class GRPOTrainer(trl.GRPOTrainer):
+    """``trl.GRPOTrainer`` whose loss is medix_fast's ``fused_linear_policy_loss``.
+
+    Same constructor as ``trl.GRPOTrainer`` plus ``clip_ratio_c`` (dual clip for negative
+    advantages, > 1; None: off). Raises ``ValueError`` naming every unsupported setting.
+    """
+
+    def __init__(self, *args, clip_ratio_c: float | None = None, **kwargs):
+        config = inspect.signature(trl.GRPOTrainer.__init__).bind(None, *args, **kwargs).arguments.get("args")
+        if config is not None:  # before TRL builds reference models or starts vLLM
+            _refuse(unsupported_options(config))
+        super().__init__(*args, **kwargs)
+        _refuse(unsupported_options(self.args) + unsupported_model(self.model, self.aux_loss_enabled))
+        self.clip_ratio_c = clip_ratio_c
+        LossOptions.from_kwargs(self._loss_options(None, "eval"))  # bad values fail here, not mid-training
+        self._medix_redirect = _ForwardRedirection()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs:
+            raise ValueError("The GRPOTrainer does not support returning outputs")
+        mode = "train" if self.model.training else "eval"
+        unwrapped = self.accelerator.unwrap_model(model)
+        loss, metrics, mask = self._medix_redirect(model, unwrapped, self._fused_loss, unwrapped, inputs, mode)
+        self._log_loss_metrics(metrics, mask, mode)
+        return loss
+
+    def _loss_options(self, inputs, mode: str) -> dict:
+        """``GRPOConfig`` -> ``fused_linear_policy_loss`` options, with TRL's normaliser for ``loss_type``."""
+        opts = dict(loss_type=self.loss_type, importance_sampling_level=self.importance_sampling_level,
+                    epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, beta=self.beta,
+                    clip_ratio_c=self.clip_ratio_c)
+        if self.loss_type == "dr_grpo":
+            opts["max_completion_length"] = self.max_completion_length
+        if self.loss_type == "dapo" and inputs is not None:
+            # TRL: num_items_in_batch spans the generation batch; rescale it to one accumulation window
+            items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                items = items * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+            opts["num_items_in_batch"] = items
+        return opts
+
+    def _fused_loss(self, unwrapped, inputs, mode: str):
+        """Runs inside the wrapper's forward: backbone, then the fused head + loss. -> (loss, metrics, mask)."""
+        model = unwrapped.get_base_model() if is_peft_model(unwrapped) else unwrapped
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]  # (B, K) each
+        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)  # (B, P + K)
+        attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)  # (B, P + K)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]  # (B, K)
+        vision = {k: inputs[k] for k in VISION_KEYS if inputs.get(k) is not None}
+        with self.accelerator.autocast():
+            out = _backbone(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **vision)
+        k = completion_ids.size(1)
+        head = model.get_output_embeddings()
+        weight, bias = head.weight, head.bias
+        hidden = out.last_hidden_state[:, -k - 1:-1].to(weight.device)  # (B, K, H): position t predicts t + 1
+        if self.args.cast_lm_head_to_fp32:
+            hidden = hidden.float()
+        if isinstance(weight, DTensor):  # an FSDP2-sharded head whose own forward never runs
+            weight, bias = weight.full_tensor(), None if bias is None else bias.full_tensor()
+        advantages = inputs["advantages"]  # (B,) or (B, K)
+        if self.use_vllm and self.vllm_importance_sampling_correction:  # TRL: per_token_loss * ratio, ratio >= 0
+            advantages = advantages.view(advantages.shape[0], -1) * inputs["importance_sampling_ratio"]  # (B, 1|K)
+            advantages = advantages.squeeze(1) if advantages.shape[1] == 1 else advantages
+        chunk = None
+        if self.importance_sampling_level != "token" and is_deepspeed_zero3_enabled():
+            chunk = k  # whole sequences in one chunk: the one-pass path, which needs no weight in backward
+        with torch.autocast(hidden.device.type, enabled=False), maybe_gather_lm_head_ctx(weight, bias):
+            loss, metrics = fused_linear_policy_loss(
+                hidden, weight, completion_ids, mask, advantages, inputs.get("old_per_token_logps"),
+                inputs.get("ref_per_token_logps") if self.beta != 0 else None, bias=bias,
+                temperature=self.temperature / logit_scale(model.config.get_text_config()), chunk_size=chunk,
+                fp32_precision="tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee",  # TrainingArguments.tf32
+                **self._loss_options(inputs, mode))
+        if self.loss_type != "dapo" and mode == "train":
+            loss = loss / self.current_gradient_accumulation_steps
+        return loss, metrics, mask
+
+    def _log_loss_metrics(self, metrics: dict, mask: torch.Tensor, mode: str) -> None:
+        """TRL's loss metrics: token means over every process's tokens (one reduce, one host sync)."""
+        # TRL's clip ratios are token means at token level and sequence means at sequence level,
+        # where the kernel's batch means are token-weighted: those get their own names
+        clip = "clip_ratio/{}_mean" if self.importance_sampling_level == "token" else "clip_ratio/{}_token_mean"
+        values = {clip.format("low"): metrics["clip_low"], clip.format("high"): metrics["clip_high"],
+                  clip.format("region"): metrics["clip_low"] + metrics["clip_high"], "entropy": metrics["entropy"]}
+        if self.beta != 0:
+            values["kl"] = metrics["kl"]
+        count = mask.sum().float()
+        totals = self.accelerator.reduce(torch.stack([*(v * count for v in values.values()), count]), reduction="sum")
+        means = (totals[:-1] / totals[-1].clamp(min=1.0)).tolist()
+        for name, value in zip(values, means):
+            self._metrics[mode][name].append(value)
