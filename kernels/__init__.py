@@ -11,9 +11,7 @@ builds the C++ ops and prints which back-ends are active here.
 import sys
 
 if __name__ == "kernels":
-    # This folder was imported by its folder name because the repository root is on sys.path
-    # (``python -m ...`` from a checkout) and transformers probes for the unrelated PyPI package
-    # ``kernels``. Hand the prober the installed package instead of a second copy of every module.
+    # Imported as top-level ``kernels`` (a checkout on sys.path, probed by transformers): be the installed package.
     import importlib
 
     sys.modules[__name__] = importlib.import_module("medix_fast.kernels")

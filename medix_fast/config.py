@@ -22,6 +22,8 @@ from typing import Any, Literal
 import yaml
 
 from .errors import ConfigError
+from .generate.tokens import SamplingParams
+from .kernels import LossOptions
 from .rewards import RewardConfig
 
 DEFAULT_CONFIG = Path(str(importlib.resources.files("medix_fast.configs") / "tiny.yaml"))
@@ -340,16 +342,10 @@ def check(cfg: Config) -> None:
     if t.mini_batch_prompts > t.prompts_per_step:
         raise ConfigError(f"train.mini_batch_prompts ({t.mini_batch_prompts}) must be <= "
                           f"train.prompts_per_step ({t.prompts_per_step})")
-    if not 0 <= a.epsilon_low < 1:
-        raise ConfigError(f"algorithm.epsilon_low: must be in [0, 1), got {a.epsilon_low}")
-    if a.clip_ratio_c is not None and a.clip_ratio_c <= 1:
-        raise ConfigError(f"algorithm.clip_ratio_c: must be > 1 or null, got {a.clip_ratio_c}")
     if not a.filter_low < a.filter_high:
         raise ConfigError(f"algorithm.filter_low ({a.filter_low}) must be < algorithm.filter_high "
                           f"({a.filter_high})")
-    if not 0 < s.top_p <= 1 or s.temperature < 0 or s.top_k < 0:
-        raise ConfigError(f"sampling: need 0 < top_p <= 1, temperature >= 0, top_k >= 0; got "
-                          f"{s.top_p}, {s.temperature}, {s.top_k}")
+    _kernel_checks(cfg)
     if s.temperature == 0:
         raise ConfigError("sampling.temperature: must be > 0 for RL (0 is greedy: every group has zero variance)")
     e = cfg.eval
@@ -363,6 +359,23 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"model.router_aux_loss_coef: must be >= 0, got {cfg.model.router_aux_loss_coef}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas}")
+
+
+def _kernel_checks(cfg: Config) -> None:
+    """The loss and sampling options through the kernels' own validation (one rule, one place),
+    an error re-raised as a ConfigError naming the keys its message names."""
+    a, s = cfg.algorithm, cfg.sampling
+    loss = {k: getattr(a, k) for k in ("loss_type", "importance_sampling_level", "epsilon_low", "epsilon_high",
+                                       "clip_ratio_c", "beta", "entropy_coef", "tis_cap")}
+    sampling = {k: getattr(s, k) for k in ("temperature", "top_p", "top_k")}
+    checks = (("algorithm", loss, lambda: LossOptions.from_kwargs({**loss, "max_completion_length": s.max_new_tokens})),
+              ("sampling", sampling, lambda: SamplingParams(**sampling)))
+    for section, keys, check in checks:
+        try:
+            check()
+        except ValueError as err:
+            named = [f"{section}.{k}" for k in keys if k in str(err)] or [section]
+            raise ConfigError(f"{' / '.join(named)}: {err}") from None
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

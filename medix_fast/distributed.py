@@ -80,6 +80,14 @@ def close() -> None:
         dist.destroy_process_group()
 
 
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` in one asynchronous copy (from pinned memory on CUDA): the host
+    does not wait for the device, unlike a copy from pageable memory."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def all_reduce(values: torch.Tensor | list, device: torch.device, op: str = "sum") -> torch.Tensor:
     """``values`` (a tensor, or a list of numbers) reduced over the ranks (``sum`` / ``max`` / ``min``),
     as a tensor on ``device``, the training device (``DistInfo.device``).

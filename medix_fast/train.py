@@ -137,8 +137,9 @@ class Trainer:
             ref_model.eval().requires_grad_(False)
             ref = D.shard_reference(PolicyObjective(ref_model, cfg.sampling.temperature, t.share_prompt), ref_model,
                                     cfg.distributed.strategy, self.info, dtype)
-        self.updater = Updater(self.objective, self.wrapped, self.optimizer, cfg.algorithm, t, cfg.sampling,
-                               self.info, self.tokenizer.pad_token_id or 0, ref, autocast, o.grad_clip)
+        self.updater = Updater(self.objective, self.wrapped, self.optimizer, cfg.algorithm, t, cfg.sampling, self.info,
+                               pad_id=self.tokenizer.pad_token_id or 0, ref_objective=ref, autocast_dtype=autocast,
+                               grad_clip=o.grad_clip)
 
         world, g = self.info.world, cfg.sampling.group_size
         rows = max(t.prompts_per_step, cfg.algorithm.chunk_prompts)
@@ -148,7 +149,7 @@ class Trainer:
         self.loader = PromptLoader(len(self.prompts), t.seed, cfg.data.shuffle, self.info.rank, world)
         reward_fn = build_reward(cfg.rewards, dev, dtype)
         self.rollout = Rollout(self.sampler, reward_fn, self.tokenizer, self.prompts, self.loader, cfg, self.info,
-                               stop_ids(self.tokenizer, self.model), vision)
+                               stop_token_ids=stop_ids(self.tokenizer, self.model), vision=vision)
         self.step = 0
         if ckpt:
             self._restore(ckpt)
@@ -208,16 +209,14 @@ class Trainer:
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         t0 = time.perf_counter()
-        with D.generation_mode(self.wrapped):
+        with D.generation_mode(self.wrapped):  # parameters gathered once for the rollout and the old / ref log-probs
             seqs, metrics = self.rollout.collect(step)
-        t1 = time.perf_counter()
-        sizes = D.reduce_scalars({"groups": len(seqs.completion_ids) // seqs.group_size,
-                                  "tokens": sum(len(p) + len(c) for p, c in zip(seqs.prompt_ids, seqs.completion_ids))},
-                                 dev)
-        seq_tokens = sizes["tokens"]
-        if not sizes["groups"]:
+            t1 = time.perf_counter()
+            plan = self.updater.prepare(seqs)
+        seq_tokens = metrics["rollout/trained_tokens"]
+        if not metrics["rollout/trained_groups"]:
             log.warning("step %d: no group with a learning signal was kept; no update", step)
-        metrics.update(self.updater.update(seqs))
+        metrics.update(self.updater.run(plan))
         t2 = time.perf_counter()
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         with warnings.catch_warnings():

@@ -29,11 +29,14 @@ TENSOR_COLLECTIVES = {"all_reduce", "all_gather", "all_gather_into_tensor", "red
                       "all_to_all_single", "send", "recv", "isend", "irecv"}
 
 
+TYPE_ONLY = {"torch.distributed.tensor"}  # DTensor, imported to recognise sharded parameters: no collective
+
+
 def _uses_torch_distributed(tree: ast.AST) -> bool:
     for node in ast.walk(tree):
         names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
             [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-        if any(n == "torch.distributed" or n.startswith("torch.distributed.") for n in names):
+        if any(n == "torch.distributed" or (n.startswith("torch.distributed.") and n not in TYPE_ONLY) for n in names):
             return True
         if isinstance(node, ast.ImportFrom) and node.module == "torch" and any(a.name == "distributed"
                                                                                for a in node.names):

@@ -370,7 +370,7 @@ def test_router_aux_loss_is_weighted_into_the_update():
         seen = grads_at_step(updater, model)
         metrics = updater.update(seqs)
         grads[coef] = [seen[f"model.language_model.layers.{i}.mlp.gate.weight"] for i in range(2)]
-    minis = updater.plan(seqs)
+    minis = updater.plan(seqs).minis
     assert len(minis) == 1 and len(minis[0]) == 2
     total = sum(mb.tokens for mb in minis[0])
     want = [torch.zeros_like(g) for g in grads[0.0]]

@@ -197,11 +197,11 @@ def test_semantic_reads_the_pooling_config(minilm, tmp_path):
 
 
 def test_chunk_rows_keeps_similar_lengths_together_and_respects_the_cap():
-    from medix_fast.rewards.batching import chunk_rows
+    from medix_fast.rewards.batching import length_buckets
 
-    assert chunk_rows([90, 100, 95, 110], None) == [[0, 2, 1, 3]]  # one forward
+    assert length_buckets([90, 100, 95, 110], None) == [[0, 2, 1, 3]]  # one forward
     lengths = [90, 100, 95, 110, 3000, 5, 6]
-    chunks = chunk_rows(lengths, None)
+    chunks = length_buckets(lengths, None)
     assert sorted(i for c in chunks for i in c) == list(range(7)) and [4] in chunks  # the outlier alone
-    for c in chunk_rows([10] * 10, 35):
+    for c in length_buckets([10] * 10, 35):
         assert len(c) * 10 <= 35

@@ -20,6 +20,7 @@ from medix_fast.distributed import DistInfo
 from medix_fast.generate.sampler import SamplerOutput
 from medix_fast.rl.rollout import Rollout
 from reference import group_advantages as ref_advantages
+from syncs import count_syncs
 
 G, STOP, N_PROMPTS = 4, 7, 12
 CODE, SAMPLE = 1000, 2000  # token = CODE + prompt index, SAMPLE + sample index
@@ -100,7 +101,8 @@ def check_rows(seqs, table: torch.Tensor, estimator: str) -> list[int]:
         assert sorted(j for _, j in group) == list(range(G)) and len({k for k, _ in group}) == 1
     for (k, _), prompt, logp, comp in zip(ids, seqs.prompt_ids, seqs.sampling_logprobs, seqs.completion_ids):
         assert prompt == [CODE + k, 5, 6]
-        torch.testing.assert_close(logp, stub_logprobs(comp))
+        torch.testing.assert_close(logp[:len(comp)], stub_logprobs(comp))
+        assert not logp[len(comp):].any()  # padded with zeros
     rewards = torch.tensor([float(table[i]) for i in ids])
     torch.testing.assert_close(seqs.advantages.double(), ref_advantages(rewards, G, estimator), rtol=1e-5, atol=1e-5)
     return [group[0][0] for group in groups]
@@ -207,3 +209,29 @@ def test_trainer_gives_the_sampler_the_tokenizer_and_generation_config_stop_toke
     trainer.rollout.sampler.generate = lambda *a, **kw: calls.append(kw) or real(*a, **kw)
     trainer.rollout.collect(1)
     assert len(calls) == 1 and sorted(calls[0]["stop_token_ids"]) == [0, 2]
+
+
+class TableReward(StubReward):
+    """The stub reward without host reads of tensors (its table read once, up front)."""
+
+    def __init__(self, table: torch.Tensor):
+        self.rows = table.tolist()
+
+    def __call__(self, texts, solutions, response_lengths=None):
+        ids = [identity([int(t) for t in text.split()]) for text in texts]
+        overall = torch.tensor([self.rows[k][j] for k, j in ids])
+        return {"overall": overall, "format": torch.ones_like(overall)}
+
+
+SYNC_BOUND = 6  # syncs of one DAPO try today: 5 (the filter's nonzero and its read, the ranks' agreement, two metric reads)
+
+
+@pytest.mark.parametrize("per_step", [3, 12])
+def test_host_syncs_of_a_rollout_do_not_grow_with_its_rows(per_step):
+    """12 rows and 48: a host read per row (a log-prob or reward copied back), or per group, fails the bound."""
+    rollout, _ = make_rollout(kind="filter", dynamic=True, per_step=per_step, chunk=per_step, max_tries=1)
+    rollout.reward_fn = TableReward(reward_table("filter"))
+    with count_syncs() as syncs:
+        seqs, metrics = rollout.collect(1)
+    assert metrics["rollout/kept_groups"] == per_step // 3 and len(seqs.lengths) == per_step // 3 * G
+    assert syncs.count <= SYNC_BOUND, "\n".join(syncs.where)

@@ -29,7 +29,7 @@ def test_recomputed_logprobs_and_first_ratio_match_the_sampler_at_temperature(tm
     trainer = Trainer(cfg)
     seqs, _ = trainer.rollout.collect(1)
     assert len(seqs.completion_ids) == 6 and min(len(c) for c in seqs.completion_ids) > 1
-    (mini,) = trainer.updater.plan(seqs)
+    (mini,) = trainer.updater.plan(seqs).minis
     with torch.no_grad():
         for mb in mini:
             assert (mb.pixel_values is not None) == (model == "tiny-vl")  # VL: the prompts' images go in

@@ -103,7 +103,7 @@ def reference_run(model, ref_model, seqs: Sequences, a: AlgorithmConfig, mini_gr
         frozen = copy.deepcopy(ref_model).double() if a.beta else None
         ref = [seq_logprobs(frozen, seqs.prompt_ids[r], seqs.completion_ids[r]) if a.beta else None for r in rows]
         if a.old_logprobs == "sampler":
-            old = [seqs.sampling_logprobs[r].double() for r in rows]
+            old = [seqs.sampling_logprobs[r, :seqs.lengths[r]].double() for r in rows]
         else:
             old = [seq_logprobs(model, seqs.prompt_ids[r], seqs.completion_ids[r]) for r in rows]
     losses = []
@@ -111,7 +111,8 @@ def reference_run(model, ref_model, seqs: Sequences, a: AlgorithmConfig, mini_gr
         for start in range(0, len(rows), mini_groups * G):
             part = rows[start:start + mini_groups * G]
             terms = [reference_terms(seq_logprobs(model, seqs.prompt_ids[r], seqs.completion_ids[r]), old[r],
-                                     seqs.advantages[r].double(), ref[r], a, seqs.sampling_logprobs[r])
+                                     seqs.advantages[r].double(), ref[r], a,
+                                     seqs.sampling_logprobs[r, :seqs.lengths[r]])
                      for r in part]
             loss = reference_loss(terms, a)
             opt.zero_grad()
@@ -178,7 +179,7 @@ def test_on_policy_truncated_importance_sampling_needs_no_old_logprob_pass(setup
         torch.testing.assert_close(p.double(), q, rtol=1e-5, atol=1e-6)
     capped = [torch.exp(reference_old - s.double()) > a.tis_cap for reference_old, s in
               zip((seq_logprobs(model, p, c) for p, c in zip(seqs.prompt_ids, seqs.completion_ids)),
-                  seqs.sampling_logprobs)]
+                  (seqs.sampling_logprobs[r, :n] for r, n in enumerate(seqs.lengths)))]
     assert 0 < sum(int(c.sum()) for c in capped) < sum(len(c) for c in capped)  # the cap bites on some tokens
 
 

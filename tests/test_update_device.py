@@ -52,7 +52,7 @@ def test_whole_update_under_bf16_autocast_matches_fp32():
     assert max(errors) > 1e-4  # autocast really ran in bf16
 
 
-BOUND = 32  # syncs of this two-mini-batch update today: 26, whatever the batch size
+BOUND = 16  # syncs of this two-mini-batch update today: 14 (4 reductions read, 10 in transformers' mask builder), whatever the batch size
 
 
 @pytest.mark.parametrize("groups", [4, 12])

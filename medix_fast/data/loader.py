@@ -25,6 +25,7 @@ from typing import Any, Iterator
 import torch
 
 from ..errors import DataError
+from ..seeds import mix_seed
 from .prompt import build_messages, split_solution
 from .vision import check_image, expand_image_tokens, image_size, resolve_image
 
@@ -203,7 +204,7 @@ class PromptLoader:
     def _permutation(self, epoch: int) -> list[int]:
         if not self.shuffle:
             return list(range(self.size))
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        g = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
         return torch.randperm(self.size, generator=g).tolist()
 
     def _take(self, k: int) -> list[int]:

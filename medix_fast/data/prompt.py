@@ -1,4 +1,5 @@
-"""The MediX-R1 prompt: the fixed instruction around a question, and the modality tags.
+"""The MediX-R1 prompt: the fixed instruction around a question, and the modality tags; and the
+response text the rewards read (:func:`response_texts`).
 
 The model must answer with exactly one modality tag, then its reasoning inside
 ``<thinking>...</thinking>``, then the answer inside ``<answer>...</answer>``. A ground-truth
@@ -35,3 +36,11 @@ def split_solution(solution: str) -> tuple[str, str]:
         raise ValueError(f"solution must start with a modality tag like '<CT_SCAN>', got {solution[:60]!r}")
     end = text.index(">") + 1
     return text[:end], text[end:].strip()
+
+
+def response_texts(tokenizer, completions: list[list[int]], stop_token_ids) -> list[str]:
+    """Sampled completions as the text the rewards and eval read: a final stop token dropped,
+    special tokens skipped."""
+    stop = set(stop_token_ids)
+    return tokenizer.batch_decode([c[:-1] if c and c[-1] in stop else c for c in completions],
+                                  skip_special_tokens=True)

@@ -33,6 +33,8 @@ from pathlib import Path
 
 from .. import distributed as D
 from ..data import Example, build_prompts
+from ..data.prompt import response_texts
+from ..seeds import mix_seed
 from .results import (ResumeError, check_settings, read_records, summarize, to_metrics,
                            write_summary)
 from .scoring import Scorer, answer_of
@@ -67,15 +69,13 @@ def sampler_generate(sampler, tokenizer, stop_token_ids: list[int], settings: Ev
                      vision=None) -> Generate:
     """A ``Generate`` running ``medix_fast.generate.Sampler`` (one completion per item); with
     ``vision`` (a ``medix_fast.data.vision.Vision``, VL models) the items' images are encoded and fed."""
-    stop = set(stop_token_ids)
 
     def generate(items: list[Item], prompt_ids: list[list[int]], seed: int) -> list[Generation]:
         images = None if vision is None else [vision.pixels(it.image) for it in items]
         out = sampler.generate(prompt_ids, n=1, max_new_tokens=settings.max_new_tokens,
                                temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
                                stop_token_ids=stop_token_ids, seed=seed, images=images)
-        texts = tokenizer.batch_decode([c[:-1] if c and c[-1] in stop else c for c in out.completion_ids],
-                                       skip_special_tokens=True)
+        texts = response_texts(tokenizer, out.completion_ids, stop_token_ids)
         return [Generation(t, len(c), r) for t, c, r in zip(texts, out.completion_ids, out.finish_reasons)]
 
     return generate
@@ -160,7 +160,7 @@ class Evaluator:
         with path.open("a", encoding="utf-8") if self.info.is_main else nullcontext() as f:
             for batch, start in enumerate(range(0, len(pending), per_call)):
                 share = pending[start:start + per_call][rank::world]
-                seed = (self.settings.seed * 1_000_003 + batch * world + rank) % (2**31 - 1)
+                seed = mix_seed(self.settings.seed, batch * world + rank)
                 gathered = D.gather_objects(self._records(share, generate, scorer, seed) if share else [])
                 if f is not None:
                     lines = [json.dumps(r, ensure_ascii=False) + "\n" for part in gathered for r in part]

@@ -15,6 +15,11 @@ from .compat import cache_kwargs, image_token_types
 from .loading import is_vl
 
 
+def left_pad_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) 1-D positions of left-padded rows: each row's first real token at 0 (padding at 0)."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+
+
 def mrope_positions(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                     image_grid_thw: torch.Tensor | None) -> torch.Tensor:
     """A VL model's multimodal rotary positions (3, B, T) (temporal, height, width): text tokens
@@ -79,7 +84,7 @@ def prompt_hidden_states(
                           pixel_values=pixel_values, image_grid_thw=image_grid_thw,
                           **cache_kwargs(model.model, cache), use_cache=cache is not None)
         return out.last_hidden_state, positions.amax((0, 2)) + 1  # (B, P, H), (B,)
-    positions = (attention_mask.cumsum(1) - 1).clamp(min=0)  # (B, P)
+    positions = left_pad_positions(attention_mask)  # (B, P)
     decoder = model.get_decoder()
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                   **cache_kwargs(decoder, cache), use_cache=cache is not None)

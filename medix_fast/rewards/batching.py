@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import torch
 
 
-def chunk_rows(lengths: list[int], max_tokens: int | None) -> list[list[int]]:
+def length_buckets(lengths: list[int], max_tokens: int | None) -> list[list[int]]:
     """Row indices grouped as described above, shortest first."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     chunks: list[list[int]] = []
@@ -30,6 +30,6 @@ def chunk_rows(lengths: list[int], max_tokens: int | None) -> list[list[int]]:
 def padded_chunks(tokenizer, ids: list[list[int]], max_tokens: int | None,
                   device: str | torch.device) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
     """Yield (row indices, padded batch on ``device``); padding side is the tokenizer's."""
-    for rows in chunk_rows([len(x) for x in ids], max_tokens):
+    for rows in length_buckets([len(x) for x in ids], max_tokens):
         batch = tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt")
         yield rows, {k: v.to(device) for k, v in batch.items()}

@@ -13,7 +13,11 @@ exact match, all of them in one forward per model.
     from medix_fast.rewards import RewardConfig, build_reward
     reward = build_reward(RewardConfig(judge_model="/models/Qwen3-4B-Instruct-2507"), device="cuda",
                           dtype=torch.bfloat16)
-    scores = reward(responses, solutions)   # {"format": (N,), ..., "overall": (N,)} float32, on CPU
+    scores = reward(responses, solutions)   # {"format": (N,), ..., "overall": (N,)} float32, on "cuda"
+
+Scores come back on the scorer's ``device`` (the training device in training), so the rollout's
+advantages and filters run there without a copy back; the string rules are scored on the host and
+moved in one copy.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from medix_fast.distributed import to_device
 from medix_fast.rewards.judge import Judge
 from medix_fast.rewards.overlong import overlong_penalty
 from medix_fast.rewards.rules import parse, validate_solutions
@@ -116,8 +121,8 @@ class RewardFunction:
 
     def __call__(self, responses: Sequence[str], solutions: Sequence[str],
                  response_lengths: Sequence[int] | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """N responses and their ``"<TAG> answer"`` solutions -> {component: (N,) float32}, plus
-        ``"overall"``. ``response_lengths`` (token counts) is needed only by ``overlong``."""
+        """N responses and their ``"<TAG> answer"`` solutions -> {component: (N,) float32 on the
+        scorer's device}, plus ``"overall"``. ``response_lengths`` (token counts) is needed only by ``overlong``."""
         responses, solutions = list(responses), list(solutions)
         if len(responses) != len(solutions):
             raise ValueError(f"{len(responses)} responses but {len(solutions)} solutions")
@@ -132,39 +137,39 @@ class RewardFunction:
         finally:
             if self.cfg.offload:
                 self._place(torch.device("cpu"))
-        out["overall"] = sum((self.cfg.weights[k] * v for k, v in out.items()), torch.zeros(len(responses)))
+        out["overall"] = sum((self.cfg.weights[k] * v for k, v in out.items()),
+                             torch.zeros(len(responses), device=self.device))  # (N,)
         return out
 
     def _score(self, responses, solutions, response_lengths) -> dict[str, torch.Tensor]:
-        cfg, n = self.cfg, len(responses)
+        cfg, n, dev = self.cfg, len(responses), self.device
         p = parse(responses, solutions)
-        out: dict[str, torch.Tensor] = {}
-        if cfg.active("format"):
-            out["format"] = torch.tensor(p.format, dtype=torch.float32).reshape(n)
-        if cfg.active("modality"):
-            out["modality"] = torch.tensor(p.modality, dtype=torch.float32).reshape(n)
+        rules = {"format": p.format, "modality": p.modality, "exact": p.exact}
+        host = torch.tensor([rules[k] for k in rules], dtype=torch.float32).reshape(len(rules), n)  # (3, N)
+        ruled = dict(zip(rules, to_device(host, dev)))
+        out: dict[str, torch.Tensor] = {k: ruled[k] for k in ("format", "modality") if cfg.active(k)}
         rows = p.pending()
         left, right = [p.answers[i] for i in rows], [p.references[i] for i in rows]
-        exact = torch.tensor(p.exact, dtype=torch.float32).reshape(n)
+        index = to_device(torch.tensor(rows, dtype=torch.long), dev)  # (pending,)
         if cfg.active("accuracy"):
-            out["accuracy"] = exact.clone()
+            out["accuracy"] = ruled["exact"].clone()
             if self.judge is not None and rows:
-                out["accuracy"][rows] = self.judge.verdict(left, right)
+                out["accuracy"].index_copy_(0, index, self.judge.verdict(left, right).to(dev))
         if cfg.active("semantic"):
-            out["semantic"] = exact.clone()
+            out["semantic"] = ruled["exact"].clone()
             if rows:
-                out["semantic"][rows] = (self.encoder.cosine(left, right) >= cfg.threshold).float()
+                out["semantic"].index_copy_(0, index, (self.encoder.cosine(left, right) >= cfg.threshold).float().to(dev))
         if cfg.active("overlong"):
             if response_lengths is None:
                 raise ValueError("the overlong component needs response_lengths (token counts)")
-            out["overlong"] = overlong_penalty(response_lengths, cfg.overlong_max_length, cfg.overlong_buffer)
+            out["overlong"] = overlong_penalty(response_lengths, cfg.overlong_max_length, cfg.overlong_buffer).to(dev)
             if out["overlong"].shape != (n,):
                 raise ValueError(f"response_lengths has shape {tuple(out['overlong'].shape)}, expected ({n},)")
         for name, fn in self.custom.items():
-            value = torch.as_tensor(fn(responses, solutions), dtype=torch.float32).cpu()
+            value = torch.as_tensor(fn(responses, solutions), dtype=torch.float32)
             if value.shape != (n,):
                 raise ValueError(f"custom component {name!r} returned shape {tuple(value.shape)}, expected ({n},)")
-            out[name] = value
+            out[name] = value.to(dev)
         return out
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from medix_fast.model.forward import left_pad_positions
 from medix_fast.rewards.batching import padded_chunks
 
 
@@ -58,13 +59,13 @@ class Judge:
         unless the batch exceeds ``max_batch_tokens``."""
         texts = [self.render(p, g) for p, g in zip(predicted, ground_truth)]
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-        out = torch.zeros(len(texts))
+        out = torch.zeros(len(texts), device=self.device)  # (N,)
         for rows, batch in padded_chunks(self.tokenizer, ids, self.max_batch_tokens, self.device):
             mask = batch["attention_mask"]  # (B, T)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): left padding must not shift positions
+            positions = left_pad_positions(mask)  # (B, T): left padding must not shift positions
             logits = self.model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions,
                                 use_cache=False, logits_to_keep=1).logits[:, -1].float()  # (B, V)
-            out[rows] = (logits[:, self.yes] - logits[:, self.no]).cpu()
+            out[torch.tensor(rows, device=out.device)] = logits[:, self.yes] - logits[:, self.no]
         return out
 
     def verdict(self, predicted: list[str], ground_truth: list[str]) -> torch.Tensor:

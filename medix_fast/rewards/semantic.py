@@ -102,9 +102,9 @@ class SentenceEncoder:
         """Cosine of each (left[i], right[i]) pair -> (N,) float32; each distinct string embedded once."""
         uniq = list(dict.fromkeys(left + right))
         if not uniq:
-            return torch.zeros(0)
+            return torch.zeros(0, device=self.device)
         index = {s: k for k, s in enumerate(uniq)}
         emb = self.encode(uniq)  # (U, D)
         a = emb[torch.tensor([index[s] for s in left], device=emb.device)]  # (N, D)
         b = emb[torch.tensor([index[s] for s in right], device=emb.device)]  # (N, D)
-        return (a * b).sum(-1).cpu()
+        return (a * b).sum(-1)  # (N,) on the encoder's device

@@ -1,28 +1,60 @@
-"""The rollout's sequences and the update's micro-batches.
+"""The rollout's sequences and the update's micro-batches, as device tensors.
 
 ``Sequences`` holds one rank's sampled groups (group-major: group g's responses are rows
-g*G .. g*G+G-1) with their sampling log-probs and advantages; ``collate`` turns whole groups of
-it into a ``MicroBatch`` (each group's prompt once, left-padded, its G completions right-padded);
-``pack`` groups items under a token budget; ``padding_batch`` is the zero-weight micro-batch that
-keeps ranks in step.
+g*G .. g*G+G-1): the completions as one padded ``(N, C)`` token tensor, their lengths, the
+sampler's log-probs ``(N, C)`` and the advantages ``(N,)``, all on the training device, plus the
+prompts and completions as host token lists (the text side: decoding, rules, counts). ``collate``
+slices whole groups of it into a ``MicroBatch`` with one row gather on the device (each group's
+prompt once, left-padded; its G completions right-padded); ``pack`` groups items under a token
+budget; ``padding_batch`` is the zero-weight micro-batch that keeps ranks in step.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
+
+from ..distributed import to_device
+
+
+def pad_rows(rows: list[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
+    """(len_i,) tensors -> (N, max len) right-padded with zeros, where they are (one device op)."""
+    if not rows:
+        return torch.zeros((0, 0), device=device)
+    return torch.nn.utils.rnn.pad_sequence([r.float() for r in rows], batch_first=True)  # (N, C)
 
 
 @dataclass
 class Sequences:
-    """This rank's training sequences, group-major (group g's responses are rows g*G .. g*G+G-1)."""
+    """This rank's training sequences, group-major (group g's responses are rows g*G .. g*G+G-1).
+
+    ``sampling_logprobs`` may be given as a list of (len,) tensors (a sampler's rows): it is padded
+    where it lies. ``tokens`` (N, C) and ``lengths`` are derived from ``completion_ids``, the tokens
+    copied to the advantages' device once."""
 
     prompt_ids: list[list[int]]
     completion_ids: list[list[int]]  # the stop token, when sampled, is part of the completion
-    sampling_logprobs: list[torch.Tensor]  # (len(completion),) fp32 each
+    sampling_logprobs: torch.Tensor  # (N, C) fp32, zeros past each row's length
     advantages: torch.Tensor  # (N,) float32
     group_size: int
     images: list | None = None  # VL: a medix_fast.data.vision.PixelBatch or None per row (its group's prompt image)
+    tokens: torch.Tensor = field(init=False)  # (N, C) completion tokens, 0 past each row's length
+    lengths: list[int] = field(init=False)  # completion tokens per row
+
+    def __post_init__(self):
+        device = self.advantages.device
+        if not isinstance(self.sampling_logprobs, torch.Tensor):
+            self.sampling_logprobs = pad_rows(list(self.sampling_logprobs), device)
+        self.lengths = [len(c) for c in self.completion_ids]
+        if len(self.lengths) != self.advantages.shape[0] or self.sampling_logprobs.shape[0] != len(self.lengths):
+            raise ValueError(f"{len(self.lengths)} completions, {self.advantages.shape[0]} advantages and "
+                             f"{self.sampling_logprobs.shape[0]} rows of sampling log-probs must agree")
+        width = max(self.lengths, default=0)
+        if self.sampling_logprobs.shape[1] < width:
+            raise ValueError(f"sampling_logprobs has {self.sampling_logprobs.shape[1]} columns, the longest "
+                             f"completion {width} tokens")
+        host = torch.tensor([c + [0] * (width - len(c)) for c in self.completion_ids], dtype=torch.long)
+        self.tokens = to_device(host.reshape(len(self.lengths), width), device)  # (N, C)
 
 
 @dataclass
@@ -37,12 +69,18 @@ class MicroBatch:
     advantages: torch.Tensor  # (B,)
     sampling: torch.Tensor  # (B, C) sampler log-probs
     group_size: int
+    lengths: list[int] = field(default_factory=list)  # completion tokens per row (host: the loss needs no sync)
     old: torch.Tensor | None = None  # (B, C)
     ref: torch.Tensor | None = None  # (B, C)
-    tokens: int = 0  # completion tokens (mask sum)
     weight: float = 1.0  # 0 for the padding micro-batches that keep the ranks in step
     pixel_values: torch.Tensor | None = None  # VL: the groups' prompt images' patches, in group order
     image_grid_thw: torch.Tensor | None = None  # (n_images, 3)
+    image_patches: list[int] = field(default_factory=list)  # patches per image (host)
+
+    @property
+    def tokens(self) -> int:
+        """Completion tokens (mask sum)."""
+        return sum(self.lengths)
 
     @property
     def n_tokens(self) -> int:
@@ -67,31 +105,28 @@ def pack(lengths: list[int], budget: int) -> list[list[int]]:
 
 
 def collate(seqs: Sequences, groups: list[int], pad_id: int, device: torch.device) -> MicroBatch:
+    """Groups ``groups`` of ``seqs`` as one micro-batch on ``device``: the prompts built on the
+    host (one copy), the completions, log-probs and advantages gathered on the device."""
     g = seqs.group_size
     rows = [k * g + j for k in groups for j in range(g)]
     prompts = [seqs.prompt_ids[k * g] for k in groups]
     if any(seqs.prompt_ids[r] != seqs.prompt_ids[(r // g) * g] for r in rows):
         raise ValueError("every response of a group must share its group's prompt")
-    comps = [seqs.completion_ids[r] for r in rows]
-    plen, clen = max(len(p) for p in prompts), max(len(c) for c in comps)
-    prompt_ids = torch.full((len(groups), plen), pad_id, dtype=torch.long)  # (n_groups, P)
-    prompt_mask = torch.zeros((len(groups), plen), dtype=torch.long)  # (n_groups, P)
-    targets = torch.full((len(rows), clen), pad_id, dtype=torch.long)  # (B, C)
-    mask = torch.zeros((len(rows), clen))  # (B, C)
-    sampling = torch.zeros((len(rows), clen))  # (B, C)
-    for k, p in enumerate(prompts):
-        prompt_ids[k, plen - len(p):] = torch.tensor(p)
-        prompt_mask[k, plen - len(p):] = 1
-    for b, c in enumerate(comps):
-        targets[b, :len(c)] = torch.tensor(c, dtype=torch.long)
-        mask[b, :len(c)] = 1.0
-        sampling[b, :len(c)] = seqs.sampling_logprobs[rows[b]].float()
+    lengths = [seqs.lengths[r] for r in rows]
+    plen, clen = max(len(p) for p in prompts), max(lengths)
+    host = torch.tensor([[pad_id] * (plen - len(p)) + p for p in prompts] +  # (n_groups, P) left-padded
+                        [[0] * (plen - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)  # its mask
+    prompt_ids, prompt_mask = to_device(host.reshape(2, len(groups), plen), device).unbind(0)  # (n_groups, P) each
+    index, counts = to_device(torch.tensor([rows, lengths], dtype=torch.long), device).unbind(0)  # (B,), (B,)
+    mask = (torch.arange(clen, device=device) < counts[:, None]).float()  # (B, C)
+    targets = seqs.tokens.index_select(0, index)[:, :clen].masked_fill(mask == 0, pad_id)  # (B, C)
+    sampling = seqs.sampling_logprobs.index_select(0, index)[:, :clen].float() * mask  # (B, C)
     pix = [b for b in (seqs.images[k * g] for k in groups) if b is not None] if seqs.images else []
-    return MicroBatch(rows, prompt_ids.to(device), prompt_mask.to(device), targets.to(device), mask.to(device),
-                      seqs.advantages[rows].float().to(device), sampling.to(device), g,
-                      tokens=sum(len(c) for c in comps),
-                      pixel_values=torch.cat([b.pixel_values for b in pix]).to(device) if pix else None,
-                      image_grid_thw=torch.cat([b.image_grid_thw for b in pix]).to(device) if pix else None)
+    return MicroBatch(rows, prompt_ids, prompt_mask, targets, mask, seqs.advantages.index_select(0, index).float(),
+                      sampling, g, lengths,
+                      pixel_values=to_device(torch.cat([b.pixel_values for b in pix]), device) if pix else None,
+                      image_grid_thw=to_device(torch.cat([b.image_grid_thw for b in pix]), device) if pix else None,
+                      image_patches=[int(t * h * w) for b in pix for t, h, w in b.image_grid_thw.tolist()])
 
 
 def padding_batch(template: MicroBatch | None, pad_id: int, device: torch.device) -> MicroBatch:
@@ -101,4 +136,4 @@ def padding_batch(template: MicroBatch | None, pad_id: int, device: torch.device
     one = torch.ones((1, 1), device=device)
     ids = torch.full((1, 1), pad_id, dtype=torch.long, device=device)
     return MicroBatch([], ids, torch.ones_like(ids), ids.clone(), one, torch.zeros(1, device=device),
-                      torch.zeros_like(one), group_size=1, weight=0.0)
+                      torch.zeros_like(one), group_size=1, lengths=[1], weight=0.0)

@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import distributed as D
+from ..data.prompt import response_texts
 from ..kernels import group_advantages
-from .batch import Sequences
+from ..seeds import mix_seed
+from .batch import Sequences, pad_rows
 
 
 @dataclass
@@ -33,8 +35,8 @@ class _Draw:
     prompt_ids: list[list[int]] = field(default_factory=list)
     images: list = field(default_factory=list)  # a medix_fast.data.vision.PixelBatch or None per response
     completion_ids: list[list[int]] = field(default_factory=list)
-    logprobs: list[torch.Tensor] = field(default_factory=list)
-    rewards: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    logprobs: list[torch.Tensor] = field(default_factory=list)  # (len,) fp32 each, on the sampler's device
+    rewards: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # (rows,) pieces on the reward device
     truncated: int = 0  # responses cut at max_new_tokens
     sample_s: float = 0.0
     reward_s: float = 0.0
@@ -45,17 +47,22 @@ class _Draw:
         self.images += [other.images[r] for r in rows]
         self.completion_ids += [other.completion_ids[r] for r in rows]
         self.logprobs += [other.logprobs[r] for r in rows]
+        if len(rows) == len(other.completion_ids):  # every group: no gather
+            for key, value in other.rewards.items():
+                self.rewards.setdefault(key, []).extend(value)
+            return
         for key, value in other.rewards.items():
-            self.rewards.setdefault(key, []).append(value[0][rows])
+            index = D.to_device(torch.tensor(rows, dtype=torch.long), value[0].device)  # (rows,)
+            self.rewards.setdefault(key, []).append(value[0].index_select(0, index))
 
 
 def step_seed(seed: int, step: int, rank: int, attempt: int) -> int:
     """A sampler seed that depends only on (seed, step, rank, attempt): resumable runs repeat it."""
-    return (seed * 1_000_003 + step * 10_007 + attempt * 101 + rank) % (2**31 - 1)
+    return mix_seed(seed, step, attempt, rank)
 
 
 class Rollout:
-    def __init__(self, sampler, reward_fn, tokenizer, prompts, loader, cfg, info: D.DistInfo, stop_token_ids,
+    def __init__(self, sampler, reward_fn, tokenizer, prompts, loader, cfg, info: D.DistInfo, *, stop_token_ids,
                  vision=None):
         self.sampler, self.reward_fn, self.tokenizer, self.vision = sampler, reward_fn, tokenizer, vision
         self.prompts, self.loader, self.cfg, self.info = prompts, loader, cfg, info
@@ -82,19 +89,18 @@ class Rollout:
                                     stop_token_ids=self.stop_token_ids, seed=seed,
                                     images=images if self.vision is not None else None)
         comps = [list(c) for c in out.completion_ids]
-        logps = [lp.detach().float().cpu() for lp in out.logprobs]
+        logps = [lp.detach().float() for lp in out.logprobs]  # stay on the device: no per-row copy
         reasons = list(out.finish_reasons)
         return ([p for p in prompt_ids for _ in range(n)], comps, logps, reasons,
                 [b for b in images for _ in range(n)])
 
     def score(self, ids: list[int], n: int, comps: list[list[int]]) -> dict[str, torch.Tensor]:
-        """Rewards of the decoded completions (stop token dropped) against the prompts' solutions."""
-        stop = set(self.stop_token_ids)
-        texts = self.tokenizer.batch_decode([c[:-1] if c and c[-1] in stop else c for c in comps],
-                                            skip_special_tokens=True)
+        """Rewards of the decoded completions (stop token dropped) against the prompts' solutions,
+        (N,) float32 each on the reward function's device."""
+        texts = response_texts(self.tokenizer, comps, self.stop_token_ids)
         solutions = [self.prompts[i].solution for i in ids for _ in range(n)]
         lengths = torch.tensor([len(c) for c in comps])
-        return {k: v.float().cpu() for k, v in self.reward_fn(texts, solutions, response_lengths=lengths).items()}
+        return {k: v.float() for k, v in self.reward_fn(texts, solutions, response_lengths=lengths).items()}
 
     def _draw(self, ids: list[int], seed: int) -> _Draw:
         s = self.cfg.sampling
@@ -117,11 +123,8 @@ class Rollout:
             ids = self.loader.next(count)
             if n_kept < self.target:
                 draw = self._draw(ids, step_seed(self.cfg.train.seed, step, self.info.rank, attempt))
-                overall = draw.rewards[a.filter_key][0].view(-1, g)  # (groups, G)
-                means = overall.mean(dim=1)
-                ok = (means > a.filter_low) & (means < a.filter_high) if a.dynamic_sampling \
-                    else torch.ones_like(means, dtype=torch.bool)
-                good = ok.nonzero().flatten().tolist()
+                good = self._informative(draw.rewards[a.filter_key][0], g) if a.dynamic_sampling \
+                    else list(range(len(ids)))
                 kept.extend(draw, good, g)
                 seen.extend(draw, list(range(len(ids))), g)
                 seen.truncated += draw.truncated
@@ -137,21 +140,34 @@ class Rollout:
                 break
         rows = min(n_kept, self.target) * g
         rewards = {k: torch.cat(v)[:rows] for k, v in kept.rewards.items()}
-        adv = group_advantages(rewards["overall"], g, estimator=a.advantage_estimator) if rows else torch.zeros(0)
-        seqs = Sequences(kept.prompt_ids[:rows], kept.completion_ids[:rows], kept.logprobs[:rows], adv, g,
-                         kept.images[:rows])
-        return seqs, self._metrics(seen, adv, n_kept, drawn, attempt)
+        device = self.info.device
+        adv = group_advantages(rewards["overall"].to(device), g, estimator=a.advantage_estimator) if rows \
+            else torch.zeros(0, device=device)  # (rows,) on the device
+        seqs = Sequences(kept.prompt_ids[:rows], kept.completion_ids[:rows], pad_rows(kept.logprobs[:rows], device),
+                         adv, g, kept.images[:rows])
+        return seqs, self._metrics(seen, seqs, n_kept, drawn, attempt)
 
-    def _metrics(self, seen: _Draw, adv: torch.Tensor, n_kept: int, drawn: int, attempts: int) -> dict:
-        lengths = torch.tensor([len(c) for c in seen.completion_ids], dtype=torch.float64)
-        adv = adv.double()
-        local = {f"reward/{k}": float(torch.cat(seen.rewards[k]).double().sum()) for k in sorted(seen.rewards)}
-        local.update(length=float(lengths.sum()), responses=float(len(lengths)), truncated=float(seen.truncated),
-                     adv=float(adv.sum()), adv_sq=float(adv.pow(2).sum()), adv_abs=float(adv.abs().sum()),
-                     adv_n=float(adv.numel()), kept=float(n_kept), drawn=float(drawn))
+    def _informative(self, scores: torch.Tensor, g: int) -> list[int]:
+        """DAPO's filter: the groups whose mean score lies strictly inside (filter_low, filter_high),
+        a device mask read on the host once (which rows to keep)."""
+        a = self.cfg.algorithm
+        means = scores.view(-1, g).mean(dim=1)  # (groups,)
+        ok = (means > a.filter_low) & (means < a.filter_high)  # (groups,)
+        return ok.nonzero().flatten().tolist()
+
+    def _metrics(self, seen: _Draw, seqs: Sequences, n_kept: int, drawn: int, attempts: int) -> dict:
+        """The step's rollout metrics: named sums (device tensors and host numbers) reduced over the
+        ranks in one all-reduce, the slowest rank's lengths and times in one more."""
+        lengths = [len(c) for c in seen.completion_ids]
+        adv = seqs.advantages.double()
+        local = {f"reward/{k}": torch.cat(seen.rewards[k]).double().sum() for k in sorted(seen.rewards)}
+        local.update(length=float(sum(lengths)), responses=float(len(lengths)), truncated=float(seen.truncated),
+                     adv=adv.sum(), adv_sq=adv.pow(2).sum(), adv_abs=adv.abs().sum(), adv_n=float(adv.numel()),
+                     kept=float(n_kept), drawn=float(drawn), groups=float(len(seqs.lengths) // seqs.group_size),
+                     tokens=float(sum(map(len, seqs.prompt_ids)) + sum(seqs.lengths)))
         total = D.reduce_scalars(local, self.info.device)
-        slowest = D.reduce_scalars({"length": float(lengths.max()) if len(lengths) else 0.0,
-                                    "sample_s": seen.sample_s, "reward_s": seen.reward_s}, self.info.device, "max")
+        slowest = D.reduce_scalars({"length": float(max(lengths, default=0)), "sample_s": seen.sample_s,
+                                    "reward_s": seen.reward_s}, self.info.device, "max")
         n_resp = max(total["responses"], 1.0)
         n_adv = max(total["adv_n"], 1.0)
         adv_mean = total["adv"] / n_adv
@@ -165,6 +181,8 @@ class Rollout:
             "advantage/abs_mean": total["adv_abs"] / n_adv,
             "rollout/kept_group_fraction": total["kept"] / max(total["drawn"], 1.0),
             "rollout/kept_groups": min(total["kept"], float(self.cfg.train.prompts_per_step)),
+            "rollout/trained_groups": total["groups"],
+            "rollout/trained_tokens": total["tokens"],
             "rollout/tries": attempts,
             "throughput/sample_tokens_per_s": total["length"] / max(slowest["sample_s"], 1e-9),
             "time/sample_s": slowest["sample_s"],

@@ -10,6 +10,12 @@ micro-batches and ranks (``num_items_in_batch``), ``grpo`` / ``dr_grpo`` by its 
 count, ``bnpo`` by this rank's token count (TRL's "local batch"). Ranks pad to the same number
 of micro-batches with zero-weight ones, so DDP / FSDP collectives always line up.
 
+A step is :meth:`Updater.prepare` (the plan and the old / reference log-probs, run while the
+trainer still holds the parameters gathered for the rollout: one FSDP all-gather per step) then
+:meth:`Updater.run` (the optimizer steps); :meth:`Updater.update` does both. The micro-batches are
+device slices of the rollout's tensors; the loss gets each row's valid-token count from the host,
+and one reduction per optimizer step brings its loss, metrics and gradient norm to the host.
+
 Old log-probs (``algorithm.old_logprobs``): ``recompute`` trains the first mini-batch of a
 single epoch on-policy (``old=None``: ratio 1, exactly the policy that sampled, no extra
 forward, also under ``tis_cap``) and recomputes the others under ``no_grad`` before the first
@@ -22,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -29,11 +36,22 @@ from transformers import DynamicCache
 
 from .. import distributed as D
 from ..kernels import fused_linear_logprobs, fused_linear_policy_loss
-from ..model.forward import continuation_hidden_states, hidden_states, lm_head, prompt_hidden_states
+from ..kernels.policy_loss import METRICS
+from ..model.forward import (continuation_hidden_states, hidden_states, left_pad_positions, lm_head,
+                             prompt_hidden_states)
 from ..model.moe import RouterLogits
 from .batch import MicroBatch, Sequences, collate, pack, padding_batch
 
-LOSS_METRICS = ("ratio_mean", "clip_low", "clip_high", "clip_dual", "kl", "entropy")
+
+@dataclass
+class Plan:
+    """One step's mini-batches of micro-batches (equal counts on every rank) and each mini-batch's
+    completion tokens and sequences over all ranks (the loss normalisers)."""
+
+    minis: list[list[MicroBatch]]
+    tokens: list[float]
+    seqs: list[float]
+    seconds: float = 0.0  # spent preparing it (old / reference log-probs)
 
 
 def _checkpointing(model: nn.Module) -> bool:
@@ -47,8 +65,7 @@ def _checkpointing(model: nn.Module) -> bool:
 def _repeat_images(mb: MicroBatch, g: int) -> dict:
     """The micro-batch's image inputs for its B = groups x G rows: a prompt has at most one image
     (``Prompt.image``) and rows are group-major, so each image is repeated G times in place."""
-    counts = mb.image_grid_thw.prod(-1).tolist()  # patches per image
-    pieces = torch.split(mb.pixel_values, counts)
+    pieces = torch.split(mb.pixel_values, mb.image_patches)
     return {"pixel_values": torch.cat([p for p in pieces for _ in range(g)]),  # (G * patches, D)
             "image_grid_thw": mb.image_grid_thw.repeat_interleave(g, 0)}  # (G * n_images, 3)
 
@@ -104,7 +121,7 @@ class PolicyObjective(nn.Module):
             vision = _repeat_images(mb, g)
             pos = None
         else:
-            prompt_pos = (mb.prompt_mask.cumsum(1) - 1).clamp(min=0)  # (n_groups, P)
+            prompt_pos = left_pad_positions(mb.prompt_mask)  # (n_groups, P)
             comp_pos = pmask.sum(1, keepdim=True) + torch.arange(mb.targets.shape[1], device=pmask.device)  # (B, C)
             pos = torch.cat([prompt_pos.repeat_interleave(g, 0), comp_pos], 1)  # (B, P + C)
         hidden = hidden_states(self.model, ids, full_mask, pos, **vision)  # (B, P + C, H)
@@ -118,12 +135,13 @@ class PolicyObjective(nn.Module):
             h = self._hidden(mb)  # (B, C, H)
         weight, bias = lm_head(self.model)
         if loss_opts is None:
-            valid = mb.mask.bool()  # (B, C)
-            logp = fused_linear_logprobs(h[valid], weight, mb.targets[valid], bias=bias,
+            keep = mb.mask.reshape(-1).nonzero_static(size=mb.tokens).squeeze(1)  # (n_valid,): no sync
+            logp = fused_linear_logprobs(h.reshape(-1, h.shape[-1]).index_select(0, keep), weight,
+                                         mb.targets.reshape(-1).index_select(0, keep), bias=bias,
                                          temperature=self.temperature)  # (n_valid,)
-            return torch.zeros_like(mb.mask).masked_scatter(valid, logp)  # (B, C)
+            return mb.mask.new_zeros(mb.mask.numel()).index_copy(0, keep, logp.float()).view_as(mb.mask)  # (B, C)
         loss, metrics = fused_linear_policy_loss(h, weight, mb.targets, mb.mask, mb.advantages, mb.old, mb.ref,
-                                                 bias=bias, temperature=self.temperature,
+                                                 bias=bias, temperature=self.temperature, valid_lengths=mb.lengths,
                                                  sampling_logprobs=mb.sampling if loss_opts.get("tis_cap") else None,
                                                  **loss_opts)
         if record:
@@ -135,7 +153,7 @@ class Updater:
     """Runs the PPO epochs / mini-batches / micro-batches of one training step."""
 
     def __init__(self, objective: PolicyObjective, wrapped: nn.Module, optimizer, algo, train, sampling,
-                 info: D.DistInfo, pad_id: int, ref_objective: PolicyObjective | None = None,
+                 info: D.DistInfo, *, pad_id: int, ref_objective: PolicyObjective | None = None,
                  autocast_dtype: torch.dtype | None = None, grad_clip: float = 1.0):
         self.objective, self.wrapped, self.optimizer = objective, wrapped, optimizer
         self.algo, self.train, self.sampling, self.info = algo, train, sampling, info
@@ -172,61 +190,78 @@ class Updater:
             return mb.n_tokens / max(local_tokens, 1)
         return self.info.world * mb.n_seqs / max(global_seqs, 1)
 
-    def plan(self, seqs: Sequences) -> list[list[MicroBatch]]:
-        """Mini-batches (whole groups) of micro-batches, padded to the same counts on every rank."""
+    def plan(self, seqs: Sequences) -> Plan:
+        """Mini-batches (whole groups) of micro-batches, padded to the same counts on every rank,
+        and each mini-batch's token and sequence counts over all ranks (two reductions in all)."""
         g = seqs.group_size
         n_groups = len(seqs.completion_ids) // g
         per_mb = max(1, self.train.mini_batch_prompts // self.info.world)
+        bound = -(-max(1, self.train.prompts_per_step // self.info.world) // per_mb)  # the most any rank has
         minis = []
         for start in range(0, n_groups, per_mb):
             groups = list(range(start, min(start + per_mb, n_groups)))
-            sizes = [g * (len(seqs.prompt_ids[k * g]) + max(len(seqs.completion_ids[k * g + j]) for j in range(g)))
-                     for k in groups]  # padded tokens of each group, prompt repeated
+            sizes = [g * (len(seqs.prompt_ids[k * g]) + max(seqs.lengths[k * g:k * g + g])) for k in groups]
             minis.append([collate(seqs, [groups[i] for i in part], self.pad_id, self.info.device)
                           for part in pack(sizes, self.train.micro_batch_tokens)])
-        count = int(D.all_reduce([len(minis)], self.info.device, "max").item())
+        if len(minis) > bound:
+            raise ValueError(f"{n_groups} groups on rank {self.info.rank}: more than prompts_per_step / world "
+                             f"({self.train.prompts_per_step} / {self.info.world})")
+        counts = D.reduce_scalars({f"micro{j}": len(minis[j]) if j < len(minis) else 0 for j in range(bound)},
+                                  self.info.device, "max")
+        sizes = [int(counts[f"micro{j}"]) for j in range(bound)]
         template = minis[0][0] if minis else None
-        minis += [[] for _ in range(count - len(minis))]
-        sizes = D.all_reduce([len(m) for m in minis], self.info.device, "max").tolist()
-        return [m + [padding_batch(template or (m[0] if m else None), self.pad_id, self.info.device)
-                     for _ in range(n - len(m))] for m, n in zip(minis, sizes)]
+        minis += [[] for _ in range(bound - len(minis))]
+        minis = [m + [padding_batch(template or (m[0] if m else None), self.pad_id, self.info.device)
+                      for _ in range(n - len(m))] for m, n in zip(minis, sizes) if n]
+        totals = D.reduce_scalars({f"{k}{j}": sum(getattr(mb, f"n_{k}") for mb in mini)
+                                   for j, mini in enumerate(minis) for k in ("tokens", "seqs")}, self.info.device)
+        return Plan(minis, [totals[f"tokens{j}"] for j in range(len(minis))],
+                    [totals[f"seqs{j}"] for j in range(len(minis))])
 
     @torch.no_grad()
     def _logprobs(self, objective: PolicyObjective, mb: MicroBatch) -> torch.Tensor:
         with self._autocast():
             return objective(mb)
 
-    def prepare(self, minis: list[list[MicroBatch]]) -> None:
-        """Old and reference log-probs, before any parameter changes (parameters unsharded)."""
+    def prepare(self, seqs: Sequences) -> Plan:
+        """The plan with old and reference log-probs, before any parameter changes. The caller
+        holds the parameters gathered (``D.generation_mode``, entered once per step for the
+        rollout and this)."""
+        t0 = time.perf_counter()
+        plan = self.plan(seqs)
         a = self.algo
-        with D.generation_mode(self.wrapped):
-            for j, mini in enumerate(minis):
-                for mb in mini:
-                    if self.ref_objective is not None and a.beta > 0:
-                        mb.ref = self._logprobs(self.ref_objective, mb)
-                    if a.old_logprobs == "sampler":
-                        mb.old = mb.sampling
-                    elif j > 0 or a.ppo_epochs > 1:  # on-policy TIS takes old = the current log-probs
-                        mb.old = self._logprobs(self.objective, mb)
+        for j, mini in enumerate(plan.minis):
+            for mb in mini:
+                if self.ref_objective is not None and a.beta > 0:
+                    mb.ref = self._logprobs(self.ref_objective, mb)
+                if a.old_logprobs == "sampler":
+                    mb.old = mb.sampling
+                elif j > 0 or a.ppo_epochs > 1:  # on-policy TIS takes old = the current log-probs
+                    mb.old = self._logprobs(self.objective, mb)
+        plan.seconds = time.perf_counter() - t0
+        return plan
 
     def update(self, seqs: Sequences) -> dict:
-        """All optimizer steps of one training step; returns averaged metrics."""
-        t0 = time.perf_counter()
-        minis = self.plan(seqs)
-        self.prepare(minis)
+        """All optimizer steps of one training step (old / reference log-probs first, parameters
+        gathered for them here); returns averaged metrics."""
+        with D.generation_mode(self.wrapped):
+            plan = self.prepare(seqs)
+        return self.run(plan)
+
+    def run(self, plan: Plan) -> dict:
+        """The optimizer steps of a prepared plan; returns averaged metrics. One host read per
+        optimizer step (its loss, metrics and gradient norm, reduced over the ranks together)."""
         t1 = time.perf_counter()
-        totals = {k: 0.0 for k in ("loss", "grad_norm", *LOSS_METRICS, "router_aux")}
+        totals = {k: 0.0 for k in ("loss", "grad_norm", *METRICS, "router_aux")}
         steps = skipped = 0
         tokens = 0.0
+        world = self.info.world
         for epoch in range(self.algo.ppo_epochs):
-            for j, mini in enumerate(minis):
+            for mini, global_tokens, global_seqs in zip(plan.minis, plan.tokens, plan.seqs):
                 local_tokens = sum(mb.n_tokens for mb in mini)
-                counts = D.reduce_scalars({"tokens": local_tokens, "seqs": sum(mb.n_seqs for mb in mini)},
-                                          self.info.device)
-                global_tokens, global_seqs = counts["tokens"], counts["seqs"]
                 opts = self.loss_options(global_tokens)
                 loss_sum = torch.zeros((), device=self.info.device)
-                sums = torch.zeros(len(LOSS_METRICS), device=self.info.device)
+                sums = torch.zeros(len(METRICS), device=self.info.device)
                 aux_sum = torch.zeros((), device=self.info.device)
                 self.optimizer.zero_grad(set_to_none=True)
                 for i, mb in enumerate(mini):
@@ -235,17 +270,17 @@ class Updater:
                         loss, metrics = self.wrapped(mb, opts)
                     total = loss * scale
                     if "router_aux" in metrics:  # token-weighted over the mini-batch (all ranks), any loss type
-                        aux_share = self.info.world * mb.n_tokens / max(global_tokens, 1.0)
+                        aux_share = world * mb.n_tokens / max(global_tokens, 1.0)
                         total = total + self.objective.router_aux_coef * aux_share * metrics["router_aux"]
                         aux_sum += metrics["router_aux"].detach() * mb.n_tokens
                     total.backward()
                     loss_sum += loss.detach() * scale
-                    sums += torch.stack([metrics[k] for k in LOSS_METRICS]) * mb.n_tokens
-                stats = D.reduce_scalars({"loss": loss_sum / self.info.world, **dict(zip(LOSS_METRICS, sums)),
-                                          "router_aux": aux_sum}, self.info.device)
-                norm = self._clip()
-                loss_value = stats["loss"]
-                if not (math.isfinite(loss_value) and math.isfinite(norm)):
+                    sums += torch.stack([metrics[k] for k in METRICS]) * mb.n_tokens
+                norm = self._clip()  # the global norm on every rank: its sum over ranks / world is itself
+                stats = D.reduce_scalars({"loss": loss_sum / world, **dict(zip(METRICS, sums)),
+                                          "router_aux": aux_sum, "grad_norm": norm / world}, self.info.device)
+                loss_value, norm_value = stats["loss"], stats["grad_norm"]
+                if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
                     skipped += 1
                     self.nonfinite_in_a_row += 1
                     self.optimizer.zero_grad(set_to_none=True)
@@ -253,25 +288,24 @@ class Updater:
                 self.nonfinite_in_a_row = 0
                 self.optimizer.step()
                 steps += 1
-                totals["loss"] += loss_value
-                totals["grad_norm"] += norm
-                for k in (*LOSS_METRICS, "router_aux"):
+                for k in ("loss", "grad_norm", *METRICS, "router_aux"):
                     totals[k] += stats[k]
                 tokens += global_tokens
         self.optimizer.zero_grad(set_to_none=True)  # the rollout does not carry the gradients (4 B/param/world)
         # NaN when no update was made (every one skipped, or no group kept)
         out = {"loss": totals["loss"] / steps if steps else math.nan,
                "grad_norm": totals["grad_norm"] / steps if steps else math.nan}
-        out.update({k: totals[k] / tokens if tokens else math.nan for k in LOSS_METRICS})
+        out.update({k: totals[k] / tokens if tokens else math.nan for k in METRICS})
         if self.objective.router is not None:  # the load-balancing loss, token-weighted
             out["router_aux"] = totals["router_aux"] / tokens if tokens else math.nan
         out.update({"optimizer_steps": steps, "skipped_updates": skipped, "train_tokens": tokens,
-                    "time/logprobs_s": t1 - t0, "time/train_s": time.perf_counter() - t1})
+                    "time/logprobs_s": plan.seconds, "time/train_s": time.perf_counter() - t1})
         return out
 
-    def _clip(self) -> float:
+    def _clip(self) -> torch.Tensor:
+        """Clip the gradients; their global norm as a 0-dim device tensor (no host read)."""
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
             norm = norm.full_tensor()
-        return float(norm)
+        return norm
