@@ -139,7 +139,7 @@ def test_sampler_greedy_matches_generate_with_images(vl, prompts):
     pix = pixels(vision, prompts)
     text_only = build_prompts([Example("Is this a CT scan?", "<CT_SCAN> yes")], tokenizer, 4096, vision)[0][0]
     ids, pix = [p.ids for p in prompts] + [text_only.ids], pix + [None]
-    out = Sampler(model, max_batch_size=6, max_seq_len=256).generate(
+    out = Sampler(model, max_num_seqs=6).generate(
         ids, n=2, max_new_tokens=16, temperature=0.0, images=pix, stop_token_ids=[])  # 2 chunks of prompts
     differs_without_mrope = False
     for i, (x, p) in enumerate(zip(ids, pix)):
@@ -157,7 +157,7 @@ def test_sampler_greedy_matches_generate_with_images(vl, prompts):
 
 def test_sampler_rejects_mismatched_images(vl, prompts):
     model, _, vision = vl
-    sampler = Sampler(model, max_batch_size=4, max_seq_len=256)
+    sampler = Sampler(model, max_num_seqs=4)
     pix = pixels(vision, prompts[:1])
     with pytest.raises(ValueError, match="prompt 0: 4 image tokens in the prompt but its images give 0"):
         sampler.generate([prompts[0].ids], max_new_tokens=2, images=[None])
@@ -215,7 +215,7 @@ def test_qwen3_vl_loads_and_samples_like_generate(vl, prompts, tmp_path):
     assert type(model).__name__ == "Qwen3VLForConditionalGeneration"
     assert type(load_image_processor(tmp_path)).__name__ == "Qwen2VLImageProcessorPil"
     pix = pixels(vision, prompts)
-    out = Sampler(model, max_batch_size=8, max_seq_len=256).generate(
+    out = Sampler(model, max_num_seqs=8).generate(
         [p.ids for p in prompts], n=2, max_new_tokens=10, temperature=0.0, images=pix, stop_token_ids=[])
     for i, (p, b) in enumerate(zip(prompts, pix)):
         x = torch.tensor([p.ids])
