@@ -121,6 +121,7 @@ class Sampler:
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
         self.pool: KVPool | None = None
         self.stats = EngineStats()
+        self.blocks: BlockPool | None = None  # the last call's block accounting
         self._decoder = None  # cuda_graphs.StaticDecoder, kept across calls
 
     # ------------------------------------------------------------------ public
@@ -174,48 +175,56 @@ class Sampler:
         decode = self._decode_fn(runner, n)
         sched = Scheduler(blocks, block_size, self.max_num_seqs, self.max_prefill_tokens, rows,
                           self.max_num_seqs + GROUP_SLACK)
-        self.stats = stats = EngineStats(pool_blocks=pool.num_blocks, block_bytes=pool.nbytes // pool.num_blocks)
-        logprob_log: list[torch.Tensor] = []
-        logged, prefilter = 0, PREFILTER
+        self.stats = EngineStats(pool_blocks=pool.num_blocks, block_bytes=pool.nbytes // pool.num_blocks)
+        self.blocks = blocks
         try:
-            while not sched.done:
-                plan = sched.admit()
-                runner.apply(sched.table_writes)
-                if not plan.empty:
-                    runner.prefill(plan)
-                    stats.prefills += 1
-                batch = sched.decode_batch()
-                runner.apply(sched.table_writes)
-                if not batch:
-                    continue
-                inputs = runner.decode_inputs(batch)
-                logits = decode(inputs)  # (b, V)
-                u = uniforms(inputs.row("keys"), inputs.row("steps"))
-                tok, lp, fits = sample_tokens(logits, params, u, prefilter)
-                host = torch.stack([tok, fits.long()]).tolist()  # the step's one host sync
-                stats.syncs += 1
-                if not all(host[1]):  # a top-p nucleus outgrew the candidates: exact again, more later
-                    prefilter = self.vocab_size
-                    tok, lp, _ = sample_tokens(logits, params, u, prefilter)
-                    host = [tok.tolist()]
-                    stats.syncs += 1
-                logprob_log.append(lp)
-                self._track(stats, blocks, sched)
-                for i, (row, token) in enumerate(zip(batch, host[0])):
-                    row.tokens.append(token)
-                    row.flat.append(logged + i)
-                    row.computed += 1
-                    if token in stops:
-                        sched.finish(row, "stop")
-                    elif len(row.tokens) == max_new:
-                        sched.finish(row, "length")
-                logged += len(batch)
-                stats.steps += 1
+            logprob_log = self._loop(sched, runner, decode, params, stops, max_new)
         finally:
             sched.release_all()
-        stats.preemptions = sched.preemptions
+        self.stats.preemptions = sched.preemptions
         blocks.check_idle()
         return _collect(rows, logprob_log)
+
+    def _loop(self, sched: Scheduler, runner: Runner, decode, params: SamplingParams, stops: set[int],
+              max_new: int) -> list[torch.Tensor]:
+        """Admit, prefill, decode and sample until every row finished; returns the per-step log-probs."""
+        stats, blocks = self.stats, sched.pool
+        logprob_log: list[torch.Tensor] = []
+        logged, prefilter = 0, PREFILTER
+        while not sched.done:
+            plan = sched.admit()
+            runner.apply(sched.table_writes)
+            if not plan.empty:
+                runner.prefill(plan)
+                stats.prefills += 1
+            batch = sched.decode_batch()
+            runner.apply(sched.table_writes)
+            if not batch:
+                continue
+            inputs = runner.decode_inputs(batch)
+            logits = decode(inputs)  # (b, V)
+            u = uniforms(inputs.row("keys"), inputs.row("steps"))
+            tok, lp, fits = sample_tokens(logits, params, u, prefilter)
+            host = torch.stack([tok, fits.long()]).tolist()  # the step's one host sync
+            stats.syncs += 1
+            if not all(host[1]):  # a top-p nucleus outgrew the candidates: exact again, more later
+                prefilter = self.vocab_size
+                tok, lp, _ = sample_tokens(logits, params, u, prefilter)
+                host = [tok.tolist()]
+                stats.syncs += 1
+            logprob_log.append(lp)
+            self._track(stats, blocks, sched)
+            for i, (row, token) in enumerate(zip(batch, host[0])):
+                row.tokens.append(token)
+                row.flat.append(logged + i)
+                row.computed += 1
+                if token in stops:
+                    sched.finish(row, "stop")
+                elif len(row.tokens) == max_new:
+                    sched.finish(row, "length")
+            logged += len(batch)
+            stats.steps += 1
+        return logprob_log
 
     def _decode_fn(self, runner: Runner, n: int):
         mode = self.decode_mode
