@@ -58,58 +58,84 @@ def cascade_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, 
     """q (b, H, D) against each row's prompt blocks and own blocks (``step``: a kv_cache.DecodeStep);
     returns (b, H, D) in q's dtype."""
     b, dtype = q.shape[0], q.dtype
-    own_rows = torch.arange(b, device=q.device)[:, None]  # (b, 1)
-    if backend != "torch":
-        q = q.to(k_pool.dtype)  # the kernels take one dtype (autocast may leave q in fp32 after RoPE)
+    if backend == "torch":
+        kv = k_pool.shape[2]
+        group_valid = step.memo("group_valid", lambda: _valid(step.group_lens, step.group_table, k_pool.shape[1], kv))
+        row_valid = step.memo("row_valid", lambda: _valid(step.row_lens, step.row_table, k_pool.shape[1], kv))
+        o1, lse1 = paged_attention(q, k_pool, v_pool, step.group_table, step.group_lens, step.group_rows, scale,
+                                   group_valid)
+        o2, lse2 = paged_attention(q, k_pool, v_pool, step.row_table, step.row_lens, None, scale, row_valid)
+        return merge(o1[:b], lse1[:b], o2, lse2).to(dtype)
+    q = q.to(k_pool.dtype)  # the kernels take one dtype (autocast may leave q in fp32 after RoPE)
+    own_rows = step.memo("own_rows", lambda: torch.arange(b, device=q.device)[:, None])  # (b, 1)
     if backend == "triton":
         from .triton_decode import paged_decode
         prompt = paged_decode(q, k_pool, v_pool, step.group_table, step.group_lens, step.group_rows, scale)
         out, _ = paged_decode(q, k_pool, v_pool, step.row_table, step.row_lens, own_rows, scale, prior=prompt)
         return out.to(dtype)
-    part = _flash_paged if backend == "flash" else paged_attention
-    o1, lse1 = part(q, k_pool, v_pool, step.group_table, step.group_lens, step.group_rows, scale)
-    o2, lse2 = part(q, k_pool, v_pool, step.row_table, step.row_lens, own_rows, scale)
+    o1, lse1 = _flash_paged(q, k_pool, v_pool, step.group_table, step.group_lens, step.group_rows, scale)
+    o2, lse2 = _flash_paged(q, k_pool, v_pool, step.row_table, step.row_lens, own_rows, scale)
     return merge(o1[:b], lse1[:b], o2[:b], lse2[:b]).to(dtype)
 
 
+def _valid(lens: torch.Tensor, table: torch.Tensor, block_size: int, kv: int) -> torch.Tensor:
+    """(kv * N, W * block_size) bool: which gathered token columns of each item are live."""
+    return (torch.arange(table.shape[1] * block_size, device=lens.device) < lens[:, None]).repeat(kv, 1)
+
+
 def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: torch.Tensor,
-                    lens: torch.Tensor, rows: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    lens: torch.Tensor, rows: torch.Tensor | None, scale: float,
+                    valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The PyTorch path. Item i's queries are the rows ``rows[i]`` (pad: b, a dummy row) of q
-    (b, H, D), all heads; its K/V the first ``lens[i]`` tokens of blocks ``table[i]`` of
-    ``k_pool``/``v_pool`` (blocks, block_size, kv, D). Returns each row's normalised output
-    (b + 1, H, D) fp32 and log-sum-exp (b + 1, H) (-inf where it saw no token)."""
+    (b, H, D), all heads (``rows`` None: item i is row i alone); its K/V the first ``lens[i]``
+    tokens of blocks ``table[i]`` of ``k_pool``/``v_pool`` (blocks, block_size, kv, D views;
+    head-major storage gathers without a transpose). ``valid``: ``_valid(...)``, computed here if
+    not given. Returns the items' rows' normalised output and log-sum-exp (-inf where no token was
+    seen), fp32: (b + 1, H, D) and (b + 1, H) with row b scratch, or (b, H, D), (b, H) if ``rows``
+    is None."""
     b, heads, dim = q.shape
     items, width = table.shape
-    group = rows.shape[1]
+    group = 1 if rows is None else rows.shape[1]
     kv = k_pool.shape[2]
     r = heads // kv
-    length = width * k_pool.shape[1]
-    k = k_pool[table.long()].reshape(items, length, kv, dim).permute(0, 2, 3, 1)  # (N, kv, D, L)
-    v = v_pool[table.long()].reshape(items, length, kv, dim).transpose(1, 2)  # (N, kv, L, D)
-    q_pad = torch.cat([q, q.new_zeros(1, heads, dim)])  # (b + 1, H, D)
-    qg = q_pad[rows].view(items, group, kv, r, dim).transpose(1, 2).reshape(items, kv, group * r, dim)
     compute = torch.promote_types(q.dtype, torch.float32)
-    s = torch.matmul(qg.to(compute), k.to(compute)) * scale  # (N, kv, G*r, L)
-    valid = torch.arange(length, device=q.device) < lens[:, None]  # (N, L)
-    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
-    m = s.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # an item with no token: p = 0 below
-    p = (s - m).exp()
-    denom = p.sum(-1, keepdim=True)  # (N, kv, G*r, 1)
-    o = torch.matmul(p, v.to(compute)) / denom.clamp_min(torch.finfo(compute).tiny)  # (N, kv, G*r, D)
-    lse = (m + denom.log())[..., 0]  # (N, kv, G*r): -inf where nothing was seen
-    out = q_pad.new_zeros(b + 1, heads, dim, dtype=compute)
-    out[rows.reshape(-1)] = o.view(items, kv, group, r, dim).transpose(1, 2).reshape(items * group, heads, dim)
-    out_lse = q_pad.new_zeros(b + 1, heads, dtype=compute)
-    out_lse[rows.reshape(-1)] = lse.view(items, kv, group, r).transpose(1, 2).reshape(items * group, heads)
+    if valid is None:
+        valid = _valid(lens, table, k_pool.shape[1], kv)
+    k, v = _gather(k_pool, table), _gather(v_pool, table)  # (kv*N, L, D)
+    if rows is not None:
+        q = torch.cat([q, q.new_zeros(1, heads, dim)])[rows]  # (N, G, H, D); row b: zeros
+    qg = q.reshape(items, group, kv, r, dim).permute(2, 0, 1, 3, 4).reshape(kv * items, group * r, dim)
+    s = torch.bmm(qg.to(compute), k.to(compute).transpose(1, 2)).mul_(scale)  # (kv*N, G*r, L)
+    s = s.masked_fill_(~valid[:, None, :], float("-inf"))
+    m = s.amax(-1, keepdim=True).nan_to_num_(neginf=0.0)  # an item with no token: p = 0 below
+    p = s.sub_(m).exp_()
+    denom = p.sum(-1, keepdim=True)  # (kv*N, G*r, 1)
+    o = torch.bmm(p, v.to(compute)).div_(denom.clamp_min(torch.finfo(compute).tiny))  # (kv*N, G*r, D)
+    lse = m.add_(denom.log_())[..., 0]  # (kv*N, G*r): -inf where nothing was seen
+    o = o.view(kv, items, group, r, dim).permute(1, 2, 0, 3, 4).reshape(items * group, heads, dim)
+    lse = lse.view(kv, items, group, r).permute(1, 2, 0, 3).reshape(items * group, heads)
+    if rows is None:
+        return o, lse
+    out = o.new_zeros(b + 1, heads, dim)
+    out[rows.reshape(-1)] = o
+    out_lse = lse.new_zeros(b + 1, heads)
+    out_lse[rows.reshape(-1)] = lse
     return out, out_lse
+
+
+def _gather(pool: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Blocks ``table`` (N, W) of a pool view (blocks, block_size, kv, D) as (kv * N, W * block_size, D):
+    one ``index_select`` of whole blocks (a memcpy each when the storage is head-major)."""
+    blocks, block_size, kv, dim = pool.shape
+    heads_first = pool.permute(2, 0, 1, 3).reshape(kv, blocks, block_size * dim)  # a view if head-major
+    picked = heads_first.index_select(1, table.reshape(-1).long())  # (kv, N*W, block_size*D)
+    return picked.view(kv * table.shape[0], table.shape[1] * block_size, dim)
 
 
 def merge(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor) -> torch.Tensor:
     """Combine two normalised partial attentions (b, H, D) with their log-sum-exps (b, H); lse2 finite."""
-    m = torch.maximum(lse1, lse2)
-    w1, w2 = (lse1 - m).exp(), (lse2 - m).exp()  # (b, H)
-    return (o1 * w1[..., None] + o2 * w2[..., None]) / (w1 + w2)[..., None]
+    w1 = torch.sigmoid(lse1 - lse2)[..., None]  # e^lse1 / (e^lse1 + e^lse2); 0 when lse1 = -inf
+    return torch.lerp(o2, o1, w1)
 
 
 def _flash_paged(q, k_pool, v_pool, table, lens, rows, scale):

@@ -1,11 +1,14 @@
 """The paged K/V pool, the per-step attention metadata, and the attention back-end that writes and
 reads them inside a Hugging Face forward.
 
-Pool: one tensor ``(2, layers, blocks, block_size, kv_heads, head_dim)`` (K then V) in the
-compute dtype, zeroed once when made; block ``b`` of layer ``l`` holds ``block_size`` consecutive
-tokens of one sequence (a prompt's shared prefix, or one row's private tokens). Token slot
-``s = block * block_size + offset`` indexes the flattened ``(blocks * block_size, kv_heads, head_dim)``
-view. Block 0 is never handed out (``blocks.BlockPool``): padded rows write there.
+Pool: one tensor (K then V, every layer) in the compute dtype, zeroed once when made; block ``b``
+of layer ``l`` holds ``block_size`` consecutive tokens of one sequence (a prompt's shared prefix,
+or one row's private tokens). ``layer(l)`` gives K and V as ``(blocks, block_size, kv_heads,
+head_dim)`` views whatever the storage order: head-major ``(kv_heads, blocks, block_size,
+head_dim)`` (a head's block is one contiguous run: what the Triton kernel streams and what the
+PyTorch path gathers without a transpose) or token-major (flash-attn's paged layout). Token slot
+``s = block * block_size + offset`` indexes the flattened ``(blocks * block_size, kv_heads,
+head_dim)`` view. Block 0 is never handed out (``blocks.BlockPool``): padded rows write there.
 
 The back-end ``"medix_paged"`` is registered with transformers' ``AttentionInterface``; the engine
 switches the (text) model to it for a call and passes a ``DecodeStep`` or ``PrefillStep`` as the
@@ -17,7 +20,7 @@ skips masks for back-ends it does not know).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import AttentionInterface
@@ -44,18 +47,22 @@ def bytes_per_token(text_config, dtype: torch.dtype) -> int:
 class KVPool:
     """The K/V of every layer in fixed-size blocks (see the module docstring)."""
 
-    def __init__(self, text_config, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, text_config, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
+                 head_major: bool = True):
         layers, kv_heads, head_dim = kv_shape(text_config)
         self.num_blocks, self.block_size, self.dtype, self.device = num_blocks, block_size, dtype, device
-        self.kv = torch.zeros(2, layers, num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=device)
+        self.head_major = head_major
+        shape = (kv_heads, num_blocks, block_size) if head_major else (num_blocks, block_size, kv_heads)
+        self.kv = torch.zeros(2, layers, *shape, head_dim, dtype=dtype, device=device)
 
     @property
     def nbytes(self) -> int:
         return self.kv.numel() * self.kv.element_size()
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of one layer, (blocks, block_size, kv_heads, head_dim) each."""
-        return self.kv[0, index], self.kv[1, index]
+        """K and V of one layer, (blocks, block_size, kv_heads, head_dim) views each."""
+        k, v = self.kv[0, index], self.kv[1, index]
+        return (k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)) if self.head_major else (k, v)
 
     def write(self, index: int, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         """Store tokens' K and V (N, kv_heads, head_dim) at token ``slots`` (N,) of layer ``index``."""
@@ -76,6 +83,13 @@ class DecodeStep:
     group_table: torch.Tensor  # (P, Wp) int32: each group's prompt blocks
     group_lens: torch.Tensor  # (P,) int32: prompt tokens cached (the prompt's length - 1)
     group_rows: torch.Tensor  # (P, Gm) int64: the batch rows of each group; b (a dummy row) pads
+    cache: dict = field(default_factory=dict)  # per-step values the layers share (attention.py's memo)
+
+    def memo(self, key: str, make):
+        """``make()`` once per step (the same for every layer), then the cached value."""
+        if key not in self.cache:
+            self.cache[key] = make()
+        return self.cache[key]
 
     def attend(self, layer: int, query, key, value, scale: float) -> torch.Tensor:
         """query (b, H, 1, D), key/value (b, kv, 1, D) -> output (b, 1, H, D)."""

@@ -277,12 +277,14 @@ class Sampler:
         prefix_blocks = sorted((-(-(len(p) - 1) // block_size) for p in prompts), reverse=True)
         usable = rows * -(-max_new // block_size) + sum(prefix_blocks[:rows + GROUP_SLACK]) + 1
         pool = self.pool
-        if pool is not None and (pool.dtype, pool.device, pool.block_size) == (dtype, device, block_size) \
+        if pool is not None and (pool.dtype, pool.device, pool.block_size, pool.head_major) == (
+                dtype, device, block_size, backend != "flash") \
                 and pool.num_blocks >= min(usable, self._budget_blocks(block_bytes, device, pool.nbytes)):
             return pool
         self.pool = self._decoder = None  # give the old pool back before sizing the new one
         budget = self._budget_blocks(block_bytes, device, 0)
-        self.pool = KVPool(self.text_config, max(2, min(budget, usable)), block_size, dtype, device)
+        self.pool = KVPool(self.text_config, max(2, min(budget, usable)), block_size, dtype, device,
+                           head_major=backend != "flash")
         return self.pool
 
     def _budget_blocks(self, block_bytes: int, device, held: int) -> int:
