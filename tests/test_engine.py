@@ -15,7 +15,7 @@ import torch
 
 from medix_fast.generate import Sampler
 from medix_fast.generate.blocks import BlockPool
-from medix_fast.generate.kv_cache import bytes_per_token
+from medix_fast.generate.memory import kv_bytes_per_token
 from medix_fast.generate.scheduler import Scheduler
 from medix_fast.generate.sequence import Group, Row
 from syncs import count_syncs
@@ -34,7 +34,7 @@ def one_thread():
 
 def pool_gb(model, blocks: int, block_size: int = 16) -> float:
     """kv_cache_gb giving a pool of ``blocks`` blocks (one of them reserved) for ``model``."""
-    return blocks * block_size * bytes_per_token(model.config, model.dtype) / 2**30
+    return blocks * block_size * kv_bytes_per_token(model.config, model.dtype) / 2**30
 
 
 # ------------------------------------------------------------------ greedy parity under pressure
@@ -231,6 +231,21 @@ def test_decode_loop_syncs_once_per_step(prompts_n, n, monkeypatch):
     steps = sampler.stats.steps
     assert steps > 20 if prompts_n * n > 8 else steps <= 20
     assert counted["syncs"].count == steps, counted["syncs"].where[:5]
+
+
+# ------------------------------------------------------------------ compute dtype
+def test_sampling_runs_in_the_compute_dtype_when_the_weights_are_fp32():
+    """DDP keeps fp32 weights; the engine computes in its dtype (bf16 on CUDA) under one autocast
+    for the call, with a pool in that dtype, and leaves the weights as they are."""
+    model = tiny_model("qwen2", torch.float32)
+    seen = []
+    hook = model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+    sampler = Sampler(model, max_num_seqs=4, dtype=torch.bfloat16)
+    out = sampler.generate(make_prompts([5, 9]), n=2, max_new_tokens=6, temperature=0, stop_token_ids=[])
+    hook.remove()
+    assert set(seen) == {torch.bfloat16} and sampler.pool.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert [len(c) for c in out.completion_ids] == [6] * 4 and all(lp.dtype == torch.float32 for lp in out.logprobs)
 
 
 # ------------------------------------------------------------------ pool lifetime

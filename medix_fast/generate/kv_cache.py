@@ -39,11 +39,6 @@ def kv_shape(text_config) -> tuple[int, int, int]:
     return text_config.num_hidden_layers, kv_heads, head_dim
 
 
-def bytes_per_token(text_config, dtype: torch.dtype) -> int:
-    layers, kv_heads, head_dim = kv_shape(text_config)
-    return 2 * layers * kv_heads * head_dim * dtype.itemsize
-
-
 class KVPool:
     """The K/V of every layer in fixed-size blocks (see the module docstring)."""
 

@@ -13,12 +13,12 @@ values (input id, position, private length, K/V slot, row slot, noise key, step)
 
 Every forward goes through ``_forward`` (the one call into transformers): ``use_cache=False``
 (the K/V goes to the pool through the attention back-end, no transformers cache object), the
-step as ``medix_step``, and logits only where asked (``logits_to_keep``). On CUDA a model whose
-weights are not in the compute dtype (fp32 masters under DDP) runs under ``torch.autocast``.
+step as ``medix_step``, and logits only where asked (``logits_to_keep``). (A model whose weights
+are not in the compute dtype runs under the sampler's ``torch.autocast``, opened once per call so
+the bf16 copies of the weights are made once.)
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -47,15 +47,12 @@ class DecodeInputs:
 
 class Runner:
     def __init__(self, model: nn.Module, pool: KVPool, backend: str, max_num_seqs: int, group_slots: int,
-                 row_width: int, group_width: int, compute_dtype: torch.dtype, vl: bool):
+                 row_width: int, group_width: int, vl: bool):
         self.model, self.pool, self.backend, self.vl = model, pool, backend, vl
         self.block_size, device = pool.block_size, pool.device
         self.device = device
         self.row_table = torch.zeros(max_num_seqs, row_width, dtype=torch.int32, device=device)
         self.group_table = torch.zeros(group_slots, group_width, dtype=torch.int32, device=device)
-        param = next(model.parameters())
-        self.autocast = device.type == "cuda" and param.dtype != compute_dtype
-        self.compute_dtype = compute_dtype
         self.pinned = device.type == "cuda"
 
     # ------------------------------------------------------------------ host -> device
@@ -87,10 +84,8 @@ class Runner:
     # ------------------------------------------------------------------ forward
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, step, keep, **vision) -> torch.Tensor:
         """The one call into the Hugging Face model."""
-        ctx = torch.autocast("cuda", dtype=self.compute_dtype) if self.autocast else contextlib.nullcontext()
-        with ctx:
-            out = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep, medix_step=step,
-                             **vision)
+        out = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep, medix_step=step,
+                         **vision)
         return out.logits
 
     def prefill(self, plan: PrefillPlan) -> None:

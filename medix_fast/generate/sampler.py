@@ -37,6 +37,7 @@ model); both are restored after.
 """
 from __future__ import annotations
 
+import contextlib
 import operator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,7 +48,8 @@ from torch import nn
 from ..model.forward import mrope_positions
 from .attention import default_block_size, select_backend
 from .blocks import BlockPool
-from .kv_cache import ATTN_IMPLEMENTATION, KVPool, bytes_per_token
+from .kv_cache import ATTN_IMPLEMENTATION, KVPool
+from .memory import activation_reserve, kv_budget, kv_bytes_per_token
 from .runner import Runner
 from .scheduler import Scheduler
 from .sequence import Group, Row
@@ -149,8 +151,17 @@ class Sampler:
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
         # inference_mode(False) turns grad mode back on, so no_grad must come after it
-        with torch.inference_mode(False), torch.no_grad(), _sampling_mode(self.model):
+        with torch.inference_mode(False), torch.no_grad(), _sampling_mode(self.model), self._autocast():
             return self._run(prompts, images, n, max_new_tokens, params, set(stops), seed)
+
+    def _autocast(self):
+        """The compute dtype for weights kept in another one (DDP's fp32 masters: bf16 on CUDA),
+        for the whole call: autocast's cache then casts each weight once per call, not per step."""
+        param = next(self.model.parameters())
+        dtype = self._layout(param.device)[2]
+        if param.dtype == dtype:
+            return contextlib.nullcontext()
+        return torch.autocast(param.device.type, dtype=dtype)
 
     def release(self) -> None:
         """Free the K/V pool and the CUDA graphs (the next call makes them again)."""
@@ -171,7 +182,7 @@ class Sampler:
         self._check_fits(prompts, max_new, blocks.capacity, block_size, pool)
         width = -(-max(len(p) - 1 for p in prompts) // block_size) or 1
         runner = Runner(self.model, pool, backend, self.max_num_seqs, self.max_num_seqs + GROUP_SLACK,
-                        -(-max_new // block_size), width, dtype, self.vl)
+                        -(-max_new // block_size), width, self.vl)
         decode = self._decode_fn(runner, n)
         sched = Scheduler(blocks, block_size, self.max_num_seqs, self.max_prefill_tokens, rows,
                           self.max_num_seqs + GROUP_SLACK)
@@ -272,7 +283,7 @@ class Sampler:
     def _pool(self, prompts, n: int, max_new: int, backend: str, block_size: int, dtype, device) -> KVPool:
         """The pool for this call: the kept one if it is big enough, else one sized by the budget
         and by what the call can use at most."""
-        block_bytes = bytes_per_token(self.text_config, dtype) * block_size
+        block_bytes = kv_bytes_per_token(self.text_config, dtype) * block_size
         rows = min(len(prompts) * n, self.max_num_seqs)
         prefix_blocks = sorted((-(-(len(p) - 1) // block_size) for p in prompts), reverse=True)
         usable = rows * -(-max_new // block_size) + sum(prefix_blocks[:rows + GROUP_SLACK]) + 1
@@ -291,18 +302,10 @@ class Sampler:
         """Blocks the budget allows (``held``: bytes of a pool that would be given back first)."""
         if device.type != "cuda":
             return int(self.kv_cache_gb * 2**30) // block_bytes
-        torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # what the allocator caches from the update phase is free memory here
         free, _ = torch.cuda.mem_get_info(device)
-        return max(0, int(self.utilization * (free + held)) - self._activation_reserve()) // block_bytes
-
-    def _activation_reserve(self) -> int:
-        """Bytes kept free for the forwards next to the pool: a prefill of max_prefill_tokens
-        (hidden states, q/k/v, the MLP's intermediates) and a decode step's fp32 logits and
-        sampling buffers."""
-        c = self.text_config
-        inter = getattr(c, "intermediate_size", 4 * c.hidden_size)
-        prefill = self.max_prefill_tokens * (8 * c.hidden_size + 4 * inter) * 2
-        return prefill + self.max_num_seqs * self.vocab_size * 4 * 6
+        reserve = activation_reserve(self.text_config, self.max_prefill_tokens, self.max_num_seqs, self.vocab_size)
+        return kv_budget(free + held, self.utilization, reserve) // block_bytes
 
     def _check_fits(self, prompts, max_new: int, capacity: int, block_size: int, pool: KVPool) -> None:
         """A row alone must fit the pool: its prompt's blocks and its own."""
