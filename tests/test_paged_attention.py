@@ -19,6 +19,18 @@ import torch
 from medix_fast.generate import attention
 from medix_fast.generate.kv_cache import DecodeStep
 from medix_fast.generate.triton_decode import paged_decode
+from medix_fast.kernels import cpp
+
+IMPLS = ["torch", "triton"] + (["cpp"] if cpp.available() else [])
+
+
+def run_impl(impl: str, *args):
+    """(out, lse) of the rows (b, H, D), (b, H) from one implementation of paged decode attention."""
+    q = args[0]
+    if impl == "torch":
+        out, lse = attention.paged_attention(*args)
+        return out[: q.shape[0]], lse[: q.shape[0]]
+    return (paged_decode if impl == "triton" else cpp.paged_decode)(*args)
 
 
 def reference(q, k_pool, v_pool, table, lens, rows, scale):
@@ -61,7 +73,7 @@ def make_case(heads: int, kv: int, block_size: int, lens: list[int], group: int,
 LENGTH_SETS = {16: [0, 1, 15, 16, 17, 40, 64], 256: [0, 1, 255, 256, 300, 512]}
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("group", [1, 4])
 @pytest.mark.parametrize("ratio", [1, 4, 8])
 @pytest.mark.parametrize("block_size", [16, 256])
@@ -69,8 +81,7 @@ def test_paged_attention_matches_fp64(impl, group, ratio, block_size):
     kv = 2 if ratio < 8 else 1
     q, k_pool, v_pool, table, lens, rows = make_case(kv * ratio, kv, block_size, LENGTH_SETS[block_size], group,
                                                      torch.float32)
-    fn = attention.paged_attention if impl == "torch" else paged_decode
-    out, lse = fn(q, k_pool, v_pool, table, lens, rows, 0.3)
+    out, lse = run_impl(impl, q, k_pool, v_pool, table, lens, rows, 0.3)
     ref_out, ref_lse = reference(q, k_pool, v_pool, table, lens, rows, 0.3)
     b = q.shape[0]
     torch.testing.assert_close(out[:b].double(), ref_out, rtol=0, atol=2e-5)
@@ -78,11 +89,10 @@ def test_paged_attention_matches_fp64(impl, group, ratio, block_size):
     assert torch.isinf(lse[rows[0, 0]]).all(), "an item of length 0 leaves its rows unseen"
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_paged_attention_bf16(impl):
     q, k_pool, v_pool, table, lens, rows = make_case(8, 2, 16, [3, 16, 50, 64], 3, torch.bfloat16, seed=1)
-    fn = attention.paged_attention if impl == "torch" else paged_decode
-    out, lse = fn(q, k_pool, v_pool, table, lens, rows, 0.25)
+    out, lse = run_impl(impl, q, k_pool, v_pool, table, lens, rows, 0.25)
     ref_out, ref_lse = reference(q, k_pool, v_pool, table, lens, rows, 0.25)
     b = q.shape[0]
     assert out.dtype == torch.float32
@@ -142,7 +152,7 @@ def _cascade_step(b: int, block_size: int, seed: int):
     return q, k_pool, v_pool, step, ref
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton", "flash"])
+@pytest.mark.parametrize("backend", IMPLS + ["flash"])
 @pytest.mark.parametrize("block_size", [16, 256])
 def test_cascade_decode_equals_attention_over_prompt_then_own_tokens(backend, block_size, monkeypatch):
     if backend == "flash":
@@ -188,7 +198,9 @@ def test_backend_choice_is_made_in_one_place(monkeypatch):
     from medix_fast.kernels import force_backend
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert attention.select_backend(cpu) == "torch"
+    assert attention.select_backend(cpu) == ("cpp" if cpp.available() else "torch")
+    with force_backend("torch"):
+        assert attention.select_backend(cpu) == "torch"
     with force_backend("triton"):
         assert attention.select_backend(cpu) == "triton"  # TRITON_INTERPRET=1 in the tests
     monkeypatch.setattr(attention, "HAS_FLASH_ATTN", True)

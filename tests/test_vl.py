@@ -313,8 +313,10 @@ def test_one_training_step_on_images_end_to_end(tmp_path, train_vision):
                  "train.steps=1", "train.prompts_per_step=2", "train.mini_batch_prompts=2", "sampling.group_size=4",
                  "sampling.max_new_tokens=40", "algorithm.chunk_prompts=4", "algorithm.max_tries=4",
                  "eval.every=0", "checkpoint.every=1", "logging.progress=false", "optim.lr=1e-2",
-                 f"train.output_dir={out}"]) == 0
-    (record,) = read_metrics(out / "metrics.jsonl")  # dynamic sampling kept groups with a reward spread
+                 "train.seed=3", f"train.output_dir={out}"]) == 0
+    # a seed whose 8 samples score differently (groups of equal rewards are kept by DAPO's mean filter
+    # but carry no advantage: the tiny model is right too rarely for every seed to give a spread)
+    (record,) = read_metrics(out / "metrics.jsonl")
     assert record["optimizer_steps"] == 1 and record["advantage/abs_mean"] > 0 and record["grad_norm"] > 0
     before = load_file(ensure_tiny_model(vl=True) / "model.safetensors")
     after = load_file(latest_checkpoint(out) / "model" / "model.safetensors")

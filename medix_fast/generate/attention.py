@@ -12,13 +12,17 @@ Prefill (``packed_prefill``): the step's sequences packed into one row; each att
 itself and, when it recomputes a preempted row, fully to its prompt's cached blocks first.
 
 Back-ends (``select_backend``; force one with ``medix_fast.kernels.force_backend`` /
-``MEDIX_FAST_BACKEND``: "torch" or "triton"):
+``MEDIX_FAST_BACKEND``: "torch", "triton" or "cpp"):
 - "flash": flash-attn's ``flash_attn_with_kvcache`` (paged, returns the LSE) for decode and
   ``flash_attn_varlen_func`` for prefill; CUDA with flash-attn installed and blocks of a multiple
   of 256 tokens (its paged-KV requirement);
 - "triton": the split-K paged decode kernel of ``triton_decode.py``; CUDA default otherwise (on the
   CPU only under ``TRITON_INTERPRET=1``, when forced);
-- "torch": gathers the live blocks and runs the same maths in PyTorch; the CPU path.
+- "cpp": the C++ op ``paged_decode`` (``csrc/paged_attention.cpp``) reading the blocks in place;
+  the CPU default when the C++ ops build (bench/bench_sampler.py: the gathers of the PyTorch path
+  were half of a CPU decode step);
+- "torch": gathers the live blocks and runs the same maths in PyTorch; the reference, and the CPU
+  path without a compiler.
 Prefill uses SDPA per sequence except under "flash".
 """
 from __future__ import annotations
@@ -30,7 +34,7 @@ import torch.nn.functional as F
 
 from ..kernels import dispatch
 
-BACKENDS = ("flash", "triton", "torch")
+BACKENDS = ("flash", "triton", "cpp", "torch")
 HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
 FLASH_BLOCK = 256  # flash-attn's paged K/V needs page sizes that are multiples of 256
 
@@ -41,6 +45,8 @@ def select_backend(device: torch.device, block_size: int | None = None) -> str:
     forced = dispatch.requested_backend()
     if forced == "triton":
         return "triton" if dispatch.use_triton(torch.empty(0, device=device)) else "torch"
+    if device.type == "cpu" and forced in ("auto", "cpp"):
+        return "cpp" if dispatch.use_cpp(torch.empty(0)) else "torch"
     if forced in ("torch", "cpp") or device.type != "cuda":
         return "torch"
     if HAS_FLASH_ATTN and (block_size is None or block_size % FLASH_BLOCK == 0):
@@ -58,6 +64,11 @@ def cascade_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, 
     """q (b, H, D) against each row's prompt blocks and own blocks (``step``: a kv_cache.DecodeStep);
     returns (b, H, D) in q's dtype."""
     b, dtype = q.shape[0], q.dtype
+    if backend == "cpp":
+        from ..kernels import cpp
+        o1, lse1 = cpp.paged_decode(q, k_pool, v_pool, step.group_table, step.group_lens, step.group_rows, scale)
+        o2, lse2 = cpp.paged_decode(q, k_pool, v_pool, step.row_table, step.row_lens, None, scale)
+        return merge(o1, lse1, o2, lse2).to(dtype)
     if backend == "torch":
         kv = k_pool.shape[2]
         group_valid = step.memo("group_valid", lambda: _valid(step.group_lens, step.group_table, k_pool.shape[1], kv))
