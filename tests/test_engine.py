@@ -19,17 +19,9 @@ from medix_fast.generate.memory import kv_bytes_per_token
 from medix_fast.generate.scheduler import Scheduler
 from medix_fast.generate.sequence import Group, Row
 from syncs import count_syncs
-from test_sampler import ARCHS, VOCAB, hf_greedy, make_prompts, tiny_model
+from test_sampler import ARCHS, VOCAB, hf_greedy, make_prompts, one_thread, tiny_model  # noqa: F401 (fixture)
 
 LENGTHS = [5, 1, 17, 16, 33, 2, 15, 9]  # mixed, across block boundaries of 16, one single-token prompt
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def pool_gb(model, blocks: int, block_size: int = 16) -> float:
@@ -196,6 +188,51 @@ def _check_refcounts(pool: BlockPool, sched: Scheduler, rows: list[Row]) -> None
     assert pool.refs == expected
     assert not set(pool.free) & {b for b, c in enumerate(expected) if c}
     assert len(pool.free) + sum(1 for c in expected if c) == pool.capacity
+
+
+def test_a_prompt_is_prefilled_once_while_its_samples_wait():
+    """6 samples of one prompt through 2 decode slots: the group keeps its prompt blocks for the
+    samples not admitted yet, so the prompt is prefilled once, not once per pair."""
+    model = tiny_model("qwen2")
+    prefill_tokens = []
+    hook = model.register_forward_pre_hook(
+        lambda m, a, kw: prefill_tokens.append(kw["input_ids"].shape[1]) if kw["input_ids"].shape[0] == 1 and
+        kw["input_ids"].shape[1] > 1 else None, with_kwargs=True)
+    sampler = Sampler(model, max_num_seqs=2)
+    out = sampler.generate(make_prompts([20]), n=6, max_new_tokens=5, temperature=1.0, stop_token_ids=[], seed=0)
+    hook.remove()
+    assert prefill_tokens == [19] and sampler.stats.prefills == 1 and sampler.stats.steps == 15
+    assert len(out.completion_ids) == 6
+
+
+def test_pool_exactly_big_enough_for_one_row_runs_one_block_less_refuses():
+    """The up-front check: a row alone needs its prompt's blocks (all tokens but the last) and
+    max_new_tokens of its own; exactly that runs (one row at a time), one block less is refused
+    before any forward."""
+    model = tiny_model("qwen2")
+    prompts = make_prompts([33])  # 32 cached prompt tokens: 2 blocks; 20 new: 2 blocks
+    out = Sampler(model, max_num_seqs=4, kv_cache_gb=pool_gb(model, 2 + 2 + 1)).generate(
+        prompts, n=3, max_new_tokens=20, temperature=0, stop_token_ids=[])
+    assert out.completion_ids == [hf_greedy(model, prompts[0], 20)] * 3
+    with pytest.raises(ValueError, match="prompt 0: 33 tokens \\+ max_new_tokens=20 need 4 K/V blocks .* holds 3"):
+        Sampler(model, max_num_seqs=4, kv_cache_gb=pool_gb(model, 2 + 2)).generate(
+            prompts, n=3, max_new_tokens=20, temperature=0, stop_token_ids=[])
+
+
+def test_a_nucleus_larger_than_the_candidates_is_sampled_exactly(monkeypatch):
+    """With 4 top-p candidates (far fewer than the nucleus of a near-flat random model) the engine
+    sees the nucleus outgrow them, samples those steps again over the whole vocabulary, and gets
+    what it gets with candidates to spare; one more host read on such steps."""
+    from medix_fast.generate import sampler as engine
+
+    model = tiny_model("qwen2", torch.float32)
+    kwargs = dict(n=3, max_new_tokens=10, temperature=1.0, top_p=0.95, stop_token_ids=[], seed=5)
+    ref = Sampler(model, max_num_seqs=8).generate(make_prompts([4, 9]), **kwargs)
+    monkeypatch.setattr(engine, "PREFILTER", 4)
+    sampler = Sampler(model, max_num_seqs=8)
+    out = sampler.generate(make_prompts([4, 9]), **kwargs)
+    assert out.completion_ids == ref.completion_ids
+    assert sampler.stats.syncs == sampler.stats.steps + 1  # the first step finds out, later steps use V
 
 
 # ------------------------------------------------------------------ stopping

@@ -15,10 +15,13 @@ or a new pool needs new graphs (``fits`` says no, and the sampler builds a new d
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .runner import META_ROWS, DecodeInputs, Runner
 
+log = logging.getLogger(__name__)
 PAD = (0, 0, 1, 0, 0, 0, 0)  # META_ROWS of a padded row: token 0 at position 0, one token, slot 0 (block 0)
 
 
@@ -79,7 +82,12 @@ class StaticDecoder:
         if not self.capture:
             return self._step(size)[:b]
         if size not in self.graphs:
-            self.graphs[size] = self._capture(size)
+            try:
+                self.graphs[size] = self._capture(size)
+            except RuntimeError as err:  # e.g. a module hook that cannot be captured: run eagerly instead
+                log.warning("decode step not capturable as a CUDA graph (%s); running it eagerly", err)
+                self.capture = False
+                return self._step(size)[:b]
         graph, logits = self.graphs[size]
         graph.replay()
         return logits[:b]

@@ -74,7 +74,7 @@ class EngineStats:
     pool_blocks: int = 0  # blocks in the pool (incl. the reserved one)
     block_bytes: int = 0
     peak_blocks: int = 0  # most blocks in use at once
-    peak_live_tokens: int = 0  # most tokens with cached K/V at once (shared prompts once)
+    live_tokens_at_peak: int = 0  # tokens with cached K/V at that moment (shared prompts once)
     syncs: int = 0  # host reads of device values in the decode loop
 
 
@@ -253,10 +253,12 @@ class Sampler:
 
     @staticmethod
     def _track(stats: EngineStats, blocks: BlockPool, sched: Scheduler) -> None:
-        stats.peak_blocks = max(stats.peak_blocks, blocks.in_use)
+        """The most blocks in use at once, and the live tokens they held then."""
+        if blocks.in_use <= stats.peak_blocks:
+            return
+        stats.peak_blocks = blocks.in_use
         live = sum(r.computed + 1 for r in sched.running)
-        live += sum(g.prefix_len for g in {r.group: None for r in sched.running})
-        stats.peak_live_tokens = max(stats.peak_live_tokens, live)
+        stats.live_tokens_at_peak = live + sum(g.prefix_len for g in {r.group: None for r in sched.running})
 
     def _layout(self, device: torch.device) -> tuple[str, int, torch.dtype]:
         """Attention back-end, block size and compute dtype for the model's device."""
