@@ -7,6 +7,9 @@ Workloads, on a randomly initialised Qwen2 (no download), temperature 1, top-p 1
   stops with probability ~1 % per token: roughly geometric lengths of mean ~100), capped at 512
   new tokens, ``max_num_seqs`` 64. ``generate`` runs batches of 64 rows (8 prompts x 8), each
   until its longest row stops.
+  The engine runs it twice: at ``max_num_seqs`` 64 (the issue's setting, ``medix_fast``) and at
+  512 (``medix_fast max_num_seqs=512``: every row decoding at once, as the static sampler runs
+  them, so that pair compares like for like).
 - uniform: 8 prompts x G=8 x 128 new tokens, stopping disabled (every row makes 128).
 Prompt lengths are drawn in [32, 128]; prompts are left-padded for ``generate``.
   CPU: a ~3M-parameter Qwen2 (hidden 192, 6 layers, vocab 4,096) in fp32.
@@ -41,22 +44,27 @@ WORKLOADS = {  # name: (prompts, G, max new tokens, stop ids, max_num_seqs)
 }
 
 
-def _model(fields: dict, device: torch.device, dtype: torch.dtype):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def random_model(fields: dict, device: torch.device, dtype: torch.dtype, arch: str = "qwen2"):
+    """A randomly initialised, never-stopping ``arch`` ("qwen2" or "qwen3") causal LM with ``fields``
+    (bench/gpu_check.py builds its models here too)."""
+    import transformers
 
-    config = Qwen2Config(**fields, max_position_embeddings=2048, tie_word_embeddings=True,
-                         eos_token_id=None, bos_token_id=None, pad_token_id=0)
+    name = {"qwen2": "Qwen2", "qwen3": "Qwen3"}[arch]
+    config = getattr(transformers, f"{name}Config")(**fields, max_position_embeddings=4096, tie_word_embeddings=True,
+                                                    eos_token_id=None, bos_token_id=None, pad_token_id=0)
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config).to(device, dtype).eval()
-    model.generation_config.eos_token_id = None
+    with torch.device(device):  # initialised where it runs: seconds, not minutes, for a 1.7B model
+        model = getattr(transformers, f"{name}ForCausalLM")(config).to(dtype).eval()
+    model.generation_config.eos_token_id = None  # stops only where a call asks
     model.generation_config.pad_token_id = 0
     return model
 
 
-def _prompts(count: int, vocab: int, min_len: int, max_len: int) -> list[list[int]]:
+def random_prompts(count: int, vocab: int, min_len: int, max_len: int, low: int = 1) -> list[list[int]]:
+    """``count`` prompts of ids in [low, vocab) with lengths in [min_len, max_len]."""
     gen = torch.Generator().manual_seed(0)
     lengths = torch.randint(min_len, max_len + 1, (count,), generator=gen).tolist()
-    return [torch.randint(len(STOPS) + 1, vocab, (n,), generator=gen).tolist() for n in lengths]
+    return [torch.randint(low, vocab, (n,), generator=gen).tolist() for n in lengths]
 
 
 def _token_bytes(model) -> int:
@@ -65,10 +73,10 @@ def _token_bytes(model) -> int:
     return kv_bytes_per_token(model.config, model.dtype)
 
 
-def _hf_generate(case: Case, model, prompts: list[list[int]], n: int, new: int, stops: list[int], _):
-    """Batches of 64 rows (64 // n prompts each) through ``generate``; each call fills the case's
-    work (tokens generated) and note."""
-    device, per_batch = model.device, max(1, 64 // n)
+def hf_generate(model, prompts: list[list[int]], n: int, new: int, stops: list[int] = (), batch_rows: int = 64):
+    """``generate`` in batches of ``batch_rows`` rows (batch_rows // n prompts each); the returned
+    callable gives (tokens generated, note). Without ``stops`` every row makes ``new`` tokens."""
+    device, per_batch, stops = model.device, max(1, batch_rows // n), list(stops)
     batches = []
     for i in range(0, len(prompts), per_batch):
         chunk = prompts[i:i + per_batch]
@@ -92,31 +100,30 @@ def _hf_generate(case: Case, model, prompts: list[list[int]], n: int, new: int, 
             first = torch.where(done.any(1), done.int().argmax(1) + 1, out.shape[1])  # (rows,) lengths
             tokens += int(first.sum())
             peak = max(peak, out.shape[0] * (ids.shape[1] + out.shape[1]) * _token_bytes(model))
-        case.work = tokens
-        case.note = f"mean_len={tokens / (len(prompts) * n):.1f}, kv_peak_mb={peak / 2**20:.1f}"
+        return tokens, f"mean_len={tokens / (len(prompts) * n):.1f}, kv_peak_mb={peak / 2**20:.1f}"
     return fn
 
 
-def _medix_generate(case: Case, model, prompts: list[list[int]], n: int, new: int, stops: list[int],
-                    max_num_seqs: int):
+def medix_generate(model, prompts: list[list[int]], n: int, new: int, stops: list[int] = (), max_num_seqs: int = 64):
+    """The engine (``medix_fast.generate.Sampler``, its public API); the returned callable gives
+    (tokens generated, note with the K/V peak against the live tokens' bytes)."""
     from medix_fast.generate import Sampler
 
     sampler = Sampler(model, max_num_seqs=max_num_seqs)
 
     def fn():
         out = sampler.generate(prompts, n=n, max_new_tokens=new, temperature=1.0, top_p=1.0, top_k=0,
-                               stop_token_ids=stops, seed=0)
+                               stop_token_ids=list(stops), seed=0)
         s, per_token = sampler.stats, _token_bytes(model)
         tokens = sum(map(len, out.completion_ids))
         peak, live = s.peak_blocks * s.block_bytes, s.live_tokens_at_peak * per_token
-        case.work = tokens
-        case.note = (f"mean_len={tokens / len(out.completion_ids):.1f}, kv_peak_mb={peak / 2**20:.1f}, "
-                     f"kv_live_mb={live / 2**20:.1f}, kv_peak/live={peak / live:.2f}, steps={s.steps}, "
-                     f"preemptions={s.preemptions}")
+        return tokens, (f"max_num_seqs={max_num_seqs}, mean_len={tokens / len(out.completion_ids):.1f}, "
+                        f"kv_peak_mb={peak / 2**20:.1f}, kv_live_mb={live / 2**20:.1f}, "
+                        f"kv_peak/live={peak / live:.2f}, steps={s.steps}, preemptions={s.preemptions}")
     return fn
 
 
-def _static_sampler(case: Case, model, prompts: list[list[int]], n: int, new: int, stops: list[int], _):
+def static_sampler(model, prompts: list[list[int]], n: int, new: int, stops: list[int] = ()):
     """The static-cache sampler this engine replaces (medix_fast/generate at commit 2786abe), read
     from the repository's history: one batch of every row, K/V preallocated for all of them."""
     import importlib.util
@@ -141,12 +148,18 @@ def _static_sampler(case: Case, model, prompts: list[list[int]], n: int, new: in
     sampler = module.Sampler(model, max_batch_size=rows, max_seq_len=width)
 
     def fn():
-        out = sampler.generate(prompts, n=n, max_new_tokens=new, temperature=1.0, stop_token_ids=stops, seed=0)
+        out = sampler.generate(prompts, n=n, max_new_tokens=new, temperature=1.0, stop_token_ids=list(stops), seed=0)
         tokens = sum(map(len, out.completion_ids))
-        case.work = tokens
-        case.note = (f"mean_len={tokens / rows:.1f}, "
-                     f"kv_peak_mb={(rows + len(prompts)) * width * _token_bytes(model) / 2**20:.1f}")
+        return tokens, (f"mean_len={tokens / rows:.1f}, "
+                        f"kv_peak_mb={(rows + len(prompts)) * width * _token_bytes(model) / 2**20:.1f}")
     return fn
+
+
+def _filled(case: Case, fn):
+    """``fn`` that writes its (tokens, note) into ``case`` (the report's throughput and note)."""
+    def call():
+        case.work, case.note = fn()
+    return call
 
 
 def cases(smoke: bool, device: torch.device) -> list[Case]:
@@ -154,20 +167,24 @@ def cases(smoke: bool, device: torch.device) -> list[Case]:
     fields = SMOKE_MODEL if smoke else (GPU_MODEL if gpu else CPU_MODEL)
     dtype = torch.bfloat16 if gpu else torch.float32
     name = "smoke" if smoke else ("Qwen3-1.7B shape" if gpu else "Qwen2 ~3M")
-    impls = {SUBJECT: _medix_generate, "hf generate": _hf_generate, "static sampler": _static_sampler}
     out = []
     for workload, (prompts_n, g, new, stops, max_num_seqs) in WORKLOADS.items():
         if smoke:
             prompts_n, new = min(prompts_n, 4), min(new, 8)
+        impls = {SUBJECT: partial(medix_generate, max_num_seqs=max_num_seqs), "hf generate": hf_generate,
+                 "static sampler": static_sampler}
+        if workload == "long-tail":  # every row decoding at once, as the static sampler does: like for like
+            impls[f"{SUBJECT} max_num_seqs={prompts_n * g}"] = partial(medix_generate, max_num_seqs=prompts_n * g)
         shape = f"{name} {'bf16' if gpu else 'fp32'}, {prompts_n} prompts x G={g}, <= {new} new"
         for impl, make in impls.items():
             case = Case("sampler", workload, impl, shape, prompts_n * g * new, None, work=prompts_n * g * new,
                         work_unit="tok/s", bytes=_param_count(fields) * dtype.itemsize * new)
 
-            def build(dev, case=case, make=make, prompts_n=prompts_n, g=g, new=new, stops=stops, seqs=max_num_seqs):
-                model = _model(fields, dev, dtype)
-                prompts = _prompts(prompts_n, fields["vocab_size"], *((4, 12) if smoke else (32, 128)))
-                return make(case, model, prompts, g, new, stops, seqs)
+            def build(dev, case=case, make=make, prompts_n=prompts_n, g=g, new=new, stops=stops):
+                model = random_model(fields, dev, dtype)
+                prompts = random_prompts(prompts_n, fields["vocab_size"], *((4, 12) if smoke else (32, 128)),
+                                         low=len(STOPS) + 1)
+                return _filled(case, make(model, prompts, g, new, stops))
             case.build = build
             if workload == "long-tail" and not smoke:
                 case.build, case.measure = None, partial(_once, build)
