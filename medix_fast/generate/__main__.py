@@ -8,7 +8,10 @@ The model comes from ``--model-config`` (a checkpoint directory, a config.json, 
 ``medix_fast.generate.memory.KNOWN_MODELS``), else from ``model.path`` (a checkpoint, or a known
 name as its last component: the shipped configs' placeholder paths). No weights are loaded: the
 parameters are counted on the meta device. Dotted overrides after the options change the config.
-Exit status 0 when the rollout fits, 1 when it does not, 2 on bad arguments.
+Under FSDP it prints the training side too (``medix_fast.model.footprint.update_plan``: old
+log-probs and the update) and the step's peak, the largest of the three phases: the sampler gives
+its pool back before the update, so the phases never hold each other's memory. Exit status 0 when
+every phase fits, 1 when one does not, 2 on bad arguments.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from pathlib import Path
 
 from ..config import load_config
 from ..errors import ConfigError
+from ..model.footprint import parameter_counts, update_plan
 from . import memory
 
 
@@ -30,17 +34,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-config", default=None, help="checkpoint dir, config.json or known model name")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. sampling.max_num_seqs=128")
     args = p.parse_args(argv)
+    device_bytes = int(args.device_memory_gb * 1e9)
     try:
         cfg = load_config(args.config, args.overrides)
         model_config = memory.load_config(args.model_config or cfg.model.path)
-        plan = memory.rollout_plan(cfg, model_config, int(args.device_memory_gb * 1e9), args.world,
-                                   reward_params=memory.reward_model_params(cfg),
+        rewards = memory.reward_model_params(cfg)
+        counts = parameter_counts(model_config)
+        plan = memory.rollout_plan(cfg, model_config, device_bytes, args.world, counts.total, rewards,
                                    name=Path(args.model_config).name if args.model_config else None)
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    print("rollout (the K/V pool is given back before the update)")
     print(plan.table())
-    return 0 if plan.fits else 1
+    if cfg.distributed.strategy != "fsdp":
+        print("\nupdate: planned for distributed.strategy=fsdp only")
+        return 0 if plan.fits else 1
+    update = update_plan(cfg, model_config, device_bytes, args.world, rewards, counts)
+    print("\nold log-probs and update")
+    print(update.table())
+    peaks = {"rollout": plan.peak_bytes, "old log-probs": update.logprobs_bytes, "update": update.update_bytes}
+    phase = max(peaks, key=peaks.get)
+    print(f"\nstep peak: {phase}, {peaks[phase] / 1e9:.1f} GB of {device_bytes / 1e9:.1f} GB "
+          f"(max over the phases: {', '.join(f'{k} {v / 1e9:.1f}' for k, v in peaks.items())})")
+    return 0 if plan.fits and update.fits else 1
 
 
 if __name__ == "__main__":

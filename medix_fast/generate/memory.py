@@ -1,6 +1,6 @@
 """The rollout engine's memory: the K/V budget at run time and the plan of a training config.
 
-    reserve = activation_reserve(text_config, max_prefill_tokens, max_num_seqs, vocab)
+    reserve = activation_reserve(model_config, max_prefill_tokens, max_num_seqs, vocab)
     pool_bytes = kv_budget(free_bytes, gpu_memory_utilization, reserve)
     plan = rollout_plan(cfg, model_config, device_bytes=141e9, world=8)   # a RolloutPlan
     print(plan.table())
@@ -35,6 +35,12 @@ RUNTIME_BYTES = 3 * 2**30  # CUDA context, NCCL buffers, allocator fragmentation
 
 _QWEN3_VL_VISION = dict(hidden_size=1152, intermediate_size=4304, num_heads=16, depth=27, patch_size=16,
                         spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304)
+_QWEN3_VL_30B_A3B = dict(
+    model_type="qwen3_vl_moe", tie_word_embeddings=False,
+    text_config=dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+                     num_experts_per_tok=8, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                     head_dim=128, vocab_size=151936, decoder_sparse_step=1),
+    vision_config=dict(_QWEN3_VL_VISION, out_hidden_size=2048, deepstack_visual_indexes=[8, 16, 24]))
 KNOWN_MODELS: dict[str, dict] = {  # config.json values (text and vision sizes) of the public checkpoints
     "Qwen3-VL-2B-Instruct": dict(
         model_type="qwen3_vl", tie_word_embeddings=True,
@@ -54,12 +60,8 @@ KNOWN_MODELS: dict[str, dict] = {  # config.json values (text and vision sizes) 
         vision_config=dict(hidden_size=1280, intermediate_size=3420, num_heads=16, depth=32, out_hidden_size=3584,
                            patch_size=14, spatial_merge_size=2, window_size=112,
                            fullatt_block_indexes=[7, 15, 23, 31])),
-    "Qwen3-VL-30B-A3B-Instruct": dict(
-        model_type="qwen3_vl_moe", tie_word_embeddings=False,
-        text_config=dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
-                         num_experts_per_tok=8, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
-                         head_dim=128, vocab_size=151936, decoder_sparse_step=1),
-        vision_config=dict(_QWEN3_VL_VISION, out_hidden_size=2048, deepstack_visual_indexes=[8, 16, 24])),
+    "Qwen3-VL-30B-A3B-Instruct": _QWEN3_VL_30B_A3B,
+    "Qwen3-VL-30B-A3B-Thinking": _QWEN3_VL_30B_A3B,  # MediX-R1's 30B run; the Instruct model's shapes
     "Qwen3-4B-Instruct-2507": dict(  # MediX-R1's LLM judge
         model_type="qwen3", hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
         num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
@@ -104,13 +106,15 @@ def count_parameters(config) -> int:
 
 
 # ----------------------------------------------------------------------------- run-time budget
-def activation_reserve(text_config, max_prefill_tokens: int, max_num_seqs: int, vocab: int) -> int:
+def activation_reserve(config, max_prefill_tokens: int, max_num_seqs: int, vocab: int) -> int:
     """Bytes kept free beside the pool for the forwards: a bf16 prefill of ``max_prefill_tokens``
-    (hidden states, q/k/v, the MLP's intermediates) and a decode step's fp32 logits and the
-    sampling buffers made from them."""
-    hidden = text_config.hidden_size
-    inter = getattr(text_config, "intermediate_size", None) or 4 * hidden
-    return max_prefill_tokens * (8 * hidden + 4 * inter) * 2 + max_num_seqs * vocab * 4 * 6
+    through one decoder layer at a time (``model.footprint.layer_width``: hidden states, q/k/v,
+    the MLP's intermediates; a mixture of experts' routed experts, ``num_experts_per_tok`` of
+    ``moe_intermediate_size`` per token, not its dense ``intermediate_size``) and a decode step's
+    fp32 logits and the sampling buffers made from them."""
+    from ..model.footprint import layer_width
+
+    return max_prefill_tokens * layer_width(config) * 2 + max_num_seqs * vocab * 4 * 6
 
 
 def kv_budget(free_bytes: int, utilization: float, reserve: int) -> int:
@@ -146,6 +150,11 @@ class RolloutPlan:
     @property
     def free_bytes(self) -> int:
         return self.device_bytes - sum(self.resident.values())
+
+    @property
+    def peak_bytes(self) -> int:
+        """The rollout's memory on one GPU: what is resident, the activation reserve and the pool."""
+        return sum(self.resident.values()) + self.reserve + self.pool_bytes
 
     @property
     def pool_tokens(self) -> int:
@@ -209,7 +218,7 @@ def rollout_plan(cfg, model_config, device_bytes: int, world: int = 8, params: i
         resident[f"{what} bf16"] = 2 * count
     resident["CUDA runtime and slack"] = RUNTIME_BYTES
     vocab = text.vocab_size
-    reserve = activation_reserve(text, s.max_prefill_tokens, s.max_num_seqs, vocab)
+    reserve = activation_reserve(model_config, s.max_prefill_tokens, s.max_num_seqs, vocab)
     free = device_bytes - sum(resident.values())
     block = s.block_size or 16
     blocks = lambda n: -(-n // block)  # noqa: E731
