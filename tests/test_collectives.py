@@ -129,3 +129,15 @@ def test_a_training_step_reduces_only_on_the_training_device(gloo, monkeypatch, 
     assert [r["step"] for r in records] == [1] and records[0]["optimizer_steps"] == 2
     assert len(given) >= 8 and all(d == fake for d in given), given  # exactly DistInfo.device, every time
     assert reached == [("cpu", True)] * len(given)  # every collective from the helper, none around it
+
+
+def test_full_tensor_gathers_a_sharded_parameter(gloo):
+    """The helper the TRL adapter's FSDP2-sharded LM head goes through: a DTensor comes back whole
+    (a plain tensor), anything else as it is."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    w = torch.randn(4, 3)
+    full = D.full_tensor(distribute_tensor(w, init_device_mesh("cpu", (1,)), [Shard(0)]))
+    assert type(full) is torch.Tensor and torch.equal(full, w)
+    assert D.full_tensor(w) is w
