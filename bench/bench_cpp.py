@@ -7,7 +7,9 @@ Cases (fp32, CPU; the subject ``medix_fast`` forces the ``cpp`` back-end, ``torc
                     (about 3/5 of them valid): grpo, dapo with dual clip + KL + entropy bonus, gspo
   advantages        group advantages, N = 2^20 rewards in groups of 8
   sample_step       one sampling step, B=64 rows of V=151,936 logits: top-k 50 + top-p 0.9 at T=0.7,
-                    and top-p 0.9 alone; the baseline is medix_fast.generate.tokens.sample_tokens
+                    top-p 0.9 alone, and plain T=1 (the RL setting); the baseline is the engine's own
+                    PyTorch step (medix_fast.generate.tokens.sample_tokens, sampled again over the
+                    whole vocabulary when a nucleus outgrows its top-k candidates, as the engine does)
 ``--smoke`` shrinks every shape (B=4 x T=64, N=64, B=2 x V=1,000).
 """
 from __future__ import annotations
@@ -26,7 +28,7 @@ LOSSES = {
                                  entropy_coef=0.01),
     "gspo": dict(importance_sampling_level="sequence", epsilon_low=3e-4, epsilon_high=4e-4),
 }
-SAMPLING = {"top-k 50, top-p 0.9, T=0.7": (0.7, 50, 0.9), "top-p 0.9": (1.0, 0, 0.9)}
+SAMPLING = {"top-k 50, top-p 0.9, T=0.7": (0.7, 50, 0.9), "top-p 0.9": (1.0, 0, 0.9), "T=1": (1.0, 0, 1.0)}
 
 
 def _needs_cpp(impl: str) -> None:
@@ -86,7 +88,12 @@ def _sampling_case(impl: str, name: str, B: int, V: int) -> Case:
         except ImportError as exc:
             raise Skip(f"medix_fast.generate.tokens unavailable: {exc}") from exc
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
-        return lambda: sample_tokens(logits, params, g)
+        uniform = torch.rand(B, generator=g)  # (B,)
+
+        def step():
+            tokens, logprobs, fits = sample_tokens(logits, params, uniform)
+            return sample_tokens(logits, params, uniform, V) if not fits.all() else (tokens, logprobs, fits)
+        return step
     return Case("sample_step", name, impl, f"B={B} V={V} fp32", B, build)
 
 

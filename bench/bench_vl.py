@@ -83,7 +83,7 @@ def cases(smoke: bool, device: torch.device) -> list[Case]:
         model = _model(text, vision, dev, dtype)
         with_image, pixels, texts = _inputs(side, layout, text["vocab_size"], dev, dtype)
         prompts = with_image if images else texts
-        sampler = Sampler(model, max_batch_size=prompts_n * g, max_seq_len=max(map(len, with_image)) + new)
+        sampler = Sampler(model, max_num_seqs=prompts_n * g)
         return lambda: sampler.generate(prompts, n=g, max_new_tokens=new, temperature=1.0, stop_token_ids=[],
                                         seed=0, images=pixels if images else None)
 

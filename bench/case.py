@@ -36,7 +36,7 @@ class Case:
     build: Callable[[torch.device], Callable[[], object]] | None
     flops: float = 0.0  # per call, for TFLOP/s on GPU (0: not a compute-bound case)
     bytes: float = 0.0  # minimal bytes moved per call, for GB/s on GPU (0: not reported)
-    work: float = 0.0  # items per call for the throughput column (e.g. generated tokens)
+    work: float = 0.0  # items per call for the throughput column (e.g. generated tokens; a build may set it)
     work_unit: str = ""  # e.g. "tok/s"
     note: str = ""
     # instead of ``build``, for work that cannot be called step by step (another trainer's loop):
@@ -93,6 +93,7 @@ def _status(exc: BaseException, case: Case) -> str:
 
 
 def _fill(result: Result, case: Case, device: torch.device, timing: Timing | None, peak_mb: float | None) -> None:
+    result.note = case.note  # a build may have filled in what it measured (and ``work``)
     if peak_mb is not None:
         result.peak_mb = peak_mb
     if timing is None:

@@ -46,6 +46,7 @@ import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
+from functools import partial
 
 import torch
 
@@ -166,7 +167,8 @@ def part_decode(dry: bool, deadline: float, emit) -> None:
         prompts = random_prompts(prompts_n, fields["vocab_size"], prompt_len, prompt_len)
         step_bytes = weight_bytes + batch * (prompt_len + new / 2) * kv_per_token  # a mean decode step's reads
         shape = f"{name} {str(dtype)[6:]}, {prompts_n} prompts x G={g}, {prompt_len} + {new} tokens"
-        for impl, make in ((SUBJECT, medix_generate), ("hf generate", hf_generate)):
+        for impl, make in ((SUBJECT, partial(medix_generate, max_num_seqs=batch)),
+                           ("hf generate", partial(hf_generate, batch_rows=batch))):  # every row at once
             if time.time() > deadline - 10:
                 emit(Row("decode", f"batch {batch}", impl, shape, status="skipped: time budget"))
                 continue

@@ -1,5 +1,6 @@
 // Schemas of the medix_fast custom ops (torch.ops.medix_fast.*). The CPU kernels register in
-// policy_loss.cpp, advantage.cpp and sampling.cpp, the CUDA kernels in the matching .cu files;
+// policy_loss.cpp, advantage.cpp, sampling.cpp and paged_attention.cpp (CPU only: CUDA runs the
+// Triton paged kernel), the CUDA kernels in the matching .cu files;
 // autograd and the fake (meta) implementations for torch.compile live in kernels/cpp.py.
 #include <torch/library.h>
 
@@ -21,4 +22,10 @@ TORCH_LIBRARY(medix_fast, m) {
   // tokens (B,) int64 and their log-probs (B,) under log_softmax(logits / temperature).
   m.def("sample_tokens(Tensor logits, Tensor uniform, float temperature, int top_k, float top_p) "
         "-> (Tensor tokens, Tensor logprobs)");
+  // Decode attention of q (b, H, D) over paged K/V (blocks, block_size, kv_heads, D): item i's
+  // rows (rows[i], padded with b; None: item i is row i) attend to the first lens[i] tokens of
+  // blocks table[i]. Returns each row's output (b, H, D) and log-sum-exp (b, H) in q's dtype
+  // (the pool's accumulation type); rows no item covers get 0 and -inf.
+  m.def("paged_decode(Tensor q, Tensor k_pool, Tensor v_pool, Tensor table, Tensor lens, Tensor? rows, "
+        "float scale) -> (Tensor out, Tensor lse)");
 }

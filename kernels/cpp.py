@@ -13,9 +13,10 @@ path. Prebuild, and see what is active, with::
 
 Ops (schemas in ``csrc/ops.cpp``): ``policy_loss`` (forward and backward in one pass; autograd
 is registered here as grad_output * the saved gradient, so it is differentiable once, not
-twice) and ``group_advantages``, CPU only (the default there: faster than the PyTorch path; on
+twice), ``group_advantages`` and ``paged_decode`` (the rollout engine's decode attention,
+``medix_fast.generate.attention``), CPU only (the default there: faster than the PyTorch path; on
 CUDA tensors the Triton kernels run), and ``sample_tokens`` (CPU, and CUDA when built). Each has a
-fake implementation, so all three work under ``torch.compile``.
+fake implementation, so they work under ``torch.compile``.
 """
 from __future__ import annotations
 
@@ -127,6 +128,10 @@ def _register_python_parts() -> None:
         rows = logits.shape[0]
         return logits.new_empty(rows, dtype=torch.long), logits.new_empty(rows)
 
+    @torch.library.register_fake(lib + "paged_decode")
+    def _paged_decode_fake(q, k_pool, v_pool, table, lens, rows, scale):
+        return torch.empty_like(q), q.new_empty(q.shape[:2])
+
 
 def _f32(t: torch.Tensor | None, detach: bool = True) -> torch.Tensor | None:
     if t is None:
@@ -176,3 +181,15 @@ def sample_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int 
         uniform = torch.rand(logits.shape[0], device=logits.device, generator=generator)  # (B,)
     return torch.ops.medix_fast.sample_tokens(_f32(logits), _f32(uniform), float(temperature), int(top_k),
                                               float(top_p))
+
+
+def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: torch.Tensor,
+                 lens: torch.Tensor, rows: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention over paged K/V on the C++ op (CPU): the contract of
+    ``medix_fast.generate.attention.paged_attention`` without its scratch row: the rows' output
+    (b, H, D) and log-sum-exp (b, H), in the pool's accumulation type (fp32; fp64 for fp64 pools).
+    Needs :func:`supports` for the CPU."""
+    acc = torch.float64 if k_pool.dtype == torch.float64 else torch.float32
+    return torch.ops.medix_fast.paged_decode(
+        q.to(acc).contiguous(), k_pool, v_pool, table.to(torch.int32).contiguous(), lens.to(torch.int32).contiguous(),
+        None if rows is None else rows.contiguous(), float(scale))

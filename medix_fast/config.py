@@ -65,7 +65,12 @@ class SamplingConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    max_batch_size: int = 0  # sequences decoded at once by the sampler; 0: the whole rollout chunk
+    # The rollout engine (medix_fast.generate; memory plan: python -m medix_fast.generate --plan):
+    max_num_seqs: int = 256  # rows decoded at once per GPU; waiting rows join as others finish
+    gpu_memory_utilization: float = 0.85  # CUDA: K/V pool = this fraction of the free memory at rollout time
+    kv_cache_gb: float = 1.0  # CPU: K/V pool budget in GB
+    block_size: int = 0  # tokens per K/V block; 0: 256 with flash-attn, else 16
+    max_prefill_tokens: int = 16384  # prompt tokens per prefill forward (bounds its activations)
 
 
 @dataclass
@@ -225,8 +230,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported field type {tp}")
 
 
-MOVED = {"train.eval_every": "eval.every", "train.eval_prompts": "eval.limit",
-         "train.eval_temperature": "eval.temperature", "train.eval_top_p": "eval.top_p"}
+_EVAL_MOVE = "one held-out evaluation, in the eval section"
+MOVED = {"train.eval_every": ("eval.every", _EVAL_MOVE), "train.eval_prompts": ("eval.limit", _EVAL_MOVE),
+         "train.eval_temperature": ("eval.temperature", _EVAL_MOVE), "train.eval_top_p": ("eval.top_p", _EVAL_MOVE),
+         "sampling.max_batch_size": ("sampling.max_num_seqs", "the rollout engine batches continuously; its K/V is "
+                                     "sized by sampling.gpu_memory_utilization / kv_cache_gb")}
 
 
 def _build(cls: type, values: Any, prefix: str) -> Any:
@@ -241,8 +249,8 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
     for key, value in values.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if dotted in MOVED:
-            raise ConfigError(f"config key {dotted!r} is now {MOVED[dotted]!r} (one held-out evaluation, "
-                              f"in the eval section)")
+            new, why = MOVED[dotted]
+            raise ConfigError(f"config key {dotted!r} is now {new!r} ({why})")
         if key not in names:
             raise ConfigError(f"unknown config key {dotted!r}; valid keys here: {sorted(names)}")
         kwargs[key] = _convert(value, hints[key], dotted)
@@ -345,6 +353,12 @@ def check(cfg: Config) -> None:
     if not a.filter_low < a.filter_high:
         raise ConfigError(f"algorithm.filter_low ({a.filter_low}) must be < algorithm.filter_high "
                           f"({a.filter_high})")
+    if s.max_num_seqs < 1 or s.max_prefill_tokens < 1 or s.kv_cache_gb <= 0 or not 0 < s.gpu_memory_utilization <= 1:
+        raise ConfigError(f"sampling: need max_num_seqs >= 1, max_prefill_tokens >= 1, kv_cache_gb > 0 and "
+                          f"0 < gpu_memory_utilization <= 1; got {s.max_num_seqs}, {s.max_prefill_tokens}, "
+                          f"{s.kv_cache_gb}, {s.gpu_memory_utilization}")
+    if s.block_size < 0 or s.block_size & (s.block_size - 1):
+        raise ConfigError(f"sampling.block_size: must be 0 (auto) or a power of two, got {s.block_size}")
     _kernel_checks(cfg)
     if s.temperature == 0:
         raise ConfigError("sampling.temperature: must be > 0 for RL (0 is greedy: every group has zero variance)")

@@ -102,6 +102,15 @@ def all_reduce(values: torch.Tensor | list, device: torch.device, op: str = "sum
     return t
 
 
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole of an FSDP2-sharded parameter (a ``DTensor``: all-gathered over its mesh, on the
+    device its shards live on), ``t`` itself otherwise: for a sharded module whose own forward
+    never runs (the TRL adapter's LM head)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def reduce_scalars(values: dict[str, float | torch.Tensor], device: torch.device, op: str = "sum") -> dict[str, float]:
     """Named scalars (Python numbers or 0-dim tensors) reduced over the ranks in one all-reduce of
     one fp64 tensor on ``device``, read back on the host once. Every rank passes the same names."""

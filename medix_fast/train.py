@@ -141,11 +141,10 @@ class Trainer:
                                pad_id=self.tokenizer.pad_token_id or 0, ref_objective=ref, autocast_dtype=autocast,
                                grad_clip=o.grad_clip)
 
-        world, g = self.info.world, cfg.sampling.group_size
-        rows = max(t.prompts_per_step, cfg.algorithm.chunk_prompts)
-        longest = max([len(p.ids) for p in self.prompts] + [self.evaluator.longest_prompt if self.evaluator else 0])
-        self.sampler = Sampler(self.model, max_batch_size=cfg.sampling.max_batch_size or -(-rows // world) * g,
-                               max_seq_len=longest + cfg.sampling.max_new_tokens)
+        world, s = self.info.world, cfg.sampling
+        self.sampler = Sampler(self.model, max_num_seqs=s.max_num_seqs, kv_cache_gb=s.kv_cache_gb,
+                               gpu_memory_utilization=s.gpu_memory_utilization, block_size=s.block_size,
+                               max_prefill_tokens=s.max_prefill_tokens, dtype=dtype)
         self.loader = PromptLoader(len(self.prompts), t.seed, cfg.data.shuffle, self.info.rank, world)
         reward_fn = build_reward(cfg.rewards, dev, dtype)
         self.rollout = Rollout(self.sampler, reward_fn, self.tokenizer, self.prompts, self.loader, cfg, self.info,
@@ -211,6 +210,7 @@ class Trainer:
         t0 = time.perf_counter()
         with D.generation_mode(self.wrapped):  # parameters gathered once for the rollout and the old / ref log-probs
             seqs, metrics = self.rollout.collect(step)
+            self.sampler.release()  # the K/V pool goes before the update: the step's peak is its largest phase
             t1 = time.perf_counter()
             plan = self.updater.prepare(seqs)
         seq_tokens = metrics["rollout/trained_tokens"]
@@ -240,8 +240,11 @@ class Trainer:
         """The held-out evaluation of the live weights (``eval`` section), written under
         ``<output_dir>/eval/step_N/``; returns its ``eval/*`` metrics."""
         with D.generation_mode(self.wrapped):
-            return self.evaluator.during_training(self.sampler, self.rollout.reward_fn, self.rollout.stop_token_ids,
-                                                  self.out / "eval" / f"step_{step:08d}")
+            try:
+                return self.evaluator.during_training(self.sampler, self.rollout.reward_fn,
+                                                      self.rollout.stop_token_ids, self.out / "eval" / f"step_{step:08d}")
+            finally:
+                self.sampler.release()
 
     def _on_signal(self, signum, frame) -> None:
         if self.stop_requested and signum == signal.SIGINT:

@@ -29,14 +29,11 @@ TENSOR_COLLECTIVES = {"all_reduce", "all_gather", "all_gather_into_tensor", "red
                       "all_to_all_single", "send", "recv", "isend", "irecv"}
 
 
-TYPE_ONLY = {"torch.distributed.tensor"}  # DTensor, imported to recognise sharded parameters: no collective
-
-
 def _uses_torch_distributed(tree: ast.AST) -> bool:
     for node in ast.walk(tree):
         names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
             [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-        if any(n == "torch.distributed" or (n.startswith("torch.distributed.") and n not in TYPE_ONLY) for n in names):
+        if any(n == "torch.distributed" or n.startswith("torch.distributed.") for n in names):
             return True
         if isinstance(node, ast.ImportFrom) and node.module == "torch" and any(a.name == "distributed"
                                                                                for a in node.names):
@@ -132,3 +129,15 @@ def test_a_training_step_reduces_only_on_the_training_device(gloo, monkeypatch, 
     assert [r["step"] for r in records] == [1] and records[0]["optimizer_steps"] == 2
     assert len(given) >= 8 and all(d == fake for d in given), given  # exactly DistInfo.device, every time
     assert reached == [("cpu", True)] * len(given)  # every collective from the helper, none around it
+
+
+def test_full_tensor_gathers_a_sharded_parameter(gloo):
+    """The helper the TRL adapter's FSDP2-sharded LM head goes through: a DTensor comes back whole
+    (a plain tensor), anything else as it is."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    w = torch.randn(4, 3)
+    full = D.full_tensor(distribute_tensor(w, init_device_mesh("cpu", (1,)), [Shard(0)]))
+    assert type(full) is torch.Tensor and torch.equal(full, w)
+    assert D.full_tensor(w) is w

@@ -58,6 +58,10 @@ def test_int_accepted_for_float_and_yaml_exponent_string(tmp_path):
     ("sampling.group_size=1", "sampling.group_size"),
     ("algorithm.clip_ratio_c=0.5", "algorithm.clip_ratio_c"),
     ("train.mini_batch_prompts=1000", "train.mini_batch_prompts"),
+    ("sampling.max_batch_size=64", "sampling.max_num_seqs"),  # renamed: the message names the new key
+    ("sampling.max_num_seqs=0", "sampling"),
+    ("sampling.gpu_memory_utilization=1.5", "sampling"),
+    ("sampling.block_size=24", "sampling.block_size"),
 ])
 def test_bad_key_or_value_names_the_dotted_key(override, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):

@@ -57,7 +57,7 @@ def test_vl_sampler_greedy_equals_generate_with_images():
     vision = Vision(load_image_processor("tiny-vl"), model.config.image_token_id)
     prompts = build_prompts(load_examples(["sample:train_vl"], DataConfig())[:2], tokenizer, 4096, vision)[0]
     pix = [vision.pixels(p.image) for p in prompts]
-    out = Sampler(model, max_batch_size=2, max_seq_len=256).generate(
+    out = Sampler(model, max_num_seqs=2).generate(
         [p.ids for p in prompts], max_new_tokens=8, temperature=0.0, images=pix, stop_token_ids=[])
     for i, (p, b) in enumerate(zip(prompts, pix)):
         x = torch.tensor([p.ids])

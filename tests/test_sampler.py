@@ -1,7 +1,9 @@
-"""Tests of the in-process KV-cached sampler (medix_fast.generate) on tiny random Qwen2, Qwen3 and
-Llama models built from transformers configs: greedy parity with ``generate``, the sampling
-distribution, log-probs against a full forward, prefix sharing, stopping and compaction, the
-fixed-shape decode step of the CUDA graphs (run eagerly), reproducibility, model state and bad input.
+"""Tests of the in-process sampler (medix_fast.generate) on tiny random Qwen2, Qwen3 and Llama models
+built from transformers configs: greedy parity with ``generate``, the sampling distribution,
+log-probs against a full forward, prefix sharing, stopping, the fixed-shape decode step of the
+CUDA graphs (run eagerly), reproducibility, model state and bad input. The engine's own
+behaviour (continuous batching, preemption, block accounting, batch independence, syncs) is in
+tests/test_engine.py.
 
     pytest tests/test_sampler.py -q
 """
@@ -16,7 +18,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from medix_fast.generate import Sampler
-from medix_fast.generate.tokens import SamplingParams, sample_tokens
+from medix_fast.generate.tokens import SamplingParams, sample_tokens, uniforms
 
 VOCAB = 300
 ARCHS = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM),
@@ -60,17 +62,18 @@ def full_logits(model, prompt: list[int], completion: list[int]) -> torch.Tensor
 
 
 # ------------------------------------------------------------------ greedy parity
-@pytest.mark.parametrize("decode_mode,sync_every", [("eager", None), ("static", None), ("static", 3)])
+@pytest.mark.parametrize("decode_mode", ["eager", "static"])
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_greedy_matches_hf_generate(arch, decode_mode, sync_every):
-    """Prompts of different lengths, n > 1, chunks that split a prompt's samples, stop tokens
-    (rows leave the batch), and the fixed-shape step of the CUDA graphs with CUDA's lazy syncs."""
+def test_greedy_matches_hf_generate(arch, decode_mode):
+    """Prompts of different lengths, n > 1, fewer decode slots than rows (a prompt's samples
+    split between batches), stop tokens (rows leave, waiting rows join), and the fixed-shape step
+    of the CUDA graphs."""
     model = tiny_model(arch)
     prompts = make_prompts([5, 1, 9, 3])
     refs = [hf_greedy(model, p, 12) for p in prompts]
     stop = refs[2][4]  # a token greedy decoding emits mid-way: some rows stop, others run to the limit
     refs_stop = [hf_greedy(model, p, 12, eos=stop) for p in prompts]
-    sampler = Sampler(model, max_batch_size=5, max_seq_len=32, decode_mode=decode_mode, sync_every=sync_every)
+    sampler = Sampler(model, max_num_seqs=5, decode_mode=decode_mode)
     out = sampler.generate(prompts, n=2, max_new_tokens=12, temperature=0, stop_token_ids=[])
     assert out.completion_ids == [r for r in refs for _ in range(2)]
     out = sampler.generate(prompts, n=2, max_new_tokens=12, temperature=0, stop_token_ids=[stop])
@@ -79,9 +82,11 @@ def test_greedy_matches_hf_generate(arch, decode_mode, sync_every):
 
 
 # ------------------------------------------------------------------ sampling distribution
-@pytest.mark.parametrize("method", ["race", "cdf"])
-@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (4, 1.0), (0, 0.7), (5, 0.8)])
-def test_sample_tokens_frequencies_and_truncation(method, top_k, top_p):
+@pytest.mark.parametrize("prefilter", [3, 1024])
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (4, 1.0), (0, 0.7), (5, 0.8), (0, 0.95)])
+def test_sample_tokens_frequencies_and_truncation(top_k, top_p, prefilter):
+    """Top-k, then top-p on the renormalised rest; the top-p candidates limited to ``prefilter``
+    (3: the nucleus does not fit, ``fits`` says so, the exact answer needs prefilter=V)."""
     logits = torch.tensor([2.0, 1.5, 1.2, 0.3, 0.0, -0.5, -1.0, -3.0, 0.9, 0.1])
     temperature, n = 0.8, 40_000
     probs = torch.softmax(logits.double() / temperature, -1)
@@ -94,9 +99,14 @@ def test_sample_tokens_frequencies_and_truncation(method, top_k, top_p):
     allowed[order[~nucleus]] = False
     expected = torch.where(allowed, probs, 0) / probs[allowed].sum()
 
-    g = torch.Generator().manual_seed(0)
+    u = torch.rand(n, generator=torch.Generator().manual_seed(0))
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, logprobs_mode="processed")
-    tokens, logps = sample_tokens(logits.repeat(n, 1), params, g, method)
+    tokens, logps, fits = sample_tokens(logits.repeat(n, 1), params, u, prefilter)
+    nucleus_fits = top_k > 0 or top_p == 1 or allowed.sum() <= prefilter
+    assert fits.all() == nucleus_fits and fits.all() == fits.any()
+    if not nucleus_fits:
+        tokens, logps, fits = sample_tokens(logits.repeat(n, 1), params, u, 10)
+        assert fits.all()
     assert allowed[tokens].all(), "a token outside top-k / top-p was sampled"
     torch.testing.assert_close(logps.double(), expected[tokens].log(), rtol=0, atol=1e-5)
     counts = torch.bincount(tokens, minlength=10).double()[allowed]
@@ -111,7 +121,7 @@ def test_one_step_sampler_frequencies():
     model = tiny_model("qwen2", torch.float32)
     prompt = make_prompts([6])[0]
     temperature, n = 1.3, 12_000
-    out = Sampler(model, max_batch_size=4000, max_seq_len=8).generate(
+    out = Sampler(model, max_num_seqs=4000).generate(
         [prompt], n=n, max_new_tokens=1, temperature=temperature, stop_token_ids=[], seed=3)
     probs = torch.softmax(full_logits(model, prompt, [0])[0] / temperature, -1)
     counts = torch.bincount(torch.tensor([c[0] for c in out.completion_ids]), minlength=VOCAB).double()
@@ -120,52 +130,95 @@ def test_one_step_sampler_frequencies():
     assert chi2 < (VOCAB - 1) + 6 * math.sqrt(2 * (VOCAB - 1)), f"chi-square {chi2:.1f} on {VOCAB - 1} dof"
 
 
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 50, 0.9), (1.3, 0, 0.8), (0.0, 0, 1.0)])
+def test_cpp_sampling_step_draws_the_same_tokens(temperature, top_k, top_p):
+    """The C++ step (the CPU path at large vocabularies) and the PyTorch one share their truncation
+    and inverse CDF: the same uniforms give the same tokens and raw log-probs."""
+    from medix_fast.kernels import cpp, force_backend
+
+    if not cpp.available():
+        pytest.skip(f"C++ ops unavailable: {cpp.unavailable_reason()}")
+    g = torch.Generator().manual_seed(0)
+    logits, u = torch.randn(32, 3000, generator=g) * 3, torch.rand(32, generator=g)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    with force_backend("torch"):
+        ref, ref_lp, fits = sample_tokens(logits, params, u, 3000)
+    with force_backend("cpp"):
+        tok, lp, _ = sample_tokens(logits, params, u)
+    assert fits.all() and torch.equal(tok, ref)
+    torch.testing.assert_close(lp, ref_lp, rtol=0, atol=1e-5)
+
+
 def test_greedy_picks_first_max_and_logprob():
     logits = torch.tensor([[1.0, 3.0, 3.0, -1.0]])
-    tokens, logps = sample_tokens(logits, SamplingParams(temperature=0), None)
+    u = torch.zeros(1)
+    tokens, logps, _ = sample_tokens(logits, SamplingParams(temperature=0), u)
     assert tokens.tolist() == [1]
     torch.testing.assert_close(logps, torch.log_softmax(logits, -1)[:, 1])
-    _, logps = sample_tokens(logits, SamplingParams(temperature=0, logprobs_mode="processed"), None)
+    _, logps, _ = sample_tokens(logits, SamplingParams(temperature=0, logprobs_mode="processed"), u)
     assert logps.tolist() == [0.0]
 
 
+def test_uniforms_are_a_function_of_key_and_step():
+    """Counter-based noise: the same (key, step) gives the same number whatever else is in the
+    batch; different keys or steps give independent-looking uniform numbers."""
+    keys = torch.arange(4000) * 7919 + 13
+    steps = torch.arange(4000) % 37
+    u = uniforms(keys, steps)
+    assert u.dtype == torch.float32 and 0 <= u.min() and u.max() < 1
+    order = torch.randperm(4000, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(uniforms(keys[order], steps[order]), u[order])
+    assert torch.equal(uniforms(keys[:3], steps[:3]), u[:3])
+    counts = torch.histc(u, bins=10, min=0, max=1)
+    chi2 = ((counts - 400) ** 2 / 400).sum().item()
+    assert chi2 < 9 + 6 * math.sqrt(18), chi2
+    same_key = uniforms(torch.full((1000,), 5), torch.arange(1000))
+    assert len(set(same_key.tolist())) > 990, "steps of one row repeat their noise"
+
+
 # ------------------------------------------------------------------ log-probs
-@pytest.mark.parametrize("method", ["race", "cdf"])
+@pytest.mark.parametrize("top_k,top_p", [(20, 1.0), (0, 0.9)])
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
-def test_logprobs_match_full_forward(arch, method):
+def test_logprobs_match_full_forward(arch, top_k, top_p):
     model = tiny_model(arch, torch.float32)
     prompts = make_prompts([7, 2, 4])
-    temperature, top_k = 0.7, 20
-    sampler = Sampler(model, max_batch_size=6, max_seq_len=40, sample_method=method)
-    kwargs = dict(n=3, max_new_tokens=16, temperature=temperature, top_k=top_k, stop_token_ids=[7, 11], seed=5)
+    temperature = 0.7
+    sampler = Sampler(model, max_num_seqs=6)
+    kwargs = dict(n=3, max_new_tokens=16, temperature=temperature, top_k=top_k, top_p=top_p, stop_token_ids=[7, 11],
+                  seed=5)
     raw = sampler.generate(prompts, **kwargs)
     processed = sampler.generate(prompts, logprobs_mode="processed", **kwargs)
     assert raw.completion_ids == processed.completion_ids
     for row, completion in enumerate(raw.completion_ids):
         logits = full_logits(model, prompts[row // 3], completion) / temperature  # (L, V)
         chosen = torch.tensor(completion)
-        kth = logits.topk(top_k, -1).values[:, -1:]
-        assert (logits.gather(-1, chosen[:, None]) >= kth).all(), "a token outside the top-k was sampled"
+        truncated = _truncate(logits, top_k, top_p)
+        assert truncated.gather(-1, chosen[:, None]).isfinite().all(), "a token outside top-k / top-p was sampled"
         expect_raw = torch.log_softmax(logits, -1).gather(-1, chosen[:, None])[:, 0]
-        truncated = logits.masked_fill(logits < kth, float("-inf"))
         expect_proc = torch.log_softmax(truncated, -1).gather(-1, chosen[:, None])[:, 0]
         assert raw.logprobs[row].dtype == torch.float32
         torch.testing.assert_close(raw.logprobs[row].double(), expect_raw, rtol=0, atol=2e-5)
         torch.testing.assert_close(processed.logprobs[row].double(), expect_proc, rtol=0, atol=2e-5)
 
 
+def _truncate(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """fp64 reference of top-k then top-p (ties kept), by a full sort: excluded logits -> -inf."""
+    if top_k:
+        logits = logits.masked_fill(logits < logits.topk(top_k, -1).values[:, -1:], float("-inf"))
+    probs = torch.softmax(logits, -1)
+    sorted_p, order = probs.sort(-1, descending=True)
+    drop = (sorted_p.cumsum(-1) - sorted_p >= top_p).scatter(-1, order, (sorted_p.cumsum(-1) - sorted_p >= top_p))
+    return logits.masked_fill(drop, float("-inf"))
+
+
 # ------------------------------------------------------------------ prefix sharing, static decode
-@pytest.mark.parametrize("other,stops", [(dict(share_prefix=False), [3, 5, 8]), (dict(decode_mode="static"), []),
-                                         (dict(decode_mode="static", share_prefix=False), [])])
-def test_variants_match_eager_shared_prefill(other, stops):
-    """Same samples with one prefill per row, or with the fixed-shape decode step of the CUDA graphs
-    (which compacts by batch bucket, so without stop tokens the random streams line up; greedy
-    parity with stops is in test_greedy_matches_hf_generate)."""
+def test_static_decode_step_matches_eager():
+    """The fixed-shape, bucketed step of the CUDA graphs (run eagerly) samples what the eager step does."""
     model = tiny_model("qwen2")
     prompts = make_prompts([4, 8, 1, 6, 3])
-    kwargs = dict(n=3, max_new_tokens=14, temperature=1.0, top_p=0.9, stop_token_ids=stops, seed=11)
-    ref = Sampler(model, max_batch_size=7, max_seq_len=24).generate(prompts, **kwargs)
-    out = Sampler(model, max_batch_size=7, max_seq_len=24, **other).generate(prompts, **kwargs)
+    kwargs = dict(n=3, max_new_tokens=14, temperature=1.0, top_p=0.9, stop_token_ids=[3, 5, 8], seed=11)
+    ref = Sampler(model, max_num_seqs=7).generate(prompts, **kwargs)
+    out = Sampler(model, max_num_seqs=7, decode_mode="static").generate(prompts, **kwargs)
     assert out.completion_ids == ref.completion_ids
     assert out.finish_reasons == ref.finish_reasons
     for a, b in zip(out.logprobs, ref.logprobs):
@@ -180,14 +233,14 @@ def test_prefill_once_per_prompt_and_finished_rows_leave_the_batch():
     refs = [hf_greedy(model, p, 10) for p in prompts]
     batch_sizes.clear()
     stop = refs[0][2]
-    out = Sampler(model, max_batch_size=16, max_seq_len=24).generate(
+    out = Sampler(model, max_num_seqs=16).generate(
         prompts, n=4, max_new_tokens=10, temperature=0, stop_token_ids=[stop])
     hook.remove()
-    assert batch_sizes[0] == (3, 7), "each prompt is prefilled once, not once per sample"
+    assert batch_sizes[0] == (1, 4 + 2 + 6), "each prompt (but its last token) is prefilled once, packed"
     lengths = [len(c) for c in out.completion_ids]
     decode_rows = [s[0] for s in batch_sizes[1:]]
-    for step, rows in enumerate(decode_rows):  # decode step `step` feeds the tokens sampled at `step`
-        assert rows == sum(n > step + 1 for n in lengths), "only unfinished rows are decoded"
+    for step, rows in enumerate(decode_rows):  # decode step `step` produces completion token `step`
+        assert rows == sum(n > step for n in lengths), "only unfinished rows are decoded"
     assert decode_rows[-1] < decode_rows[0]
 
 
@@ -195,7 +248,7 @@ def test_prefill_once_per_prompt_and_finished_rows_leave_the_batch():
 def test_stop_tokens_length_limit_and_finish_reasons():
     model = tiny_model("llama", torch.float32)
     prompts = make_prompts([3, 6])
-    sampler = Sampler(model, max_batch_size=8, max_seq_len=64)
+    sampler = Sampler(model, max_num_seqs=8)
     stops = [1, 2, 4, 9, 17, 23]
     out = sampler.generate(prompts, n=4, max_new_tokens=40, temperature=1.5, stop_token_ids=stops, seed=2)
     assert len(out.completion_ids) == len(out.logprobs) == len(out.finish_reasons) == 8
@@ -216,7 +269,7 @@ def test_stop_tokens_length_limit_and_finish_reasons():
 def test_seeded_reproducibility():
     model = tiny_model("qwen3", torch.float32)
     prompts = make_prompts([4, 9])
-    sampler = Sampler(model, max_batch_size=4, max_seq_len=32)
+    sampler = Sampler(model, max_num_seqs=4)
     kwargs = dict(n=3, max_new_tokens=12, temperature=1.0, top_p=0.95, stop_token_ids=[])
     a, b = sampler.generate(prompts, seed=7, **kwargs), sampler.generate(prompts, seed=7, **kwargs)
     assert a.completion_ids == b.completion_ids
@@ -237,7 +290,7 @@ def test_model_state_grad_and_memory():
     attn = model.config._attn_implementation
     flags = [m.training for m in model.modules()]
     prompts = make_prompts([5, 2])
-    sampler = Sampler(model, max_batch_size=4, max_seq_len=16)
+    sampler = Sampler(model, max_num_seqs=4)
     kwargs = dict(n=2, max_new_tokens=8, temperature=1.0, stop_token_ids=[], seed=0)
     out = sampler.generate(prompts, **kwargs)
     assert [m.training for m in model.modules()] == flags
@@ -273,8 +326,8 @@ def test_wrapped_model_is_unwrapped():
     model = tiny_model("llama")
     prompts = make_prompts([3, 5])
     kwargs = dict(n=2, max_new_tokens=6, temperature=0, stop_token_ids=[])
-    plain = Sampler(model, max_batch_size=4, max_seq_len=16).generate(prompts, **kwargs)
-    wrapped = Sampler(Wrapper(model), max_batch_size=4, max_seq_len=16).generate(prompts, **kwargs)
+    plain = Sampler(model, max_num_seqs=4).generate(prompts, **kwargs)
+    wrapped = Sampler(Wrapper(model), max_num_seqs=4).generate(prompts, **kwargs)
     assert wrapped.completion_ids == plain.completion_ids
 
 
@@ -282,7 +335,7 @@ def test_follows_weight_updates():
     """The sampler reads the live parameters: an in-place update changes the next call's output."""
     model = tiny_model("qwen2")
     prompts = make_prompts([4])
-    sampler = Sampler(model, max_batch_size=2, max_seq_len=16)
+    sampler = Sampler(model, max_num_seqs=2)
     before = sampler.generate(prompts, max_new_tokens=8, temperature=0, stop_token_ids=[])
     with torch.no_grad():
         model.lm_head.weight[before.completion_ids[0][0]] -= 100.0
@@ -294,7 +347,8 @@ def test_follows_weight_updates():
 @pytest.mark.parametrize("prompts,kwargs,match", [
     ([], {}, "prompt_ids is empty"),
     ([[1, 2], []], {}, "prompt 1 is empty"),
-    ([[1, 2], [3] * 10], {"max_new_tokens": 7}, "prompt 1: 10 tokens"),
+    ([[1, 2], [3] * 40], {"max_new_tokens": 7}, r"prompt 1: 40 tokens \+ max_new_tokens=7 need 4 K/V blocks of 16 "
+                                                r"tokens \(32.0 KiB\) but the pool holds 2 \(16.0 KiB"),
     ([[1, 2], [3, VOCAB]], {}, f"prompt 1: token {VOCAB} at position 1"),
     ([[-1, 2]], {}, "prompt 0: token -1 at position 0"),
     ([[1, 2.5]], {}, "prompt 0: token 2.5 at position 1"),
@@ -310,7 +364,7 @@ def test_bad_input_raises_before_compute(prompts, kwargs, match):
     model = tiny_model("qwen2", torch.float32)
     calls = []
     model.register_forward_pre_hook(lambda *a: calls.append(1))
-    sampler = Sampler(model, max_batch_size=4, max_seq_len=16)
+    sampler = Sampler(model, max_num_seqs=4, kv_cache_gb=3 * 16 * 512 / 2**30)  # 3 blocks: 2 usable
     with pytest.raises(ValueError, match=match):
         sampler.generate(prompts, **{"max_new_tokens": 4, **kwargs})
     assert not calls
@@ -320,7 +374,11 @@ def test_bad_construction():
     model = tiny_model("qwen2", torch.float32)
     with pytest.raises(ValueError, match="decode_mode"):
         Sampler(model, decode_mode="graph")
-    with pytest.raises(ValueError, match="sample_method"):
-        Sampler(model, sample_method="gumbel")
+    with pytest.raises(ValueError, match="block_size"):
+        Sampler(model, block_size=24)
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        Sampler(model, max_num_seqs=0)
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        Sampler(model, gpu_memory_utilization=1.5)
     with pytest.raises(ValueError, match="needs a CUDA model"):
-        Sampler(model, decode_mode="cuda_graph", max_seq_len=16).generate([[1]], max_new_tokens=2)
+        Sampler(model, decode_mode="cuda_graph").generate([[1]], max_new_tokens=2)

@@ -152,3 +152,26 @@ def test_metrics_file_truncates_to_the_resumed_step(tmp_path):
                                                        {"step": 2, "reward/overall": 0.2, "loss": 0.5}]
     pytest.importorskip("matplotlib")
     assert logger.close(plot=True).stat().st_size > 0
+
+
+def test_kv_pool_is_released_before_each_update(tmp_path, monkeypatch):
+    """The rollout's K/V pool is given back before the update runs (a step's peak is max(rollout,
+    update), not their sum), and made again by the next rollout."""
+    from medix_fast.generate import Sampler
+    from medix_fast.rl.update import Updater
+
+    events = []
+    release, update = Sampler.release, Updater.update
+
+    def recording_release(self):
+        events.append(("release", self.pool is not None))
+        release(self)
+
+    def recording_update(self, seqs):
+        events.append(("update", None))
+        return update(self, seqs)
+
+    monkeypatch.setattr(Sampler, "release", recording_release)
+    monkeypatch.setattr(Updater, "update", recording_update)
+    assert main([*SMALL, f"train.output_dir={tmp_path / 'run'}", "train.steps=2", "eval.every=0"]) == 0
+    assert events == [("release", True), ("update", None)] * 2

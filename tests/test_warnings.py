@@ -110,10 +110,6 @@ def test_vl_prompt_cache_and_reference_generate_warn_nothing():
                        **hf_image_kwargs(model, ids, pix.pixel_values, pix.image_grid_thw))
 
 
-@pytest.mark.xfail("cache" in inspect.signature(Qwen2ForCausalLM.forward).parameters, strict=True,
-                   reason="medix_fast/generate/ still passes past_key_values=, which transformers >= 5.24 "
-                          "deprecates (its rewrite takes medix_fast.model.compat.cache_kwargs); "
-                          "remove this mark when it passes")
 def test_a_training_step_warns_nothing(tmp_path):
     """A whole step of the tiny default (rollout through the sampler, rewards, update, scheduler)."""
     with no_deprecations():

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         vision = Vision(load_image_processor(args.model), image_token_id(model), args.min_pixels or None,
                         args.max_pixels or None) if is_vl(model) else None
         evaluator = Evaluator(tasks, tokenizer, settings, info, vision)
-        sampler = Sampler(model, settings.batch_size, evaluator.longest_prompt + settings.max_new_tokens)
+        sampler = Sampler(model, max_num_seqs=settings.batch_size, dtype=dtype)
         reward_fn = build_reward(RewardConfig(judge_model=args.judge, semantic_model=args.semantic_model),
                                  info.device, dtype)
         scorer = Scorer(reward_fn, votes=args.judge_votes, judge_temperature=args.judge_temperature,

@@ -97,10 +97,6 @@ class Evaluator:
         examples = [Example(it.question, it.solution, it.image) for it in self.items]
         self.prompt_ids = [p.ids for p in build_prompts(examples, tokenizer, sys.maxsize, vision)[0]]
 
-    @property
-    def longest_prompt(self) -> int:
-        return max(len(p) for p in self.prompt_ids)
-
     def fingerprint(self, extra: dict | None) -> dict:
         """What the generations depend on: a resumed run must match it."""
         s = dataclasses.asdict(self.settings)
@@ -195,7 +191,7 @@ class Evaluator:
     def during_training(self, sampler, reward_fn, stop_token_ids: list[int], out_dir: Path) -> dict[str, float]:
         """Evaluate the live weights with the trainer's sampler and reward models (no copies);
         writes ``out_dir`` afresh and returns ``eval/<task>/accuracy`` and ``eval/mean_accuracy``."""
-        settings = dataclasses.replace(self.settings, batch_size=sampler.max_batch_size)
+        settings = dataclasses.replace(self.settings, batch_size=sampler.max_num_seqs)
         scorer = Scorer(reward_fn, votes=settings.judge_votes, judge_temperature=settings.judge_temperature,
                         seed=settings.seed + self.info.rank)
         generate = sampler_generate(sampler, self.tokenizer, stop_token_ids, settings, self.vision)

@@ -1,11 +1,15 @@
-"""The in-process sampler engine: G completions per prompt from the live training weights.
+"""The in-process rollout engine: G completions per prompt from the live training weights.
 
     from medix_fast.generate import Sampler
-    out = Sampler(model, max_batch_size=64, max_seq_len=2048).generate(prompt_ids, n=8, max_new_tokens=512)
+    out = Sampler(model, max_num_seqs=64).generate(prompt_ids, n=8, max_new_tokens=512)
+    python -m medix_fast.generate --plan --config configs/medix_r1_8b_dapo.yaml --device-memory-gb 141
 
-``sampler.py`` runs the batches, ``kv_cache.py`` holds the prefix-shared K/V and its decode
-attention, ``cuda_graphs.py`` the fixed-shape decode step and its CUDA graphs, ``tokens.py`` the
-on-device token sampling.
+``sampler.py`` is the public engine; ``scheduler.py`` (continuous batching, preemption),
+``blocks.py`` (block accounting) and ``sequence.py`` (prompt and row records) the host side;
+``runner.py`` (packing steps, the model forward), ``kv_cache.py`` (paged K/V pool, attention
+back-end), ``attention.py`` (cascade attention, back-end choice), ``triton_decode.py`` (the paged
+decode kernel) and ``cuda_graphs.py`` the device side; ``tokens.py`` the token sampling;
+``memory.py`` the memory plan.
 """
 from .sampler import Sampler, SamplerOutput
 from .tokens import SamplingParams, sample_tokens

@@ -1,112 +1,112 @@
-"""The sampler's one-token decode step on fixed-shape buffers, padded to batch buckets, and on CUDA
-captured once per shape as a CUDA graph and replayed (nano-vllm style).
+"""The decode step on fixed-shape buffers, padded to batch buckets, and on CUDA captured once per
+bucket as a CUDA graph and replayed (nano-vllm style).
 
-Each decode forward reads its inputs from static buffers: token ids, position ids, the completion
-column, the (prompts, group) grid and row slots of the prefix-shared attention, and validity masks
-over all ``max_seq_len`` columns of both cache regions, so the captured kernels replay with new
-values and no host work. The live rows are padded up to a batch bucket and the live prompts up
-to a prompt bucket; padded rows and prompts carry stale but finite data whose outputs are dropped.
-A graph is keyed by (row bucket, prompt bucket, group size). With ``capture=False`` the same
-fixed-shape step runs eagerly: the path the CPU tests use to check it against the eager decode.
+A step's per-row values (input id, position, private length, K/V slot, row slot, noise key, step),
+the groups' table slots, prompt lengths and row grid are copied into static buffers sized for
+``max_num_seqs`` rows; the block tables are the engine's own device tables (gathered inside the
+step), and the attention reads only each item's live length, so one graph per batch bucket
+serves every sequence length: lengths and block tables are graph inputs, not shapes. Padded rows
+feed token 0 at position 0 and write their K/V into the reserved block 0; padded groups have
+length 0. With ``capture=False`` the same fixed-shape step runs eagerly (the CPU tests' path).
 
-A graph holds the addresses of the weights and of the cache buffers: the optimizer's in-place
-updates are seen at replay, but new parameter storage (e.g. FSDP re-sharding) needs ``reset()``
-(the sampler checks the parameter addresses before each call), and a reallocated cache region
-resets the graphs by itself.
+A graph holds the addresses of the weights, the K/V pool and the tables: the optimizer's in-place
+updates are seen at replay, but new parameter storage (e.g. FSDP2 unsharding into a new buffer)
+or a new pool needs new graphs (``fits`` says no, and the sampler builds a new decoder).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
 
 import torch
 
-from .kv_cache import StaticKVCache
+from .runner import META_ROWS, DecodeInputs, Runner
 
-Forward = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]  # (ids, mask, pos) -> logits
+log = logging.getLogger(__name__)
+PAD = (0, 0, 1, 0, 0, 0, 0)  # META_ROWS of a padded row: token 0 at position 0, one token, slot 0 (block 0)
 
 
-def batch_buckets(max_batch_size: int) -> list[int]:
-    """Sizes with a captured graph: 1, 2, 4, 8, then every 16, and max_batch_size."""
-    sizes = [s for s in (1, 2, 4, 8) if s < max_batch_size] + list(range(16, max_batch_size, 16))
-    return sizes + [max_batch_size]
+def batch_buckets(max_rows: int) -> list[int]:
+    """Batch sizes with a graph: 1, 2, 4, 8, then every 16, and max_rows."""
+    sizes = [s for s in (1, 2, 4, 8) if s < max_rows] + list(range(16, max_rows, 16))
+    return sizes + [max_rows]
+
+
+def _weights(model) -> tuple[int, ...]:
+    return tuple(p.data_ptr() for p in model.parameters())
 
 
 class StaticDecoder:
-    """Fixed-shape decode step: ``set_prompts(valid)`` when the live prompts change, then
-    ``decoder(tokens, pos, col, grid, slot)`` returns the next-token logits (b, V)."""
+    """``decoder(inputs)`` -> logits (b, V) of a decode step (``runner.DecodeInputs``)."""
 
-    def __init__(self, forward: Forward, cache: StaticKVCache, device: torch.device, capture: bool):
-        self.forward, self.cache, self.capture, self.device = forward, cache, capture, device
-        rows, width = cache.max_batch_size, cache.max_seq_len
-        self.buckets = batch_buckets(rows)
-        self.ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
-        self.pos = torch.zeros(rows, 1, dtype=torch.long, device=device)
-        self.col = torch.zeros(1, dtype=torch.long, device=device)
-        self.slot = torch.zeros(rows, dtype=torch.long, device=device)
-        self.comp_valid = torch.zeros(rows, width, dtype=torch.bool, device=device)
-        self.columns = torch.arange(width, device=device)
-        self.prompt_valid = torch.zeros(0, width, dtype=torch.bool, device=device)
-        self.grids: dict[tuple[int, int], torch.Tensor] = {}
-        self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.pool = None
-        self.generation = cache.generation
+    def __init__(self, runner: Runner, max_rows: int, group: int, capture: bool):
+        device = runner.device
+        self.max_rows, self.group, self.capture = max_rows, group, capture
+        self.buckets = batch_buckets(max_rows)
+        self.meta = torch.zeros(len(META_ROWS), max_rows, dtype=torch.long, device=device)
+        self.pad = torch.tensor(PAD, dtype=torch.long, device=device)[:, None]  # (7, 1)
+        self.group_slots = torch.zeros(max_rows, dtype=torch.long, device=device)
+        self.group_lens = torch.zeros(max_rows, dtype=torch.int32, device=device)
+        self.group_rows = torch.zeros(max_rows, group, dtype=torch.long, device=device)
+        self.row_table, self.group_table, self.pool = runner.row_table, runner.group_table, runner.pool
+        self.weights = _weights(runner.model)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graph_pool = None
+        self.runner = runner
 
-    def bucket(self, n: int) -> int:
-        return next(b for b in self.buckets if b >= n)
+    def fits(self, runner: Runner, group: int) -> bool:
+        """Whether this decoder (its buffers and graphs) serves ``runner``'s call."""
+        return (group == self.group and runner.pool is self.pool and _weights(runner.model) == self.weights
+                and runner.row_table.shape[1] <= self.row_table.shape[1]
+                and runner.group_table.shape[1] <= self.group_table.shape[1])
 
-    def reset(self) -> None:
-        """Drop the captured graphs (captured again on next use)."""
-        self.graphs.clear()
-        self.pool = None
+    def bind(self, runner: Runner) -> None:
+        """Make ``runner`` write its block ids into this decoder's tables."""
+        runner.row_table, runner.group_table = self.row_table, self.group_table
+        self.runner = runner
 
-    def set_prompts(self, valid: torch.Tensor) -> None:
-        """valid (P, T) bool: the live prompts' columns; padded prompts see column 0 only."""
-        if self.prompt_valid.shape[0] < self.cache.prompt_rows:
-            self.prompt_valid = torch.zeros(self.cache.prompt_rows, self.cache.max_seq_len, dtype=torch.bool, device=self.device)
-            self.reset()
-        self.prompt_valid.zero_()
-        self.prompt_valid[:, 0] = True
-        self.prompt_valid[: valid.shape[0], : valid.shape[1]] = valid
+    def bucket(self, rows: int) -> int:
+        return next(b for b in self.buckets if b >= rows)
 
-    def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, col: torch.Tensor,
-                 grid: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-        """tokens, pos (b,); col (1,) completion column; grid (P, G) and slot (b,) as in StaticKVCache."""
-        if self.cache.generation != self.generation:
-            self.generation = self.cache.generation
-            self.reset()
-        b, width = tokens.numel(), self.cache.max_seq_len
-        rows, prompts, group = self.bucket(b), self.bucket(grid.shape[0]), grid.shape[1]
-        self.ids[:b, 0] = tokens
-        self.pos[:b, 0] = pos
-        self.col.copy_(col)
-        self.slot[:b] = slot
-        self.slot[b:rows] = 0
-        self.comp_valid[:rows] = self.columns[None, :] <= col
-        static_grid = self.grids.setdefault((prompts, group), torch.zeros(prompts, group, dtype=torch.long, device=self.device))
-        static_grid[: grid.shape[0]] = grid
-        static_grid[grid.shape[0]:] = 0
-        self.cache.set_prompts(self.prompt_valid[:prompts])
-        self.cache.decode(rows, self.col, static_grid, self.slot[:rows], width, self.comp_valid[:rows])
-        args = (self.ids[:rows], None, self.pos[:rows])
+    def __call__(self, inputs: DecodeInputs) -> torch.Tensor:
+        b, groups = inputs.meta.shape[1], inputs.group_slots.shape[0]
+        size = self.bucket(b)
+        self.meta[:, :b] = inputs.meta
+        self.meta[:, b:size] = self.pad
+        self.group_slots[:groups] = inputs.group_slots
+        self.group_slots[groups:size] = 0
+        self.group_lens[:groups] = inputs.group_lens
+        self.group_lens[groups:size] = 0
+        grid = inputs.group_rows  # (P, Gm), padded with b: the static step's dummy row is `size`
+        self.group_rows[:size] = size
+        self.group_rows[:groups, :grid.shape[1]] = grid.masked_fill(grid == b, size)
         if not self.capture:
-            return self.forward(*args)[:b]
-        key = (rows, prompts, group)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(args)
-        graph, logits = self.graphs[key]
+            return self._step(size)[:b]
+        if size not in self.graphs:
+            try:
+                self.graphs[size] = self._capture(size)
+            except RuntimeError as err:  # e.g. a module hook that cannot be captured: run eagerly instead
+                log.warning("decode step not capturable as a CUDA graph (%s); running it eagerly", err)
+                self.capture = False
+                return self._step(size)[:b]
+        graph, logits = self.graphs[size]
         graph.replay()
         return logits[:b]
 
-    def _capture(self, args: tuple) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        # Warm-up and capture write the same K/V at the same column as the replay that follows.
+    def _step(self, size: int) -> torch.Tensor:
+        static = DecodeInputs(self.meta[:, :size], self.group_slots[:size], self.group_lens[:size],
+                              self.group_rows[:size], self.row_table.shape[1], self.group_table.shape[1])
+        return self.runner.decode(static)
+
+    def _capture(self, size: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        # Warm-up and capture write the same K/V at the same slots as the replay that follows.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self.forward(*args)
+                self._step(size)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = self.forward(*args)
-        self.pool = graph.pool()
+        with torch.cuda.graph(graph, pool=self.graph_pool):
+            logits = self._step(size)
+        self.graph_pool = graph.pool()
         return graph, logits

@@ -1,46 +1,44 @@
-"""In-process KV-cached sampler: G completions per prompt from the live training weights.
+"""In-process rollout engine: G completions per prompt from the live training weights.
 
-    sampler = Sampler(model, max_batch_size=64, max_seq_len=2048)
+    sampler = Sampler(model, max_num_seqs=256, gpu_memory_utilization=0.85)   # CUDA
+    sampler = Sampler(model, max_num_seqs=64, kv_cache_gb=1.0)                # CPU
     out = sampler.generate(prompt_ids, n=8, max_new_tokens=512, temperature=1.0, top_p=1.0,
                            top_k=0, stop_token_ids=[eos], seed=0)
     out.completion_ids[i * 8 + j]  # prompt i's sample j (prompt-major), stop token included
     out.logprobs[i * 8 + j]        # (len,) fp32 log-probs of those tokens, see medix_fast.generate.tokens
     out.finish_reasons[i * 8 + j]  # "stop" | "length"
+    sampler.release()              # give the K/V pool back (before the update phase)
     # VL model (Qwen2.5-VL / Qwen3-VL): images=[PixelBatch or None per prompt] (medix_fast.data.vision),
     # prompt_ids with each image's <|image_pad|> run already expanded
 
-Algorithm (gpt-fast's static cache and no-sync sampling, nano-vllm's batch buckets and CUDA
-graphs, cascade attention over shared prompts; all on the Hugging Face forward of the module the
-optimizer updates: no weight copy, no second engine):
-1. Rows are (prompt, sample) pairs in prompt-major order, taken in chunks of max_batch_size.
-2. Each distinct prompt of a chunk is prefilled once (left-padded, SDPA) into the prompt region of
-   the static cache (``kv_cache.py``): no G-fold prefill, and its K/V is stored once.
-3. Decode: one token per live row per step, written in place into the row's completion region;
-   attention (the "medix_sampler" back-end) reads each prompt's K/V once for all its samples.
-   Tokens are sampled on the device (``tokens.py``) and stop tokens detected there.
-   Every ``sync_every`` steps (1 on CPU, where a sync is free) the host looks at which rows
-   finished and compacts the cache and the batch onto the rest (prompts whose samples all
-   finished leave too), so finished rows stop costing compute. On CUDA the batch is compacted
-   when it fits a smaller bucket and each shape's step replays a CUDA graph
-   (``cuda_graphs.py``).
-4. Completions end at the first stop token (included, "stop") or at max_new_tokens ("length").
-5. VL models: the prefill also runs the vision tower on the chunk's distinct prompts' images
-   (each image encoded once per prompt, not once per sample) with the multimodal rotary
-   positions (3, P, T) of ``model.forward.mrope_positions``; decode positions continue from the
-   prompt's largest mrope position + 1 (HF's rope deltas), the same on all three axes, so
-   decode is the text path. Only the language model switches to the "medix_sampler" back-end.
+Design (vLLM's paged K/V and continuous batching, nano-vllm's layout, FlashInfer's cascade
+attention, gpt-fast's sync-free sampling; on the Hugging Face forward of the module the optimizer
+updates: no weight copy, no second engine):
+- K/V in fixed-size blocks of one pool per call (``kv_cache.py``, ``blocks.py``), sized by a
+  budget: on CUDA ``gpu_memory_utilization`` x the free device memory (after weights, optimizer
+  shards and whatever else is resident) minus an activation reserve, on the CPU ``kv_cache_gb``;
+  never more than the call can use. Kept across calls, given back by ``release()``.
+- Each prompt's K/V is stored once and shared by its n samples (reference-counted blocks);
+  samples write only their own blocks (``sequence.py``).
+- Continuous batching (``scheduler.py``): up to ``max_num_seqs`` rows decode together; finished
+  rows leave every step and waiting ones are prefilled (packed, no padding) and join; when blocks
+  run out the newest rows are preempted and later recomputed.
+- Decode attention (``attention.py``): each group's rows read their prompt's blocks once, each
+  row its own blocks, merged by log-sum-exp; only live tokens are read. Back-ends: flash-attn,
+  the Triton paged kernel (``triton_decode.py``) or PyTorch.
+- CUDA graphs of the decode step per batch bucket (``cuda_graphs.py``).
+- Sampling with one counter-based uniform per row and step (``tokens.py``): a row's tokens do not
+  depend on its batch, so scheduling choices (``max_num_seqs``, preemption) do not change them.
+  The host reads the sampled tokens once per step (stop tokens, scheduling): one sync per step.
 
-Departures from ``model.generate``: prompts share their prefill and their K/V; the attention
-back-end is switched to "medix_sampler" for the call (prefill runs SDPA whatever the model's
-own back-end) and switched back; the model is in eval mode for the call and every module's
-training flag is restored after. Greedy (temperature 0) output equals ``generate(do_sample=False)``.
-Seeded sampling is reproducible for the same inputs and sampler settings (the batch layout,
-which depends on max_batch_size, decode_mode and the device, changes the random stream).
+Greedy (temperature 0) output equals ``generate(do_sample=False)``. The model is in eval mode for
+the call with the attention back-end switched to "medix_paged" (its language model only, for a VL
+model); both are restored after.
 """
 from __future__ import annotations
 
+import contextlib
 import operator
-from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -48,11 +46,16 @@ import torch
 from torch import nn
 
 from ..model.forward import mrope_positions
-from .cuda_graphs import StaticDecoder
-from .kv_cache import ATTN_IMPLEMENTATION, StaticKVCache, build_grid, prefill_mask
-from .tokens import METHODS, SamplingParams, sample_tokens
+from .attention import default_block_size, select_backend
+from .blocks import BlockPool
+from .kv_cache import ATTN_IMPLEMENTATION, KVPool
+from .memory import activation_reserve, kv_budget, kv_bytes_per_token
+from .runner import Runner
+from .scheduler import Scheduler
+from .sequence import Group, Row
+from .tokens import PREFILTER, SamplingParams, row_key, sample_tokens, uniforms
 
-DECODE_MODES = ("auto", "eager", "static", "cuda_graph")
+GROUP_SLACK = 4  # group-table rows beyond max_num_seqs (prompts held for rows not admitted yet)
 
 
 @dataclass
@@ -60,6 +63,19 @@ class SamplerOutput:
     completion_ids: list[list[int]]  # prompt-major: prompt i's sample j at i * n + j
     logprobs: list[torch.Tensor]  # same layout, (len,) fp32 on the model's device
     finish_reasons: list[str]  # "stop" | "length"
+
+
+@dataclass
+class EngineStats:
+    """What the last ``generate`` call did (for tests and benchmarks)."""
+    steps: int = 0  # decode steps
+    prefills: int = 0  # prefill forwards
+    preemptions: int = 0
+    pool_blocks: int = 0  # blocks in the pool (incl. the reserved one)
+    block_bytes: int = 0
+    peak_blocks: int = 0  # most blocks in use at once
+    live_tokens_at_peak: int = 0  # tokens with cached K/V at that moment (shared prompts once)
+    syncs: int = 0  # host reads of device values in the decode loop
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -72,46 +88,43 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 class Sampler:
-    """Batched sampling from a Hugging Face causal LM (Qwen2, Qwen3, Llama, ...) with a static KV cache.
+    """Paged, continuously batched sampling from a Hugging Face decoder (Qwen2/3, Llama, Qwen-VL, ...).
 
-    max_batch_size: rows (prompt x sample) decoded at once; max_seq_len: prompt + completion
-    tokens a row may hold. decode_mode: "eager"; "static" (the fixed-shape, bucketed step of the
-    CUDA graphs, run eagerly); "cuda_graph"; "auto" = "cuda_graph" on CUDA, else "eager".
-    share_prefix=False prefills every row separately (for comparison). sync_every: decode steps
-    between host checks for finished rows (default 1 on CPU, 8 on CUDA). sample_method: "race" |
-    "cdf" (see medix_fast.generate.tokens); "auto" = "race" on CUDA, "cdf" elsewhere.
+    max_num_seqs: rows decoded at once. kv_cache_gb: the K/V budget on the CPU (GB);
+    gpu_memory_utilization: on CUDA, the fraction of free device memory the K/V pool may take.
+    block_size: tokens per K/V block (0: 256 with flash-attn, else 16). max_prefill_tokens: tokens
+    per prefill forward. dtype: the compute dtype (None: bf16 on CUDA, the weights' dtype on the
+    CPU). decode_mode: "eager"; "static" (the fixed-shape step of the CUDA graphs, run eagerly);
+    "cuda_graph"; "auto" = "cuda_graph" on CUDA, else "eager".
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        max_batch_size: int = 64,
-        max_seq_len: int = 2048,
-        decode_mode: str = "auto",
-        share_prefix: bool = True,
-        sync_every: int | None = None,
-        sample_method: str = "auto",
-    ):
+    def __init__(self, model: nn.Module, max_num_seqs: int = 64, kv_cache_gb: float = 1.0,
+                 gpu_memory_utilization: float = 0.85, block_size: int = 0, max_prefill_tokens: int = 16384,
+                 dtype: torch.dtype | None = None, decode_mode: str = "auto"):
         self.model = unwrap_model(model)
-        if max_batch_size < 1 or max_seq_len < 2:
-            raise ValueError(f"need max_batch_size >= 1 and max_seq_len >= 2, got {max_batch_size}, {max_seq_len}")
-        if decode_mode not in DECODE_MODES:
-            raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {decode_mode!r}")
+        if max_num_seqs < 1 or max_prefill_tokens < 1:
+            raise ValueError(f"need max_num_seqs >= 1 and max_prefill_tokens >= 1, got {max_num_seqs}, "
+                             f"{max_prefill_tokens}")
+        if not 0 < gpu_memory_utilization <= 1 or kv_cache_gb <= 0:
+            raise ValueError(f"need 0 < gpu_memory_utilization <= 1 and kv_cache_gb > 0, got "
+                             f"{gpu_memory_utilization}, {kv_cache_gb}")
+        if block_size < 0 or block_size & (block_size - 1):
+            raise ValueError(f"block_size must be 0 (auto) or a power of two, got {block_size}")
+        if decode_mode not in ("auto", "eager", "static", "cuda_graph"):
+            raise ValueError(f"decode_mode must be one of auto, eager, static, cuda_graph; got {decode_mode!r}")
         self.vl = getattr(self.model.config, "image_token_id", None) is not None
-        text_config = self.model.config.get_text_config()
-        layer_types = set(getattr(text_config, "layer_types", None) or ["full_attention"])
+        self.text_config = self.model.config.get_text_config()
+        layer_types = set(getattr(self.text_config, "layer_types", None) or ["full_attention"])
         if layer_types != {"full_attention"}:
             raise ValueError(f"only full-attention decoders are supported, the model has layer types {sorted(layer_types)}")
-        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
-        if sample_method not in ("auto", *METHODS):
-            raise ValueError(f"sample_method must be one of {('auto', *METHODS)}, got {sample_method!r}")
-        self.decode_mode, self.share_prefix, self.sync_every = decode_mode, share_prefix, sync_every
-        self.sample_method = sample_method
+        self.max_num_seqs, self.kv_cache_gb, self.utilization = max_num_seqs, kv_cache_gb, gpu_memory_utilization
+        self.block_size, self.max_prefill_tokens, self.dtype = block_size, max_prefill_tokens, dtype
+        self.decode_mode = decode_mode
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
-        self._images: list = []  # this call's PixelBatch (or None) per prompt, VL models
-        self._cache: StaticKVCache | None = None
-        self._decoder: StaticDecoder | None = None
-        self._weights: tuple = ()  # (dtype, device, parameter addresses) the cache and graphs were built for
+        self.pool: KVPool | None = None
+        self.stats = EngineStats()
+        self.blocks: BlockPool | None = None  # the last call's block accounting
+        self._decoder = None  # cuda_graphs.StaticDecoder, kept across calls
 
     # ------------------------------------------------------------------ public
     def generate(
@@ -134,21 +147,180 @@ class Sampler:
         params = SamplingParams(temperature, top_p, top_k, logprobs_mode)
         stops = self._stop_ids(stop_token_ids)
         prompts = self._validate(prompt_ids, n, max_new_tokens)
-        self._images = self._validate_images(prompts, images)
-        param = next(self.model.parameters())
+        images = self._validate_images(prompts, images)
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
-        generator = torch.Generator(param.device).manual_seed(seed)
-        stop_t = torch.tensor(stops, dtype=torch.long, device=param.device)
-        rows = len(prompts) * n
-        chunks = []
         # inference_mode(False) turns grad mode back on, so no_grad must come after it
-        with torch.inference_mode(False), torch.no_grad(), _sampling_mode(self.model):
-            self._prepare(param)
-            for start in range(0, rows, self.max_batch_size):
-                row_prompt = [r // n for r in range(start, min(rows, start + self.max_batch_size))]
-                chunks.append(self._generate_chunk(prompts, row_prompt, max_new_tokens, params, stop_t, generator))
-        return _collect(torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks]), stop_t)
+        with torch.inference_mode(False), torch.no_grad(), _sampling_mode(self.model), self._autocast():
+            return self._run(prompts, images, n, max_new_tokens, params, set(stops), seed)
+
+    def _autocast(self):
+        """The compute dtype for weights kept in another one (DDP's fp32 masters: bf16 on CUDA),
+        for the whole call: autocast's cache then casts each weight once per call, not per step."""
+        param = next(self.model.parameters())
+        dtype = self._layout(param.device)[2]
+        if param.dtype == dtype:
+            return contextlib.nullcontext()
+        return torch.autocast(param.device.type, dtype=dtype)
+
+    def release(self) -> None:
+        """Free the K/V pool and the CUDA graphs (the next call makes them again)."""
+        self.pool, self._decoder = None, None
+        param = next(self.model.parameters())
+        if param.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ engine
+    def _run(self, prompts, images, n: int, max_new: int, params: SamplingParams, stops: set[int],
+             seed: int) -> SamplerOutput:
+        device = next(self.model.parameters()).device
+        groups = self._groups(prompts, images, device)
+        rows = [Row(i * n + j, groups[i], row_key(seed, i * n + j)) for i in range(len(prompts)) for j in range(n)]
+        backend, block_size, dtype = self._layout(device)
+        pool = self._pool(prompts, n, max_new, backend, block_size, dtype, device)
+        blocks = BlockPool(pool.num_blocks)
+        self._check_fits(prompts, max_new, blocks.capacity, block_size, pool)
+        width = -(-max(len(p) - 1 for p in prompts) // block_size) or 1
+        runner = Runner(self.model, pool, backend, self.max_num_seqs, self.max_num_seqs + GROUP_SLACK,
+                        -(-max_new // block_size), width, self.vl)
+        decode = self._decode_fn(runner, n)
+        sched = Scheduler(blocks, block_size, self.max_num_seqs, self.max_prefill_tokens, rows,
+                          self.max_num_seqs + GROUP_SLACK)
+        self.stats = EngineStats(pool_blocks=pool.num_blocks, block_bytes=pool.nbytes // pool.num_blocks)
+        self.blocks = blocks
+        try:
+            logprob_log = self._loop(sched, runner, decode, params, stops, max_new)
+        finally:
+            sched.release_all()
+        self.stats.preemptions = sched.preemptions
+        blocks.check_idle()
+        return _collect(rows, logprob_log)
+
+    def _loop(self, sched: Scheduler, runner: Runner, decode, params: SamplingParams, stops: set[int],
+              max_new: int) -> list[torch.Tensor]:
+        """Admit, prefill, decode and sample until every row finished; returns the per-step log-probs."""
+        stats, blocks = self.stats, sched.pool
+        logprob_log: list[torch.Tensor] = []
+        logged, prefilter = 0, PREFILTER
+        while not sched.done:
+            plan = sched.admit()
+            runner.apply(sched.table_writes)
+            if not plan.empty:
+                runner.prefill(plan)
+                stats.prefills += 1
+            batch = sched.decode_batch()
+            runner.apply(sched.table_writes)
+            if not batch:
+                continue
+            inputs = runner.decode_inputs(batch)
+            logits = decode(inputs)  # (b, V)
+            u = uniforms(inputs.row("keys"), inputs.row("steps"))
+            tok, lp, fits = sample_tokens(logits, params, u, prefilter)
+            host = torch.stack([tok, fits.long()]).tolist()  # the step's one host sync
+            stats.syncs += 1
+            if not all(host[1]):  # a top-p nucleus outgrew the candidates: exact again, more later
+                prefilter = self.vocab_size
+                tok, lp, _ = sample_tokens(logits, params, u, prefilter)
+                host = [tok.tolist()]
+                stats.syncs += 1
+            logprob_log.append(lp)
+            self._track(stats, blocks, sched)
+            for i, (row, token) in enumerate(zip(batch, host[0])):
+                row.tokens.append(token)
+                row.flat.append(logged + i)
+                row.computed += 1
+                if token in stops:
+                    sched.finish(row, "stop")
+                elif len(row.tokens) == max_new:
+                    sched.finish(row, "length")
+            logged += len(batch)
+            stats.steps += 1
+        return logprob_log
+
+    def _decode_fn(self, runner: Runner, n: int):
+        mode = self.decode_mode
+        if mode == "auto":
+            mode = "cuda_graph" if runner.device.type == "cuda" else "eager"
+        if mode == "cuda_graph" and runner.device.type != "cuda":
+            raise ValueError(f"decode_mode='cuda_graph' needs a CUDA model, this one is on {runner.device}")
+        if mode == "eager":
+            return runner.decode
+        from .cuda_graphs import StaticDecoder
+        if self._decoder is None or not self._decoder.fits(runner, n):
+            self._decoder = StaticDecoder(runner, self.max_num_seqs, n, capture=mode == "cuda_graph")
+        self._decoder.bind(runner)
+        return self._decoder
+
+    @staticmethod
+    def _track(stats: EngineStats, blocks: BlockPool, sched: Scheduler) -> None:
+        """The most blocks in use at once, and the live tokens they held then."""
+        if blocks.in_use <= stats.peak_blocks:
+            return
+        stats.peak_blocks = blocks.in_use
+        live = sum(r.computed + 1 for r in sched.running)
+        stats.live_tokens_at_peak = live + sum(g.prefix_len for g in {r.group: None for r in sched.running})
+
+    def _layout(self, device: torch.device) -> tuple[str, int, torch.dtype]:
+        """Attention back-end, block size and compute dtype for the model's device."""
+        backend = select_backend(device, self.block_size or None)
+        block_size = self.block_size or default_block_size(backend)
+        param = next(self.model.parameters())
+        dtype = self.dtype or (torch.bfloat16 if device.type == "cuda" else param.dtype)
+        return backend, block_size, dtype
+
+    def _groups(self, prompts: list[list[int]], images: list, device) -> list[Group]:
+        groups = []
+        for i, (ids, image) in enumerate(zip(prompts, images)):
+            if not self.vl:
+                groups.append(Group(i, ids, len(ids) - 1))
+                continue
+            if ids[-1] == self.model.config.image_token_id:
+                raise ValueError(f"prompt {i} ends with an image token: a prompt must end with text")
+            grid = image.image_grid_thw.to(device) if image is not None else None
+            pos = mrope_positions(self.model, torch.tensor([ids], device=device), None, grid)[:, 0]  # (3, L)
+            groups.append(Group(i, ids, int(pos[0, -1]), prefix_pos=pos[:, :-1].cpu(), image=image))
+        return groups
+
+    # ------------------------------------------------------------------ memory
+    def _pool(self, prompts, n: int, max_new: int, backend: str, block_size: int, dtype, device) -> KVPool:
+        """The pool for this call: the kept one if it is big enough, else one sized by the budget
+        and by what the call can use at most."""
+        block_bytes = kv_bytes_per_token(self.text_config, dtype) * block_size
+        rows = min(len(prompts) * n, self.max_num_seqs)
+        prefix_blocks = sorted((-(-(len(p) - 1) // block_size) for p in prompts), reverse=True)
+        usable = rows * -(-max_new // block_size) + sum(prefix_blocks[:rows + GROUP_SLACK]) + 1
+        pool = self.pool
+        if pool is not None and (pool.dtype, pool.device, pool.block_size, pool.head_major) == (
+                dtype, device, block_size, backend != "flash") \
+                and pool.num_blocks >= min(usable, self._budget_blocks(block_bytes, device, pool.nbytes)):
+            return pool
+        self.pool = self._decoder = None  # give the old pool back before sizing the new one
+        budget = self._budget_blocks(block_bytes, device, 0)
+        self.pool = KVPool(self.text_config, max(2, min(budget, usable)), block_size, dtype, device,
+                           head_major=backend != "flash")
+        return self.pool
+
+    def _budget_blocks(self, block_bytes: int, device, held: int) -> int:
+        """Blocks the budget allows (``held``: bytes of a pool that would be given back first)."""
+        if device.type != "cuda":
+            return int(self.kv_cache_gb * 2**30) // block_bytes
+        torch.cuda.empty_cache()  # what the allocator caches from the update phase is free memory here
+        free, _ = torch.cuda.mem_get_info(device)
+        reserve = activation_reserve(self.text_config, self.max_prefill_tokens, self.max_num_seqs, self.vocab_size)
+        return kv_budget(free + held, self.utilization, reserve) // block_bytes
+
+    def _check_fits(self, prompts, max_new: int, capacity: int, block_size: int, pool: KVPool) -> None:
+        """A row alone must fit the pool: its prompt's blocks and its own."""
+        block = pool.nbytes // pool.num_blocks
+        for i, p in enumerate(prompts):
+            need = -(-(len(p) - 1) // block_size) + -(-max_new // block_size)
+            if need > capacity:
+                budget = (f"kv_cache_gb={self.kv_cache_gb}" if pool.device.type != "cuda"
+                          else f"gpu_memory_utilization={self.utilization}")
+                raise ValueError(
+                    f"prompt {i}: {len(p)} tokens + max_new_tokens={max_new} need {need} K/V blocks of {block_size} "
+                    f"tokens ({_size(need * block)}) but the pool holds {capacity} ({_size(capacity * block)}, "
+                    f"{budget}): shorten the prompt or max_new_tokens, or raise the budget")
 
     # ------------------------------------------------------------------ checks
     def _validate(self, prompt_ids, n: int, max_new_tokens: int) -> list[list[int]]:
@@ -163,10 +335,6 @@ class Sampler:
             ids = prompt.tolist() if torch.is_tensor(prompt) else list(prompt)
             if not ids:
                 raise ValueError(f"prompt {i} is empty")
-            if len(ids) + max_new_tokens > self.max_seq_len:
-                raise ValueError(
-                    f"prompt {i}: {len(ids)} tokens + max_new_tokens={max_new_tokens} exceed max_seq_len={self.max_seq_len}"
-                )
             prompts.append(_token_ids(ids, self.vocab_size, f"prompt {i}"))
         return prompts
 
@@ -201,131 +369,13 @@ class Sampler:
             raise ValueError(f"stop_token_ids {bad} are not ids in [0, {self.vocab_size})")
         return stops
 
-    # ------------------------------------------------------------------ engine
-    def _prepare(self, param: torch.Tensor) -> None:
-        """(Re)build the cache when dtype or device changed; drop graphs when the weights moved."""
-        weights = (param.dtype, param.device, tuple(p.data_ptr() for p in self.model.parameters()))
-        if self._cache is None or weights[:2] != self._weights[:2]:
-            mode = self.decode_mode
-            if mode == "auto":
-                mode = "cuda_graph" if param.device.type == "cuda" else "eager"
-            if mode == "cuda_graph" and param.device.type != "cuda":
-                raise ValueError(f"decode_mode='cuda_graph' needs a CUDA model, this one is on {param.device}")
-            self._cache = StaticKVCache(self.max_batch_size, self.max_seq_len)
-            self._decoder = None
-            if mode != "eager":
-                self._decoder = StaticDecoder(self._forward, self._cache, param.device, capture=mode == "cuda_graph")
-        elif self._decoder is not None and weights != self._weights:
-            self._decoder.reset()
-        self._weights = weights
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor, **vision) -> torch.Tensor:
-        """ids, pos (B, T) (VL prefill: pos (3, B, T), ``vision`` the pixel inputs); prefill: boolean
-        mask (B, 1, T, T), decode: None -> fp32 last-position logits (B, V)."""
-        out = self.model(
-            **vision,
-            input_ids=ids,
-            attention_mask=mask,  # 4-D: used as given by every HF decoder
-            position_ids=pos,
-            past_key_values=self._cache,
-            use_cache=True,
-            logits_to_keep=1,
-            medix_kv_cache=self._cache,  # reaches the "medix_sampler" attention back-end
-        )
-        return out.logits[:, -1].float()
-
-    def _bucket(self, n: int) -> int:
-        return self._decoder.bucket(n) if self._decoder is not None else n
-
-    def _set_prompts(self, valid: torch.Tensor) -> None:
-        (self._decoder or self._cache).set_prompts(valid)
-
-    def _grid(self, owner: list[int], prompts: int, group: int | None, device) -> tuple[torch.Tensor, torch.Tensor]:
-        grid, slot = build_grid(owner, prompts, group if self._decoder is not None else None)
-        return torch.tensor(grid, device=device), torch.tensor(slot, device=device)  # (P, G), (b,)
-
-    def _prefill(self, prompts, row_prompt: list[int], device):
-        """Prefill each distinct prompt of the chunk once. Returns the live rows' prompt index
-        (host list), next-token logits (rows, V), next positions (rows,), the prompt columns
-        holding tokens (P, T) and T."""
-        first = row_prompt[0]
-        unique = list(range(first, row_prompt[-1] + 1)) if self.share_prefix else row_prompt
-        owner = [p - first for p in row_prompt] if self.share_prefix else list(range(len(row_prompt)))
-        lengths = [len(prompts[p]) for p in unique]
-        width = max(lengths)
-        ids = torch.tensor([[0] * (width - len(prompts[p])) + prompts[p] for p in unique], device=device)  # (P, T)
-        pad = width - torch.tensor(lengths, device=device)  # (P,)
-        columns = torch.arange(width, device=device)
-        valid = columns[None] >= pad[:, None]  # (P, T)
-        pos, vision, next_pos = (columns[None] - pad[:, None]).clamp_min(0), {}, width - pad  # (P, T), (P,)
-        if self.vl:
-            pos, vision = self._vision_inputs(ids, valid, unique, device)  # (3, P, T)
-            next_pos = pos.amax((0, 2)) + 1  # (P,): HF's rope delta continuation
-        self._cache.prefill(reserve=self._bucket(len(unique)))
-        logits = self._forward(ids, prefill_mask(pad, width), pos, **vision)  # (P, V)
-        owner_t = torch.tensor(owner, device=device)  # (rows,)
-        self._set_prompts(valid)
-        return owner, logits[owner_t], next_pos[owner_t], valid, width
-
-    def _vision_inputs(self, ids: torch.Tensor, valid: torch.Tensor, unique: list[int], device):
-        """mrope positions (3, P, T) and the pixel inputs of the distinct prompts ``unique``."""
-        pix = [self._images[p] for p in unique if self._images[p] is not None]
-        grid = torch.cat([b.image_grid_thw for b in pix]).to(device) if pix else None  # (N, 3)
-        vision = {"pixel_values": torch.cat([b.pixel_values for b in pix]).to(device), "image_grid_thw": grid} if pix else {}
-        return mrope_positions(self.model, ids, valid.long(), grid), vision
-
-    def _generate_chunk(self, prompts, row_prompt: list[int], max_new: int, params, stop_t, generator):
-        """Generate for rows whose prompts are ``row_prompt``; returns tokens (rows, max_new),
-        -1 past a row's end of compute, and their log-probs (rows, max_new) fp32."""
-        device, cache, rows = stop_t.device, self._cache, len(row_prompt)
-        owner, logits, pos, valid, width = self._prefill(prompts, row_prompt, device)  # pos (b,): next positions
-        row_id = torch.arange(rows, device=device)  # (b,) chunk row of each live row
-        done = torch.zeros(rows, dtype=torch.bool, device=device)  # (b,)
-        tokens = torch.full((rows, max_new), -1, dtype=torch.long, device=device)
-        logps = torch.zeros((rows, max_new), dtype=torch.float32, device=device)
-        col = torch.zeros(1, dtype=torch.long, device=device)  # completion column of the next token
-        group = max(Counter(owner).values())
-        grid, slot = self._grid(owner, valid.shape[0], group, device)
-        sync_every = self.sync_every or (8 if device.type == "cuda" else 1)
-        method = self.sample_method if self.sample_method != "auto" else ("race" if device.type == "cuda" else "cdf")
-        for step in range(max_new):
-            tok, lp = sample_tokens(logits, params, generator, method)  # (b,), (b,)
-            tokens[row_id, step] = tok
-            logps[row_id, step] = lp
-            if step == max_new - 1:
-                break
-            done |= torch.isin(tok, stop_t)
-            if (step + 1) % sync_every == 0:
-                keep = (~done).nonzero()[:, 0]  # host sync
-                if keep.numel() == 0:
-                    break
-                if self._bucket(keep.numel()) < self._bucket(tok.numel()):
-                    owner, valid = self._compact(keep, owner, valid, width, step)
-                    tok, pos, row_id, done = tok[keep], pos[keep], row_id[keep], done[keep]
-                    grid, slot = self._grid(owner, valid.shape[0], group, device)
-            if self._decoder is not None:
-                logits = self._decoder(tok, pos, col, grid, slot)
-            else:
-                cache.decode(tok.numel(), col, grid, slot, step + 1)
-                logits = self._forward(tok[:, None], None, pos[:, None])
-            col += 1
-            pos += 1
-        return tokens, logps
-
-    def _compact(self, keep: torch.Tensor, owner: list[int], valid: torch.Tensor, width: int, step: int):
-        """Keep rows ``keep`` (n,) in the cache, and the prompts they still use; returns the new
-        owner list and prompt columns (P', T)."""
-        owner = [owner[i] for i in keep.tolist()]
-        live = sorted(set(owner))
-        if len(live) < valid.shape[0]:  # all samples of some prompts finished: drop their K/V too
-            live_t = torch.tensor(live, device=keep.device)
-            self._cache.compact_prompts(live_t, used=width)
-            valid = valid[live_t]
-            rank = {p: i for i, p in enumerate(live)}
-            owner = [rank[p] for p in owner]
-            self._set_prompts(valid)
-        self._cache.compact(keep, used=step)  # completion columns 0 .. step-1 are written
-        return owner, valid
+def _size(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if nbytes < 1024:
+            return f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.1f} GiB"
 
 
 def _token_ids(ids: list, vocab_size: int, where: str) -> list[int]:
@@ -351,23 +401,18 @@ def _is_id(tok, vocab_size: int) -> bool:
         return False
 
 
-def _collect(tokens: torch.Tensor, logps: torch.Tensor, stop_t: torch.Tensor) -> SamplerOutput:
-    """Cut each row after its first stop token; tokens/logps (N, max_new)."""
-    max_new = tokens.shape[1]
-    is_stop = torch.isin(tokens, stop_t)  # (N, max_new)
-    stopped = is_stop.any(1)
-    length = torch.where(stopped, is_stop.int().argmax(1) + 1, max_new)  # (N,)
-    lengths, stopped_list, token_list = length.tolist(), stopped.tolist(), tokens.tolist()
-    return SamplerOutput(
-        completion_ids=[row[:k] for row, k in zip(token_list, lengths)],
-        logprobs=[logps[r, :k] for r, k in enumerate(lengths)],
-        finish_reasons=["stop" if s else "length" for s in stopped_list],
-    )
+def _collect(rows: list[Row], logprob_log: list[torch.Tensor]) -> SamplerOutput:
+    """The rows' tokens, their log-probs gathered from the per-step log in one index, and reasons."""
+    flat = torch.cat(logprob_log) if logprob_log else torch.zeros(0)
+    index = torch.tensor([i for r in rows for i in r.flat], dtype=torch.long, device=flat.device)
+    logprobs = flat[index].split([len(r.tokens) for r in rows])
+    return SamplerOutput(completion_ids=[r.tokens for r in rows], logprobs=list(logprobs),
+                         finish_reasons=[r.finish for r in rows])
 
 
 @contextmanager
 def _sampling_mode(model: nn.Module):
-    """Eval mode and the sampler's attention back-end for the duration; every module's training
+    """Eval mode and the engine's attention back-end for the duration; every module's training
     flag and the attention implementation restored after."""
     flags = [(m, m.training) for m in model.modules()]
     text_config = model.config.get_text_config()

@@ -52,11 +52,11 @@ import trl
 from accelerate.utils import is_peft_model
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
-from torch.distributed.tensor import DTensor
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from trl.models.utils import _ForwardRedirection
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
+from medix_fast.distributed import full_tensor
 from medix_fast.kernels import LossOptions, fused_linear_policy_loss
 
 SUPPORTED_TRL = SpecifierSet(">=1.15,<1.17")
@@ -187,8 +187,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         hidden = out.last_hidden_state[:, -k - 1:-1].to(weight.device)  # (B, K, H): position t predicts t + 1
         if self.args.cast_lm_head_to_fp32:
             hidden = hidden.float()
-        if isinstance(weight, DTensor):  # an FSDP2-sharded head whose own forward never runs
-            weight, bias = weight.full_tensor(), None if bias is None else bias.full_tensor()
+        weight, bias = full_tensor(weight), None if bias is None else full_tensor(bias)  # FSDP2: its forward never runs
         advantages = inputs["advantages"]  # (B,) or (B, K)
         if self.use_vllm and self.vllm_importance_sampling_correction:  # TRL: per_token_loss * ratio, ratio >= 0
             advantages = advantages.view(advantages.shape[0], -1) * inputs["importance_sampling_ratio"]  # (B, 1|K)

@@ -1,0 +1,64 @@
+"""``python -m medix_fast.generate --plan``: the rollout's memory plan for a training config.
+
+    python -m medix_fast.generate --plan --config configs/medix_r1_8b_dapo.yaml --device-memory-gb 141
+    python -m medix_fast.generate --plan --config configs/medix_r1_8b_dapo.yaml --device-memory-gb 80 \\
+        --model-config /ckpt/Qwen3-VL-8B-Instruct --world 8 sampling.max_num_seqs=128
+
+The model comes from ``--model-config`` (a checkpoint directory, a config.json, or a name in
+``medix_fast.generate.memory.KNOWN_MODELS``), else from ``model.path`` (a checkpoint, or a known
+name as its last component: the shipped configs' placeholder paths). No weights are loaded: the
+parameters are counted on the meta device. Dotted overrides after the options change the config.
+Under FSDP it prints the training side too (``medix_fast.model.footprint.update_plan``: old
+log-probs and the update) and the step's peak, the largest of the three phases: the sampler gives
+its pool back before the update, so the phases never hold each other's memory. Exit status 0 when
+every phase fits, 1 when one does not, 2 on bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..config import load_config
+from ..errors import ConfigError
+from ..model.footprint import parameter_counts, update_plan
+from . import memory
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m medix_fast.generate", description=__doc__.splitlines()[0])
+    p.add_argument("--plan", action="store_true", required=True, help="print the rollout memory plan")
+    p.add_argument("--config", required=True, help="training config YAML")
+    p.add_argument("--device-memory-gb", type=float, required=True, help="memory of one GPU, GB (1e9 bytes)")
+    p.add_argument("--world", type=int, default=8, help="GPUs (FSDP shards), default 8")
+    p.add_argument("--model-config", default=None, help="checkpoint dir, config.json or known model name")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. sampling.max_num_seqs=128")
+    args = p.parse_args(argv)
+    device_bytes = int(args.device_memory_gb * 1e9)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        model_config = memory.load_config(args.model_config or cfg.model.path)
+        rewards = memory.reward_model_params(cfg)
+        counts = parameter_counts(model_config)
+        plan = memory.rollout_plan(cfg, model_config, device_bytes, args.world, counts.total, rewards,
+                                   name=Path(args.model_config).name if args.model_config else None)
+    except (ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("rollout (the K/V pool is given back before the update)")
+    print(plan.table())
+    if cfg.distributed.strategy != "fsdp":
+        print("\nupdate: planned for distributed.strategy=fsdp only")
+        return 0 if plan.fits else 1
+    update = update_plan(cfg, model_config, device_bytes, args.world, rewards, counts)
+    print("\nold log-probs and update")
+    print(update.table())
+    peaks = {"rollout": plan.peak_bytes, "old log-probs": update.logprobs_bytes, "update": update.update_bytes}
+    phase = max(peaks, key=peaks.get)
+    print(f"\nstep peak: {phase}, {peaks[phase] / 1e9:.1f} GB of {device_bytes / 1e9:.1f} GB "
+          f"(max over the phases: {', '.join(f'{k} {v / 1e9:.1f}' for k, v in peaks.items())})")
+    return 0 if plan.fits and update.fits else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

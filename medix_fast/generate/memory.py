@@ -1,0 +1,246 @@
+"""The rollout engine's memory: the K/V budget at run time and the plan of a training config.
+
+    reserve = activation_reserve(model_config, max_prefill_tokens, max_num_seqs, vocab)
+    pool_bytes = kv_budget(free_bytes, gpu_memory_utilization, reserve)
+    plan = rollout_plan(cfg, model_config, device_bytes=141e9, world=8)   # a RolloutPlan
+    print(plan.table())
+
+``python -m medix_fast.generate --plan`` prints the plan of a config. Per GPU during the rollout,
+resident besides the K/V pool:
+- the policy: FSDP2 keeps fp32 master shards (4 bytes/param / world) and AdamW's two fp32 states
+  (8 / world), and the sampler runs on the unsharded bf16 parameters (2 bytes/param, all of
+  them); DDP keeps fp32 weights (4), AdamW (8), its fp32 gradient buckets (4) and, on CUDA, the
+  bf16 copy autocast makes of the weights for the call (2);
+- a KL reference model when ``algorithm.beta > 0``: bf16, sharded under FSDP;
+- the reward models (LLM judge, sentence encoder), bf16, unsharded;
+- CUDA context, NCCL and allocator slack (``RUNTIME_BYTES``).
+The pool is ``gpu_memory_utilization`` x what is left, minus ``activation_reserve`` (a prefill of
+``max_prefill_tokens`` and a decode step's fp32 logits and sampling buffers). Rows fit when the
+pool holds their K/V at the config's longest lengths: a prompt of ``data.max_prompt_length``
+shared by its ``group_size`` samples plus ``max_new_tokens`` each, in whole blocks.
+
+Model shapes come from a checkpoint's ``config.json`` (the parameters counted on the meta device,
+no weights) or, for the placeholder paths of the shipped configs, from ``KNOWN_MODELS``: the
+public ``config.json`` values of the MediX-R1 models and reward models.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+
+RUNTIME_BYTES = 3 * 2**30  # CUDA context, NCCL buffers, allocator fragmentation
+
+_QWEN3_VL_VISION = dict(hidden_size=1152, intermediate_size=4304, num_heads=16, depth=27, patch_size=16,
+                        spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304)
+_QWEN3_VL_30B_A3B = dict(
+    model_type="qwen3_vl_moe", tie_word_embeddings=False,
+    text_config=dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+                     num_experts_per_tok=8, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                     head_dim=128, vocab_size=151936, decoder_sparse_step=1),
+    vision_config=dict(_QWEN3_VL_VISION, out_hidden_size=2048, deepstack_visual_indexes=[8, 16, 24]))
+KNOWN_MODELS: dict[str, dict] = {  # config.json values (text and vision sizes) of the public checkpoints
+    "Qwen3-VL-2B-Instruct": dict(
+        model_type="qwen3_vl", tie_word_embeddings=True,
+        text_config=dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                         num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
+        vision_config=dict(_QWEN3_VL_VISION, hidden_size=1024, intermediate_size=4096, depth=24, out_hidden_size=2048,
+                           deepstack_visual_indexes=[5, 11, 17])),
+    "Qwen3-VL-8B-Instruct": dict(
+        model_type="qwen3_vl", tie_word_embeddings=False,
+        text_config=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=128, vocab_size=151936),
+        vision_config=dict(_QWEN3_VL_VISION, out_hidden_size=4096, deepstack_visual_indexes=[8, 16, 24])),
+    "Qwen2.5-VL-7B-Instruct": dict(
+        model_type="qwen2_5_vl", tie_word_embeddings=False,
+        text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                         num_key_value_heads=4, vocab_size=152064),
+        vision_config=dict(hidden_size=1280, intermediate_size=3420, num_heads=16, depth=32, out_hidden_size=3584,
+                           patch_size=14, spatial_merge_size=2, window_size=112,
+                           fullatt_block_indexes=[7, 15, 23, 31])),
+    "Qwen3-VL-30B-A3B-Instruct": _QWEN3_VL_30B_A3B,
+    "Qwen3-VL-30B-A3B-Thinking": _QWEN3_VL_30B_A3B,  # MediX-R1's 30B run; the Instruct model's shapes
+    "Qwen3-4B-Instruct-2507": dict(  # MediX-R1's LLM judge
+        model_type="qwen3", hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
+    "MedEmbed-large-v0.1": dict(  # MediX-R1's sentence encoder (a BERT-large)
+        model_type="bert", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+        vocab_size=30522),
+    "all-MiniLM-L6-v2": dict(  # the default encoder (rewards.semantic_model: null)
+        model_type="bert", hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=12,
+        vocab_size=30522),
+}
+
+
+# ----------------------------------------------------------------------------- model shapes
+def load_config(name_or_path: str):
+    """A transformers config: a checkpoint directory's config.json, a config.json file, or the
+    ``KNOWN_MODELS`` entry whose name is the path's last component."""
+    from transformers import AutoConfig
+
+    path = Path(os.path.expanduser(str(name_or_path)))
+    if path.is_dir() and (path / "config.json").is_file():
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    if path.is_file():
+        return AutoConfig.from_pretrained(path.parent, local_files_only=True) if path.name == "config.json" else (
+            AutoConfig.from_dict_file(path))
+    known = KNOWN_MODELS.get(path.name)
+    if known is None:
+        raise ValueError(f"model {str(name_or_path)!r}: not a checkpoint directory or config.json, and not one of the "
+                         f"known shapes {sorted(KNOWN_MODELS)} (give --model-config)")
+    values = dict(known)
+    return AutoConfig.for_model(values.pop("model_type"), **values)
+
+
+def count_parameters(config) -> int:
+    """Parameters of the model a config describes, built on the meta device (no memory)."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    auto = (AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None
+            else AutoModelForCausalLM if config.model_type != "bert" else AutoModel)
+    with torch.device("meta"):
+        model = auto.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- run-time budget
+def activation_reserve(config, max_prefill_tokens: int, max_num_seqs: int, vocab: int) -> int:
+    """Bytes kept free beside the pool for the forwards: a bf16 prefill of ``max_prefill_tokens``
+    through one decoder layer at a time (``model.footprint.layer_width``: hidden states, q/k/v,
+    the MLP's intermediates; a mixture of experts' routed experts, ``num_experts_per_tok`` of
+    ``moe_intermediate_size`` per token, not its dense ``intermediate_size``) and a decode step's
+    fp32 logits and the sampling buffers made from them."""
+    from ..model.footprint import layer_width
+
+    return max_prefill_tokens * layer_width(config) * 2 + max_num_seqs * vocab * 4 * 6
+
+
+def kv_budget(free_bytes: int, utilization: float, reserve: int) -> int:
+    """The pool's bytes: ``utilization`` of the free device memory, minus the activation reserve."""
+    return max(0, int(utilization * free_bytes) - reserve)
+
+
+def kv_bytes_per_token(text_config, dtype: torch.dtype = torch.bfloat16) -> int:
+    """K and V of one token over all layers."""
+    from .kv_cache import kv_shape
+
+    layers, kv_heads, head_dim = kv_shape(text_config)
+    return 2 * layers * kv_heads * head_dim * dtype.itemsize
+
+
+# ----------------------------------------------------------------------------- the plan
+@dataclasses.dataclass
+class RolloutPlan:
+    model: str
+    params: int
+    device_bytes: int
+    world: int
+    strategy: str
+    resident: dict[str, int]  # what else lives on each GPU during the rollout, bytes
+    reserve: int
+    pool_bytes: int
+    kv_per_token: int
+    block_size: int
+    row_tokens: int  # worst-case tokens one row holds (its share of the prompt + max_new_tokens), in blocks
+    rows_per_gpu: int  # rows one GPU samples per training step (prompts_per_step / world x group_size)
+    max_num_seqs: int
+
+    @property
+    def free_bytes(self) -> int:
+        return self.device_bytes - sum(self.resident.values())
+
+    @property
+    def peak_bytes(self) -> int:
+        """The rollout's memory on one GPU: what is resident, the activation reserve and the pool."""
+        return sum(self.resident.values()) + self.reserve + self.pool_bytes
+
+    @property
+    def pool_tokens(self) -> int:
+        return self.pool_bytes // self.kv_per_token
+
+    @property
+    def rows_fit(self) -> int:
+        """Rows whose K/V fits at once at the config's longest lengths."""
+        return self.pool_tokens // self.row_tokens
+
+    @property
+    def fits(self) -> bool:
+        return self.rows_fit >= 1
+
+    def verdict(self) -> str:
+        if not self.fits:
+            return (f"does NOT fit: not one row's K/V ({_gb(self.row_tokens * self.kv_per_token)}) fits the "
+                    f"{_gb(self.pool_bytes)} pool")
+        if self.rows_fit >= self.max_num_seqs:
+            return f"fits: all {self.max_num_seqs} decode slots at the longest lengths"
+        return (f"fits: {self.rows_fit} of {self.max_num_seqs} decode slots at the longest lengths "
+                f"(shorter rows use more; longer ones are preempted and recomputed, never lost)")
+
+    def table(self) -> str:
+        rows = [("model", f"{self.model}: {self.params / 1e9:.2f} B parameters"),
+                ("device", f"{_gb(self.device_bytes)} x {self.world} GPUs, {self.strategy}")]
+        rows += [(f"resident: {k}", _gb(v)) for k, v in self.resident.items()]
+        rows += [("activation reserve", _gb(self.reserve)),
+                 ("K/V pool", f"{_gb(self.pool_bytes)} = {self.pool_tokens:,} tokens"),
+                 ("K/V per token", f"{self.kv_per_token / 1024:.1f} KiB (bf16), blocks of {self.block_size}"),
+                 ("one row at most", f"{self.row_tokens:,} tokens = {_gb(self.row_tokens * self.kv_per_token)}"),
+                 ("rows per GPU per step", f"{self.rows_per_gpu:,}"),
+                 ("rows that fit at once", f"{self.rows_fit:,} (max_num_seqs {self.max_num_seqs})"),
+                 ("verdict", self.verdict())]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _gb(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.1f} GB"
+
+
+def rollout_plan(cfg, model_config, device_bytes: int, world: int = 8, params: int | None = None,
+                 reward_params: dict[str, int] | None = None, name: str | None = None) -> RolloutPlan:
+    """The rollout's memory on one GPU for training config ``cfg`` (medix_fast.config.Config)
+    and model ``model_config`` (``name``: how to call it; default model.path's last component)."""
+    s = cfg.sampling
+    text = model_config.get_text_config()
+    params = params if params is not None else count_parameters(model_config)
+    fsdp = cfg.distributed.strategy == "fsdp"
+    resident = {}
+    if fsdp:
+        resident["policy fp32 shards + AdamW"] = 12 * params // world
+        resident["policy bf16, unsharded for sampling"] = 2 * params
+    else:
+        resident["policy fp32 + AdamW + grad buckets"] = 16 * params
+        resident["policy bf16 autocast copy"] = 2 * params
+    if cfg.algorithm.beta > 0:
+        resident["reference bf16"] = 2 * params // (world if fsdp else 1)
+    for what, count in (reward_params or {}).items():
+        resident[f"{what} bf16"] = 2 * count
+    resident["CUDA runtime and slack"] = RUNTIME_BYTES
+    vocab = text.vocab_size
+    reserve = activation_reserve(model_config, s.max_prefill_tokens, s.max_num_seqs, vocab)
+    free = device_bytes - sum(resident.values())
+    block = s.block_size or 16
+    blocks = lambda n: -(-n // block)  # noqa: E731
+    row_tokens = block * (blocks(-(-cfg.data.max_prompt_length // s.group_size)) + blocks(s.max_new_tokens))
+    return RolloutPlan(model=name or Path(str(cfg.model.path)).name, params=params, device_bytes=device_bytes, world=world,
+                       strategy=cfg.distributed.strategy, resident=resident, reserve=reserve,
+                       pool_bytes=kv_budget(free, s.gpu_memory_utilization, reserve),
+                       kv_per_token=kv_bytes_per_token(text), block_size=block, row_tokens=row_tokens,
+                       rows_per_gpu=-(-max(cfg.train.prompts_per_step, cfg.algorithm.chunk_prompts) // world)
+                       * s.group_size, max_num_seqs=s.max_num_seqs)
+
+
+def reward_model_params(cfg) -> dict[str, int]:
+    """Parameter counts of the reward models resident on the GPU during the rollout: the judge
+    (when accuracy is weighted and a judge is set) and the encoder (when semantic is weighted;
+    null is the default all-MiniLM-L6-v2); none when ``rewards.offload`` keeps them on the CPU."""
+    r, out = cfg.rewards, {}
+    if r.offload:
+        return out
+    if r.judge_model and r.active("accuracy"):
+        out[f"judge {Path(str(r.judge_model)).name}"] = count_parameters(load_config(r.judge_model))
+    if r.active("semantic"):
+        encoder = r.semantic_model or "all-MiniLM-L6-v2"
+        out[f"encoder {Path(str(encoder)).name}"] = count_parameters(load_config(encoder))
+    return out

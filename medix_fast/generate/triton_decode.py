@@ -1,0 +1,188 @@
+"""Paged split-K decode attention in Triton: one query block per item over the item's blocks.
+
+    out, lse = paged_decode(q, k_pool, v_pool, table, lens, rows, scale)            # (b, H, D), (b, H) fp32
+    out, _ = paged_decode(q, k_pool, v_pool, table2, lens2, rows2, scale, prior=(out, lse))  # merged
+
+Item ``i`` owns the K/V of the first ``lens[i]`` tokens of blocks ``table[i]`` of the pool
+(blocks, block_size, kv_heads, D) and the queries of batch rows ``rows[i]`` (padded with ``b``):
+all their heads that share a K/V head form one (rows x heads-per-kv-head) query block, so K/V is
+read once per item and KV head, not once per row or query head (GQA, and the cascade's prompt
+groups: a group's samples are extra query rows over the same prompt blocks).
+
+Algorithm (flash-decoding): program (item x query chunk, kv head, split) streams its split's share
+of the item's live tokens in tiles of ``BLOCK_N`` (within one block: the block size is a
+multiple), with an online softmax in fp32, and writes its unnormalised partial output, max and
+sum; the combine program merges the splits by their maxima, optionally merges the result with a
+``prior`` (output, log-sum-exp) per row (the cascade's other part), and scatters the normalised
+output and log-sum-exp to the item's rows. Rows no item covers keep output 0, lse -inf. Splits
+are chosen so that about two programs run per SM, and only live tokens are read: a split past an
+item's length does no loads. Offsets into the pool are 64-bit.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_BLOCK_M = 64  # query rows x heads per program (more: several query chunks per item)
+
+
+@triton.jit
+def _split_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, rows_ptr, po_ptr, pm_ptr, pl_ptr,
+                  n_rows, scale, stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+                  stride_vh, stride_table, stride_rows,
+                  R: tl.constexpr, GM: tl.constexpr, QCHUNKS: tl.constexpr, SPLITS: tl.constexpr, BS: tl.constexpr,
+                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  EXACT: tl.constexpr):
+    pid = tl.program_id(0)
+    item, chunk = pid // QCHUNKS, pid % QCHUNKS
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    length = tl.load(lens_ptr + item)
+    per = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_N) * BLOCK_N
+    start = split * per
+    end = tl.minimum(length, start + per)
+
+    m = chunk * BLOCK_M + tl.arange(0, BLOCK_M)  # query index within the item: (row g, head r)
+    g, r = m // R, m % R
+    row = tl.load(rows_ptr + item * stride_rows + g, mask=g < GM, other=n_rows)
+    live = (g < GM) & (row < n_rows)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    q_off = row.to(tl.int64)[:, None] * stride_qb + (kvh * R + r)[:, None] * stride_qh + d[None, :]
+    q = tl.load(q_ptr + q_off, mask=live[:, None] & dmask[None, :], other=0.0)  # (BM, BD)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    n = tl.arange(0, BLOCK_N)
+    for t0 in range(start, end, BLOCK_N):
+        block = tl.load(table_ptr + item * stride_table + t0 // BS).to(tl.int64)
+        offset = t0 % BS + n
+        inside = t0 + n < end
+        kv_mask = inside[:, None] & dmask[None, :]
+        k = tl.load(k_ptr + block * stride_kb + offset[:, None] * stride_kt + kvh * stride_kh + d[None, :],
+                    mask=kv_mask, other=0.0)  # (BN, BD)
+        if EXACT:  # the interpreter, whose bf16 dot is wrong: fp32 products
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee") * scale
+        else:
+            s = tl.dot(q, tl.trans(k)) * scale  # (BM, BN) fp32
+        s = tl.where(inside[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: the tile has a live token
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + block * stride_vb + offset[:, None] * stride_vt + kvh * stride_vh + d[None, :],
+                    mask=kv_mask, other=0.0)
+        if EXACT:
+            pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    part = ((item * QCHUNKS + chunk) * tl.num_programs(1) + kvh) * SPLITS + split  # partial index
+    mm = tl.arange(0, BLOCK_M)
+    tl.store(pm_ptr + part.to(tl.int64) * BLOCK_M + mm, m_i)
+    tl.store(pl_ptr + part.to(tl.int64) * BLOCK_M + mm, l_i)
+    tl.store(po_ptr + (part.to(tl.int64) * BLOCK_M + mm)[:, None] * BLOCK_D + d[None, :], acc)
+
+
+@triton.jit
+def _combine_kernel(po_ptr, pm_ptr, pl_ptr, rows_ptr, out_ptr, lse_ptr, prior_o_ptr, prior_lse_ptr, n_rows,
+                    stride_rows, H,
+                    R: tl.constexpr, GM: tl.constexpr, QCHUNKS: tl.constexpr, SPLITS: tl.constexpr, D: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_PRIOR: tl.constexpr):
+    pid = tl.program_id(0)
+    item, chunk = pid // QCHUNKS, pid % QCHUNKS
+    kvh = tl.program_id(1)
+    m = chunk * BLOCK_M + tl.arange(0, BLOCK_M)
+    g, r = m // R, m % R
+    row = tl.load(rows_ptr + item * stride_rows + g, mask=g < GM, other=n_rows)
+    live = (g < GM) & (row < n_rows)
+    d = tl.arange(0, BLOCK_D)
+    mm = tl.arange(0, BLOCK_M)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for s in range(SPLITS):
+        part = (((item * QCHUNKS + chunk) * tl.num_programs(1) + kvh) * SPLITS + s).to(tl.int64)
+        ms = tl.load(pm_ptr + part * BLOCK_M + mm)
+        ls = tl.load(pl_ptr + part * BLOCK_M + mm)
+        os = tl.load(po_ptr + (part * BLOCK_M + mm)[:, None] * BLOCK_D + d[None, :])
+        m_new = tl.maximum(m_i, ms)
+        m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)  # no -inf - -inf: both weights are then 0
+        a = tl.exp(m_i - m_ref)
+        b = tl.exp(ms - m_ref)
+        l_i = l_i * a + ls * b
+        acc = acc * a[:, None] + os * b[:, None]
+        m_i = m_new
+    nonempty = l_i > 0
+    out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+    lse = tl.where(nonempty, m_i + tl.log(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+
+    head = kvh * R + r
+    o_off = row.to(tl.int64)[:, None] * H * D + head[:, None] * D + d[None, :]
+    o_mask = live[:, None] & (d < D)[None, :]
+    if HAS_PRIOR:  # merge with the other part of the cascade by log-sum-exp
+        p_lse = tl.load(prior_lse_ptr + row.to(tl.int64) * H + head, mask=live, other=float("-inf"))
+        p_out = tl.load(prior_o_ptr + o_off, mask=o_mask, other=0.0)
+        top = tl.maximum(lse, p_lse)
+        top = tl.where(top > float("-inf"), top, 0.0)
+        wa = tl.exp(lse - top)
+        wb = tl.exp(p_lse - top)
+        total = wa + wb
+        out = (out * wa[:, None] + p_out * wb[:, None]) / tl.where(total > 0, total, 1.0)[:, None]
+        lse = tl.where(total > 0, top + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
+    tl.store(out_ptr + o_off, out, mask=o_mask)
+    tl.store(lse_ptr + row.to(tl.int64) * H + head, lse, mask=live)
+
+
+def _splits(items: int, kv_heads: int, qchunks: int, max_tokens: int, block_n: int, device: torch.device) -> int:
+    """Splits per item so that about two programs run per SM, at most one per tile of tokens."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    wanted = -(-2 * sms // max(1, items * kv_heads * qchunks))
+    return max(1, min(wanted, 16, -(-max_tokens // block_n)))
+
+
+def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: torch.Tensor,
+                 lens: torch.Tensor, rows: torch.Tensor, scale: float,
+                 prior: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention of q (b, H, D) over paged K/V; see the module docstring. Returns the rows'
+    output (b, H, D) and log-sum-exp (b, H), fp32, merged with ``prior`` when given."""
+    b, heads, dim = q.shape
+    items, group = rows.shape
+    _, block_size, kv_heads, _ = k_pool.shape
+    if k_pool.dtype not in (torch.float32, torch.bfloat16, torch.float16) or q.dtype != k_pool.dtype:
+        raise ValueError(f"paged_decode: q and the pool must share one of fp32/bf16/fp16, got {q.dtype}, {k_pool.dtype}")
+    if heads % kv_heads or k_pool.stride(-1) != 1 or v_pool.stride(-1) != 1 or q.stride(-1) != 1:
+        raise ValueError(f"paged_decode: need heads ({heads}) a multiple of kv heads ({kv_heads}) and "
+                         f"contiguous head dims")
+    r = heads // kv_heads
+    block_m = min(MAX_BLOCK_M, max(16, triton.next_power_of_2(group * r)))
+    qchunks = -(-group * r // block_m)
+    block_n = min(block_size, 64)
+    block_d = max(16, triton.next_power_of_2(dim))
+    splits = _splits(items, kv_heads, qchunks, table.shape[1] * block_size, block_n, q.device)
+    parts = items * qchunks * kv_heads * splits
+    po = torch.empty(parts, block_m, block_d, dtype=torch.float32, device=q.device)
+    pm = torch.empty(parts, block_m, dtype=torch.float32, device=q.device)
+    pl = torch.empty(parts, block_m, dtype=torch.float32, device=q.device)
+    table, rows, lens = table.contiguous(), rows.contiguous(), lens.contiguous()
+    grid = (items * qchunks, kv_heads, splits)
+    _split_kernel[grid](q, k_pool, v_pool, table, lens, rows, po, pm, pl, b, scale, q.stride(0), q.stride(1),
+                        k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), v_pool.stride(0), v_pool.stride(1),
+                        v_pool.stride(2), table.stride(0), rows.stride(0),
+                        R=r, GM=group, QCHUNKS=qchunks, SPLITS=splits, BS=block_size, D=dim, BLOCK_M=block_m,
+                        BLOCK_N=block_n, BLOCK_D=block_d, EXACT=os.environ.get("TRITON_INTERPRET") == "1")
+    out = torch.zeros(b, heads, dim, dtype=torch.float32, device=q.device)
+    lse = torch.full((b, heads), float("-inf"), dtype=torch.float32, device=q.device)
+    prior_o, prior_lse = prior if prior is not None else (out, lse)
+    _combine_kernel[(items * qchunks, kv_heads)](po, pm, pl, rows, out, lse, prior_o.contiguous(),
+                                                 prior_lse.contiguous(), b, rows.stride(0), heads,
+                                                 R=r, GM=group, QCHUNKS=qchunks, SPLITS=splits, D=dim, BLOCK_M=block_m,
+                                                 BLOCK_D=block_d, HAS_PRIOR=prior is not None)
+    return out, lse
