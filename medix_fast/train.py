@@ -127,8 +127,9 @@ class Trainer:
         self.wrapped = D.wrap(self.objective, self.model, cfg.distributed.strategy, self.info, dtype)
         autocast = dtype if dev.type == "cuda" and dtype != torch.float32 and not fsdp else None
         o = cfg.optim
+        fused = not fsdp and dev.type in ("cpu", "cuda")  # one kernel, no host read of each step count (FSDP2: foreach)
         self.optimizer = torch.optim.AdamW([p for p in self.wrapped.parameters() if p.requires_grad], lr=o.lr,
-                                           betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+                                           betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, fused=fused)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(o, t.steps))
         ref = None
         if cfg.algorithm.beta > 0:

@@ -42,6 +42,7 @@ import operator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -379,18 +380,19 @@ def _size(nbytes: float) -> str:
 
 
 def _token_ids(ids: list, vocab_size: int, where: str) -> list[int]:
-    """ids as ints, or ValueError naming the first entry that is not an id in [0, vocab_size)."""
+    """ids as ints, or ValueError naming the first entry that is not an id in [0, vocab_size).
+    Checked with numpy: host data stays on the host (no tensor op a sync counter would see)."""
     try:
-        t = torch.tensor(ids)
-    except (TypeError, ValueError, RuntimeError):
-        t = None
-    if t is None or t.dim() != 1 or t.dtype.is_floating_point or t.dtype.is_complex:
+        a = np.asarray(ids)
+    except (TypeError, ValueError):
+        a = None
+    if a is None or a.ndim != 1 or a.dtype.kind not in "iu":
         bad = next(j for j, tok in enumerate(ids) if not _is_id(tok, vocab_size))
     else:
-        out_of_range = ((t < 0) | (t >= vocab_size)).nonzero()
+        out_of_range = np.flatnonzero((a < 0) | (a >= vocab_size))
         if not len(out_of_range):
-            return t.tolist()
-        bad = int(out_of_range[0, 0])
+            return a.tolist()
+        bad = int(out_of_range[0])
     raise ValueError(f"{where}: token {ids[bad]!r} at position {bad} is not an id in [0, {vocab_size})")
 
 

@@ -1,0 +1,39 @@
+"""The host-device syncs of one whole training step (``Trainer.train_step`` on the embedded tiny
+model), counted on the CPU by ``tests/syncs.py``: beyond the sampler's one read per decode step,
+a step makes a fixed number of reads (the reductions, the filter, transformers' mask checks),
+whatever its number of rows. A sync per row or per group comes back as a failure here.
+
+Run: pytest tests/test_step_syncs.py
+"""
+from __future__ import annotations
+
+import collections
+
+import pytest
+
+from medix_fast.config import load_config
+from medix_fast.train import Trainer
+from syncs import count_syncs
+
+BOUND = 16  # today 6 reductions read (rollout 2, plan 2, one per optimizer step) + transformers' mask checks (3-6)
+
+
+def trainer(tmp_path, prompts: int) -> Trainer:
+    return Trainer(load_config(None, [
+        f"train.output_dir={tmp_path}", "eval.every=0", f"train.prompts_per_step={prompts}",
+        f"train.mini_batch_prompts={prompts // 2}", "sampling.group_size=4", "sampling.max_new_tokens=12",
+        "algorithm.dynamic_sampling=false", "checkpoint.every=0", "logging.tensorboard=false",
+        "logging.plot=false", "logging.progress=false"]))
+
+
+@pytest.mark.parametrize("prompts", [2, 8])
+def test_a_training_step_syncs_a_fixed_number_of_times_beyond_decoding(tmp_path, prompts):
+    """8 rows and 32: the syncs outside the decode loop do not depend on the batch."""
+    t = trainer(tmp_path, prompts)
+    t.train_step()  # first-step work (C++ op builds, lazy state) out of the count
+    with count_syncs() as syncs:
+        metrics = t.train_step()
+    assert metrics["optimizer_steps"] == 2 and metrics["rollout/trained_groups"] == prompts
+    decode = t.sampler.stats.syncs  # one per decode step, counted by the engine (tests/test_engine.py)
+    rest = syncs.count - decode
+    assert decode > 0 and rest <= BOUND, collections.Counter(w.split(" at ")[1] for w in syncs.where)
