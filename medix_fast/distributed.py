@@ -248,7 +248,8 @@ def gradient_sync(wrapped: nn.Module, enabled: bool):
 
 
 def full_state_dict(wrapped: nn.Module, model: nn.Module) -> dict:
-    """The model's full state dict on CPU (gathered under FSDP2; every rank must call this)."""
+    """The model's full state dict on CPU (gathered on rank 0 under FSDP2, empty on the other
+    ranks; every rank must call this). For the Hugging Face copy, not for training checkpoints."""
     if _fsdp_modules(wrapped):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -257,7 +258,8 @@ def full_state_dict(wrapped: nn.Module, model: nn.Module) -> dict:
 
 
 def full_optimizer_state(wrapped: nn.Module, optimizer) -> dict:
-    """The optimizer's full state dict (gathered under FSDP2; every rank must call this)."""
+    """The optimizer's full state dict (gathered under FSDP2; every rank must call this): the
+    old checkpoint path, kept as the benchmark's baseline and the tests' reference."""
     if _fsdp_modules(wrapped):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -266,10 +268,24 @@ def full_optimizer_state(wrapped: nn.Module, optimizer) -> dict:
     return optimizer.state_dict()
 
 
-def load_optimizer_state(wrapped: nn.Module, optimizer, state: dict) -> None:
-    if _fsdp_modules(wrapped):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+def training_state(wrapped: nn.Module, model: nn.Module, optimizer, with_optimizer: bool = True) -> dict:
+    """What a training checkpoint holds, as this rank's share for torch.distributed.checkpoint:
+    ``{"model": ..., "optimizer": ...}``, keyed by parameter names (the model's own, the optimizer's
+    relative to the objective), DTensor shards under FSDP2 and whole tensors otherwise, so one
+    checkpoint loads under any strategy and world size. Views of the live tensors, not copies;
+    a fresh optimizer's state is created (zeros) so that it can be loaded into."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-        set_optimizer_state_dict(wrapped, optimizer, state, options=StateDictOptions(full_state_dict=True))
-    else:
-        optimizer.load_state_dict(state)
+    state = {"model": get_model_state_dict(model)}
+    if with_optimizer:
+        state["optimizer"] = get_optimizer_state_dict(wrapped, optimizer)
+    return state
+
+
+def load_training_state(wrapped: nn.Module, model: nn.Module, optimizer, state: dict) -> None:
+    """Put a :func:`training_state` dict, filled from a checkpoint, into the model and optimizer."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    set_model_state_dict(model, state["model"])
+    if "optimizer" in state:
+        set_optimizer_state_dict(wrapped, optimizer, state["optimizer"])
