@@ -18,8 +18,9 @@ is complete when it has ``trainer_state.pt`` and ``state/.metadata``; only compl
 listed, resumed from, or counted by ``keep_last``.
 
 Async (``checkpoint.async_save``): :meth:`Checkpointer.save` copies this rank's shards to host
-memory (DCP's staging copy), starts the write in a background thread over a process group of
-its own (gloo, so it never interleaves with the training collectives) and returns: training
+memory (DCP's staging copy, into buffers kept from one save to the next: pinned on CUDA, and no
+page faults after the first save), starts the write in a background thread over a process group
+of its own (gloo, so it never interleaves with the training collectives) and returns: training
 continues while the files are written. Rank 0 publishes the checkpoint as soon as its write is
 done (:meth:`Checkpointer.poll` after every step); a new save, and the end of the run, first wait
 for the previous one (:meth:`Checkpointer.wait`).
@@ -53,6 +54,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from .errors import UserError
 
@@ -253,6 +255,9 @@ class Checkpointer:
         self.rank, self.world, self.run_id = rank, world, run_id
         self.keep_last, self.async_save = keep_last, async_save
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self._stager = DefaultStager(StagingOptions(use_pinned_memory=torch.cuda.is_available(),
+                                                    use_shared_memory=False, use_async_staging=False,
+                                                    use_non_blocking_copy=False)) if async_save else None
         self._pending: tuple[Future, Path, Path] | None = None
         if rank == 0 and self.root.is_dir():
             for stale in self.root.glob(".tmp_step_*"):  # a save this directory's last run did not finish
@@ -277,10 +282,14 @@ class Checkpointer:
         if self.rank == 0:
             write_extra(tmp)
             _save({**trainer_state, "step": step, "world": self.world, "run_id": self.run_id}, tmp / TRAINER)
+        # every rank's own files are on disk before it joins DCP's collective plan, and rank 0's
+        # write completes only after DCP gathered every rank's write results: rank 0 publishing
+        # after its future is the barrier that makes the checkpoint visible only when complete
         writer = dcp.FileSystemWriter(tmp / STATE)
         no_dist = self.group is None
         if self.async_save:
-            future = dcp.async_save(state, storage_writer=writer, process_group=self.group, no_dist=no_dist)
+            future = dcp.async_save(state, storage_writer=writer, process_group=self.group, no_dist=no_dist,
+                                    async_stager=self._stager)
         else:
             dcp.save(state, storage_writer=writer, process_group=self.group, no_dist=no_dist)
             future = _done()

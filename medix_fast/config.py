@@ -145,7 +145,7 @@ class CheckpointConfig:
     keep_last: int = 2  # this run's newest complete checkpoints kept (older ones keep only their model/); 0: all
     save_optimizer: bool = True
     save_hf_every: int = 0  # steps between Hugging Face copies (step_N/model/); 0: the last step only
-    async_save: bool = True  # write in a background thread from a host copy while training continues
+    async_save: bool = True  # write in the background from a host copy of the shards (kept between saves)
 
 
 @dataclass

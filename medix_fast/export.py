@@ -68,8 +68,7 @@ def load_checkpoint_model(checkpoint: str | Path, dtype: torch.dtype = torch.flo
     model.to_empty(device="cpu")
     state = model.state_dict()
     C.check_model(path, {k: tuple(v.shape) for k, v in state.items()})
-    C.load_state(path, {"model": state}, no_dist=True)
-    model.tie_weights()
+    C.load_state(path, {"model": state}, no_dist=True)  # tied weights share one tensor since to_empty
     return model.eval()
 
 

@@ -38,7 +38,8 @@ def full_state(trainer: Trainer) -> dict:
     model = D.full_state_dict(trainer.wrapped, trainer.model)
     options = StateDictOptions(full_state_dict=True, cpu_offload=torch.distributed.is_initialized())
     optimizer = get_optimizer_state_dict(trainer.wrapped, trainer.optimizer, options=options)
-    return {"model": model, "optimizer": optimizer.get("state", {}), "step": trainer.step}  # {} off rank 0
+    return {"model": model, "optimizer": optimizer.get("state", {}), "groups": optimizer.get("param_groups"),
+            "step": trainer.step}  # {} / None off rank 0
 
 
 def comparable(metrics: dict) -> dict:

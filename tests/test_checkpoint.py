@@ -89,6 +89,15 @@ def test_async_save_writes_the_state_of_the_step_not_later_updates(tmp_path, tin
             p.sub_(1.0)
 
 
+def test_a_new_save_first_publishes_the_pending_one(tmp_path, tiny):
+    model, tokenizer, optimizer = tiny
+    ckpt = C.Checkpointer(tmp_path, 0, 1, "run", keep_last=0, async_save=True)
+    paths = [save(ckpt, model, tokenizer, optimizer, step) for step in (1, 2, 3)]
+    assert C.list_checkpoints(tmp_path) == paths[:2]  # the third: published by wait() or poll()
+    ckpt.wait()
+    assert C.list_checkpoints(tmp_path) == paths
+
+
 def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path, tiny, monkeypatch):
     model, tokenizer, optimizer = tiny
     ckpt = C.Checkpointer(tmp_path, 0, 1, "run", async_save=True)
@@ -237,6 +246,7 @@ def two_rank_checkpoint(tmp_path_factory):
 
 def assert_same_state(got: dict, want: dict) -> None:
     assert got["step"] == want["step"] == 2
+    assert got["groups"] == want["groups"] and want["groups"][0]["lr"] == 1e-3  # after tiny.yaml's 2 warm-up steps
     assert got["model"].keys() == want["model"].keys() and got["optimizer"].keys() == want["optimizer"].keys()
     for key, value in want["model"].items():
         assert torch.equal(got["model"][key], value), key
