@@ -8,8 +8,9 @@ fp32 weights, 1.5 GB with AdamW's two moments) under FSDP2 on 1 and 2 gloo CPU p
 AdamW stepped once so that its moments exist. Every rank times each save from a barrier and
 takes its peak resident memory above the resident memory before it (VmHWM reset through
 /proc/self/clear_refs, bench/timing.py); a row is the median over saves of the slowest rank's
-time and the largest rank's peak (each rank's in the note). The files go to a temporary
-directory on the local disk, fsynced.
+time and the largest rank's peak (each rank's in the note, with what stays resident from the
+first save on: the async save's kept staging buffers). The files go to a temporary directory
+on the local disk, fsynced.
   full_gather  the checkpoint path before issue 20: ``D.full_state_dict`` and
                ``D.full_optimizer_state`` (gathered onto rank 0's CPU), rank 0 ``torch.save``s
                both and fsyncs them.
@@ -95,9 +96,11 @@ def _worker(impl: str, asynchronous: bool, size: str, saves: int, out: Path) -> 
     ckpt = C.Checkpointer(root, info.rank, info.world, "bench", keep_last=1, async_save=asynchronous)
     blocked, total, peaks = [], [], []
     memory = PeakMemory(torch.device("cpu"))
+    resident = []  # MB before each save (after the heap trim that memory.start() does)
     for i in range(saves):
         D.barrier()
         memory.start()
+        resident.append(memory.before / 2**20)
         t0 = time.perf_counter()
         if impl == "full_gather":
             _full_gather(root, i, wrapped, model, optimizer, info.rank)
@@ -113,8 +116,12 @@ def _worker(impl: str, asynchronous: bool, size: str, saves: int, out: Path) -> 
         blocked.append(figures[0].max().item())
         total.append(figures[1].max().item())
         peaks.append(figures[2].tolist())
+    held = torch.zeros(info.world)  # MB still resident after the first save (the async staging buffers)
+    held[info.rank] = resident[1] - resident[0]
+    D.all_reduce(held)
     if info.rank == 0:
-        out.write_text(json.dumps({"blocked_s": blocked[1:], "total_s": total[1:], "peak_mb": peaks[1:]}))
+        out.write_text(json.dumps({"blocked_s": blocked[1:], "total_s": total[1:], "peak_mb": peaks[1:],
+                                   "held_mb": held.tolist()}))
         shutil.rmtree(root, ignore_errors=True)
     D.close()
 
@@ -133,6 +140,7 @@ def _measure(impl: str, asynchronous: bool, ranks: int, size: str, budget: Budge
     timing = summarize([1e3 * s for s in figures["blocked_s" if asynchronous else "total_s"]])
     by_rank = [max(save[r] for save in figures["peak_mb"]) for r in range(ranks)]
     note = "peak MB by rank " + " / ".join(f"{mb:,.0f}" for mb in by_rank)
+    note += "; kept between saves, MB by rank " + " / ".join(f"{mb:,.0f}" for mb in figures["held_mb"])
     if asynchronous:
         note += f"; until published {1e3 * sorted(figures['total_s'])[len(figures['total_s']) // 2]:,.0f} ms"
     return timing, max(by_rank), note
