@@ -18,12 +18,16 @@ is complete when it has ``trainer_state.pt`` and ``state/.metadata``; only compl
 listed, resumed from, or counted by ``keep_last``.
 
 Async (``checkpoint.async_save``): :meth:`Checkpointer.save` copies this rank's shards to host
-memory (DCP's staging copy, into buffers kept from one save to the next: pinned on CUDA, and no
-page faults after the first save), starts the write in a background thread over a process group
-of its own (gloo, so it never interleaves with the training collectives) and returns: training
-continues while the files are written. Rank 0 publishes the checkpoint as soon as its write is
-done (:meth:`Checkpointer.poll` after every step); a new save, and the end of the run, first wait
-for the previous one (:meth:`Checkpointer.wait`).
+memory (DCP's staging copy), starts the write in a background thread over a process group of its
+own (gloo, so it never interleaves with the training collectives) and returns: training
+continues while the files are written. With ``checkpoint.keep_staging`` (default) the copy goes
+into buffers kept from one save to the next (pinned on CUDA, no allocation or page faults after
+the first save; one host copy of the rank's shards stays resident); without it each save
+allocates its copy and frees it once written. Rank 0 publishes the checkpoint as soon as its
+write is done (:meth:`Checkpointer.poll` after every step); a new save, a new
+:class:`Checkpointer` or resume in the same process (:func:`wait_all`), the end of the run and a
+diverged run first wait for the one in flight (:meth:`Checkpointer.wait`), so none is lost. A
+crash or kill mid-write loses only that one: its ``.tmp_step_...`` is never published.
 
 Pruning: after publishing, the checkpoints of this run (same ``run_id``, kept across resumes) up
 to the current step beyond the newest ``keep_last`` lose their training state; a ``model/`` in
@@ -236,6 +240,15 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+_IN_FLIGHT: set[Checkpointer] = set()  # this process's checkpointers with a save being written
+
+
+def wait_all() -> None:
+    """Finish every save in flight in this process (before a resume or a new run reads the directory)."""
+    for ckpt in list(_IN_FLIGHT):
+        ckpt.wait()
+
+
 def _done() -> Future:
     future: Future = Future()
     future.set_result(None)
@@ -247,18 +260,21 @@ class Checkpointer:
 
     ``run_id`` tells this run's checkpoints from others' in the same directory (rank 0's is the
     one written). ``async_save`` writes in the background; False blocks until published.
+    ``keep_staging`` (async only) keeps the host copy's buffers between saves.
     """
 
     def __init__(self, output_dir: str | Path, rank: int, world: int, run_id: str | None, keep_last: int = 2,
-                 async_save: bool = True):
+                 async_save: bool = True, keep_staging: bool = True):
         self.root = checkpoint_root(output_dir)
         self.rank, self.world, self.run_id = rank, world, run_id
         self.keep_last, self.async_save = keep_last, async_save
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        # None: the writer stages (FileSystemWriter, no cache), a fresh copy freed once written
         self._stager = DefaultStager(StagingOptions(use_pinned_memory=torch.cuda.is_available(),
                                                     use_shared_memory=False, use_async_staging=False,
-                                                    use_non_blocking_copy=False)) if async_save else None
+                                                    use_non_blocking_copy=False)) if keep_staging else None
         self._pending: tuple[Future, Path, Path] | None = None
+        wait_all()  # a save in flight here would otherwise be removed below as stale
         if rank == 0 and self.root.is_dir():
             for stale in self.root.glob(".tmp_step_*"):  # a save this directory's last run did not finish
                 shutil.rmtree(stale, ignore_errors=True)
@@ -294,6 +310,7 @@ class Checkpointer:
             dcp.save(state, storage_writer=writer, process_group=self.group, no_dist=no_dist)
             future = _done()
         self._pending = (future, tmp, final)
+        _IN_FLIGHT.add(self)
         if not self.async_save:
             self.wait()
         return final
@@ -309,6 +326,7 @@ class Checkpointer:
             return
         future, tmp, final = self._pending
         self._pending = None
+        _IN_FLIGHT.discard(self)
         try:
             future.result()
         except _FAILED as err:

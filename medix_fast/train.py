@@ -156,8 +156,9 @@ class Trainer:
         self.step, self.run_id = 0, uuid.uuid4().hex
         if ckpt:
             self._restore(ckpt)
-        self.checkpointer = C.Checkpointer(self.out, self.info.rank, world, self.run_id, cfg.checkpoint.keep_last,
-                                           cfg.checkpoint.async_save)
+        c = cfg.checkpoint
+        self.checkpointer = C.Checkpointer(self.out, self.info.rank, world, self.run_id, c.keep_last, c.async_save,
+                                           c.keep_staging)
         if self.info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
@@ -171,6 +172,7 @@ class Trainer:
     def _find_checkpoint(self, resume: str | None) -> Path | None:
         if resume is None:
             return None
+        C.wait_all()  # a save this process still has in flight (an earlier Trainer's) is found complete
         found = C.latest_checkpoint(self.cfg.train.output_dir) if resume == "latest" else Path(resume)
         if found is None:
             log.warning("--resume: no checkpoint under %s yet, starting from scratch",
@@ -286,7 +288,8 @@ class Trainer:
                 bar.set_postfix(reward=f"{metrics.get('reward/overall', float('nan')):.3f}",
                                 len=f"{metrics['response/length_mean']:.0f}",
                                 kept=f"{metrics['rollout/kept_group_fraction']:.2f}")
-                if self.updater.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+                if self.updater.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:  # every rank alike
+                    self.checkpointer.wait()  # the last good step's checkpoint, if still being written
                     raise TrainingDiverged(f"{self.updater.nonfinite_in_a_row} updates in a row had a NaN/inf loss or "
                                            f"gradient (train.max_nonfinite_steps={cfg.train.max_nonfinite_steps})")
                 stop = bool(D.reduce_scalars({"stop": self.stop_requested}, self.info.device, "max")["stop"])

@@ -2,16 +2,18 @@
 
 One process: the async save writes a snapshot (the staging copy), a failed write leaves the previous
 checkpoint, pruning keeps this run's newest and every HF copy, bad directories are one-line errors,
-RNG streams are restored or re-derived, VL exports carry the image processor. Two gloo processes
-(tests/ckpt_worker.py, FSDP2): a checkpoint written by 2 ranks resumes at 2 ranks (the same step-3
-metrics as the uninterrupted run) and at 1 (the same weights and optimizer state, FSDP or not), and
-exports to a Hugging Face directory with the same weights.
+RNG streams are restored or re-derived, VL exports carry the image processor, an MoE exports in
+its Hub layout. Two gloo processes (tests/ckpt_worker.py, FSDP2): a checkpoint written by 2 ranks
+resumes at 2 ranks (the same step-3 metrics as the uninterrupted run) and at 1 (the same weights
+and optimizer state, FSDP or not), and exports to a Hugging Face directory with the same weights.
 """
 from __future__ import annotations
 
+import gc
 import json
 import random
 import threading
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +63,8 @@ def tiny():
     return trained()
 
 
-def test_async_save_writes_the_state_of_the_step_not_later_updates(tmp_path, tiny, monkeypatch):
+@pytest.mark.parametrize("keep_staging", [True, False])
+def test_async_save_writes_the_state_of_the_step_not_later_updates(tmp_path, tiny, monkeypatch, keep_staging):
     model, tokenizer, optimizer = tiny
     before = {k: v.clone() for k, v in model.state_dict().items()}
     release = threading.Event()
@@ -72,7 +75,7 @@ def test_async_save_writes_the_state_of_the_step_not_later_updates(tmp_path, tin
         return write(self, plan, planner)
 
     monkeypatch.setattr(torch.distributed.checkpoint.FileSystemWriter, "write_data", held_write)
-    ckpt = C.Checkpointer(tmp_path, 0, 1, "run", async_save=True)
+    ckpt = C.Checkpointer(tmp_path, 0, 1, "run", async_save=True, keep_staging=keep_staging)
     path = save(ckpt, model, tokenizer, optimizer, 1)
     assert C.latest_checkpoint(tmp_path) is None  # not visible while being written
     with torch.no_grad():
@@ -87,6 +90,102 @@ def test_async_save_writes_the_state_of_the_step_not_later_updates(tmp_path, tin
     with torch.no_grad():
         for p in model.parameters():
             p.sub_(1.0)
+
+
+@pytest.mark.parametrize("keep_staging", [True, False])
+def test_the_staging_copy_is_kept_between_saves_only_with_keep_staging(tmp_path, tiny, monkeypatch, keep_staging):
+    """keep_staging: the second save refills the first save's host buffers; without it each save
+    stages into a fresh copy that is freed once written."""
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+    from torch.distributed.checkpoint.staging import DefaultStager
+
+    model, tokenizer, optimizer = tiny
+    staged: list[dict] = []
+    for cls in (DefaultStager, FileSystemWriter):  # the kept buffers' stager, the writer's own (per save)
+        def stage(self, state_dict, *args, _stage=cls.stage, **kwargs):
+            out = _stage(self, state_dict, *args, **kwargs)
+            staged.append(out["model"])
+            return out
+
+        monkeypatch.setattr(cls, "stage", stage)
+    ckpt = C.Checkpointer(tmp_path, 0, 1, "run", async_save=True, keep_staging=keep_staging)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    save(ckpt, model, tokenizer, optimizer, 1)
+    ckpt.wait()
+    first = staged.pop()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    save(ckpt, model, tokenizer, optimizer, 2)
+    second = [weakref.ref(t) for t in staged.pop().values()]
+    ckpt.wait()
+    gc.collect()
+    now = {k: v.clone() for k, v in model.state_dict().items()}
+    for key, value in first.items():  # refilled in place, or still the first save's own copy
+        assert torch.equal(value, now[key] if keep_staging else before[key]), key
+    if not keep_staging:
+        assert second and all(ref() is None for ref in second)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sub_(1.0)
+    for key, value in saved_model(C.checkpoint_root(tmp_path) / "step_00000002").items():
+        assert torch.equal(value, now[key]), key
+
+
+def test_a_new_checkpointer_in_the_process_waits_for_the_save_in_flight(tmp_path, tiny, monkeypatch):
+    """A resume (or a new run) in the same process finds the save in flight complete, not removed
+    as a stale temporary directory."""
+    model, tokenizer, optimizer = tiny
+    release = threading.Event()
+    write = torch.distributed.checkpoint.FileSystemWriter.write_data
+    monkeypatch.setattr(torch.distributed.checkpoint.FileSystemWriter, "write_data",
+                        lambda self, plan, planner: release.wait(60) and write(self, plan, planner))
+    path = save(C.Checkpointer(tmp_path, 0, 1, "run", async_save=True), model, tokenizer, optimizer, 1)
+    threading.Timer(0.5, release.set).start()
+    C.Checkpointer(tmp_path, 0, 1, "run")
+    assert release.is_set() and C.latest_checkpoint(tmp_path) == path
+    C.check_checkpoint(path)
+
+
+KILLED_MID_WRITE = """
+import os, signal, sys, torch
+from pathlib import Path
+import torch.distributed.checkpoint as dcp
+from test_checkpoint import C, save, trained
+
+model, tokenizer, optimizer = trained()
+ckpt = C.Checkpointer(sys.argv[1], 0, 1, "run", async_save=True)
+save(ckpt, model, tokenizer, optimizer, 1)
+ckpt.wait()
+write = dcp.FileSystemWriter.write_data
+
+def killed(self, plan, planner):  # part of the shards on disk, then SIGKILL
+    write(self, plan, planner).wait()
+    (Path(self.path) / "__0_0.distcp").write_bytes(b"partial")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+dcp.FileSystemWriter.write_data = killed
+save(ckpt, model, tokenizer, optimizer, 2)
+ckpt.wait()
+"""
+
+
+def test_a_run_killed_mid_write_resumes_from_its_last_complete_checkpoint(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, str(tmp_path)], cwd=Path(__file__).parent,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    root = C.checkpoint_root(tmp_path)
+    assert (root / ".tmp_step_00000002" / C.STATE / "__0_0.distcp").read_bytes() == b"partial"
+    assert C.latest_checkpoint(tmp_path) == root / "step_00000001"
+    C.check_checkpoint(root / "step_00000001")
+    C.Checkpointer(tmp_path, 0, 1, "run")
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000001"]
+    model, _, optimizer = trained()
+    for key, value in saved_model(root / "step_00000001").items():
+        assert torch.equal(value, model.state_dict()[key]), key
 
 
 def test_a_new_save_first_publishes_the_pending_one(tmp_path, tiny):
@@ -231,6 +330,27 @@ def test_vl_export_carries_the_image_processor(tmp_path):
         assert torch.equal(value, model.state_dict()[key].to(torch.bfloat16)), key
     assert AutoImageProcessor.from_pretrained(out).to_dict() == processor.to_dict()
     assert AutoTokenizer.from_pretrained(out).chat_template == tokenizer.chat_template
+
+
+def test_moe_export_writes_the_hub_layout_and_loads_back(tmp_path):
+    """A Qwen3-VL-MoE checkpoint exports its expert banks as the Hub lays them out (through
+    model.moe.save_pretrained, like the trainer's own model/), and load_model reads them back equal."""
+    from safetensors import safe_open
+
+    model, tokenizer, optimizer = trained("tiny-vl-moe")
+    path = save(C.Checkpointer(tmp_path, 0, 1, "moe", async_save=False), model, tokenizer, optimizer, 1,
+                hf=True, processor=load_image_processor("tiny-vl-moe"))
+    text = model.config.text_config
+    for out in (export(path, tmp_path / "hf"), path / C.HF_MODEL):
+        with safe_open(str(out / "model.safetensors"), "pt") as f:  # (E, H, 2I) / (E, I, H), as on the Hub
+            prefix = "model.language_model.layers.0.mlp.experts."
+            assert f.get_slice(prefix + "gate_up_proj").get_shape() == [4, text.hidden_size,
+                                                                         2 * text.moe_intermediate_size]
+            assert f.get_slice(prefix + "down_proj").get_shape() == [4, text.moe_intermediate_size, text.hidden_size]
+        loaded, _ = load_model(out)
+        assert loaded.state_dict().keys() == model.state_dict().keys()
+        for key, value in model.state_dict().items():
+            assert torch.equal(loaded.state_dict()[key], value), (out, key)
 
 
 # ----------------------------------------------------------------------------- two ranks

@@ -103,10 +103,13 @@ def test_nonfinite_updates_are_skipped_then_training_stops(tmp_path, monkeypatch
 
     real = update.fused_linear_policy_loss
     monkeypatch.setattr(update, "fused_linear_policy_loss", nan_loss)
+    monkeypatch.setattr(C.Checkpointer, "poll", lambda self: None)  # step 1's async save: still pending at the stop
     out = tmp_path / "run"
     assert main([*SMALL, f"train.output_dir={out}", "train.steps=5", "train.max_nonfinite_steps=2",
-                 "train.mini_batch_prompts=4", "eval.every=0", "algorithm.dynamic_sampling=false"]) == 1
+                 "train.mini_batch_prompts=4", "eval.every=0", "algorithm.dynamic_sampling=false",
+                 "checkpoint.every=1"]) == 1
     assert "NaN/inf" in capsys.readouterr().err
+    assert [p.name for p in C.list_checkpoints(out)] == ["step_00000001"]  # waited for, published
     records = read_metrics(out / "metrics.jsonl")
     assert [r["skipped_updates"] for r in records] == [1.0, 1.0]  # (eval off: no step-0 record)
     assert all(r["optimizer_steps"] == 0 for r in records)
