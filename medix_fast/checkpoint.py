@@ -49,22 +49,17 @@ import os
 import random
 import re
 import shutil
-import warnings
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
+from . import distributed as D
 from .errors import UserError
 
 log = logging.getLogger(__name__)
-# DCP warns on every single-process save and load; one process is a use here, not a mistake
-warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized, assuming")
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 STATE, TRAINER, HF_CONFIG, HF_MODEL = "state", "trainer_state.pt", "hf_config", "model"
@@ -74,12 +69,12 @@ class CheckpointError(UserError):
     """A checkpoint directory that cannot be used: incomplete, corrupt or of another model."""
 
 
-_FAILED = (Exception, dcp.api.CheckpointException)  # DCP's is a BaseException
+_FAILED = D.DCP_ERRORS
 
 
 def _why(err: BaseException) -> str:
     """One line on what went wrong; for DCP's, the first failing rank's own error."""
-    if isinstance(err, dcp.api.CheckpointException) and err.failures:
+    if getattr(err, "failures", None):
         rank, (inner, _) = next(iter(sorted(err.failures.items())))
         return f"rank {rank}: {_why(inner)}"
     text = str(err).strip()
@@ -177,7 +172,7 @@ def read_metadata(path: Path):
     if not file.is_file():
         raise CheckpointError(f"{path}: incomplete checkpoint: no {STATE}/.metadata")
     try:
-        return dcp.FileSystemReader(path / STATE).read_metadata()
+        return D.shards_metadata(path / STATE)
     except _FAILED as err:
         raise CheckpointError(f"{path}: corrupt checkpoint: {STATE}/.metadata unreadable "
                               f"({_why(err)})") from err
@@ -220,7 +215,7 @@ def load_state(path: Path, state: dict, no_dist: bool = False) -> None:
     """Fill ``state`` (a DCP state dict: this rank's shards, or whole tensors) from checkpoint ``path``,
     re-sharding as needed; a read failure is a one-line :class:`CheckpointError`."""
     try:
-        dcp.load(state, checkpoint_id=path / STATE, no_dist=no_dist or not dist.is_initialized())
+        D.load_shards(state, path / STATE, alone=no_dist)
     except _FAILED as err:
         raise CheckpointError(f"{path}: cannot load {STATE}/ "
                               f"({_why(err)})") from err
@@ -268,20 +263,14 @@ class Checkpointer:
         self.root = checkpoint_root(output_dir)
         self.rank, self.world, self.run_id = rank, world, run_id
         self.keep_last, self.async_save = keep_last, async_save
-        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
-        # None: the writer stages (FileSystemWriter, no cache), a fresh copy freed once written
-        self._stager = DefaultStager(StagingOptions(use_pinned_memory=torch.cuda.is_available(),
-                                                    use_shared_memory=False, use_async_staging=False,
-                                                    use_non_blocking_copy=False)) if keep_staging else None
+        self.group = D.checkpoint_group()
+        # None: the writer stages its own fresh copy, freed once written
+        self._stager = D.staging_buffers(pinned=torch.cuda.is_available()) if keep_staging else None
         self._pending: tuple[Future, Path, Path] | None = None
         wait_all()  # a save in flight here would otherwise be removed below as stale
         if rank == 0 and self.root.is_dir():
             for stale in self.root.glob(".tmp_step_*"):  # a save this directory's last run did not finish
                 shutil.rmtree(stale, ignore_errors=True)
-
-    def _barrier(self) -> None:
-        if self.group is not None:
-            dist.barrier(group=self.group)
 
     def save(self, step: int, state: dict, trainer_state: dict, write_extra: Callable[[Path], None]) -> Path:
         """Start checkpoint ``step`` (every rank): ``state`` is this rank's DCP state dict,
@@ -293,7 +282,7 @@ class Checkpointer:
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        self._barrier()
+        D.barrier(self.group)
         _save(rng_state(), tmp / f"rng_rank{self.rank}.pt")
         if self.rank == 0:
             write_extra(tmp)
@@ -301,14 +290,7 @@ class Checkpointer:
         # every rank's own files are on disk before it joins DCP's collective plan, and rank 0's
         # write completes only after DCP gathered every rank's write results: rank 0 publishing
         # after its future is the barrier that makes the checkpoint visible only when complete
-        writer = dcp.FileSystemWriter(tmp / STATE)
-        no_dist = self.group is None
-        if self.async_save:
-            future = dcp.async_save(state, storage_writer=writer, process_group=self.group, no_dist=no_dist,
-                                    async_stager=self._stager)
-        else:
-            dcp.save(state, storage_writer=writer, process_group=self.group, no_dist=no_dist)
-            future = _done()
+        future = D.save_shards(state, tmp / STATE, self.group, self.async_save, self._stager) or _done()
         self._pending = (future, tmp, final)
         _IN_FLIGHT.add(self)
         if not self.async_save:

@@ -81,6 +81,8 @@ def test_async_save_writes_the_state_of_the_step_not_later_updates(tmp_path, tin
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
+    ckpt.poll()  # after every step: publishes a finished write, never waits for one
+    assert C.latest_checkpoint(tmp_path) is None
     release.set()
     ckpt.poll()
     ckpt.wait()
@@ -223,8 +225,9 @@ def test_keep_last_prunes_only_this_runs_complete_checkpoints_and_keeps_hf_copie
     save(other, model, tokenizer, optimizer, 1)
     ahead = C.Checkpointer(tmp_path, 0, 1, "run", async_save=False)
     save(ahead, model, tokenizer, optimizer, 9)  # a later step of an abandoned branch of this run
-    incomplete = C.checkpoint_root(tmp_path) / "step_00000003"
+    incomplete = C.checkpoint_root(tmp_path) / "step_00000003"  # trainer state, no state/.metadata
     incomplete.mkdir()
+    (incomplete / C.TRAINER).write_bytes((C.checkpoint_root(tmp_path) / "step_00000009" / C.TRAINER).read_bytes())
     ckpt = C.Checkpointer(tmp_path, 0, 1, "run", keep_last=2, async_save=False)
     for step in (2, 4, 5, 6):
         save(ckpt, model, tokenizer, optimizer, step, hf=step == 4)
