@@ -90,9 +90,7 @@ def _worker(impl: str, asynchronous: bool, size: str, saves: int, out: Path) -> 
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     root = Path(tempfile.mkdtemp(prefix="medix_bench_ckpt_")) if info.rank == 0 else None
-    listed = [str(root)] if info.rank == 0 else [None]
-    torch.distributed.broadcast_object_list(listed, src=0)
-    root = Path(listed[0])
+    root = Path(D.broadcast_object(str(root) if info.rank == 0 else None))
     ckpt = C.Checkpointer(root, info.rank, info.world, "bench", keep_last=1, async_save=asynchronous)
     blocked, total, peaks = [], [], []
     memory = PeakMemory(torch.device("cpu"))
@@ -112,13 +110,13 @@ def _worker(impl: str, asynchronous: bool, size: str, saves: int, out: Path) -> 
         peak = memory.stop()
         figures = torch.zeros(3, info.world)  # (blocked s, total s, peak MB) per rank
         figures[:, info.rank] = torch.tensor([t1 - t0, t2 - t0, peak])
-        D.all_reduce(figures)
+        figures = D.all_reduce(figures, info.device)
         blocked.append(figures[0].max().item())
         total.append(figures[1].max().item())
         peaks.append(figures[2].tolist())
     held = torch.zeros(info.world)  # MB still resident after the first save (the async staging buffers)
     held[info.rank] = resident[1] - resident[0]
-    D.all_reduce(held)
+    held = D.all_reduce(held, info.device)
     if info.rank == 0:
         out.write_text(json.dumps({"blocked_s": blocked[1:], "total_s": total[1:], "peak_mb": peaks[1:],
                                    "held_mb": held.tolist()}))
