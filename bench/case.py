@@ -40,8 +40,8 @@ class Case:
     work_unit: str = ""  # e.g. "tok/s"
     note: str = ""
     # instead of ``build``, for work that cannot be called step by step (another trainer's loop):
-    # measure(device, budget) -> (Timing, peak MB)
-    measure: Callable[[torch.device, Budget], tuple[Timing, float]] | None = None
+    # measure(device, budget) -> (Timing, peak MB) or (Timing, peak MB, a note for this row)
+    measure: Callable[[torch.device, Budget], tuple] | None = None
 
     @property
     def key(self) -> str:
@@ -170,9 +170,10 @@ def run_case(case: Case, device: torch.device, budget: Budget) -> Result:
         return run_group([case], device, budget)[0]
     result = Result.of(case, device)
     try:
-        timing, peak_mb = case.measure(device, budget)
+        timing, peak_mb, *note = case.measure(device, budget)
     except Exception as exc:
         result.status = _status(exc, case)
         return result
     _fill(result, case, device, timing, peak_mb)
+    result.note = "; ".join(x for x in (result.note, *note) if x)
     return result

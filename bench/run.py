@@ -3,7 +3,8 @@
     python -m bench                         # or: python bench/run.py
     python -m bench --smoke                 # each benchmark at its smallest size (the CI smoke test)
     python -m bench --only policy_loss      # a benchmark (advantages, logprobs, policy_loss, ...) or a module
-                                            # (kernels, cpp, sampler, rewards, train, vl, moe, integrations); repeatable
+                                            # (kernels, cpp, sampler, rewards, train, vl, moe, integrations,
+                                            # checkpoint); repeatable
     python -m bench --out DIR               # default bench/results/
     python -m bench --gpu-check [--dry-run] # the prepared check of every CUDA path (bench/gpu_check.py)
 
@@ -46,6 +47,7 @@ MODULES = {
     "vl": "bench.bench_vl",
     "moe": "bench.bench_moe",
     "integrations": "bench.bench_integrations",
+    "checkpoint": "bench.bench_checkpoint",
 }
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

@@ -1,33 +1,113 @@
-"""Checkpoints: the model in Hugging Face format plus everything needed to resume exactly.
+"""Training checkpoints: sharded model + optimizer state written by every rank, published atomically.
 
 Layout of ``<output_dir>/checkpoints/step_00000012/``:
-    model/               save_pretrained + tokenizer (loadable by transformers and vLLM as-is)
-    optimizer.pt         optimizer state (full, gathered on rank 0 under FSDP)
-    trainer_state.pt     step, scheduler, data-loader state, counters
-    rng_rank<R>.pt       python / numpy / torch (CPU and CUDA) RNG states of each rank
+    state/             torch.distributed.checkpoint (DCP): model (``model.*``, the Hugging Face
+                       parameter names) and optimizer (``optimizer.*``) state, each rank writing
+                       its own shards (``__<rank>_0.distcp``) in parallel, rank 0 the ``.metadata``
+    trainer_state.pt   step, scheduler, data-loader position, counters, world size, run id
+    rng_rank<R>.pt     python / numpy / torch (CPU and CUDA) RNG states of rank R
+    hf_config/         config, generation config, tokenizer (and a VL model's image processor):
+                       what ``python -m medix_fast.export`` needs besides state/
+    model/             a Hugging Face model (``from_pretrained``-able), only in the last step's
+                       checkpoint and every ``checkpoint.save_hf_every`` steps
 
-A checkpoint is written into ``.tmp_step_...`` and renamed into place when complete, so a run
-killed at any moment leaves either the previous checkpoints or the new one, never half of one.
-Only the newest ``keep_last`` are kept. :func:`latest_checkpoint` finds the one to ``--resume``.
+Atomic: everything is written into ``.tmp_step_...``; when every rank's part is on disk
+(fsynced), rank 0 renames it into place, so a run killed at any moment leaves the previous
+checkpoints and never half of one (a stale ``.tmp_*`` is removed at the next start). A checkpoint
+is complete when it has ``trainer_state.pt`` and ``state/.metadata``; only complete ones are
+listed, resumed from, or counted by ``keep_last``.
+
+Async (``checkpoint.async_save``): :meth:`Checkpointer.save` copies this rank's shards to host
+memory (DCP's staging copy), starts the write in a background thread over a process group of its
+own (gloo, so it never interleaves with the training collectives) and returns: training
+continues while the files are written. With ``checkpoint.keep_staging`` (default) the copy goes
+into buffers kept from one save to the next (pinned on CUDA, no allocation or page faults after
+the first save; one host copy of the rank's shards stays resident); without it each save
+allocates its copy and frees it once written. Rank 0 publishes the checkpoint as soon as its
+write is done (:meth:`Checkpointer.poll` after every step); a new save, a new
+:class:`Checkpointer` or resume in the same process (:func:`wait_all`), the end of the run and a
+diverged run first wait for the one in flight (:meth:`Checkpointer.wait`), so none is lost. A
+crash or kill mid-write loses only that one: its ``.tmp_step_...`` is never published.
+
+Pruning: after publishing, the checkpoints of this run (same ``run_id``, kept across resumes) up
+to the current step beyond the newest ``keep_last`` lose their training state; a ``model/`` in
+them is kept. Checkpoints of other runs in the same directory, and later steps left by an
+abandoned branch (``--resume-from`` an earlier step), are never touched.
+
+Resume on another world size (``--resume`` with a different number of processes, or another
+``distributed.strategy``): DCP re-shards model and optimizer state on load; the data loader's
+position is one global stream position (every rank takes its slice of the same global batches,
+``data/loader.py``), so it carries over as is; the RNG streams are per rank: at the saved world
+size each rank continues its own, at another one rank r's generators are re-seeded from
+``(train.seed, step, r)`` (:func:`derived_seed`), deterministic but not the uninterrupted run's
+draws (the sampler's seeds already depend only on seed, step, rank and attempt).
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
 import shutil
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
+from . import distributed as D
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+STATE, TRAINER, HF_CONFIG, HF_MODEL = "state", "trainer_state.pt", "hf_config", "model"
+
+
+class CheckpointError(UserError):
+    """A checkpoint directory that cannot be used: incomplete, corrupt or of another model."""
+
+
+_FAILED = D.DCP_ERRORS
+
+
+def _why(err: BaseException) -> str:
+    """One line on what went wrong; for DCP's, the first failing rank's own error."""
+    if getattr(err, "failures", None):
+        rank, (inner, _) = next(iter(sorted(err.failures.items())))
+        return f"rank {rank}: {_why(inner)}"
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:200] if text else ''}"
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+def step_of(path: Path) -> int:
+    return int(_STEP_DIR.match(path.name).group(1))
+
+
+def is_complete(path: Path) -> bool:
+    return (path / TRAINER).is_file() and (path / STATE / ".metadata").is_file()
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and is_complete(p)]
+    return sorted(found, key=step_of)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+# ----------------------------------------------------------------------------- RNG
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -43,70 +123,224 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    root = checkpoint_root(output_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+def derived_seed(seed: int, step: int, rank: int) -> int:
+    """Rank ``rank``'s seed after resuming at ``step`` on another world size."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    found = list_checkpoints(output_dir)
-    return found[-1] if found else None
+def restore_rng(path: Path, rank: int, world: int, seed: int) -> None:
+    """This rank's saved RNG streams (same world size as saved), else ones seeded by :func:`derived_seed`."""
+    state = load_trainer_state(path)
+    if state["world"] == world:
+        set_rng_state(_load(path / f"rng_rank{rank}.pt", path))
+        return
+    s = derived_seed(seed, state["step"], rank)
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)  # CUDA generators too
+    log.info("world size %d -> %d: rank %d's RNG re-seeded from (seed, step, rank)", state["world"], world, rank)
 
 
-def save_checkpoint(output_dir: str | Path, step: int, *, model_state: dict | None, save_model, tokenizer,
-                    optimizer_state: dict | None, trainer_state: dict, rank: int = 0, keep_last: int = 2,
-                    barrier=lambda: None) -> Path:
-    """Write checkpoint ``step`` atomically; returns its final path.
+# ----------------------------------------------------------------------------- checking and reading
+def check_checkpoint(path: str | Path) -> Path:
+    """``path`` if it is a complete, readable checkpoint; else a one-line :class:`CheckpointError`."""
+    path = Path(path)
+    if not (path / TRAINER).is_file():
+        raise CheckpointError(f"{path}: not a checkpoint directory (no {TRAINER})")
+    metadata = read_metadata(path)
+    sizes: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        sizes[info.relative_path] = max(sizes.get(info.relative_path, 0), info.offset + info.length)
+    for name, needed in sorted(sizes.items()):
+        file = path / STATE / name
+        if not file.is_file():
+            raise CheckpointError(f"{path}: incomplete checkpoint: {STATE}/{name} is missing")
+        if file.stat().st_size < needed:
+            raise CheckpointError(f"{path}: incomplete checkpoint: {STATE}/{name} has {file.stat().st_size} "
+                                  f"bytes, the metadata needs {needed}")
+    state = load_trainer_state(path)
+    missing = [r for r in range(state["world"]) if not (path / f"rng_rank{r}.pt").is_file()]
+    if missing:
+        raise CheckpointError(f"{path}: incomplete checkpoint: rng_rank{missing[0]}.pt is missing "
+                              f"(written by {state['world']} ranks)")
+    return path
 
-    ``save_model(dir, state_dict)`` writes the HF model (rank 0). ``model_state`` and
-    ``optimizer_state`` are full (unsharded) state dicts on rank 0 and may be None elsewhere.
-    Every rank writes its own RNG state; ``barrier`` synchronises the ranks (distributed runs).
+
+def read_metadata(path: Path):
+    """The DCP metadata of checkpoint ``path`` (what each tensor is and which file holds it)."""
+    file = path / STATE / ".metadata"
+    if not file.is_file():
+        raise CheckpointError(f"{path}: incomplete checkpoint: no {STATE}/.metadata")
+    try:
+        return D.shards_metadata(path / STATE)
+    except _FAILED as err:
+        raise CheckpointError(f"{path}: corrupt checkpoint: {STATE}/.metadata unreadable "
+                              f"({_why(err)})") from err
+
+
+def _load(file: Path, path: Path):
+    try:
+        return torch.load(file, weights_only=False, map_location="cpu")
+    except Exception as err:
+        raise CheckpointError(f"{path}: corrupt checkpoint: {file.name} unreadable "
+                              f"({_why(err)})") from err
+
+
+def load_trainer_state(path: Path) -> dict:
+    """step, scheduler, loader, counters, ``world`` (ranks that wrote it) and ``run_id``."""
+    return _load(path / TRAINER, path)
+
+
+def has_optimizer(path: Path) -> bool:
+    return any(key.startswith("optimizer.") for key in read_metadata(path).state_dict_metadata)
+
+
+def check_model(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Raise a one-line :class:`CheckpointError` unless checkpoint ``path`` holds a model with
+    exactly these parameter names and (global) shapes."""
+    saved = {k[len("model."):]: tuple(v.size) for k, v in read_metadata(path).state_dict_metadata.items()
+             if k.startswith("model.") and hasattr(v, "size")}
+    missing, extra = sorted(set(shapes) - set(saved)), sorted(set(saved) - set(shapes))
+    if missing or extra:
+        example = f"{missing[0]} not in the checkpoint" if missing else f"{extra[0]} not in this model"
+        raise CheckpointError(f"{path}: checkpoint of another model: {len(missing)} tensors missing and "
+                              f"{len(extra)} unexpected ({example})")
+    for key, shape in sorted(shapes.items()):
+        if saved[key] != tuple(shape):
+            raise CheckpointError(f"{path}: checkpoint of another model: {key} is {list(saved[key])} there, "
+                                  f"{list(shape)} here")
+
+
+def load_state(path: Path, state: dict, no_dist: bool = False) -> None:
+    """Fill ``state`` (a DCP state dict: this rank's shards, or whole tensors) from checkpoint ``path``,
+    re-sharding as needed; a read failure is a one-line :class:`CheckpointError`."""
+    try:
+        D.load_shards(state, path / STATE, alone=no_dist)
+    except _FAILED as err:
+        raise CheckpointError(f"{path}: cannot load {STATE}/ "
+                              f"({_why(err)})") from err
+
+
+# ----------------------------------------------------------------------------- writing
+def _save(obj, file: Path) -> None:
+    torch.save(obj, file)
+    _fsync(file)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_IN_FLIGHT: set[Checkpointer] = set()  # this process's checkpointers with a save being written
+
+
+def wait_all() -> None:
+    """Finish every save in flight in this process (before a resume or a new run reads the directory)."""
+    for ckpt in list(_IN_FLIGHT):
+        ckpt.wait()
+
+
+def _done() -> Future:
+    future: Future = Future()
+    future.set_result(None)
+    return future
+
+
+class Checkpointer:
+    """Writes the checkpoints of one run (every rank holds one; see the module docstring).
+
+    ``run_id`` tells this run's checkpoints from others' in the same directory (rank 0's is the
+    one written). ``async_save`` writes in the background; False blocks until published.
+    ``keep_staging`` (async only) keeps the host copy's buffers between saves.
     """
-    root = checkpoint_root(output_dir)
-    final = root / f"step_{step:08d}"
-    tmp = root / f".tmp_step_{step:08d}"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
-    if rank == 0:
-        save_model(tmp / "model", model_state)
-        tokenizer.save_pretrained(tmp / "model")
-        if optimizer_state is not None:
-            torch.save(optimizer_state, tmp / "optimizer.pt")
-        torch.save({**trainer_state, "step": step}, tmp / "trainer_state.pt")
-    barrier()
-    if rank == 0:
-        _fsync_tree(tmp)
-        if final.exists():
+
+    def __init__(self, output_dir: str | Path, rank: int, world: int, run_id: str | None, keep_last: int = 2,
+                 async_save: bool = True, keep_staging: bool = True):
+        self.root = checkpoint_root(output_dir)
+        self.rank, self.world, self.run_id = rank, world, run_id
+        self.keep_last, self.async_save = keep_last, async_save
+        self.group = D.checkpoint_group()
+        # None: the writer stages its own fresh copy, freed once written
+        self._stager = D.staging_buffers(pinned=torch.cuda.is_available()) if keep_staging else None
+        self._pending: tuple[Future, Path, Path] | None = None
+        wait_all()  # a save in flight here would otherwise be removed below as stale
+        if rank == 0 and self.root.is_dir():
+            for stale in self.root.glob(".tmp_step_*"):  # a save this directory's last run did not finish
+                shutil.rmtree(stale, ignore_errors=True)
+
+    def save(self, step: int, state: dict, trainer_state: dict, write_extra: Callable[[Path], None]) -> Path:
+        """Start checkpoint ``step`` (every rank): ``state`` is this rank's DCP state dict,
+        ``trainer_state`` rank 0's, ``write_extra(dir)`` rank 0's other files. Returns the path
+        it will have once published."""
+        self.wait()
+        final = self.root / f"step_{step:08d}"
+        tmp = self.root / f".tmp_step_{step:08d}"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        D.barrier(self.group)
+        _save(rng_state(), tmp / f"rng_rank{self.rank}.pt")
+        if self.rank == 0:
+            write_extra(tmp)
+            _save({**trainer_state, "step": step, "world": self.world, "run_id": self.run_id}, tmp / TRAINER)
+        # every rank's own files are on disk before it joins DCP's collective plan, and rank 0's
+        # write completes only after DCP gathered every rank's write results: rank 0 publishing
+        # after its future is the barrier that makes the checkpoint visible only when complete
+        future = D.save_shards(state, tmp / STATE, self.group, self.async_save, self._stager) or _done()
+        self._pending = (future, tmp, final)
+        _IN_FLIGHT.add(self)
+        if not self.async_save:
+            self.wait()
+        return final
+
+    def poll(self) -> None:
+        """Publish the pending checkpoint if its write has finished (rank 0; never blocks)."""
+        if self._pending is not None and self.rank == 0 and self._pending[0].done():
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until the pending write is done; rank 0 then publishes it. Raises its error, if any."""
+        if self._pending is None:
+            return
+        future, tmp, final = self._pending
+        self._pending = None
+        _IN_FLIGHT.discard(self)
+        try:
+            future.result()
+        except _FAILED as err:
+            raise CheckpointError(f"{final}: could not be written ({_why(err)}); the previous checkpoints "
+                                  f"are intact") from err
+        if self.rank == 0:
+            self._publish(tmp, final)
+
+    def _publish(self, tmp: Path, final: Path) -> None:
+        for f in tmp.rglob("*"):  # state/ was fsynced by DCP; the HF directories were not
+            if f.is_file() and STATE not in f.relative_to(tmp).parts:
+                _fsync(f)
+        _fsync(tmp)
+        if final.exists():  # the same step again (resumed from an earlier one)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for old in list_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier()
-    return final
+        _fsync(self.root)
+        log.info("checkpoint %s", final)
+        self._prune(step_of(final))
 
-
-def _fsync_tree(path: Path) -> None:
-    """Flush every file so the rename never publishes data still in the page cache."""
-    for f in path.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as handle:
-                os.fsync(handle.fileno())
-
-
-def load_trainer_state(path: str | Path, rank: int = 0) -> tuple[dict, dict | None, dict]:
-    """(trainer_state, optimizer_state or None, this rank's RNG state) of a checkpoint."""
-    path = Path(path)
-    trainer = torch.load(path / "trainer_state.pt", weights_only=False)
-    opt_file = path / "optimizer.pt"
-    optimizer = torch.load(opt_file, weights_only=False, map_location="cpu") if opt_file.exists() else None
-    rng_file = path / f"rng_rank{rank}.pt"
-    if not rng_file.exists():
-        raise FileNotFoundError(f"{rng_file} missing: was the checkpoint written with a different world size?")
-    return trainer, optimizer, torch.load(rng_file, weights_only=False)
+    def _prune(self, step: int) -> None:
+        if self.keep_last <= 0:
+            return
+        mine = [p for p in list_checkpoints(self.root.parent)
+                if step_of(p) <= step and load_trainer_state(p).get("run_id") == self.run_id]
+        for old in mine[:-self.keep_last]:
+            (old / TRAINER).unlink()  # first: a crash from here on leaves an incomplete, unlisted directory
+            if not (old / HF_MODEL).is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+                continue
+            for part in old.iterdir():
+                if part.is_dir() and part.name != HF_MODEL:
+                    shutil.rmtree(part)
+                elif part.is_file():
+                    part.unlink()

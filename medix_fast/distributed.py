@@ -16,7 +16,8 @@ storage every node can read for ``--resume``; rank 0 writes the model and metric
 Every collective of the trainer goes through this file: tensors through :func:`all_reduce` (or
 :func:`reduce_scalars`, a named dict in one call), which puts them on the training device first
 (NCCL takes no CPU tensors), and Python objects through :func:`broadcast_object` /
-:func:`gather_objects`.
+:func:`gather_objects`. Checkpoint I/O (torch.distributed.checkpoint, for checkpoint.py) too:
+:func:`save_shards` / :func:`load_shards` over a gloo group of its own (:func:`checkpoint_group`).
 
 Each rank samples and scores its own prompts (whole groups), computes its loss on them, and the
 gradients are averaged by DDP or reduce-scattered by FSDP2. With FSDP2 (``fully_shard`` on every
@@ -31,11 +32,19 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import warnings
+from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+# DCP warns on every single-process save and load; one process is a use here, not a mistake
+warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized, assuming")
 
 
 @dataclass
@@ -141,9 +150,52 @@ def gather_objects(obj) -> list | None:
     return out
 
 
-def barrier() -> None:
+def barrier(group=None) -> None:
+    """Every rank (of ``group``, default all) reaches this point; nothing when not distributed."""
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
+
+
+# ----------------------------------------------------------------------------- checkpoint I/O (DCP)
+# DCP writes and reads each rank's shards of a state dict in parallel (what and where: checkpoint.py).
+# Its own collectives exchange Python objects (plans, metadata, write results), no tensor, over the
+# group checkpoint_group() makes: gloo, so a write finishing in a background thread never
+# interleaves with the training collectives.
+DCP_ERRORS = (Exception, dcp.api.CheckpointException)  # DCP's is a BaseException; .failures: rank -> error
+
+
+def checkpoint_group():
+    """A gloo group of every rank for checkpoint I/O (every rank calls this); None in one process."""
+    return dist.new_group(backend="gloo") if dist.is_initialized() else None
+
+
+def staging_buffers(pinned: bool) -> DefaultStager:
+    """An async save's stager that keeps the host copy's buffers from one save to the next."""
+    return DefaultStager(StagingOptions(use_pinned_memory=pinned, use_shared_memory=False, use_async_staging=False,
+                                        use_non_blocking_copy=False))
+
+
+def save_shards(state: dict, directory: Path, group, asynchronous: bool, stager=None) -> Future | None:
+    """Write this rank's shards of ``state`` to ``directory`` (every rank of ``group``; alone when
+    None). ``asynchronous``: copy them to host memory (into ``stager``'s kept buffers, or a fresh copy
+    freed once written), return the background write's Future; else return None once on disk."""
+    writer = dcp.FileSystemWriter(directory)
+    if asynchronous:
+        return dcp.async_save(state, storage_writer=writer, process_group=group, no_dist=group is None,
+                              async_stager=stager)
+    dcp.save(state, storage_writer=writer, process_group=group, no_dist=group is None)
+    return None
+
+
+def load_shards(state: dict, directory: Path, alone: bool = False) -> None:
+    """Fill ``state`` (this rank's shards, or whole tensors) from ``directory``, re-sharding as needed;
+    ``alone``: one process reads everything it asks for, whatever the process group."""
+    dcp.load(state, checkpoint_id=directory, no_dist=alone or not dist.is_initialized())
+
+
+def shards_metadata(directory: Path):
+    """DCP's metadata of ``directory``: every tensor's global shape and which file holds each piece."""
+    return dcp.FileSystemReader(directory).read_metadata()
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -248,7 +300,8 @@ def gradient_sync(wrapped: nn.Module, enabled: bool):
 
 
 def full_state_dict(wrapped: nn.Module, model: nn.Module) -> dict:
-    """The model's full state dict on CPU (gathered under FSDP2; every rank must call this)."""
+    """The model's full state dict on CPU (gathered on rank 0 under FSDP2, empty on the other
+    ranks; every rank must call this). For the Hugging Face copy, not for training checkpoints."""
     if _fsdp_modules(wrapped):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -257,7 +310,8 @@ def full_state_dict(wrapped: nn.Module, model: nn.Module) -> dict:
 
 
 def full_optimizer_state(wrapped: nn.Module, optimizer) -> dict:
-    """The optimizer's full state dict (gathered under FSDP2; every rank must call this)."""
+    """The optimizer's full state dict (gathered under FSDP2; every rank must call this): the
+    old checkpoint path, kept as the benchmark's baseline and the tests' reference."""
     if _fsdp_modules(wrapped):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -266,10 +320,24 @@ def full_optimizer_state(wrapped: nn.Module, optimizer) -> dict:
     return optimizer.state_dict()
 
 
-def load_optimizer_state(wrapped: nn.Module, optimizer, state: dict) -> None:
-    if _fsdp_modules(wrapped):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+def training_state(wrapped: nn.Module, model: nn.Module, optimizer, with_optimizer: bool = True) -> dict:
+    """What a training checkpoint holds, as this rank's share for torch.distributed.checkpoint:
+    ``{"model": ..., "optimizer": ...}``, keyed by parameter names (the model's own, the optimizer's
+    relative to the objective), DTensor shards under FSDP2 and whole tensors otherwise, so one
+    checkpoint loads under any strategy and world size. Views of the live tensors, not copies;
+    a fresh optimizer's state is created (zeros) so that it can be loaded into."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-        set_optimizer_state_dict(wrapped, optimizer, state, options=StateDictOptions(full_state_dict=True))
-    else:
-        optimizer.load_state_dict(state)
+    state = {"model": get_model_state_dict(model)}
+    if with_optimizer:
+        state["optimizer"] = get_optimizer_state_dict(wrapped, optimizer)
+    return state
+
+
+def load_training_state(wrapped: nn.Module, model: nn.Module, optimizer, state: dict) -> None:
+    """Put a :func:`training_state` dict, filled from a checkpoint, into the model and optimizer."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    set_model_state_dict(model, state["model"])
+    if "optimizer" in state:
+        set_optimizer_state_dict(wrapped, optimizer, state["optimizer"])

@@ -27,7 +27,9 @@ head never materialises logits, and the LR schedule counts training steps.
 
 SIGTERM / SIGINT (once) finish the current step, write a checkpoint and exit with status 0; a
 second SIGINT stops at once. ``--resume`` restores model, optimizer, scheduler, RNG and the
-prompt loader; on CPU the resumed run's metrics equal the uninterrupted run's.
+prompt loader, on any number of processes (``checkpoint.py``); on CPU at the same world size
+the resumed run's metrics equal the uninterrupted run's. ``python -m medix_fast.export`` turns
+any checkpoint into a Hugging Face model directory.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ import resource
 import signal
 import sys
 import time
+import uuid
 import warnings
 from pathlib import Path
 
@@ -51,13 +54,14 @@ from . import distributed as D
 from .config import Config, load_config, save_config
 from .data import PromptLoader, build_prompts, load_examples
 from .data.vision import Vision
-from .errors import ConfigError, DataError
+from .errors import UserError
 from .eval import Evaluator
+from .export import save_hf_model, write_hf_files
 from .generate import Sampler
 from .metrics import MetricsLogger, truncate_after
 from .model.loading import (compute_dtype, image_token_id, is_vl, load_image_processor, load_model,
                             set_vision_trainable, stop_ids)
-from .model.moe import is_moe, save_pretrained, set_router_trainable
+from .model.moe import is_moe, set_router_trainable
 from .rewards import build_reward
 from .rl.rollout import Rollout
 from .rl.update import PolicyObjective, Updater
@@ -105,7 +109,7 @@ class Trainer:
         attn_impl = None if cfg.model.attn_impl == "auto" else cfg.model.attn_impl
         fsdp = cfg.distributed.strategy == "fsdp"
         experts = cfg.model.experts_implementation  # MoE only; FSDP2 computes the fp32 weights in bf16
-        self.model, self.tokenizer = load_model(str(ckpt / "model") if ckpt else cfg.model.path, dtype=torch.float32,
+        self.model, self.tokenizer = load_model(cfg.model.path, dtype=torch.float32,
                                                 device=dev, attn_impl=attn_impl,
                                                 gradient_checkpointing=cfg.model.gradient_checkpointing,
                                                 experts_implementation=experts,
@@ -150,9 +154,12 @@ class Trainer:
         reward_fn = build_reward(cfg.rewards, dev, dtype)
         self.rollout = Rollout(self.sampler, reward_fn, self.tokenizer, self.prompts, self.loader, cfg, self.info,
                                stop_token_ids=stop_ids(self.tokenizer, self.model), vision=vision)
-        self.step = 0
+        self.step, self.run_id = 0, uuid.uuid4().hex
         if ckpt:
             self._restore(ckpt)
+        c = cfg.checkpoint
+        self.checkpointer = C.Checkpointer(self.out, self.info.rank, world, self.run_id, c.keep_last, c.async_save,
+                                           c.keep_staging)
         if self.info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
@@ -166,41 +173,47 @@ class Trainer:
     def _find_checkpoint(self, resume: str | None) -> Path | None:
         if resume is None:
             return None
+        C.wait_all()  # a save this process still has in flight (an earlier Trainer's) is found complete
         found = C.latest_checkpoint(self.cfg.train.output_dir) if resume == "latest" else Path(resume)
         if found is None:
             log.warning("--resume: no checkpoint under %s yet, starting from scratch",
                         C.checkpoint_root(self.cfg.train.output_dir))
-        elif not (found / "trainer_state.pt").exists():
-            raise ConfigError(f"--resume-from {found}: not a checkpoint directory (no trainer_state.pt)")
+        else:
+            C.check_checkpoint(found)
         return found
 
     def _restore(self, path: Path) -> None:
-        state, opt_state, rng = C.load_trainer_state(path, self.info.rank)
-        if opt_state is not None:
-            D.load_optimizer_state(self.wrapped, self.optimizer, opt_state)
+        """Model and optimizer (re-sharded to this world size), scheduler, loader, RNG: see checkpoint.py."""
+        state = C.load_trainer_state(path)
+        tensors = D.training_state(self.wrapped, self.model, self.optimizer, C.has_optimizer(path))
+        C.check_model(path, {k: tuple(v.shape) for k, v in tensors["model"].items()})
+        C.load_state(path, tensors)
+        D.load_training_state(self.wrapped, self.model, self.optimizer, tensors)
+        if "optimizer" not in tensors:
+            log.warning("%s holds no optimizer state (checkpoint.save_optimizer=false): AdamW starts afresh", path)
         self.scheduler.load_state_dict(state["scheduler"])
         self.loader.load_state_dict(state["loader"])
         self.updater.nonfinite_in_a_row = state["nonfinite_in_a_row"]
-        C.set_rng_state(rng)
-        self.step = state["step"]
-        log.info("resumed from %s at step %d", path, self.step)
+        C.restore_rng(path, self.info.rank, self.info.world, self.cfg.train.seed)
+        self.step, self.run_id = state["step"], state["run_id"]
+        log.info("resumed from %s at step %d (written by %d ranks, now %d)", path, self.step, state["world"],
+                 self.info.world)
 
-    def save(self) -> Path:
-        fsdp = self.cfg.distributed.strategy == "fsdp"
-        model_state = D.full_state_dict(self.wrapped, self.model) if fsdp else None
-        opt_state = D.full_optimizer_state(self.wrapped, self.optimizer) if self.cfg.checkpoint.save_optimizer else None
+    def save(self, hf: bool = False) -> Path:
+        """Checkpoint this step (every rank; written in the background with checkpoint.async_save),
+        with the Hugging Face model when ``hf``; returns the path it has once published."""
+        full = D.full_state_dict(self.wrapped, self.model) if hf and self.cfg.distributed.strategy == "fsdp" else None
+        processor = self.vision.image_processor if self.vision else None  # a VL model is served with it
 
-        def save_model(directory: Path, state: dict | None) -> None:
-            save_pretrained(self.model, directory, state)  # an MoE's experts in the Hub layout
-            if self.vision is not None:  # a VL checkpoint is evaluated / served with its image processor
-                self.vision.image_processor.save_pretrained(directory)
+        def write_extra(directory: Path) -> None:  # rank 0
+            write_hf_files(directory / C.HF_CONFIG, self.model, self.tokenizer, processor)
+            if hf:
+                save_hf_model(directory / C.HF_MODEL, self.model, full, self.tokenizer, processor)
 
         trainer_state = {"scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict(),
                          "nonfinite_in_a_row": self.updater.nonfinite_in_a_row}
-        return C.save_checkpoint(self.out, self.step, model_state=model_state, save_model=save_model,
-                                 tokenizer=self.tokenizer, optimizer_state=opt_state if self.info.is_main else None,
-                                 trainer_state=trainer_state, rank=self.info.rank,
-                                 keep_last=self.cfg.checkpoint.keep_last, barrier=D.barrier)
+        state = D.training_state(self.wrapped, self.model, self.optimizer, self.cfg.checkpoint.save_optimizer)
+        return self.checkpointer.save(self.step, state, trainer_state, write_extra)
 
     # ------------------------------------------------------------------ the loop
     def train_step(self) -> dict:
@@ -269,23 +282,26 @@ class Trainer:
                 records.append({"step": 0, **baseline})
             while self.step < cfg.train.steps:
                 metrics = self.train_step()
+                self.checkpointer.poll()
                 self.logger.log(self.step, metrics)
                 records.append({"step": self.step, **metrics})
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics.get('reward/overall', float('nan')):.3f}",
                                 len=f"{metrics['response/length_mean']:.0f}",
                                 kept=f"{metrics['rollout/kept_group_fraction']:.2f}")
-                if self.updater.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+                if self.updater.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:  # every rank alike
+                    self.checkpointer.wait()  # the last good step's checkpoint, if still being written
                     raise TrainingDiverged(f"{self.updater.nonfinite_in_a_row} updates in a row had a NaN/inf loss or "
                                            f"gradient (train.max_nonfinite_steps={cfg.train.max_nonfinite_steps})")
                 stop = bool(D.reduce_scalars({"stop": self.stop_requested}, self.info.device, "max")["stop"])
-                every = cfg.checkpoint.every
-                if stop or self.step == cfg.train.steps or (every and self.step % every == 0):
-                    path = self.save()
-                    log.info("checkpoint %s", path)
+                every, hf_every = cfg.checkpoint.every, cfg.checkpoint.save_hf_every
+                hf = self.step == cfg.train.steps or bool(hf_every and self.step % hf_every == 0)
+                if stop or hf or (every and self.step % every == 0):
+                    self.save(hf)
                 if stop:
                     log.warning("stopped at step %d by a signal; resume with --resume", self.step)
                     break
+            self.checkpointer.wait()
         finally:
             bar.close()
             for s, handler in previous.items():
@@ -329,9 +345,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         trainer = Trainer(cfg, args.resume)
         trainer.run()
-    except (ConfigError, DataError, TrainingDiverged) as err:
+    except (UserError, TrainingDiverged) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2 if isinstance(err, (ConfigError, DataError)) else 1
+        return 2 if isinstance(err, UserError) else 1
     finally:
         D.close()
     return 0

@@ -403,7 +403,8 @@ def test_trainer_checkpoint_round_trip_in_hf_format_and_eval(tmp_path, capsys):
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     metrics = trainer.train_step()
     assert metrics["optimizer_steps"] == 1 and metrics["router_aux"] > 0
-    path = trainer.save() / "model"
+    path = trainer.save(hf=True) / "model"
+    trainer.checkpointer.wait()  # published (async by default)
     assert (path / "preprocessor_config.json").is_file()
     text = trainer.model.config.text_config
     with safe_open(str(path / "model.safetensors"), "pt") as f:  # (E, H, 2I) / (E, I, H), as on the Hub

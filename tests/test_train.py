@@ -37,7 +37,7 @@ def command(out: Path, *extra: str) -> list[str]:
 
 def test_three_steps_end_to_end(tmp_path):
     out = tmp_path / "run"
-    assert main([*SMALL, f"train.output_dir={out}", "train.steps=3"]) == 0
+    assert main([*SMALL, f"train.output_dir={out}", "train.steps=3", "checkpoint.save_hf_every=1"]) == 0
     baseline, *records = read_metrics(out / "metrics.jsonl")
     assert baseline["step"] == 0 and "eval/overall" in baseline  # held-out score before training
     assert [r["step"] for r in records] == [1, 2, 3]
@@ -49,6 +49,7 @@ def test_three_steps_end_to_end(tmp_path):
     assert all(0 <= r["reward/overall"] <= 1 and 0 < r["rollout/kept_group_fraction"] <= 1 for r in records)
     assert (out / "config.yaml").exists()
     assert [p.name for p in C.list_checkpoints(out)] == ["step_00000002", "step_00000003"]
+    assert [p.name for p in (C.checkpoint_root(out) / "step_00000001").iterdir()] == ["model"]  # HF copy kept
     from transformers import AutoModelForCausalLM
 
     final = AutoModelForCausalLM.from_pretrained(C.latest_checkpoint(out) / "model")  # plain HF checkpoint
@@ -71,10 +72,11 @@ def test_resume_after_kill_reproduces_the_metrics(tmp_path):
         proc.wait()
     done = C.latest_checkpoint(killed)
     assert done is not None and done.name == "step_00000002"
+    assert not (done / "model").exists()  # HF copies: at the end only by default
     assert main([*SMALL, f"train.output_dir={killed}", "train.steps=4", "--resume"]) == 0
     assert comparable(read_metrics(killed / "metrics.jsonl")) == expected
     resumed = torch.load(C.latest_checkpoint(killed) / "trainer_state.pt", weights_only=False)
-    assert resumed["step"] == 4
+    assert resumed["step"] == 4 and (C.latest_checkpoint(killed) / "model" / "config.json").is_file()
 
 
 def test_sigterm_finishes_the_step_and_checkpoints(tmp_path):
@@ -101,10 +103,13 @@ def test_nonfinite_updates_are_skipped_then_training_stops(tmp_path, monkeypatch
 
     real = update.fused_linear_policy_loss
     monkeypatch.setattr(update, "fused_linear_policy_loss", nan_loss)
+    monkeypatch.setattr(C.Checkpointer, "poll", lambda self: None)  # step 1's async save: still pending at the stop
     out = tmp_path / "run"
     assert main([*SMALL, f"train.output_dir={out}", "train.steps=5", "train.max_nonfinite_steps=2",
-                 "train.mini_batch_prompts=4", "eval.every=0", "algorithm.dynamic_sampling=false"]) == 1
+                 "train.mini_batch_prompts=4", "eval.every=0", "algorithm.dynamic_sampling=false",
+                 "checkpoint.every=1"]) == 1
     assert "NaN/inf" in capsys.readouterr().err
+    assert [p.name for p in C.list_checkpoints(out)] == ["step_00000001"]  # waited for, published
     records = read_metrics(out / "metrics.jsonl")
     assert [r["skipped_updates"] for r in records] == [1.0, 1.0]  # (eval off: no step-0 record)
     assert all(r["optimizer_steps"] == 0 for r in records)

@@ -1,0 +1,68 @@
+"""Worker for tests/test_checkpoint.py, run under ``torchrun --nproc_per_node=2`` (gloo, CPU, FSDP2).
+
+    python ckpt_worker.py train OUT     # 2 steps, checkpoint (async), full state -> OUT/reference.pt,
+                                        # then step 3 -> OUT/uninterrupted.json
+    python ckpt_worker.py resume OUT    # resume the latest checkpoint: full state -> OUT/resumed_2.pt,
+                                        # then step 3 -> OUT/resumed.json
+
+The full (gathered) model and optimizer state is what the test compares across world sizes.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from medix_fast import distributed as D
+from medix_fast.config import load_config
+from medix_fast.train import Trainer
+
+TIMING = ("time/", "throughput/", "memory/")
+
+
+def config(out: Path, strategy: str = "fsdp", *extra: str):
+    return load_config(None, [
+        "train.prompts_per_step=4", "train.mini_batch_prompts=2", "sampling.group_size=4",
+        "sampling.max_new_tokens=12", "algorithm.chunk_prompts=4", "algorithm.max_tries=2", "eval.every=0",
+        "checkpoint.every=2", "train.steps=3", "logging.progress=false", "logging.tensorboard=false",
+        "logging.plot=false", f"distributed.strategy={strategy}", f"train.output_dir={out}", *extra])
+
+
+def full_state(trainer: Trainer) -> dict:
+    """The model's and the optimizer's whole tensors on CPU (every rank calls; rank 0's are complete),
+    the optimizer's keyed by parameter name whatever the strategy."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    model = D.full_state_dict(trainer.wrapped, trainer.model)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=torch.distributed.is_initialized())
+    optimizer = get_optimizer_state_dict(trainer.wrapped, trainer.optimizer, options=options)
+    return {"model": model, "optimizer": optimizer.get("state", {}), "groups": optimizer.get("param_groups"),
+            "step": trainer.step}  # {} / None off rank 0
+
+
+def comparable(metrics: dict) -> dict:
+    return {k: None if v != v else v for k, v in metrics.items() if not k.startswith(TIMING)}
+
+
+def main(mode: str, out: Path) -> None:
+    if mode == "train":
+        trainer = Trainer(config(out / "run"))
+        for _ in range(2):
+            trainer.train_step()
+        trainer.save()
+        trainer.checkpointer.wait()
+    else:
+        trainer = Trainer(config(out / "run"), resume="latest")
+    state = full_state(trainer)  # views of live tensors (the optimizer's step counts): saved before step 3
+    if trainer.info.is_main:
+        torch.save(state, out / ("reference.pt" if mode == "train" else "resumed_2.pt"))
+    metrics = comparable(trainer.train_step())
+    if trainer.info.is_main:
+        (out / ("uninterrupted.json" if mode == "train" else "resumed.json")).write_text(json.dumps(metrics))
+    D.close()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]))
