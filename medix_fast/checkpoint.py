@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import UserError
+
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -108,5 +110,5 @@ def load_trainer_state(path: str | Path, rank: int = 0) -> tuple[dict, dict | No
     optimizer = torch.load(opt_file, weights_only=False, map_location="cpu") if opt_file.exists() else None
     rng_file = path / f"rng_rank{rank}.pt"
     if not rng_file.exists():
-        raise FileNotFoundError(f"{rng_file} missing: was the checkpoint written with a different world size?")
+        raise UserError(f"{rng_file} missing: was the checkpoint written with a different world size?")
     return trainer, optimizer, torch.load(rng_file, weights_only=False)
