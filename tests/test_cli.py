@@ -5,6 +5,7 @@ Run: pytest tests/test_cli.py   (in-process, no model is built: each error comes
 """
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -20,9 +21,12 @@ COMMANDS = {"train": train_main, "eval": eval_main, "demo.tiny": tiny.main, "dem
             "demo.sample_images": sample_images.main}
 
 
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (INFO|WARNING) ")  # progress logged before the error
+
+
 def one_error_line(capsys) -> str:
     captured = capsys.readouterr()
-    lines = [line for line in captured.err.splitlines() if line.strip()]
+    lines = [line for line in captured.err.splitlines() if line.strip() and not LOG_LINE.match(line)]
     assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
     assert "Traceback" not in captured.err + captured.out
     return lines[0]
@@ -39,13 +43,14 @@ def test_unknown_flag_is_one_error_line_exit_2(name, capsys, tmp_path):
                                   ["train.device=cuda", "train.output_dir={tmp}/run"],
                                   ["rewards.weights={{accuracy: 1, typo: 1}}", "train.output_dir={tmp}/run"],
                                   ["data.train_files=[sample:nope]", "train.output_dir={tmp}/run"],
-                                  ["train.stpes=3", "train.output_dir={tmp}/run"]])
+                                  ["train.stpes=3", "train.output_dir={tmp}/run"],
+                                  ["rewards.judge_model=/no/such/judge", "train.output_dir={tmp}/run"]])
 def test_train_user_errors_are_one_line_exit_2(argv, tmp_path, capsys):
     if "cuda" in argv[0] and __import__("torch").cuda.is_available():
         pytest.skip("a CUDA device is visible")
     assert train_main([a.format(tmp=tmp_path) for a in argv]) == 2
     line = one_error_line(capsys)
-    assert any(word in line for word in ("/no/such/model", "cuda", "typo", "nope", "train.stpes")), line
+    assert any(word in line for word in ("/no/such/model", "cuda", "typo", "nope", "train.stpes", "/no/such/judge")), line
 
 
 def test_eval_missing_model_is_one_line(capsys):
