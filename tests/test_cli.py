@@ -61,6 +61,12 @@ def test_eval_missing_model_is_one_line(capsys):
 def test_builders_refuse_bad_values_in_one_line(tmp_path, capsys):
     assert tiny.main(["--out", str(tmp_path / "t"), "--steps", "0"]) == 2
     assert "--steps" in one_error_line(capsys)
+    model_dir = tmp_path / "someone_elses_model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    assert tiny.main(["--out", str(model_dir), "--steps", "1"]) == 2  # never written over
+    assert "holds other files (config.json)" in one_error_line(capsys)
+    assert (model_dir / "config.json").read_text() == "{}"
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert sample_data.main(["--out", str(blocker / "sub")]) == 2

@@ -251,6 +251,10 @@ def _main(argv: list[str] | None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
+    held = sorted(p.name for p in args.out.iterdir()) if args.out.is_dir() else []
+    if held and not (args.out / "medix_tiny.json").is_file():  # a previous tiny build may be replaced
+        raise UserError(f"--out {args.out} holds other files ({', '.join(held[:5])}{' ...' if len(held) > 5 else ''}): "
+                        "give a new or empty directory, nothing is written over them")
     start = time.perf_counter()
     try:
         build_tiny(args.out, args.seed, TinyConfig(steps=args.steps))
