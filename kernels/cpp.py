@@ -54,17 +54,26 @@ def is_built(name: str) -> bool:
     return root.is_dir() and any(re.fullmatch(rf"{name}(_v\d+)?\.so", p.name) for p in root.rglob(f"{name}*.so"))
 
 
-def _build(with_cuda: bool) -> None:
-    from torch.utils import cpp_extension
-
+def _sources(with_cuda: bool) -> list[Path]:
     sources = sorted(CSRC.glob("*.cpp"))
     if with_cuda:
         sources += sorted((CSRC / "cuda").glob("*.c*"))  # the .cu kernel and ops.cpp
+    return sources
+
+
+def extension_name(with_cuda: bool) -> str:
+    """The extension's name, carrying a digest of its sources: two checkouts (or branches) never
+    rebuild over each other."""
     digest = hashlib.sha256()
-    for path in sorted([*sources, *CSRC.glob("*.h"), *(CSRC / "cuda").glob("*.h")]):
+    for path in sorted([*_sources(with_cuda), *CSRC.glob("*.h"), *(CSRC / "cuda").glob("*.h")]):
         digest.update(path.read_bytes())
-    # named by its sources: two checkouts (or branches) never rebuild over each other
-    name = "medix_fast_C" + ("_cuda" if with_cuda else "") + "_" + digest.hexdigest()[:10]
+    return "medix_fast_C" + ("_cuda" if with_cuda else "") + "_" + digest.hexdigest()[:10]
+
+
+def _build(with_cuda: bool) -> None:
+    from torch.utils import cpp_extension
+
+    sources, name = _sources(with_cuda), extension_name(with_cuda)
     announced = not is_built(name)
     if announced:
         log.info("building the C++ ops of %s, once (about a minute; cached in %s)", CSRC, build_root())

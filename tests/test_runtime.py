@@ -86,8 +86,9 @@ def test_first_cpp_build_is_announced(monkeypatch, tmp_path, caplog):
         cpp._build(with_cuda=False)
     assert "building the C++ ops" in caplog.text and "once" in caplog.text and str(tmp_path) in caplog.text
     caplog.clear()
-    (tmp_path / "py_cpu" / "medix_fast_C").mkdir(parents=True)
-    (tmp_path / "py_cpu" / "medix_fast_C" / "medix_fast_C.so").write_bytes(b"")
+    name = cpp.extension_name(with_cuda=False)
+    (tmp_path / "py_cpu" / name).mkdir(parents=True)
+    (tmp_path / "py_cpu" / name / f"{name}.so").write_bytes(b"")
     with caplog.at_level(logging.INFO, logger="medix_fast.kernels"):
         cpp._build(with_cuda=False)
     assert "building" not in caplog.text
