@@ -186,17 +186,17 @@ def test_kv_pool_is_released_before_each_update(tmp_path, monkeypatch):
     from medix_fast.rl.update import Updater
 
     events = []
-    release, update = Sampler.release, Updater.update
+    release, run = Sampler.release, Updater.run
 
     def recording_release(self):
         events.append(("release", self.pool is not None))
         release(self)
 
-    def recording_update(self, seqs):
+    def recording_run(self, plan):  # the trainer prepares the plan inside generation_mode, runs it after
         events.append(("update", None))
-        return update(self, seqs)
+        return run(self, plan)
 
     monkeypatch.setattr(Sampler, "release", recording_release)
-    monkeypatch.setattr(Updater, "update", recording_update)
+    monkeypatch.setattr(Updater, "run", recording_run)
     assert main([*SMALL, f"train.output_dir={tmp_path / 'run'}", "train.steps=2", "eval.every=0"]) == 0
     assert events == [("release", True), ("update", None)] * 2
