@@ -126,7 +126,8 @@ def reward_figure(records: list[dict], title: str = ""):
         ax.set_ylim(-0.03, 1.03)
         ax.set_ylabel("mean over responses")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+        if ax.get_legend_handles_labels()[0]:  # a panel with nothing logged yet has no legend
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.suptitle(title or "reward curves")
     fig.tight_layout()
     return fig
