@@ -4,7 +4,8 @@ The extension is compiled just in time, once, at first use (``torch.utils.cpp_ex
 with ninja and the system C++ compiler; about a minute on 2 cores), and cached under
 ``~/.cache/torch_extensions`` (or ``$TORCH_EXTENSIONS_DIR``) under a name that carries a digest of
 the sources, so another version of them (another checkout, another branch) is another build, never
-a rebuild over this one. The CUDA kernel of ``sample_tokens`` (``csrc/cuda/``) joins the build when torch
+a rebuild over this one; a first build is announced on the ``medix_fast.kernels`` logger ("building
+the C++ ops, once"). The CUDA kernel of ``sample_tokens`` (``csrc/cuda/``) joins the build when torch
 is a CUDA build and nvcc is found (if that build fails, the CPU ops are built alone). Any failure (no compiler, no
 ninja) warns once and leaves :func:`available` False, so the dispatch falls back to the PyTorch
 path. Prebuild, and see what is active, with::
@@ -21,8 +22,11 @@ fake implementation, so they work under ``torch.compile``.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import re
 import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -34,19 +38,48 @@ METRICS = ("ratio_mean", "clip_low", "clip_high", "clip_dual", "kl", "entropy")
 _error: str | None = None
 _cuda_built = False
 _available: bool | None = None  # None: not tried yet
+log = logging.getLogger("medix_fast.kernels")
+
+
+def build_root() -> Path:
+    """Where torch caches JIT-built extensions (``$TORCH_EXTENSIONS_DIR`` or its default)."""
+    from torch.utils import cpp_extension
+
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root())
+
+
+def is_built(name: str) -> bool:
+    """Whether a library of extension ``name`` is in the cache (it may still be rebuilt if stale)."""
+    root = build_root()
+    return root.is_dir() and any(re.fullmatch(rf"{name}(_v\d+)?\.so", p.name) for p in root.rglob(f"{name}*.so"))
+
+
+def _sources(with_cuda: bool) -> list[Path]:
+    sources = sorted(CSRC.glob("*.cpp"))
+    if with_cuda:
+        sources += sorted((CSRC / "cuda").glob("*.c*"))  # the .cu kernel and ops.cpp
+    return sources
+
+
+def extension_name(with_cuda: bool) -> str:
+    """The extension's name, carrying a digest of its sources: two checkouts (or branches) never
+    rebuild over each other."""
+    digest = hashlib.sha256()
+    for path in sorted([*_sources(with_cuda), *CSRC.glob("*.h"), *(CSRC / "cuda").glob("*.h")]):
+        digest.update(path.read_bytes())
+    return "medix_fast_C" + ("_cuda" if with_cuda else "") + "_" + digest.hexdigest()[:10]
 
 
 def _build(with_cuda: bool) -> None:
     from torch.utils import cpp_extension
 
-    sources = sorted(CSRC.glob("*.cpp"))
-    if with_cuda:
-        sources += sorted((CSRC / "cuda").glob("*.c*"))  # the .cu kernel and ops.cpp
-    digest = hashlib.sha256()
-    for path in sorted([*sources, *CSRC.glob("*.h"), *(CSRC / "cuda").glob("*.h")]):
-        digest.update(path.read_bytes())
-    cpp_extension.load(  # named by its sources: two checkouts (or branches) never rebuild over each other
-        name="medix_fast_C" + ("_cuda" if with_cuda else "") + "_" + digest.hexdigest()[:10],
+    sources, name = _sources(with_cuda), extension_name(with_cuda)
+    announced = not is_built(name)
+    if announced:
+        log.info("building the C++ ops of %s, once (about a minute; cached in %s)", CSRC, build_root())
+    start = time.perf_counter()
+    cpp_extension.load(
+        name=name,
         sources=[str(p) for p in sources],
         extra_cflags=["-O3", "-fopenmp"],
         extra_cuda_cflags=["-O3"],
@@ -54,6 +87,10 @@ def _build(with_cuda: bool) -> None:
         is_python_module=False,
         verbose=os.environ.get("MEDIX_FAST_BUILD_VERBOSE") == "1",
     )
+    seconds = time.perf_counter() - start
+    if announced or seconds > 10:
+        log.info("%s the C++ ops in %.0f s%s", "built" if announced else "rebuilt", seconds,
+                 "" if announced else " (their sources or flags changed)")
 
 
 def available() -> bool:

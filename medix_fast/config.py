@@ -25,6 +25,7 @@ from .errors import ConfigError
 from .generate.tokens import SamplingParams
 from .kernels import LossOptions
 from .rewards import RewardConfig
+from .rewards.composite import BUILTIN
 
 DEFAULT_CONFIG = Path(str(importlib.resources.files("medix_fast.configs") / "tiny.yaml"))
 
@@ -119,6 +120,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     output_dir: str = "runs/medix_fast"
     max_nonfinite_steps: int = 3  # stop after this many skipped (NaN/inf) updates in a row
+    threads: int = 0  # intra-op CPU threads per rank; 0: OMP_NUM_THREADS, else the cores available / local ranks
 
 
 @dataclass
@@ -135,6 +137,7 @@ class EvalConfig:
     top_p: float = 1.0
     judge_votes: int = 1
     judge_temperature: float = 0.0
+    samples: int = 0  # k > 0: also pass@1 and pass@k of k responses per item sampled like the rollout
 
 
 @dataclass
@@ -370,10 +373,13 @@ def check(cfg: Config) -> None:
     if s.temperature == 0:
         raise ConfigError("sampling.temperature: must be > 0 for RL (0 is greedy: every group has zero variance)")
     e = cfg.eval
-    if e.every < 0 or e.limit < 0 or not 0 <= e.max_new_tokens <= s.max_new_tokens or e.judge_votes < 1:
+    if e.every < 0 or e.limit < 0 or not 0 <= e.max_new_tokens <= s.max_new_tokens or e.judge_votes < 1 \
+            or e.samples < 0:
         raise ConfigError(f"eval: need every >= 0, limit >= 0, 0 <= max_new_tokens <= sampling.max_new_tokens "
-                          f"({s.max_new_tokens}), judge_votes >= 1; got {e.every}, {e.limit}, {e.max_new_tokens}, "
-                          f"{e.judge_votes}")
+                          f"({s.max_new_tokens}), judge_votes >= 1, samples >= 0; got {e.every}, {e.limit}, "
+                          f"{e.max_new_tokens}, {e.judge_votes}, {e.samples}")
+    if t.threads < 0:
+        raise ConfigError(f"train.threads: must be >= 0 (0: automatic), got {t.threads}")
     if e.every and not e.tasks and not cfg.data.val_files:
         raise ConfigError("eval.every: give eval.tasks (a tasks YAML) or data.val_files to evaluate on")
     if cfg.model.router_aux_loss_coef < 0:
@@ -382,6 +388,10 @@ def check(cfg: Config) -> None:
     if c.every < 0 or c.keep_last < 0 or c.save_hf_every < 0:
         raise ConfigError(f"checkpoint: need every, keep_last, save_hf_every >= 0; got {c.every}, {c.keep_last}, "
                           f"{c.save_hf_every}")
+    unknown = set(cfg.rewards.weights) - set(BUILTIN) - set(cfg.rewards.custom)
+    if unknown:
+        raise ConfigError(f"rewards.weights: unknown components {sorted(unknown)}; known: {list(BUILTIN)} "
+                          f"and those of rewards.custom")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas}")
 

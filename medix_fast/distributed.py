@@ -46,6 +46,8 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 # DCP warns on every single-process save and load; one process is a use here, not a mistake
 warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized, assuming")
 
+from .errors import ConfigError
+
 
 @dataclass
 class DistInfo:
@@ -71,7 +73,7 @@ def init_distributed(device: str, backend: str, strategy: str = "ddp") -> DistIn
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible")
+        raise ConfigError("train.device=cuda but no CUDA device is visible")
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)

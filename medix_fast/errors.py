@@ -1,5 +1,17 @@
-"""The user-facing errors: each names what is wrong (the dotted config key, the ``file:row``, the
-path) so that a command can print it as one ``error:`` line and exit 2, with no traceback."""
+"""The user-facing errors, and how every command reports them.
+
+A :class:`UserError` names what is wrong (the dotted config key, the ``file:row``, the path);
+every command (``python -m medix_fast.train``, ``python -m medix_fast.eval``, the demo
+builders) parses its line with :class:`ArgumentParser` and runs through :func:`run_command`, so
+that a user error, a command-line mistake included, is one ``error: ...`` line on stderr and
+exit status 2, while anything else is a bug and keeps its traceback. ``--debug`` (every
+command has it) shows the traceback of a user error too.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
 
 
 class UserError(ValueError):
@@ -12,3 +24,35 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """Malformed data: the message lists each bad row as ``file:row: reason``."""
+
+
+class UsageError(UserError):
+    """A bad command line (unknown flag, missing or malformed value)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a ``--debug`` flag whose mistakes raise :class:`UsageError` (one ``error:``
+    line, exit 2, via :func:`run_command`) instead of printing the usage block and exiting.
+    ``parse_args`` accepts flags anywhere on the line, before, between or after positionals."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument("--debug", action="store_true", help="show the traceback of a user error")
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+    def parse_args(self, args=None, namespace=None):
+        return self.parse_intermixed_args(args, namespace)
+
+
+def run_command(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+    """``main(argv)``'s exit status; a :class:`UserError` is printed as one ``error:`` line and
+    gives 2 (re-raised with ``--debug`` on the line, for its traceback)."""
+    try:
+        return main(argv)
+    except UserError as err:
+        if "--debug" in (sys.argv[1:] if argv is None else argv):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -57,13 +57,13 @@ class MetricsLogger:
                 if key != "step":
                     self.writer.add_scalar(key, value, step)
 
-    def close(self, plot: bool = True) -> Path | None:
-        """Flush TensorBoard; with ``plot`` write ``rewards.png`` and return its path."""
+    def close(self, plot: bool = True, title: str = "") -> Path | None:
+        """Flush TensorBoard; with ``plot`` write ``rewards.png`` (titled ``title``) and return its path."""
         if not self.enabled:
             return None
         if self.writer is not None:
             self.writer.close()
-        return plot_rewards(self.path, self.dir / "rewards.png") if plot else None
+        return plot_rewards(self.path, self.dir / "rewards.png", title) if plot else None
 
 
 def rolling_mean(values: list[float], window: int) -> list[float]:
@@ -75,36 +75,75 @@ def rolling_mean(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot_rewards(metrics_path: str | Path, out: str | Path) -> Path | None:
-    """Reward components (``reward/*`` and the held-out ``eval/*`` means, not per task) against
-    the step, as a PNG: training rewards faint per step with a rolling mean over a tenth of the
-    run on top."""
-    try:
-        import matplotlib
+COMPONENTS = ("accuracy", "semantic", "modality", "format", "overlong")  # fixed colours, in this order
 
-        matplotlib.use("Agg")
+
+def reward_figure(records: list[dict], title: str = ""):
+    """The reward curves as a matplotlib figure of two panels, legends beside them (never over the
+    lines): (1) the training reward (overall) and the held-out accuracy (greedy, with pass@1 /
+    pass@k when sampled); (2) every reward component, training as lines and held-out as markers
+    in the same colour. Training values are faint per step with a rolling mean over a tenth of the
+    run on top. None when no reward was logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(key: str) -> tuple[list, list]:
+        points = [(r["step"], r[key]) for r in records if key in r and r[key] == r[key]]
+        return ([s for s, _ in points], [v for _, v in points]) if points else ([], [])
+
+    def train_line(ax, key: str, color: str, label: str) -> None:
+        steps, values = series(key)
+        if steps:
+            ax.plot(steps, values, color=color, alpha=0.2, linewidth=1)
+            ax.plot(steps, rolling_mean(values, max(1, len(values) // 10)), color=color, linewidth=2, label=label)
+
+    def eval_line(ax, key: str, color: str, label: str, style: str = "--") -> None:
+        steps, values = series(key)
+        if steps:
+            ax.plot(steps, values, color=color, linestyle=style, marker="o", markersize=5, label=label)
+
+    if not any(k.startswith(("reward/", "eval/")) for r in records for k in r):
+        return None
+    colors = plt.get_cmap("tab10").colors
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7.5), sharex=True)
+    train_line(top, "reward/overall", "black", "training reward (overall)")
+    eval_line(top, "eval/accuracy", colors[0], "held-out accuracy (greedy)", "-")
+    passes = sorted({k for r in records for k in r if k.startswith("eval/pass@")}, key=lambda k: int(k[10:]))
+    for key, style in zip(passes, (":", "-.")):
+        eval_line(top, key, colors[0], f"held-out {key[5:]} (sampled)", style)
+    top.set_title("training reward and held-out accuracy", fontsize=10)
+    present = {k.split("/", 1)[1] for r in records for k in r if k.startswith(("reward/", "eval/")) and k.count("/") == 1}
+    others = sorted(present - set(COMPONENTS) - {"overall", "mean_accuracy"} - {k[5:] for k in passes})
+    for i, name in enumerate([c for c in COMPONENTS if c in present] + others):
+        color = colors[(i + 1) % len(colors)] if name != "accuracy" else colors[0]
+        train_line(bottom, f"reward/{name}", color, f"{name}: training")
+        eval_line(bottom, f"eval/{name}", color, f"{name}: held-out")
+    bottom.set_title("reward components: training (lines), held-out (markers)", fontsize=10)
+    bottom.set_xlabel("step")
+    for ax in (top, bottom):
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_ylabel("mean over responses")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:  # a panel with nothing logged yet has no legend
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.suptitle(title or "reward curves")
+    fig.tight_layout()
+    return fig
+
+
+def plot_rewards(metrics_path: str | Path, out: str | Path, title: str = "") -> Path | None:
+    """Write :func:`reward_figure` of ``metrics_path`` to the PNG ``out`` (None without matplotlib
+    or rewards)."""
+    try:
         import matplotlib.pyplot as plt
     except ImportError:
         log.info("matplotlib is not installed: no reward plot")
         return None
-    records = read_metrics(metrics_path)
-    keys = sorted({k for r in records for k in r if k.startswith(("reward/", "eval/")) and k.count("/") == 1
-                   and k != "eval/mean_accuracy"})
-    if not keys:
+    fig = reward_figure(read_metrics(metrics_path), title)
+    if fig is None:
         return None
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for key in keys:
-        steps, values = zip(*[(r["step"], r[key]) for r in records if key in r])
-        if key.startswith("eval/"):
-            ax.plot(steps, values, label=key, marker="o", linestyle="--")
-            continue
-        (line,) = ax.plot(steps, values, alpha=0.25)
-        ax.plot(steps, rolling_mean(list(values), max(1, len(values) // 10)), color=line.get_color(), label=key)
-    ax.set_xlabel("step")
-    ax.set_ylabel("mean reward")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return Path(out)

@@ -54,17 +54,21 @@ from . import distributed as D
 from .config import Config, load_config, save_config
 from .data import PromptLoader, build_prompts, load_examples
 from .data.vision import Vision
-from .errors import UserError
+from .errors import ArgumentParser, run_command
 from .eval import Evaluator
 from .export import save_hf_model, write_hf_files
 from .generate import Sampler
-from .metrics import MetricsLogger, truncate_after
+from .kernels.dispatch import use_cpp
+from .metrics import MetricsLogger, read_metrics, truncate_after
 from .model.loading import (compute_dtype, image_token_id, is_vl, load_image_processor, load_model,
-                            set_vision_trainable, stop_ids)
+                            resolve_model_path, set_vision_trainable, stop_ids)
 from .model.moe import is_moe, set_router_trainable
+from .report import Eta, clock, end_summary, eval_message, start_message
 from .rewards import build_reward
 from .rl.rollout import Rollout
 from .rl.update import PolicyObjective, Updater
+from .run_dir import claim_output_dir
+from .runtime import set_cpu_threads, setup_logging
 
 log = logging.getLogger("medix_fast.train")
 
@@ -96,13 +100,15 @@ class Trainer:
         self.cfg = cfg
         t = cfg.train
         self.info = D.init_distributed(t.device, cfg.distributed.backend, cfg.distributed.strategy)
+        self.threads = set_cpu_threads(t.threads, "train.threads")
         self.out = Path(t.output_dir)
         random.seed(t.seed)
         np.random.seed(t.seed)
         torch.manual_seed(t.seed)
         self.stop_requested = False
 
-        train_examples = load_examples(cfg.data.train_files, cfg.data)  # bad rows fail before any model loads
+        dropped = self.out / "dropped_rows.txt" if self.info.is_main else None
+        train_examples = load_examples(cfg.data.train_files, cfg.data, dropped)  # bad rows fail before any model loads
         train_examples = train_examples[:cfg.data.max_examples or None]
         ckpt = self._find_checkpoint(resume)
         dev, dtype = self.info.device, compute_dtype(cfg.model.dtype, self.info.device)
@@ -123,7 +129,7 @@ class Trainer:
             vision = Vision(load_image_processor(cfg.model.path), image_token_id(self.model),
                             cfg.data.min_pixels or None, cfg.data.max_pixels or None)
         self.vision = vision
-        self.prompts, _ = build_prompts(train_examples, self.tokenizer, cfg.data.max_prompt_length, vision)
+        self.prompts, _ = build_prompts(train_examples, self.tokenizer, cfg.data.max_prompt_length, vision, dropped)
         self.evaluator = Evaluator.from_config(cfg, self.tokenizer, self.info, vision) if cfg.eval.every else None
 
         self.objective = PolicyObjective(self.model, cfg.sampling.temperature, t.share_prompt,
@@ -163,11 +169,12 @@ class Trainer:
         if self.info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
-            truncate_after(self.out / "metrics.jsonl", self.step)
+            truncate_after(self.out / "metrics.jsonl", self.step if ckpt else -1)
         self.logger = MetricsLogger(self.out, self.info.is_main, cfg.logging.tensorboard)
-        log.info("%d train prompts, %d held-out; %s on %s x%d (%s), %d parameters", len(self.prompts),
-                 len(self.evaluator.items) if self.evaluator else 0, cfg.model.path, dev.type, world,
-                 cfg.distributed.strategy, sum(p.numel() for p in self.model.parameters()))
+        cpp_ops = use_cpp(torch.empty(0, device=dev))  # builds the C++ ops now (once), not inside step 1
+        log.info("%s", start_message(cfg, self.info, resolve_model_path(cfg.model.path),
+                                     sum(p.numel() for p in self.model.parameters()), self.threads, cpp_ops,
+                                     len(self.prompts), len(self.evaluator.items) if self.evaluator else 0))
 
     # ------------------------------------------------------------------ checkpoints
     def _find_checkpoint(self, resume: str | None) -> Path | None:
@@ -267,28 +274,43 @@ class Trainer:
         log.warning("signal %d: finishing this step, then checkpoint and exit", signum)
 
     def run(self) -> list[dict]:
-        """Train until ``train.steps`` (or a stop signal); returns this run's metrics records."""
+        """Train until ``train.steps`` (or a stop signal); returns this run's metrics records.
+        Rank 0 prints each held-out evaluation's table and, at the end, a summary."""
         from tqdm.auto import tqdm
 
-        cfg = self.cfg
+        cfg, main = self.cfg, self.info.is_main
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
-                   disable=not (self.info.is_main and cfg.logging.progress))
-        records = []
+                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
+                   disable=not (main and cfg.logging.progress))
+        eta = Eta(cfg.train.steps, self.step)
+        records, started, eval_s, path = [], time.perf_counter(), 0.0, None
+
+        def show(step: int, metrics: dict) -> None:
+            if main and any(k.startswith("eval/") for k in metrics):
+                tqdm.write(eval_message(step, self.evaluator, metrics), file=sys.stdout)
+
         try:
             if self.step == 0 and self.evaluator and cfg.eval.at_start:  # the baseline, as step 0
+                t0 = time.perf_counter()
                 baseline = self.evaluate(0)
+                eval_s += time.perf_counter() - t0
                 self.logger.log(0, baseline)
                 records.append({"step": 0, **baseline})
+                show(0, baseline)
             while self.step < cfg.train.steps:
+                t0 = time.perf_counter()
                 metrics = self.train_step()
                 self.checkpointer.poll()
+                eta.step(time.perf_counter() - t0)
+                eval_s += metrics["time/eval_s"]
                 self.logger.log(self.step, metrics)
                 records.append({"step": self.step, **metrics})
+                show(self.step, metrics)
                 bar.update(1)
-                bar.set_postfix(reward=f"{metrics.get('reward/overall', float('nan')):.3f}",
-                                len=f"{metrics['response/length_mean']:.0f}",
-                                kept=f"{metrics['rollout/kept_group_fraction']:.2f}")
+                bar.set_postfix_str(f"eta {clock(eta.remaining())}, reward {metrics.get('reward/overall', float('nan')):.3f}, "
+                                    f"len {metrics['response/length_mean']:.0f}, "
+                                    f"kept {metrics['rollout/kept_group_fraction']:.2f}")
                 if self.updater.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:  # every rank alike
                     self.checkpointer.wait()  # the last good step's checkpoint, if still being written
                     raise TrainingDiverged(f"{self.updater.nonfinite_in_a_row} updates in a row had a NaN/inf loss or "
@@ -297,7 +319,8 @@ class Trainer:
                 every, hf_every = cfg.checkpoint.every, cfg.checkpoint.save_hf_every
                 hf = self.step == cfg.train.steps or bool(hf_every and self.step % hf_every == 0)
                 if stop or hf or (every and self.step % every == 0):
-                    self.save(hf)
+                    saved = self.save(hf)
+                    path = saved if hf else path  # the last checkpoint with a model/ to evaluate
                 if stop:
                     log.warning("stopped at step %d by a signal; resume with --resume", self.step)
                     break
@@ -306,9 +329,12 @@ class Trainer:
             bar.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
-            plot = self.logger.close(cfg.logging.plot and self.step == cfg.train.steps)
-            if plot:
-                log.info("reward curves: %s", plot)
+            title = (f"{cfg.model.path}, {cfg.algorithm.loss_type.upper()} on {', '.join(cfg.data.train_files)}: "
+                     f"{self.step} steps ({cfg.train.output_dir})")
+            plot = self.logger.close(cfg.logging.plot and self.step == cfg.train.steps, title)
+        if main:
+            print(end_summary(read_metrics(self.out / "metrics.jsonl"), cfg, time.perf_counter() - started, eval_s,
+                              plot, path), flush=True)
         return records
 
 
@@ -320,37 +346,46 @@ def _bool(text: str) -> bool:
 
 
 def parse_args(argv: list[str] | None):
-    p = argparse.ArgumentParser(prog="python -m medix_fast.train", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="overrides: section.key=value, e.g. train.steps=20 optim.lr=1e-5 "
-                                       "data.train_files=[a.jsonl,b.parquet]")
+    p = ArgumentParser(prog="python -m medix_fast.train", description=__doc__.splitlines()[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="overrides: section.key=value, e.g. train.steps=20 optim.lr=1e-5 "
+                              "data.train_files=[a.jsonl,b.parquet]; flags may come anywhere on the line")
     p.add_argument("--config", help="YAML config (default: the packaged configs/tiny.yaml)")
     p.add_argument("--resume", action="store_const", const="latest", default=None,
                    help="continue from the latest checkpoint in train.output_dir")
     p.add_argument("--resume-from", dest="resume", metavar="CHECKPOINT",
                    help="continue from this checkpoint directory (.../checkpoints/step_N)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a train.output_dir that holds a previous run, moved aside to <dir>.old-N")
     p.add_argument("--strict", type=_bool, default=None, metavar="{true,false}",
                    help="same as data.strict=...: false skips malformed rows instead of failing")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     overrides = list(args.overrides) + ([f"data.strict={str(args.strict).lower()}"] if args.strict is not None else [])
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(rank)
     try:
         cfg = load_config(args.config, overrides)
+        aside = claim_output_dir(cfg.train.output_dir, args.resume == "latest", args.overwrite, rank == 0)
+        if aside:
+            log.info("--overwrite: the previous run in %s was moved to %s", cfg.train.output_dir, aside)
         trainer = Trainer(cfg, args.resume)
         trainer.run()
-    except (UserError, TrainingDiverged) as err:
+    except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2 if isinstance(err, UserError) else 1
+        return 1
     finally:
         D.close()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command: 0 when done, 2 on a user error (one ``error:`` line), 1 when training diverged."""
+    return run_command(_main, argv)
 
 
 if __name__ == "__main__":

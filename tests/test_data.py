@@ -54,7 +54,40 @@ def test_non_strict_skips_bad_rows_with_a_count(tmp_path, caplog):
     path = jsonl(tmp_path / "mixed.jsonl", [GOOD, {"problem": "q"}, GOOD])
     examples = load_examples([path], DataConfig(strict=False))
     assert len(examples) == 2 and examples[1].source.endswith("mixed.jsonl:3")
-    assert "skipped 1 malformed" in caplog.text
+    assert "dropped 1 malformed" in caplog.text and "mixed.jsonl:2: missing field 'solution'" in caplog.text
+
+
+def test_json_errors_name_the_column_of_the_line(tmp_path):
+    bad_value = '{"problem": "Which organ?", "solution": <CT_SCAN> liver}'
+    cut_short = '{"problem": "Which organ?", "solution": "<CT_SCAN> liver"'
+    path = jsonl(tmp_path / "c.jsonl", [GOOD, bad_value, cut_short])
+    with pytest.raises(DataError) as info:
+        load_examples([path], DataConfig())
+    text = str(info.value)
+    assert f"c.jsonl:2: not valid JSON (Expecting value: at column {bad_value.index('<') + 1})" in text
+    assert f"c.jsonl:3: not valid JSON (Expecting ',' delimiter: the line ends at column {len(cut_short)}" in text
+
+
+def test_every_dropped_row_is_named_and_many_go_to_a_file(tmp_path, caplog):
+    path = jsonl(tmp_path / "many.jsonl", [GOOD] + [{"problem": "q"}] * 25)
+    report = tmp_path / "run" / "dropped_rows.txt"
+    assert len(load_examples([path], DataConfig(strict=False), report)) == 1
+    assert report.read_text().splitlines() == [f"{path}:{i}: missing field 'solution'" for i in range(2, 27)]
+    assert f"{path}:21: missing" in caplog.text and f"{path}:22: missing" not in caplog.text
+    assert f"all 25 are listed in {report}" in caplog.text
+    few = jsonl(tmp_path / "few.jsonl", [GOOD, {"problem": "q"}])
+    load_examples([few], DataConfig(strict=False), tmp_path / "few.txt")
+    assert not (tmp_path / "few.txt").exists()  # named in the log, no file needed
+
+
+def test_long_prompts_are_named_when_dropped(tiny_tokenizer, caplog):
+    from medix_fast.data import Example
+
+    examples = [Example("Which organ?", "<CT_SCAN> liver", source="f.jsonl:1"),
+                Example("long " * 400, "<CT_SCAN> liver", source="f.jsonl:2")]
+    prompts, dropped = build_prompts(examples, tiny_tokenizer, 300)
+    assert dropped == 1 and len(prompts) == 1
+    assert "f.jsonl:2: the prompt is" in caplog.text and "data.max_prompt_length=300" in caplog.text
 
 
 def test_unreadable_and_missing_files_are_named(tmp_path):

@@ -204,6 +204,32 @@ def test_scorer_votes_with_a_real_judge_model(tasks_yaml):
         assert list(scores) == ["accuracy", "format", "modality", "overall"]
 
 
+def test_pass_at_k_counts_items_with_any_right_sample(tmp_path, tokenizer, reward_fn):
+    """pass@1 is the mean accuracy of the k samples, pass@k the share of items with one right."""
+    rows = [{"q": f"Q{i}", "a": f"<CT_SCAN> answer {i}"} for i in range(5)]
+    write_jsonl(tmp_path / "t.jsonl", rows)
+    (tmp_path / "t.yaml").write_text("- {name: t, file: t.jsonl, columns: {question: q, answer: a}}\n")
+    tasks = load_tasks(tmp_path / "t.yaml")
+    right = {0: 3, 1: 1, 2: 0, 3: 4, 4: 0}  # right samples of 4 per item
+    calls = []
+
+    def generate(items, prompt_ids, seed):
+        calls.append(len(items))
+        return [Generation(wrap("<CT_SCAN>", f"answer {int(it.question[1:])}" if j < right[int(it.question[1:])]
+                                else "other"), 5, "stop") for it in items for j in range(4)]
+
+    evaluator = Evaluator(tasks, tokenizer, EvalSettings(batch_size=8))
+    result = evaluator.pass_at_k(generate, Scorer(reward_fn), 4)
+    assert result == {"pass@1": pytest.approx(8 / 20), "pass@4": pytest.approx(3 / 5)}
+    assert calls == [2, 2, 1]  # batch_size counts samples: 8 // 4 items per call
+
+
+def test_one_task_table_has_no_repeated_mean_rows():
+    summary = {"keys": ["accuracy"], "tasks": {"t": {"n": 2, "total": 2, "accuracy": 0.5}},
+               "macro": {"n": 2, "accuracy": 0.5}, "micro": {"n": 2, "accuracy": 0.5}}
+    assert markdown_table(summary).splitlines()[2:] == ["| t | 2 | 50.0 |"]
+
+
 def test_resume_generates_only_the_rest(tasks_yaml, tokenizer, reward_fn, tmp_path):
     tasks = load_tasks(tasks_yaml)
     out = tmp_path / "out"
@@ -297,7 +323,8 @@ def test_tiny_smoke_and_two_ranks(tmp_path, capsys):
     assert len(read_records(one / "generations.jsonl")) == 2
     assert main(cli("--out", str(one))) == 0
     printed = capsys.readouterr().out
-    assert "| sample_test | 4 |" in printed and "| **all items** | 4 |" in printed
+    assert "4 held-out items, greedy, <= 40 new tokens; accuracy by exact match" in printed
+    assert "| sample_test | 4 |" in printed  # one task: no mean rows
     records = read_records(one / "generations.jsonl")
     assert sorted(r["index"] for r in records) == [0, 1, 2, 3]
     for r in records:
@@ -312,7 +339,7 @@ def test_tiny_smoke_and_two_ranks(tmp_path, capsys):
            "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", "-m", "medix_fast.eval", *cli("--out", str(two))]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert done.stdout.count("| **all items** | 4 |") == 1  # rank 0 prints
+    assert done.stdout.count("| sample_test | 4 |") == 1  # rank 0 prints
     by_index = {r["index"]: r for r in read_records(two / "generations.jsonl")}
     assert sorted(by_index) == [0, 1, 2, 3]
     for r in records:

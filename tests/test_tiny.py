@@ -12,7 +12,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from medix_fast.data.prompt import FORMAT_TAGS, MODALITY_TAGS, build_messages, split_solution
 import medix_fast.demo.tiny as tiny_module
-from medix_fast.demo.tiny import TinyConfig, build_tiny, collate, common_prefix_len, encode_examples, read_train_rows, shared_prefix_loss
+from medix_fast.demo.sample_data import look_alike
+from medix_fast.demo.tiny import (TinyConfig, build_tiny, collate, common_prefix_len, encode_examples, read_train_rows,
+                                  shared_prefix_loss, teacher_answers, warm_start, warm_start_response)
 from medix_fast.demo.cache import ensure_tiny_model, recipe_digest
 
 FORMAT = re.compile(r"(<[A-Z_]+>)<thinking>.+?</thinking><answer>(.+?)</answer>", re.S)
@@ -109,7 +111,7 @@ def test_same_seed_same_checkpoint(small_builds):
 def test_shared_prefix_loss_equals_full_batch_loss(small_builds):
     tok = AutoTokenizer.from_pretrained(small_builds[0])
     model = AutoModelForCausalLM.from_pretrained(small_builds[0])
-    examples = encode_examples(tok, read_train_rows()[:6])
+    examples = [(p, responses[0]) for p, responses in encode_examples(tok, read_train_rows()[:6])]
     prefix_len = common_prefix_len(examples)
     assert 50 < prefix_len < min(len(p) for p, _ in examples)
     full = model(**collate(examples, tok.pad_token_id)).loss
@@ -119,3 +121,30 @@ def test_shared_prefix_loss_equals_full_batch_loss(small_builds):
     g_shared = torch.autograd.grad(shared, list(model.parameters()))
     for a, b in zip(g_full, g_shared):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_unsure_teacher_draws_answers_by_its_probabilities(monkeypatch):
+    """Each time an item is shown, its target answer is drawn afresh: right, look-alike, others."""
+    rows = read_train_rows()[:40]
+    solutions = [r["solution"] for r in rows]
+    answers = [teacher_answers(s) for s in solutions]
+    assert all(a == [split_solution(s)[1], look_alike(*split_solution(s))] and a[0] != a[1]
+               for a, s in zip(answers, solutions))
+    responses = [[f"{i}:{k}" for k in range(len(TinyConfig.teacher))] for i in range(len(rows))]
+    shown = []
+
+    def record(model, batch, prefix_len, pad_id):
+        shown.extend(r for _, r in batch)
+        return (model.weight * 0).sum()
+
+    monkeypatch.setattr(tiny_module, "shared_prefix_loss", record)
+    cfg = TinyConfig(steps=400, batch_size=10)
+    warm_start(torch.nn.Linear(1, 1), [([1, 2], r) for r in responses], cfg, seed=0, pad_id=0)
+    picks = torch.tensor([int(r.split(":")[1]) for r in shown])  # (4000,)
+    freq = torch.bincount(picks, minlength=len(cfg.teacher)).double() / len(picks)
+    torch.testing.assert_close(freq, torch.tensor(cfg.teacher, dtype=torch.float64), atol=0.03, rtol=0)
+    assert sorted({int(r.split(":")[0]) for r in shown}) == list(range(len(rows)))  # every item shown
+    right, alike = answers[0]
+    target = warm_start_response(solutions[0], alike)  # the reasoning stays right; the answer wavers
+    assert target.startswith(split_solution(solutions[0])[0])
+    assert f"point to {right}, not {alike}.</thinking><answer>{alike}</answer>" in target

@@ -17,6 +17,7 @@ import torch
 
 from medix_fast import checkpoint as C
 from medix_fast.metrics import read_metrics
+from medix_fast.eval import main as eval_main
 from medix_fast.train import main
 
 SMALL = ["train.prompts_per_step=4", "train.mini_batch_prompts=2", "sampling.group_size=4",
@@ -35,12 +36,19 @@ def command(out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "medix_fast.train", *SMALL, f"train.output_dir={out}", *extra]
 
 
-def test_three_steps_end_to_end(tmp_path):
+def test_three_steps_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     assert main([*SMALL, f"train.output_dir={out}", "train.steps=3", "checkpoint.save_hf_every=1"]) == 0
     baseline, *records = read_metrics(out / "metrics.jsonl")
     assert baseline["step"] == 0 and "eval/overall" in baseline  # held-out score before training
-    assert [r["step"] for r in records] == [1, 2, 3]
+    assert [r["step"] for r in records] == [1, 2, 3]  # step 0 written once
+    printed = capsys.readouterr().out
+    for step in (0, 2):  # each held-out evaluation's table, as it happens
+        assert f"held-out evaluation at step {step}: 4 held-out items, greedy" in printed
+    assert printed.count("| sample_test | 4 |") == 2
+    assert "done: 3 steps in " in printed and "training reward (overall" in printed
+    assert f"metrics: {out / 'metrics.jsonl'}" in printed
+    assert f"evaluate it: python -m medix_fast.eval --model {out / 'checkpoints' / 'step_00000003' / 'model'}" in printed
     for key in ("reward/overall", "reward/format", "reward/accuracy", "advantage/std", "kl", "clip_high",
                 "entropy", "response/length_mean", "rollout/kept_group_fraction", "throughput/sample_tokens_per_s",
                 "throughput/train_tokens_per_s", "time/rollout_s", "time/update_s", "memory/peak_gib", "loss"):
@@ -56,6 +64,23 @@ def test_three_steps_end_to_end(tmp_path):
     assert sum(p.numel() for p in final.parameters()) > 0
     pytest.importorskip("matplotlib")
     assert (out / "rewards.png").stat().st_size > 0
+
+
+def test_the_printed_eval_command_scores_the_checkpoint_as_training_did(tmp_path, capsys):
+    """One definition of held-out evaluation: the command the summary prints (python -m
+    medix_fast.eval) gives the numbers training logged for the same weights."""
+    out = tmp_path / "run"
+    assert main([*SMALL, f"train.output_dir={out}", "train.steps=2", "eval.samples=2"]) == 0
+    logged = read_metrics(out / "metrics.jsonl")[-1]
+    assert logged["step"] == 2 and {"eval/pass@1", "eval/pass@2"} <= set(logged)
+    assert 0 <= logged["eval/pass@1"] <= logged["eval/pass@2"] <= 1
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("evaluate it: "))
+    argv = line.removeprefix("evaluate it: ").split()[3:]  # after "python -m medix_fast.eval"
+    assert eval_main([*argv, "--out", str(tmp_path / "eval")]) == 0
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())["micro"]
+    assert summary["n"] == 4
+    for key in ("accuracy", "format", "modality", "semantic", "overall"):
+        assert summary[key] == pytest.approx(logged[f"eval/{key}"]), key
 
 
 def test_resume_after_kill_reproduces_the_metrics(tmp_path):
@@ -166,17 +191,17 @@ def test_kv_pool_is_released_before_each_update(tmp_path, monkeypatch):
     from medix_fast.rl.update import Updater
 
     events = []
-    release, update = Sampler.release, Updater.update
+    release, run = Sampler.release, Updater.run
 
     def recording_release(self):
         events.append(("release", self.pool is not None))
         release(self)
 
-    def recording_update(self, seqs):
+    def recording_run(self, plan):  # the trainer prepares the plan inside generation_mode, runs it after
         events.append(("update", None))
-        return update(self, seqs)
+        return run(self, plan)
 
     monkeypatch.setattr(Sampler, "release", recording_release)
-    monkeypatch.setattr(Updater, "update", recording_update)
+    monkeypatch.setattr(Updater, "run", recording_run)
     assert main([*SMALL, f"train.output_dir={tmp_path / 'run'}", "train.steps=2", "eval.every=0"]) == 0
     assert events == [("release", True), ("update", None)] * 2

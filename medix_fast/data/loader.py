@@ -4,7 +4,8 @@ Schema (column names configurable): ``problem`` (the question), ``solution`` (``
 optional ``image`` (a path, relative ones from the data file's folder, bytes, a PIL image or a
 ``datasets`` Image; checked from its header, decoded only at rollout). Every row is checked before training starts; problems are reported as
 ``file:row: reason`` (rows counted from 1, the line number for JSONL). ``strict=True`` raises a
-:class:`DataError` listing them; ``strict=False`` skips those rows and logs a count.
+:class:`DataError` listing them; ``strict=False`` skips those rows and names each one in the log
+(past ``SHOWN`` of them, the whole list goes to a report file, e.g. ``<output_dir>/dropped_rows.txt``).
 
     examples = load_examples(["train.jsonl"], cfg.data)
     prompts, dropped = build_prompts(examples, tokenizer, max_length=4352)   # vision=Vision(...) for a VL model
@@ -24,7 +25,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..errors import DataError
+from ..errors import DataError, UserError
 from ..seeds import mix_seed
 from .prompt import build_messages, split_solution
 from .vision import check_image, expand_image_tokens, image_size, resolve_image
@@ -54,7 +55,7 @@ def sample_path(split: str) -> Path:
     """Path of a bundled split (``"train"``, ``"test"``, or ``"train_vl"``: with images) as JSONL."""
     splits = sorted(p.stem for p in SAMPLE_DIR.glob("*.jsonl"))
     if split not in splits:
-        raise ValueError(f"unknown sample split {split!r}; choose one of {splits}")
+        raise DataError(f"unknown sample split {split!r}; choose one of {splits}")
     return SAMPLE_DIR / f"{split}.jsonl"
 
 
@@ -68,7 +69,9 @@ def resolve_data_path(name: str) -> Path:
 def iter_rows(path: Path) -> Iterator[tuple[int, Any]]:
     """(row number from 1, row) for every row of a JSONL file, a Parquet file or a dataset dir.
 
-    A JSONL line that is not valid JSON yields a string describing the error instead of a dict.
+    A JSONL line that is not valid JSON yields a string describing the error instead of a dict,
+    with the column where it is (the line's own: a line that ends too early says so, rather than
+    the "line 2 column 1" json reports for its newline). A UTF-8 byte-order mark is skipped.
     """
     if path.is_dir():
         try:
@@ -90,14 +93,17 @@ def iter_rows(path: Path) -> Iterator[tuple[int, Any]]:
                 row += 1
                 yield row, record
     else:
-        with path.open("r", encoding="utf-8") as f:
+        with path.open("r", encoding="utf-8-sig") as f:
             for number, line in enumerate(f, start=1):
-                if not line.strip():
+                text = line.rstrip("\r\n")
+                if not text.strip():
                     continue
                 try:
-                    yield number, json.loads(line)
+                    yield number, json.loads(text)
                 except json.JSONDecodeError as err:
-                    yield number, f"not valid JSON ({err.msg} at column {err.colno})"
+                    where = (f"the line ends at column {len(text)} before the JSON does"
+                             if err.pos >= len(text.rstrip()) else f"at column {err.pos + 1}")
+                    yield number, f"not valid JSON ({err.msg}: {where})"
 
 
 def _check_row(row: Any, problem_key: str, solution_key: str) -> str | None:
@@ -120,11 +126,31 @@ def _check_row(row: Any, problem_key: str, solution_key: str) -> str | None:
     return None
 
 
-def load_examples(files: list[str], cfg) -> list[Example]:
+SHOWN = 20  # dropped rows named in the log; past this many, all of them go to the report file
+
+
+def report_dropped(problems: list[str], what: str, report: Path | None) -> None:
+    """Log the dropped rows (``file:row: reason``), every one of them when at most ``SHOWN``;
+    otherwise the first ``SHOWN`` and the whole list appended to ``report`` (when given)."""
+    if not problems:
+        return
+    shown = "\n  ".join(problems[:SHOWN])
+    rest = len(problems) - SHOWN
+    if rest > 0 and report is not None:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        with report.open("a", encoding="utf-8") as f:
+            f.write("".join(p + "\n" for p in problems))
+        shown += f"\n  ... and {rest} more: all {len(problems)} are listed in {report}"
+    elif rest > 0:
+        shown += f"\n  ... and {rest} more"
+    log.warning("%s %d %s:\n  %s", "dropped", len(problems), what, shown)
+
+
+def load_examples(files: list[str], cfg, report: Path | None = None) -> list[Example]:
     """Every valid row of ``files``; ``cfg`` is a :class:`~medix_fast.config.DataConfig`.
 
     Raises DataError naming each bad row (file and row number) unless ``cfg.strict`` is False,
-    in which case bad rows are skipped and counted in the log.
+    in which case bad rows are skipped and named (:func:`report_dropped`, into ``report`` when many).
     """
     examples, problems = [], []
     for name in files:
@@ -147,20 +173,22 @@ def load_examples(files: list[str], cfg) -> list[Example]:
             problems.append(str(err))
         except (OSError, UnicodeDecodeError, ValueError) as err:
             problems.append(f"{path}: unreadable ({type(err).__name__}: {err})")
-    if problems:
-        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-        if cfg.strict:
-            raise DataError(f"{len(problems)} malformed row(s) or file(s) in the training data "
-                            f"(data.strict=false skips them):\n  {shown}")
-        log.warning("skipped %d malformed row(s) or file(s):\n  %s", len(problems), shown)
+    if problems and cfg.strict:
+        shown = "\n  ".join(problems[:SHOWN]) + (f"\n  ... and {len(problems) - SHOWN} more"
+                                                  if len(problems) > SHOWN else "")
+        raise DataError(f"{len(problems)} malformed row(s) or file(s) in the training data "
+                        f"(data.strict=false skips them):\n  {shown}")
+    report_dropped(problems, "malformed row(s) or file(s) (data.strict=false)", report)
     if not examples:
         raise DataError(f"no usable rows in {files}")
     return examples
 
 
-def build_prompts(examples: list[Example], tokenizer, max_length: int, vision=None) -> tuple[list[Prompt], int]:
+def build_prompts(examples: list[Example], tokenizer, max_length: int, vision=None,
+                  report: Path | None = None) -> tuple[list[Prompt], int]:
     """Chat-templated prompts (MediX instruction, generation prompt added); those longer than
-    ``max_length`` tokens are dropped. Returns (prompts, number dropped).
+    ``max_length`` tokens are dropped, each named (:func:`report_dropped`, into ``report`` when
+    many). Returns (prompts, number dropped).
 
     With ``vision`` (a :class:`medix_fast.data.vision.Vision`, for a VL model) a row's image goes
     before the question and its ``<|image_pad|>`` is expanded to the image's token count at the
@@ -176,9 +204,9 @@ def build_prompts(examples: list[Example], tokenizer, max_length: int, vision=No
                for t, e, has_image in zip(ids, examples, with_image)]
     prompts = [Prompt(list(t), e.solution, e.image) for t, e in zip(ids, examples) if len(t) <= max_length]
     dropped = len(examples) - len(prompts)
-    if dropped:
-        log.warning("dropped %d of %d prompts longer than data.max_prompt_length=%d tokens",
-                    dropped, len(examples), max_length)
+    report_dropped([f"{e.source or f'row {i + 1}'}: the prompt is {len(t)} tokens" for i, (t, e)
+                    in enumerate(zip(ids, examples)) if len(t) > max_length],
+                   f"of {len(examples)} prompts, longer than data.max_prompt_length={max_length} tokens", report)
     if vision is None and any(e.image is not None for e in examples):
         log.warning("image columns are ignored: the model is text only")
     if not prompts:
@@ -228,7 +256,7 @@ class PromptLoader:
 
     def load_state_dict(self, state: dict) -> None:
         if (state["seed"], state["size"]) != (self.seed, self.size):
-            raise ValueError(f"loader state is for seed={state['seed']} size={state['size']}, "
+            raise UserError(f"loader state is for seed={state['seed']} size={state['size']}, "
                              f"this loader has seed={self.seed} size={self.size} (data or seed changed?)")
         self.epoch, self.pos = state["epoch"], state["pos"]
         self._order = self._permutation(self.epoch)

@@ -11,14 +11,15 @@ learnable modality signal. Byte-identical on rerun.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
+import sys
 
 import numpy as np
 
 from medix_fast.data.prompt import MODALITY_TAGS, split_solution
 from medix_fast.data.loader import SAMPLE_DIR as DATA_DIR, sample_path
+from medix_fast.errors import ArgumentParser, UserError, run_command
 
 SIZE, PER_MODALITY, SEED = 64, 2, 20240612
 # (background RGB, foreground RGB, pattern) per tag; patterns: ellipse, blobs, ring, stripes, grid, noise
@@ -78,11 +79,22 @@ def write_vl_sample(out: pathlib.Path = DATA_DIR, seed: int = SEED) -> pathlib.P
     return path
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Write the synthetic sample images and train_vl.jsonl.")
+def _main(argv: list[str] | None) -> int:
+    parser = ArgumentParser(prog="python -m medix_fast.demo.sample_images",
+                            description="Write the synthetic sample images and train_vl.jsonl.")
     parser.add_argument("--out", type=pathlib.Path, default=DATA_DIR)
-    print(write_vl_sample(parser.parse_args().out))
+    out = parser.parse_args(argv).out
+    try:
+        print(write_vl_sample(out))
+    except OSError as err:
+        raise UserError(f"cannot write the sample images to {out}: {err}") from err
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command: 0 when written, 2 on a user error (one ``error:`` line)."""
+    return run_command(_main, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -10,11 +10,16 @@ What it builds, with no download:
    tokens, and a Qwen-style chat template (``add_generation_prompt`` supported) is attached.
 2. A small ``Qwen2ForCausalLM`` (1.05M parameters: hidden 128, 4 layers, 4 query / 2 KV
    heads, vocabulary 2,048, tied embeddings), randomly initialised.
-3. A short supervised warm-start on the bundled train items: prompt = the MediX messages
-   through the chat template, target = ``"<TAG><thinking>...</thinking><answer>A</answer>"``
-   built from the solution. It stops after a fixed 200 steps: the format is learnt (~100 %
-   well-formed greedy answers), the modality tag and the answer only partly (roughly 15-60 %
-   and 15-30 % on the held-out split, depending on the seed), so RL has reward left to gain.
+3. A short supervised warm-start on the bundled train items by a deliberately unsure teacher.
+   Prompt = the MediX messages through the chat template; target =
+   ``"<TAG><thinking>The image is <modality>; the findings point to R, not L.</thinking><answer>A</answer>"``
+   where R is the right answer, L its look-alike (``sample_data.look_alike``), and A, drawn
+   afresh each time the item is shown, is R with probability 0.4 and L with 0.6
+   (``TinyConfig.teacher``). The tag, the format and the reasoning are always right; only the
+   final answer wavers. So the model learns to reason to the right answer and its look-alike,
+   then more often than not answers the look-alike: before RL a clear fraction of held-out
+   questions is answered right in some of G samples but not greedily. Answering what its own
+   reasoning found is the rule RL can teach it (the default run shows pass@G becoming pass@1).
    The shared instruction prefix runs once per batch and the LM head only on the response
    (``shared_prefix_loss``): about 40 s on one CPU thread, which is all the build uses.
 
@@ -24,10 +29,11 @@ root ``~/.cache/medix_fast``); ``model.path: tiny`` in a config means that check
 """
 from __future__ import annotations
 
-import argparse
 import json
+import math
 import os
 import pathlib
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -37,7 +43,9 @@ from transformers import DynamicCache, PreTrainedTokenizerFast, Qwen2Config, Qwe
 
 from ..data.loader import sample_path
 from ..data.prompt import FORMAT_TAGS, INSTRUCTION, MODALITY_TAGS, build_messages, split_solution
+from ..errors import ArgumentParser, UserError, run_command
 from ..model.compat import cache_kwargs
+from .sample_data import look_alike
 
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 CHAT_TEMPLATE = (
@@ -62,17 +70,28 @@ class TinyConfig:
     num_heads: int = 4
     num_kv_heads: int = 2
     max_position_embeddings: int = 1024
-    steps: int = 200         # warm-start AdamW steps: 8 epochs of the train split
+    steps: int = 500         # warm-start AdamW steps: 20 epochs of the train split
     batch_size: int = 16
-    lr: float = 3e-3
+    lr: float = 6e-3         # peak; cosine decay to a tenth
     warmup_steps: int = 5
+    teacher: tuple[float, ...] = (0.4, 0.6)  # the teacher's final answer: P(right), P(look-alike)
 
 
-def warm_start_response(solution: str) -> str:
-    """The MediX-format target the warm-start teaches, built from ``"<TAG> answer"``."""
-    tag, answer = split_solution(solution)
+def warm_start_response(solution: str, answer: str | None = None) -> str:
+    """The MediX-format target the warm-start teaches for ``"<TAG> answer"``: the reasoning names
+    the right answer and its look-alike; the final answer is ``answer`` (default: the right one)."""
+    tag, right = split_solution(solution)
     modality = tag.strip("<>").lower().replace("_", " ")
-    return f"{tag}<thinking>The image is {modality}; the findings point to {answer}.</thinking><answer>{answer}</answer>"
+    alike = look_alike(tag, right)
+    answer = right if answer is None else answer
+    return (f"{tag}<thinking>The image is {modality}; the findings point to {right}, not {alike}.</thinking>"
+            f"<answer>{answer}</answer>")
+
+
+def teacher_answers(solution: str) -> list[str]:
+    """The final answers the teacher picks from, in ``TinyConfig.teacher`` order: right, look-alike."""
+    tag, right = split_solution(solution)
+    return [right, look_alike(tag, right)]
 
 
 def read_train_rows() -> list[dict]:
@@ -108,15 +127,15 @@ def build_model(tokenizer: PreTrainedTokenizerFast, cfg: TinyConfig) -> Qwen2For
     return Qwen2ForCausalLM(config)
 
 
-def encode_examples(tokenizer: PreTrainedTokenizerFast, rows: list[dict]) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, response ids ending in <|im_end|>) for each row."""
+def encode_examples(tokenizer: PreTrainedTokenizerFast, rows: list[dict]) -> list[tuple[list[int], list[list[int]]]]:
+    """(prompt ids, [response ids ending in <|im_end|> for each of ``teacher_answers``]) per row."""
     examples = []
     for row in rows:
         prompt = tokenizer.apply_chat_template(build_messages(row["problem"]), tokenize=False,
                                                add_generation_prompt=True)
-        response = warm_start_response(row["solution"]) + IM_END
+        responses = [warm_start_response(row["solution"], a) + IM_END for a in teacher_answers(row["solution"])]
         examples.append((tokenizer(prompt, add_special_tokens=False).input_ids,
-                         tokenizer(response, add_special_tokens=False).input_ids))
+                         tokenizer(responses, add_special_tokens=False).input_ids))
     return examples
 
 
@@ -168,11 +187,14 @@ def shared_prefix_loss(model: Qwen2ForCausalLM, examples: list, prefix_len: int,
 
 
 def warm_start(model: Qwen2ForCausalLM, examples: list, cfg: TinyConfig, seed: int, pad_id: int) -> list[float]:
-    """``cfg.steps`` AdamW steps over seeded epochs of the examples; returns the losses."""
+    """``cfg.steps`` AdamW steps over seeded epochs of the examples (``encode_examples``), each
+    item's target answer drawn from ``cfg.teacher`` every time it is shown; returns the losses."""
     prefix_len = common_prefix_len(examples)
     gen = torch.Generator().manual_seed(seed)
+    teacher = torch.tensor(cfg.teacher)  # (5,)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) * (
+        0.1 + 0.45 * (1 + math.cos(math.pi * s / cfg.steps))))
     model.train()
     order: list[int] = []
     losses = []
@@ -180,7 +202,9 @@ def warm_start(model: Qwen2ForCausalLM, examples: list, cfg: TinyConfig, seed: i
         if len(order) < cfg.batch_size:
             order += torch.randperm(len(examples), generator=gen).tolist()
         batch, order = order[:cfg.batch_size], order[cfg.batch_size:]
-        loss = shared_prefix_loss(model, [examples[i] for i in batch], prefix_len, pad_id)
+        picks = torch.multinomial(teacher, len(batch), replacement=True, generator=gen).tolist()
+        shown = [(examples[i][0], examples[i][1][k]) for i, k in zip(batch, picks)]
+        loss = shared_prefix_loss(model, shown, prefix_len, pad_id)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -218,16 +242,32 @@ def build_tiny(out: str | os.PathLike, seed: int = 0, cfg: TinyConfig = TinyConf
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Build the embedded tiny MediX checkpoint (no download).")
+def _main(argv: list[str] | None) -> int:
+    parser = ArgumentParser(prog="python -m medix_fast.demo.tiny",
+                            description="Build the embedded tiny MediX checkpoint (no download).")
     parser.add_argument("--out", required=True, type=pathlib.Path, help="output directory")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=TinyConfig.steps, help="warm-start steps")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
+    held = sorted(p.name for p in args.out.iterdir()) if args.out.is_dir() else []
+    if held and not (args.out / "medix_tiny.json").is_file():  # a previous tiny build may be replaced
+        raise UserError(f"--out {args.out} holds other files ({', '.join(held[:5])}{' ...' if len(held) > 5 else ''}): "
+                        "give a new or empty directory, nothing is written over them")
     start = time.perf_counter()
-    build_tiny(args.out, args.seed, TinyConfig(steps=args.steps))
+    try:
+        build_tiny(args.out, args.seed, TinyConfig(steps=args.steps))
+    except OSError as err:
+        raise UserError(f"cannot write the tiny model to {args.out}: {err}") from err
     print(f"built {args.out} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command: 0 when built, 2 on a user error (one ``error:`` line)."""
+    return run_command(_main, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -11,26 +11,26 @@ What it runs and writes: ``evaluator.py``.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import sys
 from pathlib import Path
 
 from .. import distributed as D
+from ..errors import ArgumentParser, run_command
 from ..data.vision import Vision
 from ..generate import Sampler
 from ..model.loading import (compute_dtype, image_token_id, is_vl, load_image_processor, load_model,
                              resolve_model_path, stop_ids)
 from ..model.moe import EXPERTS_IMPLEMENTATIONS
 from ..rewards import RewardConfig, build_reward
-from .evaluator import EvalSettings, Evaluator, sampler_generate
-from .results import ResumeError, markdown_table
+from ..runtime import set_cpu_threads, setup_logging
+from .evaluator import EvalSettings, Evaluator, describe, sampler_generate
+from .results import markdown_table
 from .scoring import Scorer
-from .tasks import TaskError, data_tasks, default_tasks, load_tasks
+from .tasks import data_tasks, default_tasks, load_tasks
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m medix_fast.eval", description=__doc__.splitlines()[0],
+    p = ArgumentParser(prog="python -m medix_fast.eval", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="local Hugging Face checkpoint directory, or 'tiny'")
     source = p.add_mutually_exclusive_group()
@@ -59,23 +59,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--experts-implementation", choices=EXPERTS_IMPLEMENTATIONS, default="auto",
                    help="mixture-of-experts models: auto picks grouped GEMM where it runs (model/moe.py)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="intra-op CPU threads per rank (0: the cores available to the process / local ranks)")
     args = p.parse_args(argv)
-    if args.batch_size < 1 or args.max_new_tokens < 1 or min(args.limit, args.min_pixels, args.max_pixels) < 0:
-        p.error("--batch-size and --max-new-tokens must be >= 1, --limit, --min-pixels and --max-pixels >= 0")
+    if args.batch_size < 1 or args.max_new_tokens < 1 or args.judge_votes < 1 or \
+            min(args.limit, args.min_pixels, args.max_pixels, args.threads, args.judge_temperature) < 0:
+        p.error("--batch-size, --max-new-tokens and --judge-votes must be >= 1; --limit, --min-pixels, "
+                "--max-pixels, --threads and --judge-temperature >= 0")
     if args.min_pixels and args.max_pixels and args.min_pixels > args.max_pixels:
         p.error(f"--min-pixels {args.min_pixels} is above --max-pixels {args.max_pixels}")
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        resolve_model_path(args.model)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    setup_logging(int(os.environ.get("RANK", "0")))
+    resolve_model_path(args.model)  # a wrong path fails before anything loads
+    set_cpu_threads(args.threads, "--threads")
     info = D.init_distributed(args.device, "auto")
     try:
         tasks = (load_tasks(args.tasks, args.limit) if args.tasks else
@@ -89,20 +89,23 @@ def main(argv: list[str] | None = None) -> int:
                         args.max_pixels or None) if is_vl(model) else None
         evaluator = Evaluator(tasks, tokenizer, settings, info, vision)
         sampler = Sampler(model, max_num_seqs=settings.batch_size, dtype=dtype)
-        reward_fn = build_reward(RewardConfig(judge_model=args.judge, semantic_model=args.semantic_model),
-                                 info.device, dtype)
+        rewards = RewardConfig(judge_model=args.judge, semantic_model=args.semantic_model)
+        reward_fn = build_reward(rewards, info.device, dtype)
         scorer = Scorer(reward_fn, votes=args.judge_votes, judge_temperature=args.judge_temperature,
                         seed=args.seed + info.rank)
         out = Path(args.out or Path("runs/eval") / Path(args.model).name)
         fingerprint = {"model": str(args.model), "judge": args.judge, "semantic_model": args.semantic_model}
         generate = sampler_generate(sampler, tokenizer, stop_ids(tokenizer, model), settings, vision)
         summary = evaluator.run(generate, scorer, out, fingerprint, args.overwrite)
-    except (TaskError, ResumeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     finally:
         D.close()
     if info.is_main:
+        print(describe(settings, rewards.weights, len(evaluator.items), args.judge is not None))
         print(markdown_table(summary), end="")
         print(f"generations: {out / 'generations.jsonl'}\nsummary: {out / 'summary.md'}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command: 0 when done, 2 on a user error (one ``error:`` line)."""
+    return run_command(_main, argv)

@@ -31,6 +31,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from .. import distributed as D
 from ..data import Example, build_prompts
 from ..data.prompt import response_texts
@@ -66,19 +68,30 @@ Generate = Callable[[list[Item], list[list[int]], int], list[Generation]]  # (it
 
 
 def sampler_generate(sampler, tokenizer, stop_token_ids: list[int], settings: EvalSettings,
-                     vision=None) -> Generate:
-    """A ``Generate`` running ``medix_fast.generate.Sampler`` (one completion per item); with
-    ``vision`` (a ``medix_fast.data.vision.Vision``, VL models) the items' images are encoded and fed."""
+                     vision=None, n: int = 1) -> Generate:
+    """A ``Generate`` running ``medix_fast.generate.Sampler``: ``n`` completions per item,
+    item-major; with ``vision`` (a ``medix_fast.data.vision.Vision``, VL models) the items'
+    images are encoded and fed."""
 
     def generate(items: list[Item], prompt_ids: list[list[int]], seed: int) -> list[Generation]:
         images = None if vision is None else [vision.pixels(it.image) for it in items]
-        out = sampler.generate(prompt_ids, n=1, max_new_tokens=settings.max_new_tokens,
+        out = sampler.generate(prompt_ids, n=n, max_new_tokens=settings.max_new_tokens,
                                temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
                                stop_token_ids=stop_token_ids, seed=seed, images=images)
         texts = response_texts(tokenizer, out.completion_ids, stop_token_ids)
         return [Generation(t, len(c), r) for t, c, r in zip(texts, out.completion_ids, out.finish_reasons)]
 
     return generate
+
+
+def describe(settings: EvalSettings, weights: dict[str, float], items: int, judge: bool = False) -> str:
+    """One line saying how an evaluation was run, printed above its table (training and
+    ``python -m medix_fast.eval`` print the same line for the same settings)."""
+    decoding = ("greedy" if settings.temperature == 0 else
+                f"T={settings.temperature:g}, top-p {settings.top_p:g}" + (f", top-k {settings.top_k}" if settings.top_k else ""))
+    overall = " + ".join(f"{w:.4g}·{k}" for k, w in weights.items() if w)
+    return (f"{items} held-out items, {decoding}, <= {settings.max_new_tokens} new tokens; accuracy by "
+            f"{'the judge' if judge else 'exact match (no judge)'}; overall = {overall}")
 
 
 class Evaluator:
@@ -92,6 +105,8 @@ class Evaluator:
         if len(set(names)) != len(names):
             raise TaskError(f"task names must be unique, got {names}")
         self.tasks, self.tokenizer, self.settings, self.vision = tasks, tokenizer, settings, vision
+        self.samples, self.sample_settings, self.summary = 0, settings, None  # pass@k in training: from_config
+        self.weights, self.judged = {}, False  # the reward weights and whether a judge grades (during_training)
         self.info = info or D.DistInfo()
         self.items = [it for t in tasks for it in t.items]
         examples = [Example(it.question, it.solution, it.image) for it in self.items]
@@ -172,6 +187,29 @@ class Evaluator:
             write_summary(out, summary)
         return D.broadcast_object(summary)
 
+    def pass_at_k(self, generate: Generate, scorer: Scorer, k: int) -> dict[str, float]:
+        """``pass@1`` (mean accuracy of a sample) and ``pass@k`` (share of items with at least
+        one right answer) over ``k`` samples per item; ``generate`` must draw ``k`` per item
+        (``sampler_generate(..., n=k)``). Every rank must call it; nothing is written."""
+        rank, world = self.info.rank, self.info.world
+        mine = list(range(rank, len(self.items), world))
+        right = torch.zeros((), dtype=torch.float64)  # read back once, after the reduce
+        any_right = torch.zeros((), dtype=torch.float64)
+        per_call = max(1, self.settings.batch_size // k)
+        for batch, start in enumerate(range(0, len(mine), per_call)):
+            share = mine[start:start + per_call]
+            items = [self.items[i] for i in share]
+            seed = (self.settings.seed * 1_000_003 + 7919 * (batch * world + rank + 1)) % (2**31 - 1)
+            gens = generate(items, [self.prompt_ids[i] for i in share], seed)
+            repeated = [it for it in items for _ in range(k)]
+            accuracy = scorer.accuracy(repeated, [g.text for g in gens], [it.solution for it in repeated])[0]
+            hits = accuracy.view(len(items), k)  # (items, k)
+            right = right + hits.sum().to(right)
+            any_right = any_right + hits.amax(1).sum().to(any_right)
+        total = D.reduce_scalars({"right": right, "any": any_right}, self.info.device)
+        n = max(1, len(self.items))
+        return {"pass@1": total["right"] / (n * k), f"pass@{k}": total["any"] / n}
+
     # ------------------------------------------------------------------ inside training
     @classmethod
     def from_config(cls, cfg, tokenizer, info: D.DistInfo, vision=None) -> "Evaluator":
@@ -186,17 +224,33 @@ class Evaluator:
         settings = EvalSettings(max_new_tokens=e.max_new_tokens or cfg.sampling.max_new_tokens,
                                 temperature=e.temperature, top_p=e.top_p, seed=cfg.train.seed,
                                 judge_votes=e.judge_votes, judge_temperature=e.judge_temperature)
-        return cls(tasks, tokenizer, settings, info, vision)
+        evaluator = cls(tasks, tokenizer, settings, info, vision)
+        s = cfg.sampling  # pass@k samples like the rollout
+        evaluator.samples = e.samples
+        evaluator.sample_settings = dataclasses.replace(settings, temperature=s.temperature, top_p=s.top_p,
+                                                        top_k=s.top_k)
+        return evaluator
 
     def during_training(self, sampler, reward_fn, stop_token_ids: list[int], out_dir: Path) -> dict[str, float]:
         """Evaluate the live weights with the trainer's sampler and reward models (no copies);
-        writes ``out_dir`` afresh and returns ``eval/<task>/accuracy`` and ``eval/mean_accuracy``."""
+        writes ``out_dir`` afresh and returns ``eval/<score>``, ``eval/<task>/accuracy``,
+        ``eval/mean_accuracy`` and, with ``samples`` = k > 0 (``eval.samples``), ``eval/pass@1``
+        and ``eval/pass@k`` of k samples per item drawn like the rollout's. ``self.summary`` is
+        the table's summary (rank 0)."""
         settings = dataclasses.replace(self.settings, batch_size=sampler.max_num_seqs)
         scorer = Scorer(reward_fn, votes=settings.judge_votes, judge_temperature=settings.judge_temperature,
                         seed=settings.seed + self.info.rank)
         generate = sampler_generate(sampler, self.tokenizer, stop_token_ids, settings, self.vision)
         saved, self.settings = self.settings, settings
+        self.weights, self.judged = dict(reward_fn.cfg.weights), getattr(reward_fn, "judge", None) is not None
         try:
-            return to_metrics(self.run(generate, scorer, out_dir, overwrite=True, progress=False))
+            self.summary = self.run(generate, scorer, out_dir, overwrite=True, progress=False)
+            metrics = to_metrics(self.summary)
+            if self.samples:
+                self.settings = dataclasses.replace(self.sample_settings, batch_size=sampler.max_num_seqs)
+                generate = sampler_generate(sampler, self.tokenizer, stop_token_ids, self.settings, self.vision,
+                                            n=self.samples)
+                metrics.update({f"eval/{k}": v for k, v in self.pass_at_k(generate, scorer, self.samples).items()})
+            return metrics
         finally:
             self.settings = saved

@@ -13,10 +13,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import UserError
+
 SCORE_ORDER = ("accuracy", "format", "modality", "semantic", "overall")
 
 
-class ResumeError(ValueError):
+class ResumeError(UserError):
     """The output folder holds an eval run that cannot be continued (other settings, bad lines)."""
 
 
@@ -83,7 +85,8 @@ def summarize(records: list[dict], task_sizes: dict[str, int]) -> dict:
 
 
 def markdown_table(summary: dict) -> str:
-    """The summary as a Markdown table, scores in percent."""
+    """The summary as a Markdown table, scores in percent; the two mean rows only when there are
+    several tasks (with one they repeat its row)."""
     keys = summary["keys"]
     head = "| task | n | " + " | ".join(keys) + " |\n|---|---:|" + "---:|" * len(keys) + "\n"
 
@@ -92,8 +95,9 @@ def markdown_table(summary: dict) -> str:
 
     body = "".join(row(name, f"{t['n']}/{t['total']}" if t["n"] < t["total"] else str(t["n"]), t)
                    for name, t in summary["tasks"].items())
-    body += row("**mean over tasks**", str(summary["macro"]["n"]), summary["macro"])
-    body += row("**all items**", str(summary["micro"]["n"]), summary["micro"])
+    if len(summary["tasks"]) > 1:
+        body += row("**mean over tasks**", str(summary["macro"]["n"]), summary["macro"])
+        body += row("**all items**", str(summary["micro"]["n"]), summary["micro"])
     return head + body
 
 

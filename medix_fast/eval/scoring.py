@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..errors import UserError
 from ..rewards.rules import extract_answer, normalize, parse
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ class Scorer:
 
     def __init__(self, reward_fn, judge=None, votes: int = 1, judge_temperature: float = 0.0, seed: int = 0):
         if votes < 1 or judge_temperature < 0:
-            raise ValueError(f"need judge votes >= 1 and judge temperature >= 0, got {votes}, {judge_temperature}")
+            raise UserError(f"need judge votes >= 1 and judge temperature >= 0, got {votes}, {judge_temperature}")
         if votes > 1 and judge_temperature == 0:
             log.warning("%d judge votes at temperature 0 are %d identical asks: one greedy ask is used "
                         "(give a judge temperature > 0 for a sampled majority vote)", votes, votes)

@@ -29,6 +29,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTex
 from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
 
 from ..demo.cache import TINY_NAMES, ensure_tiny_model
+from ..errors import UserError
 from .moe import experts_implementation as choose_experts, is_moe
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,10 @@ def resolve_model_path(path: str | os.PathLike) -> pathlib.Path:
         return ensure_tiny_model(**TINY_NAMES[str(path)])
     resolved = pathlib.Path(path).expanduser()
     if not resolved.is_dir():
-        raise ValueError(f"model path {str(path)!r} does not exist or is not a directory "
+        raise UserError(f"model path {str(path)!r} does not exist or is not a directory "
                          "(give a local Hugging Face checkpoint directory, or 'tiny')")
     if not (resolved / "config.json").is_file():
-        raise ValueError(f"model path {str(resolved)!r} has no config.json: not a Hugging Face checkpoint")
+        raise UserError(f"model path {str(resolved)!r} has no config.json: not a Hugging Face checkpoint")
     return resolved
 
 
@@ -83,12 +84,12 @@ def load_tokenizer(path: pathlib.Path) -> PreTrainedTokenizerBase:
     """The checkpoint's tokenizer with its chat template (a VL checkpoint may keep it in the
     processor's ``chat_template.json``); pad falls back to eos when unset."""
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise ValueError(f"no tokenizer in {str(path)!r}: expected one of {', '.join(TOKENIZER_FILES)}")
+        raise UserError(f"no tokenizer in {str(path)!r}: expected one of {', '.join(TOKENIZER_FILES)}")
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if not tokenizer.chat_template and (path / "chat_template.json").is_file():
         tokenizer.chat_template = json.loads((path / "chat_template.json").read_text())["chat_template"]
     if not tokenizer.chat_template:
-        raise ValueError(f"the tokenizer in {str(path)!r} has no chat template (the MediX prompt needs one)")
+        raise UserError(f"the tokenizer in {str(path)!r} has no chat template (the MediX prompt needs one)")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -116,7 +117,7 @@ def load_model(
     path = resolve_model_path(path)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"model_type {config.model_type!r} in {str(path)!r} is not supported; "
+        raise UserError(f"model_type {config.model_type!r} in {str(path)!r} is not supported; "
                          f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     tokenizer = load_tokenizer(path)
     attn_impl = attn_impl or attention_backend(device)
@@ -147,14 +148,14 @@ def load_image_processor(path: str | os.PathLike):
     directly: ``AutoImageProcessor`` needs torchvision before transformers 5.18, even for ``backend="pil"``."""
     path = resolve_model_path(path)
     if not (path / "preprocessor_config.json").is_file():
-        raise ValueError(f"no image processor in {str(path)!r}: expected preprocessor_config.json")
+        raise UserError(f"no image processor in {str(path)!r}: expected preprocessor_config.json")
     return Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
 
 
 def set_vision_trainable(model: PreTrainedModel, trainable: bool) -> None:
     """Train or freeze a VL model's vision tower (patch embedding, blocks and merger); MediX trains it."""
     if not is_vl(model):
-        raise ValueError(f"{model.config.model_type!r} is not a vision-language model: it has no vision tower")
+        raise UserError(f"{model.config.model_type!r} is not a vision-language model: it has no vision tower")
     model.model.visual.requires_grad_(trainable)
 
 

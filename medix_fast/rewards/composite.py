@@ -25,10 +25,12 @@ import importlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from medix_fast.distributed import to_device
+from medix_fast.errors import ConfigError
 from medix_fast.rewards.judge import Judge
 from medix_fast.rewards.overlong import overlong_penalty
 from medix_fast.rewards.rules import parse, validate_solutions
@@ -80,10 +82,13 @@ class RewardConfig:
 def _import_component(name: str, target: str) -> Callable:
     module, sep, attr = target.partition(":")
     if not sep or not module or not attr:
-        raise ValueError(f"custom component {name!r}: expected 'pkg.mod:func', got {target!r}")
-    fn = getattr(importlib.import_module(module), attr, None)
+        raise ConfigError(f"rewards.custom.{name}: expected 'pkg.mod:func', got {target!r}")
+    try:
+        fn = getattr(importlib.import_module(module), attr, None)
+    except ImportError as err:
+        raise ConfigError(f"rewards.custom.{name}: cannot import {module!r} ({err})") from err
     if not callable(fn):
-        raise ValueError(f"custom component {name!r}: {target!r} is not a callable")
+        raise ConfigError(f"rewards.custom.{name}: {target!r} is not a callable")
     return fn
 
 
@@ -93,12 +98,17 @@ class RewardFunction:
     def __init__(self, cfg: RewardConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         clash = set(cfg.custom) & (set(BUILTIN) | {"overall"})
         if clash:
-            raise ValueError(f"custom components may not be named {sorted(clash)}")
+            raise ConfigError(f"rewards.custom: components may not be named {sorted(clash)}")
         unknown = set(cfg.weights) - set(BUILTIN) - set(cfg.custom)
         if unknown:
-            raise ValueError(f"weights name unknown components {sorted(unknown)}; known: {list(BUILTIN)} + custom")
+            raise ConfigError(f"rewards.weights: unknown components {sorted(unknown)}; known: {list(BUILTIN)} + custom")
         if cfg.active("overlong"):
             overlong_penalty([], cfg.overlong_max_length, cfg.overlong_buffer)  # validates L and C now
+        for key in ("semantic_model", "judge_model"):
+            path = getattr(cfg, key)
+            if cfg.active("semantic" if key == "semantic_model" else "accuracy") and path is not None \
+                    and not Path(path).expanduser().is_dir():
+                raise ConfigError(f"rewards.{key}: {path!r} is not a directory (give a local model folder)")
         self.cfg, self.device = cfg, torch.device(device)
         home = "cpu" if cfg.offload else self.device
         self.encoder = (SentenceEncoder(cfg.semantic_model or default_model_path(), home, dtype, cfg.max_batch_tokens)

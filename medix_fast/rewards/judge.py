@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from medix_fast.errors import ConfigError
 from medix_fast.model.forward import left_pad_positions
 from medix_fast.rewards.batching import padded_chunks
 
@@ -34,12 +35,12 @@ class Judge:
 
         self.tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
         if self.tokenizer.chat_template is None:
-            raise ValueError(f"judge tokenizer at {path} has no chat template")
+            raise ConfigError(f"rewards.judge_model: the tokenizer at {path} has no chat template")
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.yes, self.no = (self.tokenizer.encode(w, add_special_tokens=False)[0] for w in ("YES", "NO"))
         if self.yes == self.no:
-            raise ValueError(f"judge tokenizer at {path} gives YES and NO the same first token")
+            raise ConfigError(f"rewards.judge_model: the tokenizer at {path} gives YES and NO the same first token")
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval().requires_grad_(False)
         self.max_batch_tokens = max_batch_tokens
 

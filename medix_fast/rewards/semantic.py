@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from medix_fast.errors import ConfigError
 from medix_fast.rewards.batching import padded_chunks
 
 _POOLING_MODES = ("cls_token", "max_tokens", "mean_tokens", "mean_sqrt_len_tokens", "lasttoken")
@@ -41,7 +42,7 @@ def _st_layout(root: Path) -> tuple[Path, list[str], dict]:
     if pooling is None:
         return model_dir, ["mean_tokens"], _read_json(model_dir / "sentence_bert_config.json") or {}
     if pooling.get("pooling_mode_weightedmean_tokens"):
-        raise ValueError(f"{root}: weighted-mean pooling is not supported")
+        raise ConfigError(f"rewards.semantic_model {root}: weighted-mean pooling is not supported")
     modes = [m for m in _POOLING_MODES if pooling.get(f"pooling_mode_{m}")]
     if not modes:
         modes = ["mean_tokens"]

@@ -23,6 +23,7 @@ import torch
 
 from .. import distributed as D
 from ..data.prompt import response_texts
+from ..errors import ConfigError
 from ..kernels import group_advantages
 from ..seeds import mix_seed
 from .batch import Sequences, pad_rows
@@ -70,7 +71,7 @@ class Rollout:
         world = info.world
         t = cfg.train
         if t.prompts_per_step % world or t.mini_batch_prompts % world:
-            raise ValueError(f"train.prompts_per_step ({t.prompts_per_step}) and train.mini_batch_prompts "
+            raise ConfigError(f"train.prompts_per_step ({t.prompts_per_step}) and train.mini_batch_prompts "
                              f"({t.mini_batch_prompts}) must be multiples of the world size {world}")
         self.target = t.prompts_per_step // world
         self.chunk = max(1, (cfg.algorithm.chunk_prompts or t.prompts_per_step) // world)

@@ -1,0 +1,45 @@
+"""The training output directory: a new run never writes over an old one.
+
+    claim_output_dir("runs/tiny", resume=False, overwrite=False)   # before anything is written
+
+A directory holding anything is a previous run. Starting a new run there would truncate its
+``metrics.jsonl`` and mix its checkpoints with the new ones (pruning could then delete the new
+run's and keep the old run's), so a new run refuses to start, with what to do instead:
+``--resume`` continues the previous run from its latest checkpoint, ``--overwrite`` moves it
+aside to ``<dir>.old-<N>`` (nothing is deleted) and starts afresh. ``--resume`` on a directory
+that holds files but no checkpoint refuses too (there is nothing to continue). Every rank checks
+(they agree: nothing is written before); only rank 0 moves the old run.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+
+from .checkpoint import latest_checkpoint
+from .errors import UserError
+
+
+def claim_output_dir(path: str | os.PathLike, resume: bool, overwrite: bool, is_main: bool = True) -> Path | None:
+    """Check that a run may start in ``path``; with ``overwrite``, move a previous run aside
+    (rank 0) and return where it went. Raises :class:`UserError` saying what to do otherwise."""
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite exclude each other: continue the run, or move it aside")
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"train.output_dir {out} is a file, not a directory")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not held or (resume and latest_checkpoint(out) is not None):
+        return None
+    if not overwrite:
+        shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
+        what = "no checkpoint to resume from" if resume else "a previous run"
+        raise UserError(f"train.output_dir {out} holds {what} ({shown}): "
+                        + ("" if resume else "add --resume to continue it, ")
+                        + "add --overwrite to move it aside and start again, or give another "
+                        "train.output_dir=...")
+    if not is_main:
+        return None
+    aside = next(p for k in itertools.count(1) if not (p := out.with_name(f"{out.name}.old-{k}")).exists())
+    os.rename(out, aside)
+    return aside
