@@ -124,14 +124,15 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 
 def reduce_scalars(values: dict[str, float | torch.Tensor], device: torch.device, op: str = "sum") -> dict[str, float]:
     """Named scalars (Python numbers or 0-dim tensors) reduced over the ranks in one all-reduce of
-    one fp64 tensor on ``device``, read back on the host once. Every rank passes the same names."""
-    host = [k for k, v in values.items() if not isinstance(v, torch.Tensor)]
-    held = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
-    parts = [torch.tensor([float(values[k]) for k in host], dtype=torch.float64, device=device)]  # (n_host,)
-    if held:
-        parts.append(torch.stack([values[k].reshape(()) for k in held]).to(device, torch.float64))  # (n_held,)
-    total = all_reduce(torch.cat(parts), device, op)  # (n,)
-    return dict(zip(host + held, total.tolist()))
+    one fp64 tensor on ``device``, read back on the host once. Every rank passes the same names in
+    the same order; each name keeps its position whether a rank holds it as a number or a tensor."""
+    names = list(values)
+    host = torch.tensor([0.0 if isinstance(values[k], torch.Tensor) else float(values[k]) for k in names],
+                        dtype=torch.float64, device=device)  # (n,) one copy of the host numbers
+    slots = [values[k].reshape(()).to(device, torch.float64) if isinstance(values[k], torch.Tensor) else host[i]
+             for i, k in enumerate(names)]
+    total = all_reduce(torch.stack(slots) if slots else host, device, op)  # (n,)
+    return dict(zip(names, total.tolist()))
 
 
 def broadcast_object(obj):

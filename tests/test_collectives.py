@@ -141,3 +141,13 @@ def test_full_tensor_gathers_a_sharded_parameter(gloo):
     full = D.full_tensor(distribute_tensor(w, init_device_mesh("cpu", (1,)), [Shard(0)]))
     assert type(full) is torch.Tensor and torch.equal(full, w)
     assert D.full_tensor(w) is w
+
+
+def test_reduce_scalars_positions_follow_the_names_not_their_types(monkeypatch):
+    """Ranks may hold a name as a number on one and a tensor on another: the reduced vector's
+    positions follow the names' order alone, so the ranks' values for a name always meet."""
+    seen = []
+    monkeypatch.setattr(D, "all_reduce", lambda t, device, op="sum": seen.append(t.tolist()) or t)
+    D.reduce_scalars({"a": 2, "b": torch.tensor(0.25), "c": 1.5}, torch.device("cpu"))
+    D.reduce_scalars({"a": torch.tensor(2.0), "b": 0.25, "c": torch.tensor(1.5)}, torch.device("cpu"))
+    assert seen == [[2.0, 0.25, 1.5]] * 2
