@@ -3,7 +3,7 @@
 The real trainer (embedded tiny text and VL models, fp32 on the CPU) samples at T = 0.6; the
 log-probs it then recomputes for those tokens, and the importance ratio of its first update
 against the sampler's log-probs, must be those of the sampler: ratio 1 before any parameter
-changes. At T = 1 the same tokens get visibly different log-probs, so the check has teeth.
+changes. At T = 1 the same tokens get log-probs far outside the tolerance, so the check has teeth.
 
 Run: pytest tests/test_temperature.py
 """
@@ -17,6 +17,7 @@ from medix_fast.rl.update import PolicyObjective
 from medix_fast.train import Trainer
 
 T = 0.6
+ATOL = 2e-5  # fp32 on the CPU: the sampler's and the trainer's kernels differ in summation order
 
 
 @pytest.mark.parametrize("model, data", [("tiny", "sample:train"), ("tiny-vl", "sample:train_vl")])
@@ -35,9 +36,11 @@ def test_recomputed_logprobs_and_first_ratio_match_the_sampler_at_temperature(tm
             assert (mb.pixel_values is not None) == (model == "tiny-vl")  # VL: the prompts' images go in
             valid = mb.mask.bool()
             recomputed = trainer.objective(mb)[valid]
-            torch.testing.assert_close(recomputed, mb.sampling[valid], rtol=0, atol=2e-5)
+            torch.testing.assert_close(recomputed, mb.sampling[valid], rtol=0, atol=ATOL)
             at_one = PolicyObjective(trainer.model, 1.0, cfg.train.share_prompt)(mb)[valid]
-            assert (at_one - mb.sampling[valid]).abs().max() > 1e-2
+            # the warm-started tiny model is confident (sampled tokens near probability 1), so T
+            # moves their log-probs little; still far beyond the tolerance
+            assert (at_one - mb.sampling[valid]).abs().max() > 50 * ATOL
     metrics = trainer.updater.update(seqs)  # old = the sampler's log-probs: ratio 1 at the first step
     assert metrics["optimizer_steps"] == 1
     assert metrics["ratio_mean"] == pytest.approx(1.0, abs=2e-5)
