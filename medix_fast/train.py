@@ -159,7 +159,7 @@ class Trainer:
         self.loader = PromptLoader(len(self.prompts), t.seed, cfg.data.shuffle, self.info.rank, world)
         reward_fn = build_reward(cfg.rewards, dev, dtype)
         self.rollout = Rollout(self.sampler, reward_fn, self.tokenizer, self.prompts, self.loader, cfg, self.info,
-                               stop_token_ids=stop_ids(self.tokenizer, self.model), vision=vision)
+                               stop_token_ids=stop_ids(self.model, self.tokenizer), vision=vision)
         self.step, self.run_id = 0, uuid.uuid4().hex
         if ckpt:
             self._restore(ckpt)

@@ -95,7 +95,7 @@ def _main(argv: list[str] | None) -> int:
                         seed=args.seed + info.rank)
         out = Path(args.out or Path("runs/eval") / Path(args.model).name)
         fingerprint = {"model": str(args.model), "judge": args.judge, "semantic_model": args.semantic_model}
-        generate = sampler_generate(sampler, tokenizer, stop_ids(tokenizer, model), settings, vision)
+        generate = sampler_generate(sampler, tokenizer, stop_ids(model, tokenizer), settings, vision)
         summary = evaluator.run(generate, scorer, out, fingerprint, args.overwrite)
     finally:
         D.close()

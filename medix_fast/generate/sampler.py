@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from ..model.forward import mrope_positions
+from ..model.loading import stop_ids
 from .attention import default_block_size, select_backend
 from .blocks import BlockPool
 from .kv_cache import ATTN_IMPLEMENTATION, KVPool
@@ -358,12 +359,7 @@ class Sampler:
 
     def _stop_ids(self, stop_token_ids) -> list[int]:
         if stop_token_ids is None:
-            gen_config = getattr(self.model, "generation_config", None)
-            stop_token_ids = getattr(gen_config, "eos_token_id", None)
-            if stop_token_ids is None:
-                stop_token_ids = getattr(self.model.config, "eos_token_id", None)
-        if stop_token_ids is None:
-            return []
+            stop_token_ids = stop_ids(self.model)
         stops = [stop_token_ids] if isinstance(stop_token_ids, int) else list(stop_token_ids)
         bad = [s for s in stops if not (isinstance(s, int) and 0 <= s < self.vocab_size)]
         if bad:

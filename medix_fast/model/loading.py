@@ -171,10 +171,14 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def stop_ids(tokenizer, model) -> list[int]:
-    """End-of-sequence ids of the tokenizer and the model's generation config."""
+def stop_ids(model, tokenizer=None) -> list[int]:
+    """End-of-sequence ids: the tokenizer's (when given) and the model's generation config's, else
+    its config's. The one rule for the trainer, eval and the sampler's default."""
+    generation = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if generation is None:
+        generation = getattr(getattr(model, "config", None), "eos_token_id", None)
     ids = set()
-    for source in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+    for source in (getattr(tokenizer, "eos_token_id", None), generation):
         if isinstance(source, int):
             ids.add(source)
         elif source:
