@@ -32,7 +32,7 @@ setup(
     package_dir={"medix_fast.kernels": "kernels", "medix_fast.configs": "configs", "medix_fast.csrc": "csrc"},
     include_package_data=True,
     package_data={"medix_fast.data": ["sample/*.jsonl", "sample/images/*.png"], "medix_fast.configs": ["*.yaml"],
-                  "medix_fast.csrc": ["*.cpp", "*.h", "cuda/*"]},
+                  "medix_fast.csrc": ["*.cpp", "*.h"]},
     install_requires=deps["INSTALL_REQUIRES"],
     extras_require=deps["EXTRAS"],
 )

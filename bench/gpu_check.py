@@ -8,7 +8,7 @@ default 480 s; time a part leaves unused goes to the next), so a crash, hang or 
 stops only that part:
   tests    ``pytest -m cuda tests`` (tests/test_cuda.py and any other test marked ``cuda``): every
            Triton kernel at its GPU tiles against fp64 in bf16 and fp32 (tf32 and ieee), CUDA
-           autocast, no host sync, offsets past 2^31, the CUDA ``sample_tokens`` op, a
+           autocast, no host sync, offsets past 2^31, a
            one-process NCCL group's all_reduce of a device tensor
   lm_head  ``fused_linear_policy_loss`` (grpo, ``valid_lengths`` given) and ``fused_linear_logprobs``
            forward + backward at N=16,384, H=4,096, V=151,936 bf16: time, TFLOP/s of 6·N·H·V

@@ -1,13 +1,12 @@
-"""Python side of the C++/CUDA ops in ``csrc/`` (``torch.ops.medix_fast.*``): build, load, autograd.
+"""Python side of the C++ ops in ``csrc/`` (``torch.ops.medix_fast.*``): build, load, autograd.
 
 The extension is compiled just in time, once, at first use (``torch.utils.cpp_extension.load``
 with ninja and the system C++ compiler; about a minute on 2 cores), and cached under
 ``~/.cache/torch_extensions`` (or ``$TORCH_EXTENSIONS_DIR``) under a name that carries a digest of
 the sources, so another version of them (another checkout, another branch) is another build, never
 a rebuild over this one; a first build is announced on the ``medix_fast.kernels`` logger ("building
-the C++ ops, once"). The CUDA kernel of ``sample_tokens`` (``csrc/cuda/``) joins the build when torch
-is a CUDA build and nvcc is found (if that build fails, the CPU ops are built alone). Any failure (no compiler, no
-ninja) warns once and leaves :func:`available` False, so the dispatch falls back to the PyTorch
+the C++ ops, once"). CPU only: on CUDA the Triton kernels and PyTorch run, so no nvcc build is
+ever paid for. Any failure (no compiler, no ninja) warns once and leaves :func:`available` False, so the dispatch falls back to the PyTorch
 path. Prebuild, and see what is active, with::
 
     python -m medix_fast.kernels
@@ -15,8 +14,9 @@ path. Prebuild, and see what is active, with::
 Ops (schemas in ``csrc/ops.cpp``): ``policy_loss`` (forward and backward in one pass; autograd
 is registered here as grad_output * the saved gradient, so it is differentiable once, not
 twice), ``group_advantages`` and ``paged_decode`` (the rollout engine's decode attention,
-``medix_fast.generate.attention``), CPU only (the default there: faster than the PyTorch path; on
-CUDA tensors the Triton kernels run), and ``sample_tokens`` (CPU, and CUDA when built). Each has a
+``medix_fast.generate.attention``) and ``sample_tokens`` (the engine's sampling step at large
+vocabularies), CPU only (the default there: faster than the PyTorch path; on CUDA tensors the
+Triton kernels and PyTorch run). Each has a
 fake implementation, so they work under ``torch.compile``.
 """
 from __future__ import annotations
@@ -25,7 +25,6 @@ import hashlib
 import logging
 import os
 import re
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -36,7 +35,6 @@ import torch
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 METRICS = ("ratio_mean", "clip_low", "clip_high", "clip_dual", "kl", "entropy")
 _error: str | None = None
-_cuda_built = False
 _available: bool | None = None  # None: not tried yet
 log = logging.getLogger("medix_fast.kernels")
 
@@ -54,26 +52,23 @@ def is_built(name: str) -> bool:
     return root.is_dir() and any(re.fullmatch(rf"{name}(_v\d+)?\.so", p.name) for p in root.rglob(f"{name}*.so"))
 
 
-def _sources(with_cuda: bool) -> list[Path]:
-    sources = sorted(CSRC.glob("*.cpp"))
-    if with_cuda:
-        sources += sorted((CSRC / "cuda").glob("*.c*"))  # the .cu kernel and ops.cpp
-    return sources
+def _sources() -> list[Path]:
+    return sorted(CSRC.glob("*.cpp"))
 
 
-def extension_name(with_cuda: bool) -> str:
+def extension_name() -> str:
     """The extension's name, carrying a digest of its sources: two checkouts (or branches) never
     rebuild over each other."""
     digest = hashlib.sha256()
-    for path in sorted([*_sources(with_cuda), *CSRC.glob("*.h"), *(CSRC / "cuda").glob("*.h")]):
+    for path in sorted([*_sources(), *CSRC.glob("*.h")]):
         digest.update(path.read_bytes())
-    return "medix_fast_C" + ("_cuda" if with_cuda else "") + "_" + digest.hexdigest()[:10]
+    return "medix_fast_C_" + digest.hexdigest()[:10]
 
 
-def _build(with_cuda: bool) -> None:
+def _build() -> None:
     from torch.utils import cpp_extension
 
-    sources, name = _sources(with_cuda), extension_name(with_cuda)
+    sources, name = _sources(), extension_name()
     announced = not is_built(name)
     if announced:
         log.info("building the C++ ops of %s, once (about a minute; cached in %s)", CSRC, build_root())
@@ -82,7 +77,6 @@ def _build(with_cuda: bool) -> None:
         name=name,
         sources=[str(p) for p in sources],
         extra_cflags=["-O3", "-fopenmp"],
-        extra_cuda_cflags=["-O3"],
         extra_ldflags=["-fopenmp"],
         is_python_module=False,
         verbose=os.environ.get("MEDIX_FAST_BUILD_VERBOSE") == "1",
@@ -94,9 +88,8 @@ def _build(with_cuda: bool) -> None:
 
 
 def available() -> bool:
-    """Whether the ops are loaded, building them first if needed (once per process). With a CUDA
-    torch and nvcc the CUDA kernels are built too; if that build fails, the CPU ops alone. Once
-    answered it is a global read, which ``torch.compile`` traces as a constant."""
+    """Whether the ops are loaded, building them first if needed (once per process). Once answered
+    it is a global read, which ``torch.compile`` traces as a constant."""
     global _available
     if _available is None:
         _available = _load()
@@ -104,19 +97,16 @@ def available() -> bool:
 
 
 def _load() -> bool:
-    global _error, _cuda_built
+    global _error
     if not any(CSRC.glob("*.cpp")):
         _error = f"no C++ sources in {CSRC}"
     else:
-        want_cuda = torch.version.cuda is not None and bool(os.environ.get("CUDA_HOME") or shutil.which("nvcc"))
-        for with_cuda in ([True, False] if want_cuda else [False]):
-            try:
-                _build(with_cuda)
-            except Exception as exc:  # no compiler, no ninja, a compile error
-                first_line = (str(exc).strip().splitlines() or [""])[0][:200]
-                _error = f"{type(exc).__name__}{' (CUDA build)' if with_cuda else ''}: {first_line}"
-                continue
-            _cuda_built = with_cuda
+        try:
+            _build()
+        except Exception as exc:  # no compiler, no ninja, a compile error
+            first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+            _error = f"{type(exc).__name__}: {first_line}"
+        else:
             _register_python_parts()
             return True
     warnings.warn(f"medix_fast C++ ops unavailable, using the PyTorch path ({_error}; "
@@ -125,13 +115,12 @@ def _load() -> bool:
 
 
 def supports(device: torch.device) -> bool:
-    """Whether ``sample_tokens`` runs on ``device``: CPU once loaded; CUDA if its kernel was built too
-    (``policy_loss`` and ``group_advantages`` run on the CPU only)."""
-    return available() and (device.type == "cpu" or (device.type == "cuda" and _cuda_built))
+    """Whether the ops run on ``device``: the CPU, once loaded."""
+    return device.type == "cpu" and available()
 
 
 def unavailable_reason() -> str | None:
-    """Why :func:`available` is False, or why the CUDA build failed (None if nothing failed)."""
+    """Why :func:`available` is False (None if nothing failed)."""
     return _error
 
 

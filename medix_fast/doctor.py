@@ -48,7 +48,7 @@ class Report:
     packages: list[Package]
     torch_cuda: str | None  # torch.version.cuda: None for a CPU build
     devices: list[str]  # one line per visible CUDA device
-    cpp: dict  # {"built": bool, "cuda_kernels": bool, "error": str | None}
+    cpp: dict  # {"built": bool, "error": str | None}: the C++ ops (CPU only)
     backends: dict[str, dict[str, str]]  # op -> device type -> "cpp" | "triton" | "torch" | "error: ..."
     # (no "cpu" column without the C++ build: the CPU choice depends on it)
     attention: dict[str, str]  # device type -> attention implementation of the policy forward
@@ -77,7 +77,7 @@ class Report:
         lines.append(f"torch build: {build}; CUDA devices: {len(self.devices) or 'none'}")
         lines += [f"  {d}" for d in self.devices]
         cpp = self.cpp
-        state = ("built" + (" (CPU and CUDA kernels)" if cpp["cuda_kernels"] else " (CPU)")) if cpp["built"] \
+        state = "built (CPU)" if cpp["built"] \
             else "not built" if cpp["error"] is None else f"unavailable: {cpp['error']}"
         lines.append(f"C++ ops: {state}")
         devices = sorted({d for per_op in self.backends.values() for d in per_op})
@@ -134,17 +134,14 @@ def _devices() -> list[str]:
 
 
 def _cpp(build: bool) -> dict:
-    import torch
-
     from .kernels import cpp
 
     if not build:
-        return {"built": False, "cuda_kernels": False, "error": None}
+        return {"built": False, "error": None}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the build failure is reported below instead
         built = cpp.available()
-    return {"built": built, "cuda_kernels": built and torch.cuda.is_available() and cpp.supports(torch.device("cuda")),
-            "error": cpp.unavailable_reason()}
+    return {"built": built, "error": cpp.unavailable_reason()}
 
 
 def _backends(device_types: list[str]) -> dict[str, dict[str, str]]:
@@ -182,7 +179,7 @@ def check(*, build_cpp: bool = True) -> Report:
     try:
         import torch
     except ImportError:
-        return Report(python, deps.PYTHON, packages, None, [], {"built": False, "cuda_kernels": False,
+        return Report(python, deps.PYTHON, packages, None, [], {"built": False,
                       "error": "torch is not importable"}, {}, {}, problems)
     device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     try:

@@ -83,14 +83,14 @@ def test_first_cpp_build_is_announced(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: None)
     with caplog.at_level(logging.INFO, logger="medix_fast.kernels"):
-        cpp._build(with_cuda=False)
+        cpp._build()
     assert "building the C++ ops" in caplog.text and "once" in caplog.text and str(tmp_path) in caplog.text
     caplog.clear()
-    name = cpp.extension_name(with_cuda=False)
+    name = cpp.extension_name()
     (tmp_path / "py_cpu" / name).mkdir(parents=True)
     (tmp_path / "py_cpu" / name / f"{name}.so").write_bytes(b"")
     with caplog.at_level(logging.INFO, logger="medix_fast.kernels"):
-        cpp._build(with_cuda=False)
+        cpp._build()
     assert "building" not in caplog.text
 
 
