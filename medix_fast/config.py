@@ -25,7 +25,6 @@ from .errors import ConfigError
 from .generate.tokens import SamplingParams
 from .kernels import LossOptions
 from .rewards import RewardConfig
-from .rewards.composite import BUILTIN
 
 DEFAULT_CONFIG = Path(str(importlib.resources.files("medix_fast.configs") / "tiny.yaml"))
 
@@ -388,10 +387,7 @@ def check(cfg: Config) -> None:
     if c.every < 0 or c.keep_last < 0 or c.save_hf_every < 0:
         raise ConfigError(f"checkpoint: need every, keep_last, save_hf_every >= 0; got {c.every}, {c.keep_last}, "
                           f"{c.save_hf_every}")
-    unknown = set(cfg.rewards.weights) - set(BUILTIN) - set(cfg.rewards.custom)
-    if unknown:
-        raise ConfigError(f"rewards.weights: unknown components {sorted(unknown)}; known: {list(BUILTIN)} "
-                          f"and those of rewards.custom")
+    cfg.rewards.check()
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas}")
 

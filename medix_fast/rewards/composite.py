@@ -78,6 +78,16 @@ class RewardConfig:
     def active(self, name: str) -> bool:
         return self.weights.get(name, 0.0) != 0.0
 
+    def check(self) -> None:
+        """The component names: no custom one takes a built-in's name, every weight names a known one."""
+        clash = set(self.custom) & (set(BUILTIN) | {"overall"})
+        if clash:
+            raise ConfigError(f"rewards.custom: components may not be named {sorted(clash)}")
+        unknown = set(self.weights) - set(BUILTIN) - set(self.custom)
+        if unknown:
+            raise ConfigError(f"rewards.weights: unknown components {sorted(unknown)}; known: {list(BUILTIN)} "
+                              "and those of rewards.custom")
+
 
 def _import_component(name: str, target: str) -> Callable:
     module, sep, attr = target.partition(":")
@@ -96,12 +106,7 @@ class RewardFunction:
     """Frozen reward models plus the rules; ``__call__`` scores a batch. Build with ``build_reward``."""
 
     def __init__(self, cfg: RewardConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-        clash = set(cfg.custom) & (set(BUILTIN) | {"overall"})
-        if clash:
-            raise ConfigError(f"rewards.custom: components may not be named {sorted(clash)}")
-        unknown = set(cfg.weights) - set(BUILTIN) - set(cfg.custom)
-        if unknown:
-            raise ConfigError(f"rewards.weights: unknown components {sorted(unknown)}; known: {list(BUILTIN)} + custom")
+        cfg.check()
         if cfg.active("overlong"):
             overlong_penalty([], cfg.overlong_max_length, cfg.overlong_buffer)  # validates L and C now
         for key in ("semantic_model", "judge_model"):
