@@ -154,7 +154,7 @@ class Rollout:
         a = self.cfg.algorithm
         means = scores.view(-1, g).mean(dim=1)  # (groups,)
         ok = (means > a.filter_low) & (means < a.filter_high)  # (groups,)
-        return ok.nonzero().flatten().tolist()
+        return [k for k, keep in enumerate(ok.tolist()) if keep]
 
     def _metrics(self, seen: _Draw, seqs: Sequences, n_kept: int, drawn: int, attempts: int) -> dict:
         """The step's rollout metrics: named sums (device tensors and host numbers) reduced over the
