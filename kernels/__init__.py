@@ -11,10 +11,24 @@ builds the C++ ops and prints which back-ends are active here.
 import sys
 
 if __name__ == "kernels":
-    # Imported as top-level ``kernels`` (a checkout on sys.path, probed by transformers): be the installed package.
-    import importlib
+    # This folder was found as a top-level ``kernels`` (a checkout's root on sys.path: ``python -m``,
+    # pytest, a notebook there). That name belongs to the PyPI package ``kernels``, which transformers
+    # imports at start-up: load the real one from the rest of sys.path, or fail as if this folder were
+    # not there. Never serve medix_fast's kernels under that name (see the README's layout section).
+    import importlib.machinery
+    import importlib.util
+    import os
 
-    sys.modules[__name__] = importlib.import_module("medix_fast.kernels")
+    _here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _path = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+    _spec = importlib.machinery.PathFinder.find_spec(__name__, _path)
+    if _spec is None:
+        del sys.modules[__name__]
+        raise ModuleNotFoundError(f"No module named {__name__!r} ({_here}/kernels is medix_fast.kernels, "
+                                  "not the PyPI package 'kernels')", name=__name__)
+    _real = importlib.util.module_from_spec(_spec)
+    sys.modules[__name__] = _real  # the import statement returns what sys.modules holds after this file runs
+    _spec.loader.exec_module(_real)
 else:
     from .advantage import GroupStats, group_advantages
     from .dispatch import active_backends, force_backend, set_backend
