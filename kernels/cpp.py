@@ -3,8 +3,8 @@
 The extension is compiled just in time, once, at first use (``torch.utils.cpp_extension.load``
 with ninja and the system C++ compiler; about a minute on 2 cores), and cached under
 ``~/.cache/torch_extensions`` (or ``$TORCH_EXTENSIONS_DIR``) under a name that carries a digest of
-the sources, so another version of them (another checkout, another branch) is another build, never
-a rebuild over this one; a first build is announced on the ``medix_fast.kernels`` logger ("building
+what makes the binary (sources, torch build and ABI, Python, compiler, flags), so another checkout,
+branch or virtualenv is another build, never a rebuild over this one; a first build is announced on the ``medix_fast.kernels`` logger ("building
 the C++ ops, once"). CPU only: on CUDA the Triton kernels and PyTorch run, so no nvcc build is
 ever paid for. Any failure (no compiler, no ninja) warns once and leaves :func:`available` False, so the dispatch falls back to the PyTorch
 path. Prebuild, and see what is active, with::
@@ -25,6 +25,7 @@ import hashlib
 import logging
 import os
 import re
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -56,12 +57,31 @@ def _sources() -> list[Path]:
     return sorted(CSRC.glob("*.cpp"))
 
 
+CFLAGS = ["-O3", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
+
+
+def _compiler() -> str:
+    """The C++ compiler torch will call and its version line ('' when it cannot be run)."""
+    import subprocess
+
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    return f"{cxx} {(out.splitlines() or [''])[0]}"
+
+
 def extension_name() -> str:
-    """The extension's name, carrying a digest of its sources: two checkouts (or branches) never
-    rebuild over each other."""
+    """The extension's name, a digest of everything that makes the binary: the sources, the torch
+    build and C++ ABI it links against, the Python, the compiler and the flags. Two checkouts,
+    branches or virtualenvs on one machine each keep their own build, never rebuilding over another's."""
     digest = hashlib.sha256()
     for path in sorted([*_sources(), *CSRC.glob("*.h")]):
         digest.update(path.read_bytes())
+    digest.update(repr((torch.__version__, torch.compiled_with_cxx11_abi(), sys.implementation.cache_tag,
+                        _compiler(), CFLAGS, LDFLAGS)).encode())
     return "medix_fast_C_" + digest.hexdigest()[:10]
 
 
@@ -76,8 +96,8 @@ def _build() -> None:
     cpp_extension.load(
         name=name,
         sources=[str(p) for p in sources],
-        extra_cflags=["-O3", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
+        extra_cflags=CFLAGS,
+        extra_ldflags=LDFLAGS,
         is_python_module=False,
         verbose=os.environ.get("MEDIX_FAST_BUILD_VERBOSE") == "1",
     )

@@ -293,3 +293,21 @@ def test_compiles_as_one_graph(forced, level):
     rewards = torch.rand(32, generator=torch.Generator().manual_seed(0))
     advantages = torch.compile(lambda r: group_advantages(r, 8), fullgraph=True, backend="eager")
     torch.testing.assert_close(advantages(rewards), group_advantages(rewards, 8))
+
+
+
+@pytest.mark.parametrize("change", ["torch", "abi", "compiler", "cflags", "ldflags"])
+def test_build_is_keyed_on_what_makes_the_binary(monkeypatch, change):
+    """Two virtualenvs with another torch build, compiler or flags keep two builds (no eviction, no
+    rebuild at every switch); the same environment names its own build again."""
+    base = cpp.extension_name()
+    assert cpp.extension_name() == base
+    if change == "torch":
+        monkeypatch.setattr(torch, "__version__", torch.__version__ + ".other")
+    elif change == "abi":
+        monkeypatch.setattr(torch, "compiled_with_cxx11_abi", lambda: not torch._C._GLIBCXX_USE_CXX11_ABI)
+    elif change == "compiler":
+        monkeypatch.setenv("CXX", "another-c++")
+    else:
+        monkeypatch.setattr(cpp, change.upper(), ["-O1"])
+    assert cpp.extension_name() != base
