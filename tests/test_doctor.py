@@ -6,7 +6,9 @@ exit codes, the back-end table and the JSON form.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -150,3 +152,48 @@ def test_each_op_runs_the_backend_the_table_names(monkeypatch):
             fused_linear_logprobs(h, w, t)
             fused_linear_policy_loss(h, w, t, mask, torch.randn(2))
         assert set(ran) == {(op, b) for op, b in table.items() if b != "torch"}, forced
+
+
+def test_a_command_that_cannot_start_here_is_one_problem_line_with_its_fix(monkeypatch, tmp_path):
+    (tmp_path / "boom.py").write_text("raise RuntimeError('no GPU driver 999')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(doctor, "COMMAND_MODULES", ("medix_fast.export", "boom"))
+    report = doctor.check(build_cpp=False)
+    assert report.problems == [report.commands] and not report.ok
+    assert report.commands.startswith("`python -m boom` cannot start here: RuntimeError: no GPU driver 999; fix: ")
+    assert "constraints.txt" in report.commands and "\n" not in report.commands
+    monkeypatch.setattr(doctor, "COMMAND_MODULES", ("medix_fast.export",))
+    assert doctor.check(build_cpp=False).commands == "ok"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers.integrations.hub_kernels") is None
+                    or doctor.installed_version("kernels") is None,
+                    reason="needs a transformers that imports the PyPI kernels package at start-up")
+def test_a_folder_hiding_an_installed_package_is_named_with_the_fix(tmp_path):
+    """Today's failure (transformers 5.25 importing the checkout's kernels/) as a user meets it: a
+    directory whose kernels/ is not the package, and the doctor run from there."""
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("from medix_fast.kernels import *  # the old alias\n")
+    run = subprocess.run([sys.executable, "-m", "medix_fast.doctor", "--no-build"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 1, run.stdout + run.stderr
+    problem = run.stdout.split("result: 1 problem(s)\n", 1)[1].strip()
+    assert problem.startswith("- `python -m medix_fast.train` cannot start here: ImportError"), problem
+    assert f"./kernels (in {tmp_path}) hides the installed package 'kernels'" in problem and "fix: " in problem
+
+
+def test_versions_other_than_the_tested_set_are_noted_not_failed(monkeypatch, tmp_path):
+    pins = tmp_path / "constraints.txt"
+    pins.write_text(f"# tested set\ntorch==0.0.1\nnumpy=={doctor.installed_version('numpy')}\nno-such-dist==1.0\n")
+    monkeypatch.setattr(doctor, "CONSTRAINTS", pins)
+    report = doctor.check(build_cpp=False, imports=False)
+    assert report.ok and report.unpinned == [f"torch {torch.__version__} (tested 0.0.1)"]
+    assert f"differs from the tested set (constraints.txt): torch {torch.__version__} (tested 0.0.1)" in report.format()
+
+
+def test_the_checkout_pins_what_is_installed_here():
+    """CI installs with constraints.txt: the suite runs on exactly the pinned set (the newest-release
+    step of .ci/run installs without it and skips this)."""
+    if not os.environ.get("CI") or os.environ.get("MEDIX_UNPINNED") == "1":
+        pytest.skip("CI's pinned install only (a developer's environment may drift; .ci/run's newest step is unpinned)")
+    assert doctor.CONSTRAINTS.is_file() and doctor.check(build_cpp=False, imports=False).unpinned == []
