@@ -1,7 +1,7 @@
 """Masked importance sampling (MIS): which sequences to keep, from trainer vs sampler log-probs.
 
     keep = mis_keep(old, sampling, mask, cap=2.0, level="sequence")   # (B,) 1.0 kept, 0.0 dropped
-    mask = mask * keep[:, None]                                        # the loss never sees the rest
+    advantages = advantages * keep                                     # no policy gradient from the rest
 
 A sequence sampled by ``pi_s`` and trained with ``pi_t`` (the old log-probs of the same weights)
 has the importance ratio ``r = prod_t pi_t / pi_s`` (``level="sequence"``) or its geometric mean

@@ -92,8 +92,8 @@ class AlgorithmConfig:
     # the cost of a no-grad forward of the first mini-batch too (false: that mini-batch is not measured)
     mismatch_metrics: bool = True
     mismatch_warn_kl: float = 1e-3  # recompute without tis_cap / mis_level: warn once when mismatch/k3_kl exceeds it
-    # masked importance sampling (kernels/importance.py), recompute only: drop the sequences whose
-    # trainer / sampler ratio (product over tokens, or its geometric mean) leaves [1/mis_cap, mis_cap]
+    # masked importance sampling (kernels/importance.py), recompute only: no policy gradient from the
+    # sequences whose trainer / sampler ratio (product over tokens, or its geometric mean) leaves [1/mis_cap, mis_cap]
     mis_level: Literal["sequence", "geometric"] | None = None
     mis_cap: float = 2.0
     dynamic_sampling: bool = False  # DAPO: keep only groups whose mean reward is inside the bounds

@@ -25,9 +25,9 @@ With ``beta > 0`` the reference log-probs come from the frozen copy of the initi
 
 With ``recompute`` the trainer's log-probs are compared with the sampler's (``mismatch/*``,
 ``rl/mismatch.py``; ``mismatch_metrics`` adds the first mini-batch's no-grad forward for it) and,
-with ``mis_level``, sequences whose trainer / sampler ratio leaves ``[1/mis_cap, mis_cap]`` are
-dropped from the loss mask (``kernels/importance.py``; the loss normalisers stay those of the
-rollout, so a dropped sequence weighs zero and costs no host read).
+with ``mis_level``, sequences whose trainer / sampler ratio leaves ``[1/mis_cap, mis_cap]`` lose
+their policy-gradient term (``kernels/importance.py``: their advantage times 0; the loss's token
+mask, normalisers and its KL / entropy terms stay those of the rollout, so no host read).
 """
 from __future__ import annotations
 
@@ -261,7 +261,7 @@ class Updater:
                 if mb.weight:
                     plan.mismatch.add(mb.sampling, old, mb.mask, mb.image_rows)
                 if a.mis_level:
-                    mb.mask = mb.mask * mis_keep(old, mb.sampling, mb.mask, a.mis_cap, a.mis_level)[:, None]
+                    mb.advantages = mb.advantages * mis_keep(old, mb.sampling, mb.mask, a.mis_cap, a.mis_level)
         plan.seconds = time.perf_counter() - t0
         return plan
 
