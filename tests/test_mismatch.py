@@ -119,3 +119,30 @@ def test_no_mismatch_forward_when_switched_off(tmp_path):
     """``mismatch_metrics: false`` with one on-policy mini-batch: no figure (and no extra forward)."""
     (record,) = steps(tmp_path, ["algorithm.mismatch_metrics=false"], n=1)
     assert not [k for k in record if k.startswith("mismatch/")] and math.isfinite(record["loss"])
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_trainer_logprobs_do_not_depend_on_the_other_rows(share):
+    """Group 3 (the widest prompt and completion) alone, with groups 1, 2 and with group 4 (in
+    another row order): bitwise the same fp32 log-probs. Under other padding (group 0 widened by
+    groups 3 and 4) they move by rounding only: the CPU softmax / GEMM reductions follow a key's
+    column, which the left padding shifts (README, "Trainer-sampler agreement")."""
+    from test_update import G, make_sequences, tiny_model
+
+    from medix_fast.rl.batch import collate
+    from medix_fast.rl.update import PolicyObjective
+
+    model = tiny_model(0)
+    seqs = make_sequences(6, model=model)
+    objective = PolicyObjective(model, 1.0, share_prompt=share)
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        alone = objective(collate(seqs, [3], 0, cpu))  # (G, C)
+        for groups in ([1, 3, 2], [4, 3]):
+            mixed = objective(collate(seqs, groups, 0, cpu))
+            k = groups.index(3)
+            assert mixed.shape[1] == alone.shape[1]
+            assert torch.equal(mixed[k * G:(k + 1) * G], alone), groups
+        alone = objective(collate(seqs, [0], 0, cpu))
+        padded = objective(collate(seqs, [0, 3, 4], 0, cpu))[:G, :alone.shape[1]]
+    assert (padded - alone).abs().max() < 2e-6
