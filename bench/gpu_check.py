@@ -23,7 +23,8 @@ stops only that part:
            (every weight once, plus each row's K/V)
   train    3 steps of ``python -m medix_fast.train`` on a random Qwen3-0.6B-shaped model in bf16
            with ``distributed.strategy=fsdp`` on one GPU (the embedded tiny model's tokenizer,
-           whose ids fit the model's vocabulary): step time by phase, peak memory
+           whose ids fit the model's vocabulary): step time by phase, peak memory, and the
+           trainer-sampler mismatch in bf16 (``mismatch/*``: mean / max |delta logp|, k3 KL, > 1e-3)
 ``--dry-run`` (the default without CUDA): the same parts at tiny shapes, compiled baselines
 skipped, results to a temporary folder unless ``--out``; tests/test_gpu_check.py runs it.
 The child side is ``python -m bench.gpu_check --part NAME --rows FILE [--dry-run] [--deadline T]``.
@@ -226,7 +227,10 @@ def part_train(dry: bool, deadline: float, emit) -> None:
     for m in steps:
         emit(Row("train", f"step {m['step']}", shape=shape, ms=1e3 * m["time/step_s"], peak_gb=m["memory/peak_gib"],
                  note=f"rollout {m['time/rollout_s']:.2f} s, update {m['time/update_s']:.2f} s, "
-                      f"{m.get('throughput/train_tokens_per_s', math.nan):,.0f} train tok/s"))
+                      f"{m.get('throughput/train_tokens_per_s', math.nan):,.0f} train tok/s; mismatch |dlogp| mean "
+                      f"{m.get('mismatch/abs_mean', math.nan):.2g} max {m.get('mismatch/abs_max', math.nan):.2g}, "
+                      f"k3 KL {m.get('mismatch/k3_kl', math.nan):.2g}, "
+                      f">1e-3 {m.get('mismatch/frac_above_1e-3', math.nan):.2g}"))
     status = "ok" if code == 0 and len(steps) == 3 else f"failed: exit {code}, {len(steps)} steps"
     emit(Row("train", "3 steps", shape=shape, status=status))
 

@@ -88,6 +88,14 @@ class AlgorithmConfig:
     # old log-probs: "recompute" (first mini-batch of one epoch on-policy, the others by a no-grad
     # forward before the first update) or "sampler" (the sampler's log softmax(logits / T) for all)
     old_logprobs: Literal["recompute", "sampler"] = "recompute"
+    # trainer-sampler mismatch (rl/mismatch.py), with recompute: logged as mismatch/* every step, at
+    # the cost of a no-grad forward of the first mini-batch too (false: that mini-batch is not measured)
+    mismatch_metrics: bool = True
+    mismatch_warn_kl: float = 1e-3  # recompute without tis_cap / mis_level: warn once when mismatch/k3_kl exceeds it
+    # masked importance sampling (kernels/importance.py), recompute only: no policy gradient from the
+    # sequences whose trainer / sampler ratio (product over tokens, or its geometric mean) leaves [1/mis_cap, mis_cap]
+    mis_level: Literal["sequence", "geometric"] | None = None
+    mis_cap: float = 2.0
     dynamic_sampling: bool = False  # DAPO: keep only groups whose mean reward is inside the bounds
     filter_key: str = "overall"
     filter_low: float = 0.01  # kept when filter_low < group mean < filter_high (strictly)
@@ -362,6 +370,9 @@ def check(cfg: Config) -> None:
     if not a.filter_low < a.filter_high:
         raise ConfigError(f"algorithm.filter_low ({a.filter_low}) must be < algorithm.filter_high "
                           f"({a.filter_high})")
+    if a.mis_level and (a.old_logprobs != "recompute" or a.mis_cap <= 1):
+        raise ConfigError(f"algorithm.mis_level: needs algorithm.old_logprobs: recompute (the trainer's log-probs) "
+                          f"and algorithm.mis_cap > 1; got {a.old_logprobs}, {a.mis_cap}")
     if s.max_num_seqs < 1 or s.max_prefill_tokens < 1 or s.kv_cache_gb <= 0 or not 0 < s.gpu_memory_utilization <= 1:
         raise ConfigError(f"sampling: need max_num_seqs >= 1, max_prefill_tokens >= 1, kv_cache_gb > 0 and "
                           f"0 < gpu_memory_utilization <= 1; got {s.max_num_seqs}, {s.max_prefill_tokens}, "

@@ -82,8 +82,9 @@ def reward_figure(records: list[dict], title: str = ""):
     """The reward curves as a matplotlib figure of two panels, legends beside them (never over the
     lines): (1) the training reward (overall) and the held-out accuracy (greedy, with pass@1 /
     pass@k when sampled); (2) every reward component, training as lines and held-out as markers
-    in the same colour. Training values are faint per step with a rolling mean over a tenth of the
-    run on top. None when no reward was logged."""
+    in the same colour; (3) when logged, the trainer-sampler mismatch (``mismatch/*``: mean and max
+    |delta logp|, k3 KL) on a log scale. Training values are faint per step with a rolling mean over a
+    tenth of the run on top. None when no reward was logged."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,7 +108,9 @@ def reward_figure(records: list[dict], title: str = ""):
     if not any(k.startswith(("reward/", "eval/")) for r in records for k in r):
         return None
     colors = plt.get_cmap("tab10").colors
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7.5), sharex=True)
+    mismatch = [k for k in ("mismatch/abs_mean", "mismatch/abs_max", "mismatch/k3_kl") if any(k in r for r in records)]
+    fig, (top, bottom, *third) = plt.subplots(2 + bool(mismatch), 1, figsize=(10, 7.5 + 3 * bool(mismatch)),
+                                              sharex=True)
     train_line(top, "reward/overall", "black", "training reward (overall)")
     eval_line(top, "eval/accuracy", colors[0], "held-out accuracy (greedy)", "-")
     passes = sorted({k for r in records for k in r if k.startswith("eval/pass@")}, key=lambda k: int(k[10:]))
@@ -121,10 +124,16 @@ def reward_figure(records: list[dict], title: str = ""):
         train_line(bottom, f"reward/{name}", color, f"{name}: training")
         eval_line(bottom, f"eval/{name}", color, f"{name}: held-out")
     bottom.set_title("reward components: training (lines), held-out (markers)", fontsize=10)
-    bottom.set_xlabel("step")
     for ax in (top, bottom):
         ax.set_ylim(-0.03, 1.03)
         ax.set_ylabel("mean over responses")
+    for i, key in enumerate(mismatch):
+        train_line(third[0], key, colors[i + 6], key.split("/")[1])
+    if third:
+        third[0].set_yscale("symlog", linthresh=1e-8)
+        third[0].set_title("trainer-sampler mismatch (sampled tokens)", fontsize=10)
+    (third or [bottom])[0].set_xlabel("step")
+    for ax in (top, bottom, *third):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:  # a panel with nothing logged yet has no legend
             ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)

@@ -109,7 +109,7 @@ def test_prompt_blocks_are_shared_and_every_block_comes_back():
         if sampler.blocks is not None:
             seen.append((max(sampler.blocks.refs), sampler.blocks.in_use))
 
-    hook = model.register_forward_pre_hook(record, with_kwargs=True)
+    hook = model.get_decoder().register_forward_pre_hook(record, with_kwargs=True)
     sampler.generate(prompts, n=4, max_new_tokens=20, temperature=1.0, stop_token_ids=[], seed=0)
     hook.remove()
     assert max(r for r, _ in seen) == 4, "a prompt's blocks are held by each of its 4 running samples"
@@ -130,7 +130,7 @@ def test_no_block_leaks_after_an_exception_mid_generation():
         if len(calls) == 12:
             raise RuntimeError("planted failure")
 
-    hook = model.register_forward_pre_hook(fail)
+    hook = model.get_decoder().register_forward_pre_hook(fail)
     with pytest.raises(RuntimeError, match="planted failure"):
         sampler.generate(prompts, n=3, max_new_tokens=30, temperature=0, stop_token_ids=[])
     hook.remove()
@@ -195,7 +195,7 @@ def test_a_prompt_is_prefilled_once_while_its_samples_wait():
     samples not admitted yet, so the prompt is prefilled once, not once per pair."""
     model = tiny_model("qwen2")
     prefill_tokens = []
-    hook = model.register_forward_pre_hook(
+    hook = model.get_decoder().register_forward_pre_hook(
         lambda m, a, kw: prefill_tokens.append(kw["input_ids"].shape[1]) if kw["input_ids"].shape[0] == 1 and
         kw["input_ids"].shape[1] > 1 else None, with_kwargs=True)
     sampler = Sampler(model, max_num_seqs=2)

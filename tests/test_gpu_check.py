@@ -53,6 +53,7 @@ def test_dry_run_exercises_every_part(tmp_path):
     train = by_part["train"]
     assert [r["case"] for r in train] == ["step 1", "step 2", "step 3", "3 steps"], train
     assert all(r["status"] == "ok" for r in train) and "rollout" in train[0]["note"]
+    assert "mismatch |dlogp| mean" in train[0]["note"] and "nan" not in train[0]["note"]  # fp32 in the dry run
 
 
 def test_spent_budget_skips_parts(gpu_check, tmp_path):

@@ -473,7 +473,7 @@ def test_30b_update_plan_fits_8_h200_and_names_the_fix():
     from transformers import AutoConfig
 
     from medix_fast.config import load_config
-    from medix_fast.model.footprint import update_plan
+    from medix_fast.model.footprint import routing_ids_bytes, update_plan
 
     path = Path(__file__).parents[1] / "configs" / "medix_r1_30b_a3b_dapo.yaml"
     cfg = load_config(path)
@@ -494,6 +494,9 @@ def test_30b_update_plan_fits_8_h200_and_names_the_fix():
     assert not eager.fits and "model.gradient_checkpointing" in eager.table()
     offloaded = update_plan(load_config(path, ["rewards.offload=true"]), model_config, int(141e9), 8, REWARD_MODELS)
     assert plan.update_bytes - offloaded.update_bytes == 2 * sum(REWARD_MODELS.values())
+    # routing replay's ids: 64 groups x (4352 + 5 x 4096) tokens x 48 layers x 8 experts x 1 byte per GPU
+    assert routing_ids_bytes(cfg, model_config, 8) == 64 * (4352 + 5 * 4096) * 48 * 8 == 610_271_232
+    assert routing_ids_bytes(cfg, AutoConfig.for_model("qwen3", num_hidden_layers=2), 8) == 0
 
 
 # ----------------------------------------------------------------------------- two ranks

@@ -164,3 +164,7 @@ def test_reward_plot_reads_at_a_glance():
     fig.canvas.draw()
     for ax in (top, bottom):  # each legend sits beside its panel, over no line
         assert ax.get_legend().get_window_extent().x0 >= ax.get_window_extent().x1
+    for r in records[1:]:
+        r.update({"mismatch/abs_mean": 1e-7, "mismatch/abs_max": 5e-6, "mismatch/k3_kl": 1e-13})
+    third = reward_figure(records).axes[2]  # the mismatch panel, only when logged
+    assert {line.get_label() for line in third.get_lines()} >= {"abs_mean", "abs_max", "k3_kl"}

@@ -229,7 +229,7 @@ def test_prefill_once_per_prompt_and_finished_rows_leave_the_batch():
     model = tiny_model("qwen2")
     prompts = make_prompts([5, 3, 7])
     batch_sizes = []
-    hook = model.register_forward_pre_hook(lambda m, args, kw: batch_sizes.append(kw["input_ids"].shape), with_kwargs=True)
+    hook = model.get_decoder().register_forward_pre_hook(lambda m, args, kw: batch_sizes.append(kw["input_ids"].shape), with_kwargs=True)
     refs = [hf_greedy(model, p, 10) for p in prompts]
     batch_sizes.clear()
     stop = refs[0][2]

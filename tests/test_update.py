@@ -165,9 +165,10 @@ def test_update_matches_fp64_first_principles(setup, name, old, epochs, mini_gro
 
 
 def test_on_policy_truncated_importance_sampling_needs_no_old_logprob_pass(setup, monkeypatch):
-    """tis_cap on one on-policy mini-batch: old = the current log-probs inside the loss, no extra forward."""
+    """tis_cap on one on-policy mini-batch: old = the current log-probs inside the loss, no extra forward
+    (with the mismatch figures off: they take that forward)."""
     model, _, seqs = setup
-    a = AlgorithmConfig(old_logprobs="recompute", tis_cap=1.05, **ALGORITHMS["dapo"])
+    a = AlgorithmConfig(old_logprobs="recompute", tis_cap=1.05, mismatch_metrics=False, **ALGORITHMS["dapo"])
     passes = []
     real = Updater._logprobs
     monkeypatch.setattr(Updater, "_logprobs", lambda self, *args: passes.append(1) or real(self, *args))

@@ -11,9 +11,11 @@ values (input id, position, private length, K/V slot, row slot, noise key, step)
 (P, Gm) row grid; the rows' block tables are gathered on the device. ``StaticDecoder``
 (``cuda_graphs.py``) runs the same step on fixed-shape buffers, and on CUDA replays it as a graph.
 
-Every forward goes through ``_forward`` (the one call into transformers): ``use_cache=False``
+Every forward goes through ``_forward`` (the one call into transformers' decoder): ``use_cache=False``
 (the K/V goes to the pool through the attention back-end, no transformers cache object), the
-step as ``medix_step``, and logits only where asked (``logits_to_keep``). (A model whose weights
+step as ``medix_step``, and fp32 logits only where asked, by ``model.forward.head_logits`` (the
+LM head in the trainer's cast order: ``mismatch/*`` in bf16 is 3x lower than with transformers'
+bf16 logits). (A model whose weights
 are not in the compute dtype runs under the sampler's ``torch.autocast``, opened once per call so
 the bf16 copies of the weights are made once.)
 """
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..model.forward import head_logits
 from .kv_cache import DecodeStep, KVPool, PrefillStep
 from .scheduler import PrefillPlan
 from .sequence import Row
@@ -82,11 +85,12 @@ class Runner:
         writes.clear()
 
     # ------------------------------------------------------------------ forward
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, step, keep, **vision) -> torch.Tensor:
-        """The one call into the Hugging Face model."""
-        out = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep, medix_step=step,
-                         **vision)
-        return out.logits
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, step, keep: int, **vision) -> torch.Tensor | None:
+        """The one call into the Hugging Face decoder; fp32 logits (1 or b, keep, V) of the last
+        ``keep`` positions by ``head_logits`` (the trainer's LM-head cast order), None for 0."""
+        decoder = self.model.model if self.vl else self.model.get_decoder()
+        hidden = decoder(input_ids=ids, position_ids=pos, use_cache=False, medix_step=step, **vision).last_hidden_state
+        return head_logits(self.model, hidden[:, -keep:]) if keep else None
 
     def prefill(self, plan: PrefillPlan) -> None:
         """Fill the K/V of the plan's prompts (all tokens but the last) and recomputed rows."""
@@ -116,7 +120,7 @@ class Runner:
         pos_t = torch.cat(pos, -1).to(self.device)  # (N,) or (3, N)
         pos_t = pos_t[:, None] if self.vl else pos_t[None]  # (3, 1, N) or (1, N)
         step = PrefillStep(self.pool, self.backend, torch.cat(slots).to(self.device), items)
-        self._forward(ids_t, pos_t, step, torch.zeros(0, dtype=torch.long, device=self.device), **vision)
+        self._forward(ids_t, pos_t, step, 0, **vision)
         for r in plan.rows:
             r.computed = len(r.tokens)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
+from ..kernels.logprobs import cast, chunk_logits, compute_dtype, no_autocast
 from .compat import cache_kwargs, image_token_types
 from .loading import is_vl
 
@@ -64,6 +65,21 @@ def lm_head(model: PreTrainedModel) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The output projection: weight (V, H) and bias (V,) or None. Tied to the embeddings when the config says so."""
     head = model.get_output_embeddings()
     return head.weight, getattr(head, "bias", None)
+
+
+def head_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """fp32 logits (..., V) of final hidden states (..., H) in the trainer's cast order: operands in
+    the LM head's compute dtype (autocast's when on), products kept in fp32, never rounded to bf16
+    (``chunk_logits``, what ``fused_linear_logprobs`` computes). The one exception: a CUDA weight
+    not in the compute dtype (DDP's fp32 masters under autocast) goes through autocast's cached
+    cast and bf16 logits, as a copy of the weight per call would cost more than the head."""
+    weight, bias = lm_head(model)
+    dtype = compute_dtype(hidden)
+    if weight.is_cuda and weight.dtype != dtype:
+        return torch.nn.functional.linear(hidden, weight, bias).float()
+    with no_autocast(hidden):
+        h, w, b = cast((hidden.reshape(-1, hidden.shape[-1]), weight, bias), dtype)  # (n, H), (V, H), (V,)
+        return chunk_logits(h, w, b, 1.0).view(*hidden.shape[:-1], -1)  # (..., V)
 
 
 def prompt_hidden_states(

@@ -76,6 +76,7 @@ class MicroBatch:
     pixel_values: torch.Tensor | None = None  # VL: the groups' prompt images' patches, in group order
     image_grid_thw: torch.Tensor | None = None  # (n_images, 3)
     image_patches: list[int] = field(default_factory=list)  # patches per image (host)
+    image_rows: torch.Tensor | None = None  # (B,) 1 on the rows whose prompt has an image
 
     @property
     def tokens(self) -> int:
@@ -117,7 +118,9 @@ def collate(seqs: Sequences, groups: list[int], pad_id: int, device: torch.devic
     host = torch.tensor([[pad_id] * (plen - len(p)) + p for p in prompts] +  # (n_groups, P) left-padded
                         [[0] * (plen - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)  # its mask
     prompt_ids, prompt_mask = to_device(host.reshape(2, len(groups), plen), device).unbind(0)  # (n_groups, P) each
-    index, counts = to_device(torch.tensor([rows, lengths], dtype=torch.long), device).unbind(0)  # (B,), (B,)
+    has_image = [int(seqs.images is not None and seqs.images[r] is not None) for r in rows]
+    index, counts, image_rows = to_device(torch.tensor([rows, lengths, has_image], dtype=torch.long),
+                                          device).unbind(0)  # (B,) each
     mask = (torch.arange(clen, device=device) < counts[:, None]).float()  # (B, C)
     targets = seqs.tokens.index_select(0, index)[:, :clen].masked_fill(mask == 0, pad_id)  # (B, C)
     sampling = seqs.sampling_logprobs.index_select(0, index)[:, :clen].float() * mask  # (B, C)
@@ -126,7 +129,8 @@ def collate(seqs: Sequences, groups: list[int], pad_id: int, device: torch.devic
                       sampling, g, lengths,
                       pixel_values=to_device(torch.cat([b.pixel_values for b in pix]), device) if pix else None,
                       image_grid_thw=to_device(torch.cat([b.image_grid_thw for b in pix]), device) if pix else None,
-                      image_patches=[int(t * h * w) for b in pix for t, h, w in b.image_grid_thw.tolist()])
+                      image_patches=[int(t * h * w) for b in pix for t, h, w in b.image_grid_thw.tolist()],
+                      image_rows=image_rows)
 
 
 def padding_batch(template: MicroBatch | None, pad_id: int, device: torch.device) -> MicroBatch:

@@ -22,10 +22,17 @@ forward, also under ``tis_cap``) and recomputes the others under ``no_grad`` bef
 optimizer step;
 ``sampler`` uses the sampler's log-probs for every mini-batch (no extra forward at all).
 With ``beta > 0`` the reference log-probs come from the frozen copy of the initial policy.
+
+With ``recompute`` the trainer's log-probs are compared with the sampler's (``mismatch/*``,
+``rl/mismatch.py``; ``mismatch_metrics`` adds the first mini-batch's no-grad forward for it) and,
+with ``mis_level``, sequences whose trainer / sampler ratio leaves ``[1/mis_cap, mis_cap]`` lose
+their policy-gradient term (``kernels/importance.py``: their advantage times 0; the loss's token
+mask, normalisers and its KL / entropy terms stay those of the rollout, so no host read).
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -36,11 +43,15 @@ from transformers import DynamicCache
 
 from .. import distributed as D
 from ..kernels import fused_linear_logprobs, fused_linear_policy_loss
+from ..kernels.importance import mis_keep
 from ..kernels.policy_loss import METRICS
 from ..model.forward import (continuation_hidden_states, hidden_states, left_pad_positions, lm_head,
                              prompt_hidden_states)
 from ..model.moe import RouterLogits
 from .batch import MicroBatch, Sequences, collate, pack, padding_batch
+from .mismatch import Mismatch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,6 +63,7 @@ class Plan:
     tokens: list[float]
     seqs: list[float]
     seconds: float = 0.0  # spent preparing it (old / reference log-probs)
+    mismatch: Mismatch | None = None  # the trainer-vs-sampler sums (recompute), read with the first reduction
 
 
 def _checkpointing(model: nn.Module) -> bool:
@@ -161,6 +173,7 @@ class Updater:
         self.grad_clip = grad_clip
         self.params = [p for p in wrapped.parameters() if p.requires_grad]
         self.nonfinite_in_a_row = 0
+        self.warned = False  # the mismatch warning is given once
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -230,14 +243,25 @@ class Updater:
         t0 = time.perf_counter()
         plan = self.plan(seqs)
         a = self.algo
+        recompute = a.old_logprobs == "recompute"
+        plan.mismatch = Mismatch(self.info.device) if recompute and plan.minis else None
         for j, mini in enumerate(plan.minis):
             for mb in mini:
                 if self.ref_objective is not None and a.beta > 0:
                     mb.ref = self._logprobs(self.ref_objective, mb)
-                if a.old_logprobs == "sampler":
+                if not recompute:
                     mb.old = mb.sampling
-                elif j > 0 or a.ppo_epochs > 1:  # on-policy TIS takes old = the current log-probs
-                    mb.old = self._logprobs(self.objective, mb)
+                    continue
+                on_policy = j == 0 and a.ppo_epochs == 1  # old = the current log-probs inside the loss (ratio 1)
+                if on_policy and not (a.mismatch_metrics or a.mis_level):
+                    continue
+                old = self._logprobs(self.objective, mb)  # (B, C)
+                if not on_policy:
+                    mb.old = old
+                if mb.weight:
+                    plan.mismatch.add(mb.sampling, old, mb.mask, mb.image_rows)
+                if a.mis_level:
+                    mb.advantages = mb.advantages * mis_keep(old, mb.sampling, mb.mask, a.mis_cap, a.mis_level)
         plan.seconds = time.perf_counter() - t0
         return plan
 
@@ -256,6 +280,7 @@ class Updater:
         steps = skipped = 0
         tokens = 0.0
         world = self.info.world
+        mismatch, mismatch_out = plan.mismatch, {}
         for epoch in range(self.algo.ppo_epochs):
             for mini, global_tokens, global_seqs in zip(plan.minis, plan.tokens, plan.seqs):
                 local_tokens = sum(mb.n_tokens for mb in mini)
@@ -277,8 +302,12 @@ class Updater:
                     loss_sum += loss.detach() * scale
                     sums += torch.stack([metrics[k] for k in METRICS]) * mb.n_tokens
                 norm = self._clip()  # the global norm on every rank: its sum over ranks / world is itself
+                first = mismatch is not None and not mismatch_out
                 stats = D.reduce_scalars({"loss": loss_sum / world, **dict(zip(METRICS, sums)),
-                                          "router_aux": aux_sum, "grad_norm": norm / world}, self.info.device)
+                                          "router_aux": aux_sum, "grad_norm": norm / world,
+                                          **(mismatch.scalars(world) if first else {})}, self.info.device)
+                if first:
+                    mismatch_out = self._mismatch_figures(stats)
                 loss_value, norm_value = stats["loss"], stats["grad_norm"]
                 if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
                     skipped += 1
@@ -300,6 +329,20 @@ class Updater:
             out["router_aux"] = totals["router_aux"] / tokens if tokens else math.nan
         out.update({"optimizer_steps": steps, "skipped_updates": skipped, "train_tokens": tokens,
                     "time/logprobs_s": plan.seconds, "time/train_s": time.perf_counter() - t1})
+        out.update(mismatch_out)
+        return out
+
+    def _mismatch_figures(self, stats: dict) -> dict:
+        """The step's ``mismatch/*`` figures from the reduced sums; once per run, a warning when the
+        on-policy first mini-batch of ``recompute`` trains uncorrected on a sampler this far off."""
+        out = Mismatch.finish(stats)
+        a = self.algo
+        kl = out.get("mismatch/k3_kl", 0.0)
+        if kl > a.mismatch_warn_kl and not (a.tis_cap or a.mis_level) and not self.warned:
+            self.warned = True
+            log.warning("trainer-sampler mismatch k3 KL %.2g > algorithm.mismatch_warn_kl (%.2g): "
+                        "old_logprobs: recompute trains the first mini-batch as if the sampler were the trainer; "
+                        "set algorithm.tis_cap or algorithm.mis_level to correct for it", kl, a.mismatch_warn_kl)
         return out
 
     def _clip(self) -> torch.Tensor:
