@@ -41,7 +41,8 @@ inline PolicyLossCall prepare_policy_loss(const at::Tensor& logp, const std::opt
                                           const std::optional<at::Tensor>& num_items, int64_t loss_type,
                                           int64_t level, double epsilon_low, double epsilon_high,
                                           std::optional<double> clip_ratio_c, double beta, double entropy_coef,
-                                          int64_t max_completion_length, std::optional<double> tis_cap) {
+                                          int64_t max_completion_length, std::optional<double> tis_cap,
+                                          std::optional<double> kl_clamp, std::optional<double> log_ratio_clamp) {
   TORCH_CHECK(logp.dim() == 2, "logprobs must be (B, T), got ", logp.sizes());
   check_float(logp, "logprobs", logp);
   check_same_shape(old, "old_logprobs", logp);
@@ -67,6 +68,8 @@ inline PolicyLossCall prepare_policy_loss(const at::Tensor& logp, const std::opt
   TORCH_CHECK(!tis_cap.has_value() || (*tis_cap > 0 && sampling.has_value()),
               "tis_cap must be > 0 and needs sampling_logprobs");  // no old: on-policy, old = logp
   TORCH_CHECK(beta <= 0 || ref.has_value(), "beta > 0 needs ref_logprobs");
+  TORCH_CHECK(!kl_clamp.has_value() || *kl_clamp > 0, "kl_clamp must be > 0");
+  TORCH_CHECK(!log_ratio_clamp.has_value() || *log_ratio_clamp > 0, "log_ratio_clamp must be > 0");
   TORCH_CHECK(entropy_coef == 0 || entropy.has_value(), "entropy_coef != 0 needs entropy");
 
   PolicyLossCall c;
@@ -84,6 +87,10 @@ inline PolicyLossCall prepare_policy_loss(const at::Tensor& logp, const std::opt
   p.has_ref = ref.has_value();
   p.beta = static_cast<float>(beta);
   p.entropy_coef = static_cast<float>(entropy_coef);
+  p.has_kl_clamp = kl_clamp.has_value();
+  p.kl_clamp = p.has_kl_clamp ? static_cast<float>(*kl_clamp) : 0.f;
+  p.has_lr_clamp = log_ratio_clamp.has_value();
+  p.lr_clamp = p.has_lr_clamp ? static_cast<float>(*log_ratio_clamp) : 0.f;
 
   const int64_t B = logp.size(0), T = logp.size(1);
   const bool entropy_grad = entropy.has_value() && entropy_coef != 0;

@@ -26,6 +26,10 @@ struct LossParams {
   float tis_cap;
   bool has_ref;                // ref given: the KL is computed (and reported)
   float beta;                  // KL enters the loss when beta > 0
+  bool has_kl_clamp;           // kl_clamp given: low_var_kl (ref - logp to [-20, 20], KL to [-kl_clamp, kl_clamp])
+  float kl_clamp;
+  bool has_lr_clamp;           // log_ratio_clamp given: log_w to [-lr_clamp, lr_clamp] before exp
+  float lr_clamp;
   float entropy_coef;          // entropy enters the loss when != 0
 };
 
@@ -57,16 +61,16 @@ inline float clampf(float x, float lo, float hi) { return fminf(fmaxf(x, lo), hi
 inline TokenTerms token_terms(const LossParams& p, float log_w, float adv, float logp, float old,
                               float ref, float sampling, float entropy) {
   TokenTerms t;
-  const bool in20 = log_w >= -20.f && log_w <= 20.f;
-  const float ratio = expf(clampf(log_w, -20.f, 20.f));
+  const bool in_lr = !p.has_lr_clamp || (log_w >= -p.lr_clamp && log_w <= p.lr_clamp);
+  const float ratio = expf(p.has_lr_clamp ? clampf(log_w, -p.lr_clamp, p.lr_clamp) : log_w);
   const float lw_clip = clampf(log_w, p.log_lo, p.log_hi);
   const bool in_clip = log_w >= p.log_lo && log_w <= p.log_hi;
-  const float clipped = (in20 && in_clip) ? ratio : expf(lw_clip);
+  const float clipped = (in_lr && in_clip) ? ratio : expf(lw_clip);
   const float na = -adv;
   const float p1 = na * ratio, p2 = na * clipped;
   float pg = fmaxf(p1, p2);
   const float w1 = p1 > p2 ? 1.f : (p1 == p2 ? 0.5f : 0.f);
-  float g = w1 * (in20 ? p1 : 0.f) + (1.f - w1) * (in_clip ? p2 : 0.f);
+  float g = w1 * (in_lr ? p1 : 0.f) + (1.f - w1) * (in_clip ? p2 : 0.f);
   t.dual = false;
   if (p.has_dual) {
     const float cap = na * p.clip_c;
@@ -86,13 +90,13 @@ inline TokenTerms token_terms(const LossParams& p, float log_w, float adv, float
   t.dlogp_kl = 0.f;
   if (p.has_ref) {
     const float d = ref - logp;
-    const float dc = clampf(d, -20.f, 20.f);
+    const float dc = p.has_kl_clamp ? clampf(d, -20.f, 20.f) : d;
     const float e = expf(dc);
     const float kl_raw = e - dc - 1.f;
-    t.kl = clampf(kl_raw, -10.f, 10.f);
+    t.kl = p.has_kl_clamp ? clampf(kl_raw, -p.kl_clamp, p.kl_clamp) : kl_raw;
     if (p.beta > 0.f) {
       loss = loss + p.beta * t.kl;
-      const bool pass = d >= -20.f && d <= 20.f && kl_raw >= -10.f && kl_raw <= 10.f;
+      const bool pass = !p.has_kl_clamp || (d >= -20.f && d <= 20.f && kl_raw >= -p.kl_clamp && kl_raw <= p.kl_clamp);
       t.dlogp_kl = pass ? -p.beta * (e - 1.f) : 0.f;
     }
   }

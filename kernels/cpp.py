@@ -129,7 +129,8 @@ def _register_python_parts() -> None:
 
     @torch.library.register_fake(lib + "policy_loss")
     def _policy_loss_fake(logp, old, adv, mask, ref, entropy, sampling, num_items, loss_type, level, epsilon_low,
-                          epsilon_high, clip_ratio_c, beta, entropy_coef, max_completion_length, tis_cap):
+                          epsilon_high, clip_ratio_c, beta, entropy_coef, max_completion_length, tis_cap, kl_clamp,
+                          log_ratio_clamp):
         grad_entropy_shape = logp.shape if entropy is not None and entropy_coef != 0 else (0,)
         return (logp.new_empty(()), torch.empty_like(logp), logp.new_empty(grad_entropy_shape),
                 logp.new_empty(len(METRICS)))
@@ -140,7 +141,7 @@ def _register_python_parts() -> None:
     def _backward(ctx, grad_loss, *_unused):
         grad_logp, grad_entropy = ctx.saved_tensors
         d_entropy = grad_loss * grad_entropy if grad_entropy.numel() else None
-        return (grad_loss * grad_logp, None, None, None, None, d_entropy) + (None,) * 11
+        return (grad_loss * grad_logp, None, None, None, None, d_entropy) + (None,) * 13
 
     torch.library.register_autograd(lib + "policy_loss", _backward, setup_context=_setup)
 
@@ -181,7 +182,7 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy,
         _f32(logprobs, detach=False), _f32(old_logprobs), _f32(advantages), _f32(mask), _f32(ref_logprobs),
         _f32(entropy, detach=False), _f32(sampling_logprobs), num_items, loss_type, level, o.epsilon_low,
         o.epsilon_low if o.epsilon_high is None else o.epsilon_high, o.clip_ratio_c, o.beta, o.entropy_coef,
-        o.max_completion_length or 0, o.tis_cap)
+        o.max_completion_length or 0, o.tis_cap, o.kl_clamp, o.log_ratio_clamp)
     metrics = metrics.detach()
     return loss, {name: metrics[i] for i, name in enumerate(METRICS)}
 

@@ -5,11 +5,14 @@ One formula covers every variant (TRL GRPOTrainer's aggregation, EasyR1/veRL's c
     log_w  = logp - old                          token level (GRPO, DAPO)
            = masked_mean_t(logp - old)           sequence level (GSPO), gradient through the mean
            = sg[masked_mean_t(logp - old)] + logp - sg[logp]     sequence_token (GSPO-token)
-    ratio  = exp(clamp(log_w, -20, 20)),   clipped = exp(clamp(log_w, log(1-eps_low), log(1+eps_high)))
+    ratio  = exp(log_w)   (log_w clamped to +-log_ratio_clamp first when given: EasyR1/veRL's 20)
+    clipped = exp(clamp(log_w, log(1-eps_low), log(1+eps_high)))
     pg     = max(-A * ratio, -A * clipped);  for A < 0 and clip_ratio_c: min(pg, -A * clip_ratio_c)
     pg    *= min(exp(old - sampling), tis_cap)   optional truncated importance sampling (detached)
     loss_t = pg + beta * k3(ref, logp) - entropy_coef * entropy
-    k3     = exp(d) - d - 1 with d = clamp(ref - logp, -20, 20), clamped to [-10, 10] (EasyR1)
+    k3     = exp(d) - d - 1 with d = ref - logp (TRL, Liger: kl_clamp=None)
+           = clamp(exp(d') - d' - 1, -c, c) with d' = clamp(d, -20, 20) for kl_clamp=c (veRL/EasyR1's
+             low_var_kl, c = 10): past d ~ 2.6 nats (k3 > 10) the token's KL gradient is exactly 0
 
 and ``loss_type`` picks the aggregation of ``loss_t`` over valid (mask = 1) tokens:
     grpo     mean over sequences of the per-sequence token mean
@@ -48,6 +51,8 @@ class LossOptions:
     max_completion_length: int | None = None  # dr_grpo normaliser
     num_items_in_batch: float | torch.Tensor | None = None  # dapo normaliser
     tis_cap: float | None = None  # truncated importance sampling cap (needs sampling_logprobs; old may be None)
+    kl_clamp: float | None = None  # None: the k3 KL exactly (TRL, Liger); c: low_var_kl clamps (EasyR1: 10)
+    log_ratio_clamp: float | None = None  # None: exp(log_w) as TRL; r: log_w clamped to [-r, r] (veRL: 20)
 
     @classmethod
     def from_kwargs(cls, opts: dict) -> "LossOptions":
@@ -67,6 +72,9 @@ class LossOptions:
             raise ValueError("loss_type='dr_grpo' needs max_completion_length > 0")
         if o.tis_cap is not None and o.tis_cap <= 0:
             raise ValueError(f"tis_cap must be > 0, got {o.tis_cap}")
+        for name in ("kl_clamp", "log_ratio_clamp"):
+            if getattr(o, name) is not None and not getattr(o, name) > 0:
+                raise ValueError(f"{name} must be > 0 or None, got {getattr(o, name)}")
         return o
 
 
@@ -111,7 +119,8 @@ def per_token_loss(logp, old, adv, mask, o: LossOptions, *, ref=None, entropy=No
         log_w = seq.expand_as(logp) if o.importance_sampling_level == "sequence" else (
             seq.detach() + logp - logp.detach())
     eps_high = o.epsilon_low if o.epsilon_high is None else o.epsilon_high
-    ratio = torch.exp(log_w.clamp(-20.0, 20.0))  # (B, T)
+    r = o.log_ratio_clamp
+    ratio = torch.exp(log_w if r is None else log_w.clamp(-r, r))  # (B, T)
     clipped = torch.exp(log_w.clamp(math.log1p(-o.epsilon_low), math.log1p(eps_high)))
     pg = torch.maximum(-adv * ratio, -adv * clipped)  # (B, T)
     dual = torch.zeros_like(pg, dtype=torch.bool)
@@ -123,8 +132,9 @@ def per_token_loss(logp, old, adv, mask, o: LossOptions, *, ref=None, entropy=No
     loss_t = pg
     kl = None
     if ref is not None:
-        d = (ref - logp).clamp(-20.0, 20.0)
-        kl = (torch.exp(d) - d - 1.0).clamp(-10.0, 10.0)  # (B, T)
+        d = ref - logp if o.kl_clamp is None else (ref - logp).clamp(-20.0, 20.0)
+        kl = torch.exp(d) - d - 1.0  # (B, T)
+        kl = kl if o.kl_clamp is None else kl.clamp(-o.kl_clamp, o.kl_clamp)
         if o.beta > 0:
             loss_t = loss_t + o.beta * kl
     if o.entropy_coef != 0:
@@ -196,7 +206,7 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, ref_logprobs=None, 
         sampling_logprobs: (B, T) log-probs from the sampler, for ``tis_cap``.
         **opts: fields of :class:`LossOptions` (loss_type, importance_sampling_level, epsilon_low,
             epsilon_high, clip_ratio_c, beta, entropy_coef, max_completion_length,
-            num_items_in_batch, tis_cap).
+            num_items_in_batch, tis_cap, kl_clamp, log_ratio_clamp).
 
     Returns:
         (loss, metrics): a 0-dim float32 loss and a dict of detached 0-dim tensors

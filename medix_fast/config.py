@@ -82,6 +82,8 @@ class AlgorithmConfig:
     epsilon_high: float = 0.28
     clip_ratio_c: float | None = 3.0  # dual clip for negative advantages; null: off
     beta: float = 0.0  # k3 KL to a frozen copy of the initial policy; > 0 loads the copy
+    kl_clamp: float | None = 10.0  # EasyR1's low_var_kl: KL clamped to [-10, 10]; null: the k3 KL exactly (TRL)
+    log_ratio_clamp: float | None = 20.0  # EasyR1/veRL: log importance ratio clamped to [-20, 20]; null: none
     entropy_coef: float = 0.0
     ppo_epochs: int = 1
     tis_cap: float | None = None  # truncated importance weights against the sampler's log-probs
@@ -397,7 +399,8 @@ def _kernel_checks(cfg: Config) -> None:
     an error re-raised as a ConfigError naming the keys its message names."""
     a, s = cfg.algorithm, cfg.sampling
     loss = {k: getattr(a, k) for k in ("loss_type", "importance_sampling_level", "epsilon_low", "epsilon_high",
-                                       "clip_ratio_c", "beta", "entropy_coef", "tis_cap")}
+                                       "clip_ratio_c", "beta", "entropy_coef", "tis_cap", "kl_clamp",
+                                       "log_ratio_clamp")}
     sampling = {k: getattr(s, k) for k in ("temperature", "top_p", "top_k")}
     checks = (("algorithm", loss, lambda: LossOptions.from_kwargs({**loss, "max_completion_length": s.max_new_tokens})),
               ("sampling", sampling, lambda: SamplingParams(**sampling)))

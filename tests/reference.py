@@ -21,7 +21,7 @@ def logprobs_entropy(hidden, weight, targets, bias=None, temperature=1.0):
 def policy_loss(logp, old, adv, mask, *, ref=None, entropy=None, sampling=None, loss_type="grpo",
                 importance_sampling_level="token", epsilon_low=0.2, epsilon_high=None, clip_ratio_c=None,
                 beta=0.0, entropy_coef=0.0, max_completion_length=None, num_items_in_batch=None,
-                tis_cap=None):
+                tis_cap=None, kl_clamp=None, log_ratio_clamp=None):
     """Row-by-row fp64 policy loss; returns (loss, per_token_loss)."""
     logp = logp.double()
     old = logp.detach() if old is None else old.double()
@@ -39,7 +39,8 @@ def policy_loss(logp, old, adv, mask, *, ref=None, entropy=None, sampling=None, 
             log_w = seq.expand(logp.shape[1])
         else:
             log_w = seq.detach() + logp[i] - logp[i].detach()
-        coef_1 = torch.exp(torch.clamp(log_w, -20, 20))
+        coef_1 = torch.exp(log_w if log_ratio_clamp is None else torch.clamp(log_w, -log_ratio_clamp,
+                                                                              log_ratio_clamp))
         coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + eps_high)
         per_tok = -torch.min(coef_1 * a, coef_2 * a)
         if clip_ratio_c is not None:
@@ -47,8 +48,12 @@ def policy_loss(logp, old, adv, mask, *, ref=None, entropy=None, sampling=None, 
         if tis_cap is not None:
             per_tok = per_tok * torch.clamp(torch.exp(old[i] - sampling[i].double()), max=tis_cap)
         if beta:
-            d = torch.clamp(ref[i].double() - logp[i], -20, 20)
-            per_tok = per_tok + beta * torch.clamp(torch.exp(d) - d - 1, -10, 10)
+            d = ref[i].double() - logp[i]
+            if kl_clamp is None:  # k3 exactly (TRL, Liger)
+                per_tok = per_tok + beta * (torch.exp(d) - d - 1)
+            else:  # low_var_kl (veRL, EasyR1)
+                d = torch.clamp(d, -20, 20)
+                per_tok = per_tok + beta * torch.clamp(torch.exp(d) - d - 1, -kl_clamp, kl_clamp)
         if entropy_coef:
             per_tok = per_tok - entropy_coef * entropy[i].double()
         rows.append(per_tok * m)

@@ -72,8 +72,9 @@ def make_trainer(tmp_path, model, tokenizer, cls=adapter.GRPOTrainer, extra=None
                processing_class=tokenizer, **(extra or {}))
 
 
-def make_batch(trainer, seed=0, vocab=None, prompt_ids=None) -> dict:
-    """A GRPO batch as TRL's ``_prepare_inputs`` hands it to ``compute_loss``."""
+def make_batch(trainer, seed=0, vocab=None, prompt_ids=None, ref_gap=None) -> dict:
+    """A GRPO batch as TRL's ``_prepare_inputs`` hands it to ``compute_loss``; ``ref_gap``: the
+    reference log-probs that many nats above the current ones instead of a small perturbation."""
     g = torch.Generator().manual_seed(seed)
     vocab = vocab or trainer.model.config.get_text_config().vocab_size
     prompt_mask = torch.ones(B, P, dtype=torch.long)
@@ -93,7 +94,7 @@ def make_batch(trainer, seed=0, vocab=None, prompt_ids=None) -> dict:
             trainer.model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
             torch.cat([prompt_mask, completion_mask], 1), K)
     inputs["old_per_token_logps"] = logps + 0.3 * torch.randn(B, K, generator=g)
-    inputs["ref_per_token_logps"] = logps + 0.2 * torch.randn(B, K, generator=g)
+    inputs["ref_per_token_logps"] = logps + 0.2 * torch.randn(B, K, generator=g) if ref_gap is None else logps + ref_gap
     return inputs
 
 
@@ -159,6 +160,20 @@ def test_loss_and_gradients_equal_trl(case, model_dir, tokenizer, tmp_path):
     if "old_per_token_logps" in inputs:
         assert expected[2]["clip_ratio/low_mean"] > 0 and expected[2]["clip_ratio/high_mean"] > 0  # both clips ran
     assert_same(got, expected)
+
+
+def test_far_from_the_reference_equals_trl(model_dir, tokenizer, tmp_path):
+    """The KL unclamped as TRL's: loss, logged KL and gradients equal at ref - logp from 0.5 to 5
+    nats (veRL/EasyR1's clamp, kl_clamp=10, would cap the KL from ~2.6 nats and zero its gradient)."""
+    trainer = make_trainer(tmp_path, model_dir, tokenizer, loss_type="grpo", beta=0.1, use_bias_correction_kl=False)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    for gap in (0.5, 1.0, 2.5, 3.0, 5.0, -3.0):
+        inputs = make_batch(trainer, ref_gap=gap)
+        expected = loss_and_grads(theirs, trainer, inputs)
+        assert_same(loss_and_grads(ours, trainer, inputs), expected)
+        d = torch.tensor(gap, dtype=torch.float64)
+        assert expected[2]["kl"] == pytest.approx((d.exp() - d - 1).item(), rel=1e-5)  # k3 at the gap, unclamped
 
 
 def test_eval_mode_tool_mask_and_vllm_ratio_equal_trl(tokenizer, tmp_path):

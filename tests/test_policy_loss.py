@@ -142,3 +142,36 @@ def test_every_clip_region_and_advantage_sign_matches_fp64(backend, loss_type):
     assert metrics["clip_dual"].item() == pytest.approx(counts["dual", "-"] / n)
     assert metrics["clip_low"].item() == pytest.approx(counts["low", "-"] / n)
     assert metrics["clip_high"].item() == pytest.approx(counts["high", "+"] / n)
+
+
+@pytest.mark.parametrize("kl_clamp,log_ratio_clamp", [(None, None), (10.0, 20.0), (4.0, None), (None, 3.0)])
+def test_kl_and_log_ratio_clamps_match_fp64(backend, kl_clamp, log_ratio_clamp):
+    """Reference gaps ref - logp from -5 to 5 nats and log-ratios to +-25: None is the k3 KL and
+    exp(log_w) exactly (TRL, Liger), a value veRL/EasyR1's clamps, whose KL gradient vanishes past
+    the clamp (k3 = 10 at a gap of ~2.6 nats)."""
+    gaps = torch.tensor([0.5, 1.0, 2.5, 2.7, 3.0, 5.0, -5.0, -0.5, 4.0, 0.1, 1.5, -2.0])
+    logp = (-torch.rand(4, 12, generator=torch.Generator().manual_seed(5)) * 3).requires_grad_()
+    ref = logp.detach() + gaps
+    log_ratio = torch.tensor([0.1, -0.1, 2.0, -2.0, 5.0, -5.0, 25.0, -25.0, 0.0, 0.3, -0.3, 1.0])
+    old = logp.detach() - log_ratio.roll(1)
+    adv = torch.tensor([1.3, -0.7, 0.4, -2.0])
+    mask = torch.ones(4, 12)
+    mask[3, -3:] = 0
+    for level in ("token", "sequence"):
+        opts = dict(loss_type="bnpo", importance_sampling_level=level, beta=0.1, kl_clamp=kl_clamp,
+                    log_ratio_clamp=log_ratio_clamp)
+        behaviour = old if level == "token" else logp.detach() - log_ratio.roll(1) / 5
+        loss, metrics = policy_loss(logp, behaviour, adv, mask, ref_logprobs=ref, **opts)
+        expected, _ = ref_policy_loss(logp, behaviour, adv, mask, ref=ref, **opts)
+        torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+        grad = torch.autograd.grad(loss, logp)[0]
+        torch.testing.assert_close(grad.double(), torch.autograd.grad(expected, logp)[0].double(), rtol=1e-5, atol=1e-7)
+        if level == "token":
+            token_metrics = metrics
+    metrics = token_metrics
+    d = gaps.double()
+    k3 = torch.exp(d) - d - 1
+    kl = k3 if kl_clamp is None else k3.clamp(max=kl_clamp)
+    torch.testing.assert_close(metrics["kl"].double(), (kl * mask).sum() / mask.sum(), rtol=1e-5, atol=0)
+    if log_ratio_clamp is None and kl_clamp is None:  # the ratio at 25 nats is exp(25), no clamp
+        assert metrics["ratio_mean"] > 1e9

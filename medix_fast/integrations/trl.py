@@ -36,8 +36,8 @@ other loss types, ``delta``, ``use_bias_correction_kl`` with ``beta != 0`` (TRL'
 set it to False), ``entropy_coef`` / ``use_adaptive_entropy``, ``top_entropy_quantile < 1``,
 ``off_policy_mask_threshold``, the MoE router auxiliary loss, ``final_logit_softcapping``, and
 prompt-learning PEFT methods (the backbone is called directly, as in TRL's Liger path).
-Known differences: the k3 KL is clamped to [-10, 10] and the log-ratio to [-20, 20] (EasyR1), which
-only matters far off-policy; ``clip_ratio/low_min`` / ``clip_ratio/high_max`` (per-sequence
+The k3 KL and the ratio are TRL's, unclamped (the kernels' ``kl_clamp=None``, ``log_ratio_clamp=None``).
+Known differences: ``clip_ratio/low_min`` / ``clip_ratio/high_max`` (per-sequence
 extremes) are not logged: the kernel returns batch means only.
 
 Supported TRL versions: :data:`SUPPORTED_TRL`, checked at import.

@@ -171,7 +171,8 @@ class Updater:
         a = self.algo
         opts = dict(loss_type=a.loss_type, importance_sampling_level=a.importance_sampling_level,
                     epsilon_low=a.epsilon_low, epsilon_high=a.epsilon_high, clip_ratio_c=a.clip_ratio_c,
-                    beta=a.beta, entropy_coef=a.entropy_coef, tis_cap=a.tis_cap)
+                    beta=a.beta, entropy_coef=a.entropy_coef, tis_cap=a.tis_cap, kl_clamp=a.kl_clamp,
+                    log_ratio_clamp=a.log_ratio_clamp)
         if a.loss_type == "dr_grpo":
             opts["max_completion_length"] = self.sampling.max_new_tokens
         if a.loss_type == "dapo":
