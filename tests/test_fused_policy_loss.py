@@ -271,3 +271,41 @@ def test_liger_functional_correctness_case(backend, bias):
     torch.testing.assert_close(metrics["clip_low"] + metrics["clip_high"], liger_metrics[1], rtol=1e-5, atol=1e-6)
     for got, want in zip(grads, torch.autograd.grad(liger_loss, p2)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
+FUSED_TRL_OPTIONS = [
+    dict(loss_type="cispo", epsilon_high=1.1, num_items_in_batch=40.0),
+    dict(loss_type="sapo", sapo_temperature_pos=2.0, sapo_temperature_neg=0.5),
+    dict(loss_type="luspo", delta=1.05, epsilon_high=0.28),
+    dict(loss_type="vespo"),
+    dict(loss_type="grpo", beta=0.1, use_bias_correction_kl=True),
+    dict(loss_type="dapo", off_policy_mask_threshold=0.0, entropy_coef=0.05, entropy_aggregation="token_mean"),
+    dict(loss_type="bnpo", top_entropy_quantile=0.4, entropy_coef=0.02, entropy_aggregation="token_mean", beta=0.05),
+]
+
+
+@pytest.mark.parametrize("opts", FUSED_TRL_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("chunk_size", [4, None])
+def test_trl_options_fp32_matches_fp64(backend, opts, level, chunk_size, monkeypatch):
+    """TRL 1.16's options in the one pass (vespo and the off-policy mask on whole-sequence chunks;
+    top_entropy_quantile with its one extra forward pass for the entropies), loss and gradients."""
+    import medix_fast.kernels.fused_policy_loss as fpl
+
+    passes = []
+    real = fpl.fused_linear_logprobs
+    monkeypatch.setattr(fpl, "fused_linear_logprobs", lambda *a, **k: passes.append(1) or real(*a, **k))
+    hidden, weight, targets, mask, adv, old, ref = _batch(4, 5, 33, 1001, torch.float32, seed=21)
+    ref = ref + 5.0 * (torch.arange(5) % 2)  # every other token 5 nats from the reference
+    sampling = old + 0.1 * torch.randn(old.shape, generator=torch.Generator().manual_seed(3))
+    opts = dict(importance_sampling_level=level, **opts)
+    loss, _ = fused_linear_policy_loss(hidden, weight, targets, mask, adv, old, ref, temperature=0.9,
+                                       sampling_logprobs=sampling, chunk_size=chunk_size, **opts)
+    got = [loss, *torch.autograd.grad(loss, (hidden, weight))]
+    want = _reference(hidden, weight, targets, mask, adv, old, ref, 0.9, opts, sampling=sampling)
+    for name, x, y in zip(["loss", "d_hidden", "d_weight"], got, want):
+        err = (x.double() - y).abs().max().item()
+        assert err <= 1e-4 * y.abs().max().item() + 1e-7, (name, err)
+    whole_rows = level != "token" or opts["loss_type"] == "vespo" or "off_policy_mask_threshold" in opts
+    two_pass = whole_rows and chunk_size is not None and chunk_size < int(mask.sum(-1).max())  # rows > a chunk
+    assert len(passes) == int(two_pass or opts.get("top_entropy_quantile", 1) < 1)  # one pass, +1 for the quantile

@@ -175,3 +175,89 @@ def test_kl_and_log_ratio_clamps_match_fp64(backend, kl_clamp, log_ratio_clamp):
     torch.testing.assert_close(metrics["kl"].double(), (kl * mask).sum() / mask.sum(), rtol=1e-5, atol=0)
     if log_ratio_clamp is None and kl_clamp is None:  # the ratio at 25 nats is exp(25), no clamp
         assert metrics["ratio_mean"] > 1e9
+
+
+TRL_OPTIONS = {  # TRL 1.16's loss options beyond the clipped four, alone and together
+    "cispo": dict(loss_type="cispo", epsilon_high=1.2, num_items_in_batch=37.0),
+    "sapo": dict(loss_type="sapo"),
+    "sapo_temperatures": dict(loss_type="sapo", sapo_temperature_pos=2.0, sapo_temperature_neg=0.5),
+    "luspo": dict(loss_type="luspo"),
+    "vespo": dict(loss_type="vespo"),
+    "vespo_shapes": dict(loss_type="vespo", vespo_k_pos=1.5, vespo_lambda_pos=1.0, vespo_k_neg=0.5,
+                         vespo_lambda_neg=4.0, num_items_in_batch=50.0),
+    "delta": dict(loss_type="bnpo", delta=1.4),
+    "delta_below_clip": dict(loss_type="dapo", delta=1.1, epsilon_high=0.28),
+    "bias_correction_kl": dict(loss_type="grpo", beta=0.1, use_bias_correction_kl=True),
+    "entropy_token_mean": dict(loss_type="dapo", entropy_coef=0.05, entropy_aggregation="token_mean"),
+    "top_entropy_quantile": dict(loss_type="bnpo", top_entropy_quantile=0.3, entropy_coef=0.02,
+                                 entropy_aggregation="token_mean"),
+    "off_policy_mask": dict(loss_type="grpo", off_policy_mask_threshold=0.0),
+    "together": dict(loss_type="cispo", epsilon_high=1.2, beta=0.1, use_bias_correction_kl=True,
+                     off_policy_mask_threshold=0.0, top_entropy_quantile=0.5, entropy_coef=0.01,
+                     entropy_aggregation="token_mean", clip_ratio_c=3.0),
+    "together_clipped": dict(loss_type="luspo", delta=1.5, beta=0.05, use_bias_correction_kl=True,
+                             off_policy_mask_threshold=0.02, top_entropy_quantile=0.7, entropy_coef=-0.01),
+}
+
+
+@pytest.mark.parametrize("level", ["token", "sequence", "sequence_token"])
+@pytest.mark.parametrize("name", sorted(TRL_OPTIONS))
+def test_trl_options_match_fp64(backend, name, level):
+    """Each option of TRL 1.16's loss against the fp64 reference (TRL's formulation), loss and
+    gradients in the log-probs and entropies, near and 5 nats from the reference model."""
+    logp, old, adv, mask, ref, entropy, sampling = _batch(seed=len(name))
+    opts = dict(importance_sampling_level=level, **TRL_OPTIONS[name])
+    for reference_model in (ref, logp.detach() + 5.0):
+        loss, metrics = policy_loss(logp, old, adv, mask, ref_logprobs=reference_model, entropy=entropy,
+                                    sampling_logprobs=sampling, **opts)
+        expected, _ = ref_policy_loss(logp, old, adv, mask, ref=reference_model, entropy=entropy,
+                                      sampling=sampling, **opts)
+        torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+        got = torch.autograd.grad(loss, (logp, entropy), allow_unused=True)
+        want = torch.autograd.grad(expected, (logp, entropy), allow_unused=True)
+        for x, y in zip(got, want):
+            if y is None:
+                assert x is None or torch.all(x == 0)
+            else:
+                torch.testing.assert_close(x.double(), y.double(), rtol=1e-5, atol=1e-7)
+        assert torch.all(got[0] * (1 - mask) == 0), "padding must get zero gradient"
+
+
+def test_options_the_cpp_op_lacks_route_to_pytorch():
+    """One place decides (kernels/dispatch.py LACKS): a call with an option the C++ op lacks runs on
+    PyTorch under the cpp back-end; the op's own options stay on it."""
+    from medix_fast.kernels import LossOptions
+    from medix_fast.kernels.dispatch import LACKS, backend_for, force_backend
+
+    assert LossOptions().features() == frozenset() and LossOptions(kl_clamp=10.0, tis_cap=2.0).features() == set()
+    for name, opts in TRL_OPTIONS.items():
+        features = LossOptions.from_kwargs(opts).features()
+        assert features and features <= LACKS["policy_loss", "cpp"], name
+    from medix_fast.kernels import cpp
+    if not cpp.available():
+        pytest.skip("the C++ ops do not build here")
+    x = torch.zeros(2, 3)
+    with force_backend("cpp"):
+        assert backend_for("policy_loss", x) == "cpp"
+        assert backend_for("policy_loss", x, LossOptions(loss_type="sapo").features()) == "torch"
+        assert backend_for("policy_loss", x, LossOptions(delta=2.0).features()) == "torch"
+
+
+def test_masked_quantile_is_torch_quantile_of_the_valid_values():
+    from medix_fast.kernels.policy_loss import masked_quantile
+
+    _, _, _, mask, _, entropy, _ = _batch(seed=4)
+    for q in (0.0, 0.1, 0.3, 0.5, 0.77, 1.0):
+        want = torch.quantile(entropy.detach()[mask.bool()], q)
+        torch.testing.assert_close(masked_quantile(entropy.detach(), mask, q), want, rtol=0, atol=1e-6)
+
+
+def test_off_policy_mask_keeps_a_sequence_at_the_threshold():
+    """TRL keeps a sequence whose mean drift equals the threshold (<=): on-policy the drift is 0."""
+    logp, _, adv, mask, *_ = _batch(seed=6)
+    loss, _ = policy_loss(logp, None, adv, mask, off_policy_mask_threshold=0.0)
+    torch.testing.assert_close(loss, policy_loss(logp, None, adv, mask)[0])
+    dropped, _ = policy_loss(logp, None, adv, mask, off_policy_mask_threshold=-1e-3)  # A < 0 rows dropped
+    expected, _ = ref_policy_loss(logp, None, adv, mask, off_policy_mask_threshold=-1e-3)
+    torch.testing.assert_close(dropped.double(), expected)
+    assert not torch.allclose(dropped, loss)
