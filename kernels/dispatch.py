@@ -36,8 +36,8 @@ OPS = {
 # Loss options (LossOptions.features()) a back-end does not implement: a call using one runs on
 # the next back-end of OPS, else PyTorch, which has them all.
 LACKS = {
-    ("policy_loss", "cpp"): frozenset({"cispo", "sapo", "luspo", "vespo", "delta", "use_bias_correction_kl",
-                                       "entropy_token_mean", "top_entropy_quantile", "off_policy_mask_threshold"}),
+    ("policy_loss", "cpp"): frozenset({"vespo", "entropy_token_mean", "top_entropy_quantile",
+                                       "off_policy_mask_threshold"}),
 }
 _forced: str | None = None
 

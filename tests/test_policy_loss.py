@@ -37,6 +37,12 @@ def test_matches_fp64_reference(loss_type, level, clip_c, beta, ent_coef, on_pol
                 num_items_in_batch=37.0 if loss_type == "dapo" else None)
     loss, metrics = policy_loss(logp, old, adv, mask, ref_logprobs=ref, entropy=entropy, **opts)
     expected, _ = ref_policy_loss(logp, old, adv, mask, ref=ref, entropy=entropy, **opts)
+    _assert_loss_and_grads(loss, expected, logp, entropy, mask)
+    assert all(v.dim() == 0 and not v.requires_grad for v in metrics.values())
+
+
+def _assert_loss_and_grads(loss, expected, logp, entropy, mask):
+    """Loss and its gradients in the log-probs and entropies equal the fp64 reference's; padding gets 0."""
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
     got = torch.autograd.grad(loss, (logp, entropy), allow_unused=True)
     want = torch.autograd.grad(expected, (logp, entropy), allow_unused=True)
@@ -46,7 +52,6 @@ def test_matches_fp64_reference(loss_type, level, clip_c, beta, ent_coef, on_pol
         else:
             torch.testing.assert_close(x.double(), y.double(), rtol=1e-5, atol=1e-7)
     assert torch.all(got[0] * (1 - mask) == 0), "padding must get zero gradient"
-    assert all(v.dim() == 0 and not v.requires_grad for v in metrics.values())
 
 
 @pytest.mark.parametrize("level", ["token", "sequence", "sequence_token"])
@@ -212,15 +217,7 @@ def test_trl_options_match_fp64(backend, name, level):
                                     sampling_logprobs=sampling, **opts)
         expected, _ = ref_policy_loss(logp, old, adv, mask, ref=reference_model, entropy=entropy,
                                       sampling=sampling, **opts)
-        torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
-        got = torch.autograd.grad(loss, (logp, entropy), allow_unused=True)
-        want = torch.autograd.grad(expected, (logp, entropy), allow_unused=True)
-        for x, y in zip(got, want):
-            if y is None:
-                assert x is None or torch.all(x == 0)
-            else:
-                torch.testing.assert_close(x.double(), y.double(), rtol=1e-5, atol=1e-7)
-        assert torch.all(got[0] * (1 - mask) == 0), "padding must get zero gradient"
+        _assert_loss_and_grads(loss, expected, logp, entropy, mask)
 
 
 def test_options_the_cpp_op_lacks_route_to_pytorch():
@@ -230,17 +227,21 @@ def test_options_the_cpp_op_lacks_route_to_pytorch():
     from medix_fast.kernels.dispatch import LACKS, backend_for, force_backend
 
     assert LossOptions().features() == frozenset() and LossOptions(kl_clamp=10.0, tis_cap=2.0).features() == set()
+    lacked = {"vespo", "entropy_token_mean", "top_entropy_quantile", "off_policy_mask_threshold"}
+    assert LACKS["policy_loss", "cpp"] == lacked
     for name, opts in TRL_OPTIONS.items():
-        features = LossOptions.from_kwargs(opts).features()
-        assert features and features <= LACKS["policy_loss", "cpp"], name
+        assert LossOptions.from_kwargs(opts).features(), name  # every one is named
     from medix_fast.kernels import cpp
     if not cpp.available():
         pytest.skip("the C++ ops do not build here")
     x = torch.zeros(2, 3)
     with force_backend("cpp"):
-        assert backend_for("policy_loss", x) == "cpp"
-        assert backend_for("policy_loss", x, LossOptions(loss_type="sapo").features()) == "torch"
-        assert backend_for("policy_loss", x, LossOptions(delta=2.0).features()) == "torch"
+        for opts in (dict(), dict(loss_type="sapo"), dict(delta=2.0), dict(loss_type="cispo", beta=0.1,
+                                                                          use_bias_correction_kl=True)):
+            assert backend_for("policy_loss", x, LossOptions(**opts).features()) == "cpp", opts
+        for opts in (dict(loss_type="vespo"), dict(top_entropy_quantile=0.5), dict(off_policy_mask_threshold=0.1),
+                     dict(entropy_aggregation="token_mean")):
+            assert backend_for("policy_loss", x, LossOptions(**opts).features()) == "torch", opts
 
 
 def test_masked_quantile_is_torch_quantile_of_the_valid_values():

@@ -43,8 +43,8 @@ on several processes (TRL takes the quantile over every process's tokens, the ke
 sequence weight, not on the loss), ``use_adaptive_entropy`` with ``top_entropy_quantile < 1``, and
 prompt-learning PEFT methods (the backbone is called directly, as in TRL's Liger path).
 Known differences: ``clip_ratio/low_min`` / ``clip_ratio/high_max`` (per-sequence extremes),
-``vespo/phi_seq_mean`` and the entropy bonus's ``policy_loss`` are not logged: the kernel returns
-batch means only.
+``vespo/phi_seq_mean`` and, with ``top_entropy_quantile < 1``, the entropy bonus's ``policy_loss``
+are not logged: the kernel returns batch means only.
 
 Supported TRL versions: :data:`SUPPORTED_TRL`, checked at import.
 """
@@ -176,6 +176,8 @@ class GRPOTrainer(trl.GRPOTrainer):
         self._log_loss_metrics(metrics, mask, mode)
         if getattr(self, "_entropy_bonus_enabled", False):
             self._entropy_controller(metrics["entropy"], mask, mode)
+        if "policy_loss" in metrics:
+            self._metrics[mode]["policy_loss"].append(self.accelerator.gather(metrics["policy_loss"]).nanmean().item())
         if aux_loss is not None:
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         return loss
@@ -255,6 +257,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         chunk = None
         if self.importance_sampling_level != "token" and is_deepspeed_zero3_enabled():
             chunk = k  # whole sequences in one chunk: the one-pass path, which needs no weight in backward
+        opts = self._loss_options(inputs, mode)
         with torch.autocast(hidden.device.type, enabled=False), maybe_gather_lm_head_ctx(weight, bias):
             loss, metrics = fused_linear_policy_loss(
                 hidden, weight, completion_ids, mask, advantages, inputs.get("old_per_token_logps"),
@@ -263,7 +266,10 @@ class GRPOTrainer(trl.GRPOTrainer):
                 else None,
                 temperature=self.temperature / logit_scale(model.config.get_text_config()), chunk_size=chunk,
                 fp32_precision="tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee",  # TrainingArguments.tf32
-                **self._loss_options(inputs, mode))
+                **opts)
+        if opts.get("entropy_aggregation") == "token_mean" and self.top_entropy_quantile >= 1:
+            # TRL's logged policy_loss: the loss before the bonus (its token mean = the entropy metric)
+            metrics["policy_loss"] = (loss + opts["entropy_coef"] * metrics["entropy"]).detach()
         if self.loss_type not in NUM_ITEMS_NORMALISED and mode == "train":
             loss = loss / self.current_gradient_accumulation_steps
         aux_loss = None
