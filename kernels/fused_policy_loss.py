@@ -208,8 +208,9 @@ def fused_linear_policy_loss(hidden, weight, targets, mask, advantages, old_logp
                                                    return_entropy=True, chunk_size=chunk_size,
                                                    fp32_precision=fp32_precision)  # (n,)
                 top = entropy_keep(scatter(ent), maskf, o)
-            per_token = tuple(valid(x) for x in (aggregation_weights(maskf, o), entropy_weights(maskf, top, o),
-                                                 top, maskf, old, adv, ref, sampling))
+            weights = aggregation_weights(maskf, o)
+            per_token = tuple(valid(x) for x in (weights, entropy_weights(maskf, top, o, weights), top, maskf, old,
+                                                 adv, ref, sampling))
             w = weight if weight.stride(-1) == 1 else weight.contiguous()
             loss, _, _, sums = _OnePassPolicyLoss.apply(
                 h, w, None if bias is None else bias.contiguous(), t.contiguous(), per_token, layout, o, cfg)

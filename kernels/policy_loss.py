@@ -149,11 +149,15 @@ def aggregation_weights(mask: torch.Tensor, o: LossOptions) -> torch.Tensor:
     return mask / (mask.sum().clamp(min=1.0) if o.num_items_in_batch is None else o.num_items_in_batch)
 
 
-def entropy_weights(mask: torch.Tensor, keep: torch.Tensor | None, o: LossOptions) -> torch.Tensor:
-    """(B, T) weights of the entropy bonus: the loss's (``entropy_aggregation="loss"``), or the mean
-    over the valid tokens the policy term acts on (``"token_mean"``, TRL)."""
+def entropy_weights(mask: torch.Tensor, keep: torch.Tensor | None, o: LossOptions,
+                    weights: torch.Tensor) -> torch.Tensor | None:
+    """(B, T) weights of the entropy bonus: the loss's ``weights`` (``entropy_aggregation="loss"``),
+    or the mean over the valid tokens the policy term acts on (``"token_mean"``, TRL); None without
+    a bonus."""
+    if o.entropy_coef == 0:
+        return None
     if o.entropy_aggregation == "loss":
-        return aggregation_weights(mask, o)
+        return weights
     m = mask if keep is None else mask * keep
     return m / m.sum().clamp(min=1.0)
 
@@ -337,5 +341,6 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, ref_logprobs=None, 
     old = logp.detach() if old is None else old
     keep = None if entropy is None else entropy_keep(entropy, mask, o)
     loss_t, ratio, dual, kl = per_token_loss(logp, old, adv, mask, o, ref=ref, sampling=sampling, keep=keep)
-    loss = weighted_loss(loss_t, entropy, aggregation_weights(mask, o), entropy_weights(mask, keep, o), o)
+    weights = aggregation_weights(mask, o)
+    loss = weighted_loss(loss_t, entropy, weights, entropy_weights(mask, keep, o, weights), o)
     return loss, loss_metrics(ratio, dual, kl, entropy, adv, mask, o)
