@@ -168,7 +168,8 @@ def masked_quantile(x: torch.Tensor, mask: torch.Tensor, q: float) -> torch.Tens
     valid = mask != 0
     ordered = torch.where(valid, x.float(), float("inf")).reshape(-1).sort().values  # (N,)
     rank = q * (valid.sum().float() - 1).clamp(min=0.0)
-    below, above = ordered[rank.floor().long()], ordered[rank.ceil().long()]
+    at = torch.stack([rank.floor(), rank.ceil()]).long()  # (2,): gathered, not indexed by a 0-dim tensor (a sync)
+    below, above = ordered.gather(0, at)
     return torch.lerp(below, above, rank - rank.floor())
 
 
