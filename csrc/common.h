@@ -41,7 +41,10 @@ inline PolicyLossCall prepare_policy_loss(const at::Tensor& logp, const std::opt
                                           const std::optional<at::Tensor>& num_items, int64_t loss_type,
                                           int64_t level, double epsilon_low, double epsilon_high,
                                           std::optional<double> clip_ratio_c, double beta, double entropy_coef,
-                                          int64_t max_completion_length, std::optional<double> tis_cap) {
+                                          int64_t max_completion_length, std::optional<double> tis_cap,
+                                          std::optional<double> kl_clamp, std::optional<double> log_ratio_clamp,
+                                          std::optional<double> delta, bool use_bias_correction_kl,
+                                          double sapo_temperature_pos, double sapo_temperature_neg) {
   TORCH_CHECK(logp.dim() == 2, "logprobs must be (B, T), got ", logp.sizes());
   check_float(logp, "logprobs", logp);
   check_same_shape(old, "old_logprobs", logp);
@@ -56,8 +59,8 @@ inline PolicyLossCall prepare_policy_loss(const at::Tensor& logp, const std::opt
     check_float(*num_items, "num_items_in_batch", logp);
     TORCH_CHECK(num_items->numel() == 1, "num_items_in_batch must hold one number, got ", num_items->sizes());
   }
-  TORCH_CHECK(loss_type >= kGrpo && loss_type <= kDapo,
-              "loss_type id must be 0..3 (grpo, bnpo, dr_grpo, dapo), got ", loss_type);
+  TORCH_CHECK(loss_type >= kGrpo && loss_type <= kLuspo,
+              "loss_type id must be 0..6 (grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo), got ", loss_type);
   TORCH_CHECK(level >= kToken && level <= kSequenceToken,
               "level id must be 0..2 (token, sequence, sequence_token), got ", level);
   TORCH_CHECK(epsilon_low >= 0 && epsilon_low < 1 && epsilon_high >= 0,
@@ -67,6 +70,10 @@ inline PolicyLossCall prepare_policy_loss(const at::Tensor& logp, const std::opt
   TORCH_CHECK(!tis_cap.has_value() || (*tis_cap > 0 && sampling.has_value()),
               "tis_cap must be > 0 and needs sampling_logprobs");  // no old: on-policy, old = logp
   TORCH_CHECK(beta <= 0 || ref.has_value(), "beta > 0 needs ref_logprobs");
+  TORCH_CHECK(!kl_clamp.has_value() || *kl_clamp > 0, "kl_clamp must be > 0");
+  TORCH_CHECK(!log_ratio_clamp.has_value() || *log_ratio_clamp > 0, "log_ratio_clamp must be > 0");
+  TORCH_CHECK(!delta.has_value() || *delta > 0, "delta must be > 0");
+  TORCH_CHECK(sapo_temperature_pos > 0 && sapo_temperature_neg > 0, "sapo temperatures must be > 0");
   TORCH_CHECK(entropy_coef == 0 || entropy.has_value(), "entropy_coef != 0 needs entropy");
 
   PolicyLossCall c;
@@ -84,6 +91,16 @@ inline PolicyLossCall prepare_policy_loss(const at::Tensor& logp, const std::opt
   p.has_ref = ref.has_value();
   p.beta = static_cast<float>(beta);
   p.entropy_coef = static_cast<float>(entropy_coef);
+  p.has_kl_clamp = kl_clamp.has_value();
+  p.kl_clamp = p.has_kl_clamp ? static_cast<float>(*kl_clamp) : 0.f;
+  p.has_lr_clamp = log_ratio_clamp.has_value();
+  p.lr_clamp = p.has_lr_clamp ? static_cast<float>(*log_ratio_clamp) : 0.f;
+  p.has_delta = delta.has_value();
+  p.delta = p.has_delta ? static_cast<float>(*delta) : 0.f;
+  p.bias_kl = use_bias_correction_kl;
+  p.cispo_cap = static_cast<float>(epsilon_high);
+  p.sapo_pos = static_cast<float>(sapo_temperature_pos);
+  p.sapo_neg = static_cast<float>(sapo_temperature_neg);
 
   const int64_t B = logp.size(0), T = logp.size(1);
   const bool entropy_grad = entropy.has_value() && entropy_coef != 0;

@@ -12,7 +12,9 @@ TORCH_LIBRARY(medix_fast, m) {
   m.def(
       "policy_loss(Tensor logp, Tensor? old, Tensor adv, Tensor mask, Tensor? ref, Tensor? entropy, "
       "Tensor? sampling, Tensor? num_items, int loss_type, int level, float epsilon_low, float epsilon_high, "
-      "float? clip_ratio_c, float beta, float entropy_coef, int max_completion_length, float? tis_cap) "
+      "float? clip_ratio_c, float beta, float entropy_coef, int max_completion_length, float? tis_cap, "
+      "float? kl_clamp, float? log_ratio_clamp, float? delta, bool use_bias_correction_kl, "
+      "float sapo_temperature_pos, float sapo_temperature_neg) "
       "-> (Tensor loss, Tensor grad_logp, Tensor grad_entropy, Tensor metrics)");
   // estimator: 0 grpo, 1 dr_grpo, 2 rloo. Returns advantages (N,), group mean and std (N // G,).
   m.def("group_advantages(Tensor rewards, int group_size, int estimator, float eps) "

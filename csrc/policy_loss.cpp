@@ -42,10 +42,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_cpu(
     const std::optional<at::Tensor>& ref, const std::optional<at::Tensor>& entropy,
     const std::optional<at::Tensor>& sampling, const std::optional<at::Tensor>& num_items, int64_t loss_type,
     int64_t level, double epsilon_low, double epsilon_high, std::optional<double> clip_ratio_c, double beta,
-    double entropy_coef, int64_t max_completion_length, std::optional<double> tis_cap) {
+    double entropy_coef, int64_t max_completion_length, std::optional<double> tis_cap,
+    std::optional<double> kl_clamp, std::optional<double> log_ratio_clamp, std::optional<double> delta,
+    bool use_bias_correction_kl, double sapo_temperature_pos, double sapo_temperature_neg) {
   const PolicyLossCall call = prepare_policy_loss(logp, old, adv, mask, ref, entropy, sampling, num_items, loss_type,
                                                   level, epsilon_low, epsilon_high, clip_ratio_c, beta, entropy_coef,
-                                                  max_completion_length, tis_cap);
+                                                  max_completion_length, tis_cap, kl_clamp, log_ratio_clamp,
+                                                  delta, use_bias_correction_kl, sapo_temperature_pos,
+                                                  sapo_temperature_neg);
   const PolicyLossArgs& a = call.args;
   const int64_t B = a.B, T = a.T;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(T, 1));  // rows per task

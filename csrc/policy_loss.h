@@ -11,7 +11,8 @@
 
 namespace medix_fast {
 
-enum LossType : int64_t { kGrpo = 0, kBnpo = 1, kDrGrpo = 2, kDapo = 3 };
+// kernels/policy_loss.py LOSS_TYPES order; vespo (7) runs on the PyTorch path (kernels/dispatch.py LACKS)
+enum LossType : int64_t { kGrpo = 0, kBnpo = 1, kDrGrpo = 2, kDapo = 3, kCispo = 4, kSapo = 5, kLuspo = 6 };
 enum Level : int64_t { kToken = 0, kSequence = 1, kSequenceToken = 2 };
 
 // Scalar options of one call, already resolved (epsilon_high defaulted, logs taken).
@@ -26,6 +27,15 @@ struct LossParams {
   float tis_cap;
   bool has_ref;                // ref given: the KL is computed (and reported)
   float beta;                  // KL enters the loss when beta > 0
+  bool has_kl_clamp;           // kl_clamp given: low_var_kl (ref - logp to [-20, 20], KL to [-kl_clamp, kl_clamp])
+  float kl_clamp;
+  bool has_lr_clamp;           // log_ratio_clamp given: log_w to [-lr_clamp, lr_clamp] before exp
+  float lr_clamp;
+  bool has_delta;              // delta given: the unclipped ratio capped at delta (two-sided clipping)
+  float delta;
+  bool bias_kl;                // use_bias_correction_kl: the KL times the ratio
+  float cispo_cap;             // epsilon_high: cispo's cap of the ratio
+  float sapo_pos, sapo_neg;    // sapo's temperatures for A > 0 and A <= 0
   float entropy_coef;          // entropy enters the loss when != 0
 };
 
@@ -41,11 +51,12 @@ struct PolicyLossArgs {
 };
 
 // What one valid token contributes: its loss, d loss / d log_w (the importance-weight path,
-// before the aggregation scale), d loss / d logp through the KL, and the metric terms.
+// before the aggregation scale), d loss / d logp not through log_w (the KL, cispo's REINFORCE
+// term), and the metric terms.
 struct TokenTerms {
   float loss;
   float dlog_w;
-  float dlogp_kl;
+  float dlogp_direct;
   float ratio;
   float kl;
   bool clip_low, clip_high, dual;
@@ -57,18 +68,33 @@ inline float clampf(float x, float lo, float hi) { return fminf(fmaxf(x, lo), hi
 inline TokenTerms token_terms(const LossParams& p, float log_w, float adv, float logp, float old,
                               float ref, float sampling, float entropy) {
   TokenTerms t;
-  const bool in20 = log_w >= -20.f && log_w <= 20.f;
-  const float ratio = expf(clampf(log_w, -20.f, 20.f));
+  const bool in_lr = !p.has_lr_clamp || (log_w >= -p.lr_clamp && log_w <= p.lr_clamp);
+  const float ratio = expf(p.has_lr_clamp ? clampf(log_w, -p.lr_clamp, p.lr_clamp) : log_w);
   const float lw_clip = clampf(log_w, p.log_lo, p.log_hi);
   const bool in_clip = log_w >= p.log_lo && log_w <= p.log_hi;
-  const float clipped = (in20 && in_clip) ? ratio : expf(lw_clip);
+  const float clipped = (in_lr && in_clip) ? ratio : expf(lw_clip);
   const float na = -adv;
-  const float p1 = na * ratio, p2 = na * clipped;
-  float pg = fmaxf(p1, p2);
-  const float w1 = p1 > p2 ? 1.f : (p1 == p2 ? 0.5f : 0.f);
-  float g = w1 * (in20 ? p1 : 0.f) + (1.f - w1) * (in_clip ? p2 : 0.f);
+  float pg, g, direct = 0.f, shown = ratio;  // g: d pg / d log_w; shown: the ratio the clip metrics read
   t.dual = false;
-  if (p.has_dual) {
+  if (p.loss_type == kCispo) {  // -sg[min(ratio, cap)] * A * logp
+    const float w = fminf(ratio, p.cispo_cap);
+    pg = na * w * logp;
+    g = 0.f;
+    direct = na * w;
+  } else if (p.loss_type == kSapo) {  // -4 / tau * sigmoid(tau * (ratio - 1)) * A
+    const float tau = adv > 0.f ? p.sapo_pos : p.sapo_neg;
+    const float s = 1.f / (1.f + expf(-tau * (ratio - 1.f)));
+    pg = na * s * 4.f / tau;
+    g = in_lr ? na * 4.f * s * (1.f - s) * ratio : 0.f;
+  } else {
+    const bool capped = p.has_delta && ratio > p.delta;  // clamp(max=delta): gradient where ratio <= delta
+    shown = capped ? p.delta : ratio;
+    const float p1 = na * shown, p2 = na * clipped;
+    pg = fmaxf(p1, p2);
+    const float w1 = p1 > p2 ? 1.f : (p1 == p2 ? 0.5f : 0.f);
+    g = w1 * (in_lr && !capped ? p1 : 0.f) + (1.f - w1) * (in_clip ? p2 : 0.f);
+  }
+  if (p.has_dual && p.loss_type != kCispo && p.loss_type != kSapo) {
     const float cap = na * p.clip_c;
     if (adv < 0.f && pg > cap) {
       t.dual = true;
@@ -80,28 +106,33 @@ inline TokenTerms token_terms(const LossParams& p, float log_w, float adv, float
     const float w = fminf(expf(old - sampling), p.tis_cap);
     pg *= w;
     g *= w;
+    direct *= w;
   }
   float loss = pg;
   t.kl = 0.f;
-  t.dlogp_kl = 0.f;
   if (p.has_ref) {
     const float d = ref - logp;
-    const float dc = clampf(d, -20.f, 20.f);
+    const float dc = p.has_kl_clamp ? clampf(d, -20.f, 20.f) : d;
     const float e = expf(dc);
     const float kl_raw = e - dc - 1.f;
-    t.kl = clampf(kl_raw, -10.f, 10.f);
+    t.kl = p.has_kl_clamp ? clampf(kl_raw, -p.kl_clamp, p.kl_clamp) : kl_raw;
+    const float kl_factor = p.bias_kl ? ratio : 1.f;
     if (p.beta > 0.f) {
-      loss = loss + p.beta * t.kl;
-      const bool pass = d >= -20.f && d <= 20.f && kl_raw >= -10.f && kl_raw <= 10.f;
-      t.dlogp_kl = pass ? -p.beta * (e - 1.f) : 0.f;
+      const bool pass = !p.has_kl_clamp || (d >= -20.f && d <= 20.f && kl_raw >= -p.kl_clamp && kl_raw <= p.kl_clamp);
+      loss = loss + p.beta * t.kl * kl_factor;
+      direct += pass ? -p.beta * (e - 1.f) * kl_factor : 0.f;
+      if (p.bias_kl && in_lr) g += p.beta * t.kl * ratio;  // through the ratio
     }
+    t.kl *= kl_factor;
   }
   if (p.entropy_coef != 0.f) loss = loss - p.entropy_coef * entropy;
   t.loss = loss;
   t.dlog_w = g;
-  t.ratio = ratio;
-  t.clip_low = ratio < p.ratio_lo && adv < 0.f;
-  t.clip_high = ratio > p.ratio_hi && adv > 0.f;
+  t.dlogp_direct = direct;
+  t.ratio = shown;
+  const bool clips = p.loss_type != kCispo && p.loss_type != kSapo;
+  t.clip_low = clips && shown < p.ratio_lo && adv < 0.f;
+  t.clip_high = adv > 0.f && (p.loss_type == kCispo ? ratio > p.cispo_cap : clips && shown > p.ratio_hi);
   return t;
 }
 
@@ -136,9 +167,9 @@ inline void token_step(const PolicyLossArgs& a, int64_t b, int64_t i, float seq_
   acc[kEntropy] += m * ent;
   if (p.level == kSequence) {
     acc[kNumRowSums] += m * k.dlog_w;
-    a.grad_logp[i] = scale * m * k.dlogp_kl;
+    a.grad_logp[i] = scale * m * k.dlogp_direct;
   } else {
-    a.grad_logp[i] = scale * m * (k.dlog_w + k.dlogp_kl);
+    a.grad_logp[i] = scale * m * (k.dlog_w + k.dlogp_direct);
   }
   if (a.grad_entropy) a.grad_entropy[i] = -p.entropy_coef * scale * m;
 }
@@ -147,10 +178,11 @@ inline void token_step(const PolicyLossArgs& a, int64_t b, int64_t i, float seq_
 // row_mask: that row's mask sum; total_mask: the batch's; num_items: dapo's normaliser, or < 0.
 inline double row_scale(int64_t loss_type, double row_mask, double total_mask, int64_t batch,
                         int64_t max_completion_length, double num_items) {
-  if (loss_type == kGrpo) return 1.0 / (static_cast<double>(batch) * fmax(row_mask, 1.0));
+  if (loss_type == kGrpo || loss_type == kSapo) return 1.0 / (static_cast<double>(batch) * fmax(row_mask, 1.0));
   if (loss_type == kDrGrpo) return 1.0 / (static_cast<double>(batch) * static_cast<double>(max_completion_length));
-  if (loss_type == kDapo && num_items >= 0) return 1.0 / num_items;
-  return 1.0 / fmax(total_mask, 1.0);  // bnpo, and dapo without num_items_in_batch
+  if (loss_type == kLuspo) return 1.0 / static_cast<double>(batch);
+  if ((loss_type == kDapo || loss_type == kCispo) && num_items >= 0) return 1.0 / num_items;
+  return 1.0 / fmax(total_mask, 1.0);  // bnpo, and dapo / cispo without num_items_in_batch
 }
 
 }  // namespace medix_fast

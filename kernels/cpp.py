@@ -149,7 +149,9 @@ def _register_python_parts() -> None:
 
     @torch.library.register_fake(lib + "policy_loss")
     def _policy_loss_fake(logp, old, adv, mask, ref, entropy, sampling, num_items, loss_type, level, epsilon_low,
-                          epsilon_high, clip_ratio_c, beta, entropy_coef, max_completion_length, tis_cap):
+                          epsilon_high, clip_ratio_c, beta, entropy_coef, max_completion_length, tis_cap, kl_clamp,
+                          log_ratio_clamp, delta, use_bias_correction_kl, sapo_temperature_pos,
+                          sapo_temperature_neg):
         grad_entropy_shape = logp.shape if entropy is not None and entropy_coef != 0 else (0,)
         return (logp.new_empty(()), torch.empty_like(logp), logp.new_empty(grad_entropy_shape),
                 logp.new_empty(len(METRICS)))
@@ -160,7 +162,7 @@ def _register_python_parts() -> None:
     def _backward(ctx, grad_loss, *_unused):
         grad_logp, grad_entropy = ctx.saved_tensors
         d_entropy = grad_loss * grad_entropy if grad_entropy.numel() else None
-        return (grad_loss * grad_logp, None, None, None, None, d_entropy) + (None,) * 11
+        return (grad_loss * grad_logp, None, None, None, None, d_entropy) + (None,) * 17
 
     torch.library.register_autograd(lib + "policy_loss", _backward, setup_context=_setup)
 
@@ -194,14 +196,15 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy,
     constants, as in every caller)."""
     if advantages.dim() == 2 and advantages.shape[1] == 1:
         advantages = advantages[:, 0]  # (B,)
-    num_items = o.num_items_in_batch if o.loss_type == "dapo" else None
+    num_items = o.num_items_in_batch if o.loss_type in ("dapo", "cispo") else None
     if num_items is not None:
         num_items = torch.as_tensor(num_items).detach().to(device=logprobs.device, dtype=torch.float32).reshape(1)
     loss, _, _, metrics = torch.ops.medix_fast.policy_loss(
         _f32(logprobs, detach=False), _f32(old_logprobs), _f32(advantages), _f32(mask), _f32(ref_logprobs),
         _f32(entropy, detach=False), _f32(sampling_logprobs), num_items, loss_type, level, o.epsilon_low,
         o.epsilon_low if o.epsilon_high is None else o.epsilon_high, o.clip_ratio_c, o.beta, o.entropy_coef,
-        o.max_completion_length or 0, o.tis_cap)
+        o.max_completion_length or 0, o.tis_cap, o.kl_clamp, o.log_ratio_clamp, o.delta,
+        o.use_bias_correction_kl, o.sapo_temperature_pos, o.sapo_temperature_neg)
     metrics = metrics.detach()
     return loss, {name: metrics[i] for i, name in enumerate(METRICS)}
 

@@ -33,6 +33,12 @@ OPS = {
     "fused_linear_logprobs": ("triton",),
     "fused_linear_policy_loss": ("triton",),
 }
+# Loss options (LossOptions.features()) a back-end does not implement: a call using one runs on
+# the next back-end of OPS, else PyTorch, which has them all.
+LACKS = {
+    ("policy_loss", "cpp"): frozenset({"vespo", "entropy_token_mean", "top_entropy_quantile",
+                                       "off_policy_mask_threshold"}),
+}
 _forced: str | None = None
 
 
@@ -109,10 +115,13 @@ def use_cpp(tensor: torch.Tensor) -> bool:
     return name == "auto" and tensor.device.type == "cpu" and not torch.compiler.is_compiling() and cpp.available()
 
 
-def backend_for(op: str, tensor: torch.Tensor) -> str:
+def backend_for(op: str, tensor: torch.Tensor, features: frozenset[str] = frozenset()) -> str:
     """The implementation ``op`` (a key of :data:`OPS`) runs on ``tensor``'s device: ``cpp``,
-    ``triton`` or ``torch``. What each public op branches on, and what ``python -m medix_fast.doctor`` reports."""
+    ``triton`` or ``torch``, skipping one that :data:`LACKS` a used option (``features``). What each
+    public op branches on, and what ``python -m medix_fast.doctor`` reports."""
     for name in OPS[op]:
+        if features & LACKS.get((op, name), frozenset()):
+            continue
         if (use_cpp if name == "cpp" else use_triton)(tensor):
             return name
     return "torch"

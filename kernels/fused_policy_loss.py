@@ -33,8 +33,8 @@ from .dispatch import backend_for, debug_checks
 from .logits_rows import row_grad, row_stats
 from .logprobs import (HeadConfig, HeadGrads, cast, check_targets, chunk_logits, chunk_rows, compute_dtype,
                        fused_linear_logprobs, no_autocast)
-from .policy_loss import (aggregation_weights, metric_sums, metrics_from_sums, per_token_loss, policy_loss,
-                          prepare)
+from .policy_loss import (aggregation_weights, entropy_keep, entropy_weights, metric_sums, metrics_from_sums,
+                          per_token_loss, policy_loss, prepare, weighted_loss)
 
 
 @dataclass
@@ -104,8 +104,9 @@ class _OnePassPolicyLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, per_token, layout, o, cfg):
         """Loss (0-dim), log-probs and entropies (n,) and the metric sums (6,) of the valid tokens;
-        ``per_token``: (aggregation weights, mask, old, adv, ref, sampling), each (n,) or None."""
-        weights, mask, old, adv, ref, sampling = per_token
+        ``per_token``: (aggregation weights, entropy weights, keep, mask, old, adv, ref, sampling),
+        each (n,) or None."""
+        weights, ent_weights, keep, mask, old, adv, ref, sampling = per_token
         dtypes = tuple(None if x is None else x.dtype for x in (hidden, weight, bias))
         with no_autocast(hidden):
             h, w, b = cast((hidden, weight, bias), cfg.dtype)
@@ -126,8 +127,8 @@ class _OnePassPolicyLoss(torch.autograd.Function):
                     lp_grid, ent_grid, adv_grid, mask_grid = c.grid(lp_leaf), c.grid(ent_leaf), c.pack(adv), c.pack(mask)
                     loss_t, ratio, dual, kl = per_token_loss(
                         lp_grid, c.grid(lp.detach()) if old is None else c.pack(old), adv_grid, mask_grid, o,
-                        ref=c.pack(ref), entropy=ent_grid, sampling=c.pack(sampling))  # (k, width)
-                    part = (loss_t * c.pack(weights)).sum()
+                        ref=c.pack(ref), sampling=c.pack(sampling), keep=c.pack(keep))  # (k, width)
+                    part = weighted_loss(loss_t, ent_grid, c.pack(weights), c.pack(ent_weights), o)
                     g_lp, g_ent = torch.autograd.grad(part, (lp_leaf, ent_leaf), allow_unused=True)
                 total += part.detach()
                 sums += metric_sums(ratio, dual, kl, ent_grid, adv_grid, mask_grid, o)
@@ -141,7 +142,7 @@ class _OnePassPolicyLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, _g_logp, _g_entropy, _g_sums):
         grads = tuple(None if g is None else g * g_loss.to(g.dtype) for g in ctx.grads)
-        return (*grads, *([None] * 5))
+        return (*grads, *([None] * 5))  # targets, per_token, layout, o, cfg
 
 
 def fused_linear_policy_loss(hidden, weight, targets, mask, advantages, old_logprobs=None,
@@ -192,19 +193,29 @@ def fused_linear_policy_loss(hidden, weight, targets, mask, advantages, old_logp
         cfg = HeadConfig(compute_dtype(hidden), 1.0 / float(temperature),
                          chunk_rows(max(1, h.shape[0]), weight.shape[0], chunk_size, h.device),
                          backend_for("fused_linear_policy_loss", h) == "triton", fp32_precision)
-        whole_rows = o.importance_sampling_level != "token"
+        whole_rows = (o.importance_sampling_level != "token" or o.loss_type == "vespo"
+                      or o.off_policy_mask_threshold is not None)  # a sequence's terms in one chunk
         row_of = rank = None
         if whole_rows:
             row_of = torch.div(keep, length, rounding_mode="floor")  # (n,) batch row of each valid token
             rank = (maskf != 0).cumsum(-1).reshape(-1).index_select(0, keep) - 1  # (n,) its place in the row
         layout = _layout(lengths, cfg.chunk, whole_rows, row_of, rank)
         if layout is not None:
-            per_token = tuple(valid(x) for x in (aggregation_weights(maskf, o), maskf, old, adv, ref, sampling))
+            top = None  # (B, T) the top_entropy_quantile mask
+            if o.top_entropy_quantile < 1:  # the one extra pass: every entropy before the loss pass
+                with torch.no_grad():
+                    _, ent = fused_linear_logprobs(h, weight, t, bias=bias, temperature=temperature,
+                                                   return_entropy=True, chunk_size=chunk_size,
+                                                   fp32_precision=fp32_precision)  # (n,)
+                top = entropy_keep(scatter(ent), maskf, o)
+            weights = aggregation_weights(maskf, o)
+            per_token = tuple(valid(x) for x in (weights, entropy_weights(maskf, top, o, weights), top, maskf, old,
+                                                 adv, ref, sampling))
             w = weight if weight.stride(-1) == 1 else weight.contiguous()
             loss, _, _, sums = _OnePassPolicyLoss.apply(
                 h, w, None if bias is None else bias.contiguous(), t.contiguous(), per_token, layout, o, cfg)
             return loss, metrics_from_sums(sums, maskf.sum())
-    want_entropy = compute_entropy or o.entropy_coef != 0
+    want_entropy = compute_entropy or o.entropy_coef != 0 or o.top_entropy_quantile < 1
     out = fused_linear_logprobs(h, weight, t, bias=bias, temperature=temperature, return_entropy=want_entropy,
                                 chunk_size=chunk_size, fp32_precision=fp32_precision)
     logp, ent = out if want_entropy else (out, None)

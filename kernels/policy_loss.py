@@ -1,21 +1,34 @@
-"""The clipped-ratio policy loss of GRPO, DAPO, Dr. GRPO and GSPO from per-token log-probs.
+"""The policy loss of GRPO, DAPO, Dr. GRPO, GSPO, CISPO, SAPO, LUSPO and VESPO from per-token log-probs.
 
-One formula covers every variant (TRL GRPOTrainer's aggregation, EasyR1/veRL's clipping):
+One formula covers every variant (TRL 1.16 GRPOTrainer's ``_compute_loss``, EasyR1/veRL's clipping):
 
     log_w  = logp - old                          token level (GRPO, DAPO)
            = masked_mean_t(logp - old)           sequence level (GSPO), gradient through the mean
            = sg[masked_mean_t(logp - old)] + logp - sg[logp]     sequence_token (GSPO-token)
-    ratio  = exp(clamp(log_w, -20, 20)),   clipped = exp(clamp(log_w, log(1-eps_low), log(1+eps_high)))
-    pg     = max(-A * ratio, -A * clipped);  for A < 0 and clip_ratio_c: min(pg, -A * clip_ratio_c)
+    ratio  = exp(log_w)   (log_w clamped to +-log_ratio_clamp first when given: EasyR1/veRL's 20)
+    pg     = max(-A * min(ratio, delta), -A * clip(ratio, 1-eps_low, 1+eps_high))   clipped types;
+             delta optional (two-sided clipping); for A < 0 and clip_ratio_c: min(pg, -A * clip_ratio_c)
+           = -sg[min(ratio, eps_high)] * A * logp                          cispo
+           = -4 / tau * sigmoid(tau * (ratio - 1)) * A, tau = tau_pos if A > 0 else tau_neg   sapo
+           = -sg[phi(w)] * A * logp, w = exp(clamp(sum_t clamp(logp - old, +-20), log 1e-8, 20))
+             per sequence, phi(w) = exp(lam + k log w - lam w), (k, lam) by the sign of A    vespo
+    pg    *= [A >= 0 or masked_mean_t(behaviour - sg[logp]) <= off_policy_mask_threshold]   (OPSM;
+             behaviour = sampling_logprobs if given, else old)
+    pg    *= [entropy >= the (1 - top_entropy_quantile) quantile of the valid tokens' entropies]
     pg    *= min(exp(old - sampling), tis_cap)   optional truncated importance sampling (detached)
-    loss_t = pg + beta * k3(ref, logp) - entropy_coef * entropy
-    k3     = exp(d) - d - 1 with d = clamp(ref - logp, -20, 20), clamped to [-10, 10] (EasyR1)
+    loss_t = pg + beta * k3(ref, logp) (* ratio with use_bias_correction_kl)
+    k3     = exp(d) - d - 1 with d = ref - logp (TRL, Liger: kl_clamp=None)
+           = clamp(exp(d') - d' - 1, -c, c) with d' = clamp(d, -20, 20) for kl_clamp=c (veRL/EasyR1's
+             low_var_kl, c = 10): past d ~ 2.6 nats (k3 > 10) the token's KL gradient is exactly 0
 
 and ``loss_type`` picks the aggregation of ``loss_t`` over valid (mask = 1) tokens:
-    grpo     mean over sequences of the per-sequence token mean
-    bnpo     sum / valid tokens of this batch
-    dr_grpo  sum / (B * max_completion_length)
-    dapo     sum / num_items_in_batch (the global token count; default: this batch's)
+    grpo, sapo           mean over sequences of the per-sequence token mean
+    bnpo                 sum / valid tokens of this batch
+    dr_grpo              sum / (B * max_completion_length)
+    dapo, cispo, vespo   sum / num_items_in_batch (the global token count; default: this batch's)
+    luspo                sum / B (each sequence's token sum: length-unbiased)
+The entropy bonus ``- entropy_coef * H`` takes H aggregated as the loss (``entropy_aggregation="loss"``,
+veRL) or as the mean over the tokens the policy term acts on (``"token_mean"``, TRL).
 
 ``old_logprobs=None`` means on-policy: the ratio is 1 in value and the gradient still flows.
 Metrics come back as detached 0-dim tensors (no host synchronisation).
@@ -30,8 +43,9 @@ import torch
 from . import cpp
 from .dispatch import backend_for
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 LEVELS = ("token", "sequence", "sequence_token")
+ENTROPY_AGGREGATIONS = ("loss", "token_mean")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +62,29 @@ class LossOptions:
     max_completion_length: int | None = None  # dr_grpo normaliser
     num_items_in_batch: float | torch.Tensor | None = None  # dapo normaliser
     tis_cap: float | None = None  # truncated importance sampling cap (needs sampling_logprobs; old may be None)
+    kl_clamp: float | None = None  # None: the k3 KL exactly (TRL, Liger); c: low_var_kl clamps (EasyR1: 10)
+    log_ratio_clamp: float | None = None  # None: exp(log_w) as TRL; r: log_w clamped to [-r, r] (veRL: 20)
+    delta: float | None = None  # two-sided clipping: the unclipped ratio capped at delta (INTELLECT-2)
+    use_bias_correction_kl: bool = False  # the KL times the importance ratio (DeepSeek-V3.2)
+    entropy_aggregation: str = "loss"  # the entropy bonus's H: "loss" (veRL), "token_mean" (TRL)
+    top_entropy_quantile: float = 1.0  # < 1: the policy term on the top q of tokens by entropy (needs entropy)
+    off_policy_mask_threshold: float | None = None  # OPSM: drop A < 0 sequences whose mean KL to the sampler > it
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
+
+    def features(self) -> frozenset[str]:
+        """The options beyond the C++ op's (kernels/dispatch.py routes calls using one to PyTorch)."""
+        used = {self.loss_type} - {"grpo", "bnpo", "dr_grpo", "dapo"}
+        used |= {name for name, on in (("delta", self.delta is not None),
+                                       ("use_bias_correction_kl", self.use_bias_correction_kl and self.beta > 0),
+                                       ("entropy_token_mean", self.entropy_aggregation != "loss"),
+                                       ("top_entropy_quantile", self.top_entropy_quantile < 1),
+                                       ("off_policy_mask_threshold", self.off_policy_mask_threshold is not None)) if on}
+        return frozenset(used)
 
     @classmethod
     def from_kwargs(cls, opts: dict) -> "LossOptions":
@@ -67,6 +104,17 @@ class LossOptions:
             raise ValueError("loss_type='dr_grpo' needs max_completion_length > 0")
         if o.tis_cap is not None and o.tis_cap <= 0:
             raise ValueError(f"tis_cap must be > 0, got {o.tis_cap}")
+        if o.entropy_aggregation not in ENTROPY_AGGREGATIONS:
+            raise ValueError(f"entropy_aggregation must be one of {ENTROPY_AGGREGATIONS}, got {o.entropy_aggregation!r}")
+        if not 0 < o.top_entropy_quantile <= 1:
+            raise ValueError(f"top_entropy_quantile must be in (0, 1], got {o.top_entropy_quantile}")
+        if o.delta is not None and not o.delta > 0:
+            raise ValueError(f"delta must be > 0 (TRL recommends > 1 + epsilon_high), got {o.delta}")
+        if min(o.sapo_temperature_pos, o.sapo_temperature_neg) <= 0:
+            raise ValueError("sapo_temperature_pos and sapo_temperature_neg must be > 0")
+        for name in ("kl_clamp", "log_ratio_clamp"):
+            if getattr(o, name) is not None and not getattr(o, name) > 0:
+                raise ValueError(f"{name} must be > 0 or None, got {getattr(o, name)}")
         return o
 
 
@@ -90,46 +138,120 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
 
 def aggregation_weights(mask: torch.Tensor, o: LossOptions) -> torch.Tensor:
     """(B, T) weights with loss = sum(loss_t * weights): the ``loss_type`` normalisers, per token."""
-    if o.loss_type == "grpo":
+    if o.loss_type in ("grpo", "sapo"):
         return mask / (mask.shape[0] * mask.sum(-1, keepdim=True).clamp(min=1.0))
     if o.loss_type == "bnpo":
         return mask / mask.sum().clamp(min=1.0)
     if o.loss_type == "dr_grpo":
         return mask / (mask.shape[0] * o.max_completion_length)
+    if o.loss_type == "luspo":
+        return mask / mask.shape[0]
     return mask / (mask.sum().clamp(min=1.0) if o.num_items_in_batch is None else o.num_items_in_batch)
 
 
-def per_token_loss(logp, old, adv, mask, o: LossOptions, *, ref=None, entropy=None, sampling=None):
-    """loss_t (B, T) before aggregation, with the ratio (B, T), dual-clip flags and k3 KL (or None).
+def entropy_weights(mask: torch.Tensor, keep: torch.Tensor | None, o: LossOptions,
+                    weights: torch.Tensor) -> torch.Tensor | None:
+    """(B, T) weights of the entropy bonus: the loss's ``weights`` (``entropy_aggregation="loss"``),
+    or the mean over the valid tokens the policy term acts on (``"token_mean"``, TRL); None without
+    a bonus."""
+    if o.entropy_coef == 0:
+        return None
+    if o.entropy_aggregation == "loss":
+        return weights
+    m = mask if keep is None else mask * keep
+    return m / m.sum().clamp(min=1.0)
+
+
+def masked_quantile(x: torch.Tensor, mask: torch.Tensor, q: float) -> torch.Tensor:
+    """0-dim ``torch.quantile`` (linear interpolation) of ``x`` over mask != 0, without a host sync:
+    the valid values sort first, padding is +inf."""
+    valid = mask != 0
+    ordered = torch.where(valid, x.float(), float("inf")).reshape(-1).sort().values  # (N,)
+    rank = q * (valid.sum().float() - 1).clamp(min=0.0)
+    at = torch.stack([rank.floor(), rank.ceil()]).long()  # (2,): gathered, not indexed by a 0-dim tensor (a sync)
+    below, above = ordered.gather(0, at)
+    return torch.lerp(below, above, rank - rank.floor())
+
+
+def entropy_keep(entropy: torch.Tensor, mask: torch.Tensor, o: LossOptions) -> torch.Tensor | None:
+    """(B, T) 1.0 where the policy term acts under ``top_entropy_quantile`` (the tokens whose entropy
+    is at least the (1 - q) quantile of the valid tokens'), or None when it is 1."""
+    if o.top_entropy_quantile >= 1:
+        return None
+    threshold = masked_quantile(entropy.detach(), mask, 1 - o.top_entropy_quantile)
+    return ((entropy.detach() * mask >= threshold) & (mask != 0)).float()
+
+
+def _vespo_weights(log_ratio, adv, mask, o: LossOptions) -> torch.Tensor:
+    """VESPO's detached gamma weight phi(w) of each sequence's ratio w, (B, 1) or (B, T) with ``adv``."""
+    with torch.no_grad():
+        log_w = (log_ratio.clamp(-20.0, 20.0) * mask).sum(-1, keepdim=True).clamp(math.log(1e-8), 20.0)  # (B, 1)
+        k = torch.where(adv >= 0, o.vespo_k_pos, o.vespo_k_neg)
+        lam = torch.where(adv >= 0, o.vespo_lambda_pos, o.vespo_lambda_neg).clamp(min=1e-4)
+        return torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def per_token_loss(logp, old, adv, mask, o: LossOptions, *, ref=None, sampling=None, keep=None):
+    """loss_t (B, T) before aggregation (without the entropy bonus), with the ratio the clip metrics
+    read (B, T), dual-clip flags and the KL term (or None). ``keep``: the (B, T) 0/1 factor of the
+    policy term (:func:`entropy_keep`) or None.
 
     Elementwise in every input at ``importance_sampling_level="token"``, so a caller may pass any
-    (1, n) slice of tokens; the sequence levels need whole rows (``mask`` gives their lengths).
+    (1, n) slice of tokens; the sequence levels, ``vespo`` and ``off_policy_mask_threshold`` need
+    whole rows (``mask`` gives their lengths).
     """
-    log_w = logp - old  # (B, T)
+    log_ratio = logp - old  # (B, T)
+    log_w = log_ratio
     if o.importance_sampling_level != "token":
         seq = _masked_mean(log_w, mask, dim=-1)[:, None]  # (B, 1)
         log_w = seq.expand_as(logp) if o.importance_sampling_level == "sequence" else (
             seq.detach() + logp - logp.detach())
     eps_high = o.epsilon_low if o.epsilon_high is None else o.epsilon_high
-    ratio = torch.exp(log_w.clamp(-20.0, 20.0))  # (B, T)
-    clipped = torch.exp(log_w.clamp(math.log1p(-o.epsilon_low), math.log1p(eps_high)))
-    pg = torch.maximum(-adv * ratio, -adv * clipped)  # (B, T)
-    dual = torch.zeros_like(pg, dtype=torch.bool)
-    if o.clip_ratio_c is not None:
-        dual = (adv < 0) & (pg > -adv * o.clip_ratio_c)
-        pg = torch.where(dual, -adv * o.clip_ratio_c, pg)
+    r = o.log_ratio_clamp
+    ratio = torch.exp(log_w if r is None else log_w.clamp(-r, r))  # (B, T)
+    dual = torch.zeros_like(ratio, dtype=torch.bool)
+    shown = ratio  # what the clip metrics read
+    if o.loss_type == "cispo":
+        pg = -ratio.clamp(max=eps_high).detach() * adv * logp
+    elif o.loss_type == "sapo":
+        tau = torch.where(adv > 0, o.sapo_temperature_pos, o.sapo_temperature_neg)
+        pg = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv
+    elif o.loss_type == "vespo":
+        pg = -_vespo_weights(log_ratio, adv, mask, o) * adv * logp
+    else:
+        shown = ratio if o.delta is None else ratio.clamp(max=o.delta)
+        clipped = torch.exp(log_w.clamp(math.log1p(-o.epsilon_low), math.log1p(eps_high)))
+        pg = torch.maximum(-adv * shown, -adv * clipped)  # (B, T)
+        if o.clip_ratio_c is not None:
+            dual = (adv < 0) & (pg > -adv * o.clip_ratio_c)
+            pg = torch.where(dual, -adv * o.clip_ratio_c, pg)
+    if o.off_policy_mask_threshold is not None:
+        behaviour = old if sampling is None else sampling
+        drift = _masked_mean(torch.nan_to_num(behaviour - logp.detach(), nan=0.0), mask, dim=-1)[:, None]  # (B, 1)
+        pg = pg * ((adv >= 0) | (drift <= o.off_policy_mask_threshold)).to(pg.dtype)
+    if keep is not None:
+        pg = pg * keep
     if o.tis_cap is not None:
         pg = pg * torch.exp(old - sampling).clamp(max=o.tis_cap)
     loss_t = pg
     kl = None
     if ref is not None:
-        d = (ref - logp).clamp(-20.0, 20.0)
-        kl = (torch.exp(d) - d - 1.0).clamp(-10.0, 10.0)  # (B, T)
+        d = ref - logp if o.kl_clamp is None else (ref - logp).clamp(-20.0, 20.0)
+        kl = torch.exp(d) - d - 1.0  # (B, T)
+        kl = kl if o.kl_clamp is None else kl.clamp(-o.kl_clamp, o.kl_clamp)
+        if o.use_bias_correction_kl:
+            kl = kl * ratio
         if o.beta > 0:
             loss_t = loss_t + o.beta * kl
+    return loss_t, shown, dual, kl
+
+
+def weighted_loss(loss_t, entropy, weights, entropy_weights, o: LossOptions) -> torch.Tensor:
+    """0-dim sum(loss_t * weights) - entropy_coef * sum(entropy * entropy_weights)."""
+    loss = (loss_t * weights).sum()
     if o.entropy_coef != 0:
-        loss_t = loss_t - o.entropy_coef * entropy
-    return loss_t, ratio, dual, kl
+        loss = loss - o.entropy_coef * (entropy * entropy_weights).sum()
+    return loss
 
 
 METRICS = cpp.METRICS  # ratio_mean, clip_low, clip_high, clip_dual, kl, entropy (the C++ op's order too)
@@ -137,13 +259,20 @@ METRICS = cpp.METRICS  # ratio_mean, clip_low, clip_high, clip_dual, kl, entropy
 
 def metric_sums(ratio, dual, kl, entropy, adv, mask, o: LossOptions) -> torch.Tensor:
     """(6,) masked token sums of the ratio, clip flags, KL and entropy, in :data:`METRICS` order:
-    the numerators of :func:`loss_metrics`, so chunks of tokens can add theirs up."""
+    the numerators of :func:`loss_metrics`, so chunks of tokens can add theirs up. The clip flags
+    are TRL's: below 1 - eps_low with A < 0, above 1 + eps_high with A > 0 (cispo: above its cap
+    eps_high with A > 0; sapo and vespo clip nothing)."""
     eps_high = o.epsilon_low if o.epsilon_high is None else o.epsilon_high
     with torch.no_grad():
         r = ratio.detach()
         zero = torch.zeros_like(r)
-        terms = (r, ((r < 1 - o.epsilon_low) & (adv < 0)).float(), ((r > 1 + eps_high) & (adv > 0)).float(),
-                 dual.float(), zero if kl is None else kl.detach(), zero if entropy is None else entropy.detach())
+        low, high = ((r < 1 - o.epsilon_low) & (adv < 0)).float(), ((r > 1 + eps_high) & (adv > 0)).float()
+        if o.loss_type == "cispo":
+            low, high = zero, ((r > eps_high) & (adv > 0)).float()
+        elif o.loss_type in ("sapo", "vespo"):
+            low = high = zero
+        terms = (r, low, high, dual.float(), zero if kl is None else kl.detach(),
+                 zero if entropy is None else entropy.detach())
         return torch.stack([(t * mask).sum() for t in terms])  # (6,)
 
 
@@ -172,6 +301,8 @@ def prepare(lead, old_logprobs, advantages, mask, ref_logprobs, entropy, samplin
         raise ValueError("beta > 0 needs ref_logprobs")
     if o.entropy_coef != 0 and entropy is None and not computes_entropy:
         raise ValueError("entropy_coef != 0 needs entropy")
+    if o.top_entropy_quantile < 1 and entropy is None and not computes_entropy:
+        raise ValueError("top_entropy_quantile < 1 needs entropy")
     if o.tis_cap is not None and sampling_logprobs is None:
         raise ValueError("tis_cap needs sampling_logprobs (old_logprobs=None: on-policy, the current log-probs)")
     def f32(x):
@@ -192,11 +323,11 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, ref_logprobs=None, 
         advantages: (B,) per sequence or (B, T) per token.
         mask: (B, T) 1 for completion tokens that count, 0 for padding.
         ref_logprobs: (B, T) reference-model log-probs, needed when ``beta > 0``.
-        entropy: (B, T) per-token entropy, needed when ``entropy_coef != 0`` (reported if given).
-        sampling_logprobs: (B, T) log-probs from the sampler, for ``tis_cap``.
-        **opts: fields of :class:`LossOptions` (loss_type, importance_sampling_level, epsilon_low,
-            epsilon_high, clip_ratio_c, beta, entropy_coef, max_completion_length,
-            num_items_in_batch, tis_cap).
+        entropy: (B, T) per-token entropy, needed when ``entropy_coef != 0`` or
+            ``top_entropy_quantile < 1`` (reported if given).
+        sampling_logprobs: (B, T) log-probs from the sampler, for ``tis_cap`` and
+            ``off_policy_mask_threshold`` (which falls back to ``old_logprobs``).
+        **opts: fields of :class:`LossOptions`.
 
     Returns:
         (loss, metrics): a 0-dim float32 loss and a dict of detached 0-dim tensors
@@ -204,11 +335,13 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, ref_logprobs=None, 
     """
     o, old, adv, mask, ref, entropy, sampling = prepare(
         logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, sampling_logprobs, opts)
-    if backend_for("policy_loss", logprobs) == "cpp":
+    if backend_for("policy_loss", logprobs, o.features()) == "cpp":
         return cpp.policy_loss(logprobs, old, adv, mask, ref, entropy, sampling, o, LOSS_TYPES.index(o.loss_type),
                                LEVELS.index(o.importance_sampling_level))
     logp = logprobs.float()  # (B, T)
     old = logp.detach() if old is None else old
-    loss_t, ratio, dual, kl = per_token_loss(logp, old, adv, mask, o, ref=ref, entropy=entropy, sampling=sampling)
-    loss = (loss_t * aggregation_weights(mask, o)).sum()
+    keep = None if entropy is None else entropy_keep(entropy, mask, o)
+    loss_t, ratio, dual, kl = per_token_loss(logp, old, adv, mask, o, ref=ref, sampling=sampling, keep=keep)
+    weights = aggregation_weights(mask, o)
+    loss = weighted_loss(loss_t, entropy, weights, entropy_weights(mask, keep, o, weights), o)
     return loss, loss_metrics(ratio, dual, kl, entropy, adv, mask, o)

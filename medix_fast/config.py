@@ -76,12 +76,19 @@ class SamplingConfig:
 @dataclass
 class AlgorithmConfig:
     advantage_estimator: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    # TRL 1.16's loss types: cispo / vespo normalise as dapo, sapo / luspo per sequence as grpo
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"] = "dapo"
     importance_sampling_level: Literal["token", "sequence", "sequence_token"] = "token"
     epsilon_low: float = 0.2
     epsilon_high: float = 0.28
     clip_ratio_c: float | None = 3.0  # dual clip for negative advantages; null: off
     beta: float = 0.0  # k3 KL to a frozen copy of the initial policy; > 0 loads the copy
+    kl_clamp: float | None = 10.0  # EasyR1's low_var_kl: KL clamped to [-10, 10]; null: the k3 KL exactly (TRL)
+    log_ratio_clamp: float | None = 20.0  # EasyR1/veRL: log importance ratio clamped to [-20, 20]; null: none
+    delta: float | None = None  # two-sided clipping: the unclipped ratio capped at delta (INTELLECT-2)
+    use_bias_correction_kl: bool = False  # the KL times the importance ratio (DeepSeek-V3.2, TRL's default)
+    sapo_temperature_pos: float = 1.0  # loss_type sapo: the soft gate's temperatures by advantage sign
+    sapo_temperature_neg: float = 1.05
     entropy_coef: float = 0.0
     ppo_epochs: int = 1
     tis_cap: float | None = None  # truncated importance weights against the sampler's log-probs
@@ -408,7 +415,9 @@ def _kernel_checks(cfg: Config) -> None:
     an error re-raised as a ConfigError naming the keys its message names."""
     a, s = cfg.algorithm, cfg.sampling
     loss = {k: getattr(a, k) for k in ("loss_type", "importance_sampling_level", "epsilon_low", "epsilon_high",
-                                       "clip_ratio_c", "beta", "entropy_coef", "tis_cap")}
+                                       "clip_ratio_c", "beta", "entropy_coef", "tis_cap", "kl_clamp",
+                                       "log_ratio_clamp", "delta", "use_bias_correction_kl",
+                                       "sapo_temperature_pos", "sapo_temperature_neg")}
     sampling = {k: getattr(s, k) for k in ("temperature", "top_p", "top_k")}
     checks = (("algorithm", loss, lambda: LossOptions.from_kwargs({**loss, "max_completion_length": s.max_new_tokens})),
               ("sampling", sampling, lambda: SamplingParams(**sampling)))

@@ -57,6 +57,9 @@ def test_int_accepted_for_float_and_yaml_exponent_string(tmp_path):
     ("train.steps=0", "train.steps"),
     ("sampling.group_size=1", "sampling.group_size"),
     ("algorithm.clip_ratio_c=0.5", "algorithm.clip_ratio_c"),
+    ("algorithm.kl_clamp=0", "algorithm.kl_clamp"),
+    ("algorithm.delta=-1", "algorithm.delta"),
+    ("algorithm.sapo_temperature_neg=0", "algorithm.sapo_temperature_neg"),
     ("train.mini_batch_prompts=1000", "train.mini_batch_prompts"),
     ("sampling.max_batch_size=64", "sampling.max_num_seqs"),  # renamed: the message names the new key
     ("sampling.max_num_seqs=0", "sampling"),
@@ -88,6 +91,15 @@ def test_base_chain_and_loop(tmp_path):
     (tmp_path / "base.yaml").write_text("base: child.yaml\n")
     with pytest.raises(ConfigError, match="loops"):
         load_config(child)
+
+
+def test_trl_loss_options_and_easyr1_clamps():
+    """EasyR1's clamps by default (MediX-R1 trained with them); TRL 1.16's loss types load."""
+    cfg = load_config(None, [])
+    assert (cfg.algorithm.kl_clamp, cfg.algorithm.log_ratio_clamp) == (10.0, 20.0)
+    cfg = load_config(None, ["algorithm.loss_type=cispo", "algorithm.epsilon_high=5.0", "algorithm.kl_clamp=null",
+                             "algorithm.delta=4.0", "algorithm.use_bias_correction_kl=true"])
+    assert cfg.algorithm.loss_type == "cispo" and cfg.algorithm.kl_clamp is None and cfg.algorithm.delta == 4.0
 
 
 def test_saved_config_round_trips(tmp_path):

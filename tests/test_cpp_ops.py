@@ -129,7 +129,7 @@ def test_op_registration_autograd_and_fake():
     """torch.library.opcheck: schema, autograd registration, fake tensors, AOT dispatch."""
     logp, old, adv, mask, ref, entropy = _random_batch(3, 7, seed=4)
     args = (logp.detach().requires_grad_(), old, adv, mask, ref, entropy, None, torch.tensor([11.0]), 3, 1, 0.2,
-            0.28, 3.0, 0.04, 0.01, 0, None)
+            0.28, 3.0, 0.04, 0.01, 0, None, 10.0, 20.0, 2.0, True, 1.0, 1.05)
     torch.library.opcheck(torch.ops.medix_fast.policy_loss.default, args)
     torch.library.opcheck(torch.ops.medix_fast.group_advantages.default, (torch.rand(12), 4, 0, 1e-6))
     logits = torch.randn(5, 33)
@@ -159,10 +159,10 @@ def test_op_rejects_bad_input():
     logp = torch.zeros(2, 3)
     with pytest.raises(RuntimeError, match="mask must be float32"):
         torch.ops.medix_fast.policy_loss(logp, None, torch.zeros(2), torch.ones(2, 3, dtype=torch.int64), None, None,
-                                         None, None, 0, 0, 0.2, 0.2, None, 0.0, 0.0, 0, None)
+                                         None, None, 0, 0, 0.2, 0.2, None, 0.0, 0.0, 0, None, None, None, None, False, 1.0, 1.05)
     with pytest.raises(RuntimeError, match=r"advantages must be \(2,\) or \[2, 3\]"):
         torch.ops.medix_fast.policy_loss(logp, None, torch.zeros(3), torch.ones(2, 3), None, None, None, None, 0, 0,
-                                         0.2, 0.2, None, 0.0, 0.0, 0, None)
+                                         0.2, 0.2, None, 0.0, 0.0, 0, None, None, None, None, False, 1.0, 1.05)
     with pytest.raises(RuntimeError, match="must divide"):
         torch.ops.medix_fast.group_advantages(torch.rand(10), 3, 0, 1e-6)
 

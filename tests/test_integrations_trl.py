@@ -21,7 +21,7 @@ import trl
 from datasets import Dataset
 from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, PhiConfig,
                           PhiForCausalLM, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Config,
-                          Qwen2ForCausalLM)
+                          Qwen2ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 from trl import GRPOConfig
 
 from medix_fast.demo import tiny
@@ -72,8 +72,9 @@ def make_trainer(tmp_path, model, tokenizer, cls=adapter.GRPOTrainer, extra=None
                processing_class=tokenizer, **(extra or {}))
 
 
-def make_batch(trainer, seed=0, vocab=None, prompt_ids=None) -> dict:
-    """A GRPO batch as TRL's ``_prepare_inputs`` hands it to ``compute_loss``."""
+def make_batch(trainer, seed=0, vocab=None, prompt_ids=None, ref_gap=None) -> dict:
+    """A GRPO batch as TRL's ``_prepare_inputs`` hands it to ``compute_loss``; ``ref_gap``: the
+    reference log-probs that many nats above the current ones instead of a small perturbation."""
     g = torch.Generator().manual_seed(seed)
     vocab = vocab or trainer.model.config.get_text_config().vocab_size
     prompt_mask = torch.ones(B, P, dtype=torch.long)
@@ -93,7 +94,7 @@ def make_batch(trainer, seed=0, vocab=None, prompt_ids=None) -> dict:
             trainer.model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
             torch.cat([prompt_mask, completion_mask], 1), K)
     inputs["old_per_token_logps"] = logps + 0.3 * torch.randn(B, K, generator=g)
-    inputs["ref_per_token_logps"] = logps + 0.2 * torch.randn(B, K, generator=g)
+    inputs["ref_per_token_logps"] = logps + 0.2 * torch.randn(B, K, generator=g) if ref_gap is None else logps + ref_gap
     return inputs
 
 
@@ -126,10 +127,15 @@ def assert_same(a, b, rtol=1e-5):
     assert grads_a.keys() == grads_b.keys() and grads_a
     for name, grad in grads_b.items():
         torch.testing.assert_close(grads_a[name], grad, rtol=rtol, atol=rtol * grad.abs().max().item(), msg=name)
-    clip = {f"clip_ratio/{side}_mean" for side in ("low", "high", "region")}
-    if "clip_ratio/low_token_mean" in metrics_a:  # sequence level: TRL counts sequences, the adapter tokens
-        clip = {name.replace("_mean", "_token_mean") for name in clip}
-    assert metrics_a.keys() == (metrics_b.keys() & {"kl", "entropy"}) | clip
+    clip = {f"clip_ratio/{side}_mean" for side in ("low", "high", "region")} | {"cispo_clip_ratio"}
+    renamed = {}  # sequence level: TRL counts sequences, the adapter tokens, under another name
+    if any(name.endswith("_token_mean") for name in metrics_a):
+        renamed = {name.replace("_mean", "_token_mean").replace("ratio", "ratio_token_mean")
+                   if name == "cispo_clip_ratio" else name.replace("_mean", "_token_mean"): name for name in clip}
+    not_logged = {"clip_ratio/low_min", "clip_ratio/high_max", "vespo/phi_seq_mean"}
+    if "policy_loss" not in metrics_a:  # logged but for top_entropy_quantile < 1
+        not_logged.add("policy_loss")
+    assert metrics_a.keys() - renamed.keys() == metrics_b.keys() - not_logged - set(renamed.values())
     for name in metrics_a.keys() & metrics_b.keys():
         assert metrics_a[name] == pytest.approx(metrics_b[name], rel=rtol, abs=1e-6), name
 
@@ -142,6 +148,21 @@ CASES = {  # GRPOConfig settings, gradient-accumulation steps of the step under 
     "grpo_beta": (dict(loss_type="grpo", beta=0.04, use_bias_correction_kl=False), 1),
     "gspo": (dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=0.02, epsilon_high=0.03), 1),
     "gspo_dapo": (dict(loss_type="dapo", importance_sampling_level="sequence", epsilon=0.05), 1),
+    # TRL 1.16's other loss types and options
+    "cispo": (dict(loss_type="cispo", epsilon_high=1.2, gradient_accumulation_steps=2, steps_per_generation=4), 2),
+    "cispo_gspo": (dict(loss_type="cispo", importance_sampling_level="sequence", epsilon_high=1.05), 1),
+    "sapo": (dict(loss_type="sapo", gradient_accumulation_steps=2), 2),
+    "luspo_gspo": (dict(loss_type="luspo", importance_sampling_level="sequence", epsilon=0.02), 1),
+    "vespo": (dict(loss_type="vespo", vespo_k_neg=2.5), 1),
+    "delta": (dict(loss_type="grpo", delta=1.3), 1),
+    "bias_correction_kl": (dict(loss_type="grpo", beta=0.04), 1),  # TRL's default use_bias_correction_kl=True
+    "bias_correction_kl_gspo": (dict(loss_type="dapo", beta=0.04, importance_sampling_level="sequence", epsilon=0.02), 1),
+    "entropy_bonus_dapo": (dict(loss_type="dapo", entropy_coef=0.1, gradient_accumulation_steps=2), 2),
+    "entropy_bonus_bnpo": (dict(loss_type="bnpo", entropy_coef=0.1, gradient_accumulation_steps=2), 2),
+    "top_entropy_quantile": (dict(loss_type="dapo", top_entropy_quantile=0.5, entropy_coef=0.05), 1),
+    "off_policy_mask": (dict(loss_type="grpo", off_policy_mask_threshold=0.0), 1),
+    "together": (dict(loss_type="cispo", epsilon_high=1.2, beta=0.04, off_policy_mask_threshold=0.0,
+                      top_entropy_quantile=0.6, entropy_coef=0.05), 1),
 }
 
 
@@ -156,9 +177,28 @@ def test_loss_and_gradients_equal_trl(case, model_dir, tokenizer, tmp_path):
         del inputs["old_per_token_logps"]
     expected = loss_and_grads(theirs, trainer, inputs)
     got = loss_and_grads(ours, trainer, inputs)
-    if "old_per_token_logps" in inputs:
+    if "old_per_token_logps" in inputs and "clip_ratio/low_mean" in expected[2]:
         assert expected[2]["clip_ratio/low_mean"] > 0 and expected[2]["clip_ratio/high_mean"] > 0  # both clips ran
+    if "cispo_clip_ratio" in expected[2] and overrides.get("importance_sampling_level") != "sequence":
+        assert 0 < expected[2]["cispo_clip_ratio"] < 1  # the cap ran
     assert_same(got, expected)
+
+
+def test_far_from_the_reference_equals_trl(model_dir, tokenizer, tmp_path):
+    """The KL unclamped as TRL's: loss, logged KL and gradients equal at ref - logp from 0.5 to 5
+    nats (veRL/EasyR1's clamp, kl_clamp=10, would cap the KL from ~2.6 nats and zero its gradient)."""
+    for corrected in (False, True):  # TRL's default use_bias_correction_kl=True: the KL times the ratio
+        trainer = make_trainer(tmp_path, model_dir, tokenizer, loss_type="grpo", beta=0.1,
+                               use_bias_correction_kl=corrected)
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 1
+        for gap in (0.5, 1.0, 2.5, 3.0, 5.0, -3.0):
+            inputs = make_batch(trainer, ref_gap=gap)
+            expected = loss_and_grads(theirs, trainer, inputs)
+            assert_same(loss_and_grads(ours, trainer, inputs), expected)
+            d = torch.tensor(gap, dtype=torch.float64)
+            if not corrected:
+                assert expected[2]["kl"] == pytest.approx((d.exp() - d - 1).item(), rel=1e-5)  # k3, unclamped
 
 
 def test_eval_mode_tool_mask_and_vllm_ratio_equal_trl(tokenizer, tmp_path):
@@ -323,23 +363,63 @@ def test_forward_hooks_of_the_wrapper_fire(tokenizer, tmp_path):
     assert seen == [1]
 
 
+def test_adaptive_entropy_controller_equals_trl(tokenizer, tmp_path):
+    """use_adaptive_entropy: the coefficient applied while the window's entropy is below target,
+    and its update at the optimizer step, as TRL's (the controller state compared after each)."""
+    trainer = make_trainer(tmp_path, qwen2(tokenizer), tokenizer, loss_type="bnpo", use_adaptive_entropy=True,
+                           entropy_coef=0.2, entropy_target=100.0, entropy_coef_delta=0.05)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    inputs = make_batch(trainer)
+    names = ("entropy_coef", "_last_world_entropy", "_entropy_window_stats")
+    for step in range(3):  # the first applies no bonus (no entropy measured yet), the next ones do
+        state = {n: getattr(trainer, n) for n in names}
+        expected = loss_and_grads(theirs, trainer, inputs)
+        after = {n: getattr(trainer, n) for n in names}
+        for n, v in state.items():
+            setattr(trainer, n, v)
+        assert_same(loss_and_grads(ours, trainer, inputs), expected)
+        assert {n: getattr(trainer, n) for n in names} == pytest.approx(after) and after["_last_world_entropy"] < 100
+        assert expected[2]["entropy_coef"] == pytest.approx(0.2 + 0.05 * (step + 1))
+
+
+def test_moe_router_loss_equals_trl(tokenizer, tmp_path):
+    """A tiny Qwen3-MoE with router_aux_loss_coef: the load-balancing loss joins the loss (/ the
+    accumulation steps) and is logged as aux_loss, as TRL's."""
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+        router_aux_loss_coef=0.3, output_router_logits=True, pad_token_id=tokenizer.pad_token_id))
+    trainer = make_trainer(tmp_path, model, tokenizer, loss_type="grpo", gradient_accumulation_steps=2)
+    assert trainer.aux_loss_enabled
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 2
+    inputs = make_batch(trainer)
+    got, expected = loss_and_grads(ours, trainer, inputs), loss_and_grads(theirs, trainer, inputs)
+    assert expected[2]["aux_loss"] > 0 and any("gate" in name for name in expected[1])
+    assert_same(got, expected)
+
+
 UNSUPPORTED = {
-    "loss_type": dict(loss_type="cispo"),
-    "delta": dict(delta=1.5),
-    "use_bias_correction_kl": dict(beta=0.04),  # TRL's default use_bias_correction_kl=True
-    "entropy_coef": dict(entropy_coef=0.01),
-    "use_adaptive_entropy": dict(use_adaptive_entropy=True),
-    "top_entropy_quantile": dict(top_entropy_quantile=0.2),
-    "off_policy_mask_threshold": dict(off_policy_mask_threshold=0.5),
+    "top_entropy_quantile": (dict(top_entropy_quantile=0.2, use_adaptive_entropy=True), 1),
+    "vespo": (dict(loss_type="vespo", use_vllm=True, vllm_importance_sampling_correction=True), 1),
+    "processes": (dict(top_entropy_quantile=0.2), 2),
 }
 
 
 @pytest.mark.parametrize("name", sorted(UNSUPPORTED))
 def test_unsupported_options_raise_by_name(name, tokenizer, tmp_path):
-    args = config(tmp_path, **UNSUPPORTED[name])
-    assert any(name in p for p in adapter.unsupported_options(args))
-    with pytest.raises(ValueError, match=name):
-        make_trainer(tmp_path, qwen2(tokenizer), tokenizer, **UNSUPPORTED[name])
+    overrides, processes = UNSUPPORTED[name]
+    args = config(tmp_path, **{k: v for k, v in overrides.items() if k != "use_vllm"})
+    for k, v in overrides.items():
+        setattr(args, k, v)  # use_vllm without vLLM installed: set after GRPOConfig's own checks
+    problems = adapter.unsupported_options(args, processes)
+    assert any(name in p for p in problems), problems
+    assert adapter.unsupported_options(config(tmp_path), processes) == []
+    if processes == 1 and name != "vespo":
+        with pytest.raises(ValueError, match=name):
+            make_trainer(tmp_path, qwen2(tokenizer), tokenizer, **overrides)
 
 
 def test_unsupported_models_raise_by_name(tokenizer, tmp_path):
@@ -355,7 +435,6 @@ def test_unsupported_models_raise_by_name(tokenizer, tmp_path):
         make_trainer(tmp_path, qwen2(tokenizer), tokenizer, extra={"peft_config": prefix})
     with pytest.raises(ValueError, match="clip_ratio_c"):
         make_trainer(tmp_path, qwen2(tokenizer), tokenizer, extra={"clip_ratio_c": 0.5})
-    assert adapter.unsupported_model(qwen2(tokenizer), aux_loss_enabled=True)[0].startswith("router_aux_loss_coef")
 
 
 def test_unsupported_trl_version_refused_at_import(monkeypatch):

@@ -97,6 +97,27 @@ def test_policy_loss_makes_no_sync(backend, level):
     assert c.count == 0, c.where
 
 
+TRL_OPTIONS = dict(loss_type="cispo", epsilon_high=1.2, beta=0.04, use_bias_correction_kl=True, delta=2.0,
+                   top_entropy_quantile=0.5, off_policy_mask_threshold=0.0, entropy_coef=0.01,
+                   entropy_aggregation="token_mean")
+
+
+@pytest.mark.parametrize("loss_type", ["cispo", "vespo", "sapo"])
+def test_trl_options_make_no_sync(backend, loss_type):
+    """TRL 1.16's options, the entropy quantile and the off-policy mask included, in policy_loss and
+    in the fused loss (its extra entropy pass too)."""
+    hidden, weight, targets, mask, adv, old, lengths = _batch(seed=3)
+    opts = {**TRL_OPTIONS, "loss_type": loss_type}
+    logp = (old + 0.05 * torch.randn(old.shape)).requires_grad_()
+    entropy = torch.rand(old.shape, requires_grad=True)
+    with count_syncs() as c:
+        loss, _ = policy_loss(logp, old, adv, mask, entropy=entropy, ref_logprobs=old, **opts)
+        loss.backward()
+        loss, _ = fused_linear_policy_loss(hidden, weight, targets, mask, adv, old, old, valid_lengths=lengths, **opts)
+        loss.backward()
+    assert c.count == 0, c.where
+
+
 def test_group_advantages_makes_no_sync(backend):
     rewards = torch.rand(40, generator=torch.Generator().manual_seed(0))
     with count_syncs() as c:

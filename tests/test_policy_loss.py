@@ -37,6 +37,12 @@ def test_matches_fp64_reference(loss_type, level, clip_c, beta, ent_coef, on_pol
                 num_items_in_batch=37.0 if loss_type == "dapo" else None)
     loss, metrics = policy_loss(logp, old, adv, mask, ref_logprobs=ref, entropy=entropy, **opts)
     expected, _ = ref_policy_loss(logp, old, adv, mask, ref=ref, entropy=entropy, **opts)
+    _assert_loss_and_grads(loss, expected, logp, entropy, mask)
+    assert all(v.dim() == 0 and not v.requires_grad for v in metrics.values())
+
+
+def _assert_loss_and_grads(loss, expected, logp, entropy, mask):
+    """Loss and its gradients in the log-probs and entropies equal the fp64 reference's; padding gets 0."""
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
     got = torch.autograd.grad(loss, (logp, entropy), allow_unused=True)
     want = torch.autograd.grad(expected, (logp, entropy), allow_unused=True)
@@ -46,7 +52,6 @@ def test_matches_fp64_reference(loss_type, level, clip_c, beta, ent_coef, on_pol
         else:
             torch.testing.assert_close(x.double(), y.double(), rtol=1e-5, atol=1e-7)
     assert torch.all(got[0] * (1 - mask) == 0), "padding must get zero gradient"
-    assert all(v.dim() == 0 and not v.requires_grad for v in metrics.values())
 
 
 @pytest.mark.parametrize("level", ["token", "sequence", "sequence_token"])
@@ -142,3 +147,118 @@ def test_every_clip_region_and_advantage_sign_matches_fp64(backend, loss_type):
     assert metrics["clip_dual"].item() == pytest.approx(counts["dual", "-"] / n)
     assert metrics["clip_low"].item() == pytest.approx(counts["low", "-"] / n)
     assert metrics["clip_high"].item() == pytest.approx(counts["high", "+"] / n)
+
+
+@pytest.mark.parametrize("kl_clamp,log_ratio_clamp", [(None, None), (10.0, 20.0), (4.0, None), (None, 3.0)])
+def test_kl_and_log_ratio_clamps_match_fp64(backend, kl_clamp, log_ratio_clamp):
+    """Reference gaps ref - logp from -5 to 5 nats and log-ratios to +-25: None is the k3 KL and
+    exp(log_w) exactly (TRL, Liger), a value veRL/EasyR1's clamps, whose KL gradient vanishes past
+    the clamp (k3 = 10 at a gap of ~2.6 nats)."""
+    gaps = torch.tensor([0.5, 1.0, 2.5, 2.7, 3.0, 5.0, -5.0, -0.5, 4.0, 0.1, 1.5, -2.0])
+    logp = (-torch.rand(4, 12, generator=torch.Generator().manual_seed(5)) * 3).requires_grad_()
+    ref = logp.detach() + gaps
+    log_ratio = torch.tensor([0.1, -0.1, 2.0, -2.0, 5.0, -5.0, 25.0, -25.0, 0.0, 0.3, -0.3, 1.0])
+    old = logp.detach() - log_ratio.roll(1)
+    adv = torch.tensor([1.3, -0.7, 0.4, -2.0])
+    mask = torch.ones(4, 12)
+    mask[3, -3:] = 0
+    for level in ("token", "sequence"):
+        opts = dict(loss_type="bnpo", importance_sampling_level=level, beta=0.1, kl_clamp=kl_clamp,
+                    log_ratio_clamp=log_ratio_clamp)
+        behaviour = old if level == "token" else logp.detach() - log_ratio.roll(1) / 5
+        loss, metrics = policy_loss(logp, behaviour, adv, mask, ref_logprobs=ref, **opts)
+        expected, _ = ref_policy_loss(logp, behaviour, adv, mask, ref=ref, **opts)
+        torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+        grad = torch.autograd.grad(loss, logp)[0]
+        torch.testing.assert_close(grad.double(), torch.autograd.grad(expected, logp)[0].double(), rtol=1e-5, atol=1e-7)
+        if level == "token":
+            token_metrics = metrics
+    metrics = token_metrics
+    d = gaps.double()
+    k3 = torch.exp(d) - d - 1
+    kl = k3 if kl_clamp is None else k3.clamp(max=kl_clamp)
+    torch.testing.assert_close(metrics["kl"].double(), (kl * mask).sum() / mask.sum(), rtol=1e-5, atol=0)
+    if log_ratio_clamp is None and kl_clamp is None:  # the ratio at 25 nats is exp(25), no clamp
+        assert metrics["ratio_mean"] > 1e9
+
+
+TRL_OPTIONS = {  # TRL 1.16's loss options beyond the clipped four, alone and together
+    "cispo": dict(loss_type="cispo", epsilon_high=1.2, num_items_in_batch=37.0),
+    "sapo": dict(loss_type="sapo"),
+    "sapo_temperatures": dict(loss_type="sapo", sapo_temperature_pos=2.0, sapo_temperature_neg=0.5),
+    "luspo": dict(loss_type="luspo"),
+    "vespo": dict(loss_type="vespo"),
+    "vespo_shapes": dict(loss_type="vespo", vespo_k_pos=1.5, vespo_lambda_pos=1.0, vespo_k_neg=0.5,
+                         vespo_lambda_neg=4.0, num_items_in_batch=50.0),
+    "delta": dict(loss_type="bnpo", delta=1.4),
+    "delta_below_clip": dict(loss_type="dapo", delta=1.1, epsilon_high=0.28),
+    "bias_correction_kl": dict(loss_type="grpo", beta=0.1, use_bias_correction_kl=True),
+    "entropy_token_mean": dict(loss_type="dapo", entropy_coef=0.05, entropy_aggregation="token_mean"),
+    "top_entropy_quantile": dict(loss_type="bnpo", top_entropy_quantile=0.3, entropy_coef=0.02,
+                                 entropy_aggregation="token_mean"),
+    "off_policy_mask": dict(loss_type="grpo", off_policy_mask_threshold=0.0),
+    "together": dict(loss_type="cispo", epsilon_high=1.2, beta=0.1, use_bias_correction_kl=True,
+                     off_policy_mask_threshold=0.0, top_entropy_quantile=0.5, entropy_coef=0.01,
+                     entropy_aggregation="token_mean", clip_ratio_c=3.0),
+    "together_clipped": dict(loss_type="luspo", delta=1.5, beta=0.05, use_bias_correction_kl=True,
+                             off_policy_mask_threshold=0.02, top_entropy_quantile=0.7, entropy_coef=-0.01),
+}
+
+
+@pytest.mark.parametrize("level", ["token", "sequence", "sequence_token"])
+@pytest.mark.parametrize("name", sorted(TRL_OPTIONS))
+def test_trl_options_match_fp64(backend, name, level):
+    """Each option of TRL 1.16's loss against the fp64 reference (TRL's formulation), loss and
+    gradients in the log-probs and entropies, near and 5 nats from the reference model."""
+    logp, old, adv, mask, ref, entropy, sampling = _batch(seed=len(name))
+    opts = dict(importance_sampling_level=level, **TRL_OPTIONS[name])
+    for reference_model in (ref, logp.detach() + 5.0):
+        loss, metrics = policy_loss(logp, old, adv, mask, ref_logprobs=reference_model, entropy=entropy,
+                                    sampling_logprobs=sampling, **opts)
+        expected, _ = ref_policy_loss(logp, old, adv, mask, ref=reference_model, entropy=entropy,
+                                      sampling=sampling, **opts)
+        _assert_loss_and_grads(loss, expected, logp, entropy, mask)
+
+
+def test_options_the_cpp_op_lacks_route_to_pytorch():
+    """One place decides (kernels/dispatch.py LACKS): a call with an option the C++ op lacks runs on
+    PyTorch under the cpp back-end; the op's own options stay on it."""
+    from medix_fast.kernels import LossOptions
+    from medix_fast.kernels.dispatch import LACKS, backend_for, force_backend
+
+    assert LossOptions().features() == frozenset() and LossOptions(kl_clamp=10.0, tis_cap=2.0).features() == set()
+    lacked = {"vespo", "entropy_token_mean", "top_entropy_quantile", "off_policy_mask_threshold"}
+    assert LACKS["policy_loss", "cpp"] == lacked
+    for name, opts in TRL_OPTIONS.items():
+        assert LossOptions.from_kwargs(opts).features(), name  # every one is named
+    from medix_fast.kernels import cpp
+    if not cpp.available():
+        pytest.skip("the C++ ops do not build here")
+    x = torch.zeros(2, 3)
+    with force_backend("cpp"):
+        for opts in (dict(), dict(loss_type="sapo"), dict(delta=2.0), dict(loss_type="cispo", beta=0.1,
+                                                                          use_bias_correction_kl=True)):
+            assert backend_for("policy_loss", x, LossOptions(**opts).features()) == "cpp", opts
+        for opts in (dict(loss_type="vespo"), dict(top_entropy_quantile=0.5), dict(off_policy_mask_threshold=0.1),
+                     dict(entropy_aggregation="token_mean")):
+            assert backend_for("policy_loss", x, LossOptions(**opts).features()) == "torch", opts
+
+
+def test_masked_quantile_is_torch_quantile_of_the_valid_values():
+    from medix_fast.kernels.policy_loss import masked_quantile
+
+    _, _, _, mask, _, entropy, _ = _batch(seed=4)
+    for q in (0.0, 0.1, 0.3, 0.5, 0.77, 1.0):
+        want = torch.quantile(entropy.detach()[mask.bool()], q)
+        torch.testing.assert_close(masked_quantile(entropy.detach(), mask, q), want, rtol=0, atol=1e-6)
+
+
+def test_off_policy_mask_keeps_a_sequence_at_the_threshold():
+    """TRL keeps a sequence whose mean drift equals the threshold (<=): on-policy the drift is 0."""
+    logp, _, adv, mask, *_ = _batch(seed=6)
+    loss, _ = policy_loss(logp, None, adv, mask, off_policy_mask_threshold=0.0)
+    torch.testing.assert_close(loss, policy_loss(logp, None, adv, mask)[0])
+    dropped, _ = policy_loss(logp, None, adv, mask, off_policy_mask_threshold=-1e-3)  # A < 0 rows dropped
+    expected, _ = ref_policy_loss(logp, None, adv, mask, off_policy_mask_threshold=-1e-3)
+    torch.testing.assert_close(dropped.double(), expected)
+    assert not torch.allclose(dropped, loss)

@@ -30,6 +30,10 @@ ALGORITHMS = {
     "gspo_token": dict(loss_type="grpo", importance_sampling_level="sequence_token", epsilon_low=3e-4,
                        epsilon_high=4e-4),
     "dr_grpo": dict(loss_type="dr_grpo", epsilon_high=0.2, clip_ratio_c=None),
+    "cispo": dict(loss_type="cispo", epsilon_high=1.05, beta=0.05, use_bias_correction_kl=True),
+    "sapo": dict(loss_type="sapo", sapo_temperature_neg=2.0),
+    "luspo": dict(loss_type="luspo", importance_sampling_level="sequence", epsilon_low=3e-4, epsilon_high=4e-4,
+                  delta=1.0005),
 }
 
 
@@ -74,21 +78,29 @@ def reference_terms(logp, old, adv, ref, a: AlgorithmConfig, sampling=None) -> t
         log_w = (logp - old).mean().detach() + logp - logp.detach()
     ratio = torch.exp(log_w)
     clipped = torch.exp(log_w.clamp(math.log(1 - a.epsilon_low), math.log(1 + a.epsilon_high)))
-    pg = torch.maximum(-adv * ratio, -adv * clipped)
-    if a.clip_ratio_c is not None and adv < 0:
+    if a.loss_type == "cispo":  # REINFORCE with the capped ratio as a constant weight
+        pg = -ratio.clamp(max=a.epsilon_high).detach() * adv * logp
+    elif a.loss_type == "sapo":  # the soft gate
+        tau = a.sapo_temperature_pos if adv > 0 else a.sapo_temperature_neg
+        pg = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv
+    else:
+        pg = torch.maximum(-adv * (ratio if a.delta is None else ratio.clamp(max=a.delta)), -adv * clipped)
+    if a.clip_ratio_c is not None and adv < 0 and a.loss_type not in ("cispo", "sapo"):
         pg = torch.minimum(pg, -adv * a.clip_ratio_c)
     if a.tis_cap:
         pg = pg * torch.exp(old - sampling.double()).clamp(max=a.tis_cap)
     if a.beta:
         d = ref - logp
-        pg = pg + a.beta * (torch.exp(d) - d - 1)
+        pg = pg + a.beta * (torch.exp(d) - d - 1) * (ratio if a.use_bias_correction_kl else 1)
     return pg
 
 
 def reference_loss(terms: list[torch.Tensor], a: AlgorithmConfig) -> torch.Tensor:
-    if a.loss_type == "grpo":
+    if a.loss_type in ("grpo", "sapo"):
         return torch.stack([t.mean() for t in terms]).mean()
     total = torch.cat(terms).sum()
+    if a.loss_type == "luspo":
+        return total / len(terms)
     if a.loss_type == "dr_grpo":
         return total / (len(terms) * MAX_NEW)
     return total / sum(len(t) for t in terms)  # bnpo and dapo: one process, one local batch
@@ -160,7 +172,7 @@ def test_update_matches_fp64_first_principles(setup, name, old, epochs, mini_gro
     assert metrics["loss"] == pytest.approx(want, rel=1e-5, abs=1e-6)
     for p, q in zip(trained.parameters(), want_model.parameters()):
         torch.testing.assert_close(p.double(), q, rtol=1e-5, atol=1e-6)
-    if name == "gspo":
+    if name in ("gspo", "cispo"):
         assert metrics["clip_low"] + metrics["clip_high"] > 0  # the test exercises clipping
 
 

@@ -100,7 +100,8 @@ def make_policy_loss(level: str):
         opts, scale = aggregation(loss_agg_mode, response_mask, **(getattr(config, "global_batch_info", None) or {}))
         adv = advantages if rollout_is_weights is None else advantages * rollout_is_weights  # (B, T)
         loss, m = policy_loss(log_prob, old_log_prob, adv, response_mask, importance_sampling_level=level,
-                              epsilon_low=low, epsilon_high=high, clip_ratio_c=dual, **opts)
+                              epsilon_low=low, epsilon_high=high, clip_ratio_c=dual, log_ratio_clamp=20.0,
+                              kl_clamp=10.0, **opts)  # veRL's clamps (no KL here: veRL adds its own)
         with torch.no_grad():
             mask = response_mask.float()
             approx_kl = (old_log_prob.float() - log_prob.float()).clamp(-20.0, 20.0)  # (B, T)

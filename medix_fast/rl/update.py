@@ -6,7 +6,8 @@ its gradient accumulated over micro-batches of whole groups, at most ``micro_bat
 padded prompt + completion tokens each (groups sorted by length, so little padding); each
 group's prompt runs through the decoder once for its G completions (``share_prompt``). Every loss is normalised over the whole
 mini-batch as if it were one batch: ``dapo`` by the mini-batch's valid-token count over all
-micro-batches and ranks (``num_items_in_batch``), ``grpo`` / ``dr_grpo`` by its global sequence
+micro-batches and ranks (``num_items_in_batch``; also ``cispo``, ``vespo``), ``grpo`` / ``dr_grpo``
+(``sapo``, ``luspo``) by its global sequence
 count, ``bnpo`` by this rank's token count (TRL's "local batch"). Ranks pad to the same number
 of micro-batches with zero-weight ones, so DDP / FSDP collectives always line up.
 
@@ -45,6 +46,8 @@ from .. import distributed as D
 from ..kernels import fused_linear_logprobs, fused_linear_policy_loss
 from ..kernels.importance import mis_keep
 from ..kernels.policy_loss import METRICS
+
+TOKEN_SUM_LOSSES = ("dapo", "cispo", "vespo")  # divided by num_items_in_batch; the others per sequence or bnpo
 from ..model.forward import (continuation_hidden_states, hidden_states, left_pad_positions, lm_head,
                              prompt_hidden_states)
 from ..model.moe import RouterLogits
@@ -184,10 +187,12 @@ class Updater:
         a = self.algo
         opts = dict(loss_type=a.loss_type, importance_sampling_level=a.importance_sampling_level,
                     epsilon_low=a.epsilon_low, epsilon_high=a.epsilon_high, clip_ratio_c=a.clip_ratio_c,
-                    beta=a.beta, entropy_coef=a.entropy_coef, tis_cap=a.tis_cap)
+                    beta=a.beta, entropy_coef=a.entropy_coef, tis_cap=a.tis_cap, kl_clamp=a.kl_clamp,
+                    log_ratio_clamp=a.log_ratio_clamp, delta=a.delta, use_bias_correction_kl=a.use_bias_correction_kl,
+                    sapo_temperature_pos=a.sapo_temperature_pos, sapo_temperature_neg=a.sapo_temperature_neg)
         if a.loss_type == "dr_grpo":
             opts["max_completion_length"] = self.sampling.max_new_tokens
-        if a.loss_type == "dapo":
+        if a.loss_type in TOKEN_SUM_LOSSES:
             opts["num_items_in_batch"] = num_items
         return opts
 
@@ -197,7 +202,7 @@ class Updater:
         if not mb.weight:
             return 0.0
         t = self.algo.loss_type
-        if t == "dapo":
+        if t in TOKEN_SUM_LOSSES:
             return float(self.info.world)
         if t == "bnpo":
             return mb.n_tokens / max(local_tokens, 1)
