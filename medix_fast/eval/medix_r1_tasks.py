@@ -8,7 +8,7 @@ The YAML (``configs/eval/medix_r1.yaml``) keeps the reference's ``tasks.yaml`` k
 columns, one column holding a list or a mapping, or ``[]``), ``choices`` (fixed options),
 ``answer_id`` (a column indexing the choices), ``answer_column``, ``answer`` (columns joined);
 plus ``group`` (llm / vlm), ``file`` (the local copy: a ``datasets.save_to_disk`` folder, Parquet
-or JSONL, relative to ``data_dir``), ``source`` (the hub dataset it was fetched from) and
+or JSONL, relative to ``data_dir``; ``sample:test`` is the bundled held-out set), ``source`` (the hub dataset it was fetched from) and
 ``image_dir`` (SLAKE's unzipped ``imgs.zip``, MIMIC-CXR's downloaded JPEGs).
 
 :func:`build_question` builds the question and answer exactly as the kit's
@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from ..data import DataError, iter_rows
+from ..data import DataError, iter_rows, resolve_data_path
 from ..data.vision import load_image
 from .tasks import TaskError
 
@@ -163,7 +163,8 @@ def load_medix_r1_tasks(path: str | Path, data_dir: str | Path | None = None, li
         image_dir = raw.get("image_dir")
         task = R1Task(raw["name"], {k: v for k, v in raw.items() if k not in ("name", "group", "file", "source",
                                                                               "image_dir")},
-                      str(root / raw["file"]), str(root / image_dir) if image_dir else None)
+                      str(resolve_data_path(raw["file"]) if raw["file"].startswith("sample:") else root / raw["file"]),
+                      str(root / image_dir) if image_dir else None)
         tasks.append(read_r1_task(task, limit))
     return tasks
 
