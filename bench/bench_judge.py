@@ -8,8 +8,8 @@ workers ask (each item's three rounds one after the other, one conversation per 
 Both rows run the same judge (``medix_fast.eval.medix_r1_judge``: prompts, chat template,
 ``Sampler``, greedy) on the same items; only the batching differs, and the baseline's HTTP
 round trips and server-side batching of concurrent workers are not counted. Items: N
-(question, answer, response) triples from the bundled sample (16 on CPU, 256 on GPU, 8 under
-``--smoke``). Judge: the random models of bench_rewards.py (GPU: Qwen3-4B's shape in bf16; the
+(question, answer, response) triples from the bundled sample (16 on CPU, 256 on GPU; under ``--smoke``
+2 items, 4 tokens a reply). Judge: the random models of bench_rewards.py (GPU: Qwen3-4B's shape in bf16; the
 reference judges with Qwen3-14B), each reply capped at 16 new tokens, about what Qwen3 writes
 for ``{"score": 1}`` with an empty thinking block (a random model never stops by itself).
 """
@@ -46,10 +46,11 @@ def make_items(n: int) -> tuple[list[str], list[str], list[str]]:
 
 def cases(smoke: bool, device: torch.device) -> list[Case]:
     gpu = device.type == "cuda"
-    n = 8 if smoke else (256 if gpu else 16)
+    n = 2 if smoke else (256 if gpu else 16)
+    reply = 4 if smoke else REPLY_TOKENS
     shape = "tiny" if smoke else ("Qwen3-4B" if gpu else "small")
     dtype = torch.bfloat16 if gpu else torch.float32
-    label = f"N={n} items x 3 rounds judge={shape} {'bf16' if gpu else 'fp32'} <= {REPLY_TOKENS} tokens/reply"
+    label = f"N={n} items x 3 rounds judge={shape} {'bf16' if gpu else 'fp32'} <= {reply} tokens/reply"
 
     def build(dev: torch.device, one_at_a_time: bool):
         from medix_fast.eval.medix_r1_judge import ChatJudge, judge_items
@@ -57,7 +58,7 @@ def cases(smoke: bool, device: torch.device) -> list[Case]:
         from medix_fast.model.loading import load_model
 
         model, tokenizer = load_model(judge_path(shape, dtype, dev), dtype=dtype, device=dev)
-        chat = ChatJudge(model, tokenizer, Sampler(model, max_num_seqs=n, dtype=dtype), REPLY_TOKENS)
+        chat = ChatJudge(model, tokenizer, Sampler(model, max_num_seqs=n, dtype=dtype), reply)
         questions, answers, responses = make_items(n)
         rubric = [False] * n
         if one_at_a_time:
@@ -78,7 +79,7 @@ def run(smoke: bool = False) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="8 items and a tiny judge")
+    parser.add_argument("--smoke", action="store_true", help="2 items and a tiny judge")
     rows = run(parser.parse_args().smoke)
     base = next((r["median_ms"] for r in rows if r["impl"] == BASELINE), float("nan"))
     print(f"device: {rows[0]['device']}   shape: {rows[0]['shape']}")

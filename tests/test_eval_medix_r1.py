@@ -383,6 +383,21 @@ def test_end_to_end_resumes_and_equals_the_kit(copies, rigged_judge, tmp_path, c
     generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     n = sum(len(v) for v in expected_items(synthetic_rows()).values())
     assert len(generations) == n == 30 and {g["finish_reason"] for g in generations} <= {"stop", "length"}
+    # generation as the kit's request: the question alone in a user turn, no system prompt, greedy
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from medix_fast.model.loading import resolve_model_path
+
+    tiny = resolve_model_path("tiny")
+    tokenizer, model = AutoTokenizer.from_pretrained(tiny), AutoModelForCausalLM.from_pretrained(tiny).eval()
+    for g in generations[::10]:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": g["question"]}], tokenize=False,
+                                             add_generation_prompt=True)
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            new = model.generate(ids, do_sample=False, max_new_tokens=6)[0, ids.shape[1]:]
+        assert g["response"] == tokenizer.decode(new, skip_special_tokens=True).strip() or \
+            g["response"] == tokenizer.decode(new, skip_special_tokens=True), (g["id"], g["response"])
     import medix_fast.eval.medix_r1 as r1
 
     calls = []
@@ -426,6 +441,22 @@ def test_end_to_end_resumes_and_equals_the_kit(copies, rigged_judge, tmp_path, c
     # a rerun only scores
     capsys.readouterr()
     assert main(args) == 0 and len((out / "judged.jsonl").read_text().splitlines()) == n
+
+
+def test_vl_prompt_puts_the_image_first_and_no_system_turn(copies, tmp_path):
+    from medix_fast.data.vision import Vision, image_size
+    from medix_fast.eval.medix_r1 import candidate_prompt
+    from medix_fast.model.loading import load_image_processor, load_model
+
+    root, _ = copies
+    model, tokenizer = load_model("tiny-vl")
+    vision = Vision(load_image_processor("tiny-vl"), model.config.image_token_id)
+    item = load_medix_r1_tasks(r1_yaml(tmp_path, root), only=["rad_vqa"])[0].items[0]
+    ids = candidate_prompt(tokenizer, item, vision)
+    assert ids.count(vision.image_token_id) == vision.tokens(image_size(item.image)) > 0
+    text = tokenizer.decode(ids)
+    assert text.index("<|image_pad|>") < text.index(item.question) and "system" not in text
+    assert text.endswith(item.question + "<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_cli_errors_for_the_protocol(capsys):
