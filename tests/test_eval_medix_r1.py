@@ -464,3 +464,5 @@ def test_cli_errors_for_the_protocol(capsys):
     assert "greedy" in capsys.readouterr().err
     assert main(["--model", "tiny", "--phase", "judge"]) == 2
     assert "--protocol medix_r1" in capsys.readouterr().err
+    assert main(["--model", "tiny", "--protocol", "medix_r1", "--judge", "/no/such/judge"]) == 2
+    assert capsys.readouterr().err.startswith("error: --judge: model path '/no/such/judge' does not exist")

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from .. import distributed as D
-from ..errors import ArgumentParser, UsageError, run_command
+from ..errors import ArgumentParser, UsageError, UserError, run_command
 from ..data.vision import Vision
 from ..generate import Sampler
 from ..model.loading import (compute_dtype, image_token_id, is_vl, load_image_processor, load_model,
@@ -102,6 +102,11 @@ def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     setup_logging(int(os.environ.get("RANK", "0")))
     resolve_model_path(args.model)  # a wrong path fails before anything loads
+    if args.protocol == "medix_r1" and args.judge:
+        try:
+            resolve_model_path(args.judge)
+        except UserError as err:
+            raise UsageError(f"--judge: {err}") from None
     set_cpu_threads(args.threads, "--threads")
     info = D.init_distributed(args.device, "auto")
     try:
