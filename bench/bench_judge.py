@@ -2,7 +2,7 @@
 through the rollout engine against one request per item, the way the reference kit's HTTP
 workers ask (each item's three rounds one after the other, one conversation per call).
 
-    python bench/bench_judge.py [--smoke]        # prints a table
+    python bench/bench_judge.py [--smoke] [--items N] [--reply-tokens T]   # prints a table
     python -m bench --only judge                 # through the bench harness
 
 Both rows run the same judge (``medix_fast.eval.medix_r1_judge``: prompts, chat template,
@@ -44,10 +44,10 @@ def make_items(n: int) -> tuple[list[str], list[str], list[str]]:
     return [r["problem"] for r in rows], [r["solution"] for r in rows], responses
 
 
-def cases(smoke: bool, device: torch.device) -> list[Case]:
+def cases(smoke: bool, device: torch.device, items: int = 0, reply_tokens: int = 0) -> list[Case]:
     gpu = device.type == "cuda"
-    n = 2 if smoke else (256 if gpu else 16)
-    reply = 4 if smoke else REPLY_TOKENS
+    n = items or (2 if smoke else (256 if gpu else 16))
+    reply = reply_tokens or (4 if smoke else REPLY_TOKENS)
     shape = "tiny" if smoke else ("Qwen3-4B" if gpu else "small")
     dtype = torch.bfloat16 if gpu else torch.float32
     label = f"N={n} items x 3 rounds judge={shape} {'bf16' if gpu else 'fp32'} <= {reply} tokens/reply"
@@ -70,17 +70,20 @@ def cases(smoke: bool, device: torch.device) -> list[Case]:
             for impl in (SUBJECT, BASELINE)]
 
 
-def run(smoke: bool = False) -> list[dict]:
+def run(smoke: bool = False, items: int = 0, reply_tokens: int = 0) -> list[dict]:
     """Measure both implementations in this process; one dict per row."""
     device = default_device()
     budget = SMOKE_BUDGET if smoke else Budget(min_reps=2, budget_s=5.0)
-    return [vars(run_case(case, device, budget)) for case in cases(smoke, device)]
+    return [vars(run_case(case, device, budget)) for case in cases(smoke, device, items, reply_tokens)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="2 items and a tiny judge")
-    rows = run(parser.parse_args().smoke)
+    parser.add_argument("--items", type=int, default=0, help="items (default: see above)")
+    parser.add_argument("--reply-tokens", type=int, default=0, help="new tokens per reply (default: see above)")
+    args = parser.parse_args()
+    rows = run(args.smoke, args.items, args.reply_tokens)
     base = next((r["median_ms"] for r in rows if r["impl"] == BASELINE), float("nan"))
     print(f"device: {rows[0]['device']}   shape: {rows[0]['shape']}")
     print(f"{'implementation':<22}{'median ms':>12}{'items/s':>10}{'speed-up':>10}  status")

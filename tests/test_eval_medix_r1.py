@@ -191,6 +191,10 @@ def test_questions_equal_the_kits_character_for_character(copies, tmp_path):
     assert by["usmle_sa"].items[0].answer_idx == "B"
     only = load_medix_r1_tasks(r1_yaml(tmp_path, root), only=["vlm", "medqa"], limit=1)
     assert [t.name for t in only] == ["medqa"] + ALL_TASKS[11:] and all(len(t.items) == 1 for t in only)
+    undecoded = load_medix_r1_tasks(r1_yaml(tmp_path, root), images=False)
+    assert [(it.id, it.question) for t in undecoded for it in t.items] == [(it.id, it.question) for t in tasks
+                                                                           for it in t.items]
+    assert all(it.image is None for t in undecoded for it in t.items)
 
 
 def test_bad_r1_tasks_name_the_task(copies, tmp_path):

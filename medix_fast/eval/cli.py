@@ -113,7 +113,8 @@ def _main(argv: list[str] | None) -> int:
         if args.protocol == "medix_r1":
             if info.world > 1:
                 raise UsageError("--protocol medix_r1 runs in one process (its sampler batches the items)")
-            tasks = load_medix_r1_tasks(args.tasks or DEFAULT_R1_TASKS, args.data_dir, args.limit, args.only)
+            tasks = load_medix_r1_tasks(args.tasks or DEFAULT_R1_TASKS, args.data_dir, args.limit, args.only,
+                                        images=args.phase in ("all", "generate"))
             return run_medix_r1(args, tasks, info)
         args.max_new_tokens = args.max_new_tokens or EvalSettings().max_new_tokens
         tasks = (load_tasks(args.tasks, args.limit) if args.tasks else

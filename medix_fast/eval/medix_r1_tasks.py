@@ -138,10 +138,11 @@ def _check(raw: Any, number: int, where: str) -> dict:
 
 
 def load_medix_r1_tasks(path: str | Path, data_dir: str | Path | None = None, limit: int = 0,
-                        only: list[str] | None = None) -> list[R1Task]:
+                        only: list[str] | None = None, images: bool = True) -> list[R1Task]:
     """The tasks of a MediX-R1 tasks YAML (``protocol: medix_r1``), their local copies read from
     ``data_dir`` (default: the YAML's ``data_dir``, relative to the current directory); ``only``
-    keeps tasks or groups by name (``llm``, ``vlm``)."""
+    keeps tasks or groups by name (``llm``, ``vlm``); ``images=False`` leaves images undecoded
+    (None: the judge and score phases do not read them)."""
     path = Path(path)
     try:
         tree = yaml.safe_load(path.read_text())
@@ -165,11 +166,11 @@ def load_medix_r1_tasks(path: str | Path, data_dir: str | Path | None = None, li
                                                                               "image_dir")},
                       str(resolve_data_path(raw["file"]) if raw["file"].startswith("sample:") else root / raw["file"]),
                       str(root / image_dir) if image_dir else None)
-        tasks.append(read_r1_task(task, limit))
+        tasks.append(read_r1_task(task, limit, images))
     return tasks
 
 
-def read_r1_task(task: R1Task, limit: int = 0) -> R1Task:
+def read_r1_task(task: R1Task, limit: int = 0, images: bool = True) -> R1Task:
     path = Path(task.file)
     if not path.exists():
         raise TaskError(f"task {task.name!r}: no local copy at {path} (see README 'MediX-R1's published "
@@ -186,7 +187,7 @@ def read_r1_task(task: R1Task, limit: int = 0) -> R1Task:
                 continue
             try:
                 question, answer = build_question(task.params, task.name, row)
-                image = _image(task, row, path.parent)
+                image = _image(task, row, path.parent) if images else None
             except (AttributeError, IndexError, KeyError, TypeError, DataError) as err:
                 raise TaskError(f"{where}: cannot build the item from columns {sorted(row)} "
                                 f"({type(err).__name__}: {err})") from None
