@@ -24,6 +24,7 @@ import logging
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ..errors import UserError
 from .medix_r1_judge import ChatJudge, judge_items
@@ -64,13 +65,14 @@ def generate_phase(items: list[R1Item], out: Path, generate, prompt_ids, chunk: 
     pending = [it for it in items if it.id not in done]
     if len(pending) < len(items):
         log.info("%s: %d of %d items already generated", path, len(items) - len(pending), len(items))
-    with path.open("a", encoding="utf-8") as f:
+    with path.open("a", encoding="utf-8") as f, tqdm(total=len(pending), desc="generate", unit="item") as bar:
         for start in range(0, len(pending), chunk):
             batch = pending[start:start + chunk]
             gens = generate(batch, [prompt_ids(it) for it in batch], 0)
             _append(f, [{"id": it.id, "task": it.task, "index": it.index, "question": it.question,
                          "answer": it.answer, "response": g.text, "answer_idx": it.answer_idx,
                          "finish_reason": g.finish_reason, "tokens": g.tokens} for it, g in zip(batch, gens)])
+            bar.update(len(batch))
     return len(pending)
 
 
@@ -86,12 +88,13 @@ def judge_phase(items: list[R1Item], out: Path, chat, chunk: int, rubric: dict[s
     path = out / "judged.jsonl"
     done = {r["id"] for r in read_records(path)}
     pending = [r for r in generated if r["id"] not in done]
-    with path.open("a", encoding="utf-8") as f:
+    with path.open("a", encoding="utf-8") as f, tqdm(total=len(pending), desc="judge", unit="item") as bar:
         for start in range(0, len(pending), chunk):
             batch = pending[start:start + chunk]
             verdicts = judge_items(chat, [r["question"] for r in batch], [r["answer"] for r in batch],
                                    [r["response"] for r in batch], [rubric[r["task"]] for r in batch])
             _append(f, [{**r, "evaluation": v} for r, v in zip(batch, verdicts)])
+            bar.update(len(batch))
     return len(pending)
 
 
