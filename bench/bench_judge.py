@@ -40,7 +40,8 @@ def make_items(n: int) -> tuple[list[str], list[str], list[str]]:
 
     rows = [json.loads(line) for line in sample_path("test").read_text().splitlines()]
     rows = [rows[i % len(rows)] for i in range(n)]
-    responses = [f"<think>The findings fit.</think>The answer is {r['solution'].split('>', 1)[1].strip()}." for r in rows]
+    responses = [f"<think>The findings fit.</think>The answer is {r['solution'].split('>', 1)[1].strip()}."
+                 for r in rows]
     return [r["problem"] for r in rows], [r["solution"] for r in rows], responses
 
 
@@ -88,7 +89,8 @@ def main() -> None:
     print(f"device: {rows[0]['device']}   shape: {rows[0]['shape']}")
     print(f"{'implementation':<22}{'median ms':>12}{'items/s':>10}{'speed-up':>10}  status")
     for r in rows:
-        print(f"{r['impl']:<22}{r['median_ms']:>12.1f}{r['throughput']:>10.1f}{base / r['median_ms']:>9.1f}x  {r['status']}")
+        print(f"{r['impl']:<22}{r['median_ms']:>12.1f}{r['throughput']:>10.1f}{base / r['median_ms']:>9.1f}x"
+              f"  {r['status']}")
 
 
 if __name__ == "__main__":

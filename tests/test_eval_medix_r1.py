@@ -117,7 +117,8 @@ def expected_items(rows: dict[str, list[dict]]) -> dict[str, list[tuple[str, str
     out["pubmedqa"] = [(f"Contexts:\n{r['CONTEXTS'][0]}\n\nQuestion:\n{r['QUESTION']}\n\nChoices:\nA. True\nB. False"
                         f"\nC. maybe", f"{r['final_decision']}\n{r['LONG_ANSWER']}") for r in rows["pubmedqa"]]
     out["mimic_cxr_report_summarization"] = [
-        (f"Write a short summary of the following report.\n\nReport:\n{r['report']}:", r["summary"]) for r in rows["mimic_cxr"]]
+        (f"Write a short summary of the following report.\n\nReport:\n{r['report']}:", r["summary"])
+        for r in rows["mimic_cxr"]]
     out["mimic_cxr_report_generation"] = [("Generate a detailed report based on the scan.", r["report"])
                                           for r in rows["mimic_cxr"]]
     out["slake_vqa"] = [(r["question"], r["answer"]) for r in rows["slake"] if r["q_lang"] == "en"]
@@ -155,7 +156,8 @@ def write_copies(root: Path) -> dict[str, list[dict]]:
                 {"image": datasets.Image(), "question": datasets.Value("string"),
                  "answer": datasets.Value("string")})).save_to_disk(str(root / "rad_vqa"))
         else:  # JSONL (any suffix but .parquet)
-            (root / ("slake_vqa" if name == "slake" else name)).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in table))
+            lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in table)
+            (root / ("slake_vqa" if name == "slake" else name)).write_text(lines)
     return rows
 
 
@@ -234,7 +236,8 @@ def kit_item_score(replies: list[str], mimic: bool):
 
 @pytest.mark.parametrize("reply, rubric, expected", [
     ('{"score": 1}', False, 1), ('```json\n{\n"score": 0\n}\n```', False, 0),
-    ('<think>\nhmm {"score": 0}\n</think>\n\n{"score": 1}', False, 1), ("<thinking>x</thinking> {'score': 1}", False, None),
+    ('<think>\nhmm {"score": 0}\n</think>\n\n{"score": 1}', False, 1),
+    ("<thinking>x</thinking> {'score': 1}", False, None),
     ('{"score": 1} and {"score": 0}', False, None), ("no json", False, None), ('{"grade": 1}', False, None),
     ('{"score": "1"}', False, "1"), ('{"score": 4}', True, 4), ('{"score": 2.5}', True, 2.5),
     ('{"score": "4"}', True, None), ("[1]", False, None)])
@@ -265,7 +268,8 @@ def test_rounds_share_one_conversation_and_vote(tmp_path):
             assert len(conv) == 2 * r + 1 and all(m["content"] == REEVALUATE for m in conv[2::2])
             assert [m["content"] for m in conv[1::2]] == script[qs[i]][:r]
     first = calls[0][0][0]["content"]
-    assert first == judge_prompt("q0", "ans", "B", False) and first.endswith("```json\n{\n\"score\": <score>\n}\n``` /no_think")
+    assert first == judge_prompt("q0", "ans", "B", False)
+    assert first.endswith("```json\n{\n\"score\": <score>\n}\n``` /no_think")
     assert "Predicted Answer:\nfinal\n" in calls[0][1][0]["content"]
     assert calls[0][3][0]["content"].startswith("You are a medical expert evaluating")
     assert [v["score"] for v in verdicts] == [1.0, 0.0, 1.0, 3.0, 0.0]

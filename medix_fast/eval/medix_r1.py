@@ -48,7 +48,8 @@ def candidate_prompt(tokenizer, item: R1Item, vision=None) -> list[int]:
                                          add_generation_prompt=True)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if vision is not None:
-        ids = expand_image_tokens(ids, vision.image_token_id, [vision.tokens(image_size(item.image))] if with_image else [])
+        tokens = [vision.tokens(image_size(item.image))] if with_image else []
+        ids = expand_image_tokens(ids, vision.image_token_id, tokens)
     return ids
 
 

@@ -8,7 +8,8 @@ The YAML (``configs/eval/medix_r1.yaml``) keeps the reference's ``tasks.yaml`` k
 columns, one column holding a list or a mapping, or ``[]``), ``choices`` (fixed options),
 ``answer_id`` (a column indexing the choices), ``answer_column``, ``answer`` (columns joined);
 plus ``group`` (llm / vlm), ``file`` (the local copy: a ``datasets.save_to_disk`` folder, Parquet
-or JSONL, relative to ``data_dir``; ``sample:test`` is the bundled held-out set), ``source`` (the hub dataset it was fetched from) and
+or JSONL, relative to ``data_dir``; ``sample:test`` is the bundled held-out set), ``source`` (the
+hub dataset it was fetched from) and
 ``image_dir`` (SLAKE's unzipped ``imgs.zip``, MIMIC-CXR's downloaded JPEGs).
 
 :func:`build_question` builds the question and answer exactly as the kit's
