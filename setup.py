@@ -31,7 +31,7 @@ setup(
     packages=packages,
     package_dir={"medix_fast.kernels": "kernels", "medix_fast.configs": "configs", "medix_fast.csrc": "csrc"},
     include_package_data=True,
-    package_data={"medix_fast.data": ["sample/*.jsonl", "sample/images/*.png"], "medix_fast.configs": ["*.yaml"],
+    package_data={"medix_fast.data": ["sample/*.jsonl", "sample/images/*.png"], "medix_fast.configs": ["*.yaml", "eval/*.yaml"],
                   "medix_fast.csrc": ["*.cpp", "*.h"]},
     install_requires=deps["INSTALL_REQUIRES"],
     extras_require=deps["EXTRAS"],

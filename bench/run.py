@@ -43,6 +43,7 @@ MODULES = {
     "cpp": "bench.bench_cpp",
     "sampler": "bench.bench_sampler",
     "rewards": "bench.bench_rewards",
+    "judge": "bench.bench_judge",
     "train": "bench.bench_train",
     "vl": "bench.bench_vl",
     "moe": "bench.bench_moe",

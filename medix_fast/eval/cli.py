@@ -5,17 +5,20 @@
     python -m medix_fast.eval --model DIR --tasks tasks.yaml --max-new-tokens 1024 --judge-votes 3 \\
         --judge-temperature 0.7
     torchrun --nproc_per_node=8 -m medix_fast.eval --model DIR --tasks tasks.yaml   # items split by rank
+    python -m medix_fast.eval --checkpoint DIR --judge QWEN3_14B_DIR --protocol medix_r1 \\
+        --tasks configs/eval/medix_r1.yaml --data-dir data/medix_r1   # MediX-R1's published table
 
-What it runs and writes: ``evaluator.py``.
+What it runs and writes: ``evaluator.py``; ``--protocol medix_r1``: ``medix_r1.py``.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import os
 from pathlib import Path
 
 from .. import distributed as D
-from ..errors import ArgumentParser, run_command
+from ..errors import ArgumentParser, UsageError, UserError, run_command
 from ..data.vision import Vision
 from ..generate import Sampler
 from ..model.loading import (compute_dtype, image_token_id, is_vl, load_image_processor, load_model,
@@ -24,26 +27,42 @@ from ..model.moe import EXPERTS_IMPLEMENTATIONS
 from ..rewards import RewardConfig, build_reward
 from ..runtime import set_cpu_threads, setup_logging
 from .evaluator import EvalSettings, Evaluator, describe, sampler_generate
+from .medix_r1 import run_medix_r1
+from .medix_r1_tasks import load_medix_r1_tasks
 from .results import markdown_table
 from .scoring import Scorer
 from .tasks import data_tasks, default_tasks, load_tasks
+
+DEFAULT_R1_TASKS = str(importlib.resources.files("medix_fast.configs") / "eval" / "medix_r1.yaml")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(prog="python -m medix_fast.eval", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="local Hugging Face checkpoint directory, or 'tiny'")
+    p.add_argument("--model", "--checkpoint", dest="model", required=True,
+                   help="local Hugging Face checkpoint directory, or 'tiny'")
+    p.add_argument("--protocol", choices=("medix_fast", "medix_r1"), default="medix_fast",
+                   help="medix_fast: this project's scores; medix_r1: MediX-R1's published evaluation "
+                        "(its 17 tasks, 3-round JSON judge; medix_r1.py)")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--data", help="MediX-schema JSONL / Parquet / dataset dir, or a folder of them "
                                        "(one open-answer task per file); default: the bundled sample:test")
     source.add_argument("--tasks", help="tasks YAML (see medix_fast/eval/tasks.py)")
-    p.add_argument("--judge", help="local judge LLM directory; without it open answers score by exact match")
+    p.add_argument("--judge", help="local judge LLM directory; without it open answers score by exact match "
+                                   "(medix_r1: required for the judge phase)")
+    p.add_argument("--data-dir", help="medix_r1: the folder of the tasks' local copies (default: the YAML's data_dir)")
+    p.add_argument("--only", nargs="+", help="medix_r1: these tasks or groups (llm, vlm) of the tasks YAML")
+    p.add_argument("--phase", choices=("all", "generate", "judge", "score"), default="all",
+                   help="medix_r1: run one phase (each continues from what the output folder holds)")
+    p.add_argument("--judge-batch", type=int, default=1024,
+                   help="medix_r1: items per three-round judge pass (and per write)")
     p.add_argument("--semantic-model", help="sentence encoder directory (default: all-MiniLM-L6-v2)")
     p.add_argument("--out", help="output folder (default: runs/eval/<model name>)")
     p.add_argument("--overwrite", action="store_true", help="start again instead of continuing the output folder")
     p.add_argument("--limit", type=int, default=0, help="first N items of each task (0: all)")
     d = EvalSettings()
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--max-new-tokens", type=int, default=0,
+                   help=f"default {d.max_new_tokens} (medix_r1: 2048, the reference's)")
     p.add_argument("--temperature", type=float, default=d.temperature, help="0: greedy")
     p.add_argument("--top-p", type=float, default=d.top_p)
     p.add_argument("--top-k", type=int, default=d.top_k)
@@ -62,10 +81,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0,
                    help="intra-op CPU threads per rank (0: the cores available to the process / local ranks)")
     args = p.parse_args(argv)
-    if args.batch_size < 1 or args.max_new_tokens < 1 or args.judge_votes < 1 or \
-            min(args.limit, args.min_pixels, args.max_pixels, args.threads, args.judge_temperature) < 0:
-        p.error("--batch-size, --max-new-tokens and --judge-votes must be >= 1; --limit, --min-pixels, "
-                "--max-pixels, --threads and --judge-temperature >= 0")
+    if args.batch_size < 1 or args.judge_votes < 1 or args.judge_batch < 1 or \
+            min(args.limit, args.max_new_tokens, args.min_pixels, args.max_pixels, args.threads,
+                args.judge_temperature) < 0:
+        p.error("--batch-size, --judge-votes and --judge-batch must be >= 1; --limit, --max-new-tokens, "
+                "--min-pixels, --max-pixels, --threads and --judge-temperature >= 0")
+    if args.protocol == "medix_r1":
+        if args.data or (args.temperature, args.top_p, args.top_k, args.judge_votes) != (0.0, 1.0, 0, 1):
+            p.error("--protocol medix_r1 is greedy with the reference's judge and reads --tasks (default "
+                    "configs/eval/medix_r1.yaml): --data, --temperature, --top-p, --top-k and --judge-votes "
+                    "do not apply")
+    elif args.data_dir or args.only or args.phase != "all":
+        p.error("--data-dir, --only and --phase are for --protocol medix_r1")
     if args.min_pixels and args.max_pixels and args.min_pixels > args.max_pixels:
         p.error(f"--min-pixels {args.min_pixels} is above --max-pixels {args.max_pixels}")
     return args
@@ -75,9 +102,21 @@ def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     setup_logging(int(os.environ.get("RANK", "0")))
     resolve_model_path(args.model)  # a wrong path fails before anything loads
+    if args.protocol == "medix_r1" and args.judge:
+        try:
+            resolve_model_path(args.judge)
+        except UserError as err:
+            raise UsageError(f"--judge: {err}") from None
     set_cpu_threads(args.threads, "--threads")
     info = D.init_distributed(args.device, "auto")
     try:
+        if args.protocol == "medix_r1":
+            if info.world > 1:
+                raise UsageError("--protocol medix_r1 runs in one process (its sampler batches the items)")
+            tasks = load_medix_r1_tasks(args.tasks or DEFAULT_R1_TASKS, args.data_dir, args.limit, args.only,
+                                        images=args.phase in ("all", "generate"))
+            return run_medix_r1(args, tasks, info)
+        args.max_new_tokens = args.max_new_tokens or EvalSettings().max_new_tokens
         tasks = (load_tasks(args.tasks, args.limit) if args.tasks else
                  data_tasks(args.data, args.limit) if args.data else default_tasks(args.limit))
         dtype = compute_dtype(args.dtype, info.device)

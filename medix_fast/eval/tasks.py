@@ -116,6 +116,8 @@ def load_tasks(path: str | Path, limit: int = 0) -> list[Task]:
         raise TaskError(f"cannot read tasks file {path}: {err}") from err
     except yaml.YAMLError as err:
         raise TaskError(f"tasks file {path} is not valid YAML: {err}") from err
+    if isinstance(tree, dict) and tree.get("protocol") == "medix_r1":
+        raise TaskError(f"tasks file {path} is MediX-R1's evaluation: run it with --protocol medix_r1")
     if isinstance(tree, dict) and set(tree) == {"tasks"}:
         tree = tree["tasks"]
     if not isinstance(tree, list) or not tree:
