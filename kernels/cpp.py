@@ -85,10 +85,29 @@ def extension_name() -> str:
     return "medix_fast_C_" + digest.hexdigest()[:10]
 
 
+STALE_LOCK_S = 1200  # a build takes about a minute; a lock this old was left by a killed one
+
+
+def _clear_stale_lock(name: str) -> None:
+    """torch waits forever on the build directory's ``lock`` while it exists; a build killed
+    mid-way (Ctrl-C, a timeout) leaves it behind. Remove one older than :data:`STALE_LOCK_S`."""
+    from torch.utils import cpp_extension
+
+    lock = Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        log.warning("removing %s, left %.0f min ago by an interrupted build of the C++ ops", lock, age / 60)
+        lock.unlink(missing_ok=True)
+
+
 def _build() -> None:
     from torch.utils import cpp_extension
 
     sources, name = _sources(), extension_name()
+    _clear_stale_lock(name)
     announced = not is_built(name)
     if announced:
         log.info("building the C++ ops of %s, once (about a minute; cached in %s)", CSRC, build_root())

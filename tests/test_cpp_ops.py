@@ -4,10 +4,12 @@ The policy-loss option table of test_policy_loss.py runs here with the ``cpp`` a
 back-ends forced (``auto`` takes ``cpp`` on the CPU once the extension loads); the advantage tests
 take ``cpp`` through the conftest ``backend`` fixture. Run: ``pytest tests/test_cpp_ops.py``.
 """
+import logging
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -311,3 +313,22 @@ def test_build_is_keyed_on_what_makes_the_binary(monkeypatch, change):
     else:
         monkeypatch.setattr(cpp, change.upper(), ["-O1"])
     assert cpp.extension_name() != base
+
+
+def test_a_lock_left_by_a_killed_build_is_removed_not_waited_on(monkeypatch, tmp_path, caplog):
+    """torch's build waits while ``<build dir>/lock`` exists; a killed build leaves it forever."""
+    import time
+
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    name = cpp.extension_name()
+    lock = Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock"
+    lock.touch()
+    cpp._clear_stale_lock(name)
+    assert lock.exists()  # a build in progress holds a fresh one
+    old = time.time() - cpp.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    with caplog.at_level(logging.WARNING, logger="medix_fast.kernels"):
+        cpp._clear_stale_lock(name)
+    assert not lock.exists() and "interrupted build" in caplog.text
