@@ -38,8 +38,11 @@ def claim_output_dir(path: str | os.PathLike, resume: bool, overwrite: bool, is_
                         + ("" if resume else "add --resume to continue it, ")
                         + "add --overwrite to move it aside and start again, or give another "
                         "train.output_dir=...")
-    if not is_main:
-        return None
-    aside = next(p for k in itertools.count(1) if not (p := out.with_name(f"{out.name}.old-{k}")).exists())
-    os.rename(out, aside)
+    return move_aside(out) if is_main else None
+
+
+def move_aside(path: Path) -> Path:
+    """Rename ``path`` to the first free ``<path>.old-<N>`` (N = 1, 2, ...) and return it: nothing deleted."""
+    aside = next(p for k in itertools.count(1) if not (p := path.with_name(f"{path.name}.old-{k}")).exists())
+    os.rename(path, aside)
     return aside

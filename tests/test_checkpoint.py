@@ -423,3 +423,23 @@ def test_export_from_a_two_rank_checkpoint(two_rank_checkpoint, tmp_path, capsys
     assert not list(tmp_path.glob(".tmp_*"))
     model = load_checkpoint_model(path)
     assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())
+
+
+def test_export_never_deletes_what_it_did_not_write(good, tmp_path, capsys):
+    run = tmp_path / "run"  # the run's own folder: its checkpoints and a user's notes
+    (run / "notes.txt").write_text("mine")
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    assert export_main(["--checkpoint", str(good), "--out", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --out {run} holds files that are not a previous export (checkpoints, notes.txt)")
+    assert "\n" not in err and sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    hf = tmp_path / "hf"
+    for _ in range(2):  # a previous export is replaced
+        assert export_main(["--checkpoint", str(good), "--out", str(hf)]) == 0
+    assert (hf / "config.json").is_file() and not list(tmp_path.glob(".tmp_*")) and not list(tmp_path.glob("hf.old-*"))
+    (hf / "notes.txt").write_text("added by hand")  # no longer only an export's files: refused
+    assert export_main(["--checkpoint", str(good), "--out", str(hf)]) == 2
+    assert export_main(["--checkpoint", str(good), "--out", str(run), "--overwrite"]) == 0
+    assert (tmp_path / "run.old-1" / "notes.txt").read_text() == "mine"
+    assert sorted(p.relative_to(tmp_path / "run.old-1") for p in (tmp_path / "run.old-1").rglob("*")) == before
+    assert (run / "config.json").is_file() and (run / ".medix_fast_export.json").is_file()
