@@ -99,6 +99,16 @@ def test_unreadable_and_missing_files_are_named(tmp_path):
         load_examples([str(tmp_path / "nowhere.jsonl")], DataConfig())
 
 
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_missing_or_unreadable_file_is_an_error_in_every_mode(tmp_path, strict):
+    good = jsonl(tmp_path / "good.jsonl", [{"problem": "Which organ?", "solution": "<CT_SCAN> liver"}])
+    binary = tmp_path / "junk.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00garbage\x80")
+    for bad in (tmp_path / "mistyped.jsonl", binary):  # strict=false skips rows, never whole files
+        with pytest.raises(DataError, match=f"^{bad}: unreadable .*data.strict=false skips bad rows, not files"):
+            load_examples([str(good), str(bad)], DataConfig(strict=strict))
+
+
 def test_column_names_are_configurable(tmp_path):
     path = jsonl(tmp_path / "cols.jsonl", [{"question": "Which organ?", "answer": "<CT_SCAN> liver", "img": None}])
     cfg = DataConfig(problem_key="question", solution_key="answer", image_key="img")
