@@ -177,6 +177,17 @@ def test_loader_resumes_exactly():
         PromptLoader(7, seed=2).load_state_dict(state)
 
 
+def test_loader_resumed_in_a_later_epoch_continues_that_epochs_order():
+    a = PromptLoader(7, seed=1)
+    a.next(12)  # epoch 1, position 5
+    state = a.state_dict()
+    assert state["epoch"] == 1
+    expected = [a.next(3) for _ in range(4)]  # the rest of epoch 1, then epoch 2
+    b = PromptLoader(7, seed=1)
+    b.load_state_dict(state)
+    assert [b.next(3) for _ in range(4)] == expected
+
+
 def test_loader_ranks_split_one_global_stream():
     whole = PromptLoader(13, seed=0)
     ranks = [PromptLoader(13, seed=0, rank=r, world=2) for r in range(2)]
