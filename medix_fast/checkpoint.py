@@ -35,7 +35,8 @@ crash or kill mid-write loses only that one: its ``.tmp_step_...`` is never publ
 Pruning: after publishing, the checkpoints of this run (same ``run_id``, kept across resumes) up
 to the current step beyond the newest ``keep_last`` lose their training state; a ``model/`` in
 them is kept. Checkpoints of other runs in the same directory, and later steps left by an
-abandoned branch (``--resume-from`` an earlier step), are never touched.
+abandoned branch (``--resume-from`` an earlier step; the trainer moves those to
+``abandoned-<K>/``, ``run_dir.set_aside_after``), are never touched.
 
 Resume on another world size (``--resume`` with a different number of processes, or another
 ``distributed.strategy``): DCP re-shards model and optimizer state on load; the data loader's
