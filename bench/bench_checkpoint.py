@@ -81,6 +81,12 @@ def _worker(impl: str, asynchronous: bool, size: str, saves: int, out: Path) -> 
     from medix_fast import distributed as D
     from medix_fast.rl.update import PolicyObjective
 
+    if impl == "no_checksum":  # save_shards imports its writer at each call
+        import torch.distributed.checkpoint as dcp
+
+        import medix_fast.checksums
+
+        medix_fast.checksums.ChecksumWriter = dcp.FileSystemWriter
     info = D.init_distributed("cpu", "gloo", "fsdp")
     model = _model(size)
     wrapped = D.wrap(PolicyObjective(model, 1.0), model, "fsdp", info, torch.float32)
@@ -155,6 +161,12 @@ def cases(smoke: bool, device: torch.device) -> list[Case]:
                 def measure(dev, budget, impl=impl, asynchronous=asynchronous and impl == SUBJECT, ranks=ranks):
                     return _measure(impl, asynchronous, ranks, size, budget)
                 out.append(Case("checkpoint", case, impl, shape, params, None, measure=measure))
+    shape = f"Qwen2 {params / 1e6:.1f}M fp32 + AdamW ({12 * params / 2**20:,.0f} MB), FSDP2 x1 gloo"
+    for impl in (SUBJECT, "no_checksum"):
+        def measure(dev, budget, impl=impl):
+            return _measure(impl, False, 1, size, budget)
+        out.append(Case("checkpoint", "shard checksums, save until on disk", impl, shape, params, None,
+                        measure=measure))
     return out
 
 

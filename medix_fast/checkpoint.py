@@ -15,7 +15,10 @@ Atomic: everything is written into ``.tmp_step_...``; when every rank's part is 
 (fsynced), rank 0 renames it into place, so a run killed at any moment leaves the previous
 checkpoints and never half of one (a stale ``.tmp_*`` is removed at the next start). A checkpoint
 is complete when it has ``trainer_state.pt`` and ``state/.metadata``; only complete ones are
-listed, resumed from, or counted by ``keep_last``.
+listed, resumed from, or counted by ``keep_last``. Every shard file carries a CRC-32 computed as
+it is written, kept in ``state/.metadata`` (``checksums.py``); resume and export verify them
+before reading anything, so a damaged shard is one ``corrupt checkpoint: ... fails its checksum``
+line, never silently trained on.
 
 Async (``checkpoint.async_save``): :meth:`Checkpointer.save` copies this rank's shards to host
 memory (DCP's staging copy), starts the write in a background thread over a process group of its
@@ -32,7 +35,8 @@ crash or kill mid-write loses only that one: its ``.tmp_step_...`` is never publ
 Pruning: after publishing, the checkpoints of this run (same ``run_id``, kept across resumes) up
 to the current step beyond the newest ``keep_last`` lose their training state; a ``model/`` in
 them is kept. Checkpoints of other runs in the same directory, and later steps left by an
-abandoned branch (``--resume-from`` an earlier step), are never touched.
+abandoned branch (``--resume-from`` an earlier step; the trainer moves those to
+``abandoned-<K>/``, ``run_dir.set_aside_after``), are never touched.
 
 Resume on another world size (``--resume`` with a different number of processes, or another
 ``distributed.strategy``): DCP re-shards model and optimizer state on load; the data loader's
@@ -44,6 +48,7 @@ draws (the sampler's seeds already depend only on seed, step, rank and attempt).
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -57,6 +62,7 @@ import numpy as np
 import torch
 
 from . import distributed as D
+from .checksums import first_mismatch
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -163,7 +169,19 @@ def check_checkpoint(path: str | Path) -> Path:
     if missing:
         raise CheckpointError(f"{path}: incomplete checkpoint: rng_rank{missing[0]}.pt is missing "
                               f"(written by {state['world']} ranks)")
+    _verify_checksums(path, getattr(metadata, "checksums", None) or {})
     return path
+
+
+def _verify_checksums(path: Path, checksums: dict[str, str]) -> None:
+    """Every shard file against its CRC-32 from the metadata (checkpoints older than the checksums
+    have none); the ranks share the files and agree on the first bad one."""
+    rank, world = D.rank_and_world()
+    mine = sorted(checksums)[rank::world]
+    bad = first_mismatch(path / STATE, {name: checksums[name] for name in mine})
+    found = sorted(b for b in D.broadcast_object(D.gather_objects(bad)) if b)
+    if found:
+        raise CheckpointError(f"{path}: corrupt checkpoint: {STATE}/{found[0]} fails its checksum")
 
 
 def read_metadata(path: Path):
@@ -235,6 +253,32 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def state_bytes(state) -> int:
+    """Bytes of every tensor in a (nested) state dict, whole (global) sizes: about what DCP writes."""
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    return state.numel() * state.element_size() if isinstance(state, torch.Tensor) else 0
+
+
+def _disk_full(err: BaseException | None) -> bool:
+    """Whether ``err`` (its causes, DCP's per-rank failures) is a full disk."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err) or "unexpected pos" in str(err):
+            return True
+        if any(_disk_full(inner) for inner, _ in (getattr(err, "failures", None) or {}).values()):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
+
+
 _IN_FLIGHT: set[Checkpointer] = set()  # this process's checkpointers with a save being written
 
 
@@ -267,6 +311,7 @@ class Checkpointer:
         # None: the writer stages its own fresh copy, freed once written
         self._stager = D.staging_buffers(pinned=torch.cuda.is_available()) if keep_staging else None
         self._pending: tuple[Future, Path, Path] | None = None
+        self._space = (0, 0)  # the pending save's (bytes needed, bytes free when it started)
         wait_all()  # a save in flight here would otherwise be removed below as stale
         if rank == 0 and self.root.is_dir():
             for stale in self.root.glob(".tmp_step_*"):  # a save this directory's last run did not finish
@@ -283,14 +328,18 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         D.barrier(self.group)
-        _save(rng_state(), tmp / f"rng_rank{self.rank}.pt")
-        if self.rank == 0:
-            write_extra(tmp)
-            _save({**trainer_state, "step": step, "world": self.world, "run_id": self.run_id}, tmp / TRAINER)
-        # every rank's own files are on disk before it joins DCP's collective plan, and rank 0's
-        # write completes only after DCP gathered every rank's write results: rank 0 publishing
-        # after its future is the barrier that makes the checkpoint visible only when complete
-        future = D.save_shards(state, tmp / STATE, self.group, self.async_save, self._stager) or _done()
+        self._space = (state_bytes(state), shutil.disk_usage(tmp).free)  # for a disk-full message
+        try:
+            _save(rng_state(), tmp / f"rng_rank{self.rank}.pt")
+            if self.rank == 0:
+                write_extra(tmp)
+                _save({**trainer_state, "step": step, "world": self.world, "run_id": self.run_id}, tmp / TRAINER)
+            # every rank's own files are on disk before it joins DCP's collective plan, and rank 0's
+            # write completes only after DCP gathered every rank's write results: rank 0 publishing
+            # after its future is the barrier that makes the checkpoint visible only when complete
+            future = D.save_shards(state, tmp / STATE, self.group, self.async_save, self._stager) or _done()
+        except _FAILED as err:
+            raise self._unwritable(final, err) from err
         self._pending = (future, tmp, final)
         _IN_FLIGHT.add(self)
         if not self.async_save:
@@ -312,10 +361,19 @@ class Checkpointer:
         try:
             future.result()
         except _FAILED as err:
-            raise CheckpointError(f"{final}: could not be written ({_why(err)}); the previous checkpoints "
-                                  f"are intact") from err
+            raise self._unwritable(final, err) from err
         if self.rank == 0:
             self._publish(tmp, final)
+
+    def _unwritable(self, final: Path, err: BaseException) -> CheckpointError:
+        """The one-line error of a failed write; a full disk says so, with the space needed and free
+        (torch.save reports a short write as ``unexpected pos``, DCP wraps each rank's error)."""
+        needed, free = self._space
+        if _disk_full(err) or shutil.disk_usage(self.root).free < needed:
+            why = f"no space left on device (needs ~{_size(needed)}, {_size(free)} free)"
+        else:
+            why = _why(err)
+        return CheckpointError(f"{final}: could not be written: {why}; the previous checkpoints are intact")
 
     def _publish(self, tmp: Path, final: Path) -> None:
         for f in tmp.rglob("*"):  # state/ was fsynced by DCP; the HF directories were not

@@ -173,6 +173,12 @@ class LoggingConfig:
     tensorboard: bool = True  # when the tensorboard package is importable
     plot: bool = True  # reward curves PNG at the end, when matplotlib is importable
     progress: bool = True  # tqdm bar on rank 0
+    rollouts_every: int = 10  # <output_dir>/rollouts/step_N.jsonl every this many steps (0: never)
+    rollouts_rows: int = 8  # responses per rollouts file (rank 0's first, whole groups first)
+    wandb: bool = False  # Weights & Biases: the metrics.jsonl scalars and the reward plot (pip install wandb)
+    wandb_project: str = "medix_fast"
+    wandb_run_name: str = ""  # "": the output directory's name
+    wandb_mode: Literal["online", "offline"] = "online"  # offline: files under <output_dir>/wandb, `wandb sync` later
 
 
 @dataclass
@@ -367,6 +373,9 @@ def check(cfg: Config) -> None:
             cfg.data.min_pixels and cfg.data.max_pixels and cfg.data.min_pixels > cfg.data.max_pixels):
         raise ConfigError(f"data.min_pixels / data.max_pixels: need 0 <= min <= max (0: the model's own), "
                           f"got {cfg.data.min_pixels} / {cfg.data.max_pixels}")
+    if cfg.logging.rollouts_every < 0 or cfg.logging.rollouts_rows < 1:
+        raise ConfigError(f"logging.rollouts_every / rollouts_rows: need >= 0 (0: never) / >= 1, got "
+                          f"{cfg.logging.rollouts_every} / {cfg.logging.rollouts_rows}")
     if cfg.data.max_examples < 0:
         raise ConfigError(f"data.max_examples: must be >= 0 (0: all rows), got {cfg.data.max_examples}")
     if s.group_size < 2:

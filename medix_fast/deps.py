@@ -43,10 +43,11 @@ EXTRAS = {
              # the TRL and veRL adapters' tests (medix_fast.integrations). veRL itself goes in with
              # `pip install --no-deps verl==0.9.1` (.ci/run): its own requirements would replace transformers;
              # these are what its policy-loss module imports
-             "trl>=1.15,<1.17", "peft", "omegaconf", "ray", "tensordict", "codetiming", "orjson"],
+             "trl>=1.15,<1.17", "peft", "omegaconf", "ray", "tensordict", "codetiming", "orjson",
+             "wandb"],  # logging.wandb, tested in offline mode
     "gpu": ["flash-attn", "liger-kernel"],
     "bench": ["liger-kernel", "cut-cross-entropy", "trl"],  # bench/ baselines
-    "logging": ["tensorboard"],
+    "logging": ["tensorboard", "wandb"],
     "data": ["pyarrow", "datasets"],
 }
 
@@ -58,6 +59,7 @@ OPTIONAL_USE = {
     "verl": "medix_fast.integrations.verl (verl 0.9.x)",
     "cut-cross-entropy": "a bench baseline of the LM-head kernels",
     "tensorboard": "TensorBoard event files beside metrics.jsonl (logging.tensorboard)",
+    "wandb": "Weights & Biases logging of the same scalars and the reward plot (logging.wandb)",
     "datasets": "datasets.save_to_disk folders as data files",
     "pyarrow": "Parquet data files",
 }

@@ -135,6 +135,11 @@ def reduce_scalars(values: dict[str, float | torch.Tensor], device: torch.device
     return dict(zip(names, total.tolist()))
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the default group; (0, 1) when not distributed."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
 def broadcast_object(obj):
     """Rank 0's ``obj`` on every rank (as is when not distributed)."""
     if not dist.is_initialized():
@@ -182,7 +187,9 @@ def save_shards(state: dict, directory: Path, group, asynchronous: bool, stager=
     """Write this rank's shards of ``state`` to ``directory`` (every rank of ``group``; alone when
     None). ``asynchronous``: copy them to host memory (into ``stager``'s kept buffers, or a fresh copy
     freed once written), return the background write's Future; else return None once on disk."""
-    writer = dcp.FileSystemWriter(directory)
+    from .checksums import ChecksumWriter
+
+    writer = ChecksumWriter(directory)  # each shard file's CRC-32 into the metadata, computed as written
     if asynchronous:
         return dcp.async_save(state, storage_writer=writer, process_group=group, no_dist=group is None,
                               async_stager=stager)

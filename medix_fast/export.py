@@ -10,15 +10,22 @@ shards (the optimizer state is not read). The directory is written next to ``--o
 renamed into place when complete; the tokenizer and a VL model's image processor go with it.
 Peak host memory: the model once, at ``--dtype`` (float32: 4 bytes per parameter).
 
+``--out`` is never deleted unless an export wrote it: each export lists the files it wrote in
+``.medix_fast_export.json``, and a previous export holding nothing else is replaced; any other
+non-empty ``--out`` (a run directory, a folder with notes) is refused, or with ``--overwrite``
+moved aside to ``<out>.old-<N>``, as ``train --overwrite`` does.
+
 The trainer writes the same directory itself (:func:`save_hf_model`) at the end of the run and
 every ``checkpoint.save_hf_every`` steps, as ``checkpoints/step_N/model/``.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -26,6 +33,9 @@ import torch
 from . import checkpoint as C
 from .errors import UserError
 from .model.moe import save_pretrained
+from .run_dir import move_aside
+
+MARKER = ".medix_fast_export.json"  # the files an export wrote (relative paths)
 
 
 def write_hf_files(directory: Path, model, tokenizer, image_processor=None) -> None:
@@ -72,17 +82,55 @@ def load_checkpoint_model(checkpoint: str | Path, dtype: torch.dtype = torch.flo
     return model.eval()
 
 
-def export(checkpoint: str | Path, out: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-    """Write the Hugging Face model directory of ``checkpoint`` to ``out`` (atomically); returns ``out``."""
+def _written_by_export(out: Path) -> bool:
+    """True when ``out`` holds only the files an earlier export listed in its marker."""
+    try:
+        listed = set(json.loads((out / MARKER).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return {str(f.relative_to(out)) for f in out.rglob("*") if f.is_file()} <= listed | {MARKER}
+
+
+def claim_export_dir(out: Path, overwrite: bool) -> Path | None:
+    """Check that ``out`` may receive an export: absent, empty, or a previous export (replaced);
+    else a :class:`UserError`, or with ``overwrite`` moved aside (returns where it went)."""
+    if not out.exists() or (out.is_dir() and (not any(out.iterdir()) or _written_by_export(out))):
+        return None
+    if overwrite:
+        return move_aside(out)
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    shown = f" ({', '.join(held[:5])}{f' and {len(held) - 5} more' if len(held) > 5 else ''})" if held else ""
+    raise UserError(f"--out {out} {'holds files that are not a previous export' if out.is_dir() else 'is a file'}"
+                    f"{shown}: add --overwrite to move it aside to {out.name}.old-N, or give another --out")
+
+
+def export(checkpoint: str | Path, out: str | Path, dtype: torch.dtype = torch.float32,
+           overwrite: bool = False) -> Path:
+    """Write the Hugging Face model directory of ``checkpoint`` to ``out`` (atomically); returns ``out``.
+    Nothing is deleted but an earlier export's files (see the module docstring)."""
     out = Path(out)
+    if not overwrite:
+        claim_export_dir(out, False)  # refused before the model is read
     model = load_checkpoint_model(checkpoint, dtype)
-    tmp = out.with_name(f".tmp_{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(Path(checkpoint) / C.HF_CONFIG, tmp)  # tokenizer, processor
-    save_pretrained(model, tmp)  # an MoE's experts in their Hub layout
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp_{out.name}.", dir=out.parent))  # this export's own
+    try:
+        shutil.copytree(Path(checkpoint) / C.HF_CONFIG, tmp, dirs_exist_ok=True)  # tokenizer, processor
+        save_pretrained(model, tmp)  # an MoE's experts in their Hub layout
+        files = sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file())
+        (tmp / MARKER).write_text(json.dumps({"checkpoint": str(checkpoint), "files": files}))
+        aside = claim_export_dir(out, overwrite)  # checked again: something may have appeared meanwhile
+        if aside:
+            print(f"--overwrite: {out} was moved to {aside}", file=sys.stderr)
+        previous = out.with_name(f"{tmp.name}.previous") if out.exists() else None
+        if previous:
+            os.replace(out, previous)  # an earlier export (or an empty directory): replaced
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if previous:
+        shutil.rmtree(previous)
     return out
 
 
@@ -91,9 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", required=True, help="a training checkpoint (.../checkpoints/step_N)")
     p.add_argument("--out", required=True, help="the Hugging Face model directory to write")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--overwrite", action="store_true",
+                   help="move a non-empty --out that is not a previous export aside to <out>.old-N")
     args = p.parse_args(argv)
     try:
-        out = export(args.checkpoint, args.out, getattr(torch, args.dtype))
+        out = export(args.checkpoint, args.out, getattr(torch, args.dtype), args.overwrite)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

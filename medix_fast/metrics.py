@@ -6,7 +6,8 @@
 
 Only rank 0 writes. On ``--resume`` the lines of steps after the checkpoint are dropped first
 (:func:`truncate_after`), so the file reads as one uninterrupted run. ``tensorboard`` and
-``matplotlib`` are optional (``pip install medix_fast[logging]``).
+``matplotlib`` are optional (``pip install medix_fast[logging]``); so is Weights & Biases
+(``wandb``: a :class:`medix_fast.wandb_log.WandbSink` given as ``wandb`` gets every record and the plot).
 """
 from __future__ import annotations
 
@@ -33,8 +34,9 @@ def truncate_after(path: str | Path, step: int) -> None:
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, output_dir: str | Path, enabled: bool = True, tensorboard: bool = True, wandb=None):
         self.dir = Path(output_dir)
+        self.wandb = wandb if enabled else None
         self.path = self.dir / "metrics.jsonl"
         self.enabled = enabled
         self.writer = None
@@ -56,6 +58,8 @@ class MetricsLogger:
             for key, value in record.items():
                 if key != "step":
                     self.writer.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(step, record)
 
     def close(self, plot: bool = True, title: str = "") -> Path | None:
         """Flush TensorBoard; with ``plot`` write ``rewards.png`` (titled ``title``) and return its path."""
@@ -63,7 +67,10 @@ class MetricsLogger:
             return None
         if self.writer is not None:
             self.writer.close()
-        return plot_rewards(self.path, self.dir / "rewards.png", title) if plot else None
+        png = plot_rewards(self.path, self.dir / "rewards.png", title) if plot else None
+        if self.wandb is not None:
+            self.wandb.finish(png)
+        return png
 
 
 def rolling_mean(values: list[float], window: int) -> list[float]:

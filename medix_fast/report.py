@@ -111,11 +111,15 @@ def eval_command(cfg, model_dir: Path) -> str:
 
 
 def end_summary(records: list[dict], cfg, seconds: float, eval_seconds: float, plot: Path | None,
-                checkpoint: Path | None) -> str:
-    """Steps and time, training reward and held-out accuracy first -> last, where things are."""
+                checkpoint: Path | None, stopped: str | None = None) -> str:
+    """Steps and time, training reward and held-out accuracy first -> last, where things are;
+    ``stopped`` (a signal's name) says the run was stopped early and how to continue it."""
     steps = max((r["step"] for r in records), default=0)
-    lines = [f"done: {steps} steps in {clock(seconds)} ({clock(seconds - eval_seconds)} training, "
+    head = f"stopped by {stopped} at step {steps} of {cfg.train.steps}" if stopped else f"done: {steps} steps"
+    lines = [f"{head} in {clock(seconds)} ({clock(seconds - eval_seconds)} training, "
              f"{clock(eval_seconds)} held-out evaluation)"]
+    if stopped:
+        lines.append(f"continue it: the same command with --resume (from the checkpoint of step {steps})")
     reward = quarter_means(records, "reward/overall")
     if reward:
         lines.append(f"training reward (overall, mean of the first -> last quarter of steps): "

@@ -9,11 +9,17 @@ run's and keep the old run's), so a new run refuses to start, with what to do in
 aside to ``<dir>.old-<N>`` (nothing is deleted) and starts afresh. ``--resume`` on a directory
 that holds files but no checkpoint refuses too (there is nothing to continue). Every rank checks
 (they agree: nothing is written before); only rank 0 moves the old run.
+
+Resuming at an earlier step than the run reached (``--resume-from <dir>/checkpoints/step_N``
+into ``<dir>`` itself: a roll back in place) abandons the later steps: :func:`set_aside_after`
+moves their checkpoints, evaluations, rollouts and metric rows into ``<dir>/abandoned-<K>/``.
 """
 from __future__ import annotations
 
 import itertools
+import json
 import os
+import re
 from pathlib import Path
 
 from .checkpoint import latest_checkpoint
@@ -38,8 +44,38 @@ def claim_output_dir(path: str | os.PathLike, resume: bool, overwrite: bool, is_
                         + ("" if resume else "add --resume to continue it, ")
                         + "add --overwrite to move it aside and start again, or give another "
                         "train.output_dir=...")
-    if not is_main:
+    return move_aside(out) if is_main else None
+
+
+def move_aside(path: Path) -> Path:
+    """Rename ``path`` to the first free ``<path>.old-<N>`` (N = 1, 2, ...) and return it: nothing deleted."""
+    aside = next(p for k in itertools.count(1) if not (p := path.with_name(f"{path.name}.old-{k}")).exists())
+    os.rename(path, aside)
+    return aside
+
+
+def set_aside_after(out: Path, step: int) -> Path | None:
+    """Move what a run wrote after ``step`` (a branch abandoned by resuming at ``step``: later
+    checkpoints, evaluations and rollouts, and the ``metrics.jsonl`` rows of later steps) into
+    ``<out>/abandoned-<K>/``, so the resumed run never mixes with it and nothing is lost; returns it."""
+    from .metrics import read_metrics, truncate_after
+
+    def later(folder: Path, pattern: str) -> list[Path]:
+        found = [(p, re.match(r"step_(\d+)", p.name)) for p in folder.glob(pattern)] if folder.is_dir() else []
+        return [p for p, m in found if m and int(m.group(1)) > step]
+
+    moved = {sub: later(out / sub, pattern) for sub, pattern in
+             (("checkpoints", "step_*"), ("eval", "step_*"), ("rollouts", "step_*.jsonl"))}
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if r["step"] > step]
+    if not rows and not any(moved.values()):
         return None
-    aside = next(p for k in itertools.count(1) if not (p := out.with_name(f"{out.name}.old-{k}")).exists())
-    os.rename(out, aside)
+    aside = next(p for k in itertools.count(1) if not (p := out / f"abandoned-{k}").exists())
+    aside.mkdir()
+    if rows:
+        (aside / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        truncate_after(out / "metrics.jsonl", step)
+    for sub, paths in moved.items():
+        for path in paths:
+            (aside / sub).mkdir(exist_ok=True)
+            os.rename(path, aside / sub / path.name)
     return aside

@@ -25,8 +25,9 @@ Departures from the reference stack (EasyR1 + vLLM + a judge server): no separat
 no weight copy (sampling runs on the trained module), rewards in-process and batched, the LM
 head never materialises logits, and the LR schedule counts training steps.
 
-SIGTERM / SIGINT (once) finish the current step, write a checkpoint and exit with status 0; a
-second SIGINT stops at once. ``--resume`` restores model, optimizer, scheduler, RNG and the
+SIGTERM / SIGINT (once) finish the current step, write a checkpoint, say so in the summary and
+exit with status 143 / 130 (128 + the signal: stopped, not done; ``--resume`` continues); a
+second SIGINT stops at once, with one line saying which checkpoint ``--resume`` will take. ``--resume`` restores model, optimizer, scheduler, RNG and the
 prompt loader, on any number of processes (``checkpoint.py``); on CPU at the same world size
 the resumed run's metrics equal the uninterrupted run's. ``python -m medix_fast.export`` turns
 any checkpoint into a Hugging Face model directory.
@@ -59,7 +60,7 @@ from .eval import Evaluator
 from .export import save_hf_model, write_hf_files
 from .generate import Sampler
 from .kernels.dispatch import use_cpp
-from .metrics import MetricsLogger, read_metrics, truncate_after
+from .metrics import MetricsLogger, read_metrics
 from .model.loading import (compute_dtype, image_token_id, is_vl, load_image_processor, load_model,
                             resolve_model_path, set_vision_trainable, stop_ids)
 from .model.moe import is_moe, set_router_trainable
@@ -67,7 +68,9 @@ from .report import Eta, clock, end_summary, eval_message, start_message
 from .rewards import build_reward
 from .rl.rollout import Rollout
 from .rl.update import PolicyObjective, Updater
-from .run_dir import claim_output_dir
+from .rollouts_log import rollout_records, show_rollouts, write_rollouts
+from .run_dir import claim_output_dir, set_aside_after
+from .wandb_log import WandbSink
 from .runtime import set_cpu_threads, setup_logging
 
 log = logging.getLogger("medix_fast.train")
@@ -105,7 +108,8 @@ class Trainer:
         random.seed(t.seed)
         np.random.seed(t.seed)
         torch.manual_seed(t.seed)
-        self.stop_requested = False
+        self.sampled, self.sample_records = None, []  # a rollouts sample to write (rollouts_log.py), the last one
+        self.stop_requested = 0  # the signal that asked to stop (SIGINT / SIGTERM), 0 while none
 
         dropped = self.out / "dropped_rows.txt" if self.info.is_main else None
         train_examples = load_examples(cfg.data.train_files, cfg.data, dropped)  # bad rows fail before any model loads
@@ -169,8 +173,12 @@ class Trainer:
         if self.info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
-            truncate_after(self.out / "metrics.jsonl", self.step if ckpt else -1)
-        self.logger = MetricsLogger(self.out, self.info.is_main, cfg.logging.tensorboard)
+            abandoned = set_aside_after(self.out, self.step if ckpt else -1)  # a later branch: kept, not mixed in
+            if abandoned:
+                log.warning("resumed at step %d: the later steps of the previous branch were moved to %s",
+                            self.step, abandoned)
+        self.logger = MetricsLogger(self.out, self.info.is_main, cfg.logging.tensorboard,
+                                    WandbSink.open(cfg.logging, self.out) if self.info.is_main else None)
         cpp_ops = use_cpp(torch.empty(0, device=dev))  # builds the C++ ops now (once), not inside step 1
         log.info("%s", start_message(cfg, self.info, resolve_model_path(cfg.model.path),
                                      sum(p.numel() for p in self.model.parameters()), self.threads, cpp_ops,
@@ -231,6 +239,9 @@ class Trainer:
         t0 = time.perf_counter()
         with D.generation_mode(self.wrapped):  # parameters gathered once for the rollout and the old / ref log-probs
             seqs, metrics = self.rollout.collect(step)
+            every = self.cfg.logging.rollouts_every
+            if self.info.is_main and every and step % every == 0:  # written by run(), outside the step
+                self.sampled = (seqs, self.rollout.last_rewards)
             self.sampler.release()  # the K/V pool goes before the update: the step's peak is its largest phase
             t1 = time.perf_counter()
             plan = self.updater.prepare(seqs)
@@ -270,7 +281,7 @@ class Trainer:
     def _on_signal(self, signum, frame) -> None:
         if self.stop_requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.stop_requested = True
+        self.stop_requested = signum
         log.warning("signal %d: finishing this step, then checkpoint and exit", signum)
 
     def run(self) -> list[dict]:
@@ -287,8 +298,15 @@ class Trainer:
         records, started, eval_s, path = [], time.perf_counter(), 0.0, None
 
         def show(step: int, metrics: dict) -> None:
+            if self.sampled is not None:
+                self.sample_records = rollout_records(*self.sampled, self.tokenizer, cfg.logging.rollouts_rows)
+                write_rollouts(self.out / "rollouts", step, self.sample_records)
+                self.sampled = None
             if main and any(k.startswith("eval/") for k in metrics):
                 tqdm.write(eval_message(step, self.evaluator, metrics), file=sys.stdout)
+                if self.sample_records:
+                    tqdm.write(f"training rollouts (rollouts/, latest):\n{show_rollouts(self.sample_records, 3)}",
+                               file=sys.stdout)
 
         try:
             if self.step == 0 and self.evaluator and cfg.eval.at_start:  # the baseline, as step 0
@@ -315,14 +333,15 @@ class Trainer:
                     self.checkpointer.wait()  # the last good step's checkpoint, if still being written
                     raise TrainingDiverged(f"{self.updater.nonfinite_in_a_row} updates in a row had a NaN/inf loss or "
                                            f"gradient (train.max_nonfinite_steps={cfg.train.max_nonfinite_steps})")
-                stop = bool(D.reduce_scalars({"stop": self.stop_requested}, self.info.device, "max")["stop"])
+                stop = int(D.reduce_scalars({"stop": self.stop_requested}, self.info.device, "max")["stop"])
                 every, hf_every = cfg.checkpoint.every, cfg.checkpoint.save_hf_every
                 hf = self.step == cfg.train.steps or bool(hf_every and self.step % hf_every == 0)
                 if stop or hf or (every and self.step % every == 0):
                     saved = self.save(hf)
                     path = saved if hf else path  # the last checkpoint with a model/ to evaluate
                 if stop:
-                    log.warning("stopped at step %d by a signal; resume with --resume", self.step)
+                    self.stop_requested = stop  # every rank: the exit status says it
+                    log.warning("stopped at step %d by %s; resume with --resume", self.step, signal.Signals(stop).name)
                     break
             self.checkpointer.wait()
         finally:
@@ -333,8 +352,9 @@ class Trainer:
                      f"{self.step} steps ({cfg.train.output_dir})")
             plot = self.logger.close(cfg.logging.plot and self.step == cfg.train.steps, title)
         if main:
+            stopped = signal.Signals(self.stop_requested).name if self.stop_requested else None
             print(end_summary(read_metrics(self.out / "metrics.jsonl"), cfg, time.perf_counter() - started, eval_s,
-                              plot, path), flush=True)
+                              plot, path, stopped), flush=True)
         return records
 
 
@@ -368,9 +388,12 @@ def _main(argv: list[str] | None) -> int:
     overrides = list(args.overrides) + ([f"data.strict={str(args.strict).lower()}"] if args.strict is not None else [])
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(rank)
+    cfg = trainer = None
     try:
         cfg = load_config(args.config, overrides)
-        aside = claim_output_dir(cfg.train.output_dir, args.resume == "latest", args.overwrite, rank == 0)
+        in_place = args.resume not in (None, "latest") and (  # --resume-from one of this run's own checkpoints
+            Path(args.resume).resolve().parent == C.checkpoint_root(cfg.train.output_dir).resolve())
+        aside = claim_output_dir(cfg.train.output_dir, args.resume == "latest" or in_place, args.overwrite, rank == 0)
         if aside:
             log.info("--overwrite: the previous run in %s was moved to %s", cfg.train.output_dir, aside)
         trainer = Trainer(cfg, args.resume)
@@ -378,13 +401,19 @@ def _main(argv: list[str] | None) -> int:
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # a second Ctrl-C: no traceback, one line
+        latest = C.latest_checkpoint(cfg.train.output_dir) if cfg else None
+        print("stopped at once (Ctrl-C), without writing a checkpoint: --resume will continue from "
+              + (f"{latest} (step {C.step_of(latest)})" if latest else "scratch (no checkpoint yet)"), file=sys.stderr)
+        return 128 + signal.SIGINT
     finally:
         D.close()
-    return 0
+    return 128 + trainer.stop_requested if trainer and trainer.stop_requested else 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command: 0 when done, 2 on a user error (one ``error:`` line), 1 when training diverged."""
+    """The command: 0 when done, 2 on a user error (one ``error:`` line), 1 when training diverged,
+    128 + the signal when stopped by SIGINT (130) or SIGTERM (143), checkpoint written."""
     return run_command(_main, argv)
 
 

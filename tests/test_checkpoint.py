@@ -211,13 +211,53 @@ def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path, tiny, monkeypat
 
     monkeypatch.setattr(torch.distributed.checkpoint.FileSystemWriter, "write_data", disk_full)
     save(ckpt, model, tokenizer, optimizer, 2)
-    with pytest.raises(C.CheckpointError, match=r"step_00000002: could not be written \(rank 0: OSError: .*No space"):
+    needed = C.state_bytes(D.training_state(model, model, optimizer)) / 1e6
+    with pytest.raises(C.CheckpointError, match=rf"step_00000002: could not be written: no space left on device "
+                                                rf"\(needs ~{needed:.1f} MB, [0-9.]+ [MG]B free\); the previous "
+                                                "checkpoints are intact$"):
         ckpt.wait()
     assert C.list_checkpoints(tmp_path) == [first]
     assert (C.checkpoint_root(tmp_path) / ".tmp_step_00000002").is_dir()
     C.Checkpointer(tmp_path, 0, 1, "run")  # the next start removes the half-written one
     assert [p.name for p in C.checkpoint_root(tmp_path).iterdir()] == [first.name]
     C.check_checkpoint(first)
+
+    def broken(self, plan, planner):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(torch.distributed.checkpoint.FileSystemWriter, "write_data", broken)
+    save(ckpt, model, tokenizer, optimizer, 3)
+    with pytest.raises(C.CheckpointError, match=r"step_00000003: could not be written: rank 0: OSError: .*Input/output"):
+        ckpt.wait()
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_a_full_disk_is_one_line_saying_so(tmp_path, tiny, async_save):
+    """A real small filesystem (tmpfs, mounted by the test) that holds one checkpoint but not two."""
+    import subprocess
+
+    model, tokenizer, optimizer = tiny
+    first = save(C.Checkpointer(tmp_path / "measure", 0, 1, "m", async_save=False), model, tokenizer, optimizer, 1)
+    size = sum(f.stat().st_size for f in first.rglob("*") if f.is_file())
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(size * 1.5) // 4096 * 4096}", "tmpfs",
+                              str(small)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root and mount permission): {mounted.stderr.strip()}")
+    try:
+        ckpt = C.Checkpointer(small, 0, 1, "run", async_save=async_save)
+        kept = save(ckpt, model, tokenizer, optimizer, 1)
+        ckpt.wait()
+        with pytest.raises(C.CheckpointError) as err:
+            save(ckpt, model, tokenizer, optimizer, 2)
+            ckpt.wait()
+        assert str(err.value).startswith(f"{C.checkpoint_root(small) / 'step_00000002'}: could not be written: "
+                                         "no space left on device (needs ~")
+        assert C.list_checkpoints(small) == [kept]
+        C.check_checkpoint(kept)  # checksums included
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
 
 
 def test_keep_last_prunes_only_this_runs_complete_checkpoints_and_keeps_hf_copies(tmp_path, tiny):
@@ -255,12 +295,21 @@ def _truncate(path: Path) -> None:
     file.write_bytes(file.read_bytes()[:100])
 
 
+def _zero_a_page(path: Path) -> None:
+    """4 KiB zeroed inside the model/optimizer shard: its size unchanged, its bytes not."""
+    file = path / C.STATE / "__0_0.distcp"
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 4096] = bytes(4096)
+    file.write_bytes(bytes(data))
+
+
 BREAK = {
     "no trainer state": (lambda p: (p / C.TRAINER).unlink(), "not a checkpoint directory"),
     "no metadata": (lambda p: (p / C.STATE / ".metadata").unlink(), "incomplete checkpoint: no state/.metadata"),
     "garbled metadata": (lambda p: (p / C.STATE / ".metadata").write_bytes(b"\x00garbage"), "corrupt checkpoint"),
     "missing shard": (lambda p: next((p / C.STATE).glob("*.distcp")).unlink(), "__0_0.distcp is missing"),
     "truncated shard": (_truncate, "__0_0.distcp has 100 bytes"),
+    "zeroed page in a shard": (_zero_a_page, "corrupt checkpoint: state/__0_0.distcp fails its checksum"),
     "missing rng": (lambda p: (p / "rng_rank0.pt").unlink(), "rng_rank0.pt is missing"),
     "garbled trainer state": (lambda p: (p / C.TRAINER).write_bytes(b"nonsense"), "trainer_state.pt unreadable"),
 }
@@ -285,6 +334,11 @@ def test_resuming_a_damaged_checkpoint_or_another_models_fails_before_training(g
     assert train_main([*args, "--resume-from", str(other)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"error: {other}: checkpoint of another model: ")
+    _zero_a_page(good)
+    for resume in (["--resume-from", str(good)], ["--resume", f"train.output_dir={good.parent.parent}"]):
+        assert train_main([*args, *resume]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (f"error: {good}: corrupt checkpoint: "
+                                                                    "state/__0_0.distcp fails its checksum")
     _truncate(good)
     assert train_main([*args, "--resume-from", str(good)]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {good}: incomplete checkpoint")
@@ -423,3 +477,38 @@ def test_export_from_a_two_rank_checkpoint(two_rank_checkpoint, tmp_path, capsys
     assert not list(tmp_path.glob(".tmp_*"))
     model = load_checkpoint_model(path)
     assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())
+
+
+def test_each_shard_carries_the_checksum_computed_while_writing(good, monkeypatch):
+    """The CRC-32 in the metadata is the file's, taken from the bytes as written: no file is read back."""
+    from medix_fast.checksums import file_crc
+
+    checksums = C.read_metadata(good).checksums
+    assert sorted(checksums) == ["__0_0.distcp"]
+    assert checksums["__0_0.distcp"] == file_crc(good / C.STATE / "__0_0.distcp")
+    model, tokenizer, optimizer = trained()
+    monkeypatch.setattr("medix_fast.checksums.file_crc", lambda path: pytest.fail(f"{path} read back"))
+    again = save(C.Checkpointer(good.parent.parent / "again", 0, 1, "again", async_save=True), model, tokenizer,
+                 optimizer, 1)
+    C.wait_all()
+    assert C.read_metadata(again).checksums == checksums  # same state, same bytes
+
+
+def test_export_never_deletes_what_it_did_not_write(good, tmp_path, capsys):
+    run = tmp_path / "run"  # the run's own folder: its checkpoints and a user's notes
+    (run / "notes.txt").write_text("mine")
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    assert export_main(["--checkpoint", str(good), "--out", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --out {run} holds files that are not a previous export (checkpoints, notes.txt)")
+    assert "\n" not in err and sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    hf = tmp_path / "hf"
+    for _ in range(2):  # a previous export is replaced
+        assert export_main(["--checkpoint", str(good), "--out", str(hf)]) == 0
+    assert (hf / "config.json").is_file() and not list(tmp_path.glob(".tmp_*")) and not list(tmp_path.glob("hf.old-*"))
+    (hf / "notes.txt").write_text("added by hand")  # no longer only an export's files: refused
+    assert export_main(["--checkpoint", str(good), "--out", str(hf)]) == 2
+    assert export_main(["--checkpoint", str(good), "--out", str(run), "--overwrite"]) == 0
+    assert (tmp_path / "run.old-1" / "notes.txt").read_text() == "mine"
+    assert sorted(p.relative_to(tmp_path / "run.old-1") for p in (tmp_path / "run.old-1").rglob("*")) == before
+    assert (run / "config.json").is_file() and (run / ".medix_fast_export.json").is_file()

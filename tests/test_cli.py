@@ -153,3 +153,24 @@ def test_train_refuses_to_start_over_a_previous_run(tmp_path, capsys):
     assert "--overwrite" in one_error_line(capsys)
     assert (out / "metrics.jsonl").read_text() == '{"step": 7}\n'
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000007"]
+
+
+def test_resuming_at_an_earlier_step_sets_the_later_branch_aside(tmp_path):
+    from medix_fast.run_dir import set_aside_after
+
+    out = tmp_path / "run"
+    for step in (2, 4, 6):
+        (out / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)
+        (out / "eval" / f"step_{step:08d}").mkdir(parents=True)
+    (out / "checkpoints" / ".tmp_step_00000008").mkdir()
+    (out / "metrics.jsonl").write_text("".join(f'{{"step": {s}}}\n' for s in range(7)))
+    assert set_aside_after(out, 6) is None  # nothing later: nothing moved
+    assert set_aside_after(out, 2) == out / "abandoned-1"
+    aside = out / "abandoned-1"
+    assert (aside / "metrics.jsonl").read_text() == "".join(f'{{"step": {s}}}\n' for s in range(3, 7))
+    assert (out / "metrics.jsonl").read_text() == "".join(f'{{"step": {s}}}\n' for s in range(3))
+    for sub in ("checkpoints", "eval"):
+        assert sorted(p.name for p in (aside / sub).iterdir()) == ["step_00000004", "step_00000006"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [".tmp_step_00000008", "step_00000002"]
+    (out / "metrics.jsonl").write_text('{"step": 1}\n{"step": 9}\n')
+    assert set_aside_after(out, 1) == out / "abandoned-2"  # a second roll back: a second folder

@@ -143,6 +143,15 @@ def test_full_tensor_gathers_a_sharded_parameter(gloo):
     assert D.full_tensor(w) is w
 
 
+@pytest.mark.parametrize("op", ["sum", "max", "min"])
+def test_reduce_scalars_reduces_with_the_op_it_is_given(monkeypatch, op):
+    """(In a one-process group max and min equal sum: the op handed to the collective is checked.)"""
+    seen = []
+    monkeypatch.setattr(D, "all_reduce", lambda t, device, op="sum": seen.append(op) or t)
+    D.reduce_scalars({"a": 2, "b": torch.tensor(0.25)}, torch.device("cpu"), op)
+    assert seen == [op]
+
+
 def test_reduce_scalars_positions_follow_the_names_not_their_types(monkeypatch):
     """Ranks may hold a name as a number on one and a tensor on another: the reduced vector's
     positions follow the names' order alone, so the ranks' values for a name always meet."""

@@ -99,6 +99,16 @@ def test_unreadable_and_missing_files_are_named(tmp_path):
         load_examples([str(tmp_path / "nowhere.jsonl")], DataConfig())
 
 
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_missing_or_unreadable_file_is_an_error_in_every_mode(tmp_path, strict):
+    good = jsonl(tmp_path / "good.jsonl", [{"problem": "Which organ?", "solution": "<CT_SCAN> liver"}])
+    binary = tmp_path / "junk.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00garbage\x80")
+    for bad in (tmp_path / "mistyped.jsonl", binary):  # strict=false skips rows, never whole files
+        with pytest.raises(DataError, match=f"^{bad}: unreadable .*data.strict=false skips bad rows, not files"):
+            load_examples([str(good), str(bad)], DataConfig(strict=strict))
+
+
 def test_column_names_are_configurable(tmp_path):
     path = jsonl(tmp_path / "cols.jsonl", [{"question": "Which organ?", "answer": "<CT_SCAN> liver", "img": None}])
     cfg = DataConfig(problem_key="question", solution_key="answer", image_key="img")
@@ -165,6 +175,17 @@ def test_loader_resumes_exactly():
     assert [b.next(3) for _ in range(4)] == expected
     with pytest.raises(ValueError, match="seed"):
         PromptLoader(7, seed=2).load_state_dict(state)
+
+
+def test_loader_resumed_in_a_later_epoch_continues_that_epochs_order():
+    a = PromptLoader(7, seed=1)
+    a.next(12)  # epoch 1, position 5
+    state = a.state_dict()
+    assert state["epoch"] == 1
+    expected = [a.next(3) for _ in range(4)]  # the rest of epoch 1, then epoch 2
+    b = PromptLoader(7, seed=1)
+    b.load_state_dict(state)
+    assert [b.next(3) for _ in range(4)] == expected
 
 
 def test_loader_ranks_split_one_global_stream():

@@ -184,6 +184,17 @@ def test_vote():
     assert votes == pytest.approx(float(p_yes**3 + 3 * p_yes**2 * (1 - p_yes)), abs=0.015)
 
 
+def test_a_tied_vote_is_no():
+    """An even number of votes split evenly is not a majority: NO (the draws replayed with the same generator)."""
+    import torch
+
+    margin = torch.zeros(4000)  # p(YES) = 1/2 per vote: about 3/8 of 4-vote rows tie 2-2
+    out = vote(margin, 4, 1.0, torch.Generator().manual_seed(3))
+    draws = (torch.rand((4000, 4), generator=torch.Generator().manual_seed(3)) < 0.5).sum(1)  # (N,) YES votes
+    assert (draws == 2).sum() > 1000
+    assert out.tolist() == (draws >= 3).float().tolist()
+
+
 def test_scorer_votes_with_a_real_judge_model(tasks_yaml):
     """The tiny model as the judge: the open rows that need it get the vote of its YES/NO margins."""
     import torch

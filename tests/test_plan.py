@@ -105,8 +105,23 @@ def test_cli_says_when_it_does_not_fit(capsys, tmp_path):
     two_b = str(CONFIGS[0].parent / "medix_r1_2b_dapo.yaml")  # a rollout that fits, an update that does not
     assert main(["--plan", "--config", two_b, "--device-memory-gb", "141", "model.gradient_checkpointing=false"]) == 1
     out = capsys.readouterr().out
-    assert "decode slots" in out and "does NOT fit: lower train.micro_batch_tokens, turn on model.gradient_checkpointing" in out
-    assert "step peak: update" in out
+    assert "decode slots" in out and "step peak: update" in out
+    assert ("does NOT fit: the update phase needs" in out and "would fit: GPUs of" in out
+            and "a lower train.micro_batch_tokens; model.gradient_checkpointing=true" in out)
+
+
+def test_a_misfit_names_its_biggest_term_and_what_would_fit(capsys):
+    """30B on 80 GB: the unsharded bf16 weights (62 GB) are the biggest term; 141 GB GPUs or a sharded
+    rollout would hold it; advice already applied (gradient checkpointing is on) is not given."""
+    thirty_b = str(CONFIGS[0].parent / "medix_r1_30b_a3b_dapo.yaml")
+    assert main(["--plan", "--config", thirty_b, "--device-memory-gb", "80"]) == 1
+    verdicts = [line for line in capsys.readouterr().out.splitlines() if line.startswith("verdict")]
+    assert len(verdicts) == 2 and all("does NOT fit" in v for v in verdicts)
+    assert "the biggest term is policy bf16, unsharded for sampling (62.1 GB)" in verdicts[0]
+    assert "would fit: GPUs of 141 GB; a sharded rollout" in verdicts[0]
+    assert "its biggest term is bf16 weights, unsharded (62.1 GB); would fit: GPUs of 141 GB" in verdicts[1]
+    assert not any("gradient_checkpointing" in v for v in verdicts)
+    assert main(["--plan", "--config", thirty_b, "--device-memory-gb", "141"]) == 0
 
 
 def test_a_checkpoint_directory_is_read_from_its_config(tmp_path):

@@ -29,7 +29,8 @@ COMBOS = list(itertools.product(
 
 
 @pytest.mark.parametrize("loss_type,level,clip_c,beta,ent_coef,on_policy", COMBOS)
-def test_matches_fp64_reference(loss_type, level, clip_c, beta, ent_coef, on_policy):
+def test_matches_fp64_reference(loss_type, level, clip_c, beta, ent_coef, on_policy, backend):
+    """On every back-end (the PyTorch loss is the one the fused path and the trainer use)."""
     logp, old, adv, mask, ref, entropy, _ = _batch(seed=len(loss_type) + len(level))
     old = None if on_policy else old
     opts = dict(loss_type=loss_type, importance_sampling_level=level, epsilon_low=0.2, epsilon_high=0.28,

@@ -138,6 +138,17 @@ def test_dynamic_sampling_stops_after_max_tries_with_what_it_kept():
     assert check_rows(seqs, reward_table("filter"), "grpo") == [2, 5]
 
 
+def test_dapo_filter_keeps_group_means_strictly_inside_its_bounds():
+    """A group mean exactly on filter_low or filter_high carries no signal DAPO keeps: dropped."""
+    from types import SimpleNamespace
+
+    this = SimpleNamespace(cfg=SimpleNamespace(algorithm=SimpleNamespace(filter_low=0.25, filter_high=0.75)))
+    scores = torch.tensor([0.0, 0.5, 0.0, 0.5, 1.0, 0.5, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0])  # means .25 .75 .5 .0 1.
+    means = scores.view(-1, 2).mean(1).tolist()
+    assert means == [0.25, 0.25, 0.75, 0.5, 0.0, 1.0]
+    assert Rollout._informative(this, scores, 2) == [3]
+
+
 def test_without_dynamic_sampling_every_group_is_kept_after_one_draw():
     rollout, sampler = make_rollout("filter", dynamic=False, per_step=4)
     seqs, metrics = rollout.collect(step=1)

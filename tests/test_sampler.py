@@ -282,6 +282,15 @@ def test_seeded_reproducibility():
     assert len(set(map(tuple, a.completion_ids[:3]))) > 1, "the samples of one prompt differ"
 
 
+def test_the_noise_depends_on_the_prompt_not_only_the_sample_index():
+    """Two copies of one prompt: row j of each draws its own noise (key (i * n + j)), so they differ."""
+    model = tiny_model("qwen3", torch.float32)
+    prompts = make_prompts([6]) * 2
+    out = Sampler(model, max_num_seqs=4).generate(prompts, n=2, max_new_tokens=12, temperature=1.0,
+                                                  stop_token_ids=[], seed=7)
+    assert out.completion_ids[:2] != out.completion_ids[2:]
+
+
 # ------------------------------------------------------------------ model state, wrappers, memory
 def test_model_state_grad_and_memory():
     model = tiny_model("qwen2", torch.float32)

@@ -104,19 +104,37 @@ def test_resume_after_kill_reproduces_the_metrics(tmp_path):
     assert resumed["step"] == 4 and (C.latest_checkpoint(killed) / "model" / "config.json").is_file()
 
 
-def test_sigterm_finishes_the_step_and_checkpoints(tmp_path):
+@pytest.mark.parametrize("signals", [(signal.SIGTERM,), (signal.SIGINT, signal.SIGINT)])
+def test_a_signal_stops_the_run_and_says_how_to_continue(tmp_path, signals):
+    """Once: the step finishes, a checkpoint, a summary saying it stopped, exit 128 + the signal (143 for
+    SIGTERM); Ctrl-C twice: one line naming the checkpoint --resume takes, no traceback, exit 130."""
     out = tmp_path / "run"
-    proc = subprocess.Popen(command(out, "train.steps=50", "checkpoint.every=0"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command(out, "train.steps=50", "checkpoint.every=1", "eval.every=0"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
-    while not (out / "metrics.jsonl").exists() and proc.poll() is None and time.time() < deadline:
+    while C.latest_checkpoint(out) is None and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=240)
-    assert proc.returncode == 0, err[-2000:]
+    proc.send_signal(signals[0])
+    seen = []
+    if len(signals) > 1:  # the second once the first was handled (two at once are one to Python's handler)
+        for line in proc.stderr:
+            seen.append(line)
+            if "finishing this step" in line:
+                proc.send_signal(signals[1])
+                break
+    stdout, err = proc.communicate(timeout=240)
+    err = "".join(seen) + err
+    assert proc.returncode == 128 + signals[0], err[-2000:]
     steps = [r["step"] for r in read_metrics(out / "metrics.jsonl")]
-    assert 1 <= len(steps) < 50
-    assert C.latest_checkpoint(out).name == f"step_{steps[-1]:08d}"
+    assert 1 <= len(steps) < 50 and "Traceback" not in err
+    latest = C.latest_checkpoint(out)
+    if len(signals) == 1:
+        assert latest.name == f"step_{steps[-1]:08d}"
+        assert f"stopped by SIGTERM at step {steps[-1]} of 50" in stdout and "--resume" in stdout
+    else:
+        said = [line for line in err.splitlines() if line.startswith("stopped at once")]  # (log lines interleave)
+        assert said == [f"stopped at once (Ctrl-C), without writing a checkpoint: --resume will continue from {latest} "
+                        f"(step {C.step_of(latest)})"]
 
 
 def test_nonfinite_updates_are_skipped_then_training_stops(tmp_path, monkeypatch, capsys, recwarn):
@@ -171,6 +189,39 @@ def _single_thread(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
 
 
+def test_resume_from_an_earlier_checkpoint_rolls_back_in_place(tmp_path, capsys):
+    """--resume-from runs/x/checkpoints/step_N into runs/x: the run continues from step N there; the
+    abandoned branch's later checkpoints and metric rows go to runs/x/abandoned-1/, never mixed in."""
+    out = tmp_path / "run"
+    args = [*SMALL, f"train.output_dir={out}", "eval.every=0", "checkpoint.every=1", "checkpoint.keep_last=0"]
+    assert main([*args, "train.steps=3"]) == 0
+    first = read_metrics(out / "metrics.jsonl")
+    assert main([*args, "train.steps=3", "--resume-from", str(C.checkpoint_root(out) / "step_00000001")]) == 0
+    aside = out / "abandoned-1"
+    assert read_metrics(aside / "metrics.jsonl") == first[1:]  # steps 2 and 3 of the abandoned branch
+    assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ["step_00000002", "step_00000003"]
+    again = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in again] == [1, 2, 3] and again[0] == first[0]
+    assert comparable(again) == comparable(first)  # the same steps again, deterministically
+    assert [p.name for p in C.list_checkpoints(out)] == ["step_00000001", "step_00000002", "step_00000003"]
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_lr_schedule_values(schedule):
+    """Warm-up from (0 + 1) / (w + 1) at the first step to 1 at its end, then constant or a cosine from 1
+    at the end of the warm-up down to min_lr_ratio at the last step."""
+    from types import SimpleNamespace
+
+    from medix_fast.train import lr_lambda
+
+    f = lr_lambda(SimpleNamespace(warmup_steps=3, schedule=schedule, min_lr_ratio=0.1), 13)
+    assert [f(s) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    if schedule == "constant":
+        assert f(8) == f(13) == 1.0
+    else:
+        assert [f(8), f(13), f(20)] == pytest.approx([0.55, 0.1, 0.1])  # half-way: (1 + 0.1) / 2
+
+
 def test_metrics_file_truncates_to_the_resumed_step(tmp_path):
     from medix_fast.metrics import MetricsLogger, truncate_after
 
@@ -205,3 +256,32 @@ def test_kv_pool_is_released_before_each_update(tmp_path, monkeypatch):
     monkeypatch.setattr(Updater, "run", recording_run)
     assert main([*SMALL, f"train.output_dir={tmp_path / 'run'}", "train.steps=2", "eval.every=0"]) == 0
     assert events == [("release", True), ("update", None)] * 2
+
+
+def test_rollouts_sample_and_wandb_offline_on_the_tiny_default(tmp_path, capsys, monkeypatch):
+    """rollouts/step_N.jsonl every logging.rollouts_every steps (prompt, completion, reward components,
+    advantage), a few printed at the held-out evaluation; wandb offline gets the same scalars and the plot."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    from medix_fast.wandb_log import WandbSink
+
+    logged, log = [], WandbSink.log
+    monkeypatch.setattr(WandbSink, "log", lambda self, step, record: logged.append((step, {
+        k: v for k, v in record.items() if k != "step"})) or log(self, step, record))
+    out = tmp_path / "run"
+    assert main([*SMALL, f"train.output_dir={out}", "train.steps=2", "eval.at_start=false", "logging.rollouts_every=2",
+                 "logging.rollouts_rows=5", "logging.wandb=true", "logging.wandb_mode=offline"]) == 0
+    assert sorted(p.name for p in (out / "rollouts").iterdir()) == ["step_00000002.jsonl"]
+    rows = [json.loads(line) for line in (out / "rollouts" / "step_00000002.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 and [r["group"] for r in rows] == [0, 0, 0, 0, 1]
+    assert all(r["prompt"] and isinstance(r["completion"], str) and -10 < r["advantage"] < 10 for r in rows)
+    assert {"reward/overall", "reward/format", "reward/accuracy"} <= set(rows[0])
+    group = [r["reward/overall"] for r in rows[:4]]
+    mean = sum(group) / 4
+    assert all((r["advantage"] > 0) == (r["reward/overall"] > mean) for r in rows[:4] if r["reward/overall"] != mean)
+    assert "training rollouts (rollouts/, latest):" in capsys.readouterr().out
+    runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
+    assert [{"step": s, **r} for s, r in logged] == read_metrics(out / "metrics.jsonl")  # the same scalars
+    assert b"reward/overall" in runs[0].read_bytes()
+    assert len(list((out / "wandb").glob("offline-run-*/files/media/images/rewards_*.png"))) == 1  # the plot

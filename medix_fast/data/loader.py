@@ -6,6 +6,7 @@ optional ``image`` (a path, relative ones from the data file's folder, bytes, a 
 ``file:row: reason`` (rows counted from 1, the line number for JSONL). ``strict=True`` raises a
 :class:`DataError` listing them; ``strict=False`` skips those rows and names each one in the log
 (past ``SHOWN`` of them, the whole list goes to a report file, e.g. ``<output_dir>/dropped_rows.txt``).
+A missing or unreadable *file* is an error in every mode (``strict=False`` skips rows, never files).
 
     examples = load_examples(["train.jsonl"], cfg.data)
     prompts, dropped = build_prompts(examples, tokenizer, max_length=4352)   # vision=Vision(...) for a VL model
@@ -151,6 +152,7 @@ def load_examples(files: list[str], cfg, report: Path | None = None) -> list[Exa
 
     Raises DataError naming each bad row (file and row number) unless ``cfg.strict`` is False,
     in which case bad rows are skipped and named (:func:`report_dropped`, into ``report`` when many).
+    A missing or unreadable file raises DataError whatever ``cfg.strict``.
     """
     examples, problems = [], []
     for name in files:
@@ -169,16 +171,17 @@ def load_examples(files: list[str], cfg, report: Path | None = None) -> list[Exa
                         problems.append(f"{path}:{number}: {reason}")
                         continue
                 examples.append(Example(row[cfg.problem_key], row[cfg.solution_key], image, f"{path}:{number}"))
-        except DataError as err:
-            problems.append(str(err))
         except (OSError, UnicodeDecodeError, ValueError) as err:
-            problems.append(f"{path}: unreadable ({type(err).__name__}: {err})")
+            if isinstance(err, DataError):
+                raise
+            raise DataError(f"{path}: unreadable ({type(err).__name__}: {err}); every data file must be "
+                            "readable (data.strict=false skips bad rows, not files)") from err
     if problems and cfg.strict:
         shown = "\n  ".join(problems[:SHOWN]) + (f"\n  ... and {len(problems) - SHOWN} more"
                                                   if len(problems) > SHOWN else "")
-        raise DataError(f"{len(problems)} malformed row(s) or file(s) in the training data "
+        raise DataError(f"{len(problems)} malformed row(s) in the training data "
                         f"(data.strict=false skips them):\n  {shown}")
-    report_dropped(problems, "malformed row(s) or file(s) (data.strict=false)", report)
+    report_dropped(problems, "malformed row(s) (data.strict=false)", report)
     if not examples:
         raise DataError(f"no usable rows in {files}")
     return examples

@@ -146,6 +146,7 @@ class RolloutPlan:
     row_tokens: int  # worst-case tokens one row holds (its share of the prompt + max_new_tokens), in blocks
     rows_per_gpu: int  # rows one GPU samples per training step (prompts_per_step / world x group_size)
     max_num_seqs: int
+    utilization: float = 0.85  # sampling.gpu_memory_utilization
 
     @property
     def free_bytes(self) -> int:
@@ -171,12 +172,26 @@ class RolloutPlan:
 
     def verdict(self) -> str:
         if not self.fits:
-            return (f"does NOT fit: not one row's K/V ({_gb(self.row_tokens * self.kv_per_token)}) fits the "
-                    f"{_gb(self.pool_bytes)} pool")
+            return self.misfit()
         if self.rows_fit >= self.max_num_seqs:
             return f"fits: all {self.max_num_seqs} decode slots at the longest lengths"
         return (f"fits: {self.rows_fit} of {self.max_num_seqs} decode slots at the longest lengths "
                 f"(shorter rows use more; longer ones are preempted and recomputed, never lost)")
+
+    def misfit(self) -> str:
+        """Why not one row fits: the biggest resident term and what would hold it (a larger GPU,
+        or a rollout that keeps the weights sharded when they are the biggest term)."""
+        from ..model.footprint import fitting_gpu
+
+        name, size = max(self.resident.items(), key=lambda kv: kv[1])
+        row = self.row_tokens * self.kv_per_token
+        need = sum(self.resident.values()) + (self.reserve + row) / self.utilization
+        fits = [f"GPUs of {fitting_gpu(need)}"]
+        if "unsharded" in name:
+            fits.append(f"a sharded rollout (weights split over the {self.world} GPUs, {_gb(size / self.world)} "
+                        "each, as tensor-parallel engines do; not in medix_fast)")
+        return (f"does NOT fit: not one row's K/V ({_gb(row)}) fits the {_gb(self.pool_bytes)} pool; the biggest "
+                f"term is {name} ({_gb(size)}); one row needs ~{_gb(need)} per GPU; would fit: {'; '.join(fits)}")
 
     def table(self) -> str:
         rows = [("model", f"{self.model}: {self.params / 1e9:.2f} B parameters"),
@@ -228,7 +243,7 @@ def rollout_plan(cfg, model_config, device_bytes: int, world: int = 8, params: i
                        pool_bytes=kv_budget(free, s.gpu_memory_utilization, reserve),
                        kv_per_token=kv_bytes_per_token(text), block_size=block, row_tokens=row_tokens,
                        rows_per_gpu=-(-max(cfg.train.prompts_per_step, cfg.algorithm.chunk_prompts) // world)
-                       * s.group_size, max_num_seqs=s.max_num_seqs)
+                       * s.group_size, max_num_seqs=s.max_num_seqs, utilization=s.gpu_memory_utilization)
 
 
 def reward_model_params(cfg) -> dict[str, int]:

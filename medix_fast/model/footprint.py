@@ -117,6 +117,26 @@ class UpdatePlan:
     def fits(self) -> bool:
         return max(self.logprobs_bytes, self.update_bytes) <= self.device_bytes
 
+    def misfit(self) -> str:
+        """Why it does not fit: the larger phase's biggest term, the GPU that would hold it, and only
+        the remedies not already applied."""
+        phase, terms = (("old log-probs", self.logprobs) if self.logprobs_bytes >= self.update_bytes
+                        else ("update", self.update))
+        name, size = max({**self.resident, **terms}.items(), key=lambda kv: kv[1])
+        remedies = [f"GPUs of {fitting_gpu(max(self.logprobs_bytes, self.update_bytes))}"]
+        if phase == "old log-probs":
+            remedies.append("algorithm.old_logprobs=sampler (no unsharded forward)")
+        else:
+            remedies.append("a lower train.micro_batch_tokens")
+            if "every layer's activations" in self.update:
+                remedies.append("model.gradient_checkpointing=true")
+        if any(k.startswith(("judge", "encoder")) for k in self.resident):
+            remedies.append("rewards.offload=true")
+        if "unsharded" not in name:
+            remedies.append("more GPUs")
+        return (f"does NOT fit: the {phase} phase needs {_gb(max(self.logprobs_bytes, self.update_bytes))}; its biggest "
+                f"term is {name} ({_gb(size)}); would fit: {'; '.join(remedies)}")
+
     def table(self) -> str:
         c = self.counts
         rows = [("parameters", f"{c.total / 1e9:.2f} B, {c.active / 1e9:.2f} B active per token"
@@ -128,9 +148,7 @@ class UpdatePlan:
         rows += [("old log-probs peak", f"{_gb(self.logprobs_bytes)} of {_gb(self.device_bytes)}")]
         rows += [(f"update: {k}", _gb(v)) for k, v in self.update.items()]
         rows += [("update peak", f"{_gb(self.update_bytes)} of {_gb(self.device_bytes)}"),
-                 ("verdict", "fits" if self.fits else
-                  "does NOT fit: lower train.micro_batch_tokens, turn on model.gradient_checkpointing or "
-                  "rewards.offload, or use more GPUs")]
+                 ("verdict", "fits" if self.fits else self.misfit())]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -150,6 +168,15 @@ def routing_ids_bytes(cfg, model_config, world: int = 8) -> int:
 
 def _gb(nbytes: float) -> str:
     return f"{nbytes / 1e9:.1f} GB"
+
+
+GPU_GB = (24, 40, 48, 80, 94, 141, 192, 288)  # common accelerator memories (H100 80/94, H200 141, B200 192, B300 288)
+
+
+def fitting_gpu(need_bytes: float) -> str:
+    """The smallest common GPU memory that holds ``need_bytes``, e.g. ``"141 GB"``."""
+    size = next((g for g in GPU_GB if g * 1e9 >= need_bytes), None)
+    return f"{size} GB" if size else f"more than {GPU_GB[-1]} GB"
 
 
 def update_plan(cfg, model_config, device_bytes: int, world: int = 8,

@@ -141,6 +141,7 @@ class Rollout:
                 break
         rows = min(n_kept, self.target) * g
         rewards = {k: torch.cat(v)[:rows] for k, v in kept.rewards.items()}
+        self.last_rewards = rewards  # (rows,) per component, for the rollouts sample (rollouts_log.py)
         device = self.info.device
         adv = group_advantages(rewards["overall"].to(device), g, estimator=a.advantage_estimator) if rows \
             else torch.zeros(0, device=device)  # (rows,) on the device
