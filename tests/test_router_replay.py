@@ -1,0 +1,183 @@
+"""Routing replay for mixtures of experts (R3, ``model/routing.py``) on the tiny Qwen3-MoE: the
+sampler's record of each input token's experts (prefill, decode, preempted and recomputed rows)
+against the trainer's own routing of the same rows, and the update's forward replaying it: the
+trainer's experts equal the sampler's for every token (also after the routers moved), the routing
+weights are the router's own at its own choice, and the gradient reaches the routers.
+
+    pytest tests/test_router_replay.py
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medix_fast.config import DataConfig
+from medix_fast.data import build_prompts, load_examples
+from medix_fast.generate import Sampler
+from medix_fast.generate.memory import kv_bytes_per_token
+from medix_fast.model import moe
+from medix_fast.model.loading import load_model
+from medix_fast.model.routing import routing_dtype
+from medix_fast.rl.batch import Sequences, collate
+from medix_fast.rl.update import PolicyObjective
+
+G = 3
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.set_num_threads(1)
+    model, tokenizer = load_model("tiny-moe")
+    prompts = build_prompts(load_examples(["sample:test"], DataConfig())[:3], tokenizer, 4096)[0]
+    return model, [p.ids[:40 + 7 * i] for i, p in enumerate(prompts)]  # three prompt lengths
+
+
+@pytest.fixture
+def objective():
+    """PolicyObjective(model, 1.0, ...) whose replay hooks are removed after the test."""
+    made = []
+
+    def make(model, **kw):
+        made.append(PolicyObjective(model, 1.0, **kw))
+        return made[-1]
+    yield make
+    for o in made:
+        if o.replay is not None:
+            o.replay.remove()
+
+
+def sample(model, prompts, **kw):
+    """G rows per prompt, their sampler output and Sequences carrying the routing."""
+    out = Sampler(model, record_routing=True, **kw).generate(prompts, n=G, max_new_tokens=12, temperature=1.0,
+                                                              stop_token_ids=[], seed=3)
+    rows = [p for p in prompts for _ in range(G)]
+    seqs = Sequences(rows, out.completion_ids, out.logprobs, torch.randn(len(rows)), G, routing=out.routing)
+    return out, seqs
+
+
+class Selections:
+    """The experts every router call picked (after any replay), per call in call order."""
+
+    def __init__(self, model):
+        self.calls: list[torch.Tensor] = []
+        self.layers = len(moe.sparse_blocks(model))
+        self.handles = [b.gate.register_forward_hook(lambda m, a, o: self.calls.append(o[2]))
+                        for b in moe.sparse_blocks(model)]
+
+    def decoder_calls(self) -> list[torch.Tensor]:
+        """(tokens, layers, k) per decoder call."""
+        n = self.layers
+        return [torch.stack(self.calls[i:i + n], 1) for i in range(0, len(self.calls), n)]
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def trainer_selections(objective, seqs, groups) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The trainer's experts per row at its input positions (len(prompt) + len(completion) - 1,
+    layers, k), read off its forward's layout, and the forward's log-probs."""
+    mb = collate(seqs, groups, 0, CPU)
+    sel = Selections(objective.model)
+    try:
+        with torch.no_grad():
+            logp = objective(mb)
+    finally:
+        sel.remove()
+    calls, plen, clen = sel.decoder_calls(), mb.prompt_ids.shape[1], mb.targets.shape[1]
+    per_row = []
+    for b, r in enumerate(mb.rows):
+        p, c = len(seqs.prompt_ids[r]), seqs.lengths[r]
+        if len(calls) == 2:  # shared prompt: each group's prompt once, then the completions
+            prompt = calls[0].view(len(groups), plen, *calls[0].shape[1:])[b // G, plen - p:]
+            comp = calls[1].view(len(mb.rows), clen, *calls[1].shape[1:])[b, :c - 1]
+        else:
+            full = calls[0].view(len(mb.rows), plen + clen, *calls[0].shape[1:])[b]
+            prompt, comp = full[plen - p:plen], full[plen:plen + c - 1]
+        per_row.append(torch.cat([prompt, comp]))
+    return per_row, logp
+
+
+def assert_rows_match(trainer, out, rows, shared: bool):
+    """The trainer's experts of each row equal the sampler's record; with a shared prompt its last
+    token is routed once per group, as the group's first row routed it."""
+    for b, r in enumerate(rows):
+        want = out.routing[r].long().clone()
+        if shared:
+            p = len(want) - len(out.completion_ids[r]) + 1  # prompt tokens
+            want[p - 1] = out.routing[(r // G) * G][p - 1].long()
+        assert trainer[b].shape == want.shape and torch.equal(trainer[b], want), r
+
+
+def test_record_layout_dtype_and_fp32_agreement(tiny, objective):
+    """Each row's record covers every input position of prompt + completion but the last, as int8
+    on the model's device; in fp32 the trainer routes every one of them as the sampler did."""
+    model, prompts = tiny
+    out, seqs = sample(model, prompts)
+    k = model.config.num_experts_per_tok
+    for r, ids in enumerate(out.routing):
+        assert ids.dtype == torch.int8 and ids.shape == (len(prompts[r // G]) + len(out.completion_ids[r]) - 1, 2, k)
+    for share in (True, False):
+        sel, _ = trainer_selections(objective(model, share_prompt=share), seqs, [0, 1, 2])
+        assert_rows_match(sel, out, list(range(3 * G)), share)
+    assert routing_dtype(127) == torch.int8 and routing_dtype(128) == torch.int16
+
+
+def test_preempted_rows_are_overwritten_by_their_recompute(tiny):
+    """A pool so small that rows are preempted and recomputed: the same record (shape and ids) as
+    an unconstrained call; the recompute overwrites, never duplicates."""
+    model, prompts = tiny
+    free, _ = sample(model, prompts)
+    tight = Sampler(model, record_routing=True, max_num_seqs=G * 3, block_size=4,  # 22 blocks of the 63 it could use
+                    kv_cache_gb=22 * 4 * kv_bytes_per_token(model.config, model.dtype) / 2**30)
+    out = tight.generate(prompts, n=G, max_new_tokens=12, temperature=1.0, stop_token_ids=[], seed=3)
+    assert tight.stats.preemptions > 0
+    assert out.completion_ids == free.completion_ids
+    for a, b in zip(out.routing, free.routing):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_replay_routes_every_token_as_the_sampler_after_the_routers_moved(tiny, share, objective):
+    """The routers are perturbed after sampling, so that the trainer's own routing differs for
+    many tokens; with replay its experts are the sampler's at every position, without they are not."""
+    model, prompts = tiny
+    out, seqs = sample(model, prompts)
+    gates = [b.gate.weight for b in moe.sparse_blocks(model)]
+    saved = [w.detach().clone() for w in gates]
+    try:
+        with torch.no_grad():
+            for w in gates:
+                w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * 0.5)
+        own, _ = trainer_selections(objective(model, share_prompt=share), seqs, [0, 1, 2])
+        assert sum(not torch.equal(a, b.long()) for a, b in zip(own, out.routing)) > 0
+        replay = objective(model, share_prompt=share, router_replay=True)
+        sel, _ = trainer_selections(replay, seqs, [2, 0, 1])
+        rows = collate(seqs, [2, 0, 1], 0, CPU).rows
+        assert_rows_match(sel, out, rows, share)
+    finally:
+        with torch.no_grad():
+            for w, s in zip(gates, saved):
+                w.copy_(s)
+
+
+def test_replay_of_the_own_choice_changes_nothing_and_trains_the_routers(tiny, objective):
+    """Unperturbed fp32: replaying the sampler's (= the trainer's own) experts gives the same
+    log-probs (the routing weights recomputed by the router's rule), and the loss's gradient
+    reaches every router."""
+    model, prompts = tiny
+    out, seqs = sample(model, prompts)
+    mb = collate(seqs, [0, 1, 2], 0, CPU)
+    with torch.no_grad():
+        plain = objective(model)(mb)
+    replay = objective(model, router_replay=True)
+    with torch.no_grad():
+        replayed = replay(mb)
+    assert (replayed - plain).abs().max() < 1e-6
+    model.zero_grad(set_to_none=True)
+    loss, _ = replay(mb, dict(loss_type="dapo", num_items_in_batch=float(mb.tokens)))
+    loss.backward()
+    for block in moe.sparse_blocks(model):
+        assert block.gate.weight.grad is not None and block.gate.weight.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
