@@ -100,13 +100,14 @@ def trainer_selections(objective, seqs, groups) -> tuple[list[torch.Tensor], tor
 
 
 def assert_rows_match(trainer, out, rows, shared: bool):
-    """The trainer's experts of each row equal the sampler's record; with a shared prompt its last
-    token is routed once per group, as the group's first row routed it."""
+    """The trainer's experts of each row equal the sampler's record; with a shared prompt, the
+    prompt is routed once per group, as the group's first row's record says (the prefix is one
+    record for the group, its last token each row's own first decode step)."""
     for b, r in enumerate(rows):
         want = out.routing[r].long().clone()
         if shared:
             p = len(want) - len(out.completion_ids[r]) + 1  # prompt tokens
-            want[p - 1] = out.routing[(r // G) * G][p - 1].long()
+            want[:p] = out.routing[(r // G) * G][:p].long()
         assert trainer[b].shape == want.shape and torch.equal(trainer[b], want), r
 
 
@@ -162,6 +163,21 @@ def test_replay_routes_every_token_as_the_sampler_after_the_routers_moved(tiny, 
                 w.copy_(s)
 
 
+@pytest.mark.parametrize("share", [True, False])
+def test_replay_follows_any_record_to_its_position(tiny, share, objective):
+    """Random expert ids at every recorded position (each row its own, prompts included): the
+    trainer's experts are exactly those, position by position, in both forward layouts."""
+    model, prompts = tiny
+    out, seqs = sample(model, prompts)
+    gen = torch.Generator().manual_seed(1)
+    e, k = model.config.num_experts, model.config.num_experts_per_tok
+    out.routing = [torch.rand(len(r), 2, e, generator=gen).argsort(-1)[..., :k].to(torch.int8) for r in out.routing]
+    seqs = Sequences(seqs.prompt_ids, seqs.completion_ids, seqs.sampling_logprobs, seqs.advantages, G,
+                     routing=out.routing)
+    sel, _ = trainer_selections(objective(model, share_prompt=share, router_replay=True), seqs, [1, 2, 0])
+    assert_rows_match(sel, out, collate(seqs, [1, 2, 0], 0, CPU).rows, share)
+
+
 def test_replay_of_the_own_choice_changes_nothing_and_trains_the_routers(tiny, objective):
     """Unperturbed fp32: replaying the sampler's (= the trainer's own) experts gives the same
     log-probs (the routing weights recomputed by the router's rule), and the loss's gradient
@@ -181,3 +197,58 @@ def test_replay_of_the_own_choice_changes_nothing_and_trains_the_routers(tiny, o
     for block in moe.sparse_blocks(model):
         assert block.gate.weight.grad is not None and block.gate.weight.grad.abs().sum() > 0
     model.zero_grad(set_to_none=True)
+
+
+def test_checkpointed_layers_replay_in_their_recompute(tiny, objective):
+    """Activation checkpointing recomputes each layer in the backward, outside the forward: it
+    replays the same experts, so the routers moved, the gradients equal those of the plain replay
+    (a recompute that routed on its own would not)."""
+    model, prompts = tiny
+    _, seqs = sample(model, prompts)
+    mb = collate(seqs, [0, 1, 2], 0, CPU)
+    gates = [b.gate.weight for b in moe.sparse_blocks(model)]
+    saved = [w.detach().clone() for w in gates]
+    opts = dict(loss_type="dapo", num_items_in_batch=float(mb.tokens))
+    replay = objective(model, share_prompt=False, router_replay=True)
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        replay(mb, opts)[0].backward()
+        out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return out
+    try:
+        with torch.no_grad():
+            for w in gates:
+                w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * 0.5)
+        plain = grads()
+        model.activation_checkpointing_enable({"use_reentrant": False})
+        model.train()  # transformers checkpoints only in training mode
+        try:
+            checkpointed = grads()
+        finally:
+            model.activation_checkpointing_disable()
+            model.eval()
+    finally:
+        with torch.no_grad():
+            for w, s in zip(gates, saved):
+                w.copy_(s)
+    assert plain.keys() == checkpointed.keys()
+    for name, g in plain.items():
+        torch.testing.assert_close(checkpointed[name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_trainer_replays_and_agrees_in_fp32(tmp_path):
+    """``model.router_replay: true``: the sampler records, the update replays, fp32 agrees as without."""
+    from test_mismatch import assert_agree, steps
+
+    assert_agree(steps(tmp_path, ["model.path=tiny-moe", "model.router_replay=true"], n=1))
+
+
+def test_router_replay_needs_a_mixture_of_experts(tmp_path):
+    from medix_fast.config import load_config
+    from medix_fast.errors import ConfigError
+    from medix_fast.train import Trainer
+
+    with pytest.raises(ConfigError, match=r"model\.router_replay: tiny is not a mixture-of-experts"):
+        Trainer(load_config(None, [f"train.output_dir={tmp_path}", "model.router_replay=true", "eval.every=0"]))

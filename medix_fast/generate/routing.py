@@ -44,16 +44,15 @@ class RoutingLog:
             start += len(r.tokens)
 
     def decoded(self, batch: list[Row]) -> None:
-        """After a decode step, before the rows' ``computed`` advance: row i routed x_computed."""
+        """After a decode step: row i routed its next input, x_computed."""
         start = self._append()
         for i, r in enumerate(batch):
-            del self.private.setdefault(r.index, [])[r.computed:]
-            self.private[r.index].append(start + i)
+            self.private.setdefault(r.index, []).append(start + i)
 
     def collect(self, rows: list[Row]) -> list[torch.Tensor]:
         """Each row's (len(prompt) + len(completion) - 1, layers, k) ids, one gather."""
         flat = torch.cat(self.log)  # (logged tokens, layers, k)
-        index = [self.prefix.get(r.group.index, []) + self.private.get(r.index, [])[:len(r.tokens)] for r in rows]
+        index = [self.prefix.get(r.group.index, []) + self.private.get(r.index, []) for r in rows]
         for r, i in zip(rows, index):
             if len(i) != len(r.group.tokens) - 1 + len(r.tokens):
                 raise RuntimeError(f"row {r.index}: routing of {len(i)} inputs recorded for "
