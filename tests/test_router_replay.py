@@ -245,6 +245,16 @@ def test_trainer_replays_and_agrees_in_fp32(tmp_path):
     assert_agree(steps(tmp_path, ["model.path=tiny-moe", "model.router_replay=true"], n=1))
 
 
+def test_vl_moe_trainer_replays_text_and_image_rows_and_agrees_in_fp32(tmp_path):
+    """Qwen3-VL-MoE: image tokens are routed (and recorded) in the prefill like any other."""
+    from test_mismatch import assert_agree, steps
+
+    assert_agree(steps(tmp_path, ["model.path=tiny-vl-moe", "model.router_replay=true",
+                                  "data.train_files=[sample:train, sample:train_vl]", "data.min_pixels=784",
+                                  "data.max_pixels=12544", "train.prompts_per_step=8", "train.mini_batch_prompts=8",
+                                  "sampling.group_size=2", "train.seed=1"], n=1), ("text", "image"))
+
+
 def test_router_replay_needs_a_mixture_of_experts(tmp_path):
     from medix_fast.config import load_config
     from medix_fast.errors import ConfigError
