@@ -122,7 +122,7 @@ def test_record_layout_dtype_and_fp32_agreement(tiny, objective):
     for share in (True, False):
         sel, _ = trainer_selections(objective(model, share_prompt=share), seqs, [0, 1, 2])
         assert_rows_match(sel, out, list(range(3 * G)), share)
-    assert routing_dtype(127) == torch.int8 and routing_dtype(128) == torch.int16
+    assert routing_dtype(128) == torch.int8 and routing_dtype(129) == torch.int16
 
 
 def test_preempted_rows_are_overwritten_by_their_recompute(tiny):

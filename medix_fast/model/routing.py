@@ -15,7 +15,7 @@ experts by the router's own rule: softmax over all experts in fp32, gathered at 
 renormalised over the k when ``norm_topk_prob`` (Qwen3-VL-MoE always), cast back to the logits'
 dtype. So the gradient still reaches the router through the kept experts' logits (as the paper
 does); only the discrete choice is taken from the sampler. Ids are stored as int8 when the model
-has at most 127 experts, else int16 (``footprint.routing_ids_bytes`` plans their memory).
+has at most 128 experts, else int16 (``footprint.routing_ids_bytes`` plans their memory).
 
 A decoder call routes each layer once, in layer order; several calls may share one ``replaying``
 (the update's shared-prompt forward: the prompts, then the completions): call ``j`` of a layer
@@ -34,8 +34,9 @@ from .moe import sparse_blocks, text_config
 
 
 def routing_dtype(num_experts: int) -> torch.dtype:
-    """The narrowest signed integer that holds an expert id (-1 marks "not recorded")."""
-    return torch.int8 if num_experts <= 127 else torch.int16
+    """The narrowest signed integer that holds an expert id, 0 .. num_experts - 1 (-1 marks "not
+    recorded"): int8 up to 128 experts (Qwen3-30B-A3B's), else int16."""
+    return torch.int8 if num_experts <= 128 else torch.int16
 
 
 def _routers(model: nn.Module) -> list[nn.Module]:
