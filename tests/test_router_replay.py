@@ -75,14 +75,14 @@ class Selections:
             h.remove()
 
 
-def trainer_selections(objective, seqs, groups) -> tuple[list[torch.Tensor], torch.Tensor]:
+def trainer_selections(objective, seqs, groups) -> list[torch.Tensor]:
     """The trainer's experts per row at its input positions (len(prompt) + len(completion) - 1,
-    layers, k), read off its forward's layout, and the forward's log-probs."""
+    layers, k), read off its forward's layout."""
     mb = collate(seqs, groups, 0, CPU)
     sel = Selections(objective.model)
     try:
         with torch.no_grad():
-            logp = objective(mb)
+            objective(mb)
     finally:
         sel.remove()
     calls, plen, clen = sel.decoder_calls(), mb.prompt_ids.shape[1], mb.targets.shape[1]
@@ -96,7 +96,7 @@ def trainer_selections(objective, seqs, groups) -> tuple[list[torch.Tensor], tor
             full = calls[0].view(len(mb.rows), plen + clen, *calls[0].shape[1:])[b]
             prompt, comp = full[plen - p:plen], full[plen:plen + c - 1]
         per_row.append(torch.cat([prompt, comp]))
-    return per_row, logp
+    return per_row
 
 
 def assert_rows_match(trainer, out, rows, shared: bool):
@@ -120,7 +120,7 @@ def test_record_layout_dtype_and_fp32_agreement(tiny, objective):
     for r, ids in enumerate(out.routing):
         assert ids.dtype == torch.int8 and ids.shape == (len(prompts[r // G]) + len(out.completion_ids[r]) - 1, 2, k)
     for share in (True, False):
-        sel, _ = trainer_selections(objective(model, share_prompt=share), seqs, [0, 1, 2])
+        sel = trainer_selections(objective(model, share_prompt=share), seqs, [0, 1, 2])
         assert_rows_match(sel, out, list(range(3 * G)), share)
     assert routing_dtype(128) == torch.int8 and routing_dtype(129) == torch.int16
 
@@ -151,10 +151,10 @@ def test_replay_routes_every_token_as_the_sampler_after_the_routers_moved(tiny, 
         with torch.no_grad():
             for w in gates:
                 w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * 0.5)
-        own, _ = trainer_selections(objective(model, share_prompt=share), seqs, [0, 1, 2])
+        own = trainer_selections(objective(model, share_prompt=share), seqs, [0, 1, 2])
         assert sum(not torch.equal(a, b.long()) for a, b in zip(own, out.routing)) > 0
         replay = objective(model, share_prompt=share, router_replay=True)
-        sel, _ = trainer_selections(replay, seqs, [2, 0, 1])
+        sel = trainer_selections(replay, seqs, [2, 0, 1])
         rows = collate(seqs, [2, 0, 1], 0, CPU).rows
         assert_rows_match(sel, out, rows, share)
     finally:
@@ -174,7 +174,7 @@ def test_replay_follows_any_record_to_its_position(tiny, share, objective):
     out.routing = [torch.rand(len(r), 2, e, generator=gen).argsort(-1)[..., :k].to(torch.int8) for r in out.routing]
     seqs = Sequences(seqs.prompt_ids, seqs.completion_ids, seqs.sampling_logprobs, seqs.advantages, G,
                      routing=out.routing)
-    sel, _ = trainer_selections(objective(model, share_prompt=share, router_replay=True), seqs, [1, 2, 0])
+    sel = trainer_selections(objective(model, share_prompt=share, router_replay=True), seqs, [1, 2, 0])
     assert_rows_match(sel, out, collate(seqs, [1, 2, 0], 0, CPU).rows, share)
 
 
