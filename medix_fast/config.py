@@ -40,6 +40,7 @@ class ModelConfig:
     experts_implementation: Literal["auto", "grouped_mm", "batched_mm", "eager"] = "auto"
     train_router: bool = True  # MoE: train the routers (MediX-R1 does) or freeze them
     router_aux_loss_coef: float = 0.0  # MoE load-balancing loss weight; MediX-R1 applies none (0)
+    router_replay: bool = False  # MoE: the update replays the sampler's experts per token (R3, model/routing.py)
 
 
 @dataclass

@@ -55,7 +55,7 @@ from . import distributed as D
 from .config import Config, load_config, save_config
 from .data import PromptLoader, build_prompts, load_examples
 from .data.vision import Vision
-from .errors import ArgumentParser, run_command
+from .errors import ArgumentParser, ConfigError, run_command
 from .eval import Evaluator
 from .export import save_hf_model, write_hf_files
 from .generate import Sampler
@@ -127,6 +127,9 @@ class Trainer:
         self.model.train()
         if is_moe(self.model.config):
             set_router_trainable(self.model, cfg.model.train_router)
+        elif cfg.model.router_replay:
+            raise ConfigError(f"model.router_replay: {cfg.model.path} is not a mixture-of-experts model "
+                              "(it has no routers to replay)")
         vision = None
         if is_vl(self.model):  # images go before the question; the tower trains unless model.train_vision is off
             set_vision_trainable(self.model, cfg.model.train_vision)
@@ -137,7 +140,8 @@ class Trainer:
         self.evaluator = Evaluator.from_config(cfg, self.tokenizer, self.info, vision) if cfg.eval.every else None
 
         self.objective = PolicyObjective(self.model, cfg.sampling.temperature, t.share_prompt,
-                                         cfg.model.router_aux_loss_coef if is_moe(self.model.config) else 0.0)
+                                         cfg.model.router_aux_loss_coef if is_moe(self.model.config) else 0.0,
+                                         cfg.model.router_replay)
         self.wrapped = D.wrap(self.objective, self.model, cfg.distributed.strategy, self.info, dtype)
         autocast = dtype if dev.type == "cuda" and dtype != torch.float32 and not fsdp else None
         o = cfg.optim
@@ -159,7 +163,8 @@ class Trainer:
         world, s = self.info.world, cfg.sampling
         self.sampler = Sampler(self.model, max_num_seqs=s.max_num_seqs, kv_cache_gb=s.kv_cache_gb,
                                gpu_memory_utilization=s.gpu_memory_utilization, block_size=s.block_size,
-                               max_prefill_tokens=s.max_prefill_tokens, dtype=dtype)
+                               max_prefill_tokens=s.max_prefill_tokens, dtype=dtype,
+                               record_routing=cfg.model.router_replay)
         self.loader = PromptLoader(len(self.prompts), t.seed, cfg.data.shuffle, self.info.rank, world)
         reward_fn = build_reward(cfg.rewards, dev, dtype)
         self.rollout = Rollout(self.sampler, reward_fn, self.tokenizer, self.prompts, self.loader, cfg, self.info,

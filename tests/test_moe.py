@@ -495,7 +495,7 @@ def test_30b_update_plan_fits_8_h200_and_names_the_fix():
     offloaded = update_plan(load_config(path, ["rewards.offload=true"]), model_config, int(141e9), 8, REWARD_MODELS)
     assert plan.update_bytes - offloaded.update_bytes == 2 * sum(REWARD_MODELS.values())
     # routing replay's ids: 64 groups x (4352 + 5 x 4096) tokens x 48 layers x 8 experts x 1 byte per GPU
-    assert routing_ids_bytes(cfg, model_config, 8) == 64 * (4352 + 5 * 4096) * 48 * 8 == 610_271_232
+    assert routing_ids_bytes(cfg, model_config, 8) == 64 * 5 * (4352 + 4096) * 48 * 8 == 1_038_090_240
     assert routing_ids_bytes(cfg, AutoConfig.for_model("qwen3", num_hidden_layers=2), 8) == 0
 
 

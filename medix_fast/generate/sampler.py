@@ -52,6 +52,7 @@ from .attention import default_block_size, select_backend
 from .blocks import BlockPool
 from .kv_cache import ATTN_IMPLEMENTATION, KVPool
 from .memory import activation_reserve, kv_budget, kv_bytes_per_token
+from .routing import RoutingLog
 from .runner import Runner
 from .scheduler import Scheduler
 from .sequence import Group, Row
@@ -65,6 +66,7 @@ class SamplerOutput:
     completion_ids: list[list[int]]  # prompt-major: prompt i's sample j at i * n + j
     logprobs: list[torch.Tensor]  # same layout, (len,) fp32 on the model's device
     finish_reasons: list[str]  # "stop" | "length"
+    routing: list[torch.Tensor] | None = None  # record_routing: (len(prompt) + len - 1, layers, k) int8/16 ids
 
 
 @dataclass
@@ -97,12 +99,13 @@ class Sampler:
     block_size: tokens per K/V block (0: 256 with flash-attn, else 16). max_prefill_tokens: tokens
     per prefill forward. dtype: the compute dtype (None: bf16 on CUDA, the weights' dtype on the
     CPU). decode_mode: "eager"; "static" (the fixed-shape step of the CUDA graphs, run eagerly);
-    "cuda_graph"; "auto" = "cuda_graph" on CUDA, else "eager".
+    "cuda_graph"; "auto" = "cuda_graph" on CUDA, else "eager". record_routing (MoE models): also
+    return each token's selected experts per layer (``routing.py``; decodes eagerly).
     """
 
     def __init__(self, model: nn.Module, max_num_seqs: int = 64, kv_cache_gb: float = 1.0,
                  gpu_memory_utilization: float = 0.85, block_size: int = 0, max_prefill_tokens: int = 16384,
-                 dtype: torch.dtype | None = None, decode_mode: str = "auto"):
+                 dtype: torch.dtype | None = None, decode_mode: str = "auto", record_routing: bool = False):
         self.model = unwrap_model(model)
         if max_num_seqs < 1 or max_prefill_tokens < 1:
             raise ValueError(f"need max_num_seqs >= 1 and max_prefill_tokens >= 1, got {max_num_seqs}, "
@@ -121,7 +124,10 @@ class Sampler:
             raise ValueError(f"only full-attention decoders are supported, the model has layer types {sorted(layer_types)}")
         self.max_num_seqs, self.kv_cache_gb, self.utilization = max_num_seqs, kv_cache_gb, gpu_memory_utilization
         self.block_size, self.max_prefill_tokens, self.dtype = block_size, max_prefill_tokens, dtype
-        self.decode_mode = decode_mode
+        if record_routing and decode_mode not in ("auto", "eager"):
+            raise ValueError(f"record_routing decodes eagerly: decode_mode must be auto or eager, got {decode_mode!r}")
+        self.decode_mode = "eager" if record_routing else decode_mode
+        self.record_routing = record_routing
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
         self.pool: KVPool | None = None
         self.stats = EngineStats()
@@ -190,16 +196,22 @@ class Sampler:
                           self.max_num_seqs + GROUP_SLACK)
         self.stats = EngineStats(pool_blocks=pool.num_blocks, block_bytes=pool.nbytes // pool.num_blocks)
         self.blocks = blocks
+        routing = RoutingLog(self.model) if self.record_routing else None
         try:
-            logprob_log = self._loop(sched, runner, decode, params, stops, max_new)
+            logprob_log = self._loop(sched, runner, decode, params, stops, max_new, routing)
         finally:
             sched.release_all()
+            if routing is not None:
+                routing.record.remove()
         self.stats.preemptions = sched.preemptions
         blocks.check_idle()
-        return _collect(rows, logprob_log)
+        out = _collect(rows, logprob_log)
+        if routing is not None:
+            out.routing = routing.collect(rows)
+        return out
 
     def _loop(self, sched: Scheduler, runner: Runner, decode, params: SamplingParams, stops: set[int],
-              max_new: int) -> list[torch.Tensor]:
+              max_new: int, routing: RoutingLog | None = None) -> list[torch.Tensor]:
         """Admit, prefill, decode and sample until every row finished; returns the per-step log-probs."""
         stats, blocks = self.stats, sched.pool
         logprob_log: list[torch.Tensor] = []
@@ -210,12 +222,16 @@ class Sampler:
             if not plan.empty:
                 runner.prefill(plan)
                 stats.prefills += 1
+                if routing is not None:
+                    routing.prefilled(plan)
             batch = sched.decode_batch()
             runner.apply(sched.table_writes)
             if not batch:
                 continue
             inputs = runner.decode_inputs(batch)
             logits = decode(inputs)  # (b, V)
+            if routing is not None:
+                routing.decoded(batch)
             u = uniforms(inputs.row("keys"), inputs.row("steps"))
             tok, lp, fits = sample_tokens(logits, params, u, prefilter)
             host = torch.stack([tok, fits.long()]).tolist()  # the step's one host sync

@@ -154,15 +154,16 @@ class UpdatePlan:
 
 
 def routing_ids_bytes(cfg, model_config, world: int = 8) -> int:
-    """Bytes per GPU of one step's recorded expert choices for routing replay (R3, not wired yet):
-    every token the rollout runs (each group's prompt once, at most ``data.max_prompt_length``,
-    and its G completions of at most ``sampling.max_new_tokens``) times the MoE layers times
-    ``num_experts_per_tok`` ids of 1 byte (int8 up to 128 experts, else 2); 0 for a dense model."""
+    """Bytes per GPU of one step's recorded expert choices for routing replay (R3,
+    ``model/routing.py``), as ``Sequences.routing`` holds them: each of the step's rows its prompt
+    (at most ``data.max_prompt_length``) and completion (at most ``sampling.max_new_tokens``) times
+    the MoE layers times ``num_experts_per_tok`` ids of 1 byte (int8 up to 128 experts, else 2);
+    0 for a dense model."""
     if not is_moe(model_config):
         return 0
     t = text_config(model_config)
-    groups = -(-cfg.train.prompts_per_step // world)
-    tokens = groups * (cfg.data.max_prompt_length + cfg.sampling.group_size * cfg.sampling.max_new_tokens)
+    rows = -(-cfg.train.prompts_per_step // world) * cfg.sampling.group_size
+    tokens = rows * (cfg.data.max_prompt_length + cfg.sampling.max_new_tokens)
     return tokens * t.num_hidden_layers * t.num_experts_per_tok * (1 if t.num_experts <= 128 else 2)
 
 

@@ -3,7 +3,8 @@
 ``Sequences`` holds one rank's sampled groups (group-major: group g's responses are rows
 g*G .. g*G+G-1): the completions as one padded ``(N, C)`` token tensor, their lengths, the
 sampler's log-probs ``(N, C)`` and the advantages ``(N,)``, all on the training device, plus the
-prompts and completions as host token lists (the text side: decoding, rules, counts). ``collate``
+prompts and completions as host token lists (the text side: decoding, rules, counts), and for routing
+replay a mixture-of-experts sampler's recorded experts. ``collate``
 slices whole groups of it into a ``MicroBatch`` with one row gather on the device (each group's
 prompt once, left-padded; its G completions right-padded); ``pack`` groups items under a token
 budget; ``padding_batch`` is the zero-weight micro-batch that keeps ranks in step.
@@ -38,6 +39,9 @@ class Sequences:
     advantages: torch.Tensor  # (N,) float32
     group_size: int
     images: list | None = None  # VL: a medix_fast.data.vision.PixelBatch or None per row (its group's prompt image)
+    # MoE routing replay: per row the sampler's (len(prompt) + len(completion) - 1, layers, k) expert ids
+    # (model/routing.py), padded to (N, W, layers, k) with -1 where it lies
+    routing: torch.Tensor | list | None = None
     tokens: torch.Tensor = field(init=False)  # (N, C) completion tokens, 0 past each row's length
     lengths: list[int] = field(init=False)  # completion tokens per row
 
@@ -53,6 +57,10 @@ class Sequences:
         if self.sampling_logprobs.shape[1] < width:
             raise ValueError(f"sampling_logprobs has {self.sampling_logprobs.shape[1]} columns, the longest "
                              f"completion {width} tokens")
+        if isinstance(self.routing, list):
+            self.routing = torch.nn.utils.rnn.pad_sequence(self.routing, batch_first=True, padding_value=-1)
+        if self.routing is not None and self.routing.shape[0] != len(self.lengths):
+            raise ValueError(f"routing has {self.routing.shape[0]} rows for {len(self.lengths)} completions")
         host = torch.tensor([c + [0] * (width - len(c)) for c in self.completion_ids], dtype=torch.long)
         self.tokens = to_device(host.reshape(len(self.lengths), width), device)  # (N, C)
 
@@ -77,6 +85,11 @@ class MicroBatch:
     image_grid_thw: torch.Tensor | None = None  # (n_images, 3)
     image_patches: list[int] = field(default_factory=list)  # patches per image (host)
     image_rows: torch.Tensor | None = None  # (B,) 1 on the rows whose prompt has an image
+    # routing replay (Sequences.routing): the experts each forward position replays, -1 where none
+    # was recorded (padding, the last completion token): prompt columns as prompt_ids (per row), and
+    # the completion columns as targets (column j: the routing of input targets[j])
+    prompt_routing: torch.Tensor | None = None  # (B, P, layers, k)
+    completion_routing: torch.Tensor | None = None  # (B, C, layers, k)
 
     @property
     def tokens(self) -> int:
@@ -125,12 +138,32 @@ def collate(seqs: Sequences, groups: list[int], pad_id: int, device: torch.devic
     targets = seqs.tokens.index_select(0, index)[:, :clen].masked_fill(mask == 0, pad_id)  # (B, C)
     sampling = seqs.sampling_logprobs.index_select(0, index)[:, :clen].float() * mask  # (B, C)
     pix = [b for b in (seqs.images[k * g] for k in groups) if b is not None] if seqs.images else []
+    routing = _routing(seqs, rows, plen, clen, device) if seqs.routing is not None else (None, None)
     return MicroBatch(rows, prompt_ids, prompt_mask, targets, mask, seqs.advantages.index_select(0, index).float(),
-                      sampling, g, lengths,
+                      sampling, g, lengths, prompt_routing=routing[0], completion_routing=routing[1],
                       pixel_values=to_device(torch.cat([b.pixel_values for b in pix]), device) if pix else None,
                       image_grid_thw=to_device(torch.cat([b.image_grid_thw for b in pix]), device) if pix else None,
                       image_patches=[int(t * h * w) for b in pix for t, h, w in b.image_grid_thw.tolist()],
                       image_rows=image_rows)
+
+
+def _routing(seqs: Sequences, rows: list[int], plen: int, clen: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows' recorded experts in the micro-batch's layout, (B, P, ...) and (B, C, ...): a row's
+    record r (its input positions) sits at prompt column P - len(prompt) + i for i < len(prompt)
+    and at completion column j for r[len(prompt) + j], j < len(completion) - 1; -1 elsewhere.
+    One gather on the device from a host-built index."""
+    width = seqs.routing.shape[1]
+    index = []
+    for r in rows:
+        p, c = len(seqs.prompt_ids[r]), seqs.lengths[r]
+        base = r * width
+        index += [-1] * (plen - p) + [base + i for i in range(p)]
+        index += [base + p + j for j in range(c - 1)] + [-1] * (clen - c + 1)
+    index = to_device(torch.tensor(index, dtype=torch.long), device)  # (B * (P + C),)
+    flat = seqs.routing.reshape(-1, *seqs.routing.shape[2:])  # (N * W, layers, k)
+    ids = flat.index_select(0, index.clamp(min=0)).masked_fill((index < 0)[:, None, None], -1)
+    ids = ids.view(len(rows), plen + clen, *flat.shape[1:])
+    return ids[:, :plen], ids[:, plen:]
 
 
 def padding_batch(template: MicroBatch | None, pad_id: int, device: torch.device) -> MicroBatch:

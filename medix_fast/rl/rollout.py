@@ -37,6 +37,7 @@ class _Draw:
     images: list = field(default_factory=list)  # a medix_fast.data.vision.PixelBatch or None per response
     completion_ids: list[list[int]] = field(default_factory=list)
     logprobs: list[torch.Tensor] = field(default_factory=list)  # (len,) fp32 each, on the sampler's device
+    routing: list[torch.Tensor] | None = None  # MoE routing replay: each response's recorded experts
     rewards: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # (rows,) pieces on the reward device
     truncated: int = 0  # responses cut at max_new_tokens
     sample_s: float = 0.0
@@ -48,6 +49,8 @@ class _Draw:
         self.images += [other.images[r] for r in rows]
         self.completion_ids += [other.completion_ids[r] for r in rows]
         self.logprobs += [other.logprobs[r] for r in rows]
+        if other.routing is not None:
+            self.routing = (self.routing or []) + [other.routing[r] for r in rows]
         if len(rows) == len(other.completion_ids):  # every group: no gather
             for key, value in other.rewards.items():
                 self.rewards.setdefault(key, []).extend(value)
@@ -82,7 +85,8 @@ class Rollout:
 
     def generate(self, ids: list[int], n: int, temperature: float, top_p: float, top_k: int, seed: int):
         """(prompt ids per response, completions, sampling log-probs, finish reasons, images per
-        response), prompt-major; each image is encoded once for its prompt's n responses."""
+        response, recorded routing per response or None), prompt-major; each image is encoded once
+        for its prompt's n responses."""
         prompt_ids = [self.prompts[i].ids for i in ids]
         images = self.pixels(ids)
         out = self.sampler.generate(prompt_ids, n=n, max_new_tokens=self.cfg.sampling.max_new_tokens,
@@ -93,7 +97,7 @@ class Rollout:
         logps = [lp.detach().float() for lp in out.logprobs]  # stay on the device: no per-row copy
         reasons = list(out.finish_reasons)
         return ([p for p in prompt_ids for _ in range(n)], comps, logps, reasons,
-                [b for b in images for _ in range(n)])
+                [b for b in images for _ in range(n)], out.routing)
 
     def score(self, ids: list[int], n: int, comps: list[list[int]]) -> dict[str, torch.Tensor]:
         """Rewards of the decoded completions (stop token dropped) against the prompts' solutions,
@@ -106,11 +110,11 @@ class Rollout:
     def _draw(self, ids: list[int], seed: int) -> _Draw:
         s = self.cfg.sampling
         t0 = time.perf_counter()
-        prompts, comps, logps, reasons, images = self.generate(ids, s.group_size, s.temperature, s.top_p, s.top_k,
-                                                               seed)
+        prompts, comps, logps, reasons, images, routing = self.generate(ids, s.group_size, s.temperature, s.top_p,
+                                                                        s.top_k, seed)
         t1 = time.perf_counter()
         rewards = self.score(ids, s.group_size, comps)
-        return _Draw(prompts, images, comps, logps, {k: [v] for k, v in rewards.items()},
+        return _Draw(prompts, images, comps, logps, routing, {k: [v] for k, v in rewards.items()},
                      truncated=sum(r == "length" for r in reasons), sample_s=t1 - t0,
                      reward_s=time.perf_counter() - t1)
 
@@ -146,7 +150,7 @@ class Rollout:
         adv = group_advantages(rewards["overall"].to(device), g, estimator=a.advantage_estimator) if rows \
             else torch.zeros(0, device=device)  # (rows,) on the device
         seqs = Sequences(kept.prompt_ids[:rows], kept.completion_ids[:rows], pad_rows(kept.logprobs[:rows], device),
-                         adv, g, kept.images[:rows])
+                         adv, g, kept.images[:rows], kept.routing[:rows] if kept.routing is not None else None)
         return seqs, self._metrics(seen, seqs, n_kept, drawn, attempt)
 
     def _informative(self, scores: torch.Tensor, g: int) -> list[int]:

@@ -51,6 +51,7 @@ TOKEN_SUM_LOSSES = ("dapo", "cispo", "vespo")  # divided by num_items_in_batch; 
 from ..model.forward import (continuation_hidden_states, hidden_states, left_pad_positions, lm_head,
                              prompt_hidden_states)
 from ..model.moe import RouterLogits
+from ..model.routing import RouterReplay
 from .batch import MicroBatch, Sequences, collate, pack, padding_batch
 from .mismatch import Mismatch
 
@@ -96,15 +97,19 @@ class PolicyObjective(nn.Module):
     ``router_aux_coef > 0`` (mixture-of-experts models) records the routers' logits in the loss
     forward and returns the model's load-balancing loss over the valid tokens as
     ``metrics["router_aux"]`` (with gradient), which :class:`Updater` weights into the mini-batch.
+    ``router_replay`` routes every token the sampler recorded to its recorded experts
+    (``model/routing.py``: the micro-batch's ``prompt_routing`` / ``completion_routing``).
     """
 
-    def __init__(self, model: nn.Module, temperature: float, share_prompt: bool = True, router_aux_coef: float = 0.0):
+    def __init__(self, model: nn.Module, temperature: float, share_prompt: bool = True, router_aux_coef: float = 0.0,
+                 router_replay: bool = False):
         super().__init__()
         self.model = model
         self.temperature = temperature
         self.share_prompt = share_prompt
         self.router_aux_coef = router_aux_coef
         self.router = RouterLogits(model) if router_aux_coef > 0 else None
+        self.replay = RouterReplay(model) if router_replay else None
 
     def _shares_prompt(self) -> bool:
         return self.share_prompt and not _checkpointing(self.model)
@@ -116,6 +121,23 @@ class PolicyObjective(nn.Module):
         if self._shares_prompt():
             return [mb.prompt_mask * mb.group_size, completion]  # (n_groups, P), (B, C)
         return [torch.cat([mb.prompt_mask.repeat_interleave(mb.group_size, 0), completion], 1)]  # (B, P + C)
+
+    def _replay(self, mb: MicroBatch):
+        """A context replaying the recorded experts in :meth:`_hidden`'s decoder calls, flattened as
+        the routers see their tokens: shared prompt, each group's prompt (its first row's record)
+        then the completions; else the full rows. Without replay (or on a rank's padding
+        micro-batch, which carries none) a null context."""
+        if self.replay is None or (mb.prompt_routing is None and not mb.weight):
+            return contextlib.nullcontext()
+        if mb.prompt_routing is None:
+            raise ValueError("router replay is on but the micro-batch carries no recorded routing "
+                             "(Sampler(record_routing=True) -> Sequences.routing)")
+        prompt, completion = mb.prompt_routing, mb.completion_routing  # (B, P, L, k), (B, C, L, k)
+        if self._shares_prompt():
+            calls = [prompt[::mb.group_size], completion]
+        else:
+            calls = [torch.cat([prompt, completion], 1)]
+        return self.replay.replaying([c.reshape(-1, *c.shape[2:]) for c in calls], keep=_checkpointing(self.model))
 
     def _hidden(self, mb: MicroBatch) -> torch.Tensor:
         """(B, C, H): the final hidden state that predicts each completion token."""
@@ -146,7 +168,7 @@ class PolicyObjective(nn.Module):
         """(loss, metrics) of ``fused_linear_policy_loss``; with ``loss_opts=None`` the (B, C)
         log-probs of the completion tokens instead (zeros at padding)."""
         record = self.router is not None and loss_opts is not None
-        with self.router.recording() if record else contextlib.nullcontext():
+        with self.router.recording() if record else contextlib.nullcontext(), self._replay(mb):
             h = self._hidden(mb)  # (B, C, H)
         weight, bias = lm_head(self.model)
         if loss_opts is None:
