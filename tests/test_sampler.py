@@ -376,6 +376,8 @@ def test_bad_construction():
         Sampler(model, decode_mode="graph")
     with pytest.raises(ValueError, match="block_size"):
         Sampler(model, block_size=24)
+    with pytest.raises(ValueError, match="tl.dot needs 16 tokens"):
+        Sampler(model, block_size=8)
     with pytest.raises(ValueError, match="max_num_seqs"):
         Sampler(model, max_num_seqs=0)
     with pytest.raises(ValueError, match="gpu_memory_utilization"):

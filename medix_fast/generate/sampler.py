@@ -48,7 +48,7 @@ from torch import nn
 
 from ..model.forward import mrope_positions
 from ..model.loading import stop_ids
-from .attention import default_block_size, select_backend
+from .attention import block_size_error, default_block_size, select_backend
 from .blocks import BlockPool
 from .kv_cache import ATTN_IMPLEMENTATION, KVPool
 from .memory import activation_reserve, kv_budget, kv_bytes_per_token
@@ -110,8 +110,8 @@ class Sampler:
         if not 0 < gpu_memory_utilization <= 1 or kv_cache_gb <= 0:
             raise ValueError(f"need 0 < gpu_memory_utilization <= 1 and kv_cache_gb > 0, got "
                              f"{gpu_memory_utilization}, {kv_cache_gb}")
-        if block_size < 0 or block_size & (block_size - 1):
-            raise ValueError(f"block_size must be 0 (auto) or a power of two, got {block_size}")
+        if block_size_error(block_size):
+            raise ValueError(f"block_size {block_size_error(block_size)}")
         if decode_mode not in ("auto", "eager", "static", "cuda_graph"):
             raise ValueError(f"decode_mode must be one of auto, eager, static, cuda_graph; got {decode_mode!r}")
         self.vl = getattr(self.model.config, "image_token_id", None) is not None

@@ -21,6 +21,7 @@ item's length does no loads. Offsets into the pool are 64-bit.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -141,11 +142,41 @@ def _combine_kernel(po_ptr, pm_ptr, pl_ptr, rows_ptr, out_ptr, lse_ptr, prior_o_
     tl.store(lse_ptr + row.to(tl.int64) * H + head, lse, mask=live)
 
 
-def _splits(items: int, kv_heads: int, qchunks: int, max_tokens: int, block_n: int, device: torch.device) -> int:
-    """Splits per item so that about two programs run per SM, at most one per tile of tokens."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+@dataclass(frozen=True)
+class DecodeLaunch:
+    """The tiles, split count and grid ``paged_decode`` launches for one call's shapes (also what
+    ``medix_fast.kernels.compile_check`` compiles for the shipped models)."""
+    r: int  # query heads per kv head
+    group: int  # query rows per item
+    qchunks: int  # query blocks per item
+    splits: int  # programs per (item, query block, kv head) along the tokens
+    block_m: int
+    block_n: int
+    block_d: int
+    exact: bool  # fp32 products (fp32 asked for, or the interpreter)
+
+    def split_grid(self, items: int, kv_heads: int) -> tuple[int, int, int]:
+        return items * self.qchunks, kv_heads, self.splits
+
+
+def decode_launch(items: int, group: int, heads: int, kv_heads: int, dim: int, block_size: int, max_tokens: int,
+                  dtype: torch.dtype, sms: int) -> DecodeLaunch:
+    """The launch of ``paged_decode`` for ``items`` x ``group`` query rows of ``heads`` heads over at
+    most ``max_tokens`` tokens per item on a GPU of ``sms`` SMs: splits so that about two programs run
+    per SM, at most one per tile of tokens. fp32 takes exact fp32 products (``tl.dot``'s default
+    would be TF32); so does the interpreter, whose bf16 dot is wrong."""
+    r = heads // kv_heads
+    block_m = min(MAX_BLOCK_M, max(16, triton.next_power_of_2(group * r)))
+    qchunks = -(-group * r // block_m)
+    block_n = min(block_size, 64)
     wanted = -(-2 * sms // max(1, items * kv_heads * qchunks))
-    return max(1, min(wanted, 16, -(-max_tokens // block_n)))
+    splits = max(1, min(wanted, 16, -(-max_tokens // block_n)))
+    exact = dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+    return DecodeLaunch(r, group, qchunks, splits, block_m, block_n, max(16, triton.next_power_of_2(dim)), exact)
+
+
+def sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
 
 
 def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: torch.Tensor,
@@ -161,28 +192,24 @@ def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, ta
     if heads % kv_heads or k_pool.stride(-1) != 1 or v_pool.stride(-1) != 1 or q.stride(-1) != 1:
         raise ValueError(f"paged_decode: need heads ({heads}) a multiple of kv heads ({kv_heads}) and "
                          f"contiguous head dims")
-    r = heads // kv_heads
-    block_m = min(MAX_BLOCK_M, max(16, triton.next_power_of_2(group * r)))
-    qchunks = -(-group * r // block_m)
-    block_n = min(block_size, 64)
-    block_d = max(16, triton.next_power_of_2(dim))
-    splits = _splits(items, kv_heads, qchunks, table.shape[1] * block_size, block_n, q.device)
-    parts = items * qchunks * kv_heads * splits
-    po = torch.empty(parts, block_m, block_d, dtype=torch.float32, device=q.device)
-    pm = torch.empty(parts, block_m, dtype=torch.float32, device=q.device)
-    pl = torch.empty(parts, block_m, dtype=torch.float32, device=q.device)
+    t = decode_launch(items, group, heads, kv_heads, dim, block_size, table.shape[1] * block_size, q.dtype,
+                      sm_count(q.device))
+    parts = items * t.qchunks * kv_heads * t.splits
+    po = torch.empty(parts, t.block_m, t.block_d, dtype=torch.float32, device=q.device)
+    pm = torch.empty(parts, t.block_m, dtype=torch.float32, device=q.device)
+    pl = torch.empty(parts, t.block_m, dtype=torch.float32, device=q.device)
     table, rows, lens = table.contiguous(), rows.contiguous(), lens.contiguous()
-    grid = (items * qchunks, kv_heads, splits)
-    _split_kernel[grid](q, k_pool, v_pool, table, lens, rows, po, pm, pl, b, scale, q.stride(0), q.stride(1),
-                        k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), v_pool.stride(0), v_pool.stride(1),
-                        v_pool.stride(2), table.stride(0), rows.stride(0),
-                        R=r, GM=group, QCHUNKS=qchunks, SPLITS=splits, BS=block_size, D=dim, BLOCK_M=block_m,
-                        BLOCK_N=block_n, BLOCK_D=block_d, EXACT=os.environ.get("TRITON_INTERPRET") == "1")
+    _split_kernel[t.split_grid(items, kv_heads)](
+        q, k_pool, v_pool, table, lens, rows, po, pm, pl, b, scale, q.stride(0), q.stride(1),
+        k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), v_pool.stride(0), v_pool.stride(1),
+        v_pool.stride(2), table.stride(0), rows.stride(0),
+        R=t.r, GM=group, QCHUNKS=t.qchunks, SPLITS=t.splits, BS=block_size, D=dim, BLOCK_M=t.block_m,
+        BLOCK_N=t.block_n, BLOCK_D=t.block_d, EXACT=t.exact)
     out = torch.zeros(b, heads, dim, dtype=torch.float32, device=q.device)
     lse = torch.full((b, heads), float("-inf"), dtype=torch.float32, device=q.device)
     prior_o, prior_lse = prior if prior is not None else (out, lse)
-    _combine_kernel[(items * qchunks, kv_heads)](po, pm, pl, rows, out, lse, prior_o.contiguous(),
-                                                 prior_lse.contiguous(), b, rows.stride(0), heads,
-                                                 R=r, GM=group, QCHUNKS=qchunks, SPLITS=splits, D=dim, BLOCK_M=block_m,
-                                                 BLOCK_D=block_d, HAS_PRIOR=prior is not None)
+    _combine_kernel[t.split_grid(items, kv_heads)[:2]](
+        po, pm, pl, rows, out, lse, prior_o.contiguous(), prior_lse.contiguous(), b, rows.stride(0), heads,
+        R=t.r, GM=group, QCHUNKS=t.qchunks, SPLITS=t.splits, D=dim, BLOCK_M=t.block_m, BLOCK_D=t.block_d,
+        HAS_PRIOR=prior is not None)
     return out, lse
