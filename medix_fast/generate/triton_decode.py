@@ -30,11 +30,15 @@ import triton.language as tl
 MAX_BLOCK_M = 64  # query rows x heads per program (more: several query chunks per item)
 
 
-@triton.jit
+# Row counts, split counts and index strides change with the batch and the lengths: no binary per value
+_RUNTIME = ["n_rows", "stride_table", "stride_rows", "splits"]
+
+
+@triton.jit(do_not_specialize=_RUNTIME)
 def _split_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, rows_ptr, po_ptr, pm_ptr, pl_ptr,
                   n_rows, scale, stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
-                  stride_vh, stride_table, stride_rows,
-                  R: tl.constexpr, GM: tl.constexpr, QCHUNKS: tl.constexpr, SPLITS: tl.constexpr, BS: tl.constexpr,
+                  stride_vh, stride_table, stride_rows, splits,
+                  R: tl.constexpr, GM: tl.constexpr, QCHUNKS: tl.constexpr, BS: tl.constexpr,
                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   EXACT: tl.constexpr):
     pid = tl.program_id(0)
@@ -42,7 +46,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, rows_ptr, po_ptr, pm
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     length = tl.load(lens_ptr + item)
-    per = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_N) * BLOCK_N
+    per = tl.cdiv(tl.cdiv(length, splits), BLOCK_N) * BLOCK_N
     start = split * per
     end = tl.minimum(length, start + per)
 
@@ -84,17 +88,17 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, rows_ptr, po_ptr, pm
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
-    part = ((item * QCHUNKS + chunk) * tl.num_programs(1) + kvh) * SPLITS + split  # partial index
+    part = ((item * QCHUNKS + chunk) * tl.num_programs(1) + kvh) * splits + split  # partial index
     mm = tl.arange(0, BLOCK_M)
     tl.store(pm_ptr + part.to(tl.int64) * BLOCK_M + mm, m_i)
     tl.store(pl_ptr + part.to(tl.int64) * BLOCK_M + mm, l_i)
     tl.store(po_ptr + (part.to(tl.int64) * BLOCK_M + mm)[:, None] * BLOCK_D + d[None, :], acc)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "stride_rows", "splits"])
 def _combine_kernel(po_ptr, pm_ptr, pl_ptr, rows_ptr, out_ptr, lse_ptr, prior_o_ptr, prior_lse_ptr, n_rows,
-                    stride_rows, H,
-                    R: tl.constexpr, GM: tl.constexpr, QCHUNKS: tl.constexpr, SPLITS: tl.constexpr, D: tl.constexpr,
+                    stride_rows, H, splits,
+                    R: tl.constexpr, GM: tl.constexpr, QCHUNKS: tl.constexpr, D: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_PRIOR: tl.constexpr):
     pid = tl.program_id(0)
     item, chunk = pid // QCHUNKS, pid % QCHUNKS
@@ -109,8 +113,8 @@ def _combine_kernel(po_ptr, pm_ptr, pl_ptr, rows_ptr, out_ptr, lse_ptr, prior_o_
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    for s in range(SPLITS):
-        part = (((item * QCHUNKS + chunk) * tl.num_programs(1) + kvh) * SPLITS + s).to(tl.int64)
+    for s in range(splits):
+        part = (((item * QCHUNKS + chunk) * tl.num_programs(1) + kvh) * splits + s).to(tl.int64)
         ms = tl.load(pm_ptr + part * BLOCK_M + mm)
         ls = tl.load(pl_ptr + part * BLOCK_M + mm)
         os = tl.load(po_ptr + (part * BLOCK_M + mm)[:, None] * BLOCK_D + d[None, :])
@@ -154,6 +158,7 @@ class DecodeLaunch:
     block_n: int
     block_d: int
     exact: bool  # fp32 products (fp32 asked for, or the interpreter)
+    num_warps: int  # 8 for exact fp32 (without tensor cores 4 warps spill at 64 x 128: compile check)
 
     def split_grid(self, items: int, kv_heads: int) -> tuple[int, int, int]:
         return items * self.qchunks, kv_heads, self.splits
@@ -172,7 +177,8 @@ def decode_launch(items: int, group: int, heads: int, kv_heads: int, dim: int, b
     wanted = -(-2 * sms // max(1, items * kv_heads * qchunks))
     splits = max(1, min(wanted, 16, -(-max_tokens // block_n)))
     exact = dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
-    return DecodeLaunch(r, group, qchunks, splits, block_m, block_n, max(16, triton.next_power_of_2(dim)), exact)
+    return DecodeLaunch(r, group, qchunks, splits, block_m, block_n, max(16, triton.next_power_of_2(dim)), exact,
+                        8 if exact else 4)
 
 
 def sm_count(device: torch.device) -> int:
@@ -202,14 +208,14 @@ def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, ta
     _split_kernel[t.split_grid(items, kv_heads)](
         q, k_pool, v_pool, table, lens, rows, po, pm, pl, b, scale, q.stride(0), q.stride(1),
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), v_pool.stride(0), v_pool.stride(1),
-        v_pool.stride(2), table.stride(0), rows.stride(0),
-        R=t.r, GM=group, QCHUNKS=t.qchunks, SPLITS=t.splits, BS=block_size, D=dim, BLOCK_M=t.block_m,
-        BLOCK_N=t.block_n, BLOCK_D=t.block_d, EXACT=t.exact)
+        v_pool.stride(2), table.stride(0), rows.stride(0), t.splits,
+        R=t.r, GM=group, QCHUNKS=t.qchunks, BS=block_size, D=dim, BLOCK_M=t.block_m,
+        BLOCK_N=t.block_n, BLOCK_D=t.block_d, EXACT=t.exact, num_warps=t.num_warps)
     out = torch.zeros(b, heads, dim, dtype=torch.float32, device=q.device)
     lse = torch.full((b, heads), float("-inf"), dtype=torch.float32, device=q.device)
     prior_o, prior_lse = prior if prior is not None else (out, lse)
     _combine_kernel[t.split_grid(items, kv_heads)[:2]](
-        po, pm, pl, rows, out, lse, prior_o.contiguous(), prior_lse.contiguous(), b, rows.stride(0), heads,
-        R=t.r, GM=group, QCHUNKS=t.qchunks, SPLITS=t.splits, D=dim, BLOCK_M=t.block_m, BLOCK_D=t.block_d,
+        po, pm, pl, rows, out, lse, prior_o.contiguous(), prior_lse.contiguous(), b, rows.stride(0), heads, t.splits,
+        R=t.r, GM=group, QCHUNKS=t.qchunks, D=dim, BLOCK_M=t.block_m, BLOCK_D=t.block_d,
         HAS_PRIOR=prior is not None)
     return out, lse
