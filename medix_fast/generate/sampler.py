@@ -153,12 +153,20 @@ class Sampler:
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
         # inference_mode(False) turns grad mode back on, so no_grad must come after it
-        with torch.inference_mode(False), torch.no_grad(), _sampling_mode(self.model), self._autocast():
-            return self._run(prompts, images, n, max_new_tokens, params, set(stops), seed)
+        autocast = self._autocast()
+        try:
+            with torch.inference_mode(False), torch.no_grad(), _sampling_mode(self.model), autocast:
+                return self._run(prompts, images, n, max_new_tokens, params, set(stops), seed)
+        finally:
+            if not isinstance(autocast, contextlib.nullcontext):
+                # The static step (and its CUDA graphs) read autocast's cast copies of the weights,
+                # which autocast frees when the call returns: nothing of it may be replayed later.
+                self._decoder = None
 
     def _autocast(self):
         """The compute dtype for weights kept in another one (DDP's fp32 masters: bf16 on CUDA),
-        for the whole call: autocast's cache then casts each weight once per call, not per step."""
+        for the whole call: autocast's cache then casts each weight once per call, not per step.
+        Its copies live for the call only, so the call's static decoder does too (``generate``)."""
         param = next(self.model.parameters())
         dtype = self._layout(param.device)[2]
         if param.dtype == dtype:
