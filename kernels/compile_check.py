@@ -167,7 +167,7 @@ def decode_launches(sms: int) -> list[Launch]:
                                   ("QCHUNKS", t.qchunks), ("R", t.r))
                         out.append(Launch("split " + label, td._split_kernel, split_args, consts, t.num_warps,
                                           exact=t.exact))
-                        comb_args = (torch.float32, torch.float32, torch.float32, torch.int64, torch.float32,
+                        comb_args = (torch.float32, torch.float32, torch.float32, torch.int32, torch.int64, torch.float32,
                                      torch.float32, torch.float32, torch.float32, bucket, t.group, shape.heads,
                                      t.splits)
                         comb = tuple((k, v) for k, v in consts if k not in ("BLOCK_N", "BS", "EXACT"))

@@ -50,22 +50,17 @@ class DecodeShape:
 
     def launches(self, bucket: int, prompt_len: int, new_len: int, sms: int,
                  dtype: torch.dtype | None = None) -> tuple[tuple[int, DecodeLaunch], tuple[int, DecodeLaunch]]:
-        """(items, launch) of the prompt part and of the own part at batch ``bucket`` with tables as
-        wide as ``prompt_len`` and ``new_len`` tokens."""
+        """(items, launch) of the prompt part and of the own part of the static step at batch
+        ``bucket`` with tables as wide as ``prompt_len`` and ``new_len`` tokens."""
         dtype = dtype or self.dtype
         bs = self.block_size
         prompt_tokens = -(-max(1, prompt_len - 1) // bs) * bs
         own_tokens = -(-new_len // bs) * bs
-        groups = prompt_items(bucket, self.group)
-        prompt = decode_launch(groups, self.group, self.heads, self.kv_heads, self.dim, bs, prompt_tokens, dtype, sms)
+        # the static step's group grid has ``bucket`` slots (any row may be its group's last one
+        # left); the empty ones write and read no partials
+        prompt = decode_launch(bucket, self.group, self.heads, self.kv_heads, self.dim, bs, prompt_tokens, dtype, sms)
         own = decode_launch(bucket, 1, self.heads, self.kv_heads, self.dim, bs, own_tokens, dtype, sms)
-        return (groups, prompt), (bucket, own)
-
-
-def prompt_items(bucket: int, group: int) -> int:
-    """Items of the prompt part in a static step of ``bucket`` rows: the decoder's group grid has
-    ``bucket`` slots (any row may be its group's last one left)."""
-    return bucket
+        return (bucket, prompt), (bucket, own)
 
 
 def config_paths() -> list[Path]:
@@ -109,7 +104,6 @@ def decode_weights(model_config) -> int:
         if "visual" in name:
             continue
         total += 0 if "embed_tokens" in name else p.numel()
-        if "embed_tokens" in name and getattr(model_config.get_text_config(), "tie_word_embeddings", False) or (
-                "embed_tokens" in name and getattr(model_config, "tie_word_embeddings", False)):
+        if "embed_tokens" in name and getattr(model_config, "tie_word_embeddings", False):
             total += p.numel()  # the tied LM head reads it all
     return total

@@ -90,13 +90,14 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, rows_ptr, po_ptr, pm
 
     part = ((item * QCHUNKS + chunk) * tl.num_programs(1) + kvh) * splits + split  # partial index
     mm = tl.arange(0, BLOCK_M)
-    tl.store(pm_ptr + part.to(tl.int64) * BLOCK_M + mm, m_i)
-    tl.store(pl_ptr + part.to(tl.int64) * BLOCK_M + mm, l_i)
-    tl.store(po_ptr + (part.to(tl.int64) * BLOCK_M + mm)[:, None] * BLOCK_D + d[None, :], acc)
+    seen = mm < tl.where(length > 0, BLOCK_M, 0)  # an empty item (a padded group of the static step) writes nothing
+    tl.store(pm_ptr + part.to(tl.int64) * BLOCK_M + mm, m_i, mask=seen)
+    tl.store(pl_ptr + part.to(tl.int64) * BLOCK_M + mm, l_i, mask=seen)
+    tl.store(po_ptr + (part.to(tl.int64) * BLOCK_M + mm)[:, None] * BLOCK_D + d[None, :], acc, mask=seen[:, None])
 
 
 @triton.jit(do_not_specialize=["n_rows", "stride_rows", "splits"])
-def _combine_kernel(po_ptr, pm_ptr, pl_ptr, rows_ptr, out_ptr, lse_ptr, prior_o_ptr, prior_lse_ptr, n_rows,
+def _combine_kernel(po_ptr, pm_ptr, pl_ptr, lens_ptr, rows_ptr, out_ptr, lse_ptr, prior_o_ptr, prior_lse_ptr, n_rows,
                     stride_rows, H, splits,
                     R: tl.constexpr, GM: tl.constexpr, QCHUNKS: tl.constexpr, D: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_PRIOR: tl.constexpr):
@@ -109,15 +110,16 @@ def _combine_kernel(po_ptr, pm_ptr, pl_ptr, rows_ptr, out_ptr, lse_ptr, prior_o_
     live = (g < GM) & (row < n_rows)
     d = tl.arange(0, BLOCK_D)
     mm = tl.arange(0, BLOCK_M)
+    seen = mm < tl.where(tl.load(lens_ptr + item) > 0, BLOCK_M, 0)  # an empty item's partials were never written
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for s in range(splits):
         part = (((item * QCHUNKS + chunk) * tl.num_programs(1) + kvh) * splits + s).to(tl.int64)
-        ms = tl.load(pm_ptr + part * BLOCK_M + mm)
-        ls = tl.load(pl_ptr + part * BLOCK_M + mm)
-        os = tl.load(po_ptr + (part * BLOCK_M + mm)[:, None] * BLOCK_D + d[None, :])
+        ms = tl.load(pm_ptr + part * BLOCK_M + mm, mask=seen, other=float("-inf"))
+        ls = tl.load(pl_ptr + part * BLOCK_M + mm, mask=seen, other=0.0)
+        os = tl.load(po_ptr + (part * BLOCK_M + mm)[:, None] * BLOCK_D + d[None, :], mask=seen[:, None], other=0.0)
         m_new = tl.maximum(m_i, ms)
         m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)  # no -inf - -inf: both weights are then 0
         a = tl.exp(m_i - m_ref)
@@ -215,7 +217,7 @@ def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, ta
     lse = torch.full((b, heads), float("-inf"), dtype=torch.float32, device=q.device)
     prior_o, prior_lse = prior if prior is not None else (out, lse)
     _combine_kernel[t.split_grid(items, kv_heads)[:2]](
-        po, pm, pl, rows, out, lse, prior_o.contiguous(), prior_lse.contiguous(), b, rows.stride(0), heads, t.splits,
+        po, pm, pl, lens, rows, out, lse, prior_o.contiguous(), prior_lse.contiguous(), b, rows.stride(0), heads, t.splits,
         R=t.r, GM=group, QCHUNKS=t.qchunks, D=dim, BLOCK_M=t.block_m, BLOCK_D=t.block_d,
         HAS_PRIOR=prior is not None)
     return out, lse
