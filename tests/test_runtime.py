@@ -164,3 +164,16 @@ def test_reward_plot_reads_at_a_glance():
     fig.canvas.draw()
     for ax in (top, bottom):  # each legend sits beside its panel, over no line
         assert ax.get_legend().get_window_extent().x0 >= ax.get_window_extent().x1
+
+
+def test_cuda_allocator_gets_expandable_segments_unless_the_user_chose(monkeypatch):
+    import os
+
+    from medix_fast.runtime import ALLOC_CONF, set_cuda_allocator
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert set_cuda_allocator("cpu") is None and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert set_cuda_allocator("auto") == ALLOC_CONF == os.environ["PYTORCH_CUDA_ALLOC_CONF"]
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    assert set_cuda_allocator("cuda") == "max_split_size_mb:128" == os.environ["PYTORCH_CUDA_ALLOC_CONF"]
