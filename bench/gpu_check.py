@@ -19,8 +19,8 @@ stops only that part:
   decode   generation throughput of the sampler (``medix_fast.generate.Sampler``, called through
            bench/bench_sampler.py) on a random model of Qwen3-1.7B's shape in bf16, batch 1, 64
            and 256 (groups of 8 past batch 1), 128-token prompts, 64 new tokens, against HF
-           ``generate``: tokens/s, and % of 4.8 TB/s from the bytes a decode step must read
-           (every weight once, plus each row's K/V)
+           ``generate``: tokens/s, and % of the card's HBM bandwidth (bench/device.py) from the
+           bytes a decode step must read (every weight once, plus each row's K/V)
   train    3 steps of ``python -m medix_fast.train`` on a random Qwen3-0.6B-shaped model in bf16
            with ``distributed.strategy=fsdp`` on one GPU (the embedded tiny model's tokenizer,
            whose ids fit the model's vocabulary): step time by phase, peak memory, and the
@@ -55,7 +55,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(ROOT, "bench", "results", "gpu")
 PARTS = {"tests": 170.0, "lm_head": 160.0, "decode": 75.0, "train": 75.0}  # share of the budget, s
 GEMM_PEAK_TFLOPS = 790.0  # bf16 GEMM 8192^3 through PyTorch on the H200 this check targets
-HBM_TBPS = 4.8
+
+
+def hbm_tbps(device: torch.device) -> float:
+    """The card's HBM bandwidth from ``bench/device.py``'s table (NaN off CUDA or for a card not in it)."""
+    from bench.device import device_name, peak_for
+    peak = peak_for(device_name(device)) if device.type == "cuda" else None
+    return peak.tbps if peak else math.nan
 SUBJECT = "medix_fast"
 QWEN3_1_7B = dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
                   num_key_value_heads=8, head_dim=128, vocab_size=151_936)
@@ -88,11 +94,20 @@ def _device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def cuda_test_files() -> list[str]:
+    """The test files with a ``cuda`` mark, the same in the dry run and on the GPU: collecting all of
+    tests/ would import what the GPU machine lacks (trl, datasets) and one collection error stops
+    every test."""
+    tests = os.path.join(ROOT, "tests")
+    return sorted(os.path.join("tests", name) for name in os.listdir(tests) if name.startswith("test_")
+                  and name.endswith(".py") and "mark.cuda" in open(os.path.join(tests, name)).read())
+
+
 def part_tests(dry: bool, deadline: float, emit) -> None:
     """``pytest -m cuda``: one row per test (its outcome), from pytest's JUnit XML."""
     xml = os.path.join(tempfile.mkdtemp(prefix="medix_gpu_check_"), "pytest.xml")
-    target = os.path.join("tests", "test_cuda.py") if dry else "tests"  # dry: only the collection that matters
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", target, "-p", "no:cacheprovider", f"--junitxml={xml}"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", *cuda_test_files(), "-p", "no:cacheprovider",
+           f"--junitxml={xml}"]
     try:
         proc = subprocess.run(cmd, cwd=ROOT, timeout=max(1.0, deadline - time.time()), text=True)
         ending = f"pytest exit {proc.returncode}"
@@ -180,7 +195,7 @@ def part_decode(dry: bool, deadline: float, emit) -> None:
                 continue
             gbps = step_bytes * new / (ms / 1e3) / 1e9
             emit(Row("decode", f"batch {batch}", impl, shape, ms=ms, tok_s=batch * new / (ms / 1e3), gbps=gbps,
-                     pct_hbm=100 * gbps / (HBM_TBPS * 1e3) if device.type == "cuda" else math.nan, peak_gb=peak,
+                     pct_hbm=100 * gbps / (hbm_tbps(device) * 1e3), peak_gb=peak,
                      note="time includes the prefill; bytes: weights + K/V per decode step"))
 
 
@@ -334,7 +349,7 @@ def write_report(out: str, rows: list[Row], meta: dict[str, str]) -> tuple[str, 
     lines = ["# GPU check", ""] + [f"**{k}**: `{v}`  " if k == "command" else f"**{k}**: {v}  " for k, v in meta.items()]
     lines += ["", "_ms: median after warm-up (lm_head: triton.testing.do_bench); TFLOP/s of 6·N·H·V, "
               "TFLOP/s run: recompute included; % of 790 TFLOP/s (bf16 GEMM through PyTorch on the H200); "
-              "% HBM of 4.8 TB/s; peak GB over the inputs_", ""]
+              "% HBM of the card's bandwidth (bench/device.py: H200 4.8, H100 SXM 3.35 TB/s); peak GB over the inputs_", ""]
     for part in dict.fromkeys(r.part for r in rows):
         section = [r for r in rows if r.part == part]
         cols = [c for c in fields[1:] if any(_cell(getattr(r, c)) for r in section)]

@@ -54,17 +54,24 @@ def _group_advantage_kernel(
     tl.store(std_ptr + rows, std, mask=rows < num_groups)
 
 
+def tiles(num_groups: int, group_size: int) -> tuple[int, int, int]:
+    """(groups, responses, warps) per program: a block of at most 2048 rewards, 8 warps above 1024
+    (4 spill registers there: python -m medix_fast.kernels --compile-check)."""
+    block_s = triton.next_power_of_2(group_size)
+    block_g = max(1, min(triton.next_power_of_2(num_groups), 2048 // block_s))
+    return block_g, block_s, 8 if block_g * block_s > 1024 else 4
+
+
 def _launch(rewards: torch.Tensor, group_size: int, estimator: str, eps: float):
     num_groups = rewards.numel() // group_size
     adv = torch.empty(rewards.shape, dtype=torch.float32, device=rewards.device)  # (N,)
     mean = torch.empty(num_groups, dtype=torch.float32, device=rewards.device)  # (G,)
     std = torch.empty_like(mean)  # (G,)
-    block_s = triton.next_power_of_2(group_size)
-    block_g = max(1, min(triton.next_power_of_2(num_groups), 2048 // block_s))
+    block_g, block_s, num_warps = tiles(num_groups, group_size)
     grid = (triton.cdiv(num_groups, block_g),)
     _group_advantage_kernel[grid](
         rewards, adv, mean, std, num_groups, group_size, eps,
-        ESTIMATOR=_ESTIMATOR_ID[estimator], BLOCK_G=block_g, BLOCK_S=block_s,
+        ESTIMATOR=_ESTIMATOR_ID[estimator], BLOCK_G=block_g, BLOCK_S=block_s, num_warps=num_warps,
     )
     return adv, GroupStats(mean, std)
 

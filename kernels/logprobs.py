@@ -105,23 +105,36 @@ class Tiles:
     block_v: int
     block_k: int
     num_warps: int
+    programs_per_sm: int = 1  # resident at once (the compile check verifies it on sm_80 and sm_90)
 
 
-# The tiles the GPU runs (tests/test_logprobs.py runs them under the interpreter too).
+# The tiles the GPU runs (tests/test_logprobs.py runs them under the interpreter too), chosen by
+# ``python -m medix_fast.kernels --compile-check``: no register spill, and the blocks per SM it
+# reports from the compiled binary (1 for each: 255 registers with bf16 wgmma tiles on sm_90, 144 KB
+# of shared memory with tf32) are ``programs_per_sm``, from which ``launch_shape`` splits the
+# vocabulary. fp32 with fp32_precision="ieee" (no tensor cores) has its own (64 x 128 x 64 at 4
+# warps spills); sm_80 (mma.sync, registers for the accumulator and the softmax) smaller ones.
 GPU_TILES = {torch.float32: Tiles(64, 128, 64, 4), torch.bfloat16: Tiles(128, 128, 64, 8),
              torch.float16: Tiles(128, 128, 64, 8)}
+SM80_TILES = {torch.float32: Tiles(64, 128, 32, 8), torch.bfloat16: Tiles(64, 128, 64, 8),
+              torch.float16: Tiles(64, 128, 64, 8)}
+IEEE_TILES = Tiles(64, 128, 32, 8)
+NUM_STAGES = 3
 
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def tiles(dtype: torch.dtype, vocab: int) -> Tiles:
-    """The forward kernel's tiles: ``GPU_TILES``, or under the interpreter (numpy runs each tile)
-    fewer, wider ones."""
+def tiles(dtype: torch.dtype, vocab: int, fp32_precision: str = "tf32", major: int = 9) -> Tiles:
+    """The forward kernel's tiles on a GPU of compute capability ``major``.x: ``GPU_TILES`` (sm_90
+    and later), ``SM80_TILES``, ``IEEE_TILES``; under the interpreter (numpy runs each tile) fewer,
+    wider ones."""
     if interpreting():
         return Tiles(16, 64 if vocab <= 16384 else 1024, 32, 4)
-    return GPU_TILES[dtype]
+    if dtype == torch.float32 and fp32_precision == "ieee":
+        return IEEE_TILES
+    return (GPU_TILES if major >= 9 else SM80_TILES)[dtype]
 
 
 def dot_precision(dtype: torch.dtype, fp32_precision: str) -> str:
@@ -134,11 +147,16 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
+def major(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).major if device.type == "cuda" else 9
+
+
 def launch_shape(n: int, vocab: int, t: Tiles, sms: int) -> tuple[int, int, int]:
     """(splits, vocab per split, row blocks): the vocabulary is split across programs when the
-    row blocks alone cannot give every SM two programs; the grid is (splits, row blocks)."""
+    row blocks alone cannot fill every SM with as many programs as it holds at once
+    (``t.programs_per_sm``); the grid is (splits, row blocks)."""
     row_blocks = triton.cdiv(n, t.block_m)
-    splits = max(1, min(triton.cdiv(2 * sms, row_blocks), triton.cdiv(vocab, 4 * t.block_v)))
+    splits = max(1, min(triton.cdiv(t.programs_per_sm * sms, row_blocks), triton.cdiv(vocab, 4 * t.block_v)))
     v_per_split = triton.cdiv(triton.cdiv(vocab, splits), t.block_v) * t.block_v
     return triton.cdiv(vocab, v_per_split), v_per_split, row_blocks
 
@@ -148,14 +166,14 @@ def _triton_stats(h, w, b, targets, cfg, want_entropy):
     entropy: its two extra sums cost nothing beside the GEMM, so ``want_entropy`` is not needed)."""
     n, hidden = h.shape
     vocab = w.shape[0]
-    t = tiles(h.dtype, vocab)
+    t = tiles(h.dtype, vocab, cfg.fp32_precision, major(h.device))
     splits, v_per_split, row_blocks = launch_shape(n, vocab, t, sm_count(h.device))
     part = torch.empty(4, splits, n, dtype=torch.float32, device=h.device)  # (4, S, n)
     _forward_kernel[(splits, row_blocks)](
         h, w, b if b is not None else h, targets, part[0], part[1], part[2], part[3],
         n, vocab, hidden, h.stride(0), w.stride(0), cfg.inv_temp, v_per_split,
         HAS_BIAS=b is not None, PRECISION=dot_precision(h.dtype, cfg.fp32_precision),
-        BLOCK_M=t.block_m, BLOCK_V=t.block_v, BLOCK_K=t.block_k, num_warps=t.num_warps, num_stages=3,
+        BLOCK_M=t.block_m, BLOCK_V=t.block_v, BLOCK_K=t.block_k, num_warps=t.num_warps, num_stages=NUM_STAGES,
     )
     m, s, pz, zt = part.unbind(0)  # each (S, n)
     top = m.max(dim=0).values  # (n,)

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import yaml
 
 from .errors import ConfigError
+from .generate.attention import block_size_error
 from .generate.tokens import SamplingParams
 from .kernels import LossOptions
 from .rewards import RewardConfig
@@ -394,8 +395,8 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"sampling: need max_num_seqs >= 1, max_prefill_tokens >= 1, kv_cache_gb > 0 and "
                           f"0 < gpu_memory_utilization <= 1; got {s.max_num_seqs}, {s.max_prefill_tokens}, "
                           f"{s.kv_cache_gb}, {s.gpu_memory_utilization}")
-    if s.block_size < 0 or s.block_size & (s.block_size - 1):
-        raise ConfigError(f"sampling.block_size: must be 0 (auto) or a power of two, got {s.block_size}")
+    if block_size_error(s.block_size):
+        raise ConfigError(f"sampling.block_size: {block_size_error(s.block_size)}")
     _kernel_checks(cfg)
     if s.temperature == 0:
         raise ConfigError("sampling.temperature: must be > 0 for RL (0 is greedy: every group has zero variance)")

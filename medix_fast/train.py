@@ -70,8 +70,8 @@ from .rl.rollout import Rollout
 from .rl.update import PolicyObjective, Updater
 from .rollouts_log import rollout_records, show_rollouts, write_rollouts
 from .run_dir import claim_output_dir, set_aside_after
+from .runtime import set_cpu_threads, set_cuda_allocator, setup_logging
 from .wandb_log import WandbSink
-from .runtime import set_cpu_threads, setup_logging
 
 log = logging.getLogger("medix_fast.train")
 
@@ -102,6 +102,7 @@ class Trainer:
     def __init__(self, cfg: Config, resume: str | None = None):
         self.cfg = cfg
         t = cfg.train
+        set_cuda_allocator(t.device)  # before CUDA allocates
         self.info = D.init_distributed(t.device, cfg.distributed.backend, cfg.distributed.strategy)
         self.threads = set_cpu_threads(t.threads, "train.threads")
         self.out = Path(t.output_dir)

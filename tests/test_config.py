@@ -65,6 +65,7 @@ def test_int_accepted_for_float_and_yaml_exponent_string(tmp_path):
     ("sampling.max_num_seqs=0", "sampling"),
     ("sampling.gpu_memory_utilization=1.5", "sampling"),
     ("sampling.block_size=24", "sampling.block_size"),
+    ("sampling.block_size=8", "tl.dot needs 16"),
 ])
 def test_bad_key_or_value_names_the_dotted_key(override, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):

@@ -74,3 +74,20 @@ def test_a_part_past_its_limit_is_stopped_with_its_children(gpu_check, tmp_path)
     assert rows[-1].status.startswith("failed: over its 3 s limit"), rows
     leftover = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True)  # its command names tmp_path
     assert leftover.returncode == 1, leftover.stdout  # nothing of the part survives it
+
+
+def test_tests_part_collects_its_files_without_trl_or_datasets(tmp_path):
+    """The tests part runs the files with a cuda mark, on the GPU and in the dry run alike, and they
+    (and the TRL adapter's tests, skipped) collect with trl and datasets unimportable: the GPU
+    machine has neither, and one collection error would stop every test of the part."""
+    from bench.gpu_check import cuda_test_files
+
+    files = cuda_test_files()
+    assert {os.path.join("tests", "test_cuda.py"), os.path.join("tests", "test_moe.py")} <= set(files)
+    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['trl'] = sys.modules['datasets'] = None\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", "cuda",
+                           *files, os.path.join("tests", "test_integrations_trl.py")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "error" not in proc.stdout.lower(), proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "test_cuda.py::" in proc.stdout

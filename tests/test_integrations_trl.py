@@ -17,8 +17,8 @@ import importlib.util
 
 import pytest
 import torch
-import trl
-from datasets import Dataset
+trl = pytest.importorskip("trl")  # CI installs both (the test extra); the GPU machine has neither
+Dataset = pytest.importorskip("datasets").Dataset
 from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, PhiConfig,
                           PhiForCausalLM, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Config,
                           Qwen2ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)

@@ -264,10 +264,10 @@ from medix_fast.kernels.logprobs import GPU_TILES, HeadGrads, Tiles, dot_precisi
 def test_gpu_tiles_under_the_interpreter(monkeypatch, dtype):
     """The tiles and row-kernel block the GPU runs, at odd sizes (every mask in play: several row
     blocks and vocabulary splits, a partial row block, k-step and vocabulary tile, 2 row-kernel tiles)."""
-    monkeypatch.setattr(logprobs, "tiles", lambda dt, vocab: GPU_TILES[dt])
+    monkeypatch.setattr(logprobs, "tiles", lambda dt, vocab, precision, major: GPU_TILES[dt])
     monkeypatch.setattr(logits_rows, "_block_v", logits_rows.gpu_block_v)
-    monkeypatch.setattr(logprobs, "sm_count", lambda device: 4)
-    splits, _, row_blocks = launch_shape(201, 4133, GPU_TILES[dtype], 4)
+    monkeypatch.setattr(logprobs, "sm_count", lambda device: 8)
+    splits, _, row_blocks = launch_shape(201, 4133, GPU_TILES[dtype], 8)
     assert splits > 1 and row_blocks > 1
     h, w, b, t = _inputs((3, 67), 70, 4133, dtype, bias=True, seed=7)
     t[0, 0] = 4132
@@ -285,17 +285,19 @@ def test_gpu_tiles_under_the_interpreter(monkeypatch, dtype):
 
 
 def test_launch_shape_at_the_target_shape():
-    """N=16,384, H=4,096, V=151,936 bf16 on an H200 (132 SMs): 128 row blocks, the vocabulary in 3
-    splits so every SM gets about 2 programs; splits are whole tiles and cover V."""
+    """N=16,384, H=4,096, V=151,936 bf16 on an H200 (132 SMs): 128 row blocks, the vocabulary in 2
+    splits so every SM gets a program (it holds one: 255 registers, the compile check); splits are
+    whole tiles and cover V."""
+    assert GPU_TILES[torch.bfloat16].programs_per_sm == 1
     splits, per_split, row_blocks = launch_shape(16_384, 151_936, GPU_TILES[torch.bfloat16], 132)
-    assert (splits, row_blocks) == (3, 128)
+    assert (splits, row_blocks) == (2, 128)
     assert per_split % 128 == 0 and (splits - 1) * per_split < 151_936 <= splits * per_split
     assert launch_shape(200_000, 151_936, GPU_TILES[torch.bfloat16], 132)[0] == 1  # tokens alone fill it
 
 
 def test_forward_grid_puts_the_vocabulary_split_on_the_fast_axis(monkeypatch):
     """Grid (splits, row blocks): programs launched together share rows of h (read from L2)."""
-    monkeypatch.setattr(logprobs, "sm_count", lambda device: 8)
+    monkeypatch.setattr(logprobs, "sm_count", lambda device: 16)
     grids = []
     kernel = logprobs._forward_kernel
 
@@ -308,7 +310,7 @@ def test_forward_grid_puts_the_vocabulary_split_on_the_fast_axis(monkeypatch):
     h, w, _, t = _inputs((40,), 24, 1001, torch.float32, bias=False, seed=9)
     with force_backend("triton"), torch.no_grad():
         lp = fused_linear_logprobs(h, w, t)
-    splits, _, row_blocks = launch_shape(40, 1001, logprobs.tiles(torch.float32, 1001), 8)
+    splits, _, row_blocks = launch_shape(40, 1001, logprobs.tiles(torch.float32, 1001), 16)
     assert grids == [(splits, row_blocks)] and splits > 1 and row_blocks > 1 and splits != row_blocks
     torch.testing.assert_close(lp.double(), logprobs_entropy(h.detach(), w.detach(), t)[0], rtol=1e-5, atol=1e-5)
 

@@ -171,3 +171,16 @@ def test_reward_plot_reads_at_a_glance():
         r.update({"mismatch/abs_mean": 1e-7, "mismatch/abs_max": 5e-6, "mismatch/k3_kl": 1e-13})
     third = reward_figure(records).axes[2]  # the mismatch panel, only when logged
     assert {line.get_label() for line in third.get_lines()} >= {"abs_mean", "abs_max", "k3_kl"}
+
+
+def test_cuda_allocator_gets_expandable_segments_unless_the_user_chose(monkeypatch):
+    import os
+
+    from medix_fast.runtime import ALLOC_CONF, set_cuda_allocator
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert set_cuda_allocator("cpu") is None and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert set_cuda_allocator("auto") == ALLOC_CONF == os.environ["PYTORCH_CUDA_ALLOC_CONF"]
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    assert set_cuda_allocator("cuda") == "max_split_size_mb:128" == os.environ["PYTORCH_CUDA_ALLOC_CONF"]

@@ -225,6 +225,31 @@ def test_static_decode_step_matches_eager():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("compute", [torch.bfloat16, None])
+def test_static_decoder_never_outlives_autocasts_weight_copies(monkeypatch, compute):
+    """fp32 weights with a bf16 compute dtype run under autocast, whose bf16 copies of the weights
+    live for one call: a static decoder (its CUDA graphs hold their addresses) built in one call
+    must not serve the next. With the weights in the compute dtype it is kept across calls."""
+    from medix_fast.generate import cuda_graphs
+
+    model = tiny_model("qwen2", torch.float32)
+    sampler = Sampler(model, max_num_seqs=4, decode_mode="static", dtype=compute)
+    used = []
+    step = cuda_graphs.StaticDecoder.__call__
+    monkeypatch.setattr(cuda_graphs.StaticDecoder, "__call__", lambda self, inputs: used.append(self) or step(self, inputs))
+    decoders = []
+    for seed in (1, 2):
+        used.clear()
+        sampler.generate(make_prompts([4, 6]), n=2, max_new_tokens=5, temperature=1.0, seed=seed)
+        assert used and all(d is used[0] for d in used)
+        decoders.append(used[0])  # held: a freed decoder's id could be reused
+    if compute is None:
+        assert decoders[0] is decoders[1] and sampler._decoder is not None
+    else:
+        assert decoders[0] is not decoders[1], "a static decoder built under autocast was replayed by the next call"
+        assert sampler._decoder is None
+
+
 def test_prefill_once_per_prompt_and_finished_rows_leave_the_batch():
     model = tiny_model("qwen2")
     prompts = make_prompts([5, 3, 7])
@@ -385,6 +410,8 @@ def test_bad_construction():
         Sampler(model, decode_mode="graph")
     with pytest.raises(ValueError, match="block_size"):
         Sampler(model, block_size=24)
+    with pytest.raises(ValueError, match="tl.dot needs 16 tokens"):
+        Sampler(model, block_size=8)
     with pytest.raises(ValueError, match="max_num_seqs"):
         Sampler(model, max_num_seqs=0)
     with pytest.raises(ValueError, match="gpu_memory_utilization"):

@@ -1,5 +1,6 @@
 """``python -m medix_fast.generate --plan``: the rollout's memory plan for a training config.
 
+    python -m medix_fast.generate --plan      # the decode step's memory traffic, every shipped config
     python -m medix_fast.generate --plan --config configs/medix_r1_8b_dapo.yaml --device-memory-gb 141
     python -m medix_fast.generate --plan --config configs/medix_r1_8b_dapo.yaml --device-memory-gb 80 \\
         --model-config /ckpt/Qwen3-VL-8B-Instruct --world 8 sampling.max_num_seqs=128
@@ -22,18 +23,23 @@ from pathlib import Path
 from ..config import load_config
 from ..errors import ConfigError
 from ..model.footprint import parameter_counts, update_plan
-from . import memory
+from . import decode_traffic, memory
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m medix_fast.generate", description=__doc__.splitlines()[0])
     p.add_argument("--plan", action="store_true", required=True, help="print the rollout memory plan")
-    p.add_argument("--config", required=True, help="training config YAML")
-    p.add_argument("--device-memory-gb", type=float, required=True, help="memory of one GPU, GB (1e9 bytes)")
+    p.add_argument("--config", help="training config YAML (without: the decode traffic of every shipped config)")
+    p.add_argument("--device-memory-gb", type=float, help="memory of one GPU, GB (1e9 bytes); needed with --config")
     p.add_argument("--world", type=int, default=8, help="GPUs (FSDP shards), default 8")
     p.add_argument("--model-config", default=None, help="checkpoint dir, config.json or known model name")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. sampling.max_num_seqs=128")
     args = p.parse_args(argv)
+    if args.config is None:
+        print(decode_traffic.table())
+        return 0
+    if args.device_memory_gb is None:
+        p.error("--device-memory-gb is needed with --config")
     device_bytes = int(args.device_memory_gb * 1e9)
     try:
         cfg = load_config(args.config, args.overrides)

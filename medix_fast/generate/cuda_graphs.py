@@ -11,7 +11,9 @@ length 0. With ``capture=False`` the same fixed-shape step runs eagerly (the CPU
 
 A graph holds the addresses of the weights, the K/V pool and the tables: the optimizer's in-place
 updates are seen at replay, but new parameter storage (e.g. FSDP2 unsharding into a new buffer)
-or a new pool needs new graphs (``fits`` says no, and the sampler builds a new decoder).
+or a new pool needs new graphs (``fits`` says no, and the sampler builds a new decoder). Under
+autocast (weights not in the compute dtype) they hold autocast's cast copies, which live for one
+``generate`` call: the sampler drops the decoder when such a call returns.
 """
 from __future__ import annotations
 

@@ -48,7 +48,7 @@ from torch import nn
 
 from ..model.forward import mrope_positions
 from ..model.loading import stop_ids
-from .attention import default_block_size, select_backend
+from .attention import block_size_error, default_block_size, select_backend
 from .blocks import BlockPool
 from .kv_cache import ATTN_IMPLEMENTATION, KVPool
 from .memory import activation_reserve, kv_budget, kv_bytes_per_token
@@ -113,8 +113,8 @@ class Sampler:
         if not 0 < gpu_memory_utilization <= 1 or kv_cache_gb <= 0:
             raise ValueError(f"need 0 < gpu_memory_utilization <= 1 and kv_cache_gb > 0, got "
                              f"{gpu_memory_utilization}, {kv_cache_gb}")
-        if block_size < 0 or block_size & (block_size - 1):
-            raise ValueError(f"block_size must be 0 (auto) or a power of two, got {block_size}")
+        if block_size_error(block_size):
+            raise ValueError(f"block_size {block_size_error(block_size)}")
         if decode_mode not in ("auto", "eager", "static", "cuda_graph"):
             raise ValueError(f"decode_mode must be one of auto, eager, static, cuda_graph; got {decode_mode!r}")
         self.vl = getattr(self.model.config, "image_token_id", None) is not None
@@ -159,12 +159,20 @@ class Sampler:
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
         # inference_mode(False) turns grad mode back on, so no_grad must come after it
-        with torch.inference_mode(False), torch.no_grad(), _sampling_mode(self.model), self._autocast():
-            return self._run(prompts, images, n, max_new_tokens, params, set(stops), seed)
+        autocast = self._autocast()
+        try:
+            with torch.inference_mode(False), torch.no_grad(), _sampling_mode(self.model), autocast:
+                return self._run(prompts, images, n, max_new_tokens, params, set(stops), seed)
+        finally:
+            if not isinstance(autocast, contextlib.nullcontext):
+                # The static step (and its CUDA graphs) read autocast's cast copies of the weights,
+                # which autocast frees when the call returns: nothing of it may be replayed later.
+                self._decoder = None
 
     def _autocast(self):
         """The compute dtype for weights kept in another one (DDP's fp32 masters: bf16 on CUDA),
-        for the whole call: autocast's cache then casts each weight once per call, not per step."""
+        for the whole call: autocast's cache then casts each weight once per call, not per step.
+        Its copies live for the call only, so the call's static decoder does too (``generate``)."""
         param = next(self.model.parameters())
         dtype = self._layout(param.device)[2]
         if param.dtype == dtype:

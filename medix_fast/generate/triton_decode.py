@@ -21,6 +21,7 @@ item's length does no loads. Offsets into the pool are 64-bit.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -29,11 +30,15 @@ import triton.language as tl
 MAX_BLOCK_M = 64  # query rows x heads per program (more: several query chunks per item)
 
 
-@triton.jit
+# Row counts, split counts and index strides change with the batch and the lengths: no binary per value
+_RUNTIME = ["n_rows", "stride_table", "stride_rows", "splits"]
+
+
+@triton.jit(do_not_specialize=_RUNTIME)
 def _split_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, rows_ptr, po_ptr, pm_ptr, pl_ptr,
                   n_rows, scale, stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
-                  stride_vh, stride_table, stride_rows,
-                  R: tl.constexpr, GM: tl.constexpr, QCHUNKS: tl.constexpr, SPLITS: tl.constexpr, BS: tl.constexpr,
+                  stride_vh, stride_table, stride_rows, splits,
+                  R: tl.constexpr, GM: tl.constexpr, QCHUNKS: tl.constexpr, BS: tl.constexpr,
                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   EXACT: tl.constexpr):
     pid = tl.program_id(0)
@@ -41,7 +46,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, rows_ptr, po_ptr, pm
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     length = tl.load(lens_ptr + item)
-    per = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_N) * BLOCK_N
+    per = tl.cdiv(tl.cdiv(length, splits), BLOCK_N) * BLOCK_N
     start = split * per
     end = tl.minimum(length, start + per)
 
@@ -83,17 +88,18 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, rows_ptr, po_ptr, pm
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
-    part = ((item * QCHUNKS + chunk) * tl.num_programs(1) + kvh) * SPLITS + split  # partial index
+    part = ((item * QCHUNKS + chunk) * tl.num_programs(1) + kvh) * splits + split  # partial index
     mm = tl.arange(0, BLOCK_M)
-    tl.store(pm_ptr + part.to(tl.int64) * BLOCK_M + mm, m_i)
-    tl.store(pl_ptr + part.to(tl.int64) * BLOCK_M + mm, l_i)
-    tl.store(po_ptr + (part.to(tl.int64) * BLOCK_M + mm)[:, None] * BLOCK_D + d[None, :], acc)
+    seen = mm < tl.where(length > 0, BLOCK_M, 0)  # an empty item (a padded group of the static step) writes nothing
+    tl.store(pm_ptr + part.to(tl.int64) * BLOCK_M + mm, m_i, mask=seen)
+    tl.store(pl_ptr + part.to(tl.int64) * BLOCK_M + mm, l_i, mask=seen)
+    tl.store(po_ptr + (part.to(tl.int64) * BLOCK_M + mm)[:, None] * BLOCK_D + d[None, :], acc, mask=seen[:, None])
 
 
-@triton.jit
-def _combine_kernel(po_ptr, pm_ptr, pl_ptr, rows_ptr, out_ptr, lse_ptr, prior_o_ptr, prior_lse_ptr, n_rows,
-                    stride_rows, H,
-                    R: tl.constexpr, GM: tl.constexpr, QCHUNKS: tl.constexpr, SPLITS: tl.constexpr, D: tl.constexpr,
+@triton.jit(do_not_specialize=["n_rows", "stride_rows", "splits"])
+def _combine_kernel(po_ptr, pm_ptr, pl_ptr, lens_ptr, rows_ptr, out_ptr, lse_ptr, prior_o_ptr, prior_lse_ptr, n_rows,
+                    stride_rows, H, splits,
+                    R: tl.constexpr, GM: tl.constexpr, QCHUNKS: tl.constexpr, D: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_PRIOR: tl.constexpr):
     pid = tl.program_id(0)
     item, chunk = pid // QCHUNKS, pid % QCHUNKS
@@ -104,15 +110,16 @@ def _combine_kernel(po_ptr, pm_ptr, pl_ptr, rows_ptr, out_ptr, lse_ptr, prior_o_
     live = (g < GM) & (row < n_rows)
     d = tl.arange(0, BLOCK_D)
     mm = tl.arange(0, BLOCK_M)
+    seen = mm < tl.where(tl.load(lens_ptr + item) > 0, BLOCK_M, 0)  # an empty item's partials were never written
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    for s in range(SPLITS):
-        part = (((item * QCHUNKS + chunk) * tl.num_programs(1) + kvh) * SPLITS + s).to(tl.int64)
-        ms = tl.load(pm_ptr + part * BLOCK_M + mm)
-        ls = tl.load(pl_ptr + part * BLOCK_M + mm)
-        os = tl.load(po_ptr + (part * BLOCK_M + mm)[:, None] * BLOCK_D + d[None, :])
+    for s in range(splits):
+        part = (((item * QCHUNKS + chunk) * tl.num_programs(1) + kvh) * splits + s).to(tl.int64)
+        ms = tl.load(pm_ptr + part * BLOCK_M + mm, mask=seen, other=float("-inf"))
+        ls = tl.load(pl_ptr + part * BLOCK_M + mm, mask=seen, other=0.0)
+        os = tl.load(po_ptr + (part * BLOCK_M + mm)[:, None] * BLOCK_D + d[None, :], mask=seen[:, None], other=0.0)
         m_new = tl.maximum(m_i, ms)
         m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)  # no -inf - -inf: both weights are then 0
         a = tl.exp(m_i - m_ref)
@@ -141,11 +148,43 @@ def _combine_kernel(po_ptr, pm_ptr, pl_ptr, rows_ptr, out_ptr, lse_ptr, prior_o_
     tl.store(lse_ptr + row.to(tl.int64) * H + head, lse, mask=live)
 
 
-def _splits(items: int, kv_heads: int, qchunks: int, max_tokens: int, block_n: int, device: torch.device) -> int:
-    """Splits per item so that about two programs run per SM, at most one per tile of tokens."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+@dataclass(frozen=True)
+class DecodeLaunch:
+    """The tiles, split count and grid ``paged_decode`` launches for one call's shapes (also what
+    ``medix_fast.kernels.compile_check`` compiles for the shipped models)."""
+    r: int  # query heads per kv head
+    group: int  # query rows per item
+    qchunks: int  # query blocks per item
+    splits: int  # programs per (item, query block, kv head) along the tokens
+    block_m: int
+    block_n: int
+    block_d: int
+    exact: bool  # fp32 products (fp32 asked for, or the interpreter)
+    num_warps: int  # 8 for exact fp32 (without tensor cores 4 warps spill at 64 x 128: compile check)
+
+    def split_grid(self, items: int, kv_heads: int) -> tuple[int, int, int]:
+        return items * self.qchunks, kv_heads, self.splits
+
+
+def decode_launch(items: int, group: int, heads: int, kv_heads: int, dim: int, block_size: int, max_tokens: int,
+                  dtype: torch.dtype, sms: int) -> DecodeLaunch:
+    """The launch of ``paged_decode`` for ``items`` x ``group`` query rows of ``heads`` heads over at
+    most ``max_tokens`` tokens per item on a GPU of ``sms`` SMs: splits so that about two programs run
+    per SM, at most one per tile of tokens. fp32 takes exact fp32 products (``tl.dot``'s default
+    would be TF32); so does the interpreter, whose bf16 dot is wrong."""
+    r = heads // kv_heads
+    block_m = min(MAX_BLOCK_M, max(16, triton.next_power_of_2(group * r)))
+    qchunks = -(-group * r // block_m)
+    block_n = min(block_size, 64)
     wanted = -(-2 * sms // max(1, items * kv_heads * qchunks))
-    return max(1, min(wanted, 16, -(-max_tokens // block_n)))
+    splits = max(1, min(wanted, 16, -(-max_tokens // block_n)))
+    exact = dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+    return DecodeLaunch(r, group, qchunks, splits, block_m, block_n, max(16, triton.next_power_of_2(dim)), exact,
+                        8 if exact else 4)
+
+
+def sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
 
 
 def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: torch.Tensor,
@@ -161,28 +200,24 @@ def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, ta
     if heads % kv_heads or k_pool.stride(-1) != 1 or v_pool.stride(-1) != 1 or q.stride(-1) != 1:
         raise ValueError(f"paged_decode: need heads ({heads}) a multiple of kv heads ({kv_heads}) and "
                          f"contiguous head dims")
-    r = heads // kv_heads
-    block_m = min(MAX_BLOCK_M, max(16, triton.next_power_of_2(group * r)))
-    qchunks = -(-group * r // block_m)
-    block_n = min(block_size, 64)
-    block_d = max(16, triton.next_power_of_2(dim))
-    splits = _splits(items, kv_heads, qchunks, table.shape[1] * block_size, block_n, q.device)
-    parts = items * qchunks * kv_heads * splits
-    po = torch.empty(parts, block_m, block_d, dtype=torch.float32, device=q.device)
-    pm = torch.empty(parts, block_m, dtype=torch.float32, device=q.device)
-    pl = torch.empty(parts, block_m, dtype=torch.float32, device=q.device)
+    t = decode_launch(items, group, heads, kv_heads, dim, block_size, table.shape[1] * block_size, q.dtype,
+                      sm_count(q.device))
+    parts = items * t.qchunks * kv_heads * t.splits
+    po = torch.empty(parts, t.block_m, t.block_d, dtype=torch.float32, device=q.device)
+    pm = torch.empty(parts, t.block_m, dtype=torch.float32, device=q.device)
+    pl = torch.empty(parts, t.block_m, dtype=torch.float32, device=q.device)
     table, rows, lens = table.contiguous(), rows.contiguous(), lens.contiguous()
-    grid = (items * qchunks, kv_heads, splits)
-    _split_kernel[grid](q, k_pool, v_pool, table, lens, rows, po, pm, pl, b, scale, q.stride(0), q.stride(1),
-                        k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), v_pool.stride(0), v_pool.stride(1),
-                        v_pool.stride(2), table.stride(0), rows.stride(0),
-                        R=r, GM=group, QCHUNKS=qchunks, SPLITS=splits, BS=block_size, D=dim, BLOCK_M=block_m,
-                        BLOCK_N=block_n, BLOCK_D=block_d, EXACT=os.environ.get("TRITON_INTERPRET") == "1")
+    _split_kernel[t.split_grid(items, kv_heads)](
+        q, k_pool, v_pool, table, lens, rows, po, pm, pl, b, scale, q.stride(0), q.stride(1),
+        k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), v_pool.stride(0), v_pool.stride(1),
+        v_pool.stride(2), table.stride(0), rows.stride(0), t.splits,
+        R=t.r, GM=group, QCHUNKS=t.qchunks, BS=block_size, D=dim, BLOCK_M=t.block_m,
+        BLOCK_N=t.block_n, BLOCK_D=t.block_d, EXACT=t.exact, num_warps=t.num_warps)
     out = torch.zeros(b, heads, dim, dtype=torch.float32, device=q.device)
     lse = torch.full((b, heads), float("-inf"), dtype=torch.float32, device=q.device)
     prior_o, prior_lse = prior if prior is not None else (out, lse)
-    _combine_kernel[(items * qchunks, kv_heads)](po, pm, pl, rows, out, lse, prior_o.contiguous(),
-                                                 prior_lse.contiguous(), b, rows.stride(0), heads,
-                                                 R=r, GM=group, QCHUNKS=qchunks, SPLITS=splits, D=dim, BLOCK_M=block_m,
-                                                 BLOCK_D=block_d, HAS_PRIOR=prior is not None)
+    _combine_kernel[t.split_grid(items, kv_heads)[:2]](
+        po, pm, pl, lens, rows, out, lse, prior_o.contiguous(), prior_lse.contiguous(), b, rows.stride(0), heads, t.splits,
+        R=t.r, GM=group, QCHUNKS=t.qchunks, D=dim, BLOCK_M=t.block_m, BLOCK_D=t.block_d,
+        HAS_PRIOR=prior is not None)
     return out, lse

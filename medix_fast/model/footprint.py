@@ -96,6 +96,9 @@ def vision_width(config) -> int:
     return 0 if v is None else 6 * v.hidden_size + 2 * v.intermediate_size
 
 
+TARGET = 0.9  # of the device's memory the update may plan for (77.3 of 80 GB left no margin)
+
+
 @dataclasses.dataclass
 class UpdatePlan:
     counts: ParameterCounts
@@ -115,7 +118,8 @@ class UpdatePlan:
 
     @property
     def fits(self) -> bool:
-        return max(self.logprobs_bytes, self.update_bytes) <= self.device_bytes
+        """Both phases within ``TARGET`` of the device (fragmentation and what is not counted take the rest)."""
+        return max(self.logprobs_bytes, self.update_bytes) <= TARGET * self.device_bytes
 
     def misfit(self) -> str:
         """Why it does not fit: the larger phase's biggest term, the GPU that would hold it, and only
