@@ -170,7 +170,8 @@ def _triton_stats(h, w, b, targets, cfg, want_entropy):
     _forward_kernel[(splits, row_blocks)](
         h, w, b if b is not None else h, targets, part[0], part[1], part[2], part[3],
         n, vocab, hidden, h.stride(0), w.stride(0), cfg.inv_temp, cfg.softcap or 1.0, v_per_split,
-        HAS_BIAS=b is not None, HAS_SOFTCAP=cfg.softcap is not None, PRECISION=dot_precision(h.dtype, cfg.fp32_precision),
+        HAS_BIAS=b is not None, HAS_SOFTCAP=cfg.softcap is not None,
+        PRECISION=dot_precision(h.dtype, cfg.fp32_precision),
         BLOCK_M=t.block_m, BLOCK_V=t.block_v, BLOCK_K=t.block_k, num_warps=t.num_warps, num_stages=3,
     )
     m, s, pz, zt = part.unbind(0)  # each (S, n)
