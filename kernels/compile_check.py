@@ -107,23 +107,27 @@ def lm_head_launches(arch: int) -> list[Launch]:
         splits, v_per_split, _ = logprobs.launch_shape(n, vocab, t, sms)
         prec = logprobs.dot_precision(dtype, precision)
         for hidden in LM_HEAD["hidden"]:
-            args = (dtype, dtype, dtype, torch.int64, torch.float32, torch.float32, torch.float32, torch.float32,
-                    n, vocab, hidden, hidden, hidden, 1.0, v_per_split)
-            consts = (("BLOCK_K", t.block_k), ("BLOCK_M", t.block_m), ("BLOCK_V", t.block_v), ("HAS_BIAS", False),
-                      ("PRECISION", prec))
-            out.append(Launch(f"lm_head_fwd {str(dtype)[6:]} {precision} H={hidden} splits={splits}",
-                              logprobs._forward_kernel, args, consts, t.num_warps, logprobs.NUM_STAGES,
-                              exact=prec == "ieee", programs_per_sm=t.programs_per_sm))
+            for softcap in (False, True):  # Gemma-2's final_logit_softcapping compiles its own variant
+                args = (dtype, dtype, dtype, torch.int64, torch.float32, torch.float32, torch.float32, torch.float32,
+                        n, vocab, hidden, hidden, hidden, 1.0, 1.0, v_per_split)
+                consts = (("BLOCK_K", t.block_k), ("BLOCK_M", t.block_m), ("BLOCK_V", t.block_v),
+                          ("HAS_BIAS", False), ("HAS_SOFTCAP", softcap), ("PRECISION", prec))
+                out.append(Launch(f"lm_head_fwd {str(dtype)[6:]} {precision} H={hidden} splits={splits}"
+                                  + (" softcap" if softcap else ""), logprobs._forward_kernel, args, consts,
+                                  t.num_warps, logprobs.NUM_STAGES, exact=prec == "ieee",
+                                  programs_per_sm=t.programs_per_sm))
     block_v = logits_rows.gpu_block_v(vocab)
     out.append(Launch(f"row_stats V={vocab}", logits_rows._row_stats_kernel,
                       (torch.float32, torch.int64, torch.float32, torch.float32, torch.float32, vocab, vocab),
                       (("BLOCK_V", block_v),)))
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for gent in (False, True):
-            args = (torch.float32, dtype, torch.int64, torch.float32, torch.float32, torch.float32, torch.float32,
-                    vocab, vocab, 1.0)
-            out.append(Launch(f"row_grad {str(dtype)[6:]} entropy={gent}", logits_rows._row_grad_kernel, args,
-                              (("BLOCK_V", block_v), ("HAS_GENT", gent))))
+            for softcap in (False, True):
+                args = (torch.float32, dtype, torch.int64, torch.float32, torch.float32, torch.float32, torch.float32,
+                        vocab, vocab, 1.0, 1.0)
+                out.append(Launch(f"row_grad {str(dtype)[6:]} entropy={gent}" + (" softcap" if softcap else ""),
+                                  logits_rows._row_grad_kernel, args,
+                                  (("BLOCK_V", block_v), ("HAS_GENT", gent), ("HAS_SOFTCAP", softcap))))
     return out
 
 

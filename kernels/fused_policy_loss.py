@@ -31,8 +31,8 @@ import torch
 
 from .dispatch import backend_for, debug_checks
 from .logits_rows import row_grad, row_stats
-from .logprobs import (HeadConfig, HeadGrads, cast, check_targets, chunk_logits, chunk_rows, compute_dtype,
-                       fused_linear_logprobs, no_autocast)
+from .logprobs import (HeadConfig, HeadGrads, cast, check_softcap, check_targets, chunk_logits, chunk_rows,
+                       compute_dtype, fused_linear_logprobs, no_autocast)
 from .policy_loss import (aggregation_weights, entropy_keep, entropy_weights, metric_sums, metrics_from_sums,
                           per_token_loss, policy_loss, prepare, weighted_loss)
 
@@ -118,7 +118,7 @@ class _OnePassPolicyLoss(torch.autograd.Function):
             sums = torch.zeros(6, dtype=torch.float32, device=h.device)  # metric_sums
             for c in layout:
                 sl = c.tokens
-                z = chunk_logits(h[sl], w, b, cfg.inv_temp)  # (c, V) fp32
+                z = chunk_logits(h[sl], w, b, cfg.inv_temp, cfg.softcap)  # (c, V) fp32
                 lp, lse, ent = row_stats(z, targets[sl], cfg.triton_path)  # each (c,)
                 logp[sl], entropy[sl] = lp, ent
                 with torch.enable_grad():
@@ -132,7 +132,8 @@ class _OnePassPolicyLoss(torch.autograd.Function):
                     g_lp, g_ent = torch.autograd.grad(part, (lp_leaf, ent_leaf), allow_unused=True)
                 total += part.detach()
                 sums += metric_sums(ratio, dual, kl, ent_grid, adv_grid, mask_grid, o)
-                dz = row_grad(z, targets[sl], lse, ent, g_lp, g_ent, cfg.inv_temp, w.dtype, cfg.triton_path)  # (c, V)
+                dz = row_grad(z, targets[sl], lse, ent, g_lp, g_ent, cfg.inv_temp, w.dtype, cfg.triton_path,
+                              cfg.softcap)  # (c, V)
                 grads.add(dz, h, w, sl)
                 del z, dz  # before the next chunk's logits exist: one (chunk, V) buffer at a time
         ctx.grads = grads.result(dtypes)
@@ -148,7 +149,7 @@ class _OnePassPolicyLoss(torch.autograd.Function):
 def fused_linear_policy_loss(hidden, weight, targets, mask, advantages, old_logprobs=None,
                              ref_logprobs=None, *, bias=None, temperature=1.0, sampling_logprobs=None,
                              compute_entropy=True, chunk_size=None, valid_lengths=None, fp32_precision="tf32",
-                             **opts):
+                             softcap=None, **opts):
     """Policy loss of :func:`policy_loss` computed from ``hidden`` (B, T, H) and ``weight`` (V, H).
 
     Args:
@@ -163,7 +164,7 @@ def fused_linear_policy_loss(hidden, weight, targets, mask, advantages, old_logp
         valid_lengths: optional host sequence of B ints, the number of mask != 0 tokens in each
             row (any positions); with it the call makes no host-device sync. Checked against the
             mask only with ``MEDIX_FAST_DEBUG=1``.
-        fp32_precision: see :func:`fused_linear_logprobs`.
+        fp32_precision, softcap: see :func:`fused_linear_logprobs`.
         **opts: :class:`LossOptions` fields.
 
     Returns:
@@ -177,6 +178,7 @@ def fused_linear_policy_loss(hidden, weight, targets, mask, advantages, old_logp
                          f"got {tuple(hidden.shape)}")
     batch, length, width = hidden.shape
     check_targets(targets, weight.shape[0])
+    check_softcap(softcap)
     lengths = _valid_lengths(maskf, valid_lengths)
     keep = maskf.reshape(-1).nonzero_static(size=sum(lengths)).squeeze(1)  # (n,) valid token positions
 
@@ -192,7 +194,8 @@ def fused_linear_policy_loss(hidden, weight, targets, mask, advantages, old_logp
     if torch.is_grad_enabled() and any(p.requires_grad for p in params):
         cfg = HeadConfig(compute_dtype(hidden), 1.0 / float(temperature),
                          chunk_rows(max(1, h.shape[0]), weight.shape[0], chunk_size, h.device),
-                         backend_for("fused_linear_policy_loss", h) == "triton", fp32_precision)
+                         backend_for("fused_linear_policy_loss", h) == "triton", fp32_precision,
+                         None if softcap is None else float(softcap))
         whole_rows = (o.importance_sampling_level != "token" or o.loss_type == "vespo"
                       or o.off_policy_mask_threshold is not None)  # a sequence's terms in one chunk
         row_of = rank = None
@@ -206,7 +209,7 @@ def fused_linear_policy_loss(hidden, weight, targets, mask, advantages, old_logp
                 with torch.no_grad():
                     _, ent = fused_linear_logprobs(h, weight, t, bias=bias, temperature=temperature,
                                                    return_entropy=True, chunk_size=chunk_size,
-                                                   fp32_precision=fp32_precision)  # (n,)
+                                                   fp32_precision=fp32_precision, softcap=softcap)  # (n,)
                 top = entropy_keep(scatter(ent), maskf, o)
             weights = aggregation_weights(maskf, o)
             per_token = tuple(valid(x) for x in (weights, entropy_weights(maskf, top, o, weights), top, maskf, old,
@@ -217,7 +220,7 @@ def fused_linear_policy_loss(hidden, weight, targets, mask, advantages, old_logp
             return loss, metrics_from_sums(sums, maskf.sum())
     want_entropy = compute_entropy or o.entropy_coef != 0 or o.top_entropy_quantile < 1
     out = fused_linear_logprobs(h, weight, t, bias=bias, temperature=temperature, return_entropy=want_entropy,
-                                chunk_size=chunk_size, fp32_precision=fp32_precision)
+                                chunk_size=chunk_size, fp32_precision=fp32_precision, softcap=softcap)
     logp, ent = out if want_entropy else (out, None)
     if ent is not None:
         ent = scatter(ent if o.entropy_coef != 0 else ent.detach())

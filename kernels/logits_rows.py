@@ -8,7 +8,9 @@ The chunked paths hold at most (chunk, V) logits at a time. For each row (token)
 The entropy is accumulated as log(sum e^(z-m)) - sum p (z-m), two non-negative terms, so large
 logits (a near one-hot distribution) do not cancel it into negative values.
 
-(``z`` already divided by the temperature, ``inv_temp`` the chain rule back to the raw logits).
+(``z`` already divided by the temperature, ``inv_temp`` the chain rule back to the raw logits;
+with a soft-cap ``z = c tanh(raw / c) / T`` the chain rule also takes 1 - tanh^2 = 1 - (z T / c)^2,
+read from ``z`` itself, so no raw logits are kept).
 The Triton kernels stream each row once per pass in ``BLOCK_V`` tiles, in fp32, and write the
 gradient in the dtype of the output buffer (in place over ``z`` when it is fp32); the torch
 functions are the CPU path and the reference. Row offsets are 64-bit (``row * stride``).
@@ -50,7 +52,7 @@ def _row_stats_kernel(z_ptr, tgt_ptr, lse_ptr, logp_ptr, ent_ptr, vocab, stride,
 
 @triton.jit
 def _row_grad_kernel(z_ptr, out_ptr, tgt_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, vocab, stride, inv_temp,
-                     HAS_GENT: tl.constexpr, BLOCK_V: tl.constexpr):
+                     inv_bound, HAS_GENT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0)
     offset = row.to(tl.int64) * stride
     tgt = tl.load(tgt_ptr + row)
@@ -65,6 +67,8 @@ def _row_grad_kernel(z_ptr, out_ptr, tgt_ptr, lse_ptr, ent_ptr, glp_ptr, gent_pt
         if HAS_GENT:
             coef += tl.load(gent_ptr + row) * (z - lse + tl.load(ent_ptr + row))
         dz = tl.where(v0 + cols == tgt, g_lp, 0.0) - p * coef
+        if HAS_SOFTCAP:  # z * inv_bound = tanh(raw / c)
+            dz *= 1.0 - (z * inv_bound) * (z * inv_bound)
         tl.store(out_ptr + offset + v0 + cols, (dz * inv_temp).to(out_ptr.dtype.element_ty), mask=inside)
 
 
@@ -116,21 +120,26 @@ def row_stats(z: torch.Tensor, targets: torch.Tensor, triton_path: bool, entropy
     return logp, lse, ent
 
 
-def row_grad(z, targets, lse, entropy, g_lp, g_ent, inv_temp, out_dtype, triton_path: bool):
+def row_grad(z, targets, lse, entropy, g_lp, g_ent, inv_temp, out_dtype, triton_path: bool, softcap=None):
     """dL/d(raw logits) (n, V): the Triton kernel writes it in ``out_dtype`` (the cast fused into
-    its one pass; in place over ``z`` when fp32), the torch path in fp32 in place over ``z``."""
+    its one pass; in place over ``z`` when fp32), the torch path in fp32 in place over ``z``.
+    ``softcap``: ``z`` is ``c tanh(raw / c) * inv_temp`` (see the module docstring)."""
+    inv_bound = 1.0 if softcap is None else 1.0 / (softcap * inv_temp)  # z * inv_bound = tanh(raw / c)
     if not triton_path:
         for sl in _row_blocks(*z.shape):  # dz = -p * coef, in place of z
+            dcap = None if softcap is None else torch.mul(z[sl], inv_bound).square_().neg_().add_(1)  # (r, V)
             log_p = z[sl].sub_(lse[sl, None])  # (r, V)
             coef = (g_lp[sl] * inv_temp)[:, None]  # (r, 1)
             if g_ent is not None:  # -p (g_lp + g_ent (log p + entropy))
                 coef = torch.mul(log_p, (g_ent[sl] * inv_temp)[:, None]).add_(
                     ((g_lp[sl] + g_ent[sl] * entropy[sl]) * inv_temp)[:, None])  # (r, V)
             log_p.exp_().mul_(coef).neg_()
-        return z.scatter_add_(1, targets[:, None], (g_lp * inv_temp)[:, None])
+            if dcap is not None:  # the target's term first: the cap's factor multiplies all of dz
+                log_p.scatter_add_(1, targets[sl, None], (g_lp[sl] * inv_temp)[:, None]).mul_(dcap)
+        return z if softcap is not None else z.scatter_add_(1, targets[:, None], (g_lp * inv_temp)[:, None])
     n, vocab = z.shape
     out = z if out_dtype == torch.float32 else torch.empty(n, vocab, dtype=out_dtype, device=z.device)
     _row_grad_kernel[(n,)](z, out, targets, lse, entropy, g_lp, g_ent if g_ent is not None else g_lp,
-                           vocab, z.stride(0), inv_temp, HAS_GENT=g_ent is not None,
-                           BLOCK_V=_block_v(vocab))
+                           vocab, z.stride(0), inv_temp, inv_bound, HAS_GENT=g_ent is not None,
+                           HAS_SOFTCAP=softcap is not None, BLOCK_V=_block_v(vocab))
     return out

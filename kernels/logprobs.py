@@ -1,7 +1,10 @@
 """Log-probs (and entropy) straight from hidden states and the LM head, never building logits.
 
-    logp[i]    = log softmax(h_i . W^T + b) / T)[targets_i]             fp32
+    logp[i]    = log softmax(cap(h_i . W^T + b) / T)[targets_i]        fp32
     entropy[i] = -sum_v p_iv log p_iv  of the same tempered distribution   fp32
+
+    cap(z) = c tanh(z / c) with ``softcap=c`` (Gemma-2's final_logit_softcapping), else z; the
+    backward multiplies dL/dcap(z) by 1 - tanh^2(z / c), read back from the capped logits.
 
 Forward, Triton path: one kernel computes logit tiles (BLOCK_M tokens x BLOCK_V vocab) with
 ``tl.dot`` and folds them into an online logsumexp, an online sum of p*z (for the entropy) and
@@ -38,10 +41,21 @@ from .logits_rows import row_grad, row_stats
 
 # ----------------------------------------------------------------------------- Triton kernels
 @triton.jit
-def _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, n_rows, vocab, hidden, stride_h, stride_w, inv_temp,
-                HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+def _tanh(x):
+    """fp32 tanh from exp (the interpreter has no libdevice tanh): a series where |x| < 1/8, since
+    1 - e^(-2|x|) cancels there; no overflow for any x."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    far = (1.0 - e) / (1.0 + e)
+    x2 = x * x
+    near = x * (1.0 - x2 * (1.0 / 3.0 - x2 * (2.0 / 15.0 - x2 * (17.0 / 315.0))))
+    return tl.where(tl.abs(x) < 0.125, near, tl.where(x < 0, -far, far))
+
+
+@triton.jit
+def _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, n_rows, vocab, hidden, stride_h, stride_w, inv_temp, softcap,
+                HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    """z = (h[rows] . W[cols]^T + b[cols]) * inv_temp in fp32; -inf outside the vocabulary."""
+    """z = cap(h[rows] . W[cols]^T + b[cols]) * inv_temp in fp32; -inf outside the vocabulary."""
     acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
     ks = tl.arange(0, BLOCK_K)
     h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_h  # (BM, 1) 64-bit: n * H may pass 2^31
@@ -56,13 +70,15 @@ def _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, n_rows, vocab, hidden, stride_h
         acc = tl.dot(h, w, acc, input_precision=PRECISION)  # the precision only matters for fp32 inputs
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=cols < vocab, other=0.0).to(tl.float32)[None, :]
+    if HAS_SOFTCAP:
+        acc = softcap * _tanh(acc / softcap)  # (BM, BV) in (-c, c)
     return tl.where(cols[None, :] < vocab, acc * inv_temp, float("-inf"))  # (BM, BV)
 
 
 @triton.jit
 def _forward_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, max_ptr, sum_ptr, pz_ptr, zt_ptr,
-                    n_rows, vocab, hidden, stride_h, stride_w, inv_temp, v_per_split,
-                    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                    n_rows, vocab, hidden, stride_h, stride_w, inv_temp, softcap, v_per_split,
+                    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     """Partial (max m, sum e^(z-m), sum e^(z-m)(z-m), target logit) of a token block over a vocab split.
 
@@ -80,7 +96,7 @@ def _forward_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, max_ptr, sum_ptr, pz_ptr, zt_p
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)  # (BV,)
         z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, n_rows, v_end, hidden, stride_h, stride_w, inv_temp,
-                        HAS_BIAS, PRECISION, BLOCK_M, BLOCK_V, BLOCK_K)  # (BM, BV)
+                        softcap, HAS_BIAS, HAS_SOFTCAP, PRECISION, BLOCK_M, BLOCK_V, BLOCK_K)  # (BM, BV)
         m_new = tl.maximum(m, tl.max(z, axis=1))
         scale = tl.exp(m - m_new)
         e = tl.exp(z - m_new[:, None])  # 0 outside the vocabulary
@@ -171,8 +187,9 @@ def _triton_stats(h, w, b, targets, cfg, want_entropy):
     part = torch.empty(4, splits, n, dtype=torch.float32, device=h.device)  # (4, S, n)
     _forward_kernel[(splits, row_blocks)](
         h, w, b if b is not None else h, targets, part[0], part[1], part[2], part[3],
-        n, vocab, hidden, h.stride(0), w.stride(0), cfg.inv_temp, v_per_split,
-        HAS_BIAS=b is not None, PRECISION=dot_precision(h.dtype, cfg.fp32_precision),
+        n, vocab, hidden, h.stride(0), w.stride(0), cfg.inv_temp, cfg.softcap or 1.0, v_per_split,
+        HAS_BIAS=b is not None, HAS_SOFTCAP=cfg.softcap is not None,
+        PRECISION=dot_precision(h.dtype, cfg.fp32_precision),
         BLOCK_M=t.block_m, BLOCK_V=t.block_v, BLOCK_K=t.block_k, num_warps=t.num_warps, num_stages=NUM_STAGES,
     )
     m, s, pz, zt = part.unbind(0)  # each (S, n)
@@ -186,9 +203,10 @@ def _triton_stats(h, w, b, targets, cfg, want_entropy):
 
 
 # ----------------------------------------------------------------------------- torch path
-def chunk_logits(h, w, b, inv_temp):
-    """fp32 logits (n, V) of one chunk, divided by the temperature: fp32 accumulation and output
-    for every dtype (on CUDA the GEMM itself outputs fp32; on CPU low precision is upcast first)."""
+def chunk_logits(h, w, b, inv_temp, softcap=None):
+    """fp32 logits (n, V) of one chunk, capped (``softcap``) and divided by the temperature: fp32
+    accumulation and output for every dtype (on CUDA the GEMM itself outputs fp32; on CPU low
+    precision is upcast first)."""
     if h.dtype != torch.float32:
         if h.is_cuda:
             z = torch.mm(h, w.t(), out_dtype=torch.float32)  # (n, V)
@@ -197,11 +215,13 @@ def chunk_logits(h, w, b, inv_temp):
         z = z if b is None else z.add_(b.float())
     else:
         z = h @ w.t() if b is None else torch.addmm(b, h, w.t())  # (n, V)
+    if softcap is not None:
+        return z.div_(softcap).tanh_().mul_(softcap * inv_temp)  # (n, V) in (-c/T, c/T)
     return z.mul_(inv_temp)
 
 
 def _torch_stats(h, w, b, targets, cfg, want_entropy):
-    return row_stats(chunk_logits(h, w, b, cfg.inv_temp), targets, triton_path=False, entropy=want_entropy,
+    return row_stats(chunk_logits(h, w, b, cfg.inv_temp, cfg.softcap), targets, triton_path=False, entropy=want_entropy,
                      overwrite=True)
 
 
@@ -214,6 +234,7 @@ class HeadConfig:
     chunk: int  # tokens per (chunk, V) fp32 logits buffer
     triton_path: bool
     fp32_precision: str = "tf32"  # the Triton forward's tl.dot for fp32 inputs: "tf32" or "ieee"
+    softcap: float | None = None  # logits capped to c tanh(z / c) before the temperature
 
 
 def compute_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -304,9 +325,9 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         with no_autocast(h):
             for i in range(0, h.shape[0], cfg.chunk):
                 sl = slice(i, i + cfg.chunk)
-                z = chunk_logits(h[sl], w, b, cfg.inv_temp)  # (c, V) fp32, recomputed
+                z = chunk_logits(h[sl], w, b, cfg.inv_temp, cfg.softcap)  # (c, V) fp32, recomputed
                 dz = row_grad(z, targets[sl], lse[sl], ent[sl], g_lp[sl], None if g_ent is None else g_ent[sl],
-                              cfg.inv_temp, w.dtype, cfg.triton_path)  # (c, V)
+                              cfg.inv_temp, w.dtype, cfg.triton_path, cfg.softcap)  # (c, V)
                 grads.add(dz, h, w, sl)
                 del z, dz  # before the next chunk's logits exist: one (chunk, V) buffer at a time
         return (*grads.result(ctx.dtypes), None, None, None)
@@ -322,7 +343,12 @@ def check_targets(targets: torch.Tensor, vocab: int) -> None:
         raise ValueError(f"targets must lie in [0, V={vocab}), found {targets[where].item()} at {where}")
 
 
-def _check(hidden, weight, targets, bias, temperature, fp32_precision) -> None:
+def check_softcap(softcap) -> None:
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be None or > 0, got {softcap}")
+
+
+def _check(hidden, weight, targets, bias, temperature, fp32_precision, softcap=None) -> None:
     if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"hidden (..., H) and weight (V, H) disagree: hidden {tuple(hidden.shape)}, "
                          f"weight {tuple(weight.shape)}")
@@ -337,6 +363,7 @@ def _check(hidden, weight, targets, bias, temperature, fp32_precision) -> None:
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_softcap(softcap)
     if fp32_precision not in ("tf32", "ieee"):
         raise ValueError(f"fp32_precision must be 'tf32' or 'ieee', got {fp32_precision!r}")
     check_targets(targets, weight.shape[0])
@@ -349,15 +376,17 @@ def rows_of(hidden: torch.Tensor) -> torch.Tensor:
 
 
 def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0,
-                          return_entropy=False, chunk_size=None, fp32_precision="tf32"):
-    """Log-probs of ``targets`` under ``softmax((hidden @ weight.T + bias) / temperature)``.
+                          return_entropy=False, chunk_size=None, fp32_precision="tf32", softcap=None):
+    """Log-probs of ``targets`` under ``softmax(cap(hidden @ weight.T + bias) / temperature)``.
 
     Args:
         hidden: (..., H) final hidden states, any float dtype.
         weight: (V, H) LM-head weight; bias: optional (V,).
         targets: (...) integer token ids in [0, V) (checked only with ``MEDIX_FAST_DEBUG=1``: the
             check reads them on the host).
-        temperature: logits are divided by it (sampling temperature).
+        temperature: logits are divided by it (sampling temperature), after the cap.
+        softcap: c of the logit soft-cap ``c * tanh(z / c)`` (Gemma-2/3's ``final_logit_softcapping``);
+            None: no cap.
         return_entropy: also return the per-token entropy of the same distribution.
         chunk_size: tokens per chunk of the backward's (chunk, V) gradient buffer (and of the
             CPU forward); default: ``MEDIX_FAST_CHUNK_MB`` MiB of fp32 logits (256 CPU, 2048 CUDA).
@@ -374,14 +403,15 @@ def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
         logp (...) fp32, and entropy (...) fp32 when ``return_entropy``. Both differentiable
         with respect to ``hidden``, ``weight`` and ``bias``; no (tokens, V) tensor is built.
     """
-    _check(hidden, weight, targets, bias, temperature, fp32_precision)
+    _check(hidden, weight, targets, bias, temperature, fp32_precision, softcap)
     lead = hidden.shape[:-1]
     h = rows_of(hidden)  # (n, H)
     w = weight if weight.stride(-1) == 1 else weight.contiguous()  # (V, H)
     t = targets.reshape(-1).contiguous()  # (n,)
     cfg = HeadConfig(compute_dtype(hidden), 1.0 / float(temperature),
                      chunk_rows(max(1, h.shape[0]), w.shape[0], chunk_size, h.device),
-                     backend_for("fused_linear_logprobs", h) == "triton" and h.shape[0] > 0, fp32_precision)
+                     backend_for("fused_linear_logprobs", h) == "triton" and h.shape[0] > 0, fp32_precision,
+                     None if softcap is None else float(softcap))
     b = None if bias is None else bias.contiguous()  # (V,)
     logp, entropy = _FusedLinearLogprobs.apply(h, w, b, t, bool(return_entropy), cfg)
     logp = logp.view(lead)

@@ -7,11 +7,14 @@ import math
 import torch
 
 
-def logprobs_entropy(hidden, weight, targets, bias=None, temperature=1.0):
-    """Materialised fp64 logits -> (logp, entropy), each hidden.shape[:-1]."""
+def logprobs_entropy(hidden, weight, targets, bias=None, temperature=1.0, softcap=None):
+    """Materialised fp64 logits -> (logp, entropy), each hidden.shape[:-1]; ``softcap``: the logits
+    become softcap * tanh(logits / softcap) before the temperature (transformers' Gemma-2, then TRL)."""
     logits = hidden.double() @ weight.double().t()
     if bias is not None:
         logits = logits + bias.double()
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
     logsm = torch.log_softmax(logits / temperature, dim=-1)
     logp = logsm.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
     entropy = -(logsm.exp() * logsm).sum(-1)

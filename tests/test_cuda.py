@@ -2,7 +2,8 @@
 ``python -m bench --gpu-check`` runs them), each against fp64 or the CPU implementation:
 
 - every Triton kernel (LM-head forward, row statistics, row gradient, group advantages) at the
-  tiles the GPU runs, in bf16 and in fp32 with tf32 and with ieee products, at odd sizes;
+  tiles the GPU runs, in bf16 and in fp32 with tf32 and with ieee products, at odd sizes, and
+  the LM head with a logit soft-cap;
 - the LM head under ``torch.autocast("cuda")`` with fp32 inputs;
 - no host-device sync in the loss path (PyTorch's own sync detector, through tests/syncs.py);
 - element offsets past 2^31 on a real 4 GiB operand;
@@ -17,7 +18,7 @@ from medix_fast.kernels import (force_backend, fused_linear_logprobs, fused_line
 from syncs import count_syncs
 from test_fused_policy_loss import _batch as loss_batch
 from test_fused_policy_loss import _reference as loss_reference
-from test_logprobs import _inputs, _max_err, _reference, _torch_bf16
+from test_logprobs import _inputs, _max_err, _reference, _reference_capped, _torch_bf16
 
 pytestmark = pytest.mark.cuda
 CUDA = torch.device("cuda")
@@ -52,6 +53,20 @@ def test_lm_head_kernels_at_gpu_tiles(dtype, precision, rel, vocab):
         assert torch.isfinite(x).all(), name
         bound = 2 * _max_err(yardstick[i], y) + 1e-6 if rel is None else rel * y.abs().max().item() + 1e-5
         assert _max_err(x, y) <= bound, (name, _max_err(x, y), bound)
+
+
+@pytest.mark.parametrize("precision,rel", [("tf32", 5e-3), ("ieee", 1e-4)])
+def test_lm_head_kernels_with_softcap(precision, rel):
+    """softcap=2 on logits up to ~10x the cap: the forward kernel's tanh and the row-gradient
+    kernel's 1 - tanh^2, compiled, at the GPU tiles and odd sizes, against fp64."""
+    h, w, b, t = _inputs((3, 67), 200, 4133, torch.float32, bias=True, seed=7)
+    h, w, b, t = _cuda(h, (w.detach() * 8).requires_grad_(), b, t)
+    g_lp, g_ent = torch.randn(3, 67, device=CUDA), torch.randn(3, 67, device=CUDA)
+    with force_backend("triton"):
+        ours = _run(h, w, b, t, 0.9, g_lp, g_ent, chunk_size=64, fp32_precision=precision, softcap=2.0)
+    ref = _reference_capped(h, w, b, t, 0.9, 2.0, g_lp, g_ent)
+    for name, x, y in zip(["logp", "entropy", "d_hidden", "d_weight", "d_bias"], ours, ref):
+        assert _max_err(x, y) <= rel * y.abs().max().item() + 1e-5, (name, _max_err(x, y))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

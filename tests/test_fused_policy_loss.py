@@ -309,3 +309,50 @@ def test_trl_options_fp32_matches_fp64(backend, opts, level, chunk_size, monkeyp
     whole_rows = level != "token" or opts["loss_type"] == "vespo" or "off_policy_mask_threshold" in opts
     two_pass = whole_rows and chunk_size is not None and chunk_size < int(mask.sum(-1).max())  # rows > a chunk
     assert len(passes) == int(two_pass or opts.get("top_entropy_quantile", 1) < 1)  # one pass, +1 for the quantile
+
+
+@pytest.mark.parametrize("level,chunk_size", [("token", None), ("token", 3), ("sequence", None), ("sequence", 3)],
+                         ids=["token", "token-chunks", "sequence", "sequence-two-pass"])
+def test_softcap_matches_fp64(backend, level, chunk_size, monkeypatch):
+    """softcap=c (Gemma-2's c tanh(z / c), before the temperature) on logits far past the cap
+    (|z| >> c): loss, entropy metric and the gradients of hidden, weight and bias against fp64
+    materialised capped logits, on the one-pass path, the two-pass path (a sequence longer than a
+    chunk) and without gradients."""
+    import medix_fast.kernels.fused_policy_loss as fpl
+
+    two_pass = []
+    real = fpl.fused_linear_logprobs
+    monkeypatch.setattr(fpl, "fused_linear_logprobs", lambda *a, **k: two_pass.append(1) or real(*a, **k))
+    hidden, weight, targets, mask, adv, _, _ = _batch(3, 7, 33, 1001, torch.float32, seed=21)
+    weight = (weight.detach() * 8).requires_grad_()  # raw logits up to ~80
+    bias = torch.randn(1001, generator=torch.Generator().manual_seed(3)).mul(5).requires_grad_()
+    cap, temperature = 3.0, 0.8
+    noise = torch.randn(2, 3, 7, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        lp, _ = logprobs_entropy(hidden, weight, targets, bias, temperature, softcap=cap)
+    old, ref = (lp + 0.1 * noise[0]).float(), (lp + 0.3 * noise[1]).float()
+    opts = dict(loss_type="dapo", importance_sampling_level=level, beta=0.05, entropy_coef=0.02, clip_ratio_c=3.0)
+    loss, metrics = fused_linear_policy_loss(hidden, weight, targets, mask, adv, old, ref, bias=bias,
+                                             temperature=temperature, softcap=cap, chunk_size=chunk_size, **opts)
+    got = [loss, *torch.autograd.grad(loss, (hidden, weight, bias))]
+    assert bool(two_pass) == (level == "sequence" and chunk_size is not None)
+    leaves = [x.detach().double().requires_grad_() for x in (hidden, weight, bias)]
+    lp64, ent64 = logprobs_entropy(*leaves[:2], targets, leaves[2], temperature, softcap=cap)
+    want_loss, _ = ref_policy_loss(lp64, old, adv, mask, ref=ref, entropy=ent64, **opts)
+    want = [want_loss, *torch.autograd.grad(want_loss, leaves)]
+    for name, x, y in zip(["loss", "d_hidden", "d_weight", "d_bias"], got, want):
+        err = (x.double() - y).abs().max().item()
+        assert err <= 1e-4 * y.abs().max().item() + 1e-7, (name, err)
+    entropy = (ent64 * mask).sum() / mask.sum()
+    assert abs(metrics["entropy"].item() - entropy.item()) <= 1e-5 * (1 + entropy.item())
+    with torch.no_grad():
+        loss2, metrics2 = fused_linear_policy_loss(hidden, weight, targets, mask, adv, old, ref, bias=bias,
+                                                   temperature=temperature, softcap=cap, **opts)
+    assert abs(loss2.item() - want_loss.item()) <= 1e-4 * abs(want_loss.item()) + 1e-7
+    torch.testing.assert_close(metrics2["entropy"], metrics["entropy"], rtol=1e-5, atol=1e-6)
+
+
+def test_bad_softcap():
+    hidden, weight, targets, mask, adv, *_ = _batch(2, 5, 16, 64, torch.float32, seed=1)
+    with pytest.raises(ValueError, match="softcap must be None or > 0"):
+        fused_linear_policy_loss(hidden, weight, targets, mask, adv, softcap=0.0)

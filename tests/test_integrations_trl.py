@@ -422,13 +422,32 @@ def test_unsupported_options_raise_by_name(name, tokenizer, tmp_path):
             make_trainer(tmp_path, qwen2(tokenizer), tokenizer, **overrides)
 
 
-def test_unsupported_models_raise_by_name(tokenizer, tmp_path):
+@pytest.mark.parametrize("scale", [None, 0.37], ids=["gemma2", "gemma2_logit_scale"])
+def test_final_logit_softcapping_equals_trl(scale, tokenizer, tmp_path):
+    """A tiny Gemma-2 whose logits reach well past its cap (the tied embedding scaled up; cap 2):
+    TRL's head computes c tanh(s z / c) / T, the adapter the kernels' softcap c / s at temperature
+    T / s. With a logit scale s (a config attribute TRL's head reads, as for Muse Glimmer) too."""
     torch.manual_seed(0)
-    gemma = Gemma2ForCausalLM(Gemma2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                           num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                           head_dim=16, final_logit_softcapping=30.0))
-    with pytest.raises(ValueError, match="final_logit_softcapping"):
-        make_trainer(tmp_path, gemma, tokenizer)
+    gemma = Gemma2ForCausalLM(Gemma2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, final_logit_softcapping=2.0, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=None, **({} if scale is None else {"logit_scale": scale})))
+    with torch.no_grad():
+        gemma.get_output_embeddings().weight.mul_(150)  # raw logits of several times the cap
+    gemma.save_pretrained(tmp_path / "gemma2")  # beta > 0: TRL loads its reference model from a path
+    trainer = make_trainer(tmp_path, str(tmp_path / "gemma2"), tokenizer, loss_type="dapo", beta=0.04,
+                           entropy_coef=0.05, temperature=0.7)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    inputs = make_batch(trainer)
+    with torch.no_grad():
+        backbone = trainer.model.model(input_ids=inputs["prompt_ids"][:1]).last_hidden_state
+        raw = trainer.model.lm_head(backbone) * (scale or 1.0)
+    assert raw.abs().max() > 5 * 2.0  # the cap acts
+    assert_same(loss_and_grads(ours, trainer, inputs), loss_and_grads(theirs, trainer, inputs))
+
+
+def test_unsupported_models_raise_by_name(tokenizer, tmp_path):
     peft = pytest.importorskip("peft")
     prefix = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
     with pytest.raises(ValueError, match="prompt-learning"):

@@ -358,3 +358,64 @@ def test_dw_accumulates_in_fp32_with_no_vocab_by_hidden_temporary(device, dz_dty
         torch.testing.assert_close(grads.dw.double(), dz.double().t() @ h.double(), rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(grads.dh.double(), (dz.to(w.dtype).double() @ w.double()).bfloat16().double())
         torch.testing.assert_close(grads.db.double(), dz.double().sum(0), rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- logit soft-capping
+def _reference_capped(h, w, b, t, temperature, softcap, g_lp, g_ent):
+    leaves = [x.detach().double().requires_grad_() for x in (h, w, b) if x is not None]
+    hh, ww, bb = (leaves + [None])[:3]
+    lp, ent = logprobs_entropy(hh, ww, t, bb, temperature, softcap=softcap)
+    grads = torch.autograd.grad((lp * g_lp.double()).sum() + (ent * g_ent.double()).sum(), leaves)
+    return [lp, ent, *grads]
+
+
+@pytest.mark.parametrize("lead,hidden,vocab", SHAPES)
+@pytest.mark.parametrize("bias,temperature,softcap,scale", [
+    (True, 0.7, 2.0, 10.0),  # raw |z| up to ~100: most logits on tanh's flat part (|z| >> c)
+    (False, 1.0, 30.0, 1.0),  # Gemma-2's cap, logits mostly inside it (near-linear part, series branch)
+], ids=["saturated", "gemma2"])
+def test_softcap_matches_fp64(backend, lead, hidden, vocab, bias, temperature, softcap, scale):
+    """cap(z) = c tanh(z / c) before the temperature: values and every gradient against fp64
+    materialised logits, with chunks of 4 tokens; the cap changes the values a lot (checked)."""
+    h, w, b, t = _inputs(lead, hidden, vocab, torch.float32, bias)
+    w = (w.detach() * scale).requires_grad_()
+    g_lp, g_ent = torch.randn(lead), torch.randn(lead)
+    ours = _run(h, w, b, t, temperature, g_lp, g_ent, chunk_size=4, softcap=softcap)
+    ref = _reference_capped(h, w, b, t, temperature, softcap, g_lp, g_ent)
+    uncapped = _reference(h, w, b, t, temperature, g_lp, g_ent)
+    for name, x, y, u in zip(["logp", "entropy", "d_hidden", "d_weight", "d_bias"], ours, ref, uncapped):
+        _assert_fp32_close(x, y, name)
+        if scale > 1:
+            assert _max_err(u, y) > 0.1 * y.abs().max().item(), name
+    with torch.no_grad():  # the forward alone (the Triton forward kernel when no gradient is needed)
+        lp, ent = fused_linear_logprobs(h, w, t, bias=b, temperature=temperature, return_entropy=True,
+                                        softcap=softcap)
+    _assert_fp32_close(lp, ref[0], "no_grad logp")
+    _assert_fp32_close(ent, ref[1], "no_grad entropy")
+
+
+def test_softcap_tanh_of_the_triton_kernels():
+    """The kernels' exp-based tanh (the interpreter has no libdevice one) within 4 fp32 ulp of
+    torch's everywhere: around 0 (series), at the branch point 1/8, and far out (no overflow)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def apply(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        tl.store(y_ptr + i, logprobs._tanh(tl.load(x_ptr + i, mask=i < n, other=0.0)), mask=i < n)
+
+    x = torch.cat([torch.linspace(-0.3, 0.3, 301), torch.tensor([0.1249999, 0.125, -0.125, 1e-30, -1e-8, 0.0]),
+                   torch.linspace(-100, 100, 201), torch.tensor([1e4, -1e4, 88.0, -89.0])])
+    y = torch.empty_like(x)
+    apply[(1,)](x, y, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
+    want = torch.tanh(x.double())
+    rel = (y.double() - want).abs() / want.abs().clamp(min=1e-38)
+    assert rel.max() <= 5e-7, (rel.max().item(), x[rel.argmax()].item())
+
+
+def test_bad_softcap():
+    h, w, _, t = _inputs((2,), 8, 10, torch.float32, bias=False)
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="softcap must be None or > 0"):
+            fused_linear_logprobs(h, w, t, softcap=bad)

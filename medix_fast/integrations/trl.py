@@ -34,10 +34,12 @@ TRL's own head). The loss goes through TRL's forward redirection, so DDP/FSDP/De
 wrapper hooks fire; under ZeRO-3 the head is gathered for it, and an FSDP2-sharded head is
 all-gathered (``full_tensor``). Tied heads and PEFT models (weight adapters such as LoRA) work;
 a logit scale (``logit_scale``, ``output_multiplier``, ``lm_head_multiplier``, ``logits_scaling``)
-becomes part of the temperature; VLM inputs (pixel values, grid sizes, ...) go to the backbone.
+becomes part of the temperature; Gemma-2/3's ``final_logit_softcapping`` c goes to the kernels'
+``softcap`` (TRL's c tanh(s z / c) / T is the kernels' c' tanh(z / c') s / T with c' = c / s, the
+scale s applied before the cap as TRL's head does); VLM inputs (pixel values, grid sizes, ...) go to the backbone.
 
 Refused by name, never computed differently (:func:`unsupported_options`, :func:`unsupported_model`):
-``final_logit_softcapping`` (Gemma-2: the head kernels have no tanh cap), ``top_entropy_quantile < 1``
+``top_entropy_quantile < 1``
 on several processes (TRL takes the quantile over every process's tokens, the kernel over its own),
 ``loss_type="vespo"`` with vLLM's importance-sampling correction (TRL puts that ratio inside VESPO's
 sequence weight, not on the loss), ``use_adaptive_entropy`` with ``top_entropy_quantile < 1``, and
@@ -105,8 +107,6 @@ def unsupported_model(model) -> list[str]:
     """What about ``model`` (possibly PEFT-wrapped) this adapter cannot compute, each named."""
     problems = []
     text_config = model.config.get_text_config()
-    if getattr(text_config, "final_logit_softcapping", None) is not None:
-        problems.append(f"final_logit_softcapping={text_config.final_logit_softcapping} (logit soft-capping)")
     if not logit_scale(text_config) > 0:
         problems.append(f"a logit scale of {logit_scale(text_config)} (must be > 0)")
     if is_peft_model(model) and any(getattr(c, "is_prompt_learning", False) for c in model.peft_config.values()):
@@ -258,13 +258,16 @@ class GRPOTrainer(trl.GRPOTrainer):
         if self.importance_sampling_level != "token" and is_deepspeed_zero3_enabled():
             chunk = k  # whole sequences in one chunk: the one-pass path, which needs no weight in backward
         opts = self._loss_options(inputs, mode)
+        text_config = model.config.get_text_config()
+        scale, softcap = logit_scale(text_config), getattr(text_config, "final_logit_softcapping", None)
         with torch.autocast(hidden.device.type, enabled=False), maybe_gather_lm_head_ctx(weight, bias):
             loss, metrics = fused_linear_policy_loss(
                 hidden, weight, completion_ids, mask, advantages, inputs.get("old_per_token_logps"),
                 inputs.get("ref_per_token_logps") if self.beta != 0 else None, bias=bias,
                 sampling_logprobs=inputs.get("sampling_per_token_logps") if self.off_policy_mask_threshold is not None
                 else None,
-                temperature=self.temperature / logit_scale(model.config.get_text_config()), chunk_size=chunk,
+                temperature=self.temperature / scale, softcap=None if softcap is None else softcap / scale,
+                chunk_size=chunk,
                 fp32_precision="tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee",  # TrainingArguments.tf32
                 **opts)
         if opts.get("entropy_aggregation") == "token_mean" and self.top_entropy_quantile >= 1:
