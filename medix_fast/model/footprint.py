@@ -127,7 +127,8 @@ class UpdatePlan:
         phase, terms = (("old log-probs", self.logprobs) if self.logprobs_bytes >= self.update_bytes
                         else ("update", self.update))
         name, size = max({**self.resident, **terms}.items(), key=lambda kv: kv[1])
-        remedies = [f"GPUs of {fitting_gpu(max(self.logprobs_bytes, self.update_bytes))}"]
+        need = max(self.logprobs_bytes, self.update_bytes)
+        remedies = [f"GPUs of {fitting_gpu(need / TARGET)}"]
         if phase == "old log-probs":
             remedies.append("algorithm.old_logprobs=sampler (no unsharded forward)")
         else:
@@ -138,8 +139,9 @@ class UpdatePlan:
             remedies.append("rewards.offload=true")
         if "unsharded" not in name:
             remedies.append("more GPUs")
-        return (f"does NOT fit: the {phase} phase needs {_gb(max(self.logprobs_bytes, self.update_bytes))}; its biggest "
-                f"term is {name} ({_gb(size)}); would fit: {'; '.join(remedies)}")
+        return (f"does NOT fit: the {phase} phase needs {_gb(need)}, over the {TARGET:.0%} planned for "
+                f"({_gb(TARGET * self.device_bytes)} of {_gb(self.device_bytes)}); its biggest term is {name} "
+                f"({_gb(size)}); would fit: {'; '.join(remedies)}")
 
     def table(self) -> str:
         c = self.counts
