@@ -1,8 +1,9 @@
 """The C++ ops of csrc/ (medix_fast.kernels.cpp) on the CPU against the fp64 references.
 
-The policy-loss option table of test_policy_loss.py runs here with the ``cpp`` and ``torch``
-back-ends forced (``auto`` takes ``cpp`` on the CPU once the extension loads); the advantage tests
-take ``cpp`` through the conftest ``backend`` fixture. Run: ``pytest tests/test_cpp_ops.py``.
+The policy-loss option table itself runs on every back-end in test_policy_loss.py; its other
+policy-loss tests run here with the ``cpp`` and ``torch`` back-ends forced (``auto`` takes ``cpp``
+on the CPU once the extension loads); the advantage tests take ``cpp`` through the conftest
+``backend`` fixture. Run: ``pytest tests/test_cpp_ops.py``.
 """
 import logging
 import os
@@ -55,11 +56,6 @@ def forced(request):
 
 
 # --- policy loss --------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("combo", table.COMBOS, ids=lambda c: "-".join(map(str, c)))
-def test_policy_loss_table(forced, combo):
-    table.test_matches_fp64_reference(*combo)
-
 
 @pytest.mark.parametrize("level", ["token", "sequence", "sequence_token"])
 def test_policy_loss_per_token_advantages_and_tis(forced, level):
