@@ -33,6 +33,7 @@ class Mismatch:
     """Device sums of one step's sampler-vs-trainer comparison, per prompt kind."""
 
     def __init__(self, device: torch.device):
+        self.device = device  # the training device, as given (collectives get it, not a tensor's)
         self.sums = torch.zeros(len(KINDS), len(SUMS), dtype=torch.float64, device=device)  # (2, 9)
         self.max = torch.zeros(len(KINDS), dtype=torch.float64, device=device)  # (2,)
 
@@ -52,7 +53,7 @@ class Mismatch:
     def scalars(self, world: int) -> dict[str, torch.Tensor]:
         """The sums as named 0-dim device tensors for a ``sum`` reduction over ``world`` ranks (the
         maxima all-reduced with ``max`` on the device, then divided by ``world``)."""
-        top = D.all_reduce(self.max.clone(), self.max.device, "max") / world
+        top = D.all_reduce(self.max.clone(), self.device, "max") / world
         out = {f"mismatch:{k}:{s}": self.sums[i, j] for i, k in enumerate(KINDS) for j, s in enumerate(SUMS)}
         out.update({f"mismatch:{k}:max": top[i] for i, k in enumerate(KINDS)})
         return out
