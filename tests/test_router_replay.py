@@ -129,10 +129,11 @@ def test_preempted_rows_are_overwritten_by_their_recompute(tiny):
     """A pool so small that rows are preempted and recomputed: the same record (shape and ids) as
     an unconstrained call; the recompute overwrites, never duplicates."""
     model, prompts = tiny
-    free, _ = sample(model, prompts)
-    tight = Sampler(model, record_routing=True, max_num_seqs=G * 3, block_size=4,  # 22 blocks of the 63 it could use
-                    kv_cache_gb=22 * 4 * kv_bytes_per_token(model.config, model.dtype) / 2**30)
-    out = tight.generate(prompts, n=G, max_new_tokens=12, temperature=1.0, stop_token_ids=[], seed=3)
+    kw = dict(n=G, max_new_tokens=40, temperature=1.0, stop_token_ids=[], seed=3)  # rows cross block boundaries
+    free = Sampler(model, record_routing=True).generate(prompts, **kw)
+    tight = Sampler(model, record_routing=True, max_num_seqs=G * 3, block_size=16,  # 8 blocks of 16 tokens
+                    kv_cache_gb=8 * 16 * kv_bytes_per_token(model.config, model.dtype) / 2**30)
+    out = tight.generate(prompts, **kw)
     assert tight.stats.preemptions > 0
     assert out.completion_ids == free.completion_ids
     for a, b in zip(out.routing, free.routing):
