@@ -126,3 +126,20 @@ def count_syncs():
             record.where.append(f"CUDA sync: {w.message} ({os.path.relpath(w.filename)}:{w.lineno})")
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def count_decode_loop(monkeypatch) -> dict:
+    """Count the host syncs of ``Sampler._loop`` (the decode loop) from now on: the returned dict
+    holds the last call's :class:`SyncCount` under ``"syncs"``."""
+    from medix_fast.generate import Sampler
+
+    original, counted = Sampler._loop, {}
+
+    def counting(self, *args):
+        with count_syncs() as c:
+            result = original(self, *args)
+        counted["syncs"] = c
+        return result
+
+    monkeypatch.setattr(Sampler, "_loop", counting)
+    return counted

@@ -18,7 +18,7 @@ from medix_fast.generate.blocks import BlockPool
 from medix_fast.generate.memory import kv_bytes_per_token
 from medix_fast.generate.scheduler import Scheduler
 from medix_fast.generate.sequence import Group, Row
-from syncs import count_syncs
+from syncs import count_decode_loop
 from test_sampler import ARCHS, VOCAB, hf_greedy, make_prompts, one_thread, tiny_model  # noqa: F401 (fixture)
 
 LENGTHS = [5, 1, 17, 16, 33, 2, 15, 9]  # mixed, across block boundaries of 16, one single-token prompt
@@ -253,15 +253,7 @@ def test_max_new_tokens_reached_by_all_rows_or_by_none():
 def test_decode_loop_syncs_once_per_step(prompts_n, n, monkeypatch):
     """The decode loop reads the device once per step (the sampled tokens), whatever the rows."""
     model = tiny_model("qwen2", torch.float32)
-    original, counted = Sampler._loop, {}
-
-    def counting(self, *args):
-        with count_syncs() as c:
-            result = original(self, *args)
-        counted["syncs"] = c
-        return result
-
-    monkeypatch.setattr(Sampler, "_loop", counting)
+    counted = count_decode_loop(monkeypatch)
     sampler = Sampler(model, max_num_seqs=8, kv_cache_gb=pool_gb(model, 12))
     sampler.generate(make_prompts(LENGTHS[:prompts_n]), n=n, max_new_tokens=20, temperature=1.0,
                      stop_token_ids=[3, 5], seed=0)

@@ -267,18 +267,10 @@ def test_router_replay_needs_a_mixture_of_experts(tmp_path):
 
 def test_recording_adds_no_host_sync_to_the_decode_loop(tiny, monkeypatch):
     """The records stay on the device: still one host read per decode step."""
-    from syncs import count_syncs
+    from syncs import count_decode_loop
 
     model, prompts = tiny
-    original, counted = Sampler._loop, {}
-
-    def counting(self, *args):
-        with count_syncs() as c:
-            result = original(self, *args)
-        counted["syncs"] = c
-        return result
-
-    monkeypatch.setattr(Sampler, "_loop", counting)
+    counted = count_decode_loop(monkeypatch)
     sampler = Sampler(model, max_num_seqs=4, record_routing=True)
     sampler.generate(prompts, n=2, max_new_tokens=6, temperature=1.0, stop_token_ids=[], seed=0)
     assert counted["syncs"].count == sampler.stats.steps > 0, counted["syncs"].where[:5]
