@@ -75,13 +75,15 @@ def _compiler() -> str:
 
 def extension_name() -> str:
     """The extension's name, a digest of everything that makes the binary: the sources, the torch
-    build and C++ ABI it links against, the Python, the compiler and the flags. Two checkouts,
+    build (version and install location) and C++ ABI it links against, the Python, the compiler and the flags. Two checkouts,
     branches or virtualenvs on one machine each keep their own build, never rebuilding over another's."""
     digest = hashlib.sha256()
     for path in sorted([*_sources(), *CSRC.glob("*.h")]):
         digest.update(path.read_bytes())
-    digest.update(repr((torch.__version__, torch.compiled_with_cxx11_abi(), sys.implementation.cache_tag,
-                        _compiler(), CFLAGS, LDFLAGS)).encode())
+    # torch's install location too: its include paths are build arguments, so a second virtualenv with
+    # the same torch would otherwise bump and rebuild the shared name at every switch
+    digest.update(repr((torch.__version__, os.path.dirname(torch.__file__), torch.compiled_with_cxx11_abi(),
+                        sys.implementation.cache_tag, _compiler(), CFLAGS, LDFLAGS)).encode())
     return "medix_fast_C_" + digest.hexdigest()[:10]
 
 

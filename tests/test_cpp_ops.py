@@ -294,7 +294,7 @@ def test_compiles_as_one_graph(forced, level):
 
 
 
-@pytest.mark.parametrize("change", ["torch", "abi", "compiler", "cflags", "ldflags"])
+@pytest.mark.parametrize("change", ["torch", "venv", "abi", "compiler", "cflags", "ldflags"])
 def test_build_is_keyed_on_what_makes_the_binary(monkeypatch, change):
     """Two virtualenvs with another torch build, compiler or flags keep two builds (no eviction, no
     rebuild at every switch); the same environment names its own build again."""
@@ -302,6 +302,8 @@ def test_build_is_keyed_on_what_makes_the_binary(monkeypatch, change):
     assert cpp.extension_name() == base
     if change == "torch":
         monkeypatch.setattr(torch, "__version__", torch.__version__ + ".other")
+    elif change == "venv":  # the same torch in another virtualenv
+        monkeypatch.setattr(torch, "__file__", "/elsewhere/site-packages/torch/__init__.py")
     elif change == "abi":
         monkeypatch.setattr(torch, "compiled_with_cxx11_abi", lambda: not torch._C._GLIBCXX_USE_CXX11_ABI)
     elif change == "compiler":
