@@ -1,8 +1,8 @@
 """The README and docs/ as a newcomer reads them.
 
-The README stays a start (at most 300 lines, the two commands first, wrapped lines); every relative
-link of README.md and docs/*.md, anchors included, reaches a file and a heading of this repository;
-nothing refers to a place outside it; and every Python snippet runs as written (one marked
+The README stays a start (at most 300 lines, the two commands first); prose lines are wrapped;
+every relative link of README.md and docs/*.md, anchors included, reaches a file and a heading of
+this repository; nothing refers to a place outside it; and every Python snippet runs as written (one marked
 ``<!-- not run: why -->`` on the line before its fence is left out, e.g. one that needs the network).
 """
 from __future__ import annotations
@@ -62,9 +62,13 @@ def test_readme_is_a_start_with_the_two_commands_first():
     setup, tests = first.group(2).splitlines()
     assert setup.startswith(FIRST) and setup.endswith(" && python -m medix_fast.train"), setup
     assert tests == TESTS
-    long = [f"README.md:{n}" for n, line in enumerate(prose(text).splitlines(), 1)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_prose_is_wrapped(page):
+    long = [line[:40] for line in FENCE.sub("", page.read_text()).splitlines()
             if len(line) > WIDTH and not line.startswith("|")]
-    assert not long, long
+    assert not long, f"{page.relative_to(ROOT)}: lines over {WIDTH} characters: {long}"
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
