@@ -10,7 +10,7 @@ Workloads, on a randomly initialised Qwen2 (no download), temperature 1, top-p 1
   The engine runs it twice: at ``max_num_seqs`` 64 (the issue's setting, ``medix_fast``) and at
   512 (``medix_fast max_num_seqs=512``: every row decoding at once, as the static-cache sampler
   this engine replaced did; that sampler was benchmarked beside it until the engine beat it, then
-  removed: its figures stay in the README).
+  removed: its figures stay in bench/results/sampler/cpu.md and docs/benchmarks.md).
 - uniform: 8 prompts x G=8 x 128 new tokens, stopping disabled (every row makes 128).
 Prompt lengths are drawn in [32, 128]; prompts are left-padded for ``generate``.
   CPU: a ~3M-parameter Qwen2 (hidden 192, 6 layers, vocab 4,096) in fp32.

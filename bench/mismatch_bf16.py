@@ -1,4 +1,4 @@
-"""The trainer-sampler mismatch figures of README's "Trainer-sampler agreement" table in bf16 on
+"""The trainer-sampler mismatch figures of docs/mismatch.md's table in bf16 on
 the CPU: 8 prompts x G=4, <= 32 new tokens, 3 ``Trainer.train_step`` of ``model.dtype=bfloat16``
 (the sampler under CPU autocast) with the update's forward under CPU autocast too; the mean of
 the per-step ``mismatch/*`` figures.

@@ -126,7 +126,7 @@ def test_trainer_logprobs_do_not_depend_on_the_other_rows(share):
     """Group 3 (the widest prompt and completion) alone, with groups 1, 2 and with group 4 (in
     another row order): bitwise the same fp32 log-probs. Under other padding (group 0 widened by
     groups 3 and 4) they move by rounding only: the CPU softmax / GEMM reductions follow a key's
-    column, which the left padding shifts (README, "Trainer-sampler agreement")."""
+    column, which the left padding shifts (docs/mismatch.md, "Batch invariance")."""
     from test_update import G, make_sequences, tiny_model
 
     from medix_fast.rl.batch import collate

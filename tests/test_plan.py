@@ -26,7 +26,7 @@ def test_known_shapes_count_the_published_parameters(name):
     assert memory.count_parameters(memory.load_config(name)) == pytest.approx(PUBLISHED[name], rel=0.005)
 
 
-# README: 8 x 80 GB cannot hold the 30B's unsharded bf16 weights; the 7B / 8B updates at their
+# docs/sampler.md: 8 x 80 GB cannot hold the 30B's unsharded bf16 weights; the 7B / 8B updates at their
 # 141 GB micro-batch sizes need ~97 % of 80 GB, over the 90 % the plan allows (footprint.TARGET)
 DOES_NOT_FIT = {("medix_r1_30b_a3b_dapo", 80), ("medix_r1_7b_gspo", 80), ("medix_r1_8b_dapo", 80),
                 ("medix_r1_8b_grpo", 80)}
