@@ -1,7 +1,7 @@
 """Reading a checkpoint without running code it carries: every pickle in it is read by an allowlist.
 
 A checkpoint can come from elsewhere (a colleague's run, a download), and a pickle can name any
-function for the reader to call. Three pickles remain in a checkpoint's format, each read here:
+function for the reader to call. Three kinds of pickle can be in a checkpoint, each read here:
 
     state/.metadata       DCP's index of the shards: :func:`read_metadata` (also what
                           :class:`PlainReader` gives DCP), an unpickler that builds only DCP's
@@ -16,8 +16,8 @@ function for the reader to call. Three pickles remain in a checkpoint's format, 
 Anything else named in them (``os.system``, a class of the writer's) is :class:`Refused` before
 any of it runs. What this does not cover: the tensors' values and the shards' bytes are the
 writer's (the CRC-32s in ``.metadata`` catch damage, not tampering), and ``hf_config/`` and
-``model/`` are read by transformers (JSON, safetensors; a model needing ``trust_remote_code``
-is refused there).
+``model/`` are read by transformers as any downloaded model is (medix_fast never passes
+``trust_remote_code``).
 """
 from __future__ import annotations
 
