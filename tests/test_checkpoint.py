@@ -2,10 +2,13 @@
 
 One process: the async save writes a snapshot (the staging copy), a failed write leaves the previous
 checkpoint, pruning keeps this run's newest and every HF copy, bad directories are one-line errors,
-RNG streams are restored or re-derived, VL exports carry the image processor, an MoE exports in
-its Hub layout. Two gloo processes (tests/ckpt_worker.py, FSDP2): a checkpoint written by 2 ranks
-resumes at 2 ranks (the same step-3 metrics as the uninterrupted run) and at 1 (the same weights
-and optimizer state, FSDP or not), and exports to a Hugging Face directory with the same weights.
+RNG streams are restored or re-derived (their files keep every field), a pickle in a checkpoint
+naming code is refused before it runs (an older format's .pt files still load), VL exports carry
+the image processor, an MoE exports in its Hub layout. Two gloo processes (tests/ckpt_worker.py,
+FSDP2): a checkpoint written by 2 ranks resumes at 2 ranks (the same step-3 metrics as the
+uninterrupted run, each shard's checksum verified by one rank) and at 1 (the same weights and
+optimizer state, FSDP or not; a damaged second shard is refused), and exports to a Hugging Face
+directory with the same weights.
 """
 from __future__ import annotations
 
