@@ -4,8 +4,8 @@ Layout of ``<output_dir>/checkpoints/step_00000012/``:
     state/             torch.distributed.checkpoint (DCP): model (``model.*``, the Hugging Face
                        parameter names) and optimizer (``optimizer.*``) state, each rank writing
                        its own shards (``__<rank>_0.distcp``) in parallel, rank 0 the ``.metadata``
-    trainer_state.pt   step, scheduler, data-loader position, counters, world size, run id
-    rng_rank<R>.pt     python / numpy / torch (CPU and CUDA) RNG states of rank R
+    trainer_state.json step, scheduler, data-loader position, counters, world size, run id
+    rng_rank<R>.safetensors  python / numpy / torch (CPU and CUDA) RNG states of rank R
     hf_config/         config, generation config, tokenizer (and a VL model's image processor):
                        what ``python -m medix_fast.export`` needs besides state/
     model/             a Hugging Face model (``from_pretrained``-able), only in the last step's
@@ -14,11 +14,17 @@ Layout of ``<output_dir>/checkpoints/step_00000012/``:
 Atomic: everything is written into ``.tmp_step_...``; when every rank's part is on disk
 (fsynced), rank 0 renames it into place, so a run killed at any moment leaves the previous
 checkpoints and never half of one (a stale ``.tmp_*`` is removed at the next start). A checkpoint
-is complete when it has ``trainer_state.pt`` and ``state/.metadata``; only complete ones are
-listed, resumed from, or counted by ``keep_last``. Every shard file carries a CRC-32 computed as
-it is written, kept in ``state/.metadata`` (``checksums.py``); resume and export verify them
-before reading anything, so a damaged shard is one ``corrupt checkpoint: ... fails its checksum``
-line, never silently trained on.
+is complete when it has ``trainer_state.json`` (``trainer_state.pt``: an older format's) and
+``state/.metadata``; only complete ones are listed, resumed from, or counted by ``keep_last``.
+Every shard file carries a CRC-32 computed as it is written, kept in ``state/.metadata``
+(``checksums.py``); resume and export verify them before reading anything, so a damaged shard is
+one ``corrupt checkpoint: ... fails its checksum`` line, never silently trained on. Every shard
+is verified whatever number of processes reads it: rank r of W checks the files r, r + W, ...
+(sorted by name), so one process checks them all, and each file is read once.
+
+Nothing in a checkpoint runs when it is read (``checkpoint_files.py``: trainer and RNG state as
+JSON and safetensors; ``safe_load.py``: DCP's pickles through allowlists): a checkpoint from
+elsewhere naming code is one ``refused: ...`` line.
 
 Async (``checkpoint.async_save``): :meth:`Checkpointer.save` copies this rank's shards to host
 memory (DCP's staging copy), starts the write in a background thread over a process group of its
@@ -33,8 +39,9 @@ diverged run first wait for the one in flight (:meth:`Checkpointer.wait`), so no
 crash or kill mid-write loses only that one: its ``.tmp_step_...`` is never published.
 
 Pruning: after publishing, the checkpoints of this run (same ``run_id``, kept across resumes) up
-to the current step beyond the newest ``keep_last`` lose their training state; a ``model/`` in
-them is kept. Checkpoints of other runs in the same directory, and later steps left by an
+to the current step beyond the newest ``keep_last`` are removed, all but a ``model/`` in them
+(the last step's and every ``save_hf_every``-th: those stay evaluable); one without is removed
+whole. Checkpoints of other runs in the same directory, and later steps left by an
 abandoned branch (``--resume-from`` an earlier step; the trainer moves those to
 ``abandoned-<K>/``, ``run_dir.set_aside_after``), are never touched.
 
@@ -62,13 +69,16 @@ import numpy as np
 import torch
 
 from . import distributed as D
+from .checkpoint_files import TRAINER, read_rng, read_trainer_state, rng_file, trainer_file, write_rng, \
+    write_trainer_state
 from .checksums import first_mismatch
 from .errors import UserError
+from .safe_load import Refused
 
 log = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
-STATE, TRAINER, HF_CONFIG, HF_MODEL = "state", "trainer_state.pt", "hf_config", "model"
+STATE, HF_CONFIG, HF_MODEL = "state", "hf_config", "model"
 
 
 class CheckpointError(UserError):
@@ -96,7 +106,7 @@ def step_of(path: Path) -> int:
 
 
 def is_complete(path: Path) -> bool:
-    return (path / TRAINER).is_file() and (path / STATE / ".metadata").is_file()
+    return trainer_file(path) is not None and (path / STATE / ".metadata").is_file()
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -138,7 +148,7 @@ def restore_rng(path: Path, rank: int, world: int, seed: int) -> None:
     """This rank's saved RNG streams (same world size as saved), else ones seeded by :func:`derived_seed`."""
     state = load_trainer_state(path)
     if state["world"] == world:
-        set_rng_state(_load(path / f"rng_rank{rank}.pt", path))
+        set_rng_state(_load(read_rng, rng_file(path, rank), path))
         return
     s = derived_seed(seed, state["step"], rank)
     random.seed(s)
@@ -151,7 +161,7 @@ def restore_rng(path: Path, rank: int, world: int, seed: int) -> None:
 def check_checkpoint(path: str | Path) -> Path:
     """``path`` if it is a complete, readable checkpoint; else a one-line :class:`CheckpointError`."""
     path = Path(path)
-    if not (path / TRAINER).is_file():
+    if trainer_file(path) is None:
         raise CheckpointError(f"{path}: not a checkpoint directory (no {TRAINER})")
     metadata = read_metadata(path)
     sizes: dict[str, int] = {}
@@ -165,9 +175,9 @@ def check_checkpoint(path: str | Path) -> Path:
             raise CheckpointError(f"{path}: incomplete checkpoint: {STATE}/{name} has {file.stat().st_size} "
                                   f"bytes, the metadata needs {needed}")
     state = load_trainer_state(path)
-    missing = [r for r in range(state["world"]) if not (path / f"rng_rank{r}.pt").is_file()]
+    missing = [rng_file(path, r) for r in range(state["world"]) if not rng_file(path, r).is_file()]
     if missing:
-        raise CheckpointError(f"{path}: incomplete checkpoint: rng_rank{missing[0]}.pt is missing "
+        raise CheckpointError(f"{path}: incomplete checkpoint: {missing[0].name} is missing "
                               f"(written by {state['world']} ranks)")
     _verify_checksums(path, getattr(metadata, "checksums", None) or {})
     return path
@@ -191,14 +201,23 @@ def read_metadata(path: Path):
         raise CheckpointError(f"{path}: incomplete checkpoint: no {STATE}/.metadata")
     try:
         return D.shards_metadata(path / STATE)
+    except Refused as err:
+        raise _refused(path, f"{STATE}/.metadata", err) from None
     except _FAILED as err:
         raise CheckpointError(f"{path}: corrupt checkpoint: {STATE}/.metadata unreadable "
                               f"({_why(err)})") from err
 
 
-def _load(file: Path, path: Path):
+def _refused(path: Path, name: str, err: Refused) -> CheckpointError:
+    return CheckpointError(f"{path}: refused: {name} names {err}, which is code, not checkpoint data "
+                           "(loading it would run it)")
+
+
+def _load(read: Callable[[Path], dict], file: Path, path: Path) -> dict:
     try:
-        return torch.load(file, weights_only=False, map_location="cpu")
+        return read(file)
+    except Refused as err:
+        raise _refused(path, file.name, err) from None
     except Exception as err:
         raise CheckpointError(f"{path}: corrupt checkpoint: {file.name} unreadable "
                               f"({_why(err)})") from err
@@ -206,7 +225,12 @@ def _load(file: Path, path: Path):
 
 def load_trainer_state(path: Path) -> dict:
     """step, scheduler, loader, counters, ``world`` (ranks that wrote it) and ``run_id``."""
-    return _load(path / TRAINER, path)
+    file = trainer_file(path) or path / TRAINER
+    state = _load(read_trainer_state, file, path)
+    missing = [key for key in ("step", "world", "run_id") if key not in state]
+    if missing:
+        raise CheckpointError(f"{path}: corrupt checkpoint: {file.name} has no {missing[0]!r}")
+    return state
 
 
 def has_optimizer(path: Path) -> bool:
@@ -235,13 +259,30 @@ def load_state(path: Path, state: dict, no_dist: bool = False) -> None:
     try:
         D.load_shards(state, path / STATE, alone=no_dist)
     except _FAILED as err:
+        refused = _refusal(err)
+        if refused is not None:
+            raise _refused(path, f"a non-tensor entry of {STATE}/", refused) from None
         raise CheckpointError(f"{path}: cannot load {STATE}/ "
                               f"({_why(err)})") from err
 
 
+def _refusal(err: BaseException | None) -> Refused | None:
+    """The :class:`Refused` inside DCP's error (its per-rank failures, the causes), if any."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, Refused):
+            return err
+        for inner, _ in (getattr(err, "failures", None) or {}).values():
+            if found := _refusal(inner):
+                return found
+        err = err.__cause__ or err.__context__
+    return None
+
+
 # ----------------------------------------------------------------------------- writing
-def _save(obj, file: Path) -> None:
-    torch.save(obj, file)
+def _save(write: Callable[[dict, Path], None], obj: dict, file: Path) -> None:
+    write(obj, file)
     _fsync(file)
 
 
@@ -330,10 +371,11 @@ class Checkpointer:
         D.barrier(self.group)
         self._space = (state_bytes(state), shutil.disk_usage(tmp).free)  # for a disk-full message
         try:
-            _save(rng_state(), tmp / f"rng_rank{self.rank}.pt")
+            _save(write_rng, rng_state(), rng_file(tmp, self.rank))  # tmp holds no older format's file
             if self.rank == 0:
                 write_extra(tmp)
-                _save({**trainer_state, "step": step, "world": self.world, "run_id": self.run_id}, tmp / TRAINER)
+                _save(write_trainer_state, {**trainer_state, "step": step, "world": self.world,
+                                            "run_id": self.run_id}, tmp / TRAINER)
             # every rank's own files are on disk before it joins DCP's collective plan, and rank 0's
             # write completes only after DCP gathered every rank's write results: rank 0 publishing
             # after its future is the barrier that makes the checkpoint visible only when complete
@@ -393,7 +435,7 @@ class Checkpointer:
         mine = [p for p in list_checkpoints(self.root.parent)
                 if step_of(p) <= step and load_trainer_state(p).get("run_id") == self.run_id]
         for old in mine[:-self.keep_last]:
-            (old / TRAINER).unlink()  # first: a crash from here on leaves an incomplete, unlisted directory
+            trainer_file(old).unlink()  # first: a crash from here on leaves an incomplete, unlisted directory
             if not (old / HF_MODEL).is_dir():
                 shutil.rmtree(old, ignore_errors=True)
                 continue

@@ -200,12 +200,18 @@ def save_shards(state: dict, directory: Path, group, asynchronous: bool, stager=
 def load_shards(state: dict, directory: Path, alone: bool = False) -> None:
     """Fill ``state`` (this rank's shards, or whole tensors) from ``directory``, re-sharding as needed;
     ``alone``: one process reads everything it asks for, whatever the process group."""
-    dcp.load(state, checkpoint_id=directory, no_dist=alone or not dist.is_initialized())
+    from .safe_load import PlainLoadPlanner, PlainReader
+
+    # no pickle of the checkpoint's is unpickled by DCP's own pickle.load / torch.load(weights_only=False)
+    dcp.load(state, storage_reader=PlainReader(directory), planner=PlainLoadPlanner(),
+             no_dist=alone or not dist.is_initialized())
 
 
 def shards_metadata(directory: Path):
     """DCP's metadata of ``directory``: every tensor's global shape and which file holds each piece."""
-    return dcp.FileSystemReader(directory).read_metadata()
+    from .safe_load import PlainReader
+
+    return PlainReader(directory).read_metadata()  # safe_load.Refused if it names anything but DCP's classes
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

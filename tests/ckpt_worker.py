@@ -3,18 +3,21 @@
     python ckpt_worker.py train OUT     # 2 steps, checkpoint (async), full state -> OUT/reference.pt,
                                         # then step 3 -> OUT/uninterrupted.json
     python ckpt_worker.py resume OUT    # resume the latest checkpoint: full state -> OUT/resumed_2.pt,
-                                        # then step 3 -> OUT/resumed.json
+                                        # then step 3 -> OUT/resumed.json; the shard files each rank
+                                        # verified the checksum of -> OUT/verified_rank<R>.json
 
 The full (gathered) model and optimizer state is what the test compares across world sizes.
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
 
+from medix_fast import checksums
 from medix_fast import distributed as D
 from medix_fast.config import load_config
 from medix_fast.train import Trainer
@@ -46,7 +49,20 @@ def comparable(metrics: dict) -> dict:
     return {k: None if v != v else v for k, v in metrics.items() if not k.startswith(TIMING)}
 
 
+def recording_verified() -> list[str]:
+    """The names of the files whose CRC-32 this process computes from now on."""
+    verified, crc = [], checksums.file_crc
+
+    def recorded(path: Path) -> str:
+        verified.append(path.name)
+        return crc(path)
+
+    checksums.file_crc = recorded
+    return verified
+
+
 def main(mode: str, out: Path) -> None:
+    verified = recording_verified()
     if mode == "train":
         trainer = Trainer(config(out / "run"))
         for _ in range(2):
@@ -55,6 +71,7 @@ def main(mode: str, out: Path) -> None:
         trainer.checkpointer.wait()
     else:
         trainer = Trainer(config(out / "run"), resume="latest")
+        (out / f"verified_rank{os.environ['RANK']}.json").write_text(json.dumps(verified))
     state = full_state(trainer)  # views of live tensors (the optimizer's step counts): saved before step 3
     if trainer.info.is_main:
         torch.save(state, out / ("reference.pt" if mode == "train" else "resumed_2.pt"))

@@ -2,16 +2,21 @@
 
 One process: the async save writes a snapshot (the staging copy), a failed write leaves the previous
 checkpoint, pruning keeps this run's newest and every HF copy, bad directories are one-line errors,
-RNG streams are restored or re-derived, VL exports carry the image processor, an MoE exports in
-its Hub layout. Two gloo processes (tests/ckpt_worker.py, FSDP2): a checkpoint written by 2 ranks
-resumes at 2 ranks (the same step-3 metrics as the uninterrupted run) and at 1 (the same weights
-and optimizer state, FSDP or not), and exports to a Hugging Face directory with the same weights.
+RNG streams are restored or re-derived (their files keep every field), a pickle in a checkpoint
+naming code is refused before it runs (an older format's .pt files still load), VL exports carry
+the image processor, an MoE exports in its Hub layout. Two gloo processes (tests/ckpt_worker.py,
+FSDP2): a checkpoint written by 2 ranks resumes at 2 ranks (the same step-3 metrics as the
+uninterrupted run, each shard's checksum verified by one rank) and at 1 (the same weights and
+optimizer state, FSDP or not; a damaged second shard is refused), and exports to a Hugging Face
+directory with the same weights.
 """
 from __future__ import annotations
 
 import gc
 import json
+import pickle
 import random
+import shutil
 import threading
 import weakref
 from pathlib import Path
@@ -26,6 +31,7 @@ from test_distributed import torchrun
 from medix_fast.config import load_config
 from medix_fast import checkpoint as C
 from medix_fast import distributed as D
+from medix_fast.checkpoint_files import read_rng, write_rng
 from medix_fast.export import export, load_checkpoint_model, main as export_main, save_hf_model, write_hf_files
 from medix_fast.model.loading import load_image_processor, load_model
 from medix_fast.train import Trainer, main as train_main
@@ -295,9 +301,9 @@ def _truncate(path: Path) -> None:
     file.write_bytes(file.read_bytes()[:100])
 
 
-def _zero_a_page(path: Path) -> None:
-    """4 KiB zeroed inside the model/optimizer shard: its size unchanged, its bytes not."""
-    file = path / C.STATE / "__0_0.distcp"
+def _zero_a_page(path: Path, name: str = "__0_0.distcp") -> None:
+    """4 KiB zeroed inside a model/optimizer shard: its size unchanged, its bytes not."""
+    file = path / C.STATE / name
     data = bytearray(file.read_bytes())
     data[len(data) // 2:len(data) // 2 + 4096] = bytes(4096)
     file.write_bytes(bytes(data))
@@ -310,8 +316,11 @@ BREAK = {
     "missing shard": (lambda p: next((p / C.STATE).glob("*.distcp")).unlink(), "__0_0.distcp is missing"),
     "truncated shard": (_truncate, "__0_0.distcp has 100 bytes"),
     "zeroed page in a shard": (_zero_a_page, "corrupt checkpoint: state/__0_0.distcp fails its checksum"),
-    "missing rng": (lambda p: (p / "rng_rank0.pt").unlink(), "rng_rank0.pt is missing"),
-    "garbled trainer state": (lambda p: (p / C.TRAINER).write_bytes(b"nonsense"), "trainer_state.pt unreadable"),
+    "missing rng": (lambda p: (p / "rng_rank0.safetensors").unlink(), "rng_rank0.safetensors is missing"),
+    "garbled trainer state": (lambda p: (p / C.TRAINER).write_bytes(b"nonsense"), "trainer_state.json unreadable"),
+    "trainer state without its step": (lambda p: (p / C.TRAINER).write_text(json.dumps(
+        {k: v for k, v in json.loads((p / C.TRAINER).read_text()).items() if k != "step"})),
+        "trainer_state.json has no 'step'"),
 }
 
 
@@ -357,7 +366,7 @@ def test_check_model_names_the_first_difference(good):
 
 def test_rng_streams_continue_at_the_same_world_size_and_are_re_derived_at_another(good):
     draw = lambda: (random.random(), float(np.random.rand()), float(torch.rand(())))  # noqa: E731
-    C.set_rng_state(torch.load(good / "rng_rank0.pt", weights_only=False))
+    C.set_rng_state(read_rng(good / "rng_rank0.safetensors"))
     expected = draw()
     torch.manual_seed(123)
     random.seed(123)
@@ -372,6 +381,99 @@ def test_rng_streams_continue_at_the_same_world_size_and_are_re_derived_at_anoth
     torch.manual_seed(C.derived_seed(0, 1, 1))
     assert float(torch.rand(())) == draws[1][2]
     assert len({C.derived_seed(0, 1, 0), C.derived_seed(0, 2, 0), C.derived_seed(1, 1, 0)}) == 3
+
+
+def test_rng_files_keep_every_field_exactly(tmp_path):
+    """Python's and numpy's cached normal draws too: resuming continues the same streams."""
+    random.gauss(0, 1)
+    np.random.randn()
+    state = C.rng_state()
+    assert state["python"][2] is not None and state["numpy"][3] == 1  # both hold a cached normal draw
+    write_rng(state, tmp_path / "rng.safetensors")
+    got = read_rng(tmp_path / "rng.safetensors")
+    assert got["python"] == state["python"] and torch.equal(got["torch"], state["torch"])
+    assert got["numpy"][0] == state["numpy"][0] and got["numpy"][2:] == state["numpy"][2:]
+    assert got["numpy"][1].dtype == state["numpy"][1].dtype and np.array_equal(got["numpy"][1], state["numpy"][1])
+
+
+def _older_format(path: Path) -> None:
+    """Checkpoint ``path`` as medix_fast wrote it before checkpoint_files.py: its trainer and RNG state pickled."""
+    torch.save(C.load_trainer_state(path), path / "trainer_state.pt")
+    torch.save(read_rng(path / "rng_rank0.safetensors"), path / "rng_rank0.pt")
+    (path / C.TRAINER).unlink()
+    (path / "rng_rank0.safetensors").unlink()
+
+
+def test_an_older_checkpoint_still_loads_its_pickles_with_weights_only(good):
+    trainer_state, rng = C.load_trainer_state(good), read_rng(good / "rng_rank0.safetensors")
+    _older_format(good)
+    assert C.list_checkpoints(good.parent.parent) == [good] and C.check_checkpoint(good) == good
+    assert C.load_trainer_state(good) == trainer_state
+    draw = lambda: (random.random(), float(np.random.rand()), float(torch.rand(())))  # noqa: E731
+    C.set_rng_state(rng)
+    expected = draw()
+    C.restore_rng(good, rank=0, world=1, seed=0)
+    assert draw() == expected
+
+
+class _Payload:
+    """Creates the file ``marker`` when unpickled: what a pickle from elsewhere can run."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def _code_in_trainer_state(path: Path, marker: Path) -> None:
+    _older_format(path)
+    torch.save({**C.load_trainer_state(path), "scheduler": _Payload(marker)}, path / "trainer_state.pt")
+
+
+def _code_in_rng(path: Path, marker: Path) -> None:
+    _older_format(path)
+    torch.save({"python": _Payload(marker)}, path / "rng_rank0.pt")
+
+
+def _code_in_metadata(path: Path, marker: Path) -> None:
+    from medix_fast.safe_load import read_metadata
+
+    metadata = read_metadata(path / C.STATE / ".metadata")
+    metadata.planner_data = _Payload(marker)
+    (path / C.STATE / ".metadata").write_bytes(pickle.dumps(metadata))
+
+
+def _code_in_a_shard_entry(path: Path, marker: Path) -> None:
+    """A non-tensor entry (as the optimizer's hyper-parameters are), its shard's checksum right."""
+    shutil.rmtree(path / C.STATE)
+    D.save_shards({"entry": _Payload(marker)}, path / C.STATE, None, asynchronous=False)
+
+
+CODE = {  # the part carrying a payload: (plant it, read the checkpoint as a resume does)
+    "trainer_state.pt": (_code_in_trainer_state, C.check_checkpoint),
+    "rng_rank0.pt": (_code_in_rng, lambda p: C.restore_rng(p, rank=0, world=1, seed=0)),
+    "state/.metadata": (_code_in_metadata, C.check_checkpoint),
+    "a non-tensor entry of state/": (_code_in_a_shard_entry, lambda p: C.load_state(p, {"entry": None})),
+}
+
+
+@pytest.mark.parametrize("part", list(CODE))
+def test_a_checkpoint_carrying_code_is_refused_before_any_of_it_runs(good, part, tmp_path, capsys):
+    marker = tmp_path / "ran"
+    pickle.loads(pickle.dumps(_Payload(marker)))  # read as pickles were before, it runs
+    assert marker.exists()
+    marker.unlink()
+    plant, read = CODE[part]
+    plant(good, marker)
+    with pytest.raises(C.CheckpointError) as err:
+        read(good)
+    assert str(err.value) == (f"{good}: refused: {part} names io.open, which is code, not checkpoint data "
+                              "(loading it would run it)")
+    if read is C.check_checkpoint:
+        assert export_main(["--checkpoint", str(good), "--out", str(tmp_path / "hf")]) == 2
+        assert capsys.readouterr().err.strip() == f"error: {err.value}"
+    assert not marker.exists()
 
 
 def test_vl_export_carries_the_image_processor(tmp_path):
@@ -460,6 +562,20 @@ def test_two_rank_checkpoint_resumes_in_one_process(two_rank_checkpoint, strateg
         assert comparable(metrics).keys() == json.loads((out / "uninterrupted.json").read_text()).keys()
     finally:
         D.close()
+
+
+def test_one_process_verifies_every_shard_of_a_two_rank_checkpoint(two_rank_checkpoint, tmp_path):
+    path = Path(shutil.copytree(C.latest_checkpoint(two_rank_checkpoint / "run"), tmp_path / "step_00000002"))
+    C.check_checkpoint(path)
+    _zero_a_page(path, "__1_0.distcp")  # the second rank's shard
+    with pytest.raises(C.CheckpointError, match=r"corrupt checkpoint: state/__1_0\.distcp fails its checksum$"):
+        C.check_checkpoint(path)
+
+
+def test_two_ranks_verify_each_shard_once(two_rank_checkpoint):
+    verified = [json.loads((two_rank_checkpoint / f"verified_rank{r}.json").read_text()) for r in (0, 1)]
+    assert [len(v) for v in verified] == [1, 1] and sorted(verified[0] + verified[1]) == ["__0_0.distcp",
+                                                                                          "__1_0.distcp"]
 
 
 def test_export_from_a_two_rank_checkpoint(two_rank_checkpoint, tmp_path, capsys):

@@ -82,5 +82,5 @@ def test_two_process_fsdp_training_run(tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out / "checkpoints" / "step_00000002" / "model")
-    assert (out / "checkpoints" / "step_00000002" / "rng_rank1.pt").exists()
+    assert (out / "checkpoints" / "step_00000002" / "rng_rank1.safetensors").exists()
     assert all(torch.isfinite(p).all() for p in model.parameters())

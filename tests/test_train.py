@@ -100,7 +100,7 @@ def test_resume_after_kill_reproduces_the_metrics(tmp_path):
     assert not (done / "model").exists()  # HF copies: at the end only by default
     assert main([*SMALL, f"train.output_dir={killed}", "train.steps=4", "--resume"]) == 0
     assert comparable(read_metrics(killed / "metrics.jsonl")) == expected
-    resumed = torch.load(C.latest_checkpoint(killed) / "trainer_state.pt", weights_only=False)
+    resumed = C.load_trainer_state(C.latest_checkpoint(killed))
     assert resumed["step"] == 4 and (C.latest_checkpoint(killed) / "model" / "config.json").is_file()
 
 
