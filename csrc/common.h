@@ -59,8 +59,8 @@ inline PolicyLossCall prepare_policy_loss(const at::Tensor& logp, const std::opt
     check_float(*num_items, "num_items_in_batch", logp);
     TORCH_CHECK(num_items->numel() == 1, "num_items_in_batch must hold one number, got ", num_items->sizes());
   }
-  TORCH_CHECK(loss_type >= kGrpo && loss_type <= kLuspo,
-              "loss_type id must be 0..6 (grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo), got ", loss_type);
+  TORCH_CHECK(loss_type >= 0 && loss_type < kNumLossTypes, "loss_type id must be 0..",
+              static_cast<int64_t>(kNumLossTypes) - 1, " (kernels/loss_specs.py cpp_id), got ", loss_type);
   TORCH_CHECK(level >= kToken && level <= kSequenceToken,
               "level id must be 0..2 (token, sequence, sequence_token), got ", level);
   TORCH_CHECK(epsilon_low >= 0 && epsilon_low < 1 && epsilon_high >= 0,

@@ -11,8 +11,12 @@
 
 namespace medix_fast {
 
-// kernels/policy_loss.py LOSS_TYPES order; vespo (7) runs on the PyTorch path (kernels/dispatch.py LACKS)
-enum LossType : int64_t { kGrpo = 0, kBnpo = 1, kDrGrpo = 2, kDapo = 3, kCispo = 4, kSapo = 5, kLuspo = 6 };
+// The cpp_id of each loss type in kernels/loss_specs.py LOSS_SPECS (tests/test_loss_specs.py compares this enum
+// with it); a loss type without one (vespo) runs on the PyTorch path (kernels/dispatch.py LACKS).
+enum LossType : int64_t {
+  kGrpo = 0, kBnpo = 1, kDrGrpo = 2, kDapo = 3, kCispo = 4, kSapo = 5, kLuspo = 6,
+  kNumLossTypes  // the count, not a loss type
+};
 enum Level : int64_t { kToken = 0, kSequence = 1, kSequenceToken = 2 };
 
 // Scalar options of one call, already resolved (epsilon_high defaulted, logs taken).
@@ -175,13 +179,14 @@ inline void token_step(const PolicyLossArgs& a, int64_t b, int64_t i, float seq_
 }
 
 // Aggregation scale of every token of a row: loss = sum_b scale_b * sum_t mask * loss_t.
-// row_mask: that row's mask sum; total_mask: the batch's; num_items: dapo's normaliser, or < 0.
+// row_mask: that row's mask sum; total_mask: the batch's; num_items: num_items_in_batch, or < 0 (kernels/cpp.py
+// passes it for the loss types whose normaliser is num_items, dapo and cispo, only).
 inline double row_scale(int64_t loss_type, double row_mask, double total_mask, int64_t batch,
                         int64_t max_completion_length, double num_items) {
   if (loss_type == kGrpo || loss_type == kSapo) return 1.0 / (static_cast<double>(batch) * fmax(row_mask, 1.0));
   if (loss_type == kDrGrpo) return 1.0 / (static_cast<double>(batch) * static_cast<double>(max_completion_length));
   if (loss_type == kLuspo) return 1.0 / static_cast<double>(batch);
-  if ((loss_type == kDapo || loss_type == kCispo) && num_items >= 0) return 1.0 / num_items;
+  if (num_items >= 0) return 1.0 / num_items;
   return 1.0 / fmax(total_mask, 1.0);  // bnpo, and dapo / cispo without num_items_in_batch
 }
 
