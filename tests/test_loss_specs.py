@@ -19,11 +19,22 @@ from medix_fast.kernels.policy_loss import LEVELS, LossOptions
 HEADER = Path(__file__).resolve().parents[1] / "csrc" / "policy_loss.h"
 
 
+def snake(name: str) -> str:
+    """A C++ constant's name as the table spells it: ``DrGrpo`` -> ``dr_grpo``."""
+    return re.sub(r"(?<!^)([A-Z])", r"_\1", name).lower()
+
+
 def cpp_enum(name: str) -> dict[str, int]:
     """``enum name : int64_t { kDrGrpo = 2, ... }`` of csrc/policy_loss.h as {"dr_grpo": 2, ...}."""
     body = re.search(rf"enum {name} : int64_t \{{([^}}]*)\}}", HEADER.read_text()).group(1)
-    pairs = re.findall(r"k(\w+) = (\d+)", body)
-    return {re.sub(r"(?<!^)([A-Z])", r"_\1", key).lower(): int(value) for key, value in pairs}
+    return {snake(key): int(value) for key, value in re.findall(r"k(\w+) = (\d+)", body)}
+
+
+def cpp_switch(function: str) -> dict[str, str]:
+    """The ``case kDrGrpo: return Normaliser::kMaxLength;`` lines of a C++ function of
+    csrc/policy_loss.h as {"dr_grpo": "max_length", ...}."""
+    body = re.search(rf"inline \w+ {function}\(int64_t loss_type\) \{{(.*?)\n\}}", HEADER.read_text(), re.S).group(1)
+    return {snake(case): snake(value) for case, value in re.findall(r"case k(\w+): return \w+::k(\w+);", body)}
 
 
 def test_every_spec_names_a_known_term_and_normaliser():
@@ -38,6 +49,13 @@ def test_cpp_enums_are_the_tables_ids():
     its Level ids the order of LEVELS."""
     assert cpp_enum("LossType") == {n: s.cpp_id for n, s in LOSS_SPECS.items() if s.cpp_id is not None}
     assert cpp_enum("Level") == {name: i for i, name in enumerate(LEVELS)}
+
+
+def test_cpp_terms_and_normalisers_are_the_tables():
+    """csrc/policy_loss.h's term_of / normaliser_of give each C++ loss type its row's term and normaliser."""
+    in_cpp = {n: s for n, s in LOSS_SPECS.items() if s.cpp_id is not None}
+    assert cpp_switch("term_of") == {n: s.term for n, s in in_cpp.items()}
+    assert cpp_switch("normaliser_of") == {n: s.normaliser for n, s in in_cpp.items()}
 
 
 def test_dispatch_routes_the_loss_types_without_a_cpp_id_to_pytorch():
