@@ -30,7 +30,8 @@ def test_every_loss_option_is_carried_exactly_once():
     ways = [set(L.SAME_NAME), set(L.RENAMED), set(L.PER_STEP), set(L.KERNEL_ONLY)]
     fields = [f.name for f in dataclasses.fields(LossOptions)]
     for name in fields:
-        assert sum(name in way for way in ways) == 1, f"LossOptions.{name} is carried {sum(name in w for w in ways)} ways"
+        carried = sum(name in way for way in ways)
+        assert carried == 1, f"LossOptions.{name} is carried {carried} ways"
     assert set().union(*ways) == set(fields)  # nothing stale
     for key in L.RENAMED.values():
         section, field = key.split(".")

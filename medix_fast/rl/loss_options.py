@@ -25,7 +25,8 @@ from ..kernels import LossOptions
 RENAMED = {"max_completion_length": "sampling.max_new_tokens"}
 PER_STEP = {"num_items_in_batch": "the mini-batch's valid tokens over all ranks"}
 KERNEL_ONLY = {  # field -> why it is no config key
-    "entropy_aggregation": "the trainer's entropy bonus is aggregated as the loss (veRL); TRL's adapter sets token_mean",
+    "entropy_aggregation": "the trainer's entropy bonus is aggregated as the loss (veRL); "
+                           "TRL's adapter sets token_mean",
     "top_entropy_quantile": "a TRL option: its adapter sets it",
     "off_policy_mask_threshold": "a TRL option: its adapter sets it",
     "vespo_k_pos": "VESPO's shape, the paper's values",
