@@ -59,13 +59,14 @@ inline PolicyLossCall prepare_policy_loss(const at::Tensor& logp, const std::opt
     check_float(*num_items, "num_items_in_batch", logp);
     TORCH_CHECK(num_items->numel() == 1, "num_items_in_batch must hold one number, got ", num_items->sizes());
   }
-  TORCH_CHECK(loss_type >= kGrpo && loss_type <= kLuspo,
-              "loss_type id must be 0..6 (grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo), got ", loss_type);
+  TORCH_CHECK(loss_type >= 0 && loss_type < kNumLossTypes, "loss_type id must be 0..",
+              static_cast<int64_t>(kNumLossTypes) - 1, " (kernels/loss_specs.py cpp_id), got ", loss_type);
   TORCH_CHECK(level >= kToken && level <= kSequenceToken,
               "level id must be 0..2 (token, sequence, sequence_token), got ", level);
   TORCH_CHECK(epsilon_low >= 0 && epsilon_low < 1 && epsilon_high >= 0,
               "need 0 <= epsilon_low < 1 and epsilon_high >= 0, got ", epsilon_low, ", ", epsilon_high);
-  TORCH_CHECK(loss_type != kDrGrpo || max_completion_length > 0, "loss_type dr_grpo needs max_completion_length > 0");
+  TORCH_CHECK(normaliser_of(loss_type) != Normaliser::kMaxLength || max_completion_length > 0,
+              "loss_type id ", loss_type, " (normaliser max_length) needs max_completion_length > 0");
   TORCH_CHECK(!clip_ratio_c.has_value() || *clip_ratio_c > 1, "clip_ratio_c must be > 1");
   TORCH_CHECK(!tis_cap.has_value() || (*tis_cap > 0 && sampling.has_value()),
               "tis_cap must be > 0 and needs sampling_logprobs");  // no old: on-policy, old = logp
@@ -78,7 +79,8 @@ inline PolicyLossCall prepare_policy_loss(const at::Tensor& logp, const std::opt
 
   PolicyLossCall c;
   LossParams& p = c.args.p;
-  p.loss_type = loss_type;
+  p.term = term_of(loss_type);
+  p.normaliser = normaliser_of(loss_type);
   p.level = level;
   p.log_lo = static_cast<float>(std::log1p(-epsilon_low));
   p.log_hi = static_cast<float>(std::log1p(epsilon_high));

@@ -5,7 +5,9 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(medix_fast, m) {
-  // loss_type: 0 grpo, 1 bnpo, 2 dr_grpo, 3 dapo; level: 0 token, 1 sequence, 2 sequence_token.
+  // loss_type: the LossType of policy_loss.h (kernels/loss_specs.py cpp_id); level: 0 token, 1 sequence,
+  // 2 sequence_token. The arguments after level are LossOptions fields of the same names (kernels/cpp.py
+  // passes them by name).
   // Returns the 0-dim loss, d loss / d logp (B, T), d loss / d entropy ((B, T), or (0,) when
   // entropy is absent or entropy_coef == 0) and the metrics (6,): ratio_mean, clip_low,
   // clip_high, clip_dual, kl, entropy (masked token means).

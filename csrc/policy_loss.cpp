@@ -24,7 +24,7 @@ void loss_rows(const PolicyLossArgs& a, int64_t b0, int64_t b1, const double* ro
     const int64_t o = b * a.T;
     const double n = std::fmax(row_mask[b], 1.0);
     const float scale =
-        static_cast<float>(row_scale(p.loss_type, row_mask[b], total_mask, a.B, a.max_completion_length, num_items));
+        static_cast<float>(row_scale(p.normaliser, row_mask[b], total_mask, a.B, a.max_completion_length, num_items));
     const float seq_logw = static_cast<float>(row_logw[b] / n);
     double acc[kNumRowSums + 1] = {0};  // the row sums, then sum_t mask * d loss_t / d log_w
     for (int64_t t = 0; t < a.T; ++t) token_step(a, b, o + t, seq_logw, scale, acc);
@@ -79,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_cpu(
   double loss = 0, sums[kNumRowSums] = {0};
   for (int64_t b = 0; b < B; ++b) {
     const double* r = &row_sums[b * kNumRowSums];
-    loss += row_scale(a.p.loss_type, row_mask[b], total_mask, B, a.max_completion_length, num) * r[kLoss];
+    loss += row_scale(a.p.normaliser, row_mask[b], total_mask, B, a.max_completion_length, num) * r[kLoss];
     for (int k = 0; k < kNumRowSums; ++k) sums[k] += r[k];
   }
   *a.loss = static_cast<float>(loss);

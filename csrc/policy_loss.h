@@ -11,13 +11,49 @@
 
 namespace medix_fast {
 
-// kernels/policy_loss.py LOSS_TYPES order; vespo (7) runs on the PyTorch path (kernels/dispatch.py LACKS)
-enum LossType : int64_t { kGrpo = 0, kBnpo = 1, kDrGrpo = 2, kDapo = 3, kCispo = 4, kSapo = 5, kLuspo = 6 };
+// The cpp_id of each loss type in kernels/loss_specs.py LOSS_SPECS (tests/test_loss_specs.py compares this enum
+// with it); a loss type without one (vespo) runs on the PyTorch path (kernels/dispatch.py LACKS).
+enum LossType : int64_t {
+  kGrpo = 0, kBnpo = 1, kDrGrpo = 2, kDapo = 3, kCispo = 4, kSapo = 5, kLuspo = 6,
+  kNumLossTypes  // the count, not a loss type
+};
 enum Level : int64_t { kToken = 0, kSequence = 1, kSequenceToken = 2 };
+
+// Each loss type's row of kernels/loss_specs.py on this side: its policy term (TERMS) and normaliser
+// (NORMALISERS), one case per loss type (tests/test_loss_specs.py compares them with the table).
+enum class Term { kClip, kCispo, kSapo };
+enum class Normaliser { kSequenceMean, kBatchTokens, kMaxLength, kNumItems, kSequences };
+
+inline Term term_of(int64_t loss_type) {
+  switch (loss_type) {
+    case kGrpo: return Term::kClip;
+    case kBnpo: return Term::kClip;
+    case kDrGrpo: return Term::kClip;
+    case kDapo: return Term::kClip;
+    case kCispo: return Term::kCispo;
+    case kSapo: return Term::kSapo;
+    case kLuspo: return Term::kClip;
+    default: return Term::kClip;  // unreachable: prepare_policy_loss checks the id
+  }
+}
+
+inline Normaliser normaliser_of(int64_t loss_type) {
+  switch (loss_type) {
+    case kGrpo: return Normaliser::kSequenceMean;
+    case kBnpo: return Normaliser::kBatchTokens;
+    case kDrGrpo: return Normaliser::kMaxLength;
+    case kDapo: return Normaliser::kNumItems;
+    case kCispo: return Normaliser::kNumItems;
+    case kSapo: return Normaliser::kSequenceMean;
+    case kLuspo: return Normaliser::kSequences;
+    default: return Normaliser::kBatchTokens;  // unreachable: prepare_policy_loss checks the id
+  }
+}
 
 // Scalar options of one call, already resolved (epsilon_high defaulted, logs taken).
 struct LossParams {
-  int64_t loss_type;
+  Term term;                   // term_of(loss_type)
+  Normaliser normaliser;       // normaliser_of(loss_type)
   int64_t level;
   float log_lo, log_hi;        // log1p(-epsilon_low), log1p(epsilon_high): the ratio clip
   float ratio_lo, ratio_hi;    // 1 - epsilon_low, 1 + epsilon_high: the clip-fraction metrics
@@ -76,12 +112,12 @@ inline TokenTerms token_terms(const LossParams& p, float log_w, float adv, float
   const float na = -adv;
   float pg, g, direct = 0.f, shown = ratio;  // g: d pg / d log_w; shown: the ratio the clip metrics read
   t.dual = false;
-  if (p.loss_type == kCispo) {  // -sg[min(ratio, cap)] * A * logp
+  if (p.term == Term::kCispo) {  // -sg[min(ratio, cap)] * A * logp
     const float w = fminf(ratio, p.cispo_cap);
     pg = na * w * logp;
     g = 0.f;
     direct = na * w;
-  } else if (p.loss_type == kSapo) {  // -4 / tau * sigmoid(tau * (ratio - 1)) * A
+  } else if (p.term == Term::kSapo) {  // -4 / tau * sigmoid(tau * (ratio - 1)) * A
     const float tau = adv > 0.f ? p.sapo_pos : p.sapo_neg;
     const float s = 1.f / (1.f + expf(-tau * (ratio - 1.f)));
     pg = na * s * 4.f / tau;
@@ -94,7 +130,7 @@ inline TokenTerms token_terms(const LossParams& p, float log_w, float adv, float
     const float w1 = p1 > p2 ? 1.f : (p1 == p2 ? 0.5f : 0.f);
     g = w1 * (in_lr && !capped ? p1 : 0.f) + (1.f - w1) * (in_clip ? p2 : 0.f);
   }
-  if (p.has_dual && p.loss_type != kCispo && p.loss_type != kSapo) {
+  if (p.has_dual && p.term == Term::kClip) {
     const float cap = na * p.clip_c;
     if (adv < 0.f && pg > cap) {
       t.dual = true;
@@ -130,9 +166,9 @@ inline TokenTerms token_terms(const LossParams& p, float log_w, float adv, float
   t.dlog_w = g;
   t.dlogp_direct = direct;
   t.ratio = shown;
-  const bool clips = p.loss_type != kCispo && p.loss_type != kSapo;
+  const bool clips = p.term == Term::kClip;
   t.clip_low = clips && shown < p.ratio_lo && adv < 0.f;
-  t.clip_high = adv > 0.f && (p.loss_type == kCispo ? ratio > p.cispo_cap : clips && shown > p.ratio_hi);
+  t.clip_high = adv > 0.f && (p.term == Term::kCispo ? ratio > p.cispo_cap : clips && shown > p.ratio_hi);
   return t;
 }
 
@@ -175,14 +211,17 @@ inline void token_step(const PolicyLossArgs& a, int64_t b, int64_t i, float seq_
 }
 
 // Aggregation scale of every token of a row: loss = sum_b scale_b * sum_t mask * loss_t.
-// row_mask: that row's mask sum; total_mask: the batch's; num_items: dapo's normaliser, or < 0.
-inline double row_scale(int64_t loss_type, double row_mask, double total_mask, int64_t batch,
+// row_mask: that row's mask sum; total_mask: the batch's; num_items: num_items_in_batch, or < 0.
+inline double row_scale(Normaliser normaliser, double row_mask, double total_mask, int64_t batch,
                         int64_t max_completion_length, double num_items) {
-  if (loss_type == kGrpo || loss_type == kSapo) return 1.0 / (static_cast<double>(batch) * fmax(row_mask, 1.0));
-  if (loss_type == kDrGrpo) return 1.0 / (static_cast<double>(batch) * static_cast<double>(max_completion_length));
-  if (loss_type == kLuspo) return 1.0 / static_cast<double>(batch);
-  if ((loss_type == kDapo || loss_type == kCispo) && num_items >= 0) return 1.0 / num_items;
-  return 1.0 / fmax(total_mask, 1.0);  // bnpo, and dapo / cispo without num_items_in_batch
+  switch (normaliser) {
+    case Normaliser::kSequenceMean: return 1.0 / (static_cast<double>(batch) * fmax(row_mask, 1.0));
+    case Normaliser::kMaxLength: return 1.0 / (static_cast<double>(batch) * static_cast<double>(max_completion_length));
+    case Normaliser::kSequences: return 1.0 / static_cast<double>(batch);
+    case Normaliser::kNumItems: return 1.0 / (num_items >= 0 ? num_items : fmax(total_mask, 1.0));
+    case Normaliser::kBatchTokens: return 1.0 / fmax(total_mask, 1.0);
+  }
+  return 1.0 / fmax(total_mask, 1.0);  // unreachable: every normaliser is a case
 }
 
 }  // namespace medix_fast

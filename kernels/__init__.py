@@ -34,13 +34,16 @@ else:
     from .dispatch import active_backends, force_backend, set_backend
     from .fused_policy_loss import fused_linear_policy_loss
     from .logprobs import fused_linear_logprobs
-    from .policy_loss import LEVELS, LOSS_TYPES, LossOptions, policy_loss
+    from .loss_specs import LOSS_SPECS, LOSS_TYPES, LossSpec
+    from .policy_loss import LEVELS, LossOptions, policy_loss
 
 __all__ = [
     "LEVELS",
+    "LOSS_SPECS",
     "LOSS_TYPES",
     "GroupStats",
     "LossOptions",
+    "LossSpec",
     "active_backends",
     "force_backend",
     "fused_linear_logprobs",

@@ -32,9 +32,14 @@ from pathlib import Path
 
 import torch
 
+from .loss_specs import LOSS_SPECS
+
 # csrc/ beside kernels/ in a checkout; medix_fast/csrc beside medix_fast/kernels when installed.
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 METRICS = ("ratio_mean", "clip_low", "clip_high", "clip_dual", "kl", "entropy")
+# the policy_loss op's arguments after its tensors and ids, LossOptions fields by name (set at load
+# from the op's schema, csrc/ops.cpp: never a second list of them here)
+_OPTIONS: tuple[str, ...] = ()
 _error: str | None = None
 _available: bool | None = None  # None: not tried yet
 log = logging.getLogger("medix_fast.kernels")
@@ -166,7 +171,10 @@ def unavailable_reason() -> str | None:
 
 
 def _register_python_parts() -> None:
+    global _OPTIONS
     lib = "medix_fast::"
+    names = [a.name for a in torch.ops.medix_fast.policy_loss.default._schema.arguments]
+    _OPTIONS = tuple(names[names.index("level") + 1:])
 
     @torch.library.register_fake(lib + "policy_loss")
     def _policy_loss_fake(logp, old, adv, mask, ref, entropy, sampling, num_items, loss_type, level, epsilon_low,
@@ -209,23 +217,32 @@ def _f32(t: torch.Tensor | None, detach: bool = True) -> torch.Tensor | None:
     return t.float().contiguous()
 
 
+def _op_option(o, name: str):
+    """LossOptions ``o``'s field ``name`` as the op takes it: ``epsilon_high`` resolved (None: the
+    low one), ``max_completion_length`` 0 when None."""
+    if name == "epsilon_high":
+        return o.epsilon_low if o.epsilon_high is None else o.epsilon_high
+    if name == "max_completion_length":
+        return o.max_completion_length or 0
+    return getattr(o, name)
+
+
 def policy_loss(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, sampling_logprobs, o,
                 loss_type: int, level: int):
     """``kernels.policy_loss`` on the C++ op, with its validated inputs (``advantages`` (B,), (B, 1)
-    or (B, T)) and ``LossOptions`` ``o``; ``loss_type`` and ``level`` index ``LOSS_TYPES`` and
-    ``LEVELS``. Gradients flow to ``logprobs`` and ``entropy`` only (the other inputs are
-    constants, as in every caller)."""
+    or (B, T)) and ``LossOptions`` ``o``; ``loss_type`` is ``LOSS_SPECS[o.loss_type].cpp_id``, ``level``
+    indexes ``LEVELS``. The options go by name (the op's schema names LossOptions fields), and
+    ``num_items_in_batch`` only for a ``num_items`` normaliser. Gradients flow to ``logprobs`` and
+    ``entropy`` only (the other inputs are constants, as in every caller)."""
     if advantages.dim() == 2 and advantages.shape[1] == 1:
         advantages = advantages[:, 0]  # (B,)
-    num_items = o.num_items_in_batch if o.loss_type in ("dapo", "cispo") else None
+    num_items = o.num_items_in_batch if LOSS_SPECS[o.loss_type].normaliser == "num_items" else None
     if num_items is not None:
         num_items = torch.as_tensor(num_items).detach().to(device=logprobs.device, dtype=torch.float32).reshape(1)
     loss, _, _, metrics = torch.ops.medix_fast.policy_loss(
         _f32(logprobs, detach=False), _f32(old_logprobs), _f32(advantages), _f32(mask), _f32(ref_logprobs),
-        _f32(entropy, detach=False), _f32(sampling_logprobs), num_items, loss_type, level, o.epsilon_low,
-        o.epsilon_low if o.epsilon_high is None else o.epsilon_high, o.clip_ratio_c, o.beta, o.entropy_coef,
-        o.max_completion_length or 0, o.tis_cap, o.kl_clamp, o.log_ratio_clamp, o.delta,
-        o.use_bias_correction_kl, o.sapo_temperature_pos, o.sapo_temperature_neg)
+        _f32(entropy, detach=False), _f32(sampling_logprobs), num_items, loss_type, level,
+        **{name: _op_option(o, name) for name in _OPTIONS})
     metrics = metrics.detach()
     return loss, {name: metrics[i] for i, name in enumerate(METRICS)}
 

@@ -24,6 +24,7 @@ import os
 import torch
 
 from . import cpp
+from .loss_specs import LOSS_SPECS
 
 BACKENDS = ("auto", "triton", "torch", "cpp")
 # The public ops and their non-PyTorch implementations, in the order they are preferred.
@@ -34,10 +35,11 @@ OPS = {
     "fused_linear_policy_loss": ("triton",),
 }
 # Loss options (LossOptions.features()) a back-end does not implement: a call using one runs on
-# the next back-end of OPS, else PyTorch, which has them all.
+# the next back-end of OPS, else PyTorch, which has them all. The C++ op lacks the loss types
+# without a C++ id (kernels/loss_specs.py).
 LACKS = {
-    ("policy_loss", "cpp"): frozenset({"vespo", "entropy_token_mean", "top_entropy_quantile",
-                                       "off_policy_mask_threshold"}),
+    ("policy_loss", "cpp"): frozenset({name for name, spec in LOSS_SPECS.items() if spec.cpp_id is None}
+                                      | {"entropy_token_mean", "top_entropy_quantile", "off_policy_mask_threshold"}),
 }
 _forced: str | None = None
 

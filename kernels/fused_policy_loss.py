@@ -33,6 +33,7 @@ from .dispatch import backend_for, debug_checks
 from .logits_rows import row_grad, row_stats
 from .logprobs import (HeadConfig, HeadGrads, cast, check_softcap, check_targets, chunk_logits, chunk_rows,
                        compute_dtype, fused_linear_logprobs, no_autocast)
+from .loss_specs import LOSS_SPECS
 from .policy_loss import (aggregation_weights, entropy_keep, entropy_weights, metric_sums, metrics_from_sums,
                           per_token_loss, policy_loss, prepare, weighted_loss)
 
@@ -196,7 +197,7 @@ def fused_linear_policy_loss(hidden, weight, targets, mask, advantages, old_logp
                          chunk_rows(max(1, h.shape[0]), weight.shape[0], chunk_size, h.device),
                          backend_for("fused_linear_policy_loss", h) == "triton", fp32_precision,
                          None if softcap is None else float(softcap))
-        whole_rows = (o.importance_sampling_level != "token" or o.loss_type == "vespo"
+        whole_rows = (o.importance_sampling_level != "token" or LOSS_SPECS[o.loss_type].whole_rows
                       or o.off_policy_mask_threshold is not None)  # a sequence's terms in one chunk
         row_of = rank = None
         if whole_rows:

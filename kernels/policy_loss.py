@@ -21,12 +21,9 @@ One formula covers every variant (TRL 1.16 GRPOTrainer's ``_compute_loss``, Easy
            = clamp(exp(d') - d' - 1, -c, c) with d' = clamp(d, -20, 20) for kl_clamp=c (veRL/EasyR1's
              low_var_kl, c = 10): past d ~ 2.6 nats (k3 > 10) the token's KL gradient is exactly 0
 
-and ``loss_type`` picks the aggregation of ``loss_t`` over valid (mask = 1) tokens:
-    grpo, sapo           mean over sequences of the per-sequence token mean
-    bnpo                 sum / valid tokens of this batch
-    dr_grpo              sum / (B * max_completion_length)
-    dapo, cispo, vespo   sum / num_items_in_batch (the global token count; default: this batch's)
-    luspo                sum / B (each sequence's token sum: length-unbiased)
+and ``loss_type`` picks the policy term ``pg`` (the clipped one, cispo, sapo or vespo) and the
+aggregation of ``loss_t`` over valid (mask = 1) tokens: its row of ``LOSS_SPECS``
+(kernels/loss_specs.py: the term and the normaliser of each loss type, what each normaliser divides by).
 The entropy bonus ``- entropy_coef * H`` takes H aggregated as the loss (``entropy_aggregation="loss"``,
 veRL) or as the mean over the tokens the policy term acts on (``"token_mean"``, TRL).
 
@@ -42,8 +39,8 @@ import torch
 
 from . import cpp
 from .dispatch import backend_for
+from .loss_specs import LOSS_SPECS, LOSS_TYPES
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 LEVELS = ("token", "sequence", "sequence_token")
 ENTROPY_AGGREGATIONS = ("loss", "token_mean")
 
@@ -78,7 +75,7 @@ class LossOptions:
 
     def features(self) -> frozenset[str]:
         """The options beyond the C++ op's (kernels/dispatch.py routes calls using one to PyTorch)."""
-        used = {self.loss_type} - {"grpo", "bnpo", "dr_grpo", "dapo"}
+        used = {self.loss_type} - {"grpo", "bnpo", "dr_grpo", "dapo"}  # the loss types beyond TRL's first four
         used |= {name for name, on in (("delta", self.delta is not None),
                                        ("use_bias_correction_kl", self.use_bias_correction_kl and self.beta > 0),
                                        ("entropy_token_mean", self.entropy_aggregation != "loss"),
@@ -100,8 +97,8 @@ class LossOptions:
             raise ValueError(f"need 0 <= epsilon_low < 1 and epsilon_high >= 0, got {o.epsilon_low}, {o.epsilon_high}")
         if o.clip_ratio_c is not None and o.clip_ratio_c <= 1:
             raise ValueError(f"clip_ratio_c must be > 1, got {o.clip_ratio_c}")
-        if o.loss_type == "dr_grpo" and not (o.max_completion_length or 0) > 0:
-            raise ValueError("loss_type='dr_grpo' needs max_completion_length > 0")
+        if LOSS_SPECS[o.loss_type].normaliser == "max_length" and not (o.max_completion_length or 0) > 0:
+            raise ValueError(f"loss_type={o.loss_type!r} needs max_completion_length > 0")
         if o.tis_cap is not None and o.tis_cap <= 0:
             raise ValueError(f"tis_cap must be > 0, got {o.tis_cap}")
         if o.entropy_aggregation not in ENTROPY_AGGREGATIONS:
@@ -137,16 +134,19 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
 
 
 def aggregation_weights(mask: torch.Tensor, o: LossOptions) -> torch.Tensor:
-    """(B, T) weights with loss = sum(loss_t * weights): the ``loss_type`` normalisers, per token."""
-    if o.loss_type in ("grpo", "sapo"):
+    """(B, T) weights with loss = sum(loss_t * weights): the ``loss_type``'s normaliser, per token."""
+    normaliser = LOSS_SPECS[o.loss_type].normaliser
+    if normaliser == "sequence_mean":
         return mask / (mask.shape[0] * mask.sum(-1, keepdim=True).clamp(min=1.0))
-    if o.loss_type == "bnpo":
+    if normaliser == "batch_tokens":
         return mask / mask.sum().clamp(min=1.0)
-    if o.loss_type == "dr_grpo":
+    if normaliser == "max_length":
         return mask / (mask.shape[0] * o.max_completion_length)
-    if o.loss_type == "luspo":
+    if normaliser == "sequences":
         return mask / mask.shape[0]
-    return mask / (mask.sum().clamp(min=1.0) if o.num_items_in_batch is None else o.num_items_in_batch)
+    if normaliser == "num_items":
+        return mask / (mask.sum().clamp(min=1.0) if o.num_items_in_batch is None else o.num_items_in_batch)
+    raise AssertionError(f"normaliser {normaliser!r} of loss_type {o.loss_type!r} is not implemented")
 
 
 def entropy_weights(mask: torch.Tensor, keep: torch.Tensor | None, o: LossOptions,
@@ -211,20 +211,23 @@ def per_token_loss(logp, old, adv, mask, o: LossOptions, *, ref=None, sampling=N
     ratio = torch.exp(log_w if r is None else log_w.clamp(-r, r))  # (B, T)
     dual = torch.zeros_like(ratio, dtype=torch.bool)
     shown = ratio  # what the clip metrics read
-    if o.loss_type == "cispo":
+    term = LOSS_SPECS[o.loss_type].term
+    if term == "cispo":
         pg = -ratio.clamp(max=eps_high).detach() * adv * logp
-    elif o.loss_type == "sapo":
+    elif term == "sapo":
         tau = torch.where(adv > 0, o.sapo_temperature_pos, o.sapo_temperature_neg)
         pg = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv
-    elif o.loss_type == "vespo":
+    elif term == "vespo":
         pg = -_vespo_weights(log_ratio, adv, mask, o) * adv * logp
-    else:
+    elif term == "clip":
         shown = ratio if o.delta is None else ratio.clamp(max=o.delta)
         clipped = torch.exp(log_w.clamp(math.log1p(-o.epsilon_low), math.log1p(eps_high)))
         pg = torch.maximum(-adv * shown, -adv * clipped)  # (B, T)
         if o.clip_ratio_c is not None:
             dual = (adv < 0) & (pg > -adv * o.clip_ratio_c)
             pg = torch.where(dual, -adv * o.clip_ratio_c, pg)
+    else:
+        raise AssertionError(f"term {term!r} of loss_type {o.loss_type!r} is not implemented")
     if o.off_policy_mask_threshold is not None:
         behaviour = old if sampling is None else sampling
         drift = _masked_mean(torch.nan_to_num(behaviour - logp.detach(), nan=0.0), mask, dim=-1)[:, None]  # (B, 1)
@@ -260,17 +263,16 @@ METRICS = cpp.METRICS  # ratio_mean, clip_low, clip_high, clip_dual, kl, entropy
 def metric_sums(ratio, dual, kl, entropy, adv, mask, o: LossOptions) -> torch.Tensor:
     """(6,) masked token sums of the ratio, clip flags, KL and entropy, in :data:`METRICS` order:
     the numerators of :func:`loss_metrics`, so chunks of tokens can add theirs up. The clip flags
-    are TRL's: below 1 - eps_low with A < 0, above 1 + eps_high with A > 0 (cispo: above its cap
-    eps_high with A > 0; sapo and vespo clip nothing)."""
+    are TRL's, those of the loss type's term (``LossSpec.clips``): below 1 - eps_low with A < 0,
+    above 1 + eps_high with A > 0 (cispo: above its cap eps_high with A > 0)."""
     eps_high = o.epsilon_low if o.epsilon_high is None else o.epsilon_high
+    spec = LOSS_SPECS[o.loss_type]
+    upper = eps_high if spec.term == "cispo" else 1 + eps_high
     with torch.no_grad():
         r = ratio.detach()
         zero = torch.zeros_like(r)
-        low, high = ((r < 1 - o.epsilon_low) & (adv < 0)).float(), ((r > 1 + eps_high) & (adv > 0)).float()
-        if o.loss_type == "cispo":
-            low, high = zero, ((r > eps_high) & (adv > 0)).float()
-        elif o.loss_type in ("sapo", "vespo"):
-            low = high = zero
+        low = ((r < 1 - o.epsilon_low) & (adv < 0)).float() if "low" in spec.clips else zero
+        high = ((r > upper) & (adv > 0)).float() if "high" in spec.clips else zero
         terms = (r, low, high, dual.float(), zero if kl is None else kl.detach(),
                  zero if entropy is None else entropy.detach())
         return torch.stack([(t * mask).sum() for t in terms])  # (6,)
@@ -336,7 +338,7 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, ref_logprobs=None, 
     o, old, adv, mask, ref, entropy, sampling = prepare(
         logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, sampling_logprobs, opts)
     if backend_for("policy_loss", logprobs, o.features()) == "cpp":
-        return cpp.policy_loss(logprobs, old, adv, mask, ref, entropy, sampling, o, LOSS_TYPES.index(o.loss_type),
+        return cpp.policy_loss(logprobs, old, adv, mask, ref, entropy, sampling, o, LOSS_SPECS[o.loss_type].cpp_id,
                                LEVELS.index(o.importance_sampling_level))
     logp = logprobs.float()  # (B, T)
     old = logp.detach() if old is None else old

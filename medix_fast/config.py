@@ -24,7 +24,6 @@ import yaml
 from .errors import ConfigError
 from .generate.attention import block_size_error
 from .generate.tokens import SamplingParams
-from .kernels import LossOptions
 from .rewards import RewardConfig
 
 DEFAULT_CONFIG = Path(str(importlib.resources.files("medix_fast.configs") / "tiny.yaml"))
@@ -78,7 +77,8 @@ class SamplingConfig:
 @dataclass
 class AlgorithmConfig:
     advantage_estimator: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
-    # TRL 1.16's loss types: cispo / vespo normalise as dapo, sapo / luspo per sequence as grpo
+    # TRL 1.16's loss types, kernels/loss_specs.py's LOSS_TYPES (tests/test_loss_options.py checks): their
+    # values are checked by rl/loss_options.py (docs/losses.md: the kernels' defaults beside these)
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"] = "dapo"
     importance_sampling_level: Literal["token", "sequence", "sequence_token"] = "token"
     epsilon_low: float = 0.2
@@ -422,16 +422,11 @@ def check(cfg: Config) -> None:
 
 
 def _kernel_checks(cfg: Config) -> None:
-    """The loss and sampling options through the kernels' own validation (one rule, one place),
-    an error re-raised as a ConfigError naming the keys its message names."""
-    a, s = cfg.algorithm, cfg.sampling
-    loss = {k: getattr(a, k) for k in ("loss_type", "importance_sampling_level", "epsilon_low", "epsilon_high",
-                                       "clip_ratio_c", "beta", "entropy_coef", "tis_cap", "kl_clamp",
-                                       "log_ratio_clamp", "delta", "use_bias_correction_kl",
-                                       "sapo_temperature_pos", "sapo_temperature_neg")}
+    """The sampling options through the kernels' own validation (one rule, one place), an error
+    re-raised as a ConfigError naming the keys its message names (the loss options: rl/loss_options.py)."""
+    s = cfg.sampling
     sampling = {k: getattr(s, k) for k in ("temperature", "top_p", "top_k")}
-    checks = (("algorithm", loss, lambda: LossOptions.from_kwargs({**loss, "max_completion_length": s.max_new_tokens})),
-              ("sampling", sampling, lambda: SamplingParams(**sampling)))
+    checks = (("sampling", sampling, lambda: SamplingParams(**sampling)),)
     for section, keys, check in checks:
         try:
             check()

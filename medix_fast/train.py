@@ -66,6 +66,7 @@ from .model.loading import (compute_dtype, image_token_id, is_vl, load_image_pro
 from .model.moe import is_moe, set_router_trainable
 from .report import Eta, clock, end_summary, eval_message, start_message
 from .rewards import build_reward
+from .rl.loss_options import check_config
 from .rl.rollout import Rollout
 from .rl.update import PolicyObjective, Updater
 from .rollouts_log import rollout_records, show_rollouts, write_rollouts
@@ -100,6 +101,7 @@ def peak_memory_gib(device: torch.device) -> float:
 
 class Trainer:
     def __init__(self, cfg: Config, resume: str | None = None):
+        check_config(cfg)  # the loss options, before anything loads
         self.cfg = cfg
         t = cfg.train
         set_cuda_allocator(t.device)  # before CUDA allocates
@@ -397,6 +399,7 @@ def _main(argv: list[str] | None) -> int:
     cfg = trainer = None
     try:
         cfg = load_config(args.config, overrides)
+        check_config(cfg)  # before the output directory is claimed, as load_config's own checks
         in_place = args.resume not in (None, "latest") and (  # --resume-from one of this run's own checkpoints
             Path(args.resume).resolve().parent == C.checkpoint_root(cfg.train.output_dir).resolve())
         aside = claim_output_dir(cfg.train.output_dir, args.resume == "latest" or in_place, args.overwrite, rank == 0)

@@ -56,10 +56,6 @@ def test_int_accepted_for_float_and_yaml_exponent_string(tmp_path):
     ("rewards.judge_modle=x", "rewards.judge_modle"),
     ("train.steps=0", "train.steps"),
     ("sampling.group_size=1", "sampling.group_size"),
-    ("algorithm.clip_ratio_c=0.5", "algorithm.clip_ratio_c"),
-    ("algorithm.kl_clamp=0", "algorithm.kl_clamp"),
-    ("algorithm.delta=-1", "algorithm.delta"),
-    ("algorithm.sapo_temperature_neg=0", "algorithm.sapo_temperature_neg"),
     ("train.mini_batch_prompts=1000", "train.mini_batch_prompts"),
     ("sampling.max_batch_size=64", "sampling.max_num_seqs"),  # renamed: the message names the new key
     ("sampling.max_num_seqs=0", "sampling"),

@@ -125,7 +125,7 @@ def test_bad_shapes():
         policy_loss(logp, old[:, :3], adv, mask)
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "luspo"])
 def test_every_clip_region_and_advantage_sign_matches_fp64(backend, loss_type):
     """Ratios below 1 - eps_low, above 1 + eps_high and above the dual clip c, on rows of each
     advantage sign; loss, gradient and clip fractions against the fp64 reference."""
@@ -148,6 +148,23 @@ def test_every_clip_region_and_advantage_sign_matches_fp64(backend, loss_type):
     assert metrics["clip_dual"].item() == pytest.approx(counts["dual", "-"] / n)
     assert metrics["clip_low"].item() == pytest.approx(counts["low", "-"] / n)
     assert metrics["clip_high"].item() == pytest.approx(counts["high", "+"] / n)
+
+
+@pytest.mark.parametrize("loss_type", ["cispo", "sapo", "vespo"])
+def test_clip_metrics_of_the_unclipped_terms(backend, loss_type):
+    """TRL's clip metrics beyond the clipped objective: cispo reports the ratios above its cap
+    epsilon_high with A > 0 as clip_high (TRL's cispo_clip_ratio) and nothing else; sapo and vespo
+    clip nothing."""
+    from reference import CLIP_ADVANTAGES, CLIP_EDGES, CLIP_RATIOS
+
+    ratio = torch.tensor(CLIP_RATIOS).expand(len(CLIP_ADVANTAGES), -1)  # (4, 12)
+    logp = -torch.rand(ratio.shape, generator=torch.Generator().manual_seed(11)) * 3
+    adv = torch.tensor(CLIP_ADVANTAGES)
+    mask = torch.ones(ratio.shape)
+    _, metrics = policy_loss(logp, logp - ratio.log(), adv, mask, loss_type=loss_type, **CLIP_EDGES)
+    capped = ((ratio > CLIP_EDGES["epsilon_high"]) & (adv[:, None] > 0)).float().mean().item()
+    assert metrics["clip_high"].item() == pytest.approx(capped if loss_type == "cispo" else 0.0)
+    assert metrics["clip_low"].item() == 0 and metrics["clip_dual"].item() == 0
 
 
 @pytest.mark.parametrize("kl_clamp,log_ratio_clamp", [(None, None), (10.0, 20.0), (4.0, None), (None, 3.0)])

@@ -66,11 +66,10 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from medix_fast.distributed import full_tensor
 from medix_fast.kernels import LossOptions, fused_linear_policy_loss
-from medix_fast.kernels.policy_loss import LOSS_TYPES
+from medix_fast.kernels.loss_specs import LOSS_SPECS, LOSS_TYPES
 
 SUPPORTED_TRL = SpecifierSet(">=1.15,<1.17")
 LEVELS = ("token", "sequence")
-NUM_ITEMS_NORMALISED = ("dapo", "cispo", "vespo")  # TRL: divided by num_items_in_batch, not the accumulation steps
 TRL_OPTIONS = ("delta", "use_bias_correction_kl", "top_entropy_quantile", "off_policy_mask_threshold",
                "sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
                "vespo_lambda_neg")
@@ -207,6 +206,10 @@ class GRPOTrainer(trl.GRPOTrainer):
         if mode == "train" and self.accelerator.sync_gradients:
             self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
 
+    def _num_items_normalised(self) -> bool:
+        """TRL divides this loss type by ``num_items_in_batch``, not by the accumulation steps."""
+        return LOSS_SPECS[self.loss_type].normaliser == "num_items"
+
     def _loss_options(self, inputs, mode: str) -> dict:
         """``GRPOConfig`` -> ``fused_linear_policy_loss`` options, with TRL's normaliser for ``loss_type``."""
         opts = dict(loss_type=self.loss_type, importance_sampling_level=self.importance_sampling_level,
@@ -217,12 +220,12 @@ class GRPOTrainer(trl.GRPOTrainer):
             opts[name] = getattr(self.args, name, getattr(defaults, name))
         if getattr(self, "_entropy_bonus_enabled", False):  # TRL: - coef * (token mean of the entropy) / accumulation steps
             coef = self._entropy_coef_now()
-            if self.loss_type in NUM_ITEMS_NORMALISED and mode == "train":  # the loss is not divided below
+            if self._num_items_normalised() and mode == "train":  # the loss is not divided below
                 coef = coef / self.current_gradient_accumulation_steps
             opts.update(entropy_coef=coef, entropy_aggregation="token_mean")
-        if self.loss_type == "dr_grpo":
+        if LOSS_SPECS[self.loss_type].normaliser == "max_length":
             opts["max_completion_length"] = self.max_completion_length
-        if self.loss_type in NUM_ITEMS_NORMALISED and inputs is not None:
+        if self._num_items_normalised() and inputs is not None:
             # TRL: num_items_in_batch spans the generation batch; rescale it to one accumulation window
             items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
@@ -273,7 +276,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         if opts.get("entropy_aggregation") == "token_mean" and self.top_entropy_quantile >= 1:
             # TRL's logged policy_loss: the loss before the bonus (its token mean = the entropy metric)
             metrics["policy_loss"] = (loss + opts["entropy_coef"] * metrics["entropy"]).detach()
-        if self.loss_type not in NUM_ITEMS_NORMALISED and mode == "train":
+        if not self._num_items_normalised() and mode == "train":
             loss = loss / self.current_gradient_accumulation_steps
         aux_loss = None
         if self.aux_loss_enabled:  # TRL: router_aux_loss_coef * load-balancing loss / accumulation steps
@@ -288,10 +291,11 @@ class GRPOTrainer(trl.GRPOTrainer):
         # where the kernel's batch means are token-weighted: those get their own names
         clip = "clip_ratio/{}_mean" if self.importance_sampling_level == "token" else "clip_ratio/{}_token_mean"
         values = {"entropy": metrics["entropy"]}
-        if self.loss_type == "cispo":
+        spec = LOSS_SPECS[self.loss_type]
+        if spec.term == "cispo":
             values["cispo_clip_ratio" + ("" if self.importance_sampling_level == "token" else "_token_mean")] = (
                 metrics["clip_high"])
-        elif self.loss_type not in ("sapo", "vespo"):
+        elif spec.clips:
             values.update({clip.format("low"): metrics["clip_low"], clip.format("high"): metrics["clip_high"],
                            clip.format("region"): metrics["clip_low"] + metrics["clip_high"]})
         if self.beta != 0:

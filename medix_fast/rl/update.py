@@ -8,7 +8,8 @@ group's prompt runs through the decoder once for its G completions (``share_prom
 mini-batch as if it were one batch: ``dapo`` by the mini-batch's valid-token count over all
 micro-batches and ranks (``num_items_in_batch``; also ``cispo``, ``vespo``), ``grpo`` / ``dr_grpo``
 (``sapo``, ``luspo``) by its global sequence
-count, ``bnpo`` by this rank's token count (TRL's "local batch"). Ranks pad to the same number
+count, ``bnpo`` by this rank's token count (TRL's "local batch"): each loss type's ``normaliser``
+(kernels/loss_specs.py). The loss options come from the config by ``rl/loss_options.py``. Ranks pad to the same number
 of micro-batches with zero-weight ones, so DDP / FSDP collectives always line up.
 
 A step is :meth:`Updater.prepare` (the plan and the old / reference log-probs, run while the
@@ -45,14 +46,14 @@ from transformers import DynamicCache
 from .. import distributed as D
 from ..kernels import fused_linear_logprobs, fused_linear_policy_loss
 from ..kernels.importance import mis_keep
+from ..kernels.loss_specs import LOSS_SPECS
 from ..kernels.policy_loss import METRICS
-
-TOKEN_SUM_LOSSES = ("dapo", "cispo", "vespo")  # divided by num_items_in_batch; the others per sequence or bnpo
 from ..model.forward import (continuation_hidden_states, hidden_states, left_pad_positions, lm_head,
                              prompt_hidden_states)
 from ..model.moe import RouterLogits
 from ..model.routing import RouterReplay
 from .batch import MicroBatch, Sequences, collate, pack, padding_batch
+from .loss_options import kernel_options
 from .mismatch import Mismatch
 
 log = logging.getLogger(__name__)
@@ -205,30 +206,19 @@ class Updater:
             return contextlib.nullcontext()
         return torch.autocast(self.info.device.type, dtype=self.autocast_dtype)
 
-    def loss_options(self, num_items: float) -> dict:
-        a = self.algo
-        opts = dict(loss_type=a.loss_type, importance_sampling_level=a.importance_sampling_level,
-                    epsilon_low=a.epsilon_low, epsilon_high=a.epsilon_high, clip_ratio_c=a.clip_ratio_c,
-                    beta=a.beta, entropy_coef=a.entropy_coef, tis_cap=a.tis_cap, kl_clamp=a.kl_clamp,
-                    log_ratio_clamp=a.log_ratio_clamp, delta=a.delta, use_bias_correction_kl=a.use_bias_correction_kl,
-                    sapo_temperature_pos=a.sapo_temperature_pos, sapo_temperature_neg=a.sapo_temperature_neg)
-        if a.loss_type == "dr_grpo":
-            opts["max_completion_length"] = self.sampling.max_new_tokens
-        if a.loss_type in TOKEN_SUM_LOSSES:
-            opts["num_items_in_batch"] = num_items
-        return opts
-
     def _scale(self, mb: MicroBatch, local_tokens: int, global_tokens: int, global_seqs: int) -> float:
-        """This micro-batch's share of the mini-batch loss, times the world size (DDP / FSDP
-        average gradients over ranks)."""
+        """This micro-batch's share of the mini-batch loss (by the loss type's normaliser), times the
+        world size (DDP / FSDP average gradients over ranks)."""
         if not mb.weight:
             return 0.0
-        t = self.algo.loss_type
-        if t in TOKEN_SUM_LOSSES:
+        normaliser = LOSS_SPECS[self.algo.loss_type].normaliser
+        if normaliser == "num_items":  # the kernel divides by the global token count already
             return float(self.info.world)
-        if t == "bnpo":
+        if normaliser == "batch_tokens":
             return mb.n_tokens / max(local_tokens, 1)
-        return self.info.world * mb.n_seqs / max(global_seqs, 1)
+        if normaliser in ("sequence_mean", "max_length", "sequences"):  # per sequence
+            return self.info.world * mb.n_seqs / max(global_seqs, 1)
+        raise AssertionError(f"normaliser {normaliser!r} has no micro-batch share")
 
     def plan(self, seqs: Sequences) -> Plan:
         """Mini-batches (whole groups) of micro-batches, padded to the same counts on every rank,
@@ -311,7 +301,7 @@ class Updater:
         for epoch in range(self.algo.ppo_epochs):
             for mini, global_tokens, global_seqs in zip(plan.minis, plan.tokens, plan.seqs):
                 local_tokens = sum(mb.n_tokens for mb in mini)
-                opts = self.loss_options(global_tokens)
+                opts = kernel_options(self.algo, self.sampling, num_items=global_tokens)
                 loss_sum = torch.zeros((), device=self.info.device)
                 sums = torch.zeros(len(METRICS), device=self.info.device)
                 aux_sum = torch.zeros((), device=self.info.device)
