@@ -101,6 +101,8 @@ def output_dir(path: str | os.PathLike, what: str) -> Path:
     if not existing.is_dir():
         where = "" if existing == p else f": {str(existing)!r} is a file"
         raise UserError(f"{what} {str(path)!r} is not a directory{where}")
+    if existing == p:
+        _readable(p, what)  # what it holds is looked at (an earlier run, results to continue)
     try:
         with tempfile.TemporaryFile(dir=existing):
             pass
@@ -128,3 +130,35 @@ def check_eval(args) -> None:
     if args.data_dir:
         input_dir(args.data_dir, "--data-dir")
     output_dir(args.out, "--out")
+
+
+def check_train(cfg, resume: str | None) -> None:
+    """``python -m medix_fast.train``'s paths: the output directory, the model, the data, the
+    evaluation tasks, the reward models in use and ``--resume-from``'s checkpoint."""
+    output_dir(cfg.train.output_dir, "train.output_dir")
+    if resume not in (None, "latest"):
+        input_dir(resume, "--resume-from")
+    model_dir(cfg.model.path, None)
+    data_files(cfg.data.train_files, "data.train_files")
+    data_files(cfg.data.val_files, "data.val_files")
+    if cfg.eval.tasks:
+        input_file(cfg.eval.tasks, "eval.tasks")
+    r = cfg.rewards
+    for key, component in (("judge_model", "accuracy"), ("semantic_model", "semantic")):
+        if getattr(r, key) and r.active(component):
+            input_dir(getattr(r, key), f"rewards.{key}")
+
+
+def check_export(args) -> None:
+    """``python -m medix_fast.export``'s checkpoint and output directory."""
+    input_dir(args.checkpoint, "--checkpoint")
+    out = Path(args.out)
+    output_dir(out.parent if out.is_file() else out, "--out")  # a file: export's own to refuse or move aside
+
+
+def check_plan(args) -> None:
+    """``python -m medix_fast.generate --plan``'s config file and model config (a path or a known name)."""
+    if args.config is not None:
+        input_file(args.config, "--config")
+    if args.model_config and Path(args.model_config).expanduser().exists():
+        input_path(args.model_config, "--model-config")

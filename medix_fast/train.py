@@ -52,6 +52,7 @@ import torch
 
 from . import checkpoint as C
 from . import distributed as D
+from . import preflight
 from .config import Config, load_config, save_config
 from .data import PromptLoader, build_prompts, load_examples
 from .data.vision import Vision
@@ -397,6 +398,7 @@ def _main(argv: list[str] | None) -> int:
     cfg = trainer = None
     try:
         cfg = load_config(args.config, overrides)
+        preflight.check_train(cfg, args.resume)  # every path, before anything loads or is written
         in_place = args.resume not in (None, "latest") and (  # --resume-from one of this run's own checkpoints
             Path(args.resume).resolve().parent == C.checkpoint_root(cfg.train.output_dir).resolve())
         aside = claim_output_dir(cfg.train.output_dir, args.resume == "latest" or in_place, args.overwrite, rank == 0)
