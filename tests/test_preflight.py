@@ -1,7 +1,8 @@
 """Every command refuses each bad input before it works: one ``error:`` line on stderr naming
 what is wrong, no traceback, exit status 2, and nothing in the folder written, changed or removed.
 
-Run: pytest tests/test_preflight.py   (subprocesses, as a user runs them; no model loads)
+Run: pytest tests/test_preflight.py   (each command line a process of its own, as a user runs it,
+forked by tests/command_runner.py after one import of the commands; no model loads)
 
 Each case is (command, its arguments, a fragment the error line must hold); ``{t}`` is the test's
 folder, which holds the inputs (``fixtures``) and is the working directory. Permission cases need
@@ -10,12 +11,12 @@ unprivileged user), and are skipped where that is not allowed.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -131,27 +132,25 @@ LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (INFO|WARNING) ")
 
 @pytest.fixture(scope="module")
 def refusals(tmp_path_factory):
-    """Every case run (in parallel) in one prepared folder: {id: (status, stderr)}, and the
-    folder's snapshot before and after all of them."""
-    t = tmp_path_factory.mktemp("preflight")
+    """Every case run in one prepared folder, each a process of its own forked by
+    ``command_runner.py`` (the commands imported once): {id: (status, stdout, stderr)}, with
+    the folder's snapshot before and after all of them."""
+    t, logs = tmp_path_factory.mktemp("preflight"), tmp_path_factory.mktemp("preflight_logs")
     fixtures(t)
     prefix = as_unprivileged()
+    cases = [c for c in CASES if prefix is not None or not any(p in c[0] for p in PERMISSIONS)]
     before = snapshot(t)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-
-    def run(case):
-        name, command, args, _ = case
-        if prefix is None and any(p in name for p in PERMISSIONS):
-            return name, None
-        argv = [*prefix, sys.executable, "-m", *command, *(a.format(t=t) for a in args)]
-        done = subprocess.run(argv, cwd=t, env=env, capture_output=True, text=True, timeout=600)
-        return name, (done.returncode, done.stdout, done.stderr)
-
-    with ThreadPoolExecutor(4) as pool:
-        results = dict(pool.map(run, CASES))
+    runner = [*(prefix or []), sys.executable, str(Path(__file__).with_name("command_runner.py")), str(logs)]
+    lines = [[command[0], [*command[1:], *(a.format(t=t) for a in args)]] for _, command, args, _ in cases]
+    done = subprocess.run(runner, input=json.dumps(lines), cwd=t, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    assert done.returncode == 0, done.stderr[-3000:]
     after = snapshot(t)
     for p in (t / "ro", *(t / n for n in ("noread.yaml", "noread.jsonl", "noread"))):
         p.chmod(0o755)
+    statuses = json.loads((logs / "status.json").read_text())
+    results = {case[0]: (status, (logs / f"{i}.out").read_text(), (logs / f"{i}.err").read_text())
+               for i, (case, status) in enumerate(zip(cases, statuses))}
     return t, results, before, after
 
 
@@ -159,7 +158,7 @@ def refusals(tmp_path_factory):
 def test_a_bad_input_is_one_line_exit_2_nothing_written(case, refusals):
     t, results, _, _ = refusals
     name, _, _, fragment = case
-    if results[name] is None:
+    if name not in results:
         pytest.skip("permissions do not apply to root here (unshare --user is not allowed)")
     status, out, err = results[name]
     lines = [line for line in err.splitlines() if line.strip() and not LOG_LINE.match(line)]
