@@ -168,7 +168,7 @@ def check_checkpoint(path: str | Path) -> Path:
     missing = [r for r in range(state["world"]) if not (path / f"rng_rank{r}.pt").is_file()]
     if missing:
         raise CheckpointError(f"{path}: incomplete checkpoint: rng_rank{missing[0]}.pt is missing "
-                              f"(written by {state['world']} ranks)")
+                              f"(written by {state['world']} rank{'s' * (state['world'] != 1)})")
     _verify_checksums(path, getattr(metadata, "checksums", None) or {})
     return path
 

@@ -218,8 +218,8 @@ class Trainer:
         self.updater.nonfinite_in_a_row = state["nonfinite_in_a_row"]
         C.restore_rng(path, self.info.rank, self.info.world, self.cfg.train.seed)
         self.step, self.run_id = state["step"], state["run_id"]
-        log.info("resumed from %s at step %d (written by %d ranks, now %d)", path, self.step, state["world"],
-                 self.info.world)
+        log.info("resumed from %s at step %d (written by %d rank%s, now %d)", path, self.step, state["world"],
+                 "s" * (state["world"] != 1), self.info.world)
 
     def save(self, hf: bool = False) -> Path:
         """Checkpoint this step (every rank; written in the background with checkpoint.async_save),
@@ -289,7 +289,7 @@ class Trainer:
         if self.stop_requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.stop_requested = signum
-        log.warning("signal %d: finishing this step, then checkpoint and exit", signum)
+        log.warning("%s: finishing this step, then checkpoint and exit", signal.Signals(signum).name)
 
     def run(self) -> list[dict]:
         """Train until ``train.steps`` (or a stop signal); returns this run's metrics records.
@@ -302,7 +302,7 @@ class Trainer:
                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
                    disable=not (main and cfg.logging.progress))
         eta = Eta(cfg.train.steps, self.step)
-        records, started, eval_s, path = [], time.perf_counter(), 0.0, None
+        records, started, eval_s, path, resumed_at = [], time.perf_counter(), 0.0, None, self.step
 
         def show(step: int, metrics: dict) -> None:
             if self.sampled is not None:
@@ -361,7 +361,7 @@ class Trainer:
         if main:
             stopped = signal.Signals(self.stop_requested).name if self.stop_requested else None
             print(end_summary(read_metrics(self.out / "metrics.jsonl"), cfg, time.perf_counter() - started, eval_s,
-                              plot, path, stopped), flush=True)
+                              plot, path, stopped, resumed_at), flush=True)
         return records
 
 

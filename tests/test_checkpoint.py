@@ -310,7 +310,7 @@ BREAK = {
     "missing shard": (lambda p: next((p / C.STATE).glob("*.distcp")).unlink(), "__0_0.distcp is missing"),
     "truncated shard": (_truncate, "__0_0.distcp has 100 bytes"),
     "zeroed page in a shard": (_zero_a_page, "corrupt checkpoint: state/__0_0.distcp fails its checksum"),
-    "missing rng": (lambda p: (p / "rng_rank0.pt").unlink(), "rng_rank0.pt is missing"),
+    "missing rng": (lambda p: (p / "rng_rank0.pt").unlink(), r"rng_rank0.pt is missing \(written by 1 rank\)"),
     "garbled trainer state": (lambda p: (p / C.TRAINER).write_bytes(b"nonsense"), "trainer_state.pt unreadable"),
 }
 
