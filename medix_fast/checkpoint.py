@@ -178,7 +178,7 @@ def check_checkpoint(path: str | Path) -> Path:
     missing = [rng_file(path, r) for r in range(state["world"]) if not rng_file(path, r).is_file()]
     if missing:
         raise CheckpointError(f"{path}: incomplete checkpoint: {missing[0].name} is missing "
-                              f"(written by {state['world']} ranks)")
+                              f"(written by {state['world']} rank{'s' * (state['world'] != 1)})")
     _verify_checksums(path, getattr(metadata, "checksums", None) or {})
     return path
 

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean, yaml_error
 from .generate.attention import block_size_error
 from .generate.tokens import SamplingParams
 from .rewards import RewardConfig
@@ -228,7 +228,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {value!r} (on the command line: {key}=[{value}], "
+                              f"several: {key}=[a,b])")
         (item,) = typing.get_args(tp)[:1] or (Any,)
         return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
@@ -284,7 +285,8 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
             new, why = MOVED[dotted]
             raise ConfigError(f"config key {dotted!r} is now {new!r} ({why})")
         if key not in names:
-            raise ConfigError(f"unknown config key {dotted!r}; valid keys here: {sorted(names)}")
+            raise ConfigError(f"unknown config key {dotted!r}{did_you_mean(str(key), names, f'{prefix}.' if prefix else '')}; valid keys here: "
+                              f"{sorted(names)}")
         kwargs[key] = _convert(value, hints[key], dotted)
     try:
         return cls(**kwargs)
@@ -335,10 +337,10 @@ def read_tree(path: Path, seen: tuple = ()) -> dict:
         raise ConfigError(f"config file {path}: 'base' chain loops back to itself")
     try:
         tree = yaml.safe_load(path.read_text()) or {}
-    except OSError as err:
+    except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"cannot read config file {path}: {err}") from err
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        raise ConfigError(yaml_error("config file", path, err)) from err
     if not isinstance(tree, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections")
     base = tree.pop("base", None)

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as C
+from . import preflight
 from .errors import UserError
 from .model.moe import save_pretrained
 from .run_dir import move_aside
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="move a non-empty --out that is not a previous export aside to <out>.old-N")
     args = p.parse_args(argv)
     try:
+        preflight.check_export(args)
         out = export(args.checkpoint, args.out, getattr(torch, args.dtype), args.overwrite)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

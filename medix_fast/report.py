@@ -111,11 +111,15 @@ def eval_command(cfg, model_dir: Path) -> str:
 
 
 def end_summary(records: list[dict], cfg, seconds: float, eval_seconds: float, plot: Path | None,
-                checkpoint: Path | None, stopped: str | None = None) -> str:
+                checkpoint: Path | None, stopped: str | None = None, resumed_at: int = 0) -> str:
     """Steps and time, training reward and held-out accuracy first -> last, where things are;
-    ``stopped`` (a signal's name) says the run was stopped early and how to continue it."""
+    ``stopped`` (a signal's name) says the run was stopped early and how to continue it;
+    ``resumed_at``: the checkpoint's step this process started from (the steps before it ran earlier)."""
     steps = max((r["step"] for r in records), default=0)
-    head = f"stopped by {stopped} at step {steps} of {cfg.train.steps}" if stopped else f"done: {steps} steps"
+    done = (f"done: {steps} steps" if not resumed_at else
+            f"done: steps {resumed_at + 1}-{steps} ({steps - resumed_at} run now, resumed from step {resumed_at})"
+            if steps > resumed_at else f"done: no step left to run (resumed from step {resumed_at})")
+    head = f"stopped by {stopped} at step {steps} of {cfg.train.steps}" if stopped else done
     lines = [f"{head} in {clock(seconds)} ({clock(seconds - eval_seconds)} training, "
              f"{clock(eval_seconds)} held-out evaluation)"]
     if stopped:

@@ -52,6 +52,7 @@ import torch
 
 from . import checkpoint as C
 from . import distributed as D
+from . import preflight
 from .config import Config, load_config, save_config
 from .data import PromptLoader, build_prompts, load_examples
 from .data.vision import Vision
@@ -219,8 +220,8 @@ class Trainer:
         self.updater.nonfinite_in_a_row = state["nonfinite_in_a_row"]
         C.restore_rng(path, self.info.rank, self.info.world, self.cfg.train.seed)
         self.step, self.run_id = state["step"], state["run_id"]
-        log.info("resumed from %s at step %d (written by %d ranks, now %d)", path, self.step, state["world"],
-                 self.info.world)
+        log.info("resumed from %s at step %d (written by %d rank%s, now %d)", path, self.step, state["world"],
+                 "s" * (state["world"] != 1), self.info.world)
 
     def save(self, hf: bool = False) -> Path:
         """Checkpoint this step (every rank; written in the background with checkpoint.async_save),
@@ -290,7 +291,7 @@ class Trainer:
         if self.stop_requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.stop_requested = signum
-        log.warning("signal %d: finishing this step, then checkpoint and exit", signum)
+        log.warning("%s: finishing this step, then checkpoint and exit", signal.Signals(signum).name)
 
     def run(self) -> list[dict]:
         """Train until ``train.steps`` (or a stop signal); returns this run's metrics records.
@@ -303,7 +304,7 @@ class Trainer:
                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
                    disable=not (main and cfg.logging.progress))
         eta = Eta(cfg.train.steps, self.step)
-        records, started, eval_s, path = [], time.perf_counter(), 0.0, None
+        records, started, eval_s, path, resumed_at = [], time.perf_counter(), 0.0, None, self.step
 
         def show(step: int, metrics: dict) -> None:
             if self.sampled is not None:
@@ -362,7 +363,7 @@ class Trainer:
         if main:
             stopped = signal.Signals(self.stop_requested).name if self.stop_requested else None
             print(end_summary(read_metrics(self.out / "metrics.jsonl"), cfg, time.perf_counter() - started, eval_s,
-                              plot, path, stopped), flush=True)
+                              plot, path, stopped, resumed_at), flush=True)
         return records
 
 
@@ -400,6 +401,7 @@ def _main(argv: list[str] | None) -> int:
     try:
         cfg = load_config(args.config, overrides)
         check_config(cfg)  # before the output directory is claimed, as load_config's own checks
+        preflight.check_train(cfg, args.resume)  # every path, before anything loads or is written
         in_place = args.resume not in (None, "latest") and (  # --resume-from one of this run's own checkpoints
             Path(args.resume).resolve().parent == C.checkpoint_root(cfg.train.output_dir).resolve())
         aside = claim_output_dir(cfg.train.output_dir, args.resume == "latest" or in_place, args.overwrite, rank == 0)

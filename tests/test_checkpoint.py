@@ -316,7 +316,7 @@ BREAK = {
     "missing shard": (lambda p: next((p / C.STATE).glob("*.distcp")).unlink(), "__0_0.distcp is missing"),
     "truncated shard": (_truncate, "__0_0.distcp has 100 bytes"),
     "zeroed page in a shard": (_zero_a_page, "corrupt checkpoint: state/__0_0.distcp fails its checksum"),
-    "missing rng": (lambda p: (p / "rng_rank0.safetensors").unlink(), "rng_rank0.safetensors is missing"),
+    "missing rng": (lambda p: (p / "rng_rank0.safetensors").unlink(), r"rng_rank0.safetensors is missing \(written by 1 rank\)"),
     "garbled trainer state": (lambda p: (p / C.TRAINER).write_bytes(b"nonsense"), "trainer_state.json unreadable"),
     "trainer state without its step": (lambda p: (p / C.TRAINER).write_text(json.dumps(
         {k: v for k, v in json.loads((p / C.TRAINER).read_text()).items() if k != "step"})),

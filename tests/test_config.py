@@ -73,6 +73,29 @@ def test_bad_key_in_file_is_named(tmp_path):
         load_config(write(tmp_path, "sampling:\n  temprature: 0.7\n"))
 
 
+@pytest.mark.parametrize("override, suggestion", [("train.stpes=3", "'train.steps'"), ("trian.steps=3", "'train'"),
+                                                  ("rewards.judge_modle=x", "'rewards.judge_model'")])
+def test_a_misspelt_key_gets_a_suggestion(override, suggestion):
+    with pytest.raises(ConfigError, match=f"did you mean {suggestion}"):
+        load_config(None, [override])
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["train.xyz=1"])
+    assert "did you mean" not in str(err.value)  # nothing close: no guess
+
+
+def test_a_list_key_given_one_value_shows_the_list_syntax():
+    with pytest.raises(ConfigError, match=r"data\.train_files=\[a\.jsonl\], several: data\.train_files=\[a,b\]"):
+        load_config(None, ["data.train_files=a.jsonl"])
+
+
+def test_a_yaml_error_names_file_line_and_column(tmp_path):
+    (tmp_path / "c.yaml").write_text("train:\n  steps: 3\n  seed: [1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(tmp_path / "c.yaml")
+    assert str(err.value).startswith(f"config file {tmp_path / 'c.yaml'}:4:1 is not valid YAML: ")
+    assert "<unicode string>" not in str(err.value) and "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("text", ["train.steps", "=3", "train..steps=3", "train.steps=[1,"])
 def test_malformed_override(text):
     with pytest.raises(ConfigError, match="override"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -356,6 +357,44 @@ def test_tiny_smoke_and_two_ranks(tmp_path, capsys):
     for r in records:
         assert by_index[r["index"]]["response"] == r["response"]
         assert by_index[r["index"]]["scores"] == r["scores"]
+
+
+def test_each_checkpoint_keeps_its_results(tmp_path, monkeypatch, capsys):
+    """Two checkpoints of a run evaluated in a row, then the first again with --overwrite: all
+    three results stay on disk (the default --out is per checkpoint; --overwrite moves aside)."""
+    from medix_fast.model.loading import resolve_model_path
+
+    monkeypatch.chdir(tmp_path)
+    steps = [tmp_path / "run" / "checkpoints" / f"step_0000000{k}" for k in (1, 2)]
+    for step in steps:
+        shutil.copytree(resolve_model_path("tiny"), step / "model")
+    small = ["--limit", "1", "--max-new-tokens", "4", "--batch-size", "1"]
+    for step in steps:
+        assert main(["--model", str(step / "model"), *small]) == 0
+    results = [Path("runs/eval/run") / step.name for step in steps]
+    first = (results[0] / "generations.jsonl").read_text()
+    assert all(len(read_records(r / "generations.jsonl")) == 1 for r in results)
+    again = ["--model", str(steps[0] / "model"), *small, "--max-new-tokens", "5"]
+    assert main(again) == 2  # other settings: refused
+    assert "give another --out, or add --overwrite" in capsys.readouterr().err
+    assert main([*again, "--limit", "2", "--overwrite"]) == 0
+    assert f"moved to {results[0]}.old-1" in capsys.readouterr().err
+    assert (Path(f"{results[0]}.old-1") / "generations.jsonl").read_text() == first
+    assert len(read_records(results[0] / "generations.jsonl")) == 2
+    assert len(read_records(results[1] / "generations.jsonl")) == 1
+
+
+def test_a_training_checkpoint_without_model_names_export(tmp_path, capsys):
+    step = tmp_path / "run" / "checkpoints" / "step_00000002"
+    (step / "hf_config").mkdir(parents=True)
+    (step / "hf_config" / "config.json").write_text("{}")
+    assert main(["--model", str(step)]) == 2
+    err = capsys.readouterr().err
+    assert "training checkpoint without a Hugging Face model" in err and "python -m medix_fast.export" in err
+    (step / "model").mkdir()
+    (step / "model" / "config.json").write_text("{}")
+    assert main(["--model", str(step)]) == 2
+    assert f"give its Hugging Face model, {step / 'model'}" in capsys.readouterr().err
 
 
 def test_training_loop_calls_eval(tmp_path):

@@ -6,6 +6,7 @@ parameter counts, the arithmetic of one plan by hand, and the CLI's exit codes.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -110,7 +111,13 @@ def test_cli_says_when_it_does_not_fit(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "decode slots" in out and "step peak: update" in out
     assert ("does NOT fit: the update phase needs" in out and "would fit: GPUs of" in out
-            and "a lower train.micro_batch_tokens; model.gradient_checkpointing=true" in out)
+            and "model.gradient_checkpointing=true" in out)
+    fitting = int(re.search(r"train\.micro_batch_tokens=(\d+) \(the largest that fits\); model\.gradient_checkpointing", out).group(1))
+    assert fitting > 0 and fitting % 1024 == 0  # the value that fits, checked by the plan itself:
+    for tokens, fits in ((fitting, 0), (fitting + 1024, 1)):
+        assert main(["--plan", "--config", two_b, "--device-memory-gb", "141", "model.gradient_checkpointing=false",
+                     f"train.micro_batch_tokens={tokens}"]) == fits
+    capsys.readouterr()
 
 
 def test_a_misfit_names_its_biggest_term_and_what_would_fit(capsys):

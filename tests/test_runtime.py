@@ -133,6 +133,10 @@ def test_end_summary_says_what_changed_and_where_things_are(tmp_path):
     assert "accuracy 0.200 -> 0.500" in text and "pass@1 0.150 -> 0.450" in text and "pass@8 0.700 -> 0.720" in text
     assert f"metrics: {tmp_path / 'metrics.jsonl'}; plot: {tmp_path / 'rewards.png'}" in text
     assert f"evaluate it: python -m medix_fast.eval --model {ckpt / 'model'} --max-new-tokens 48" in text
+    resumed = end_summary(records, cfg, 125.0, 20.0, None, None, resumed_at=2)
+    assert resumed.startswith("done: steps 3-8 (6 run now, resumed from step 2) in 2:05")
+    assert end_summary(records, cfg, 1.0, 0.0, None, None, resumed_at=8).startswith(
+        "done: no step left to run (resumed from step 8)")
     stopped = end_summary(records, cfg, 125.0, 20.0, None, None, "SIGINT").splitlines()
     assert stopped[:2] == [f"stopped by SIGINT at step 8 of {cfg.train.steps} in 2:05 (1:45 training, 0:20 held-out "
                            "evaluation)", "continue it: the same command with --resume (from the checkpoint of step 8)"]

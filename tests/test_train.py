@@ -196,7 +196,11 @@ def test_resume_from_an_earlier_checkpoint_rolls_back_in_place(tmp_path, capsys)
     args = [*SMALL, f"train.output_dir={out}", "eval.every=0", "checkpoint.every=1", "checkpoint.keep_last=0"]
     assert main([*args, "train.steps=3"]) == 0
     first = read_metrics(out / "metrics.jsonl")
+    capsys.readouterr()
     assert main([*args, "train.steps=3", "--resume-from", str(C.checkpoint_root(out) / "step_00000001")]) == 0
+    printed = capsys.readouterr()
+    assert "done: steps 2-3 (2 run now, resumed from step 1)" in printed.out
+    assert "(written by 1 rank, now 1)" in printed.err
     aside = out / "abandoned-1"
     assert read_metrics(aside / "metrics.jsonl") == first[1:]  # steps 2 and 3 of the abandoned branch
     assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ["step_00000002", "step_00000003"]
@@ -204,6 +208,19 @@ def test_resume_from_an_earlier_checkpoint_rolls_back_in_place(tmp_path, capsys)
     assert [r["step"] for r in again] == [1, 2, 3] and again[0] == first[0]
     assert comparable(again) == comparable(first)  # the same steps again, deterministically
     assert [p.name for p in C.list_checkpoints(out)] == ["step_00000001", "step_00000002", "step_00000003"]
+
+
+def test_a_stop_signal_is_named(caplog):
+    import logging
+    import signal
+
+    from medix_fast.train import Trainer
+
+    trainer = Trainer.__new__(Trainer)  # only the handler's state
+    trainer.stop_requested = 0
+    with caplog.at_level(logging.WARNING, logger="medix_fast.train"):
+        trainer._on_signal(signal.SIGINT, None)
+    assert "SIGINT: finishing this step" in caplog.text and trainer.stop_requested == signal.SIGINT
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])

@@ -8,23 +8,28 @@
     python -m medix_fast.eval --checkpoint DIR --judge QWEN3_14B_DIR --protocol medix_r1 \\
         --tasks configs/eval/medix_r1.yaml --data-dir data/medix_r1   # MediX-R1's published table
 
-What it runs and writes: ``evaluator.py``; ``--protocol medix_r1``: ``medix_r1.py``.
+What it runs and writes: ``evaluator.py``; ``--protocol medix_r1``: ``medix_r1.py``. Each
+checkpoint has its own default ``--out`` (:func:`default_out`), so evaluating another never
+meets an earlier one's results; ``--overwrite`` moves a folder's results aside to
+``<out>.old-<N>`` (as ``train --overwrite`` does) and starts again: no result is ever deleted.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.resources
 import os
+import sys
 from pathlib import Path
 
 from .. import distributed as D
-from ..errors import ArgumentParser, UsageError, UserError, run_command
+from .. import preflight
+from ..errors import ArgumentParser, UsageError, run_command
 from ..data.vision import Vision
 from ..generate import Sampler
-from ..model.loading import (compute_dtype, image_token_id, is_vl, load_image_processor, load_model,
-                             resolve_model_path, stop_ids)
+from ..model.loading import compute_dtype, image_token_id, is_vl, load_image_processor, load_model, stop_ids
 from ..model.moe import EXPERTS_IMPLEMENTATIONS
 from ..rewards import RewardConfig, build_reward
+from ..run_dir import move_aside
 from ..runtime import set_cpu_threads, setup_logging
 from .evaluator import EvalSettings, Evaluator, describe, sampler_generate
 from .medix_r1 import run_medix_r1
@@ -57,8 +62,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--judge-batch", type=int, default=1024,
                    help="medix_r1: items per three-round judge pass (and per write)")
     p.add_argument("--semantic-model", help="sentence encoder directory (default: all-MiniLM-L6-v2)")
-    p.add_argument("--out", help="output folder (default: runs/eval/<model name>)")
-    p.add_argument("--overwrite", action="store_true", help="start again instead of continuing the output folder")
+    p.add_argument("--out", help="output folder (default: runs/eval/<run>/<step> for a training checkpoint's "
+                                 "model, else runs/eval/<parent folder>/<model folder>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again instead of continuing the output folder, moved aside to <out>.old-N")
     p.add_argument("--limit", type=int, default=0, help="first N items of each task (0: all)")
     d = EvalSettings()
     p.add_argument("--max-new-tokens", type=int, default=0,
@@ -98,15 +105,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def default_out(model: str) -> Path:
+    """The output folder of ``model`` without ``--out``: ``runs/eval/<run>/<step>`` for a training
+    checkpoint's ``.../<run>/checkpoints/<step>/model``, else ``runs/eval/<parent>/<name>`` (a
+    tiny model: ``runs/eval/<name>``), so that two checkpoints never share one."""
+    path = Path(model).expanduser()
+    if not path.exists():
+        return Path("runs/eval") / path.name
+    path = path.resolve()
+    if path.name == "model" and path.parent.parent.name == "checkpoints":
+        return Path("runs/eval", path.parent.parent.parent.name, path.parent.name)
+    return Path("runs/eval", path.parent.name, path.name)
+
+
+def claim_out(out: Path, overwrite: bool) -> None:
+    """With ``overwrite``, move a non-empty ``out`` aside (nothing is deleted) and say where."""
+    if overwrite and out.is_dir() and any(out.iterdir()):
+        print(f"--overwrite: the earlier results in {out} were moved to {move_aside(out)}", file=sys.stderr)
+
+
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     setup_logging(int(os.environ.get("RANK", "0")))
-    resolve_model_path(args.model)  # a wrong path fails before anything loads
-    if args.protocol == "medix_r1" and args.judge:
-        try:
-            resolve_model_path(args.judge)
-        except UserError as err:
-            raise UsageError(f"--judge: {err}") from None
+    args.out = Path(args.out or default_out(args.model))
+    preflight.check_eval(args)  # every path and the protocol's needs, before anything loads
     set_cpu_threads(args.threads, "--threads")
     info = D.init_distributed(args.device, "auto")
     try:
@@ -115,10 +137,13 @@ def _main(argv: list[str] | None) -> int:
                 raise UsageError("--protocol medix_r1 runs in one process (its sampler batches the items)")
             tasks = load_medix_r1_tasks(args.tasks or DEFAULT_R1_TASKS, args.data_dir, args.limit, args.only,
                                         images=args.phase in ("all", "generate"))
+            claim_out(args.out, args.overwrite)
             return run_medix_r1(args, tasks, info)
         args.max_new_tokens = args.max_new_tokens or EvalSettings().max_new_tokens
         tasks = (load_tasks(args.tasks, args.limit) if args.tasks else
                  data_tasks(args.data, args.limit) if args.data else default_tasks(args.limit))
+        if info.is_main:
+            claim_out(args.out, args.overwrite)
         dtype = compute_dtype(args.dtype, info.device)
         model, tokenizer = load_model(args.model, dtype=dtype, device=info.device,
                                       experts_implementation=args.experts_implementation)
@@ -132,10 +157,10 @@ def _main(argv: list[str] | None) -> int:
         reward_fn = build_reward(rewards, info.device, dtype)
         scorer = Scorer(reward_fn, votes=args.judge_votes, judge_temperature=args.judge_temperature,
                         seed=args.seed + info.rank)
-        out = Path(args.out or Path("runs/eval") / Path(args.model).name)
+        out = args.out
         fingerprint = {"model": str(args.model), "judge": args.judge, "semantic_model": args.semantic_model}
         generate = sampler_generate(sampler, tokenizer, stop_ids(model, tokenizer), settings, vision)
-        summary = evaluator.run(generate, scorer, out, fingerprint, args.overwrite)
+        summary = evaluator.run(generate, scorer, out, fingerprint)
     finally:
         D.close()
     if info.is_main:

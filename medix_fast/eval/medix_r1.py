@@ -149,12 +149,8 @@ def run_medix_r1(args, tasks: list[R1Task], info) -> int:
     from ..model.loading import compute_dtype, image_token_id, is_vl, load_image_processor, load_model, stop_ids
     from .evaluator import EvalSettings, sampler_generate
 
-    out = Path(args.out or Path("runs/eval") / Path(args.model).name)
+    out = Path(args.out)  # with --overwrite, the earlier results were moved aside (cli.claim_out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.overwrite:
-        for name in ("generations.jsonl", "judged.jsonl", "run.json", "judge.json", "score.txt", "summary.md",
-                     "summary.json"):
-            (out / name).unlink(missing_ok=True)
     items = [it for t in tasks for it in t.items]
     phases = PHASES if args.phase == "all" else (args.phase,)
     dtype = compute_dtype(args.dtype, info.device)
@@ -176,9 +172,6 @@ def run_medix_r1(args, tasks: list[R1Task], info) -> int:
         del model, sampler, generate
         _free()
     if "judge" in phases:
-        if not args.judge:
-            raise UserError("--protocol medix_r1: the judge phase needs --judge JUDGE_DIR (a local causal LM, "
-                            "Qwen3-14B in the reference)")
         check_settings(out / "judge.json", {"judge": str(args.judge)})
         judge_model, judge_tokenizer = load_model(args.judge, dtype=dtype, device=info.device)
         chat = ChatJudge(judge_model, judge_tokenizer, Sampler(judge_model, max_num_seqs=args.batch_size, dtype=dtype))

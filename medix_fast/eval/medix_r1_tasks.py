@@ -28,6 +28,7 @@ import yaml
 
 from ..data import DataError, iter_rows, resolve_data_path
 from ..data.vision import load_image
+from ..errors import did_you_mean, yaml_error
 from .tasks import TaskError
 
 OPTION_KEYS = "ABCDEFGHIJ"
@@ -132,7 +133,8 @@ def _check(raw: Any, number: int, where: str) -> dict:
     label = f"{where}: task {raw['name']!r}"
     unknown = sorted(set(raw) - set(TASK_KEYS))
     if unknown:
-        raise TaskError(f"{label}: unknown field(s) {unknown}; valid fields: {list(TASK_KEYS)}")
+        raise TaskError(f"{label}: unknown field(s) {unknown}{did_you_mean(str(unknown[0]), TASK_KEYS)}; "
+                        f"valid fields: {list(TASK_KEYS)}")
     if not isinstance(raw.get("question_column"), list) and "answer_id" not in raw and "answer_column" not in raw:
         raise TaskError(f"{label}: needs 'answer_id' or 'answer_column' (or a question_column list with 'answer')")
     return raw
@@ -147,8 +149,10 @@ def load_medix_r1_tasks(path: str | Path, data_dir: str | Path | None = None, li
     path = Path(path)
     try:
         tree = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
+    except (OSError, UnicodeDecodeError) as err:
         raise TaskError(f"cannot read tasks file {path}: {err}") from err
+    except yaml.YAMLError as err:
+        raise TaskError(yaml_error("tasks file", path, err)) from err
     if not isinstance(tree, dict) or tree.get("protocol") != "medix_r1" or not isinstance(tree.get("tasks"), list):
         raise TaskError(f"tasks file {path}: expected 'protocol: medix_r1' and a 'tasks:' list "
                         "(the other tasks YAML format is for --protocol medix_fast)")

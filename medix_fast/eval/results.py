@@ -63,8 +63,8 @@ def check_settings(path: Path, settings: dict) -> None:
     changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
     if changed:
         detail = "; ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in changed)
-        raise ResumeError(f"{path.parent} holds an eval run with other settings ({detail}): use another "
-                          "--out folder, or --overwrite to start it again")
+        raise ResumeError(f"{path.parent} holds an eval run with other settings ({detail}): give another "
+                          f"--out, or add --overwrite to move it aside to {path.parent.name}.old-N and start again")
 
 
 def summarize(records: list[dict], task_sizes: dict[str, int]) -> dict:

@@ -35,6 +35,7 @@ import yaml
 from ..data import DataError, iter_rows, resolve_data_path
 from ..data.prompt import MODALITY_TAGS, split_solution
 from ..data.vision import check_image, resolve_image
+from ..errors import did_you_mean, yaml_error
 
 ANSWER_TYPES = ("open", "multiple_choice")
 DEFAULT_COLUMNS = {"question": "problem", "answer": "solution", "image": "image", "options": "options"}
@@ -82,7 +83,8 @@ def _check_task(raw: Any, number: int, where: str) -> Task:
     label = f"{where}: task {raw.get('name', f'#{number}')!r}"
     unknown = sorted(set(raw) - set(TASK_KEYS))
     if unknown:
-        raise TaskError(f"{label}: unknown field(s) {unknown}; valid fields: {list(TASK_KEYS)}")
+        raise TaskError(f"{label}: unknown field(s) {unknown}{did_you_mean(str(unknown[0]), TASK_KEYS)}; "
+                        f"valid fields: {list(TASK_KEYS)}")
     for key in ("name", "file"):
         if not isinstance(raw.get(key), str) or not raw[key].strip():
             raise TaskError(f"{label}: field {key!r} is required and must be a non-empty string")
@@ -112,10 +114,10 @@ def load_tasks(path: str | Path, limit: int = 0) -> list[Task]:
     path = Path(path)
     try:
         tree = yaml.safe_load(path.read_text())
-    except OSError as err:
+    except (OSError, UnicodeDecodeError) as err:
         raise TaskError(f"cannot read tasks file {path}: {err}") from err
     except yaml.YAMLError as err:
-        raise TaskError(f"tasks file {path} is not valid YAML: {err}") from err
+        raise TaskError(yaml_error("tasks file", path, err)) from err
     if isinstance(tree, dict) and tree.get("protocol") == "medix_r1":
         raise TaskError(f"tasks file {path} is MediX-R1's evaluation: run it with --protocol medix_r1")
     if isinstance(tree, dict) and set(tree) == {"tasks"}:

@@ -20,6 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .. import preflight
 from ..config import load_config
 from ..errors import ConfigError
 from ..model.footprint import parameter_counts, update_plan
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--device-memory-gb is needed with --config")
     device_bytes = int(args.device_memory_gb * 1e9)
     try:
+        preflight.check_plan(args)
         cfg = load_config(args.config, args.overrides)
         model_config = memory.load_config(args.model_config or cfg.model.path)
         rewards = memory.reward_model_params(cfg)

@@ -107,6 +107,7 @@ class UpdatePlan:
     resident: dict[str, int]  # the whole run, besides the phases' own
     logprobs: dict[str, int]  # old log-probs: no-grad forwards, parameters unsharded
     update: dict[str, int]  # forward + backward of one micro-batch
+    fitting_tokens: int | None = None  # the largest train.micro_batch_tokens that fits (when this does not)
 
     @property
     def logprobs_bytes(self) -> int:
@@ -132,7 +133,8 @@ class UpdatePlan:
         if phase == "old log-probs":
             remedies.append("algorithm.old_logprobs=sampler (no unsharded forward)")
         else:
-            remedies.append("a lower train.micro_batch_tokens")
+            if self.fitting_tokens:
+                remedies.append(f"train.micro_batch_tokens={self.fitting_tokens} (the largest that fits)")
             if "every layer's activations" in self.update:
                 remedies.append("model.gradient_checkpointing=true")
         if any(k.startswith(("judge", "encoder")) for k in self.resident):
@@ -190,10 +192,27 @@ def update_plan(cfg, model_config, device_bytes: int, world: int = 8,
                 reward_params: dict[str, int] | None = None, counts: ParameterCounts | None = None) -> UpdatePlan:
     """The training update's memory on one of ``world`` GPUs under FSDP2 for config ``cfg``
     (medix_fast.config.Config) and model ``model_config``; ``reward_params``: the reward models'
-    parameter counts by name (resident in bf16 unless ``rewards.offload``)."""
+    parameter counts by name (resident in bf16 unless ``rewards.offload``). When it does not fit,
+    ``fitting_tokens`` is the largest ``train.micro_batch_tokens`` with which it would (both
+    phases grow with it: a bisection), a multiple of 1024 from 1024 up; None if none would."""
     c = counts or parameter_counts(model_config)
+    plan = _plan_at(cfg, model_config, device_bytes, world, reward_params, c, cfg.train.micro_batch_tokens)
+    if plan.fits:
+        return plan
+    low, high = 0, cfg.train.micro_batch_tokens  # fits at low (0: none yet), not at high
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if _plan_at(cfg, model_config, device_bytes, world, reward_params, c, mid).fits \
+            else (low, mid)
+    plan.fitting_tokens = (low // 1024 * 1024 if low >= 1024 else low) or None
+    return plan
+
+
+def _plan_at(cfg, model_config, device_bytes: int, world: int, reward_params: dict[str, int] | None,
+             c: ParameterCounts, tokens: int) -> UpdatePlan:
+    """:func:`update_plan` with ``tokens`` tokens per micro-batch."""
     t = text_config(model_config)
-    tokens, h, vocab = cfg.train.micro_batch_tokens, t.hidden_size, t.vocab_size
+    h, vocab = t.hidden_size, t.vocab_size
     resident = {"fp32 master shards": 4 * c.total // world, "AdamW fp32 states": 8 * c.total // world}
     if cfg.algorithm.beta > 0:
         resident["KL reference bf16 shards"] = 2 * c.total // world

@@ -28,6 +28,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTex
                           PreTrainedModel, PreTrainedTokenizerBase)
 from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
 
+from .. import preflight
 from ..demo.cache import TINY_NAMES, ensure_tiny_model
 from ..errors import UserError
 from .moe import experts_implementation as choose_experts, is_moe
@@ -44,13 +45,8 @@ def resolve_model_path(path: str | os.PathLike) -> pathlib.Path:
     model (``demo.cache.TINY_NAMES``); otherwise an existing checkpoint directory."""
     if str(path) in TINY_NAMES:
         return ensure_tiny_model(**TINY_NAMES[str(path)])
-    resolved = pathlib.Path(path).expanduser()
-    if not resolved.is_dir():
-        raise UserError(f"model path {str(path)!r} does not exist or is not a directory "
-                         "(give a local Hugging Face checkpoint directory, or 'tiny')")
-    if not (resolved / "config.json").is_file():
-        raise UserError(f"model path {str(resolved)!r} has no config.json: not a Hugging Face checkpoint")
-    return resolved
+    preflight.model_dir(path, None)
+    return pathlib.Path(path).expanduser()
 
 
 def attention_backend(device: str | torch.device) -> str:
