@@ -37,10 +37,6 @@ from ..kernels import dispatch
 BACKENDS = ("flash", "triton", "cpp", "torch")
 HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
 FLASH_BLOCK = 256  # flash-attn's paged K/V needs page sizes that are multiples of 256
-# The Triton decode kernel's tile of tokens lies within one block and is the K of a tl.dot, which
-# needs K >= 16 on the GPU (CompilationError otherwise; the interpreter never sees it): smaller
-# blocks are refused for every back-end, so a config means the same thing on every machine.
-MIN_BLOCK_SIZE = 16
 
 
 def select_backend(device: torch.device, block_size: int | None = None) -> str:
@@ -56,14 +52,6 @@ def select_backend(device: torch.device, block_size: int | None = None) -> str:
     if HAS_FLASH_ATTN and (block_size is None or block_size % FLASH_BLOCK == 0):
         return "flash"
     return "triton" if dispatch.HAS_TRITON else "torch"
-
-
-def block_size_error(block_size: int) -> str | None:
-    """Why ``block_size`` (0: auto) cannot be a K/V block size, or None."""
-    if block_size and (block_size < MIN_BLOCK_SIZE or block_size & (block_size - 1)):
-        return (f"must be 0 (auto) or a power of two >= {MIN_BLOCK_SIZE} (the Triton decode kernel's tl.dot "
-                f"needs {MIN_BLOCK_SIZE} tokens per tile), got {block_size}")
-    return None
 
 
 def default_block_size(backend: str) -> int:

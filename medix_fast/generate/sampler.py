@@ -46,9 +46,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config import block_size_error
 from ..model.forward import mrope_positions
 from ..model.loading import stop_ids
-from .attention import block_size_error, default_block_size, select_backend
+from .attention import default_block_size, select_backend
 from .blocks import BlockPool
 from .kv_cache import ATTN_IMPLEMENTATION, KVPool
 from .memory import activation_reserve, kv_budget, kv_bytes_per_token
