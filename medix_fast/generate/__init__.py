@@ -7,8 +7,8 @@
 ``sampler.py`` is the public engine; ``scheduler.py`` (continuous batching, preemption),
 ``blocks.py`` (block accounting) and ``sequence.py`` (prompt and row records) the host side;
 ``runner.py`` (packing steps, the model forward), ``kv_cache.py`` (paged K/V pool, attention
-back-end), ``attention.py`` (cascade attention, back-end choice), ``triton_decode.py`` (the paged
-decode kernel) and ``cuda_graphs.py`` the device side; ``tokens.py`` the token sampling;
+back-end), ``attention.py`` (cascade attention, back-end choice; the paged decode kernel is
+``medix_fast.kernels.triton_decode``) and ``cuda_graphs.py`` the device side; ``tokens.py`` the token sampling;
 ``memory.py`` the memory plan.
 """
 from .sampler import Sampler, SamplerOutput

@@ -16,7 +16,7 @@ Back-ends (``select_backend``; force one with ``medix_fast.kernels.force_backend
 - "flash": flash-attn's ``flash_attn_with_kvcache`` (paged, returns the LSE) for decode and
   ``flash_attn_varlen_func`` for prefill; CUDA with flash-attn installed and blocks of a multiple
   of 256 tokens (its paged-KV requirement);
-- "triton": the split-K paged decode kernel of ``triton_decode.py``; CUDA default otherwise (on the
+- "triton": the split-K paged decode kernel of ``medix_fast.kernels.triton_decode``; CUDA default otherwise (on the
   CPU only under ``TRITON_INTERPRET=1``, when forced);
 - "cpp": the C++ op ``paged_decode`` (``csrc/paged_attention.cpp``) reading the blocks in place;
   the CPU default when the C++ ops build (bench/bench_sampler.py: the gathers of the PyTorch path
@@ -80,7 +80,7 @@ def cascade_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, 
     q = q.to(k_pool.dtype)  # the kernels take one dtype (autocast may leave q in fp32 after RoPE)
     own_rows = step.memo("own_rows", lambda: torch.arange(b, device=q.device)[:, None])  # (b, 1)
     if backend == "triton":
-        from .triton_decode import paged_decode
+        from ..kernels.triton_decode import paged_decode
         prompt = paged_decode(q, k_pool, v_pool, step.group_table, step.group_lens, step.group_rows, scale)
         out, _ = paged_decode(q, k_pool, v_pool, step.row_table, step.row_lens, own_rows, scale, prior=prompt)
         return out.to(dtype)

@@ -25,7 +25,7 @@ updates: no weight copy, no second engine):
   run out the newest rows are preempted and later recomputed.
 - Decode attention (``attention.py``): each group's rows read their prompt's blocks once, each
   row its own blocks, merged by log-sum-exp; only live tokens are read. Back-ends: flash-attn,
-  the Triton paged kernel (``triton_decode.py``) or PyTorch.
+  the Triton paged kernel (``medix_fast.kernels.triton_decode``) or PyTorch.
 - CUDA graphs of the decode step per batch bucket (``cuda_graphs.py``).
 - Sampling with one counter-based uniform per row and step (``tokens.py``): a row's tokens do not
   depend on its batch, so scheduling choices (``max_num_seqs``, preemption) do not change them.
