@@ -61,8 +61,9 @@ from .export import save_hf_model, write_hf_files
 from .generate import Sampler
 from .kernels.dispatch import use_cpp
 from .metrics import MetricsLogger, read_metrics
+from .demo.cache import resolve_model_path
 from .model.loading import (compute_dtype, image_token_id, is_vl, load_image_processor, load_model,
-                            resolve_model_path, set_vision_trainable, stop_ids)
+                            set_vision_trainable, stop_ids)
 from .model.moe import is_moe, set_router_trainable
 from .report import Eta, clock, end_summary, eval_message, start_message
 from .rewards import build_reward
@@ -120,7 +121,7 @@ class Trainer:
         attn_impl = None if cfg.model.attn_impl == "auto" else cfg.model.attn_impl
         fsdp = cfg.distributed.strategy == "fsdp"
         experts = cfg.model.experts_implementation  # MoE only; FSDP2 computes the fp32 weights in bf16
-        self.model, self.tokenizer = load_model(cfg.model.path, dtype=torch.float32,
+        self.model, self.tokenizer = load_model(resolve_model_path(cfg.model.path), dtype=torch.float32,
                                                 device=dev, attn_impl=attn_impl,
                                                 gradient_checkpointing=cfg.model.gradient_checkpointing,
                                                 experts_implementation=experts,
@@ -134,7 +135,7 @@ class Trainer:
         vision = None
         if is_vl(self.model):  # images go before the question; the tower trains unless model.train_vision is off
             set_vision_trainable(self.model, cfg.model.train_vision)
-            vision = Vision(load_image_processor(cfg.model.path), image_token_id(self.model),
+            vision = Vision(load_image_processor(resolve_model_path(cfg.model.path)), image_token_id(self.model),
                             cfg.data.min_pixels or None, cfg.data.max_pixels or None)
         self.vision = vision
         self.prompts, _ = build_prompts(train_examples, self.tokenizer, cfg.data.max_prompt_length, vision, dropped)
@@ -152,8 +153,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(o, t.steps))
         ref = None
         if cfg.algorithm.beta > 0:
-            ref_model, _ = load_model(cfg.model.path, dtype=dtype, device=dev, attn_impl=attn_impl,
-                                      gradient_checkpointing=False, experts_implementation=experts)
+            ref_model, _ = load_model(resolve_model_path(cfg.model.path), dtype=dtype, device=dev,
+                                      attn_impl=attn_impl, gradient_checkpointing=False,
+                                      experts_implementation=experts)
             ref_model.eval().requires_grad_(False)
             ref = D.shard_reference(PolicyObjective(ref_model, cfg.sampling.temperature, t.share_prompt), ref_model,
                                     cfg.distributed.strategy, self.info, dtype)

@@ -21,8 +21,8 @@ from .. import distributed as D
 from ..errors import ArgumentParser, UsageError, UserError, run_command
 from ..data.vision import Vision
 from ..generate import Sampler
-from ..model.loading import (compute_dtype, image_token_id, is_vl, load_image_processor, load_model,
-                             resolve_model_path, stop_ids)
+from ..demo.cache import resolve_model_path
+from ..model.loading import compute_dtype, image_token_id, is_vl, load_image_processor, load_model, stop_ids
 from ..model.moe import EXPERTS_IMPLEMENTATIONS
 from ..rewards import RewardConfig, build_reward
 from ..runtime import set_cpu_threads, setup_logging
@@ -120,12 +120,12 @@ def _main(argv: list[str] | None) -> int:
         tasks = (load_tasks(args.tasks, args.limit) if args.tasks else
                  data_tasks(args.data, args.limit) if args.data else default_tasks(args.limit))
         dtype = compute_dtype(args.dtype, info.device)
-        model, tokenizer = load_model(args.model, dtype=dtype, device=info.device,
+        model, tokenizer = load_model(resolve_model_path(args.model), dtype=dtype, device=info.device,
                                       experts_implementation=args.experts_implementation)
         settings = EvalSettings(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.batch_size,
                                 args.seed, args.judge_votes, args.judge_temperature)
-        vision = Vision(load_image_processor(args.model), image_token_id(model), args.min_pixels or None,
-                        args.max_pixels or None) if is_vl(model) else None
+        vision = Vision(load_image_processor(resolve_model_path(args.model)), image_token_id(model),
+                        args.min_pixels or None, args.max_pixels or None) if is_vl(model) else None
         evaluator = Evaluator(tasks, tokenizer, settings, info, vision)
         sampler = Sampler(model, max_num_seqs=settings.batch_size, dtype=dtype)
         rewards = RewardConfig(judge_model=args.judge, semantic_model=args.semantic_model)

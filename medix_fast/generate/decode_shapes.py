@@ -6,9 +6,10 @@
 
 Passed to the kernels' compile check (``medix_fast.kernels.compile_check``: every launch compiled
 for sm_80 / sm_90; the kernels know no model) and used by the decode traffic plan
-(``decode_traffic.py``). A decode step of the static decoder (``cuda_graphs.py``) runs, per layer, the prompt part (an item per resident
-prompt, its ``group_size`` rows as extra query rows) and the own part (an item per row) of
-``triton_decode.paged_decode`` over tables as wide as the call's longest prompt and completion.
+(``decode_traffic.py``). A decode step of the static decoder (``cuda_graphs.py``) runs, per
+layer, the prompt part (an item per resident prompt, its ``group_size`` rows as extra query rows)
+and the own part (an item per row) of ``kernels.triton_decode.paged_decode`` over tables as wide
+as the call's longest prompt and completion.
 """
 from __future__ import annotations
 
