@@ -35,6 +35,7 @@ DEFAULT_CONFIG = Path(str(importlib.resources.files("medix_fast.configs") / "tin
 # blocks are refused for every back-end, so a config means the same thing on every machine.
 MIN_BLOCK_SIZE = 16
 REWARD_COMPONENTS = ("format", "modality", "accuracy", "semantic", "overlong")  # the built-in ones
+EXPERTS_IMPLEMENTATIONS = ("auto", "grouped_mm", "batched_mm", "eager")  # model/moe.py: how an MoE's experts run
 
 
 def block_size_error(block_size: int) -> str | None:
@@ -112,7 +113,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     train_vision: bool = True  # VL models: train the vision tower too (MediX does), or freeze it
     # mixture-of-experts models (model/moe.py): auto = grouped GEMM where it runs, else eager
-    experts_implementation: Literal["auto", "grouped_mm", "batched_mm", "eager"] = "auto"
+    experts_implementation: Literal[EXPERTS_IMPLEMENTATIONS] = "auto"
     train_router: bool = True  # MoE: train the routers (MediX-R1 does) or freeze them
     router_aux_loss_coef: float = 0.0  # MoE load-balancing loss weight; MediX-R1 applies none (0)
     router_replay: bool = False  # MoE: the update replays the sampler's experts per token (R3, model/routing.py)
@@ -471,7 +472,6 @@ def check(cfg: Config) -> None:
                           f"{s.kv_cache_gb}, {s.gpu_memory_utilization}")
     if block_size_error(s.block_size):
         raise ConfigError(f"sampling.block_size: {block_size_error(s.block_size)}")
-    _kernel_checks(cfg)
     if s.temperature == 0:
         raise ConfigError("sampling.temperature: must be > 0 for RL (0 is greedy: every group has zero variance)")
     e = cfg.eval
@@ -493,22 +493,21 @@ def check(cfg: Config) -> None:
     cfg.rewards.check()
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas}")
+    _kernel_checks(cfg)  # last: the loss check imports the kernels (torch)
 
 
 def _kernel_checks(cfg: Config) -> None:
     """The loss options through the kernels' own validation and the sampling options through the
     sampler's (``sampling_error``): one rule, one place; an error re-raised as a ConfigError naming
     the keys its message names."""
-    from .kernels import LossOptions  # torch, at check time only: ``import medix_fast.config`` stays light
-
     a, s = cfg.algorithm, cfg.sampling
     loss = {k: getattr(a, k) for k in ("loss_type", "importance_sampling_level", "epsilon_low", "epsilon_high",
                                        "clip_ratio_c", "beta", "entropy_coef", "tis_cap", "kl_clamp",
                                        "log_ratio_clamp", "delta", "use_bias_correction_kl",
                                        "sapo_temperature_pos", "sapo_temperature_neg")}
     sampling = {k: getattr(s, k) for k in ("temperature", "top_p", "top_k")}
-    checks = (("algorithm", loss, lambda: LossOptions.from_kwargs({**loss, "max_completion_length": s.max_new_tokens})),
-              ("sampling", sampling, lambda: _raise(sampling_error(**sampling))))
+    checks = (("sampling", sampling, lambda: _raise(sampling_error(**sampling))),
+              ("algorithm", loss, lambda: _loss_options({**loss, "max_completion_length": s.max_new_tokens})))
     for section, keys, check in checks:
         try:
             check()
@@ -520,6 +519,12 @@ def _kernel_checks(cfg: Config) -> None:
 def _raise(error: str | None) -> None:
     if error:
         raise ValueError(error)
+
+
+def _loss_options(kwargs: dict) -> None:
+    from .kernels import LossOptions  # torch, at check time only: ``import medix_fast.config`` stays light
+
+    LossOptions.from_kwargs(kwargs)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -8,7 +8,8 @@
     python -m medix_fast.eval --checkpoint DIR --judge QWEN3_14B_DIR --protocol medix_r1 \\
         --tasks configs/eval/medix_r1.yaml --data-dir data/medix_r1   # MediX-R1's published table
 
-What it runs and writes: ``evaluator.py``; ``--protocol medix_r1``: ``medix_r1.py``.
+What it runs and writes: ``evaluator.py``; ``--protocol medix_r1``: ``medix_r1.py``. The arguments
+are read before torch, transformers or triton is imported (``--help`` answers at once).
 """
 from __future__ import annotations
 
@@ -17,21 +18,9 @@ import importlib.resources
 import os
 from pathlib import Path
 
-from .. import distributed as D
+from ..config import EXPERTS_IMPLEMENTATIONS
 from ..errors import ArgumentParser, UsageError, UserError, run_command
-from ..data.vision import Vision
-from ..generate import Sampler
-from ..demo.cache import resolve_model_path
-from ..model.loading import compute_dtype, image_token_id, is_vl, load_image_processor, load_model, stop_ids
-from ..model.moe import EXPERTS_IMPLEMENTATIONS
-from ..rewards import RewardConfig, build_reward
-from ..runtime import set_cpu_threads, setup_logging
-from .evaluator import EvalSettings, Evaluator, describe, sampler_generate
-from .medix_r1 import run_medix_r1
-from .medix_r1_tasks import load_medix_r1_tasks
-from .results import markdown_table
-from .scoring import Scorer
-from .tasks import data_tasks, default_tasks, load_tasks
+from .settings import EvalSettings
 
 DEFAULT_R1_TASKS = str(importlib.resources.files("medix_fast.configs") / "eval" / "medix_r1.yaml")
 
@@ -99,7 +88,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _main(argv: list[str] | None) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv)  # --help and a bad line are answered here, before torch is imported
+    from .. import distributed as D
+    from ..data.vision import Vision
+    from ..demo.cache import resolve_model_path
+    from ..generate import Sampler
+    from ..model.loading import compute_dtype, image_token_id, is_vl, load_image_processor, load_model, stop_ids
+    from ..rewards import RewardConfig, build_reward
+    from ..runtime import set_cpu_threads, setup_logging
+    from .evaluator import Evaluator, describe, sampler_generate
+    from .medix_r1 import run_medix_r1
+    from .medix_r1_tasks import load_medix_r1_tasks
+    from .results import markdown_table
+    from .scoring import Scorer
+    from .tasks import data_tasks, default_tasks, load_tasks
+
     setup_logging(int(os.environ.get("RANK", "0")))
     resolve_model_path(args.model)  # a wrong path fails before anything loads
     if args.protocol == "medix_r1" and args.judge:
