@@ -1,7 +1,7 @@
 """The package's shape: no import cycles (imports inside functions count), layers that point one
 way (``config`` imports only ``errors``, ``model/`` never ``demo/``, ``kernels/`` nothing of
 ``medix_fast`` but itself), the kernels import with torch + triton alone, and the config without
-torch or transformers.
+torch or transformers; configs/__init__.py lists every config.
 
 Run: pytest tests/test_layout.py
 """
@@ -177,3 +177,12 @@ def _torch_closure() -> set[str]:
     code = ("import sys, torch, triton\n"
             "print(' '.join(sorted({m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names))))")
     return set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
+
+
+def test_every_config_is_listed_in_configs_init():
+    """The docstring's listing of ``configs/`` names exactly the YAML files there (eval/ included)."""
+    folder = ROOT / "configs"
+    listed = {line.split()[0] for line in (folder / "__init__.py").read_text().splitlines()
+              if line.split() and line.split()[0].endswith(".yaml")}
+    present = {str(p.relative_to(folder)) for p in folder.rglob("*.yaml")}
+    assert listed == present, f"listed only: {sorted(listed - present)}; not listed: {sorted(present - listed)}"
