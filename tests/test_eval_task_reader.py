@@ -27,7 +27,7 @@ def test_the_limit_counts_the_items_kept_not_the_rows_read(tmp_path):
 
 
 @pytest.mark.parametrize("row, message", [("[1, 2]", "t.jsonl:2: expected a JSON object, got list"),
-                                          ("{bad", "t.jsonl:2: ")])
+                                          ("{bad", "t.jsonl:2: not valid JSON")])
 def test_a_bad_row_names_the_task_file_and_row(tmp_path, row, message):
     path = write(tmp_path / "t.jsonl", [{"n": 0}, row])
     with pytest.raises(TaskError, match="task 't': .*" + message):
