@@ -25,6 +25,7 @@ from ..errors import ArgumentParser, run_command
 
 log = logging.getLogger("medix_fast.train")
 
+
 def _bool(text: str) -> bool:
     value = text.strip().lower()
     if value not in ("true", "false", "1", "0", "yes", "no"):
