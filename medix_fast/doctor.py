@@ -183,9 +183,14 @@ def _attention(device_types: list[str]) -> dict[str, str]:
     return {dev: attention_backend(dev) for dev in device_types}
 
 
-# What ``python -m medix_fast.<command>`` imports before it does anything.
-COMMAND_MODULES = ("medix_fast.train", "medix_fast.eval.cli", "medix_fast.export", "medix_fast.generate.__main__",
-                   "medix_fast.demo.tiny")
+# What ``python -m medix_fast.<command>`` imports: its command line, then what it runs (the command
+# lines themselves import torch only after reading their arguments).
+COMMAND_MODULES = ("medix_fast.train", "medix_fast.trainer", "medix_fast.eval.cli", "medix_fast.eval.medix_r1",
+                   "medix_fast.export", "medix_fast.checkpoint", "medix_fast.generate.__main__",
+                   "medix_fast.generate.memory", "medix_fast.model.footprint", "medix_fast.demo.tiny")
+RUN_BY = {"medix_fast.trainer": "medix_fast.train", "medix_fast.eval.medix_r1": "medix_fast.eval",  # module -> command
+          "medix_fast.checkpoint": "medix_fast.export", "medix_fast.generate.memory": "medix_fast.generate",
+          "medix_fast.model.footprint": "medix_fast.generate"}
 # The tested set: pip's constraints file at the checkout's root (absent in a wheel install).
 CONSTRAINTS = Path(__file__).resolve().parent.parent / "constraints.txt"
 _IMPORT_PROBE = """
@@ -231,7 +236,7 @@ def _probe(cwd: str, modules: tuple[str, ...]) -> str:
     if found["failed"] is None:
         return "ok" if not shadows else f"ok, but {shadows}"
     module, error = found["failed"]
-    command = "python -m " + module.removesuffix(".__main__").removesuffix(".cli")
+    command = "python -m " + RUN_BY.get(module, module.removesuffix(".__main__").removesuffix(".cli"))
     if shadows:
         names = ", ".join(f"./{name}" for name, _ in found["shadowed"])
         return (f"`{command}` cannot start here: {error}; cause: {shadows}; fix: run it from another directory, "

@@ -16,7 +16,9 @@ non-empty ``--out`` (a run directory, a folder with notes) is refused, or with `
 moved aside to ``<out>.old-<N>``, as ``train --overwrite`` does.
 
 The trainer writes the same directory itself (:func:`save_hf_model`) at the end of the run and
-every ``checkpoint.save_hf_every`` steps, as ``checkpoints/step_N/model/``.
+every ``checkpoint.save_hf_every`` steps, as ``checkpoints/step_N/model/``. torch and the
+checkpoint code are imported by the functions that use them, so that ``--help`` and a bad line
+answer at once.
 """
 from __future__ import annotations
 
@@ -28,13 +30,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
-from . import checkpoint as C
 from . import preflight
 from .errors import UserError
-from .model.moe import save_pretrained
-from .run_dir import move_aside
 
 MARKER = ".medix_fast_export.json"  # the files an export wrote (relative paths)
 
@@ -54,6 +51,8 @@ def write_hf_files(directory: Path, model, tokenizer, image_processor=None) -> N
 def save_hf_model(directory: Path, model, state_dict: dict | None, tokenizer, image_processor=None) -> None:
     """``model`` as a ``from_pretrained``-able directory (``state_dict``: its full weights, when the
     live ones are sharded), with :func:`write_hf_files`; an MoE's experts in their Hub layout."""
+    from .model.moe import save_pretrained
+
     write_hf_files(directory, model, tokenizer, image_processor)
     save_pretrained(model, directory, state_dict)
 
@@ -66,16 +65,19 @@ def _model_class(config):
     return AutoModelForImageTextToText if config.model_type in VL_MODEL_TYPES else AutoModelForCausalLM
 
 
-def load_checkpoint_model(checkpoint: str | Path, dtype: torch.dtype = torch.float32):
-    """The model of a training checkpoint, on the CPU at ``dtype``, in one process."""
+def load_checkpoint_model(checkpoint: str | Path, dtype: torch.dtype | None = None):
+    """The model of a training checkpoint, on the CPU at ``dtype`` (None: float32), in one process."""
+    import torch
     from transformers import AutoConfig
+
+    from . import checkpoint as C
 
     path = C.check_checkpoint(checkpoint)
     if not (path / C.HF_CONFIG / "config.json").is_file():
         raise C.CheckpointError(f"{path}: incomplete checkpoint: no {C.HF_CONFIG}/config.json")
     config = AutoConfig.from_pretrained(path / C.HF_CONFIG, local_files_only=True)
     with torch.device("meta"):
-        model = _model_class(config).from_config(config, dtype=dtype)
+        model = _model_class(config).from_config(config, dtype=dtype or torch.float32)
     model.to_empty(device="cpu")
     state = model.state_dict()
     C.check_model(path, {k: tuple(v.shape) for k, v in state.items()})
@@ -98,6 +100,8 @@ def claim_export_dir(out: Path, overwrite: bool) -> Path | None:
     if not out.exists() or (out.is_dir() and (not any(out.iterdir()) or _written_by_export(out))):
         return None
     if overwrite:
+        from .run_dir import move_aside
+
         return move_aside(out)
     held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     shown = f" ({', '.join(held[:5])}{f' and {len(held) - 5} more' if len(held) > 5 else ''})" if held else ""
@@ -105,10 +109,14 @@ def claim_export_dir(out: Path, overwrite: bool) -> Path | None:
                     f"{shown}: add --overwrite to move it aside to {out.name}.old-N, or give another --out")
 
 
-def export(checkpoint: str | Path, out: str | Path, dtype: torch.dtype = torch.float32,
+def export(checkpoint: str | Path, out: str | Path, dtype: torch.dtype | None = None,
            overwrite: bool = False) -> Path:
-    """Write the Hugging Face model directory of ``checkpoint`` to ``out`` (atomically); returns ``out``.
-    Nothing is deleted but an earlier export's files (see the module docstring)."""
+    """Write the Hugging Face model directory of ``checkpoint`` to ``out`` (atomically, at ``dtype``,
+    None: float32); returns ``out``. Nothing is deleted but an earlier export's files (see the
+    module docstring)."""
+    from . import checkpoint as C
+    from .model.moe import save_pretrained
+
     out = Path(out)
     if not overwrite:
         claim_export_dir(out, False)  # refused before the model is read
@@ -142,9 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--overwrite", action="store_true",
                    help="move a non-empty --out that is not a previous export aside to <out>.old-N")
-    args = p.parse_args(argv)
+    args = p.parse_args(argv)  # --help and a bad line are answered here, before torch is imported
     try:
-        preflight.check_export(args)
+        preflight.check_export(args)  # every path, before torch is imported
+        import torch
+
         out = export(args.checkpoint, args.out, getattr(torch, args.dtype), args.overwrite)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -38,10 +38,12 @@ def child(module: str, args: list[str], out: str, i: int) -> int:
 def main() -> None:
     out, cases = sys.argv[1], json.load(sys.stdin)
     warnings.filterwarnings("ignore", category=RuntimeWarning, module="runpy")  # the modules imported below
-    import medix_fast.eval.cli  # noqa: F401 - the heavy imports, once, before the forks
+    import medix_fast.eval.cli  # noqa: F401 - the commands and their heavy imports, once, before the forks
+    import medix_fast.eval.medix_r1  # noqa: F401
     import medix_fast.export  # noqa: F401
     import medix_fast.generate.memory  # noqa: F401
     import medix_fast.train  # noqa: F401
+    import medix_fast.trainer  # noqa: F401
 
     statuses = []
     for i, (module, args) in enumerate(cases):

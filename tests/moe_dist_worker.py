@@ -20,6 +20,7 @@ from test_moe import experts_of, image_sequences, updater_for  # noqa: E402
 
 from medix_fast import distributed as D  # noqa: E402
 from medix_fast.data.vision import Vision  # noqa: E402
+from medix_fast.demo.cache import resolve_model_path
 from medix_fast.model.loading import load_image_processor, load_model  # noqa: E402
 from medix_fast.rl.batch import Sequences  # noqa: E402
 from medix_fast.rl.update import PolicyObjective  # noqa: E402
@@ -35,8 +36,8 @@ def half(seqs: Sequences, rank: int, world: int) -> Sequences:
 def main(out: Path) -> None:
     torch.set_num_threads(1)
     info = D.init_distributed("cpu", "gloo", "fsdp")
-    model, tokenizer = load_model("tiny-vl-moe")
-    vision = Vision(load_image_processor("tiny-vl-moe"), model.config.image_token_id)
+    model, tokenizer = load_model(resolve_model_path("tiny-vl-moe"))
+    vision = Vision(load_image_processor(resolve_model_path("tiny-vl-moe")), model.config.image_token_id)
     seqs = half(image_sequences(model, tokenizer, vision, 4, seed=5), info.rank, info.world)
     objective = PolicyObjective(model, temperature=1.0, router_aux_coef=0.1)
     wrapped = D.wrap(objective, model, "fsdp", info, torch.float32)

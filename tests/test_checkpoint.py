@@ -33,13 +33,14 @@ from medix_fast import checkpoint as C
 from medix_fast import distributed as D
 from medix_fast.checkpoint_files import read_rng, write_rng
 from medix_fast.export import export, load_checkpoint_model, main as export_main, save_hf_model, write_hf_files
+from medix_fast.demo.cache import resolve_model_path
 from medix_fast.model.loading import load_image_processor, load_model
 from medix_fast.train import Trainer, main as train_main
 
 
 def trained(name: str = "tiny"):
     """A tiny model and an AdamW that has taken one step (so it has moments)."""
-    model, tokenizer = load_model(name)
+    model, tokenizer = load_model(resolve_model_path(name))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     torch.manual_seed(0)
     for p in model.parameters():
@@ -60,7 +61,8 @@ def save(ckpt: C.Checkpointer, model, tokenizer, optimizer, step: int, hf: bool 
 
 
 def saved_model(path: Path) -> dict:
-    state = {"model": {k: torch.empty_like(v) for k, v in load_model("tiny")[0].state_dict().items()}}
+    model = load_model(resolve_model_path("tiny"))[0]
+    state = {"model": {k: torch.empty_like(v) for k, v in model.state_dict().items()}}
     C.load_state(path, state)
     return state["model"]
 
@@ -355,7 +357,7 @@ def test_resuming_a_damaged_checkpoint_or_another_models_fails_before_training(g
 
 
 def test_check_model_names_the_first_difference(good):
-    shapes = {k: tuple(v.shape) for k, v in load_model("tiny")[0].state_dict().items()}
+    shapes = {k: tuple(v.shape) for k, v in load_model(resolve_model_path("tiny"))[0].state_dict().items()}
     C.check_model(good, shapes)
     key = sorted(shapes)[0]
     with pytest.raises(C.CheckpointError, match=f"{key} is .* there, \\[3\\] here"):
@@ -478,7 +480,7 @@ def test_a_checkpoint_carrying_code_is_refused_before_any_of_it_runs(good, part,
 
 def test_vl_export_carries_the_image_processor(tmp_path):
     model, tokenizer, optimizer = trained("tiny-vl")
-    processor = load_image_processor("tiny-vl")
+    processor = load_image_processor(resolve_model_path("tiny-vl"))
     path = save(C.Checkpointer(tmp_path, 0, 1, "vl", async_save=False), model, tokenizer, optimizer, 1,
                 processor=processor)
     out = export(path, tmp_path / "hf", torch.bfloat16)
@@ -499,7 +501,7 @@ def test_moe_export_writes_the_hub_layout_and_loads_back(tmp_path):
 
     model, tokenizer, optimizer = trained("tiny-vl-moe")
     path = save(C.Checkpointer(tmp_path, 0, 1, "moe", async_save=False), model, tokenizer, optimizer, 1,
-                hf=True, processor=load_image_processor("tiny-vl-moe"))
+                hf=True, processor=load_image_processor(resolve_model_path("tiny-vl-moe")))
     text = model.config.text_config
     for out in (export(path, tmp_path / "hf"), path / C.HF_MODEL):
         with safe_open(str(out / "model.safetensors"), "pt") as f:  # (E, H, 2I) / (E, I, H), as on the Hub

@@ -17,18 +17,21 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCHS = (80, 90)
-SOURCES = [*sorted((ROOT / "kernels").glob("*.py")), ROOT / "medix_fast" / "generate" / "triton_decode.py"]
+SOURCES = sorted((ROOT / "kernels").glob("*.py"))
 
 SCRIPT = """
 import dataclasses, json, sys, torch
+from medix_fast.generate.decode_shapes import shipped
 from medix_fast.kernels import compile_check as cc, logprobs
-out = {"results": [cc.as_dict(r) for arch in (80, 90) for r in cc.check(arch)], "planted": {}}
+shapes = shipped()  # the kernels know no model: the engine's decode shapes come from here
+out = {"results": [cc.as_dict(r) for arch in (80, 90) for r in cc.check(arch, decode_shapes=shapes)], "planted": {}}
 # planted defects: the detector must see each one
 fwd = next(l for l in cc.launches(90) if l.label.startswith("lm_head_fwd float32 ieee H=4096"))
 old_ieee = dict(fwd.constexprs, BLOCK_K=64)  # the ieee tile before the check: 64 x 128 x 64 at 4 warps
@@ -127,3 +130,24 @@ def test_planted_defects_are_caught(compiled):
     assert any("shared memory" in p or "compile error" in p for p in planted["planted smem"])
     assert any("tensor-core" in p for p in planted["planted no tensor cores"])
     assert any("blocks per SM" in p for p in planted["planted occupancy"])
+
+
+def test_the_cli_compiles_the_decode_kernel_at_the_shapes_its_hook_returns(monkeypatch, capsys):
+    """``--decode-shapes MODULE:FUNCTION`` hands the function's shapes to the check (the kernels
+    import nothing of the engine); the default names the engine's shipped shapes; '' passes none."""
+    from medix_fast.generate.decode_shapes import shipped
+    from medix_fast.kernels import __main__ as cli, compile_check
+
+    seen = {}
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the CLI would re-execute itself without it
+    monkeypatch.setattr(compile_check, "main", lambda archs, select, shapes: seen.update(archs=archs, shapes=shapes))
+    monkeypatch.setitem(sys.modules, "planted_shapes", types.SimpleNamespace(shapes=lambda: ["a shape"]))
+    cli.main(["--compile-check", "--arch", "90", "--decode-shapes", "planted_shapes:shapes"])
+    assert seen == {"archs": [90], "shapes": ["a shape"]}
+    cli.main(["--compile-check", "--decode-shapes", ""])
+    assert seen == {"archs": [80, 90], "shapes": ()}
+    module, _, function = cli.DECODE_SHAPES.partition(":")
+    assert getattr(sys.modules.get(module) or __import__(module, fromlist=[function]), function) is shipped
+    with pytest.raises(SystemExit):
+        cli.main(["--compile-check", "--decode-shapes", "planted_shapes:nothing"])
+    assert "--decode-shapes planted_shapes:nothing" in capsys.readouterr().err

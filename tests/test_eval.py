@@ -435,13 +435,14 @@ def test_bad_image_names_the_row_and_column(tmp_path):
 def test_vl_eval_feeds_each_item_its_image(tmp_path, monkeypatch):
     """tiny-vl on the bundled image split: each prompt's <|image_pad|> run is expanded to its image's
     token count, the sampler gets that item's pixels, and the command line runs end to end."""
+    from medix_fast.demo.cache import resolve_model_path
     from medix_fast.eval.tasks import data_tasks
     from medix_fast.model.loading import load_image_processor, load_model
     from medix_fast.generate import Sampler
     from medix_fast.data.vision import Vision, image_size, load_image
 
-    model, tokenizer = load_model("tiny-vl")
-    vision = Vision(load_image_processor("tiny-vl"), model.config.image_token_id)
+    model, tokenizer = load_model(resolve_model_path("tiny-vl"))
+    vision = Vision(load_image_processor(resolve_model_path("tiny-vl")), model.config.image_token_id)
     items = data_tasks("sample:train_vl", limit=3)[0].items
     evaluator = Evaluator(data_tasks("sample:train_vl", limit=3), tokenizer, EvalSettings(), vision=vision)
     for it, ids in zip(items, evaluator.prompt_ids):

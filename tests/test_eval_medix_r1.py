@@ -394,7 +394,7 @@ def test_end_to_end_resumes_and_equals_the_kit(copies, rigged_judge, tmp_path, c
     # generation as the kit's request: the question alone in a user turn, no system prompt, greedy
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from medix_fast.model.loading import resolve_model_path
+    from medix_fast.demo.cache import resolve_model_path
 
     tiny = resolve_model_path("tiny")
     tokenizer, model = AutoTokenizer.from_pretrained(tiny), AutoModelForCausalLM.from_pretrained(tiny).eval()
@@ -457,8 +457,8 @@ def test_vl_prompt_puts_the_image_first_and_no_system_turn(copies, tmp_path):
     from medix_fast.model.loading import load_image_processor, load_model
 
     root, _ = copies
-    model, tokenizer = load_model("tiny-vl")
-    vision = Vision(load_image_processor("tiny-vl"), model.config.image_token_id)
+    model, tokenizer = load_model(resolve_model_path("tiny-vl"))
+    vision = Vision(load_image_processor(resolve_model_path("tiny-vl")), model.config.image_token_id)
     item = load_medix_r1_tasks(r1_yaml(tmp_path, root), only=["rad_vqa"])[0].items[0]
     ids = candidate_prompt(tokenizer, item, vision)
     assert ids.count(vision.image_token_id) == vision.tokens(image_size(item.image)) > 0

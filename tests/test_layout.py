@@ -1,5 +1,7 @@
-"""The package's shape: no import cycles (imports inside functions count), and the kernels import
-with torch + triton alone.
+"""The package's shape: no import cycles (imports inside functions count), layers that point one
+way (``config`` imports only ``errors``, ``model/`` never ``demo/``, ``kernels/`` nothing of
+``medix_fast`` but itself), the kernels import with torch + triton alone, and the config without
+torch or transformers; configs/__init__.py lists every config.
 
 Run: pytest tests/test_layout.py
 """
@@ -100,6 +102,62 @@ def test_no_import_cycles():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+# (importer prefix, imported prefix, why): what a layer may not import, functions included
+FORBIDDEN = (
+    ("medix_fast.config", "medix_fast.", "the bottom layer: read and checked before anything heavy loads"),
+    ("medix_fast.model", "medix_fast.demo", "the demo builds its tiny models with model/, not the reverse"),
+    ("medix_fast.kernels", "medix_fast.", "the kernels stand alone (torch + triton); callers pass what they need"),
+)
+ALLOWED = {"medix_fast.config": {"medix_fast.errors"}, "medix_fast.kernels": {"medix_fast.kernels"}}
+# The loss options' check still goes through the kernels' LossOptions (inside a function: the
+# import of the config stays light); the one loss table (issue 36, deliverable 2) removes it.
+PENDING = {("medix_fast.config", "medix_fast.kernels")}
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Every ``a -> b`` of the import graph that FORBIDDEN rules out."""
+    out = []
+    for name, targets in sorted(graph.items()):
+        for importer, imported, why in FORBIDDEN:
+            if name != importer and not name.startswith(importer + "."):
+                continue
+            allowed = ALLOWED.get(importer, set())
+            for target in sorted(targets):
+                inside = any(target == a or target.startswith(a + ".") for a in allowed)
+                if (target + ".").startswith(imported) and not inside and (name, target) not in PENDING:
+                    out.append(f"{name} -> {target} ({why})")
+    return out
+
+
+def test_layer_violations_finds_planted_imports():
+    graph = {"medix_fast.config": {"medix_fast.errors", "medix_fast.generate.tokens"},
+             "medix_fast.model.loading": {"medix_fast.demo.cache", "medix_fast.errors"},
+             "medix_fast.kernels.compile_check": {"medix_fast.kernels.logprobs", "medix_fast.generate"},
+             "medix_fast.demo.tiny": {"medix_fast.model.compat"}}
+    assert layer_violations(graph) == [
+        "medix_fast.config -> medix_fast.generate.tokens (the bottom layer: read and checked before anything "
+        "heavy loads)",
+        "medix_fast.kernels.compile_check -> medix_fast.generate (the kernels stand alone (torch + triton); "
+        "callers pass what they need)",
+        "medix_fast.model.loading -> medix_fast.demo.cache (the demo builds its tiny models with model/, not the "
+        "reverse)"]
+
+
+def test_layers_point_one_way():
+    found = modules()
+    graph = {name: imports(name, path, set(found)) for name, path in found.items()}
+    bad = layer_violations(graph)
+    assert not bad, "\n".join(bad)
+
+
+def test_config_imports_without_torch_or_transformers():
+    """``import medix_fast.config`` (what every command reads first) loads no heavy package."""
+    code = "import sys, medix_fast.config\nprint(' '.join(sorted(m for m in sys.modules if '.' not in m)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    heavy = set(out.split()) & {"torch", "transformers", "triton", "numpy"}
+    assert not heavy, f"import medix_fast.config loads {sorted(heavy)}"
+
+
 def test_kernels_import_with_torch_and_triton_alone():
     """No third-party package but torch and triton is imported by ``import medix_fast.kernels``."""
     code = (
@@ -119,3 +177,12 @@ def _torch_closure() -> set[str]:
     code = ("import sys, torch, triton\n"
             "print(' '.join(sorted({m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names))))")
     return set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
+
+
+def test_every_config_is_listed_in_configs_init():
+    """The docstring's listing of ``configs/`` names exactly the YAML files there (eval/ included)."""
+    folder = ROOT / "configs"
+    listed = {line.split()[0] for line in (folder / "__init__.py").read_text().splitlines()
+              if line.split() and line.split()[0].endswith(".yaml")}
+    present = {str(p.relative_to(folder)) for p in folder.rglob("*.yaml")}
+    assert listed == present, f"listed only: {sorted(listed - present)}; not listed: {sorted(present - listed)}"

@@ -51,10 +51,11 @@ def test_vl_sampler_greedy_equals_generate_with_images():
     from medix_fast.data.vision import Vision
     from medix_fast.generate import Sampler
     from medix_fast.model.compat import hf_image_kwargs
+    from medix_fast.demo.cache import resolve_model_path
     from medix_fast.model.loading import load_image_processor, load_model
 
-    model, tokenizer = load_model("tiny-vl")
-    vision = Vision(load_image_processor("tiny-vl"), model.config.image_token_id)
+    model, tokenizer = load_model(resolve_model_path("tiny-vl"))
+    vision = Vision(load_image_processor(resolve_model_path("tiny-vl")), model.config.image_token_id)
     prompts = build_prompts(load_examples(["sample:train_vl"], DataConfig())[:2], tokenizer, 4096, vision)[0]
     pix = [vision.pixels(p.image) for p in prompts]
     out = Sampler(model, max_num_seqs=2).generate(

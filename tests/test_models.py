@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
 
+from medix_fast.demo.cache import resolve_model_path
 from medix_fast.model.loading import SUPPORTED_MODEL_TYPES, attention_backend, load_model
 from medix_fast.model.forward import hidden_states, lm_head
 from medix_fast.demo.tiny import build_tokenizer, read_train_rows
@@ -92,9 +93,12 @@ def test_dtype_attention_and_checkpointing_options(checkpoint, tokenizer):
 
 def test_tiny_means_the_cached_tiny_model(checkpoint, monkeypatch):
     _, path, _ = checkpoint
-    monkeypatch.setattr("medix_fast.model.loading.ensure_tiny_model", lambda: path)
-    model, _ = load_model("tiny")
+    monkeypatch.setattr("medix_fast.demo.cache.ensure_tiny_model", lambda: path)
+    model, _ = load_model(resolve_model_path("tiny"))
     assert model.name_or_path == str(path)
+    assert resolve_model_path(path) == path  # a directory is itself
+    with pytest.raises(ValueError, match="'tiny' does not exist"):  # the model layer knows directories only
+        load_model("tiny")
 
 
 def test_missing_path(tmp_path):

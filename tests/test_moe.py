@@ -25,6 +25,7 @@ from medix_fast.data import build_prompts, load_examples
 from medix_fast.data.vision import Vision, load_image
 from medix_fast.generate import Sampler
 from medix_fast.model import moe
+from medix_fast.demo.cache import resolve_model_path
 from medix_fast.model.loading import load_image_processor, load_model
 from medix_fast.rl.batch import Sequences
 from medix_fast.rl.update import PolicyObjective, Updater
@@ -78,22 +79,23 @@ def grads_at_step(updater, model) -> dict:
 @pytest.fixture(scope="module")
 def vl():
     torch.set_num_threads(1)
-    model, tokenizer = load_model("tiny-vl-moe")
-    return model, tokenizer, Vision(load_image_processor("tiny-vl-moe"), model.config.image_token_id)
+    model, tokenizer = load_model(resolve_model_path("tiny-vl-moe"))
+    processor = load_image_processor(resolve_model_path("tiny-vl-moe"))
+    return model, tokenizer, Vision(processor, model.config.image_token_id)
 
 
 # ----------------------------------------------------------------------------- loading
 def test_loads_qwen3_moe_and_qwen3_vl_moe_with_the_chosen_experts(vl):
     model, tokenizer, _ = vl
     assert type(model).__name__ == "Qwen3VLMoeForConditionalGeneration"
-    text, _ = load_model("tiny-moe")
+    text, _ = load_model(resolve_model_path("tiny-moe"))
     assert type(text).__name__ == "Qwen3MoeForCausalLM"
     for m in (model, text):
         assert moe.is_moe(m.config) and len(experts_of(m)) == 2
         assert {e.config._experts_implementation for e in experts_of(m)} == {"grouped_mm"}  # CPU, 16-byte widths
-    eager, _ = load_model("tiny-vl-moe", experts_implementation="eager")
+    eager, _ = load_model(resolve_model_path("tiny-vl-moe"), experts_implementation="eager")
     assert {e.config._experts_implementation for e in experts_of(eager)} == {"eager"}
-    assert not moe.is_moe(load_model("tiny")[0].config)
+    assert not moe.is_moe(load_model(resolve_model_path("tiny"))[0].config)
 
 
 def test_liger_leaves_the_experts_alone(vl, monkeypatch):
@@ -110,10 +112,11 @@ def test_liger_leaves_the_experts_alone(vl, monkeypatch):
     fake.apply_liger_kernel_to_qwen2 = lambda **kw: calls.setdefault("dense", kw)
     monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
-    assert apply_liger(vl[0]) and apply_liger(load_model("tiny")[0])
+    assert apply_liger(vl[0]) and apply_liger(load_model(resolve_model_path("tiny"))[0])
     assert calls["moe"]["swiglu"] is False and calls["dense"]["swiglu"] is True
     assert calls["moe"]["rms_norm"] and not calls["moe"]["fused_linear_cross_entropy"]
-    assert not apply_liger(load_model("tiny-moe")[0])  # no apply_liger_kernel_to_qwen3_moe in the fake
+    moe_model = load_model(resolve_model_path("tiny-moe"))[0]
+    assert not apply_liger(moe_model)  # no apply_liger_kernel_to_qwen3_moe in the fake
 
 
 def test_experts_implementation_is_chosen_in_one_place(vl, monkeypatch):
@@ -240,7 +243,7 @@ def assert_greedy_like_generate(model, ids: list[list[int]], pix: list | None = 
 
 def test_sampler_greedy_matches_generate_text_moe():
     """The text-only Qwen3-MoE, eager experts."""
-    model, tokenizer = load_model("tiny-moe", experts_implementation="eager")
+    model, tokenizer = load_model(resolve_model_path("tiny-moe"), experts_implementation="eager")
     prompts = build_prompts(load_examples(["sample:test"], DataConfig())[:3], tokenizer, 4096)[0]
     assert_greedy_like_generate(model, [p.ids for p in prompts])
 
@@ -267,8 +270,8 @@ def test_training_step_on_images_reaches_router_and_used_experts(tmp_path):
     """One Updater step on image prompts (fused DAPO loss): the vision tower, every router and
     every expert that received a token get a gradient; layer 0's expert 3, which receives none,
     gets exactly zero."""
-    model, tokenizer = load_model("tiny-vl-moe")
-    vision = Vision(load_image_processor("tiny-vl-moe"), model.config.image_token_id)
+    model, tokenizer = load_model(resolve_model_path("tiny-vl-moe"))
+    vision = Vision(load_image_processor(resolve_model_path("tiny-vl-moe")), model.config.image_token_id)
     model.train()
     blocks = moe.sparse_blocks(model)
     blocks[0].gate.register_forward_hook(skip_expert_3)
@@ -297,8 +300,8 @@ def test_training_step_on_images_reaches_router_and_used_experts(tmp_path):
 
 
 def test_frozen_routers_get_no_gradient():
-    model, tokenizer = load_model("tiny-vl-moe")
-    vision = Vision(load_image_processor("tiny-vl-moe"), model.config.image_token_id)
+    model, tokenizer = load_model(resolve_model_path("tiny-vl-moe"))
+    vision = Vision(load_image_processor(resolve_model_path("tiny-vl-moe")), model.config.image_token_id)
     moe.set_router_trainable(model, False)
     objective = PolicyObjective(model, temperature=1.0)
     updater = updater_for(objective, model)
@@ -307,7 +310,7 @@ def test_frozen_routers_get_no_gradient():
     assert {n for n, g in grads.items() if g is None} == {n for n, _ in model.named_parameters() if ".mlp.gate." in n}
     assert all(grads[n].abs().sum() > 0 for n in grads if n.endswith("experts.gate_up_proj"))
     with pytest.raises(ValueError, match="no mixture-of-experts router"):
-        moe.set_router_trainable(load_model("tiny")[0], False)
+        moe.set_router_trainable(load_model(resolve_model_path("tiny"))[0], False)
 
 
 # ----------------------------------------------------------------------------- load-balancing loss
@@ -360,8 +363,8 @@ def test_router_aux_loss_is_the_models_own_over_valid_tokens(vl):
 def test_router_aux_loss_is_weighted_into_the_update():
     """With coefficient c the update's router gradient is the policy loss's plus c x the
     load-balancing gradient of each micro-batch weighted by its share of the completion tokens."""
-    model, tokenizer = load_model("tiny-vl-moe")
-    vision = Vision(load_image_processor("tiny-vl-moe"), model.config.image_token_id)
+    model, tokenizer = load_model(resolve_model_path("tiny-vl-moe"))
+    vision = Vision(load_image_processor(resolve_model_path("tiny-vl-moe")), model.config.image_token_id)
     seqs = image_sequences(model, tokenizer, vision, 2, seed=3)
     budget = 150  # one group per micro-batch
     grads = {}
@@ -430,7 +433,7 @@ def test_trainer_checkpoint_round_trip_in_hf_format_and_eval(tmp_path, capsys):
 
 
 def test_text_moe_checkpoint_keeps_per_expert_keys(tmp_path):
-    model, tokenizer = load_model("tiny-moe")
+    model, tokenizer = load_model(resolve_model_path("tiny-moe"))
     model.save_pretrained(tmp_path, state_dict=D.full_state_dict(model, model))
     tokenizer.save_pretrained(tmp_path)
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
@@ -462,7 +465,7 @@ def test_parameter_counts_total_active_and_fsdp_units(vl):
     assert c.active == c.total - c.experts // 2  # 2 of 4 experts run per token
     assert c.units == tuple(sum(p.numel() for p in u.parameters()) for u in D.shard_units(model))
     assert len(c.units) == 4 and c.root == c.total - sum(c.units)  # 2 vision blocks, 2 decoder layers
-    dense = parameter_counts(load_model("tiny-vl")[0].config)
+    dense = parameter_counts(load_model(resolve_model_path("tiny-vl"))[0].config)
     assert dense.experts == 0 and dense.active == dense.total
 
 
@@ -508,8 +511,8 @@ def test_two_fsdp_ranks_equal_one_process(tmp_path):
 
     torchrun([str(Path(__file__).parent / "moe_dist_worker.py"), str(tmp_path)], tmp_path, timeout=600)
     saved = torch.load(tmp_path / "fsdp_moe.pt", weights_only=False)
-    model, tokenizer = load_model("tiny-vl-moe")
-    vision = Vision(load_image_processor("tiny-vl-moe"), model.config.image_token_id)
+    model, tokenizer = load_model(resolve_model_path("tiny-vl-moe"))
+    vision = Vision(load_image_processor(resolve_model_path("tiny-vl-moe")), model.config.image_token_id)
     objective = PolicyObjective(model, temperature=1.0, router_aux_coef=0.1)
     metrics = updater_for(objective, model, groups=4, micro_batch_tokens=150).update(
         image_sequences(model, tokenizer, vision, 4, seed=5))

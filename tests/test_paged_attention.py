@@ -18,7 +18,7 @@ import torch
 
 from medix_fast.generate import attention
 from medix_fast.generate.kv_cache import DecodeStep
-from medix_fast.generate.triton_decode import paged_decode
+from medix_fast.kernels.triton_decode import paged_decode
 from medix_fast.kernels import cpp
 
 IMPLS = ["torch", "triton"] + (["cpp"] if cpp.available() else [])

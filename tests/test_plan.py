@@ -135,7 +135,7 @@ def test_a_misfit_names_its_biggest_term_and_what_would_fit(capsys):
 
 
 def test_a_checkpoint_directory_is_read_from_its_config(tmp_path):
-    from medix_fast.model.loading import resolve_model_path
+    from medix_fast.demo.cache import resolve_model_path
 
     config = memory.load_config(str(resolve_model_path("tiny")))
     assert config.model_type == "qwen2" and memory.count_parameters(config) > 0

@@ -16,6 +16,7 @@ from medix_fast.data import build_prompts, load_examples
 from medix_fast.generate import Sampler
 from medix_fast.generate.memory import kv_bytes_per_token
 from medix_fast.model import moe
+from medix_fast.demo.cache import resolve_model_path
 from medix_fast.model.loading import load_model
 from medix_fast.model.routing import routing_dtype
 from medix_fast.rl.batch import Sequences, collate
@@ -28,7 +29,7 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def tiny():
     torch.set_num_threads(1)
-    model, tokenizer = load_model("tiny-moe")
+    model, tokenizer = load_model(resolve_model_path("tiny-moe"))
     prompts = build_prompts(load_examples(["sample:test"], DataConfig())[:3], tokenizer, 4096)[0]
     return model, [p.ids[:40 + 7 * i] for i, p in enumerate(prompts)]  # three prompt lengths
 

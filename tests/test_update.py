@@ -2,7 +2,7 @@
 
 The reference runs every sequence alone (no padding) through an fp64 copy of the model with
 plain ``log_softmax`` over full logits, applies the clipped objective of each algorithm as
-MEDIX_R1.md / TRL define it, and takes plain SGD steps (so parameters compare gradients
+the MediX-R1 recipe / TRL define it, and takes plain SGD steps (so parameters compare gradients
 directly; the trainer's optimizer is an argument of ``Updater``); the trainer's ``Updater`` packs
 micro-batches, uses the fused kernels in fp32 and accumulates gradients.
 """

@@ -18,6 +18,7 @@ from medix_fast.config import DataConfig
 from medix_fast.data import DataError, Example, build_prompts, load_examples
 from medix_fast.model.compat import hf_image_kwargs
 from medix_fast.model.forward import hidden_states, lm_head, mrope_positions
+from medix_fast.demo.cache import resolve_model_path
 from medix_fast.model.loading import load_image_processor, load_model
 from medix_fast.data.loader import SAMPLE_DIR as DATA_DIR
 from medix_fast.generate import Sampler
@@ -27,8 +28,8 @@ from medix_fast.data.vision import Vision, expand_image_tokens, load_image
 @pytest.fixture(scope="module")
 def vl():
     torch.set_num_threads(1)
-    model, tokenizer = load_model("tiny-vl")
-    vision = Vision(load_image_processor("tiny-vl"), model.config.image_token_id)
+    model, tokenizer = load_model(resolve_model_path("tiny-vl"))
+    vision = Vision(load_image_processor(resolve_model_path("tiny-vl")), model.config.image_token_id)
     return model, tokenizer, vision
 
 

@@ -22,6 +22,7 @@ from medix_fast.data import build_prompts, load_examples
 from medix_fast.data.vision import Vision
 from medix_fast.model.compat import cache_keyword, cache_kwargs, hf_image_kwargs
 from medix_fast.model.forward import continuation_hidden_states, prompt_hidden_states
+from medix_fast.demo.cache import resolve_model_path
 from medix_fast.model.loading import load_image_processor, load_model
 from medix_fast.rl.batch import Sequences, collate
 from medix_fast.rl.update import PolicyObjective
@@ -95,8 +96,8 @@ def test_policy_update_through_the_shared_prompt_cache_warns_nothing():
 def test_vl_prompt_cache_and_reference_generate_warn_nothing():
     """The image path: multimodal positions, the vision tower and the cache, then transformers'
     own generate with the inputs the reference comparisons give it."""
-    model, tokenizer = load_model("tiny-vl")
-    vision = Vision(load_image_processor("tiny-vl"), model.config.image_token_id)
+    model, tokenizer = load_model(resolve_model_path("tiny-vl"))
+    vision = Vision(load_image_processor(resolve_model_path("tiny-vl")), model.config.image_token_id)
     prompt = build_prompts(load_examples(["sample:train_vl"], DataConfig())[:1], tokenizer, 4096, vision)[0][0]
     pix = vision.pixels(prompt.image)
     ids = torch.tensor([prompt.ids])  # (1, P)

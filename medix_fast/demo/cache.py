@@ -2,7 +2,9 @@
 of :mod:`medix_fast.demo.tiny`), ``ensure_tiny_model(vl=True)`` (the VL variant of
 :mod:`medix_fast.demo.tiny_vl`) and ``moe=True`` (the mixture-of-experts ones of
 :mod:`medix_fast.demo.tiny_moe`, text or VL). ``model.path: tiny`` / ``tiny-vl`` / ``tiny-moe`` /
-``tiny-vl-moe`` in a config means these (``TINY_NAMES``).
+``tiny-vl-moe`` in a config means these (``TINY_NAMES``): the commands turn a config's model path
+into a checkpoint directory with :func:`resolve_model_path` before ``model.loading`` loads it (the
+model layer knows directories only; this one builds its tiny models with it).
 
 The cache is ``$XDG_CACHE_HOME/medix_fast`` (default ``~/.cache/medix_fast``), one folder per
 recipe digest and seed, e.g. ``~/.cache/medix_fast/tiny-1a2b3c4d-seed0``: a plain Hugging Face
@@ -19,6 +21,7 @@ import tempfile
 
 from ..data import prompt
 from ..data.loader import sample_path
+from ..model.loading import checkpoint_dir
 from . import tiny, tiny_moe, tiny_vl
 
 TINY_NAMES = {"tiny": {}, "tiny-vl": {"vl": True}, "tiny-moe": {"moe": True}, "tiny-vl-moe": {"vl": True, "moe": True}}
@@ -70,3 +73,11 @@ def ensure_tiny_model(seed: int = 0, cache_dir: str | os.PathLike | None = None,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def resolve_model_path(path: str | os.PathLike) -> pathlib.Path:
+    """``"tiny"`` / ``"tiny-vl"`` / ``"tiny-moe"`` / ``"tiny-vl-moe"`` -> the cached embedded tiny
+    model (``TINY_NAMES``); otherwise an existing checkpoint directory (``model.loading.checkpoint_dir``)."""
+    if str(path) in TINY_NAMES:
+        return ensure_tiny_model(**TINY_NAMES[str(path)])
+    return checkpoint_dir(path)

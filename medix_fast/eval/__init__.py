@@ -2,8 +2,21 @@
 like MediX-R1: ``evaluator.py`` runs the items, ``tasks.py`` loads them, ``scoring.py`` grades the
 answers, ``results.py`` writes and resumes the results. Training runs the same ``Evaluator``.
 ``--protocol medix_r1`` runs MediX-R1's published evaluation instead: ``medix_r1.py`` (phases),
-``medix_r1_tasks.py`` (its 17 benchmarks), ``medix_r1_judge.py`` (its three-round judge)."""
+``medix_r1_tasks.py`` (its 17 benchmarks), ``medix_r1_judge.py`` (its three-round judge).
+The evaluator's names are imported when first asked for (torch comes with them), so that
+``python -m medix_fast.eval --help`` answers at once."""
 from .cli import main
-from .evaluator import EvalSettings, Evaluator, Generation, sampler_generate
+from .settings import EvalSettings
 
-__all__ = ["EvalSettings", "Evaluator", "Generation", "main", "sampler_generate"]
+EVALUATOR_NAMES = ("Evaluator", "Generation", "sampler_generate")
+
+
+def __getattr__(name: str):
+    if name in EVALUATOR_NAMES:
+        from . import evaluator
+
+        return getattr(evaluator, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["EvalSettings", "main", *EVALUATOR_NAMES]

@@ -12,6 +12,8 @@ What it runs and writes: ``evaluator.py``; ``--protocol medix_r1``: ``medix_r1.p
 checkpoint has its own default ``--out`` (:func:`default_out`), so evaluating another never
 meets an earlier one's results; ``--overwrite`` moves a folder's results aside to
 ``<out>.old-<N>`` (as ``train --overwrite`` does) and starts again: no result is ever deleted.
+The arguments are read and the paths checked before torch, transformers or triton is imported
+(``--help`` and a bad path answer at once).
 """
 from __future__ import annotations
 
@@ -21,22 +23,10 @@ import os
 import sys
 from pathlib import Path
 
-from .. import distributed as D
 from .. import preflight
+from ..config import EXPERTS_IMPLEMENTATIONS
 from ..errors import ArgumentParser, UsageError, run_command
-from ..data.vision import Vision
-from ..generate import Sampler
-from ..model.loading import compute_dtype, image_token_id, is_vl, load_image_processor, load_model, stop_ids
-from ..model.moe import EXPERTS_IMPLEMENTATIONS
-from ..rewards import RewardConfig, build_reward
-from ..run_dir import move_aside
-from ..runtime import set_cpu_threads, setup_logging
-from .evaluator import EvalSettings, Evaluator, describe, sampler_generate
-from .medix_r1 import run_medix_r1
-from .medix_r1_tasks import load_medix_r1_tasks
-from .results import markdown_table
-from .scoring import Scorer
-from .tasks import data_tasks, default_tasks, load_tasks
+from .settings import EvalSettings
 
 DEFAULT_R1_TASKS = str(importlib.resources.files("medix_fast.configs") / "eval" / "medix_r1.yaml")
 
@@ -121,14 +111,30 @@ def default_out(model: str) -> Path:
 def claim_out(out: Path, overwrite: bool) -> None:
     """With ``overwrite``, move a non-empty ``out`` aside (nothing is deleted) and say where."""
     if overwrite and out.is_dir() and any(out.iterdir()):
+        from ..run_dir import move_aside  # imports torch (through checkpoint.py)
+
         print(f"--overwrite: the earlier results in {out} were moved to {move_aside(out)}", file=sys.stderr)
 
 
 def _main(argv: list[str] | None) -> int:
-    args = parse_args(argv)
-    setup_logging(int(os.environ.get("RANK", "0")))
+    args = parse_args(argv)  # --help and a bad line are answered here, before torch is imported
     args.out = Path(args.out or default_out(args.model))
     preflight.check_eval(args)  # every path and the protocol's needs, before anything loads
+    from .. import distributed as D
+    from ..data.vision import Vision
+    from ..demo.cache import resolve_model_path
+    from ..generate import Sampler
+    from ..model.loading import compute_dtype, image_token_id, is_vl, load_image_processor, load_model, stop_ids
+    from ..rewards import RewardConfig, build_reward
+    from ..runtime import set_cpu_threads, setup_logging
+    from .evaluator import Evaluator, describe, sampler_generate
+    from .medix_r1 import run_medix_r1
+    from .medix_r1_tasks import load_medix_r1_tasks
+    from .results import markdown_table
+    from .scoring import Scorer
+    from .tasks import data_tasks, default_tasks, load_tasks
+
+    setup_logging(int(os.environ.get("RANK", "0")))
     set_cpu_threads(args.threads, "--threads")
     info = D.init_distributed(args.device, "auto")
     try:
@@ -145,12 +151,12 @@ def _main(argv: list[str] | None) -> int:
         if info.is_main:
             claim_out(args.out, args.overwrite)
         dtype = compute_dtype(args.dtype, info.device)
-        model, tokenizer = load_model(args.model, dtype=dtype, device=info.device,
+        model, tokenizer = load_model(resolve_model_path(args.model), dtype=dtype, device=info.device,
                                       experts_implementation=args.experts_implementation)
         settings = EvalSettings(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.batch_size,
                                 args.seed, args.judge_votes, args.judge_temperature)
-        vision = Vision(load_image_processor(args.model), image_token_id(model), args.min_pixels or None,
-                        args.max_pixels or None) if is_vl(model) else None
+        vision = Vision(load_image_processor(resolve_model_path(args.model)), image_token_id(model),
+                        args.min_pixels or None, args.max_pixels or None) if is_vl(model) else None
         evaluator = Evaluator(tasks, tokenizer, settings, info, vision)
         sampler = Sampler(model, max_num_seqs=settings.batch_size, dtype=dtype)
         rewards = RewardConfig(judge_model=args.judge, semantic_model=args.semantic_model)

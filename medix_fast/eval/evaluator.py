@@ -40,21 +40,10 @@ from ..seeds import mix_seed
 from .results import (ResumeError, check_settings, read_records, summarize, to_metrics,
                            write_summary)
 from .scoring import Scorer, answer_of
+from .settings import EvalSettings
 from .tasks import Item, Task, TaskError, data_tasks, load_tasks
 
 log = logging.getLogger("medix_fast.eval")
-
-
-@dataclass
-class EvalSettings:
-    max_new_tokens: int = 512
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0
-    batch_size: int = 32  # items per rank per sampler call (and per write)
-    seed: int = 0
-    judge_votes: int = 1
-    judge_temperature: float = 0.0  # > 0 with judge_votes > 1: a sampled majority vote
 
 
 @dataclass

@@ -146,6 +146,7 @@ def run_medix_r1(args, tasks: list[R1Task], info) -> int:
     """The three phases for ``python -m medix_fast.eval --protocol medix_r1`` (``cli.py``)."""
     from ..data.vision import Vision
     from ..generate import Sampler
+    from ..demo.cache import resolve_model_path
     from ..model.loading import compute_dtype, image_token_id, is_vl, load_image_processor, load_model, stop_ids
     from .evaluator import EvalSettings, sampler_generate
 
@@ -158,10 +159,10 @@ def run_medix_r1(args, tasks: list[R1Task], info) -> int:
     if "generate" in phases:
         check_settings(out / "run.json", {"protocol": "medix_r1", "model": str(args.model), "max_new_tokens": max_new,
                                           "tasks": {t.name: t.file for t in tasks}})
-        model, tokenizer = load_model(args.model, dtype=dtype, device=info.device,
+        model, tokenizer = load_model(resolve_model_path(args.model), dtype=dtype, device=info.device,
                                       experts_implementation=args.experts_implementation)
-        vision = Vision(load_image_processor(args.model), image_token_id(model), args.min_pixels or None,
-                        args.max_pixels or None) if is_vl(model) else None
+        vision = Vision(load_image_processor(resolve_model_path(args.model)), image_token_id(model),
+                        args.min_pixels or None, args.max_pixels or None) if is_vl(model) else None
         if vision is None and any(it.image is not None for it in items):
             log.warning("images are ignored: the checkpoint is text only")
         settings = EvalSettings(max_new_tokens=max_new, temperature=0.0, top_p=1.0, top_k=0,
@@ -173,7 +174,7 @@ def run_medix_r1(args, tasks: list[R1Task], info) -> int:
         _free()
     if "judge" in phases:
         check_settings(out / "judge.json", {"judge": str(args.judge)})
-        judge_model, judge_tokenizer = load_model(args.judge, dtype=dtype, device=info.device)
+        judge_model, judge_tokenizer = load_model(resolve_model_path(args.judge), dtype=dtype, device=info.device)
         chat = ChatJudge(judge_model, judge_tokenizer, Sampler(judge_model, max_num_seqs=args.batch_size, dtype=dtype))
         judge_phase(items, out, chat, args.judge_batch, {t.name: t.rubric for t in tasks})
         del judge_model, chat

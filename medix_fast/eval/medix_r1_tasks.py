@@ -26,10 +26,10 @@ from typing import Any
 
 import yaml
 
-from ..data import DataError, iter_rows, resolve_data_path
+from ..data import DataError, resolve_data_path
 from ..data.vision import load_image
 from ..errors import did_you_mean, yaml_error
-from .tasks import TaskError
+from .tasks import TaskError, read_items
 
 OPTION_KEYS = "ABCDEFGHIJ"
 TASK_KEYS = ("name", "group", "file", "source", "image_dir", "question_column", "choices_column", "choices",
@@ -180,29 +180,17 @@ def read_r1_task(task: R1Task, limit: int = 0, images: bool = True) -> R1Task:
     if not path.exists():
         raise TaskError(f"task {task.name!r}: no local copy at {path} (see README 'MediX-R1's published "
                         "evaluation' for how to fetch it)")
-    items: list[R1Item] = []
-    try:
-        for number, row in iter_rows(path):
-            if limit and len(items) >= limit:
-                break
-            where = f"task {task.name!r}: {path}:{number}"
-            if not isinstance(row, dict):
-                raise TaskError(f"{where}: expected a row object, got {row!r}")
-            if task.name == "slake_vqa" and row.get("q_lang") != "en":
-                continue
-            try:
-                question, answer = build_question(task.params, task.name, row)
-                image = _image(task, row, path.parent) if images else None
-            except (AttributeError, IndexError, KeyError, TypeError, DataError) as err:
-                raise TaskError(f"{where}: cannot build the item from columns {sorted(row)} "
-                                f"({type(err).__name__}: {err})") from None
-            c = len(items)
-            items.append(R1Item(f"{task.name}_{c}", task.name, c, question, answer, image, row.get("answer_idx")))
-    except TaskError:
-        raise
-    except (DataError, OSError, UnicodeDecodeError) as err:
-        raise TaskError(f"task {task.name!r}: cannot read {path} ({type(err).__name__}: {err})") from err
-    if not items:
-        raise TaskError(f"task {task.name!r}: {path} has no usable rows")
-    task.items = items
+
+    def make(row: dict, where: str, c: int) -> R1Item | None:
+        if task.name == "slake_vqa" and row.get("q_lang") != "en":
+            return None
+        try:
+            question, answer = build_question(task.params, task.name, row)
+            image = _image(task, row, path.parent) if images else None
+        except (AttributeError, IndexError, KeyError, TypeError, DataError) as err:
+            raise TaskError(f"{where}: cannot build the item from columns {sorted(row)} "
+                            f"({type(err).__name__}: {err})") from None
+        return R1Item(f"{task.name}_{c}", task.name, c, question, answer, image, row.get("answer_idx"))
+
+    task.items = read_items(task.name, path, limit, make)
     return task

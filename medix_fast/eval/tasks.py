@@ -28,6 +28,7 @@ import re
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -248,25 +249,35 @@ def _item(task: Task, index: int, row: dict, where: str, root: Path) -> Item:
     return Item(task.name, index, rendered, f"{tag or task.modality} {text}", gold, letters, options, image)
 
 
-def read_task(task: Task, limit: int = 0) -> Task:
-    """Read the task's rows into ``task.items`` (the first ``limit`` rows when > 0)."""
-    path = resolve_data_path(task.file)
+def read_items(name: str, path: Path, limit: int, make: Callable[[dict, str, int], Any]) -> list:
+    """The items ``make(row, where, index)`` builds from the rows of task ``name``'s file ``path``
+    (the first ``limit`` items when > 0; ``make`` returning None skips the row): the one reader of
+    both task formats (this file's and ``medix_r1_tasks.py``'s). Every failure is a TaskError naming
+    the task and ``file:row``."""
     items = []
     try:
         for number, row in iter_rows(path):
             if limit and len(items) >= limit:
                 break
-            where = f"task {task.name!r}: {path}:{number}"
+            where = f"task {name!r}: {path}:{number}"
             if isinstance(row, str):
                 raise TaskError(f"{where}: {row}")
             if not isinstance(row, dict):
                 raise TaskError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            items.append(_item(task, len(items), row, where, path.parent))
+            item = make(row, where, len(items))
+            if item is not None:
+                items.append(item)
     except TaskError:
         raise
     except (DataError, OSError, UnicodeDecodeError) as err:
-        raise TaskError(f"task {task.name!r}: cannot read {path} ({type(err).__name__}: {err})") from err
+        raise TaskError(f"task {name!r}: cannot read {path} ({type(err).__name__}: {err})") from err
     if not items:
-        raise TaskError(f"task {task.name!r}: {path} has no rows")
-    task.items = items
+        raise TaskError(f"task {name!r}: {path} has no usable rows")
+    return items
+
+
+def read_task(task: Task, limit: int = 0) -> Task:
+    """Read the task's rows into ``task.items`` (the first ``limit`` rows when > 0)."""
+    path = resolve_data_path(task.file)
+    task.items = read_items(task.name, path, limit, lambda row, where, i: _item(task, i, row, where, path.parent))
     return task

@@ -7,11 +7,20 @@
 ``sampler.py`` is the public engine; ``scheduler.py`` (continuous batching, preemption),
 ``blocks.py`` (block accounting) and ``sequence.py`` (prompt and row records) the host side;
 ``runner.py`` (packing steps, the model forward), ``kv_cache.py`` (paged K/V pool, attention
-back-end), ``attention.py`` (cascade attention, back-end choice), ``triton_decode.py`` (the paged
-decode kernel) and ``cuda_graphs.py`` the device side; ``tokens.py`` the token sampling;
-``memory.py`` the memory plan.
+back-end), ``attention.py`` (cascade attention, back-end choice; the paged decode kernel is
+``medix_fast.kernels.triton_decode``) and ``cuda_graphs.py`` the device side; ``tokens.py`` the token sampling;
+``memory.py`` the memory plan. The public names are imported when first asked for (torch comes
+with them), so that ``python -m medix_fast.generate --plan`` reads its arguments at once.
 """
-from .sampler import Sampler, SamplerOutput
-from .tokens import SamplingParams, sample_tokens
+PUBLIC = {"Sampler": "sampler", "SamplerOutput": "sampler", "SamplingParams": "tokens", "sample_tokens": "tokens"}
 
-__all__ = ["Sampler", "SamplerOutput", "SamplingParams", "sample_tokens"]
+
+def __getattr__(name: str):
+    if name in PUBLIC:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{PUBLIC[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = list(PUBLIC)

@@ -12,7 +12,8 @@ parameters are counted on the meta device. Dotted overrides after the options ch
 Under FSDP it prints the training side too (``medix_fast.model.footprint.update_plan``: old
 log-probs and the update) and the step's peak, the largest of the three phases: the sampler gives
 its pool back before the update, so the phases never hold each other's memory. Exit status 0 when
-every phase fits, 1 when one does not, 2 on bad arguments.
+every phase fits, 1 when one does not, 2 on bad arguments (answered before torch is imported, as
+is a config error).
 """
 from __future__ import annotations
 
@@ -23,8 +24,6 @@ from pathlib import Path
 from .. import preflight
 from ..config import load_config
 from ..errors import ConfigError
-from ..model.footprint import parameter_counts, update_plan
-from . import decode_traffic, memory
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,8 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--world", type=int, default=8, help="GPUs (FSDP shards), default 8")
     p.add_argument("--model-config", default=None, help="checkpoint dir, config.json or known model name")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. sampling.max_num_seqs=128")
-    args = p.parse_args(argv)
+    args = p.parse_args(argv)  # a bad line is answered here, before torch is imported
     if args.config is None:
+        from . import decode_traffic
+
         print(decode_traffic.table())
         return 0
     if args.device_memory_gb is None:
@@ -45,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         preflight.check_plan(args)
         cfg = load_config(args.config, args.overrides)
+        from ..model.footprint import parameter_counts, update_plan
+        from . import memory
+
         model_config = memory.load_config(args.model_config or cfg.model.path)
         rewards = memory.reward_model_params(cfg)
         counts = parameter_counts(model_config)

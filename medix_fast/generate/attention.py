@@ -16,7 +16,7 @@ Back-ends (``select_backend``; force one with ``medix_fast.kernels.force_backend
 - "flash": flash-attn's ``flash_attn_with_kvcache`` (paged, returns the LSE) for decode and
   ``flash_attn_varlen_func`` for prefill; CUDA with flash-attn installed and blocks of a multiple
   of 256 tokens (its paged-KV requirement);
-- "triton": the split-K paged decode kernel of ``triton_decode.py``; CUDA default otherwise (on the
+- "triton": the split-K paged decode kernel of ``medix_fast.kernels.triton_decode``; CUDA default otherwise (on the
   CPU only under ``TRITON_INTERPRET=1``, when forced);
 - "cpp": the C++ op ``paged_decode`` (``csrc/paged_attention.cpp``) reading the blocks in place;
   the CPU default when the C++ ops build (bench/bench_sampler.py: the gathers of the PyTorch path
@@ -37,10 +37,6 @@ from ..kernels import dispatch
 BACKENDS = ("flash", "triton", "cpp", "torch")
 HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
 FLASH_BLOCK = 256  # flash-attn's paged K/V needs page sizes that are multiples of 256
-# The Triton decode kernel's tile of tokens lies within one block and is the K of a tl.dot, which
-# needs K >= 16 on the GPU (CompilationError otherwise; the interpreter never sees it): smaller
-# blocks are refused for every back-end, so a config means the same thing on every machine.
-MIN_BLOCK_SIZE = 16
 
 
 def select_backend(device: torch.device, block_size: int | None = None) -> str:
@@ -56,14 +52,6 @@ def select_backend(device: torch.device, block_size: int | None = None) -> str:
     if HAS_FLASH_ATTN and (block_size is None or block_size % FLASH_BLOCK == 0):
         return "flash"
     return "triton" if dispatch.HAS_TRITON else "torch"
-
-
-def block_size_error(block_size: int) -> str | None:
-    """Why ``block_size`` (0: auto) cannot be a K/V block size, or None."""
-    if block_size and (block_size < MIN_BLOCK_SIZE or block_size & (block_size - 1)):
-        return (f"must be 0 (auto) or a power of two >= {MIN_BLOCK_SIZE} (the Triton decode kernel's tl.dot "
-                f"needs {MIN_BLOCK_SIZE} tokens per tile), got {block_size}")
-    return None
 
 
 def default_block_size(backend: str) -> int:
@@ -92,7 +80,7 @@ def cascade_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, 
     q = q.to(k_pool.dtype)  # the kernels take one dtype (autocast may leave q in fp32 after RoPE)
     own_rows = step.memo("own_rows", lambda: torch.arange(b, device=q.device)[:, None])  # (b, 1)
     if backend == "triton":
-        from .triton_decode import paged_decode
+        from ..kernels.triton_decode import paged_decode
         prompt = paged_decode(q, k_pool, v_pool, step.group_table, step.group_lens, step.group_rows, scale)
         out, _ = paged_decode(q, k_pool, v_pool, step.row_table, step.row_lens, own_rows, scale, prior=prompt)
         return out.to(dtype)

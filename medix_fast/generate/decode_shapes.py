@@ -4,11 +4,12 @@
         for bucket in shape.buckets:               # the CUDA-graph batch sizes
             prompt, own = shape.launches(bucket, shape.prompt_len, shape.new_len, sms=132)
 
-Used by the kernels' compile check (``medix_fast.kernels.compile_check``: every launch compiled
-for sm_80 / sm_90) and by the decode traffic plan (``decode_traffic.py``). A decode step of the
-static decoder (``cuda_graphs.py``) runs, per layer, the prompt part (an item per resident
-prompt, its ``group_size`` rows as extra query rows) and the own part (an item per row) of
-``triton_decode.paged_decode`` over tables as wide as the call's longest prompt and completion.
+Passed to the kernels' compile check (``medix_fast.kernels.compile_check``: every launch compiled
+for sm_80 / sm_90; the kernels know no model) and used by the decode traffic plan
+(``decode_traffic.py``). A decode step of the static decoder (``cuda_graphs.py``) runs, per
+layer, the prompt part (an item per resident prompt, its ``group_size`` rows as extra query rows)
+and the own part (an item per row) of ``kernels.triton_decode.paged_decode`` over tables as wide
+as the call's longest prompt and completion.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 
 from .attention import default_block_size
 from .cuda_graphs import batch_buckets
-from .triton_decode import DecodeLaunch, decode_launch
+from ..kernels.triton_decode import DecodeLaunch, decode_launch
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

@@ -25,7 +25,7 @@ updates: no weight copy, no second engine):
   run out the newest rows are preempted and later recomputed.
 - Decode attention (``attention.py``): each group's rows read their prompt's blocks once, each
   row its own blocks, merged by log-sum-exp; only live tokens are read. Back-ends: flash-attn,
-  the Triton paged kernel (``triton_decode.py``) or PyTorch.
+  the Triton paged kernel (``medix_fast.kernels.triton_decode``) or PyTorch.
 - CUDA graphs of the decode step per batch bucket (``cuda_graphs.py``).
 - Sampling with one counter-based uniform per row and step (``tokens.py``): a row's tokens do not
   depend on its batch, so scheduling choices (``max_num_seqs``, preemption) do not change them.
@@ -46,9 +46,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config import block_size_error
 from ..model.forward import mrope_positions
 from ..model.loading import stop_ids
-from .attention import block_size_error, default_block_size, select_backend
+from .attention import default_block_size, select_backend
 from .blocks import BlockPool
 from .kv_cache import ATTN_IMPLEMENTATION, KVPool
 from .memory import activation_reserve, kv_budget, kv_bytes_per_token

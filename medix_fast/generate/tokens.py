@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import sampling_error
 from ..kernels import dispatch
 
 LOGPROBS_MODES = ("raw", "processed")
@@ -58,12 +59,9 @@ class SamplingParams:
     logprobs_mode: str = "raw"  # "raw" | "processed", see the module docstring
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if int(self.top_k) != self.top_k or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k}")
+        error = sampling_error(self.temperature, self.top_p, self.top_k)  # the config's rule (sampling.*)
+        if error:
+            raise ValueError(error)
         if self.logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {self.logprobs_mode!r}")
 

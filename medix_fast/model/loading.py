@@ -4,8 +4,9 @@
 
 The forward pieces (hidden states, LM head, positions) are in ``forward.py``; log-probs go through
 ``medix_fast.kernels.fused_linear_logprobs(h, weight, ...)``, so no full (B, T, V) logits tensor is
-built in training. ``load_model("tiny")`` is the embedded tiny
-model (``medix_fast.demo.cache.ensure_tiny_model``).
+built in training. Paths are checkpoint directories: the embedded tiny models' names (``"tiny"``,
+...) are resolved above this layer, by ``medix_fast.demo.cache.resolve_model_path``, which the
+commands call on a config's ``model.path`` (``load_model(resolve_model_path("tiny"))``).
 
 Choices made once, here: the attention back-end is ``flash_attention_2`` when ``flash_attn``
 imports and the device is CUDA, else PyTorch ``sdpa`` (pass ``attn_impl`` to force one, e.g.
@@ -28,8 +29,6 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTex
                           PreTrainedModel, PreTrainedTokenizerBase)
 from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
 
-from .. import preflight
-from ..demo.cache import TINY_NAMES, ensure_tiny_model
 from ..errors import UserError
 from .moe import experts_implementation as choose_experts, is_moe
 
@@ -40,13 +39,16 @@ VL_MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")  # image-text-to-tex
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
-def resolve_model_path(path: str | os.PathLike) -> pathlib.Path:
-    """``"tiny"`` / ``"tiny-vl"`` / ``"tiny-moe"`` / ``"tiny-vl-moe"`` -> the cached embedded tiny
-    model (``demo.cache.TINY_NAMES``); otherwise an existing checkpoint directory."""
-    if str(path) in TINY_NAMES:
-        return ensure_tiny_model(**TINY_NAMES[str(path)])
-    preflight.model_dir(path, None)
-    return pathlib.Path(path).expanduser()
+def checkpoint_dir(path: str | os.PathLike) -> pathlib.Path:
+    """``path`` as an existing Hugging Face checkpoint directory (with its ``config.json``), or a
+    UserError saying what it is not."""
+    resolved = pathlib.Path(path).expanduser()
+    if not resolved.is_dir():
+        raise UserError(f"model path {str(path)!r} does not exist or is not a directory "
+                         "(give a local Hugging Face checkpoint directory, or 'tiny')")
+    if not (resolved / "config.json").is_file():
+        raise UserError(f"model path {str(resolved)!r} has no config.json: not a Hugging Face checkpoint")
+    return resolved
 
 
 def attention_backend(device: str | torch.device) -> str:
@@ -102,7 +104,7 @@ def load_model(
     experts_implementation: str = "auto",
     compute_dtype: torch.dtype | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a supported causal LM and its tokenizer from a local directory (or ``"tiny"``).
+    """Load a supported causal LM and its tokenizer from a local checkpoint directory.
 
     ``attn_impl`` None picks :func:`attention_backend`; ``liger`` None means "on CUDA when
     installed". A mixture-of-experts model's experts run with ``experts_implementation``
@@ -110,7 +112,7 @@ def load_model(
     ``compute_dtype``, default ``dtype``; FSDP2 computes fp32 master weights in bf16).
     Returns the model on ``device`` in eval mode (the trainer calls ``.train()``).
     """
-    path = resolve_model_path(path)
+    path = checkpoint_dir(path)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise UserError(f"model_type {config.model_type!r} in {str(path)!r} is not supported; "
@@ -142,7 +144,7 @@ def load_image_processor(path: str | os.PathLike):
     """The VL checkpoint's image processor, PIL/numpy back-end (works without torchvision). Both
     supported VL families (Qwen2.5-VL, Qwen3-VL) use the Qwen2-VL image processor, named here
     directly: ``AutoImageProcessor`` needs torchvision before transformers 5.18, even for ``backend="pil"``."""
-    path = resolve_model_path(path)
+    path = checkpoint_dir(path)
     if not (path / "preprocessor_config.json").is_file():
         raise UserError(f"no image processor in {str(path)!r}: expected preprocessor_config.json")
     return Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)

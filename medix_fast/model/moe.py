@@ -45,9 +45,10 @@ import os
 import torch
 from torch import nn
 
+from ..config import EXPERTS_IMPLEMENTATIONS  # the choices, with the config that offers them
+
 log = logging.getLogger(__name__)
 
-EXPERTS_IMPLEMENTATIONS = ("auto", "grouped_mm", "batched_mm", "eager")
 HUB_TRANSPOSED = {"qwen3_vl_moe": (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")}  # stored (E, in, out)
 
 

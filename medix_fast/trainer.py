@@ -1,11 +1,5 @@
-"""``python -m medix_fast.train``: GRPO / DAPO / GSPO / Dr. GRPO on MediX-style clinical QA.
-
-    python -m medix_fast.train                                   # the tiny default, CPU, < 5 min
-    python -m medix_fast.train --config configs/medix_r1_8b_dapo.yaml train.output_dir=runs/8b
-    python -m medix_fast.train --config configs/tiny.yaml train.steps=10 optim.lr=3e-4 --strict false
-    python -m medix_fast.train --config ... --resume              # continue from the latest checkpoint
-    python -m medix_fast.train --config ... --resume-from runs/x/checkpoints/step_00000040
-    torchrun --nproc_per_node=8 -m medix_fast.train --config ...  # multi-GPU (see distributed.py)
+"""The trainer behind ``python -m medix_fast.train`` (its command line: ``train/cli.py``): GRPO /
+DAPO / GSPO / Dr. GRPO on MediX-style clinical QA.
 
 One training step (``Trainer.step``):
   1. rollout (``rl/rollout.py``): draw prompts, sample G responses each with the in-process
@@ -34,10 +28,8 @@ any checkpoint into a Hugging Face model directory.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import math
-import os
 import random
 import resource
 import signal
@@ -52,18 +44,18 @@ import torch
 
 from . import checkpoint as C
 from . import distributed as D
-from . import preflight
-from .config import Config, load_config, save_config
+from .config import Config, save_config
 from .data import PromptLoader, build_prompts, load_examples
 from .data.vision import Vision
-from .errors import ArgumentParser, ConfigError, run_command
+from .errors import ConfigError
 from .eval import Evaluator
 from .export import save_hf_model, write_hf_files
 from .generate import Sampler
 from .kernels.dispatch import use_cpp
 from .metrics import MetricsLogger, read_metrics
+from .demo.cache import resolve_model_path
 from .model.loading import (compute_dtype, image_token_id, is_vl, load_image_processor, load_model,
-                            resolve_model_path, set_vision_trainable, stop_ids)
+                            set_vision_trainable, stop_ids)
 from .model.moe import is_moe, set_router_trainable
 from .report import Eta, clock, end_summary, eval_message, start_message
 from .rewards import build_reward
@@ -71,8 +63,8 @@ from .rl.loss_options import check_config
 from .rl.rollout import Rollout
 from .rl.update import PolicyObjective, Updater
 from .rollouts_log import rollout_records, show_rollouts, write_rollouts
-from .run_dir import claim_output_dir, set_aside_after
-from .runtime import set_cpu_threads, set_cuda_allocator, setup_logging
+from .run_dir import set_aside_after
+from .runtime import set_cpu_threads, set_cuda_allocator
 from .wandb_log import WandbSink
 
 log = logging.getLogger("medix_fast.train")
@@ -123,7 +115,7 @@ class Trainer:
         attn_impl = None if cfg.model.attn_impl == "auto" else cfg.model.attn_impl
         fsdp = cfg.distributed.strategy == "fsdp"
         experts = cfg.model.experts_implementation  # MoE only; FSDP2 computes the fp32 weights in bf16
-        self.model, self.tokenizer = load_model(cfg.model.path, dtype=torch.float32,
+        self.model, self.tokenizer = load_model(resolve_model_path(cfg.model.path), dtype=torch.float32,
                                                 device=dev, attn_impl=attn_impl,
                                                 gradient_checkpointing=cfg.model.gradient_checkpointing,
                                                 experts_implementation=experts,
@@ -137,7 +129,7 @@ class Trainer:
         vision = None
         if is_vl(self.model):  # images go before the question; the tower trains unless model.train_vision is off
             set_vision_trainable(self.model, cfg.model.train_vision)
-            vision = Vision(load_image_processor(cfg.model.path), image_token_id(self.model),
+            vision = Vision(load_image_processor(resolve_model_path(cfg.model.path)), image_token_id(self.model),
                             cfg.data.min_pixels or None, cfg.data.max_pixels or None)
         self.vision = vision
         self.prompts, _ = build_prompts(train_examples, self.tokenizer, cfg.data.max_prompt_length, vision, dropped)
@@ -155,8 +147,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(o, t.steps))
         ref = None
         if cfg.algorithm.beta > 0:
-            ref_model, _ = load_model(cfg.model.path, dtype=dtype, device=dev, attn_impl=attn_impl,
-                                      gradient_checkpointing=False, experts_implementation=experts)
+            ref_model, _ = load_model(resolve_model_path(cfg.model.path), dtype=dtype, device=dev,
+                                      attn_impl=attn_impl, gradient_checkpointing=False,
+                                      experts_implementation=experts)
             ref_model.eval().requires_grad_(False)
             ref = D.shard_reference(PolicyObjective(ref_model, cfg.sampling.temperature, t.share_prompt), ref_model,
                                     cfg.distributed.strategy, self.info, dtype)
@@ -365,68 +358,3 @@ class Trainer:
             print(end_summary(read_metrics(self.out / "metrics.jsonl"), cfg, time.perf_counter() - started, eval_s,
                               plot, path, stopped, resumed_at), flush=True)
         return records
-
-
-def _bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value not in ("true", "false", "1", "0", "yes", "no"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return value in ("true", "1", "yes")
-
-
-def parse_args(argv: list[str] | None):
-    p = ArgumentParser(prog="python -m medix_fast.train", description=__doc__.splitlines()[0],
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="overrides: section.key=value, e.g. train.steps=20 optim.lr=1e-5 "
-                              "data.train_files=[a.jsonl,b.parquet]; flags may come anywhere on the line")
-    p.add_argument("--config", help="YAML config (default: the packaged configs/tiny.yaml)")
-    p.add_argument("--resume", action="store_const", const="latest", default=None,
-                   help="continue from the latest checkpoint in train.output_dir")
-    p.add_argument("--resume-from", dest="resume", metavar="CHECKPOINT",
-                   help="continue from this checkpoint directory (.../checkpoints/step_N)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start afresh in a train.output_dir that holds a previous run, moved aside to <dir>.old-N")
-    p.add_argument("--strict", type=_bool, default=None, metavar="{true,false}",
-                   help="same as data.strict=...: false skips malformed rows instead of failing")
-    p.add_argument("overrides", nargs="*", help="section.key=value")
-    return p.parse_args(argv)
-
-
-def _main(argv: list[str] | None) -> int:
-    args = parse_args(argv)
-    overrides = list(args.overrides) + ([f"data.strict={str(args.strict).lower()}"] if args.strict is not None else [])
-    rank = int(os.environ.get("RANK", "0"))
-    setup_logging(rank)
-    cfg = trainer = None
-    try:
-        cfg = load_config(args.config, overrides)
-        check_config(cfg)  # before the output directory is claimed, as load_config's own checks
-        preflight.check_train(cfg, args.resume)  # every path, before anything loads or is written
-        in_place = args.resume not in (None, "latest") and (  # --resume-from one of this run's own checkpoints
-            Path(args.resume).resolve().parent == C.checkpoint_root(cfg.train.output_dir).resolve())
-        aside = claim_output_dir(cfg.train.output_dir, args.resume == "latest" or in_place, args.overwrite, rank == 0)
-        if aside:
-            log.info("--overwrite: the previous run in %s was moved to %s", cfg.train.output_dir, aside)
-        trainer = Trainer(cfg, args.resume)
-        trainer.run()
-    except TrainingDiverged as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # a second Ctrl-C: no traceback, one line
-        latest = C.latest_checkpoint(cfg.train.output_dir) if cfg else None
-        print("stopped at once (Ctrl-C), without writing a checkpoint: --resume will continue from "
-              + (f"{latest} (step {C.step_of(latest)})" if latest else "scratch (no checkpoint yet)"), file=sys.stderr)
-        return 128 + signal.SIGINT
-    finally:
-        D.close()
-    return 128 + trainer.stop_requested if trainer and trainer.stop_requested else 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The command: 0 when done, 2 on a user error (one ``error:`` line), 1 when training diverged,
-    128 + the signal when stopped by SIGINT (130) or SIGTERM (143), checkpoint written."""
-    return run_command(_main, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
