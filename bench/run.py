@@ -50,6 +50,10 @@ MODULES = {
     "integrations": "bench.bench_integrations",
     "checkpoint": "bench.bench_checkpoint",
 }
+# the benchmark names the modules' cases carry (``--only`` takes these or a module name);
+# bench/test_bench_cases.py checks them against the cases
+BENCHES = ("advantages", "logprobs", "policy_loss", "policy_loss_logp", "sample_step", "sampler", "rewards", "judge",
+           "train", "vl_rollout", "moe", "integrations", "checkpoint")
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -57,11 +61,14 @@ def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="smallest size of each benchmark")
     p.add_argument("--only", action="append", default=[], metavar="NAME",
-                   help="run only this benchmark or module (repeatable)")
+                   help="run only this module or benchmark (repeatable); modules: " + ", ".join(MODULES)
+                   + "; benchmarks: " + ", ".join(b for b in BENCHES if b not in MODULES))
     p.add_argument("--out", default=DEFAULT_OUT, help="output folder (default bench/results/)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's own choice; 1 is steadier on a busy machine)")
+    p.add_argument("--gpu-check", action="store_true",  # main() hands the whole command line to bench/gpu_check.py
+                   help="the prepared check of every CUDA path instead (its own flags: python -m bench --gpu-check --help)")
     iso = p.add_mutually_exclusive_group()
     iso.add_argument("--isolate", dest="isolate", action="store_true", default=None,
                      help="each case in a fresh process (default on CPU, except under --smoke)")
