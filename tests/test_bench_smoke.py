@@ -10,6 +10,7 @@ import csv
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -85,6 +86,19 @@ def test_bench_pytest_front_end_runs_every_case_once(tmp_path):
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
     summary = proc.stdout.strip().splitlines()[-1]
     assert " passed" in summary and "failed" not in summary and "error" not in summary, summary
+
+
+def test_a_smoke_run_leaves_nothing_in_the_results_folder():
+    """Without --out a smoke run writes to a temporary folder: bench/results/ holds results only."""
+    results = os.path.join(ROOT, "bench", "results")
+    before = sorted(os.walk(results))
+    proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--threads", "1", "--only", "advantages"],
+                          cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    csv_path = re.search(r"\[bench\] wrote (\S+) and", proc.stdout).group(1)
+    assert os.path.isfile(csv_path) and not csv_path.startswith(results), csv_path
+    shutil.rmtree(os.path.dirname(csv_path))
+    assert sorted(os.walk(results)) == before
 
 
 def test_unknown_only_name_is_an_error(tmp_path):
