@@ -106,8 +106,9 @@ def cuda_test_files() -> list[str]:
 def part_tests(dry: bool, deadline: float, emit) -> None:
     """``pytest -m cuda``: one row per test (its outcome), from pytest's JUnit XML."""
     xml = os.path.join(tempfile.mkdtemp(prefix="medix_gpu_check_"), "pytest.xml")
+    # one process (tests/conftest.py would start xdist workers): one GPU, and their start-up would spend the budget
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", *cuda_test_files(), "-p", "no:cacheprovider",
-           f"--junitxml={xml}"]
+           "-p", "no:xdist", f"--junitxml={xml}"]
     try:
         proc = subprocess.run(cmd, cwd=ROOT, timeout=max(1.0, deadline - time.time()), text=True)
         ending = f"pytest exit {proc.returncode}"

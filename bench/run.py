@@ -5,7 +5,7 @@
     python -m bench --only policy_loss      # a benchmark (advantages, logprobs, policy_loss, ...) or a module
                                             # (kernels, cpp, sampler, rewards, train, vl, moe, integrations,
                                             # checkpoint); repeatable
-    python -m bench --out DIR               # default bench/results/
+    python -m bench --out DIR               # default bench/results/ (--smoke: a temporary folder)
     python -m bench --gpu-check [--dry-run] # the prepared check of every CUDA path (bench/gpu_check.py)
 
 Output: ``DIR/<cpu|gpu>[_smoke].csv`` and ``.md``, headed by the device, date, torch version and
@@ -25,6 +25,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import tempfile
 
 if __package__ in (None, ""):  # python bench/run.py
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -50,6 +51,10 @@ MODULES = {
     "integrations": "bench.bench_integrations",
     "checkpoint": "bench.bench_checkpoint",
 }
+# the benchmark names the modules' cases carry (``--only`` takes these or a module name);
+# bench/test_bench_cases.py checks them against the cases
+BENCHES = ("advantages", "logprobs", "policy_loss", "policy_loss_logp", "sample_step", "sampler", "rewards", "judge",
+           "train", "vl_rollout", "moe", "integrations", "checkpoint")
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -57,11 +62,15 @@ def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="smallest size of each benchmark")
     p.add_argument("--only", action="append", default=[], metavar="NAME",
-                   help="run only this benchmark or module (repeatable)")
-    p.add_argument("--out", default=DEFAULT_OUT, help="output folder (default bench/results/)")
+                   help="run only this module or benchmark (repeatable); modules: " + ", ".join(MODULES)
+                   + "; benchmarks: " + ", ".join(b for b in BENCHES if b not in MODULES))
+    p.add_argument("--out", default=None,
+                   help="output folder (default bench/results/; --smoke: a temporary folder, its figures are no results)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's own choice; 1 is steadier on a busy machine)")
+    p.add_argument("--gpu-check", action="store_true",  # main() hands the whole command line to bench/gpu_check.py
+                   help="the prepared check of every CUDA path instead (its own flags: python -m bench --gpu-check --help)")
     iso = p.add_mutually_exclusive_group()
     iso.add_argument("--isolate", dest="isolate", action="store_true", default=None,
                      help="each case in a fresh process (default on CPU, except under --smoke)")
@@ -134,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     meta = report.header(device_name(device), report.command_line(), isolate, load_at_start)
     stem = ("gpu" if device.type == "cuda" else "cpu") + ("_smoke" if args.smoke else "")
-    csv_path, md_path = report.write(args.out, rows, meta, stem)
+    out = args.out or (tempfile.mkdtemp(prefix="medix_bench_smoke_") if args.smoke else DEFAULT_OUT)
+    csv_path, md_path = report.write(out, rows, meta, stem)
     print(report.markdown(rows, meta))
     print(f"[bench] wrote {csv_path} and {md_path}", flush=True)
     if importlib.util.find_spec("matplotlib") is not None:

@@ -17,7 +17,7 @@ import torch
 
 from bench.case import SUBJECT, Skip
 from bench.device import default_device
-from bench.run import MODULES
+from bench.run import BENCHES, MODULES
 
 DEVICE = default_device()
 SMOKE = os.environ.get("MEDIX_BENCH_FULL") != "1"
@@ -34,6 +34,11 @@ def _cases():
 
 
 CASES = list(_cases())
+
+
+def test_help_names_every_benchmark():
+    """``python -m bench --help`` lists bench/run.py's BENCHES for ``--only``: exactly the cases' names."""
+    assert {c.bench for c in CASES} == set(BENCHES)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.key.replace(" ", "_") for c in CASES])

@@ -3,13 +3,18 @@
 ``cpp`` joins by default when the C++ ops build here). Tests marked ``cuda`` need a CUDA GPU and
 are skipped without one; ``pytest -m cuda`` selects them (``python -m bench --gpu-check`` runs them).
 Every run draws the same numbers: torch's global generator is seeded before each test (so a bare
-``torch.randn`` is reproducible too) and hypothesis is derandomised, with no example database."""
+``torch.randn`` is reproducible too) and hypothesis is derandomised, with no example database.
+The suite runs on ``WORKERS`` pytest-xdist processes unless ``-n`` says otherwise (``-n 0``: one
+process), each test file on one of them (module fixtures built once), torch's threads shared out
+between them; only here, so that ``pytest bench/`` (timings, which xdist would switch off) is not."""
 import os
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton.jit
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # the cores shared out between the workers (pytest_cmdline_main below)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
@@ -19,6 +24,8 @@ from medix_fast.kernels import cpp, force_backend  # noqa: E402
 settings.register_profile("deterministic", derandomize=True, database=None)
 settings.load_profile("deterministic")
 
+WORKERS = 2  # the CI machine's cores
+
 BACKENDS = os.environ.get("MEDIX_TEST_BACKENDS", "torch,triton" + (",cpp" if cpp.available() else "")).split(",")
 
 
@@ -27,6 +34,15 @@ def backend(request):
     """Force one kernel implementation for the duration of a test."""
     with force_backend(request.param):
         yield request.param
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """Before xdist reads ``-n`` (this initial conftest's hook runs first): ``WORKERS`` when not given."""
+    if getattr(config.option, "numprocesses", 0) is None and not config.getoption("usepdb"):
+        config.option.numprocesses = WORKERS
+        if config.option.dist == "no":
+            config.option.dist = "loadfile"
 
 
 def pytest_configure(config):

@@ -9,6 +9,8 @@ one benchmark in the isolated (fresh process per case) mode. ``bench/``'s own py
 import csv
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -86,10 +88,38 @@ def test_bench_pytest_front_end_runs_every_case_once(tmp_path):
     assert " passed" in summary and "failed" not in summary and "error" not in summary, summary
 
 
+def test_a_smoke_run_leaves_nothing_in_the_results_folder():
+    """Without --out a smoke run writes to a temporary folder: bench/results/ holds results only."""
+    results = os.path.join(ROOT, "bench", "results")
+    before = sorted(os.walk(results))
+    proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--threads", "1", "--only", "advantages"],
+                          cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    csv_path = re.search(r"\[bench\] wrote (\S+) and", proc.stdout).group(1)
+    assert os.path.isfile(csv_path) and not csv_path.startswith(results), csv_path
+    shutil.rmtree(os.path.dirname(csv_path))
+    assert sorted(os.walk(results)) == before
+
+
 def test_unknown_only_name_is_an_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--only", "no_such_bench", "--out",
                            str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and "no_such_bench" in proc.stderr
+
+
+def test_help_lists_the_only_names_and_the_gpu_check(monkeypatch):
+    monkeypatch.syspath_prepend(ROOT)  # bench/ is not installed: it runs from the repo root
+    from bench.run import BENCHES, MODULES
+
+    proc = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())  # argparse wraps the help text
+    modules, benches = re.search(r"modules: (.*?); benchmarks: (.*?) --out", text).groups()
+    assert modules.split(", ") == list(MODULES)
+    assert set(modules.split(", ")) | set(benches.split(", ")) == set(MODULES) | set(BENCHES)
+    assert "--gpu-check the prepared check of every CUDA path" in text
+    assert "python -m bench --gpu-check --help" in text
 
 
 def test_peak_table_matches_real_device_names(monkeypatch):
