@@ -362,7 +362,7 @@ def test_tiny_smoke_and_two_ranks(tmp_path, capsys):
 def test_each_checkpoint_keeps_its_results(tmp_path, monkeypatch, capsys):
     """Two checkpoints of a run evaluated in a row, then the first again with --overwrite: all
     three results stay on disk (the default --out is per checkpoint; --overwrite moves aside)."""
-    from medix_fast.model.loading import resolve_model_path
+    from medix_fast.demo.cache import resolve_model_path
 
     monkeypatch.chdir(tmp_path)
     steps = [tmp_path / "run" / "checkpoints" / f"step_0000000{k}" for k in (1, 2)]
