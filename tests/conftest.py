@@ -38,7 +38,11 @@ def backend(request):
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config):
-    """Before xdist reads ``-n`` (this initial conftest's hook runs first): ``WORKERS`` when not given."""
+    """Before xdist reads ``-n`` (this initial conftest's hook runs first): ``WORKERS`` when not given.
+    Never in a worker: xdist runs this hook there too, with the command line that had no ``-n``, and
+    each worker would start workers of its own."""
+    if hasattr(config, "workerinput") or "PYTEST_XDIST_WORKER" in os.environ:
+        return
     if getattr(config.option, "numprocesses", 0) is None and not config.getoption("usepdb"):
         config.option.numprocesses = WORKERS
         if config.option.dist == "no":
