@@ -44,11 +44,13 @@ def _uses_torch_distributed(tree: ast.AST) -> bool:
 def test_only_the_helper_calls_tensor_collectives():
     files = [*(ROOT / "medix_fast").rglob("*.py"), *(ROOT / "kernels").rglob("*.py")]
     users = sorted(str(f.relative_to(ROOT)) for f in files if _uses_torch_distributed(ast.parse(f.read_text())))
-    # checksums.py is DCP's storage layer (a FileSystemWriter subclass): no process group, no collective
-    assert users == ["medix_fast/checksums.py", "medix_fast/distributed.py"]
-    storage = ast.parse((ROOT / "medix_fast" / "checksums.py").read_text())
-    assert not [n for n in ast.walk(storage) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
-                and n.func.attr in TENSOR_COLLECTIVES]
+    # checksums.py and safe_load.py are DCP's storage layer (a FileSystemWriter, a reader and a load
+    # planner): no process group, no collective
+    assert users == ["medix_fast/checksums.py", "medix_fast/distributed.py", "medix_fast/safe_load.py"]
+    for name in ("checksums.py", "safe_load.py"):
+        storage = ast.parse((ROOT / "medix_fast" / name).read_text())
+        assert not [n for n in ast.walk(storage) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+                    and n.func.attr in TENSOR_COLLECTIVES], name
     callers = set()
     for fn in ast.walk(ast.parse((ROOT / "medix_fast" / "distributed.py").read_text())):
         if isinstance(fn, ast.FunctionDef):

@@ -453,6 +453,7 @@ def test_end_to_end_resumes_and_equals_the_kit(copies, rigged_judge, tmp_path, c
 
 def test_vl_prompt_puts_the_image_first_and_no_system_turn(copies, tmp_path):
     from medix_fast.data.vision import Vision, image_size
+    from medix_fast.demo.cache import resolve_model_path
     from medix_fast.eval.medix_r1 import candidate_prompt
     from medix_fast.model.loading import load_image_processor, load_model
 
