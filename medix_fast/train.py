@@ -197,7 +197,7 @@ class Trainer:
         C.wait_all()  # a save this process still has in flight (an earlier Trainer's) is found complete
         found = C.latest_checkpoint(self.cfg.train.output_dir) if resume == "latest" else Path(resume)
         if found is None:
-            log.warning("--resume: no checkpoint under %s yet, starting from scratch",
+            log.warning("--resume: no finished checkpoint under %s yet: starting from step 0",
                         C.checkpoint_root(self.cfg.train.output_dir))
         else:
             C.check_checkpoint(found)
