@@ -76,9 +76,13 @@ def test_every_collective_of_distributed_py_is_labelled(monkeypatch):
     def record(name):
         return lambda *args, **kwargs: seen.setdefault(name, where.collective)
 
+    init = dist.init_process_group
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **kw: (seen.setdefault("timeout", kw["timeout"]),
+                                                                      init(*a, **kw)))
+    D.init_distributed("cpu", "gloo", "fsdp", timeout_min=7)
+    assert seen.pop("timeout").total_seconds() == 7 * 60  # distributed.timeout_min: the hard timeout
     for name in ("all_reduce", "broadcast_object_list", "gather_object", "barrier"):
         monkeypatch.setattr(dist, name, record(name))
-    D.init_distributed("cpu", "gloo", "fsdp")
     try:
         D.all_reduce([1.0], D.DistInfo().device, "max")
         D.broadcast_object({"a": 1})
