@@ -87,28 +87,39 @@ def init_distributed(device: str, backend: str, strategy: str = "ddp", timeout_m
     if (world > 1 or strategy == "fsdp") and not dist.is_initialized():
         name = backend if backend != "auto" else ("nccl" if use_cuda else "gloo")
         store = dist.HashStore() if world == 1 and "MASTER_ADDR" not in os.environ else None
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            store = attempt_store(datetime.timedelta(minutes=timeout_min))
         dist.init_process_group(name, timeout=datetime.timedelta(minutes=timeout_min), store=store,
                                 rank=rank if store else -1, world_size=world if store else -1,
                                 device_id=dev if use_cuda else None)
     return DistInfo(rank, world, local_rank, dev)
 
 
+def attempt_store(timeout: datetime.timedelta):
+    """A connection of our own to torchrun's store (``MASTER_ADDR:MASTER_PORT``), under a prefix of
+    this attempt (``TORCHELASTIC_RESTART_COUNT``). torchrun's agent keeps one store for every restart
+    of the job and torch 2.13 adds no prefix of its own, so an attempt restarted by ``--max-restarts``
+    would read the previous attempt's keys: its ranks' old addresses, which gloo and NCCL then fail
+    to connect to (pytorch/pytorch#135712). Across nodes the count is each agent's own: a node whose
+    workers did not fail restarts them under the same count (the same upstream issue), so
+    multi-node restarts need ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (a store per attempt)."""
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"medix_fast/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", base)
+
+
 _watchdog: Watchdog | None = None  # this process's, between start_watchdog and close
 
 
 def start_watchdog(info: DistInfo, heartbeat_s: float, dead_after_s: float, stall_warn_s: float) -> Watchdog | None:
-    """Start this rank's heartbeat thread (``watchdog.py``) on its own connection to torchrun's
-    store (``MASTER_ADDR:MASTER_PORT``; the default group's store without one), under a prefix of
-    this attempt (``TORCHELASTIC_RESTART_COUNT``): none in one process or with ``heartbeat_s`` 0."""
+    """Start this rank's heartbeat thread (``watchdog.py``) on its own connection to the launcher's
+    store (:func:`attempt_store`; the default group's store without ``MASTER_ADDR``): none in one
+    process or with ``heartbeat_s`` 0."""
     global _watchdog
     if not info.enabled or heartbeat_s <= 0 or _watchdog is not None:
         return _watchdog
-    if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                              timeout=datetime.timedelta(seconds=max(30.0, dead_after_s)))
-    else:
-        store = dist.distributed_c10d._get_default_store()
-    store = dist.PrefixStore(f"medix_fast/watchdog/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+    store = (attempt_store(datetime.timedelta(seconds=max(30.0, dead_after_s))) if "MASTER_ADDR" in os.environ
+             else dist.distributed_c10d._get_default_store())
+    store = dist.PrefixStore("watchdog/", store)
     _watchdog = Watchdog(store, info.rank, info.world, heartbeat_s, dead_after_s, stall_warn_s).start()
     return _watchdog
 
