@@ -4,6 +4,7 @@ its sockets open, no heartbeat) and rank 0 waits for it in a named reduce until 
 names the collective, then rank 1 as dead, and exits with status 1."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -16,7 +17,8 @@ D.start_watchdog(info, heartbeat_s=0.2, dead_after_s=4, stall_warn_s=1)
 where.enter("update", step=3)
 D.all_reduce([1.0], info.device)  # both ranks here: each watchdog has seen the other beat
 if info.rank == 1:
-    time.sleep(0.5)  # a beat or two written from here: its last known position is step 3's update
+    while json.loads(D._watchdog.store.get("where/1"))["phase"] != "update":  # its last known position
+        time.sleep(0.05)
     os.kill(os.getpid(), signal.SIGSTOP)
 D.reduce_scalars({"loss": 1.0, "tokens": 2.0}, info.device)
 raise SystemExit("rank 0 passed a reduce that rank 1 never joined")
