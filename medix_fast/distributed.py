@@ -125,7 +125,7 @@ def start_watchdog(info: DistInfo, heartbeat_s: float, dead_after_s: float, stal
 
 
 def close() -> None:
-    """Stop the watchdog (telling the others this rank finished), then the process group."""
+    """Stop the watchdog (its last position stays in the store for the others), then the process group."""
     global _watchdog
     if _watchdog is not None:
         _watchdog.stop()
