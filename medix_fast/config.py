@@ -263,6 +263,12 @@ class LoggingConfig:
 class DistributedConfig:
     strategy: Literal["ddp", "fsdp"] = "ddp"  # FSDP2 fully_shard per decoder layer + root
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
+    # the process group's hard timeout: a collective waiting longer fails the job; keep it above the
+    # longest phase one rank may wait for another's (a big model's rollout, evaluation or checkpoint)
+    timeout_min: float = 30.0
+    heartbeat_s: float = 5.0  # each rank's heartbeat through torchrun's store (watchdog.py); 0: no watchdog
+    dead_after_s: float = 60.0  # a rank silent this long is named, and the others exit (status 1) for a restart
+    stall_warn_s: float = 300.0  # a rank waiting this long in one collective names it and the ranks elsewhere
 
 
 @dataclass
@@ -493,6 +499,11 @@ def check(cfg: Config) -> None:
     if c.every < 0 or c.keep_last < 0 or c.save_hf_every < 0:
         raise ConfigError(f"checkpoint: need every, keep_last, save_hf_every >= 0; got {c.every}, {c.keep_last}, "
                           f"{c.save_hf_every}")
+    d = cfg.distributed
+    if d.timeout_min <= 0 or d.heartbeat_s < 0 or d.stall_warn_s <= 0 or (d.heartbeat_s and d.dead_after_s <= d.heartbeat_s):
+        raise ConfigError(f"distributed: need timeout_min > 0, heartbeat_s >= 0 (0: no watchdog), dead_after_s > "
+                          f"heartbeat_s and stall_warn_s > 0; got {d.timeout_min}, {d.heartbeat_s}, {d.dead_after_s}, "
+                          f"{d.stall_warn_s}")
     cfg.rewards.check()
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas}")

@@ -19,6 +19,11 @@ Every collective of the trainer goes through this file: tensors through :func:`a
 :func:`gather_objects`. Checkpoint I/O (torch.distributed.checkpoint, for checkpoint.py) too:
 :func:`save_shards` / :func:`load_shards` over a gloo group of its own (:func:`checkpoint_group`).
 
+Each collective here is labelled for the watchdog (``watchdog.py``: heartbeats through the
+rendezvous store, :func:`start_watchdog`), which names a dead rank within
+``distributed.dead_after_s`` and a rank waiting in one collective past ``distributed.stall_warn_s``;
+the process group's hard timeout is ``distributed.timeout_min``.
+
 Each rank samples and scores its own prompts (whole groups), computes its loss on them, and the
 gradients are averaged by DDP or reduce-scattered by FSDP2. With FSDP2 (``fully_shard`` on every
 decoder layer, every vision block of a VL model and the root, as MediX-R1 / veRL wrap the model's
@@ -47,6 +52,7 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized, assuming")
 
 from .errors import ConfigError
+from .watchdog import Watchdog, waiting
 
 
 @dataclass
@@ -65,9 +71,10 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device: str, backend: str, strategy: str = "ddp") -> DistInfo:
+def init_distributed(device: str, backend: str, strategy: str = "ddp", timeout_min: float = 30.0) -> DistInfo:
     """Set up the process group when launched by torchrun (WORLD_SIZE > 1, or FSDP on one
-    process, which needs a group of one); pick the device."""
+    process, which needs a group of one); pick the device. A collective waiting longer than
+    ``timeout_min`` fails the job (above the longest phase one rank may wait for another's)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -80,13 +87,49 @@ def init_distributed(device: str, backend: str, strategy: str = "ddp") -> DistIn
     if (world > 1 or strategy == "fsdp") and not dist.is_initialized():
         name = backend if backend != "auto" else ("nccl" if use_cuda else "gloo")
         store = dist.HashStore() if world == 1 and "MASTER_ADDR" not in os.environ else None
-        dist.init_process_group(name, timeout=datetime.timedelta(minutes=30), store=store,
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            store = attempt_store(datetime.timedelta(minutes=timeout_min))
+        dist.init_process_group(name, timeout=datetime.timedelta(minutes=timeout_min), store=store,
                                 rank=rank if store else -1, world_size=world if store else -1,
                                 device_id=dev if use_cuda else None)
     return DistInfo(rank, world, local_rank, dev)
 
 
+def attempt_store(timeout: datetime.timedelta):
+    """A connection of our own to torchrun's store (``MASTER_ADDR:MASTER_PORT``), under a prefix of
+    this attempt (``TORCHELASTIC_RESTART_COUNT``). torchrun's agent keeps one store for every restart
+    of the job and torch 2.13 adds no prefix of its own, so an attempt restarted by ``--max-restarts``
+    would read the previous attempt's keys: its ranks' old addresses, which gloo and NCCL then fail
+    to connect to (pytorch/pytorch#135712). Across nodes the count is each agent's own: a node whose
+    workers did not fail restarts them under the same count (the same upstream issue), so
+    multi-node restarts need ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (a store per attempt)."""
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"medix_fast/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", base)
+
+
+_watchdog: Watchdog | None = None  # this process's, between start_watchdog and close
+
+
+def start_watchdog(info: DistInfo, heartbeat_s: float, dead_after_s: float, stall_warn_s: float) -> Watchdog | None:
+    """Start this rank's heartbeat thread (``watchdog.py``) on its own connection to the launcher's
+    store (:func:`attempt_store`; the default group's store without ``MASTER_ADDR``): none in one
+    process or with ``heartbeat_s`` 0."""
+    global _watchdog
+    if not info.enabled or heartbeat_s <= 0 or _watchdog is not None:
+        return _watchdog
+    store = (attempt_store(datetime.timedelta(seconds=max(30.0, dead_after_s))) if "MASTER_ADDR" in os.environ
+             else dist.distributed_c10d._get_default_store())
+    store = dist.PrefixStore("watchdog/", store)
+    _watchdog = Watchdog(store, info.rank, info.world, heartbeat_s, dead_after_s, stall_warn_s).start()
+    return _watchdog
+
+
 def close() -> None:
+    """Stop the watchdog (its last position stays in the store for the others), then the process group."""
+    global _watchdog
+    if _watchdog is not None:
+        _watchdog.stop()
+        _watchdog = None
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -109,7 +152,8 @@ def all_reduce(values: torch.Tensor | list, device: torch.device, op: str = "sum
     t = torch.as_tensor(values, device=device)
     if dist.is_initialized():
         ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
-        dist.all_reduce(t, op=ops[op])
+        with waiting(f"all_reduce({op})"):
+            dist.all_reduce(t, op=ops[op])
     return t
 
 
@@ -119,7 +163,10 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     never runs (the TRL adapter's LM head)."""
     from torch.distributed.tensor import DTensor
 
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    if not isinstance(t, DTensor):
+        return t
+    with waiting("all_gather(full_tensor)"):
+        return t.full_tensor()
 
 
 def reduce_scalars(values: dict[str, float | torch.Tensor], device: torch.device, op: str = "sum") -> dict[str, float]:
@@ -131,8 +178,9 @@ def reduce_scalars(values: dict[str, float | torch.Tensor], device: torch.device
                         dtype=torch.float64, device=device)  # (n,) one copy of the host numbers
     slots = [values[k].reshape(()).to(device, torch.float64) if isinstance(values[k], torch.Tensor) else host[i]
              for i, k in enumerate(names)]
-    total = all_reduce(torch.stack(slots) if slots else host, device, op)  # (n,)
-    return dict(zip(names, total.tolist()))
+    with waiting(f"all_reduce({op}) of {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"):
+        total = all_reduce(torch.stack(slots) if slots else host, device, op)  # (n,)
+        return dict(zip(names, total.tolist()))  # the host waits for the result here
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -145,7 +193,8 @@ def broadcast_object(obj):
     if not dist.is_initialized():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    with waiting("broadcast_object"):
+        dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -154,14 +203,16 @@ def gather_objects(obj) -> list | None:
     if not dist.is_initialized():
         return [obj]
     out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(obj, out, dst=0)
+    with waiting("gather_objects"):
+        dist.gather_object(obj, out, dst=0)
     return out
 
 
 def barrier(group=None) -> None:
     """Every rank (of ``group``, default all) reaches this point; nothing when not distributed."""
     if dist.is_initialized():
-        dist.barrier(group=group)
+        with waiting("barrier"):
+            dist.barrier(group=group)
 
 
 # ----------------------------------------------------------------------------- checkpoint I/O (DCP)
@@ -174,7 +225,10 @@ DCP_ERRORS = (Exception, dcp.api.CheckpointException)  # DCP's is a BaseExceptio
 
 def checkpoint_group():
     """A gloo group of every rank for checkpoint I/O (every rank calls this); None in one process."""
-    return dist.new_group(backend="gloo") if dist.is_initialized() else None
+    if not dist.is_initialized():
+        return None
+    with waiting("new_group(checkpoint)"):
+        return dist.new_group(backend="gloo")
 
 
 def staging_buffers(pinned: bool) -> DefaultStager:
@@ -190,10 +244,12 @@ def save_shards(state: dict, directory: Path, group, asynchronous: bool, stager=
     from .checksums import ChecksumWriter
 
     writer = ChecksumWriter(directory)  # each shard file's CRC-32 into the metadata, computed as written
-    if asynchronous:
-        return dcp.async_save(state, storage_writer=writer, process_group=group, no_dist=group is None,
-                              async_stager=stager)
-    dcp.save(state, storage_writer=writer, process_group=group, no_dist=group is None)
+    with waiting("checkpoint save (plan; async: then written in the background)" if asynchronous
+                 else "checkpoint save"):
+        if asynchronous:
+            return dcp.async_save(state, storage_writer=writer, process_group=group, no_dist=group is None,
+                                  async_stager=stager)
+        dcp.save(state, storage_writer=writer, process_group=group, no_dist=group is None)
     return None
 
 
@@ -203,8 +259,9 @@ def load_shards(state: dict, directory: Path, alone: bool = False) -> None:
     from .safe_load import PlainLoadPlanner, PlainReader
 
     # no pickle of the checkpoint's is unpickled by DCP's own pickle.load / torch.load(weights_only=False)
-    dcp.load(state, storage_reader=PlainReader(directory), planner=PlainLoadPlanner(),
-             no_dist=alone or not dist.is_initialized())
+    with waiting("checkpoint load"):
+        dcp.load(state, storage_reader=PlainReader(directory), planner=PlainLoadPlanner(),
+                 no_dist=alone or not dist.is_initialized())
 
 
 def shards_metadata(directory: Path):
@@ -285,8 +342,9 @@ def generation_mode(wrapped: nn.Module):
     per rank without collectives; resharded on exit. A no-op for DDP and single process."""
     shards = _fsdp_modules(wrapped)
     layers = [m for m in shards if m is not wrapped]  # the root never reshards after forward
-    for m in shards:
-        m.unshard()
+    with waiting("all_gather(unshard for generation)"):
+        for m in shards:
+            m.unshard()
     for m in layers:
         m.set_reshard_after_forward(False, recurse=False)
     try:
@@ -321,7 +379,8 @@ def full_state_dict(wrapped: nn.Module, model: nn.Module) -> dict:
     if _fsdp_modules(wrapped):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        with waiting("all_gather(full state dict)"):
+            return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 

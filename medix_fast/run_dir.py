@@ -6,9 +6,11 @@ A directory holding anything is a previous run. Starting a new run there would t
 ``metrics.jsonl`` and mix its checkpoints with the new ones (pruning could then delete the new
 run's and keep the old run's), so a new run refuses to start, with what to do instead:
 ``--resume`` continues the previous run from its latest checkpoint, ``--overwrite`` moves it
-aside to ``<dir>.old-<N>`` (nothing is deleted) and starts afresh. ``--resume`` on a directory
-that holds files but no checkpoint refuses too (there is nothing to continue). Every rank checks
-(they agree: nothing is written before); only rank 0 moves the old run.
+aside to ``<dir>.old-<N>`` (nothing is deleted) and starts afresh. ``--resume`` on a run of this
+trainer with no finished checkpoint yet (a crash before the first save, restarted by ``torchrun
+--max-restarts``) starts from step 0, the earlier attempt's steps set aside as below; on a
+directory holding anything the trainer does not write (:func:`is_trainer_run`) it refuses. Every
+rank checks (they agree: nothing is written before); only rank 0 moves the old run.
 
 Resuming at an earlier step than the run reached (``--resume-from <dir>/checkpoints/step_N``
 into ``<dir>`` itself: a roll back in place) abandons the later steps: :func:`set_aside_after`
@@ -25,6 +27,23 @@ from pathlib import Path
 from .checkpoint import latest_checkpoint
 from .errors import UserError
 
+# What the trainer writes in its output directory (besides ``abandoned-<K>/``); its first
+# files (``config.yaml``, and ``dropped_rows.txt`` before it when many rows are dropped) mark a run.
+WRITTEN = {"config.yaml", "dropped_rows.txt", "metrics.jsonl", "rewards.png", "checkpoints", "eval", "rollouts",
+           "tensorboard", "wandb"}
+FIRST = {"config.yaml", "dropped_rows.txt"}
+
+
+def foreign(names: list[str]) -> list[str]:
+    """The names among ``names`` (a directory's entries) that the trainer never writes."""
+    return [n for n in names if n not in WRITTEN and not re.fullmatch(r"abandoned-\d+", n)]
+
+
+def is_trainer_run(path: Path) -> bool:
+    """Whether ``path`` holds a run of this trainer: one of its first files, and nothing it does not write."""
+    held = [p.name for p in path.iterdir()] if path.is_dir() else []
+    return bool(FIRST.intersection(held)) and not foreign(held)
+
 
 def claim_output_dir(path: str | os.PathLike, resume: bool, overwrite: bool, is_main: bool = True) -> Path | None:
     """Check that a run may start in ``path``; with ``overwrite``, move a previous run aside
@@ -35,11 +54,12 @@ def claim_output_dir(path: str | os.PathLike, resume: bool, overwrite: bool, is_
     if out.exists() and not out.is_dir():
         raise UserError(f"train.output_dir {out} is a file, not a directory")
     held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if not held or (resume and latest_checkpoint(out) is not None):
+    if not held or (resume and (latest_checkpoint(out) is not None or is_trainer_run(out))):
         return None
     if not overwrite:
-        shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
-        what = "no checkpoint to resume from" if resume else "a previous run"
+        names = (foreign(held) or held) if resume else held  # what makes it no run of this trainer
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        what = "no checkpoint to resume from and is no run of this trainer" if resume else "a previous run"
         raise UserError(f"train.output_dir {out} holds {what} ({shown}): "
                         + ("" if resume else "add --resume to continue it, ")
                         + "add --overwrite to move it aside and start again, or give another "

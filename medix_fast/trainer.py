@@ -66,6 +66,7 @@ from .rollouts_log import rollout_records, show_rollouts, write_rollouts
 from .run_dir import set_aside_after
 from .runtime import set_cpu_threads, set_cuda_allocator
 from .wandb_log import WandbSink
+from .watchdog import FINISHED, where
 
 log = logging.getLogger("medix_fast.train")
 
@@ -98,7 +99,9 @@ class Trainer:
         self.cfg = cfg
         t = cfg.train
         set_cuda_allocator(t.device)  # before CUDA allocates
-        self.info = D.init_distributed(t.device, cfg.distributed.backend, cfg.distributed.strategy)
+        d = cfg.distributed
+        self.info = D.init_distributed(t.device, d.backend, d.strategy, d.timeout_min)
+        D.start_watchdog(self.info, d.heartbeat_s, d.dead_after_s, d.stall_warn_s)  # names a dead or stalled rank
         self.threads = set_cpu_threads(t.threads, "train.threads")
         self.out = Path(t.output_dir)
         random.seed(t.seed)
@@ -193,7 +196,7 @@ class Trainer:
         C.wait_all()  # a save this process still has in flight (an earlier Trainer's) is found complete
         found = C.latest_checkpoint(self.cfg.train.output_dir) if resume == "latest" else Path(resume)
         if found is None:
-            log.warning("--resume: no checkpoint under %s yet, starting from scratch",
+            log.warning("--resume: no finished checkpoint under %s yet: starting from step 0",
                         C.checkpoint_root(self.cfg.train.output_dir))
         else:
             C.check_checkpoint(found)
@@ -219,6 +222,7 @@ class Trainer:
     def save(self, hf: bool = False) -> Path:
         """Checkpoint this step (every rank; written in the background with checkpoint.async_save),
         with the Hugging Face model when ``hf``; returns the path it has once published."""
+        where.enter("checkpoint")
         full = D.full_state_dict(self.wrapped, self.model) if hf and self.cfg.distributed.strategy == "fsdp" else None
         processor = self.vision.image_processor if self.vision else None  # a VL model is served with it
 
@@ -239,6 +243,7 @@ class Trainer:
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         t0 = time.perf_counter()
+        where.enter("rollout", step)  # for the watchdog's lines: host-side labels only
         with D.generation_mode(self.wrapped):  # parameters gathered once for the rollout and the old / ref log-probs
             seqs, metrics = self.rollout.collect(step)
             every = self.cfg.logging.rollouts_every
@@ -246,6 +251,7 @@ class Trainer:
                 self.sampled = (seqs, self.rollout.last_rewards)
             self.sampler.release()  # the K/V pool goes before the update: the step's peak is its largest phase
             t1 = time.perf_counter()
+            where.enter("update")
             plan = self.updater.prepare(seqs)
         seq_tokens = metrics["rollout/trained_tokens"]
         if not metrics["rollout/trained_groups"]:
@@ -273,6 +279,7 @@ class Trainer:
     def evaluate(self, step: int) -> dict[str, float]:
         """The held-out evaluation of the live weights (``eval`` section), written under
         ``<output_dir>/eval/step_N/``; returns its ``eval/*`` metrics."""
+        where.enter("eval", step)
         with D.generation_mode(self.wrapped):
             try:
                 return self.evaluator.during_training(self.sampler, self.rollout.reward_fn,
@@ -346,6 +353,7 @@ class Trainer:
                     log.warning("stopped at step %d by %s; resume with --resume", self.step, signal.Signals(stop).name)
                     break
             self.checkpointer.wait()
+            where.enter(FINISHED)  # the other ranks' watchdogs: this one's silence from now on is no death
         finally:
             bar.close()
             for s, handler in previous.items():

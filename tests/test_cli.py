@@ -14,7 +14,7 @@ import pytest
 from medix_fast.demo import sample_data, sample_images, tiny
 from medix_fast.errors import ArgumentParser, DataError, UserError, run_command
 from medix_fast.eval.cli import main as eval_main
-from medix_fast.run_dir import claim_output_dir
+from medix_fast.run_dir import claim_output_dir, is_trainer_run
 from medix_fast.train import main as train_main, parse_args
 
 COMMANDS = {"train": train_main, "eval": eval_main, "demo.tiny": tiny.main, "demo.sample_data": sample_data.main,
@@ -131,6 +131,33 @@ def test_a_new_run_refuses_a_directory_holding_a_previous_run(tmp_path):
     assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'  # nothing touched
     with pytest.raises(UserError, match="exclude"):
         claim_output_dir(out, resume=True, overwrite=True)
+
+
+def test_resume_starts_over_only_in_a_run_of_this_trainer(tmp_path):
+    """--resume in a run that crashed before its first save (torchrun --max-restarts restarts it)
+    starts from step 0; a directory with anything the trainer does not write is still refused."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("train: {}\n")
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    (out / "checkpoints" / ".tmp_step_00000002").mkdir(parents=True)  # the save that never finished
+    for name in ("eval", "rollouts", "tensorboard", "abandoned-3"):
+        (out / name).mkdir()
+    assert is_trainer_run(out)
+    assert claim_output_dir(out, resume=True, overwrite=False) is None
+    with pytest.raises(UserError, match="--resume to continue it"):  # a new run still refuses it
+        claim_output_dir(out, resume=False, overwrite=False)
+    for stranger in ("notes.txt", "abandoned-x"):
+        (out / stranger).write_text("mine")
+        assert not is_trainer_run(out)
+        with pytest.raises(UserError, match=f"is no run of this trainer \\({stranger}\\).*--overwrite"):
+            claim_output_dir(out, resume=True, overwrite=False)
+        (out / stranger).unlink()
+    (out / "config.yaml").rename(out / "dropped_rows.txt")  # written before config.yaml, when many rows drop
+    assert is_trainer_run(out)
+    (out / "dropped_rows.txt").unlink()  # trainer names, but none of its first files
+    assert not is_trainer_run(out)
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'  # nothing touched
 
 
 def test_overwrite_moves_the_previous_run_aside(tmp_path):

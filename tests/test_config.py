@@ -62,6 +62,10 @@ def test_int_accepted_for_float_and_yaml_exponent_string(tmp_path):
     ("sampling.gpu_memory_utilization=1.5", "sampling"),
     ("sampling.block_size=24", "sampling.block_size"),
     ("sampling.block_size=8", "tl.dot needs 16"),
+    ("distributed.timeout_min=0", "distributed: need timeout_min > 0"),
+    ("distributed.dead_after_s=5", "dead_after_s > heartbeat_s"),
+    ("distributed.heartbeat_s=-1", "distributed: need"),
+    ("distributed.stall_warn_s=0", "distributed: need"),
 ])
 def test_bad_key_or_value_names_the_dotted_key(override, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):

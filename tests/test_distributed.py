@@ -26,10 +26,11 @@ NAMES = ["dapo", "grpo_kl", "dr_grpo", "gspo_token"]
 GROUPS = 4
 
 
-def torchrun(args: list[str], tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+def torchrun(args: list[str], tmp_path: Path, timeout: int = 300, launcher: list[str] = ()) -> subprocess.CompletedProcess:
+    """``torchrun`` (2 processes, ``launcher``'s flags too) running ``args``; asserts it succeeded."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
-           "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", *args]
+           "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", *launcher, *args]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done

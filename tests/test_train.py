@@ -17,6 +17,7 @@ import torch
 
 from medix_fast import checkpoint as C
 from medix_fast.metrics import read_metrics
+from medix_fast.run_dir import is_trainer_run
 from medix_fast.eval import main as eval_main
 from medix_fast.train import main
 
@@ -55,7 +56,7 @@ def test_three_steps_end_to_end(tmp_path, capsys):
         assert all(key in r for r in records), key
     assert "eval/overall" in records[1]
     assert all(0 <= r["reward/overall"] <= 1 and 0 < r["rollout/kept_group_fraction"] <= 1 for r in records)
-    assert (out / "config.yaml").exists()
+    assert (out / "config.yaml").exists() and is_trainer_run(out)  # every name it wrote is one run_dir knows
     assert [p.name for p in C.list_checkpoints(out)] == ["step_00000002", "step_00000003"]
     assert [p.name for p in (C.checkpoint_root(out) / "step_00000001").iterdir()] == ["model"]  # HF copy kept
     from transformers import AutoModelForCausalLM
@@ -102,6 +103,20 @@ def test_resume_after_kill_reproduces_the_metrics(tmp_path):
     assert comparable(read_metrics(killed / "metrics.jsonl")) == expected
     resumed = C.load_trainer_state(C.latest_checkpoint(killed))
     assert resumed["step"] == 4 and (C.latest_checkpoint(killed) / "model" / "config.json").is_file()
+
+
+def test_resume_before_the_first_checkpoint_starts_from_step_0(tmp_path, capsys):
+    """An attempt that died before its first save (torchrun --max-restarts then runs the same
+    command again, --resume included): step 0, said in one line; the attempt's rows are set aside."""
+    out = tmp_path / "run"
+    (out / "checkpoints" / ".tmp_step_00000002").mkdir(parents=True)
+    (out / "config.yaml").write_text("train: {}\n")
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    assert main([*SMALL, f"train.output_dir={out}", "train.steps=1", "eval.every=0", "--resume"]) == 0
+    assert f"--resume: no finished checkpoint under {out / 'checkpoints'} yet: starting from step 0" in capsys.readouterr().err
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1]
+    assert read_metrics(out / "metrics.jsonl")[0]["loss"] != 9.0
+    assert (out / "abandoned-1" / "metrics.jsonl").read_text() == '{"step": 1, "loss": 9.0}\n'
 
 
 @pytest.mark.parametrize("signals", [(signal.SIGTERM,), (signal.SIGINT, signal.SIGINT)])
