@@ -315,5 +315,8 @@ def test_rollouts_sample_and_wandb_offline_on_the_tiny_default(tmp_path, capsys,
     runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
     assert [{"step": s, **r} for s, r in logged] == read_metrics(out / "metrics.jsonl")  # the same scalars
+    deadline = time.monotonic() + 30  # wandb-core's writer can flush the file just after run.finish() returns
+    while b"reward/overall" not in runs[0].read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert b"reward/overall" in runs[0].read_bytes()
     assert len(list((out / "wandb").glob("offline-run-*/files/media/images/rewards_*.png"))) == 1  # the plot
