@@ -31,22 +31,23 @@ def _readable(p: Path, what: str) -> None:
         raise UserError(f"{what} {str(p)!r} cannot be read (permission denied)")
 
 
-def input_file(path: str | os.PathLike, what: str) -> Path:
-    """``path`` if it is a readable file (``what``: the option or key that gave it)."""
+def _input(path: str | os.PathLike, what: str, kind: str) -> Path:
+    """``path`` if it is a readable ``kind`` ("file" or "directory"; ``what``: the option or key that gave it)."""
     p = _present(path, what)
-    if not p.is_file():
-        raise UserError(f"{what} {str(path)!r} is a directory, not a file")
+    if not (p.is_file() if kind == "file" else p.is_dir()):
+        raise UserError(f"{what} {str(path)!r} is a {'directory' if kind == 'file' else 'file'}, not a {kind}")
     _readable(p, what)
     return p
+
+
+def input_file(path: str | os.PathLike, what: str) -> Path:
+    """``path`` if it is a readable file (``what``: the option or key that gave it)."""
+    return _input(path, what, "file")
 
 
 def input_dir(path: str | os.PathLike, what: str) -> Path:
     """``path`` if it is a readable directory."""
-    p = _present(path, what)
-    if not p.is_dir():
-        raise UserError(f"{what} {str(path)!r} is a file, not a directory")
-    _readable(p, what)
-    return p
+    return _input(path, what, "directory")
 
 
 def input_path(path: str | os.PathLike, what: str) -> Path:
