@@ -118,7 +118,8 @@ class Trainer:
         attn_impl = None if cfg.model.attn_impl == "auto" else cfg.model.attn_impl
         fsdp = cfg.distributed.strategy == "fsdp"
         experts = cfg.model.experts_implementation  # MoE only; FSDP2 computes the fp32 weights in bf16
-        self.model, self.tokenizer = load_model(resolve_model_path(cfg.model.path), dtype=torch.float32,
+        model_path = resolve_model_path(cfg.model.path)  # a tiny name built once, a directory checked once
+        self.model, self.tokenizer = load_model(model_path, dtype=torch.float32,
                                                 device=dev, attn_impl=attn_impl,
                                                 gradient_checkpointing=cfg.model.gradient_checkpointing,
                                                 experts_implementation=experts,
@@ -132,7 +133,7 @@ class Trainer:
         vision = None
         if is_vl(self.model):  # images go before the question; the tower trains unless model.train_vision is off
             set_vision_trainable(self.model, cfg.model.train_vision)
-            vision = Vision(load_image_processor(resolve_model_path(cfg.model.path)), image_token_id(self.model),
+            vision = Vision(load_image_processor(model_path), image_token_id(self.model),
                             cfg.data.min_pixels or None, cfg.data.max_pixels or None)
         self.vision = vision
         self.prompts, _ = build_prompts(train_examples, self.tokenizer, cfg.data.max_prompt_length, vision, dropped)
@@ -150,7 +151,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(o, t.steps))
         ref = None
         if cfg.algorithm.beta > 0:
-            ref_model, _ = load_model(resolve_model_path(cfg.model.path), dtype=dtype, device=dev,
+            ref_model, _ = load_model(model_path, dtype=dtype, device=dev,
                                       attn_impl=attn_impl, gradient_checkpointing=False,
                                       experts_implementation=experts)
             ref_model.eval().requires_grad_(False)
@@ -185,7 +186,7 @@ class Trainer:
         self.logger = MetricsLogger(self.out, self.info.is_main, cfg.logging.tensorboard,
                                     WandbSink.open(cfg.logging, self.out) if self.info.is_main else None)
         cpp_ops = use_cpp(torch.empty(0, device=dev))  # builds the C++ ops now (once), not inside step 1
-        log.info("%s", start_message(cfg, self.info, resolve_model_path(cfg.model.path),
+        log.info("%s", start_message(cfg, self.info, model_path,
                                      sum(p.numel() for p in self.model.parameters()), self.threads, cpp_ops,
                                      len(self.prompts), len(self.evaluator.items) if self.evaluator else 0))
 

@@ -151,11 +151,12 @@ def _main(argv: list[str] | None) -> int:
         if info.is_main:
             claim_out(args.out, args.overwrite)
         dtype = compute_dtype(args.dtype, info.device)
-        model, tokenizer = load_model(resolve_model_path(args.model), dtype=dtype, device=info.device,
+        model_path = resolve_model_path(args.model)
+        model, tokenizer = load_model(model_path, dtype=dtype, device=info.device,
                                       experts_implementation=args.experts_implementation)
         settings = EvalSettings(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.batch_size,
                                 args.seed, args.judge_votes, args.judge_temperature)
-        vision = Vision(load_image_processor(resolve_model_path(args.model)), image_token_id(model),
+        vision = Vision(load_image_processor(model_path), image_token_id(model),
                         args.min_pixels or None, args.max_pixels or None) if is_vl(model) else None
         evaluator = Evaluator(tasks, tokenizer, settings, info, vision)
         sampler = Sampler(model, max_num_seqs=settings.batch_size, dtype=dtype)

@@ -159,9 +159,10 @@ def run_medix_r1(args, tasks: list[R1Task], info) -> int:
     if "generate" in phases:
         check_settings(out / "run.json", {"protocol": "medix_r1", "model": str(args.model), "max_new_tokens": max_new,
                                           "tasks": {t.name: t.file for t in tasks}})
-        model, tokenizer = load_model(resolve_model_path(args.model), dtype=dtype, device=info.device,
+        model_path = resolve_model_path(args.model)
+        model, tokenizer = load_model(model_path, dtype=dtype, device=info.device,
                                       experts_implementation=args.experts_implementation)
-        vision = Vision(load_image_processor(resolve_model_path(args.model)), image_token_id(model),
+        vision = Vision(load_image_processor(model_path), image_token_id(model),
                         args.min_pixels or None, args.max_pixels or None) if is_vl(model) else None
         if vision is None and any(it.image is not None for it in items):
             log.warning("images are ignored: the checkpoint is text only")
