@@ -148,6 +148,10 @@ class SamplingConfig:
     kv_cache_gb: float = 1.0  # CPU: K/V pool budget in GB
     block_size: int = 0  # tokens per K/V block; 0: 256 with flash-attn, else 16
     max_prefill_tokens: int = 16384  # prompt tokens per prefill forward (bounds its activations)
+    # k > 1: groups of k consecutive ranks sample together on a tensor-parallel bf16 copy of the policy made
+    # from their FSDP2 shards each step (attention heads, MLP and expert widths split k ways; generate/
+    # tensor_parallel.py); each group decodes the union of its ranks' prompts. 1: every rank alone, unsharded
+    tensor_parallel: int = 1
 
 
 @dataclass
@@ -199,6 +203,10 @@ class OptimConfig:
     schedule: Literal["constant", "cosine"] = "constant"
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
     grad_clip: float = 1.0  # max global grad norm; 0: off
+    # Where AdamW's states live: none: on the device; optimizer: in (pinned) host memory, streamed through
+    # the device for each step; params: FSDP2's CPU offload (parameter shards, gradients and states on the host)
+    offload: Literal["none", "optimizer", "params"] = "none"
+    state_dtype: Literal["float32", "bfloat16"] = "float32"  # AdamW's two states; bfloat16 halves them
 
 
 @dataclass
@@ -479,6 +487,10 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"sampling: need max_num_seqs >= 1, max_prefill_tokens >= 1, kv_cache_gb > 0 and "
                           f"0 < gpu_memory_utilization <= 1; got {s.max_num_seqs}, {s.max_prefill_tokens}, "
                           f"{s.kv_cache_gb}, {s.gpu_memory_utilization}")
+    if s.tensor_parallel < 1:
+        raise ConfigError(f"sampling.tensor_parallel: must be >= 1 (1: no split), got {s.tensor_parallel}")
+    if cfg.optim.offload == "params" and cfg.distributed.strategy != "fsdp":
+        raise ConfigError("optim.offload: params is FSDP2's CPU offload and needs distributed.strategy: fsdp")
     if block_size_error(s.block_size):
         raise ConfigError(f"sampling.block_size: {block_size_error(s.block_size)}")
     if s.temperature == 0:
