@@ -303,11 +303,13 @@ def _truncate(path: Path) -> None:
     file.write_bytes(file.read_bytes()[:100])
 
 
-def _zero_a_page(path: Path, name: str = "__0_0.distcp") -> None:
-    """4 KiB zeroed inside a model/optimizer shard: its size unchanged, its bytes not."""
+def _corrupt_a_page(path: Path, name: str = "__0_0.distcp") -> None:
+    """4 KiB inverted inside a model/optimizer shard: its size unchanged, its bytes not (zeroing
+    them changed nothing where the shard already held zeros there: a run of zero optimizer states)."""
     file = path / C.STATE / name
     data = bytearray(file.read_bytes())
-    data[len(data) // 2:len(data) // 2 + 4096] = bytes(4096)
+    middle = len(data) // 2
+    data[middle:middle + 4096] = bytes(b ^ 0xFF for b in data[middle:middle + 4096])
     file.write_bytes(bytes(data))
 
 
@@ -317,7 +319,7 @@ BREAK = {
     "garbled metadata": (lambda p: (p / C.STATE / ".metadata").write_bytes(b"\x00garbage"), "corrupt checkpoint"),
     "missing shard": (lambda p: next((p / C.STATE).glob("*.distcp")).unlink(), "__0_0.distcp is missing"),
     "truncated shard": (_truncate, "__0_0.distcp has 100 bytes"),
-    "zeroed page in a shard": (_zero_a_page, "corrupt checkpoint: state/__0_0.distcp fails its checksum"),
+    "zeroed page in a shard": (_corrupt_a_page, "corrupt checkpoint: state/__0_0.distcp fails its checksum"),
     "missing rng": (lambda p: (p / "rng_rank0.safetensors").unlink(), r"rng_rank0.safetensors is missing \(written by 1 rank\)"),
     "garbled trainer state": (lambda p: (p / C.TRAINER).write_bytes(b"nonsense"), "trainer_state.json unreadable"),
     "trainer state without its step": (lambda p: (p / C.TRAINER).write_text(json.dumps(
@@ -345,7 +347,7 @@ def test_resuming_a_damaged_checkpoint_or_another_models_fails_before_training(g
     assert train_main([*args, "--resume-from", str(other)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"error: {other}: checkpoint of another model: ")
-    _zero_a_page(good)
+    _corrupt_a_page(good)
     for resume in (["--resume-from", str(good)], ["--resume", f"train.output_dir={good.parent.parent}"]):
         assert train_main([*args, *resume]) == 2
         assert capsys.readouterr().err.strip().splitlines()[-1] == (f"error: {good}: corrupt checkpoint: "
@@ -569,7 +571,7 @@ def test_two_rank_checkpoint_resumes_in_one_process(two_rank_checkpoint, strateg
 def test_one_process_verifies_every_shard_of_a_two_rank_checkpoint(two_rank_checkpoint, tmp_path):
     path = Path(shutil.copytree(C.latest_checkpoint(two_rank_checkpoint / "run"), tmp_path / "step_00000002"))
     C.check_checkpoint(path)
-    _zero_a_page(path, "__1_0.distcp")  # the second rank's shard
+    _corrupt_a_page(path, "__1_0.distcp")  # the second rank's shard
     with pytest.raises(C.CheckpointError, match=r"corrupt checkpoint: state/__1_0\.distcp fails its checksum$"):
         C.check_checkpoint(path)
 
