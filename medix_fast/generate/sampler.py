@@ -101,12 +101,15 @@ class Sampler:
     per prefill forward. dtype: the compute dtype (None: bf16 on CUDA, the weights' dtype on the
     CPU). decode_mode: "eager"; "static" (the fixed-shape step of the CUDA graphs, run eagerly);
     "cuda_graph"; "auto" = "cuda_graph" on CUDA, else "eager". record_routing (MoE models): also
-    return each token's selected experts per layer (``routing.py``; decodes eagerly).
+    return each token's selected experts per layer (``routing.py``; decodes eagerly). agree (a
+    ``GroupSampler``'s): called with the K/V budget in blocks, returns the one every rank of its
+    group uses (the smallest), so the ranks that decode together schedule alike.
     """
 
     def __init__(self, model: nn.Module, max_num_seqs: int = 64, kv_cache_gb: float = 1.0,
                  gpu_memory_utilization: float = 0.85, block_size: int = 0, max_prefill_tokens: int = 16384,
-                 dtype: torch.dtype | None = None, decode_mode: str = "auto", record_routing: bool = False):
+                 dtype: torch.dtype | None = None, decode_mode: str = "auto", record_routing: bool = False,
+                 agree=None):
         self.model = unwrap_model(model)
         if max_num_seqs < 1 or max_prefill_tokens < 1:
             raise ValueError(f"need max_num_seqs >= 1 and max_prefill_tokens >= 1, got {max_num_seqs}, "
@@ -129,6 +132,7 @@ class Sampler:
             raise ValueError(f"record_routing decodes eagerly: decode_mode must be auto or eager, got {decode_mode!r}")
         self.decode_mode = "eager" if record_routing else decode_mode
         self.record_routing = record_routing
+        self.agree = agree or (lambda blocks: blocks)
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
         self.pool: KVPool | None = None
         self.stats = EngineStats()
@@ -148,22 +152,29 @@ class Sampler:
         seed: int | None = None,
         logprobs_mode: str = "raw",
         images: list | None = None,
+        row_seeds: list[tuple[int, int]] | None = None,
     ) -> SamplerOutput:
         """Sample ``n`` completions for each prompt. stop_token_ids=None takes the model's
         eos_token_id (generation config, else config), [] disables stopping. seed=None draws one
         from torch's global generator (so ``torch.manual_seed`` makes calls reproducible).
-        ``images`` (VL models): one ``medix_fast.data.vision.PixelBatch`` or None per prompt."""
+        ``images`` (VL models): one ``medix_fast.data.vision.PixelBatch`` or None per prompt.
+        ``row_seeds``: a (seed, index) per row instead of (seed, row): each row's random stream
+        (``tokens.row_key``), so a row samples the same tokens in whichever call decodes it."""
         params = SamplingParams(temperature, top_p, top_k, logprobs_mode)
         stops = self._stop_ids(stop_token_ids)
         prompts = self._validate(prompt_ids, n, max_new_tokens)
         images = self._validate_images(prompts, images)
-        if seed is None:
+        if seed is None and row_seeds is None:
             seed = int(torch.randint(0, 2**62, ()).item())
+        if row_seeds is None:
+            row_seeds = [(seed, row) for row in range(len(prompts) * n)]
+        elif len(row_seeds) != len(prompts) * n:
+            raise ValueError(f"row_seeds has {len(row_seeds)} entries for {len(prompts)} prompts x n={n} rows")
         # inference_mode(False) turns grad mode back on, so no_grad must come after it
         autocast = self._autocast()
         try:
             with torch.inference_mode(False), torch.no_grad(), _sampling_mode(self.model), autocast:
-                return self._run(prompts, images, n, max_new_tokens, params, set(stops), seed)
+                return self._run(prompts, images, n, max_new_tokens, params, set(stops), row_seeds)
         finally:
             if not isinstance(autocast, contextlib.nullcontext):
                 # The static step (and its CUDA graphs) read autocast's cast copies of the weights,
@@ -189,10 +200,10 @@ class Sampler:
 
     # ------------------------------------------------------------------ engine
     def _run(self, prompts, images, n: int, max_new: int, params: SamplingParams, stops: set[int],
-             seed: int) -> SamplerOutput:
+             row_seeds: list[tuple[int, int]]) -> SamplerOutput:
         device = next(self.model.parameters()).device
         groups = self._groups(prompts, images, device)
-        rows = [Row(i * n + j, groups[i], row_key(seed, i * n + j)) for i in range(len(prompts)) for j in range(n)]
+        rows = [Row(i * n + j, groups[i], row_key(*row_seeds[i * n + j])) for i in range(len(prompts)) for j in range(n)]
         backend, block_size, dtype = self._layout(device)
         pool = self._pool(prompts, n, max_new, backend, block_size, dtype, device)
         blocks = BlockPool(pool.num_blocks)
@@ -317,12 +328,12 @@ class Sampler:
         prefix_blocks = sorted((-(-(len(p) - 1) // block_size) for p in prompts), reverse=True)
         usable = rows * -(-max_new // block_size) + sum(prefix_blocks[:rows + GROUP_SLACK]) + 1
         pool = self.pool
-        if pool is not None and (pool.dtype, pool.device, pool.block_size, pool.head_major) == (
-                dtype, device, block_size, backend != "flash") \
-                and pool.num_blocks >= min(usable, self._budget_blocks(block_bytes, device, pool.nbytes)):
+        keep = pool is not None and (pool.dtype, pool.device, pool.block_size, pool.head_major) == (
+            dtype, device, block_size, backend != "flash")
+        budget = self.agree(self._budget_blocks(block_bytes, device, pool.nbytes if pool is not None else 0))
+        if keep and pool.num_blocks >= min(usable, budget):
             return pool
-        self.pool = self._decoder = None  # give the old pool back before sizing the new one
-        budget = self._budget_blocks(block_bytes, device, 0)
+        self.pool = self._decoder = None  # give the old pool back before making the new one
         self.pool = KVPool(self.text_config, max(2, min(budget, usable)), block_size, dtype, device,
                            head_major=backend != "flash")
         return self.pool
