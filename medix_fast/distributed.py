@@ -142,18 +142,18 @@ def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
-def all_reduce(values: torch.Tensor | list, device: torch.device, op: str = "sum") -> torch.Tensor:
+def all_reduce(values: torch.Tensor | list, device: torch.device, op: str = "sum", group=None) -> torch.Tensor:
     """``values`` (a tensor, or a list of numbers) reduced over the ranks (``sum`` / ``max`` / ``min``),
     as a tensor on ``device``, the training device (``DistInfo.device``).
 
     The one caller of torch.distributed's tensor collectives: NCCL takes device tensors only, so
     whatever the caller holds is put on ``device`` here (a host list in one copy; a tensor already
-    there is reduced in place)."""
+    there is reduced in place). ``group``: a subgroup (:func:`consecutive_groups`), default all ranks."""
     t = torch.as_tensor(values, device=device)
     if dist.is_initialized():
         ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
         with waiting(f"all_reduce({op})"):
-            dist.all_reduce(t, op=ops[op])
+            dist.all_reduce(t, op=ops[op], group=group)
     return t
 
 
@@ -206,6 +206,28 @@ def gather_objects(obj) -> list | None:
     with waiting("gather_objects"):
         dist.gather_object(obj, out, dst=0)
     return out
+
+
+def all_gather_objects(obj, group=None) -> list:
+    """Every rank's ``obj`` of ``group`` (default all ranks) in group-rank order, on each of them."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size(group)
+    with waiting("all_gather_objects"):
+        dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def consecutive_groups(size: int, info: DistInfo):
+    """This rank's group among ranks split into groups of ``size`` consecutive ranks (the node's
+    GPUs stay together), and its rank in it; every rank must call it (each group is made by all).
+    One process, or ``size`` equal to the world size: the default group."""
+    if info.world % size:
+        raise ConfigError(f"sampling.tensor_parallel={size} does not divide the world size {info.world}")
+    if size == info.world:
+        return None, info.rank
+    groups = [dist.new_group(list(range(g * size, (g + 1) * size))) for g in range(info.world // size)]
+    return groups[info.rank // size], info.rank % size
 
 
 def barrier(group=None) -> None:

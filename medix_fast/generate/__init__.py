@@ -9,10 +9,11 @@
 ``runner.py`` (packing steps, the model forward), ``kv_cache.py`` (paged K/V pool, attention
 back-end), ``attention.py`` (cascade attention, back-end choice; the paged decode kernel is
 ``medix_fast.kernels.triton_decode``) and ``cuda_graphs.py`` the device side; ``tokens.py`` the token sampling;
-``memory.py`` the memory plan. The public names are imported when first asked for (torch comes
+``memory.py`` the memory plan; ``group_sampler.py`` samples by groups of ranks on a tensor-parallel
+copy of the policy (``tensor_parallel.py``, ``sampling.tensor_parallel``). The public names are imported when first asked for (torch comes
 with them), so that ``python -m medix_fast.generate --plan`` reads its arguments at once.
 """
-PUBLIC = {"Sampler": "sampler", "SamplerOutput": "sampler", "SamplingParams": "tokens", "sample_tokens": "tokens"}
+PUBLIC = {"Sampler": "sampler", "GroupSampler": "group_sampler", "SamplerOutput": "sampler", "SamplingParams": "tokens", "sample_tokens": "tokens"}
 
 
 def __getattr__(name: str):

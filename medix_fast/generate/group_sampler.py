@@ -1,0 +1,100 @@
+"""Sampling by groups of ranks on a tensor-parallel copy of the policy (``sampling.tensor_parallel: k``).
+
+    sampler = GroupSampler(model, k=2, info=info, dtype=torch.bfloat16, max_num_seqs=256, ...)
+    with sampler.weights():                       # every rank: the copy made from the FSDP2 shards
+        out = sampler.generate(my_prompts, n=5, ..., seed=seed)   # every rank of the group calls it
+    # out: this rank's prompts' completions only, as Sampler.generate returns them
+
+Ranks are split into groups of k consecutive ranks (``distributed.consecutive_groups``). Each rank
+holds a 1/k share of the policy (``tensor_parallel.TensorParallelCopy``) and the K/V of its share of
+the heads, so a group decodes as one engine: the union of its ranks' prompts (in group-rank order),
+each row with the random stream it has when its rank samples alone (its rank's seed and its index
+there: the same tokens as ``sampling.tensor_parallel: 1`` up to rounding), the same pool size on every rank (the smallest budget),
+hence the same schedule, batches and sampled tokens everywhere (all-reduced hidden states, replicated
+LM head). Each rank keeps its own prompts' rows. A rank with nothing to sample still calls
+``generate`` with no prompts while the rest of its group samples (``collective``: callers know).
+
+Everything the engine does works unchanged on the copy: continuous batching, preemption, cascade
+prefixes, VL images, the routing record, CUDA graphs (the all-reduces are captured with the step).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from .. import distributed as D
+from .sampler import Sampler, SamplerOutput, unwrap_model
+from .tensor_parallel import TensorParallelCopy
+
+
+class GroupSampler:
+    """A :class:`Sampler` on this rank's share of a ``k``-way tensor-parallel copy of ``model``."""
+
+    collective = True  # every rank of a group must call generate the same number of times
+
+    def __init__(self, model: nn.Module, k: int, info: D.DistInfo, dtype: torch.dtype, **sampler_kwargs):
+        self.group, group_rank = D.consecutive_groups(k, info)
+        self.info, self.k = info, k
+        self.copy = TensorParallelCopy(unwrap_model(model), k, self.group, group_rank, dtype, info.device)
+        self.sampler = Sampler(self.copy.model, dtype=dtype, agree=self._smallest, **sampler_kwargs)
+        self.max_num_seqs = self.sampler.max_num_seqs
+
+    @property
+    def stats(self):
+        return self.sampler.stats
+
+    @contextlib.contextmanager
+    def weights(self):
+        """This rank's share made from the policy's parameters for the duration (every rank of the
+        process group calls it), given back with the K/V pool and CUDA graphs after."""
+        with self.copy.materialized():
+            try:
+                yield
+            finally:
+                self.sampler.release()  # the graphs read the copy's weights: they go first
+
+    def release(self) -> None:
+        self.sampler.release()
+
+    def generate(self, prompt_ids: list, n: int = 1, max_new_tokens: int = 256, temperature: float = 1.0,
+                 top_p: float = 1.0, top_k: int = 0, stop_token_ids: list[int] | None = None,
+                 seed: int | None = None, logprobs_mode: str = "raw", images: list | None = None) -> SamplerOutput:
+        """:meth:`Sampler.generate` over the union of the group's prompts; this rank's rows back."""
+        prompts = [p.tolist() if torch.is_tensor(p) else list(p) for p in prompt_ids]
+        if seed is None and prompts:
+            seed = int(torch.randint(0, 2**62, ()).item())
+        call = dict(n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                    stop_token_ids=stop_token_ids, logprobs_mode=logprobs_mode)
+        parts = D.all_gather_objects((prompts, images, seed, call), self.group)
+        calls = [c for p, _, _, c in parts if p]
+        if any(c != calls[0] for c in calls):
+            raise ValueError(f"sampling.tensor_parallel: the ranks of a group asked for different samplings: {calls}")
+        union = [p for part in parts for p in part[0]]
+        if not union:
+            return SamplerOutput([], [], [])
+        n = calls[0]["n"]
+        pictures = None
+        if any(part[1] is not None for part in parts):
+            pictures = [img for p, imgs, _, _ in parts for img in (imgs if imgs is not None else [None] * len(p))]
+        row_seeds = [(seed_r, row) for p, _, seed_r, _ in parts for row in range(len(p) * n)]
+        out = self.sampler.generate(union, images=pictures, row_seeds=row_seeds, **calls[0])
+        self._check_agreement(out.completion_ids)
+        start = n * sum(len(p) for p, _, _, _ in parts[:self.copy.rank])
+        mine = slice(start, start + n * len(prompts))
+        return SamplerOutput(out.completion_ids[mine], out.logprobs[mine], out.finish_reasons[mine],
+                             out.routing[mine] if out.routing is not None else None)
+
+    def _check_agreement(self, completions: list[list[int]]) -> None:
+        """Every rank of the group sampled the same tokens (one small gather per call): ranks that
+        drifted apart would otherwise train on rows their group never decoded."""
+        digest = hash(tuple(map(tuple, completions)))
+        digests = D.all_gather_objects(digest, self.group)
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"sampling.tensor_parallel: the ranks of a group sampled different tokens "
+                               f"(digests {digests}): their copies or inputs differ")
+
+    def _smallest(self, blocks: int) -> int:
+        """The K/V budget every rank of the group uses: the smallest one's (same pool, same schedule)."""
+        return int(D.all_reduce([blocks], self.info.device, "min", self.group)[0].item())
