@@ -50,7 +50,8 @@ from .data.vision import Vision
 from .errors import ConfigError
 from .eval import Evaluator
 from .export import save_hf_model, write_hf_files
-from .generate import Sampler
+from .generate import GroupSampler, Sampler
+from .generate.tensor_parallel import tensor_parallel_error
 from .kernels.dispatch import use_cpp
 from .metrics import MetricsLogger, read_metrics
 from .demo.cache import resolve_model_path
@@ -119,6 +120,12 @@ class Trainer:
         fsdp = cfg.distributed.strategy == "fsdp"
         experts = cfg.model.experts_implementation  # MoE only; FSDP2 computes the fp32 weights in bf16
         model_path = resolve_model_path(cfg.model.path)  # a tiny name built once, a directory checked once
+        if cfg.sampling.tensor_parallel > 1:  # before any weight loads: the config.json's shapes
+            from transformers import AutoConfig
+            error = tensor_parallel_error(AutoConfig.from_pretrained(model_path), cfg.sampling.tensor_parallel,
+                                          self.info.world)
+            if error:
+                raise ConfigError(f"sampling.tensor_parallel={cfg.sampling.tensor_parallel}: {error}")
         self.model, self.tokenizer = load_model(model_path, dtype=torch.float32,
                                                 device=dev, attn_impl=attn_impl,
                                                 gradient_checkpointing=cfg.model.gradient_checkpointing,
@@ -162,10 +169,11 @@ class Trainer:
                                grad_clip=o.grad_clip)
 
         world, s = self.info.world, cfg.sampling
-        self.sampler = Sampler(self.model, max_num_seqs=s.max_num_seqs, kv_cache_gb=s.kv_cache_gb,
-                               gpu_memory_utilization=s.gpu_memory_utilization, block_size=s.block_size,
-                               max_prefill_tokens=s.max_prefill_tokens, dtype=dtype,
-                               record_routing=cfg.model.router_replay)
+        engine = dict(max_num_seqs=s.max_num_seqs, kv_cache_gb=s.kv_cache_gb, block_size=s.block_size,
+                      gpu_memory_utilization=s.gpu_memory_utilization, max_prefill_tokens=s.max_prefill_tokens,
+                      record_routing=cfg.model.router_replay)
+        self.sampler = GroupSampler(self.model, s.tensor_parallel, self.info, dtype, **engine) \
+            if s.tensor_parallel > 1 else Sampler(self.model, dtype=dtype, **engine)
         self.loader = PromptLoader(len(self.prompts), t.seed, cfg.data.shuffle, self.info.rank, world)
         reward_fn = build_reward(cfg.rewards, dev, dtype)
         self.rollout = Rollout(self.sampler, reward_fn, self.tokenizer, self.prompts, self.loader, cfg, self.info,
@@ -245,15 +253,15 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(dev)
         t0 = time.perf_counter()
         where.enter("rollout", step)  # for the watchdog's lines: host-side labels only
-        with D.generation_mode(self.wrapped):  # parameters gathered once for the rollout and the old / ref log-probs
+        with self._sampling_weights():
             seqs, metrics = self.rollout.collect(step)
             every = self.cfg.logging.rollouts_every
             if self.info.is_main and every and step % every == 0:  # written by run(), outside the step
                 self.sampled = (seqs, self.rollout.last_rewards)
             self.sampler.release()  # the K/V pool goes before the update: the step's peak is its largest phase
-            t1 = time.perf_counter()
-            where.enter("update")
-            plan = self.updater.prepare(seqs)
+        t1 = time.perf_counter()
+        where.enter("update")
+        plan = self.updater.prepare(seqs)  # old / reference log-probs: FSDP2 forwards, one unit gathered at a time
         seq_tokens = metrics["rollout/trained_tokens"]
         if not metrics["rollout/trained_groups"]:
             log.warning("step %d: no group with a learning signal was kept; no update", step)
@@ -277,11 +285,19 @@ class Trainer:
         })
         return metrics
 
+    def _sampling_weights(self):
+        """The weights the sampler runs on, for a rollout or an evaluation: this rank's share of the
+        tensor-parallel copy (``sampling.tensor_parallel`` > 1), else the policy's parameters
+        unsharded (FSDP2; as they are with DDP or one process)."""
+        if isinstance(self.sampler, GroupSampler):
+            return self.sampler.weights()
+        return D.generation_mode(self.wrapped)
+
     def evaluate(self, step: int) -> dict[str, float]:
         """The held-out evaluation of the live weights (``eval`` section), written under
         ``<output_dir>/eval/step_N/``; returns its ``eval/*`` metrics."""
         where.enter("eval", step)
-        with D.generation_mode(self.wrapped):
+        with self._sampling_weights():
             try:
                 return self.evaluator.during_training(self.sampler, self.rollout.reward_fn,
                                                       self.rollout.stop_token_ids, self.out / "eval" / f"step_{step:08d}")

@@ -70,6 +70,7 @@ def sampler_generate(sampler, tokenizer, stop_token_ids: list[int], settings: Ev
         texts = response_texts(tokenizer, out.completion_ids, stop_token_ids)
         return [Generation(t, len(c), r) for t, c, r in zip(texts, out.completion_ids, out.finish_reasons)]
 
+    generate.collective = getattr(sampler, "collective", False)  # a GroupSampler: called with no items too
     return generate
 
 
@@ -124,6 +125,10 @@ class Evaluator:
         return sorted(pending, key=lambda i: -len(self.prompt_ids[i]))
 
     def _records(self, share: list[int], generate: Generate, scorer: Scorer, seed: int) -> list[dict]:
+        if not share:  # a tensor-parallel group samples together: this rank takes part with no items
+            if getattr(generate, "collective", False):
+                generate([], [], seed)
+            return []
         items = [self.items[i] for i in share]
         gens = generate(items, [self.prompt_ids[i] for i in share], seed)
         scores, choices = scorer(items, [g.text for g in gens], [g.tokens for g in gens])
@@ -161,7 +166,7 @@ class Evaluator:
             for batch, start in enumerate(range(0, len(pending), per_call)):
                 share = pending[start:start + per_call][rank::world]
                 seed = mix_seed(self.settings.seed, batch * world + rank)
-                gathered = D.gather_objects(self._records(share, generate, scorer, seed) if share else [])
+                gathered = D.gather_objects(self._records(share, generate, scorer, seed))
                 if f is not None:
                     lines = [json.dumps(r, ensure_ascii=False) + "\n" for part in gathered for r in part]
                     f.write("".join(lines))
@@ -185,10 +190,15 @@ class Evaluator:
         right = torch.zeros((), dtype=torch.float64)  # read back once, after the reduce
         any_right = torch.zeros((), dtype=torch.float64)
         per_call = max(1, self.settings.batch_size // k)
-        for batch, start in enumerate(range(0, len(mine), per_call)):
+        longest = -(-len(self.items) // world)  # the most items a rank has: every rank makes as many calls
+        for batch, start in enumerate(range(0, longest, per_call)):
             share = mine[start:start + per_call]
             items = [self.items[i] for i in share]
             seed = (self.settings.seed * 1_000_003 + 7919 * (batch * world + rank + 1)) % (2**31 - 1)
+            if not share:
+                if getattr(generate, "collective", False):
+                    generate([], [], seed)
+                continue
             gens = generate(items, [self.prompt_ids[i] for i in share], seed)
             repeated = [it for it in items for _ in range(k)]
             accuracy = scorer.accuracy(repeated, [g.text for g in gens], [it.solution for it in repeated])[0]

@@ -137,6 +137,9 @@ class Rollout:
                 seen.reward_s += draw.reward_s
                 n_kept += len(good)
                 drawn += len(ids)
+            elif getattr(self.sampler, "collective", False):  # its tensor-parallel group decodes together
+                s = self.cfg.sampling
+                self.generate([], s.group_size, s.temperature, s.top_p, s.top_k, 0)
             attempt += 1
             if not a.dynamic_sampling:
                 break

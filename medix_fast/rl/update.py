@@ -12,8 +12,8 @@ count, ``bnpo`` by this rank's token count (TRL's "local batch"): each loss type
 (kernels/loss_specs.py). The loss options come from the config by ``rl/loss_options.py``. Ranks pad to the same number
 of micro-batches with zero-weight ones, so DDP / FSDP collectives always line up.
 
-A step is :meth:`Updater.prepare` (the plan and the old / reference log-probs, run while the
-trainer still holds the parameters gathered for the rollout: one FSDP all-gather per step) then
+A step is :meth:`Updater.prepare` (the plan and the old / reference log-probs: no-grad forwards,
+under FSDP2 one unit gathered at a time as in training, so no rank holds the unsharded policy) then
 :meth:`Updater.run` (the optimizer steps); :meth:`Updater.update` does both. The micro-batches are
 device slices of the rollout's tensors; the loss gets each row's valid-token count from the host,
 and one reduction per optimizer step brings its loss, metrics and gradient norm to the host.
@@ -254,9 +254,9 @@ class Updater:
             return objective(mb)
 
     def prepare(self, seqs: Sequences) -> Plan:
-        """The plan with old and reference log-probs, before any parameter changes. The caller
-        holds the parameters gathered (``D.generation_mode``, entered once per step for the
-        rollout and this)."""
+        """The plan with old and reference log-probs, before any parameter changes: no-grad forwards
+        of the training module as it is (under FSDP2 one unit gathered at a time, never an
+        unsharded copy of the policy)."""
         t0 = time.perf_counter()
         plan = self.plan(seqs)
         a = self.algo
@@ -283,11 +283,9 @@ class Updater:
         return plan
 
     def update(self, seqs: Sequences) -> dict:
-        """All optimizer steps of one training step (old / reference log-probs first, parameters
-        gathered for them here); returns averaged metrics."""
-        with D.generation_mode(self.wrapped):
-            plan = self.prepare(seqs)
-        return self.run(plan)
+        """All optimizer steps of one training step (old / reference log-probs first); returns
+        averaged metrics."""
+        return self.run(self.prepare(seqs))
 
     def run(self, plan: Plan) -> dict:
         """The optimizer steps of a prepared plan; returns averaged metrics. One host read per
