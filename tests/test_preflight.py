@@ -47,6 +47,10 @@ CASES = [  # (id, command, arguments, fragment of the error line)
     ("train-resume-from-missing", TRAIN, ["--resume-from", "{t}/nope", RUN], "--resume-from '{t}/nope'"),
     ("train-eval-tasks-missing", TRAIN, ["eval.every=1", "eval.tasks={t}/nope.yaml", RUN], "eval.tasks"),
     ("train-judge-missing", TRAIN, ["rewards.judge_model={t}/nope", RUN], "rewards.judge_model"),
+    ("train-tensor-parallel-heads", TRAIN, ["sampling.tensor_parallel=3", RUN],
+     "sampling.tensor_parallel=3: 4 attention heads are not divisible by 3"),
+    ("train-tensor-parallel-world", TRAIN, ["sampling.tensor_parallel=2", RUN],
+     "sampling.tensor_parallel=2: 2 does not divide the world size 1"),
     # eval: model, tasks, data, judge, protocol, output folder, flags
     ("eval-model-missing", EVAL, ["--model", "{t}/nope"], "does not exist"),
     ("eval-model-a-file", EVAL, ["--model", "{t}/file"], "is not a directory"),

@@ -1,0 +1,102 @@
+"""Worker for tests/test_tensor_parallel.py, run under ``torchrun --nproc_per_node=2`` (gloo, CPU).
+
+    python tp_worker.py OUT engine     # GroupSampler(k = 2) against one Sampler on the whole policy
+    python tp_worker.py OUT train      # a training step with sampling.tensor_parallel 1 and 2, a resume across
+
+engine: on tiny, tiny-MoE (with the routing record) and tiny-VL-MoE (with images), each rank
+samples its own prompts (uneven counts; rank 1 also sits one call out) with the group sampler, and
+with a Sampler on the unsharded weights; a pool small enough to preempt on the MoE model (rank 1
+given a larger K/V budget: the group must use the smaller).
+train: two Trainer steps with sampling.tensor_parallel 1 (FSDP2), a checkpoint after the first; the
+second step again by a Trainer with 2 resumed from that checkpoint.
+Rank r writes ``OUT/<part>_rank<r>.pt`` for the test to compare.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from medix_fast import distributed as D
+from medix_fast.demo.cache import resolve_model_path
+from medix_fast.generate import GroupSampler, Sampler
+
+PROMPTS = {0: [[1, 5, 7, 9, 11, 13], [3, 4, 5]], 1: [[8, 9, 10, 11, 12, 13, 14]]}
+
+
+def samples(sampler, prompts, images, seed, **kw):
+    out = sampler.generate(prompts, n=3, max_new_tokens=20, stop_token_ids=[], seed=seed, images=images, **kw)
+    return {"tokens": out.completion_ids, "logprobs": [lp.cpu() for lp in out.logprobs],
+            "routing": [r.cpu() for r in out.routing] if out.routing is not None else None}
+
+
+def engine(out: Path, info: D.DistInfo) -> None:
+    from medix_fast.config import DataConfig
+    from medix_fast.data.loader import build_prompts, load_examples
+    from medix_fast.data.vision import Vision, load_image
+    from medix_fast.model.loading import load_image_processor, load_model
+
+    results = {}
+    for name in (sys.argv[3].split(",") if len(sys.argv) > 3 else ("tiny", "tiny-moe", "tiny-vl-moe")):
+        path = resolve_model_path(name)
+        model, tokenizer = load_model(path, dtype=torch.float32, device="cpu")
+        prompts, images = PROMPTS[info.rank], None
+        if name.startswith("tiny-vl"):  # the VL sample's prompts with their images: 2 on rank 0, 1 on rank 1
+            vision = Vision(load_image_processor(path), model.config.image_token_id)
+            built = build_prompts(load_examples(["sample:train_vl"], DataConfig())[:3], tokenizer, 4096, vision)[0]
+            built = built[:2] if info.rank == 0 else built[2:]
+            prompts, images = [p.ids for p in built], [vision.encode([load_image(p.image)]) for p in built]
+        record = name == "tiny-moe"
+        engine_kw = dict(max_num_seqs=4, kv_cache_gb=3.5e-5 if record else 0.01, record_routing=record)
+        whole = Sampler(model, **engine_kw)
+        if record:  # rank 1's budget is larger: the group must agree on rank 0's pool, or its schedules part
+            engine_kw["kv_cache_gb"] *= 1 + 100 * info.rank
+        group = GroupSampler(model, 2, info, torch.float32, **engine_kw)
+        result = {"alone": samples(whole, prompts, images, 10 + info.rank)}
+        result["alone_preemptions"] = whole.stats.preemptions
+        result["alone_greedy"] = samples(whole, prompts, images, 0, temperature=0)
+        with group.weights():
+            result["group"] = samples(group, prompts, images, 10 + info.rank)
+            result["preemptions"] = group.stats.preemptions
+            result["group_greedy"] = samples(group, prompts, images, 0, temperature=0)
+            sat_out = group.generate([] if info.rank == 1 else prompts, n=2, max_new_tokens=4,
+                                     images=None if info.rank == 1 or images is None else images)
+            result["sat_out"] = sat_out.completion_ids
+        result["weights_after"] = str(next(group.copy.model.parameters()).device)
+        results[name] = result
+    torch.save(results, out / f"engine_rank{info.rank}.pt")
+
+
+def train(out: Path, info: D.DistInfo) -> None:
+    from medix_fast.config import load_config
+    from medix_fast.trainer import Trainer
+
+    def trainer(k: int, run: str, resume: str | None = None) -> Trainer:
+        cfg = load_config(None, [f"sampling.tensor_parallel={k}", "distributed.strategy=fsdp", "train.steps=2",
+                                 "train.prompts_per_step=4", "train.mini_batch_prompts=2", "sampling.group_size=4",
+                                 "sampling.max_new_tokens=24", "eval.every=0", "checkpoint.every=1",
+                                 "checkpoint.async_save=false", "logging.progress=false", "logging.tensorboard=false",
+                                 "logging.plot=false", "distributed.heartbeat_s=0", f"train.output_dir={out / run}"])
+        return Trainer(cfg, resume=resume)
+
+    def step(t: Trainer) -> dict:
+        metrics = t.train_step()
+        return {"metrics": {k: v for k, v in metrics.items() if not k.startswith(("time/", "throughput/", "memory/"))},
+                "state": D.full_state_dict(t.wrapped, t.model)}
+
+    results = {}
+    whole = trainer(1, "tp1")
+    results["tp1_step1"] = step(whole)
+    whole.save()
+    results["tp1_step2"] = step(whole)
+    resumed = trainer(2, "tp2", resume=str(out / "tp1" / "checkpoints" / "step_00000001"))
+    results["tp2_step2"] = step(resumed)
+    torch.save(results, out / f"train_rank{info.rank}.pt")
+
+
+if __name__ == "__main__":
+    where, part = Path(sys.argv[1]), sys.argv[2]
+    dist_info = D.init_distributed("cpu", "gloo")
+    {"engine": engine, "train": train}[part](where, dist_info)
+    D.close()
