@@ -1,10 +1,10 @@
-"""``python -m bench --gpu-check``: the one prepared check of the CUDA paths, about 8 minutes on one H200.
+"""``python -m bench --gpu-check``: the one prepared check of the CUDA paths, about 9 minutes on one H200.
 
     python -m bench --gpu-check              # on a GPU -> bench/results/gpu/check.{md,csv}, one log per part
     python -m bench --gpu-check --dry-run    # the same plumbing at tiny shapes (what a CPU runs)
 
 Parts, each in a fresh process with its own time limit out of the total budget (``--budget-s``,
-default 480 s; time a part leaves unused goes to the next), so a crash, hang or out-of-memory
+default 540 s; time a part leaves unused goes to the next), so a crash, hang or out-of-memory
 stops only that part:
   tests    ``pytest -m cuda tests`` (tests/test_cuda.py and any other test marked ``cuda``): every
            Triton kernel at its GPU tiles against fp64 in bf16 and fp32 (tf32 and ieee), CUDA
@@ -25,6 +25,8 @@ stops only that part:
            with ``distributed.strategy=fsdp`` on one GPU (the embedded tiny model's tokenizer,
            whose ids fit the model's vocabulary): step time by phase, peak memory, and the
            trainer-sampler mismatch in bf16 (``mismatch/*``: mean / max |delta logp|, k3 KL, > 1e-3)
+  sharded  the train part on 2 GPUs with ``sampling.tensor_parallel=2`` (torchrun, NCCL): the rollout on
+           the tensor-parallel copy (generate/group_sampler.py); skipped with its reason on one GPU
 ``--dry-run`` (the default without CUDA): the same parts at tiny shapes, compiled baselines
 skipped, results to a temporary folder unless ``--out``; tests/test_gpu_check.py runs it.
 The child side is ``python -m bench.gpu_check --part NAME --rows FILE [--dry-run] [--deadline T]``.
@@ -53,7 +55,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(ROOT, "bench", "results", "gpu")
-PARTS = {"tests": 170.0, "lm_head": 160.0, "decode": 75.0, "train": 75.0}  # share of the budget, s
+PARTS = {"tests": 170.0, "lm_head": 160.0, "decode": 75.0, "train": 75.0, "sharded": 60.0}  # budget shares, s
 GEMM_PEAK_TFLOPS = 790.0  # bf16 GEMM 8192^3 through PyTorch on the H200 this check targets
 
 
@@ -200,7 +202,12 @@ def part_decode(dry: bool, deadline: float, emit) -> None:
                      note="time includes the prefill; bytes: weights + K/V per decode step"))
 
 
-def part_train(dry: bool, deadline: float, emit) -> None:
+def part_train(dry: bool, deadline: float, emit, part: str = "train", ranks: int = 1) -> None:
+    """3 training steps; with ``ranks`` > 1 under torchrun, the rollout tensor-parallel over them."""
+    if not dry and torch.cuda.device_count() < ranks:
+        emit(Row(part, "3 steps", status=f"skipped: {torch.cuda.device_count()} GPU, the sharded rollout needs "
+                                         f"{ranks} (tests/test_tensor_parallel.py runs it on {ranks} gloo ranks)"))
+        return
     from bench.bench_sampler import random_model
     from medix_fast.demo.tiny import TinyConfig, build_tokenizer, read_train_rows
 
@@ -226,12 +233,15 @@ def part_train(dry: bool, deadline: float, emit) -> None:
         f"train.mini_batch_prompts={w['mini']}", f"sampling.group_size={w['group']}",
         f"sampling.max_new_tokens={w['new']}", "sampling.temperature=1.0", "algorithm.dynamic_sampling=false",
         "data.max_prompt_length=1024", "eval.every=0", "checkpoint.every=0", "checkpoint.save_optimizer=false",
-        "logging.tensorboard=false", "logging.plot=false", "logging.progress=false", f"train.output_dir={work}/run"]
+        "logging.tensorboard=false", "logging.plot=false", "logging.progress=false", f"train.output_dir={work}/run",
+        f"sampling.tensor_parallel={ranks}"]
     shape = (f"random Qwen3 {params / 1e6:,.3g}M {'fp32' if dry else 'bf16'} fsdp, {w['prompts']} prompts x "
-             f"G={w['group']}, <= {w['new']} new")
+             f"G={w['group']}, <= {w['new']} new" + (f", {ranks} ranks, rollout tensor-parallel" if ranks > 1 else ""))
+    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+                                   if ranks > 1 else [])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     try:
-        code = subprocess.run([sys.executable, "-m", "medix_fast.train", *overrides], cwd=work, env=env,
+        code = subprocess.run([*launcher, "-m", "medix_fast.train", *overrides], cwd=work, env=env,
                               timeout=max(1.0, deadline - time.time())).returncode
     except subprocess.TimeoutExpired:
         code = "stopped at the part's time limit"
@@ -241,17 +251,18 @@ def part_train(dry: bool, deadline: float, emit) -> None:
         with open(metrics) as f:
             steps = [json.loads(line) for line in f if line.strip()]
     for m in steps:
-        emit(Row("train", f"step {m['step']}", shape=shape, ms=1e3 * m["time/step_s"], peak_gb=m["memory/peak_gib"],
+        emit(Row(part, f"step {m['step']}", shape=shape, ms=1e3 * m["time/step_s"], peak_gb=m["memory/peak_gib"],
                  note=f"rollout {m['time/rollout_s']:.2f} s, update {m['time/update_s']:.2f} s, "
                       f"{m.get('throughput/train_tokens_per_s', math.nan):,.0f} train tok/s; mismatch |dlogp| mean "
                       f"{m.get('mismatch/abs_mean', math.nan):.2g} max {m.get('mismatch/abs_max', math.nan):.2g}, "
                       f"k3 KL {m.get('mismatch/k3_kl', math.nan):.2g}, "
                       f">1e-3 {m.get('mismatch/frac_above_1e-3', math.nan):.2g}"))
     status = "ok" if code == 0 and len(steps) == 3 else f"failed: exit {code}, {len(steps)} steps"
-    emit(Row("train", "3 steps", shape=shape, status=status))
+    emit(Row(part, "3 steps", shape=shape, status=status))
 
 
-PART_FUNCS = {"tests": part_tests, "lm_head": part_lm_head, "decode": part_decode, "train": part_train}
+PART_FUNCS = {"tests": part_tests, "lm_head": part_lm_head, "decode": part_decode, "train": part_train,
+              "sharded": partial(part_train, part="sharded", ranks=2)}
 
 
 def _child(argv: list[str]) -> int:

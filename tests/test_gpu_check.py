@@ -10,7 +10,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PARTS = ("tests", "lm_head", "decode", "train")
+PARTS = ("tests", "lm_head", "decode", "train", "sharded")
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def test_dry_run_exercises_every_part(tmp_path):
     meta, rows = _report(tmp_path)
     assert {"command", "device", "torch", "CUDA", "triton", "driver", "date"} <= set(meta)
     assert meta["command"].startswith("python -m bench --gpu-check") and "dry run" in meta["mode"]
-    assert (tmp_path / "check.md").read_text().count("## ") == 4
+    assert (tmp_path / "check.md").read_text().count("## ") == len(PARTS)
     assert (tmp_path / "command.txt").exists() and all((tmp_path / f"{p}.log").exists() for p in PARTS)
     doctor = json.loads((tmp_path / "doctor.json").read_text())  # the environment, checked first
     assert meta["environment"] == ("supported" if doctor["ok"] else "; ".join(doctor["problems"]))
@@ -54,6 +54,9 @@ def test_dry_run_exercises_every_part(tmp_path):
     assert [r["case"] for r in train] == ["step 1", "step 2", "step 3", "3 steps"], train
     assert all(r["status"] == "ok" for r in train) and "rollout" in train[0]["note"]
     assert "mismatch |dlogp| mean" in train[0]["note"] and "nan" not in train[0]["note"]  # fp32 in the dry run
+    sharded = by_part["sharded"]  # 2 gloo ranks in the dry run, the rollout tensor-parallel
+    assert [r["case"] for r in sharded] == ["step 1", "step 2", "step 3", "3 steps"], sharded
+    assert all(r["status"] == "ok" for r in sharded) and "rollout tensor-parallel" in sharded[0]["shape"]
 
 
 def test_spent_budget_skips_parts(gpu_check, tmp_path):
