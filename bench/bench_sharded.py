@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     subprocess.run(cmd, cwd=ROOT, env=env, check=True)
     with open(os.path.join(out, "rows.txt")) as f:
         head, *rows = [line.rstrip("\n").split("\t") for line in f]
+    os.remove(os.path.join(out, "rows.txt"))  # the workers' hand-over, not a result
     command = "python -m bench.bench_sharded" + (" --smoke" if args.smoke else "")
     lines = [f"# Sharded decode on the CPU ({time.strftime('%Y-%m-%d')}, torch {torch.__version__})", "",
              f"`{command}`: a random Qwen2 of {int(head[0]) / 1e6:.2f}M parameters (fp32), {head[1]} prompts x G=8 x "
