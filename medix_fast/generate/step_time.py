@@ -85,7 +85,7 @@ class StepTime:
         lines.append(f"decode tokens/s per node: {longest:,.0f} at the longest lengths, {typical:,.0f} at typical "
                      f"ones: {self.typical}")
         if self.reference:
-            lines.append(f"reference (MediX-R1): {self.reference}; no time per step published")
+            lines.append(f"reference (MediX-R1): {self.reference}; its repository publishes no time per step")
         return "\n".join(lines)
 
 
@@ -126,7 +126,7 @@ def step_time(cfg, model_config, counts, rollout, world: int = 8, gpu: str = "H1
         kv = rollout.kv_per_token * (-(-b // g) * prompt_len + b * done_len)
         reduced = b * 2 * layers * hidden * 2 * 2 * (k - 1) / k
         seconds = (weights + kv) / hw.hbm + (reduced / hw.nvlink + 2 * layers * ALLREDUCE_LATENCY if k > 1 else 0)
-        return seconds, (f"{b} rows per group at once: {weights / 1e9:.1f} GB weights + {kv / 1e9:.1f} GB K/V read"
+        return seconds, (f"{b:,} rows per group at once: {weights / 1e9:.1f} GB weights + {kv / 1e9:.1f} GB K/V read"
                          + (f", {2 * layers} all-reduces ({reduced / 1e6:.1f} MB sent)" if k > 1 else "")
                          + f" per {seconds * 1e3:.1f} ms step")
 
