@@ -73,7 +73,8 @@ def test_the_8b_dapo_plan_by_hand():
     AdamW (8P/8), the tensor-parallel copy (the q / o projections and the MLP halved, the 8 K/V
     heads split 4 + 4, the rest whole), the 4B judge and the encoder in bf16, 3 GiB of runtime;
     K/V 72 KiB per token per GPU (4 heads); a row holds 4,352 / 5 prompt tokens and 4,096 new, in
-    blocks of 16; a pair decodes both GPUs' rows."""
+    blocks of 16; a pair decodes both GPUs' rows. The old log-probs gather the root and two decoder
+    layers at a time, never the whole model."""
     cfg = load_config(CONFIGS[[p.stem for p in CONFIGS].index("medix_r1_8b_dapo")])
     assert cfg.sampling.tensor_parallel == 2
     model_config = memory.load_config("Qwen3-VL-8B-Instruct")
@@ -93,6 +94,11 @@ def test_the_8b_dapo_plan_by_hand():
     assert plan.row_tokens == 16 * (-(-871 // 16) + 4096 // 16)
     assert plan.rows_per_group == 2 * 512 // 8 * 5
     assert plan.build == 2 * 151936 * 4096  # the largest parameter: an embedding table (the LM head's twin)
+    update = update_plan(cfg, model_config, 141 * 10**9, 8, {"judge": judge, "encoder": encoder}, counts)
+    decoder_layer = (split + kv) // 36 + 2 * 4096 + 2 * 128  # + its two norms and the q / k norms
+    assert update.logprobs == {"root unit bf16": 2 * counts.root,  # FSDP forwards: two layers gathered, one prefetched
+                               "two largest units bf16 (one prefetched)": 2 * 2 * decoder_layer,
+                               "one layer's forward": 2 * 28672 * layer, "LM-head logits chunk": 2048 * 2**20}
 
 
 def test_the_30b_moe_reserve_counts_the_routed_experts():

@@ -119,6 +119,8 @@ def test_host_memory_per_node(capsys):
     assert host == {"pinned AdamW fp32 states": 8 * p // 8 * 8,
                     "checkpoint staging copy (keep_staging)": 12 * p // 8 * 8}
     assert sum(host_memory(load_config(path), counts, 16, 8).values()) == 8 * (8 * p // 16) + 8 * (12 * p // 16)
+    bf16 = host_memory(load_config(path, ["optim.state_dtype=bfloat16"]), counts, 8, 8)
+    assert bf16 == {"pinned AdamW bf16 states": 4 * p, "checkpoint staging copy (keep_staging)": 8 * p}
     params = host_memory(load_config(path, ["optim.offload=params", "optim.state_dtype=bfloat16",
                                             "checkpoint.keep_staging=false", "rewards.offload=true"]),
                          counts, 8, 8, {"judge": 1000})
