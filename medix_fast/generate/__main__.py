@@ -1,18 +1,22 @@
-"""``python -m medix_fast.generate --plan``: the rollout's memory plan for a training config.
+"""``python -m medix_fast.generate --plan``: the memory plan (and time per step on paper) of a training config.
 
     python -m medix_fast.generate --plan      # the decode step's memory traffic, every shipped config
-    python -m medix_fast.generate --plan --config configs/medix_r1_8b_dapo.yaml --device-memory-gb 141
-    python -m medix_fast.generate --plan --config configs/medix_r1_8b_dapo.yaml --device-memory-gb 80 \\
-        --model-config /ckpt/Qwen3-VL-8B-Instruct --world 8 sampling.max_num_seqs=128
+    python -m medix_fast.generate --plan --config configs/medix_r1_8b_dapo.yaml --device-memory-gb 80
+    python -m medix_fast.generate --plan --config configs/medix_r1_30b_a3b_dapo.yaml --device-memory-gb 80 \\
+        --model-config /ckpt/Qwen3-VL-30B-A3B-Thinking --world 8 --host-memory-gb 1024 sampling.tensor_parallel=8
 
 The model comes from ``--model-config`` (a checkpoint directory, a config.json, or a name in
 ``medix_fast.generate.memory.KNOWN_MODELS``), else from ``model.path`` (a checkpoint, or a known
 name as its last component: the shipped configs' placeholder paths). No weights are loaded: the
-parameters are counted on the meta device. Dotted overrides after the options change the config.
-Under FSDP it prints the training side too (``medix_fast.model.footprint.update_plan``: old
-log-probs and the update) and the step's peak, the largest of the three phases: the sampler gives
-its pool back before the update, so the phases never hold each other's memory. Exit status 0 when
-every phase fits, 1 when one does not, 2 on bad arguments (answered before torch is imported, as
+parameters are counted on the meta device. Dotted overrides after the options change the config;
+a ``sampling.tensor_parallel`` that does not divide the query heads and ``--world`` is refused.
+It prints the rollout (``memory.rollout_plan``), the host memory per node of ``--gpus-per-node``
+(``model.footprint.host_memory``, against ``--host-memory-gb``), under FSDP the training side
+(``model.footprint.update_plan``: old log-probs and the update) and the step's peak, the largest
+of the three phases (the sampler gives its pool and copy back before the update, so the phases
+never hold each other's memory), and the time per step on paper (``step_time``: an H100 up to 94
+GB, an H200 above, at ``--mfu``). Exit status 0 when every phase fits the device and the host
+fits its memory, 1 when one does not, 2 on bad arguments (answered before torch is imported, as
 is a config error).
 """
 from __future__ import annotations
@@ -32,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="training config YAML (without: the decode traffic of every shipped config)")
     p.add_argument("--device-memory-gb", type=float, help="memory of one GPU, GB (1e9 bytes); needed with --config")
     p.add_argument("--world", type=int, default=8, help="GPUs (FSDP shards), default 8")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node, for the host memory (default 8)")
+    p.add_argument("--host-memory-gb", type=float, default=2000,
+                   help="host memory of one node, GB (default 2000: an 8 x H100 node such as a DGX H100)")
+    p.add_argument("--mfu", type=float, default=0.3,
+                   help="share of the bf16 dense peak the forwards and backwards reach, for the time on paper "
+                        "(default 0.3)")
     p.add_argument("--model-config", default=None, help="checkpoint dir, config.json or known model name")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. sampling.max_num_seqs=128")
     args = p.parse_args(argv)  # a bad line is answered here, before torch is imported
@@ -46,22 +56,34 @@ def main(argv: list[str] | None = None) -> int:
     try:
         preflight.check_plan(args)
         cfg = load_config(args.config, args.overrides)
-        from ..model.footprint import parameter_counts, update_plan
+        from ..model.footprint import host_memory, parameter_counts, update_plan
         from . import memory
+        from .step_time import step_time
 
         model_config = memory.load_config(args.model_config or cfg.model.path)
+        error = memory.tensor_parallel_error(cfg.sampling.tensor_parallel,
+                                             model_config.get_text_config().num_attention_heads, args.world)
+        if error:
+            raise ConfigError(error)
         rewards = memory.reward_model_params(cfg)
         counts = parameter_counts(model_config)
-        plan = memory.rollout_plan(cfg, model_config, device_bytes, args.world, counts.total, rewards,
+        plan = memory.rollout_plan(cfg, model_config, device_bytes, args.world, counts, rewards,
                                    name=Path(args.model_config).name if args.model_config else None)
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print("rollout (the K/V pool is given back before the update)")
+    print("rollout (the K/V pool and the sampler's copy are given back before the update)")
     print(plan.table())
+    host = host_memory(cfg, counts, args.world, args.gpus_per_node, rewards)
+    host_fits = sum(host.values()) <= args.host_memory_gb * 1e9
+    print(f"\nhost memory per node ({min(args.world, args.gpus_per_node)} ranks)")
+    for name, size in host.items():
+        print(f"  {name}: {size / 1e9:.1f} GB")
+    print(f"  total {sum(host.values()) / 1e9:.1f} GB of the {args.host_memory_gb:.0f} GB assumed (--host-memory-gb): "
+          + ("fits" if host_fits else "does NOT fit"))
     if cfg.distributed.strategy != "fsdp":
         print("\nupdate: planned for distributed.strategy=fsdp only")
-        return 0 if plan.fits else 1
+        return 0 if plan.fits and host_fits else 1
     update = update_plan(cfg, model_config, device_bytes, args.world, rewards, counts)
     print("\nold log-probs and update")
     print(update.table())
@@ -69,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     phase = max(peaks, key=peaks.get)
     print(f"\nstep peak: {phase}, {peaks[phase] / 1e9:.1f} GB of {device_bytes / 1e9:.1f} GB "
           f"(max over the phases: {', '.join(f'{k} {v / 1e9:.1f}' for k, v in peaks.items())})")
-    return 0 if plan.fits and update.fits else 1
+    gpu = "H100" if args.device_memory_gb <= 94 else "H200"
+    print()
+    print(step_time(cfg, model_config, counts, plan, args.world, gpu, args.mfu, rewards).table())
+    return 0 if plan.fits and update.fits and host_fits else 1
 
 
 if __name__ == "__main__":

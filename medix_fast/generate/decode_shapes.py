@@ -98,13 +98,6 @@ def decode_weights(model_config) -> int:
     """Parameters a decode step reads: the language model's, the LM head included, the vision tower
     and the embedding table excluded (a step looks up b rows of it). A mixture of experts reads all
     its experts: at 64 rows x 8 of 128 experts each, 98 % of them are routed to in every layer."""
-    from ..model.footprint import meta_model
+    from ..model.footprint import parameter_counts
 
-    total = 0
-    for name, p in meta_model(model_config).named_parameters():
-        if "visual" in name:
-            continue
-        total += 0 if "embed_tokens" in name else p.numel()
-        if "embed_tokens" in name and getattr(model_config, "tie_word_embeddings", False):
-            total += p.numel()  # the tied LM head reads it all
-    return total
+    return parameter_counts(model_config).decode

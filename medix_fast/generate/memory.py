@@ -7,17 +7,26 @@
 
 ``python -m medix_fast.generate --plan`` prints the plan of a config. Per GPU during the rollout,
 resident besides the K/V pool:
-- the policy: FSDP2 keeps fp32 master shards (4 bytes/param / world) and AdamW's two fp32 states
-  (8 / world), and the sampler runs on the unsharded bf16 parameters (2 bytes/param, all of
-  them); DDP keeps fp32 weights (4), AdamW (8), its fp32 gradient buckets (4) and, on CUDA, the
-  bf16 copy autocast makes of the weights for the call (2);
+- the policy's training state (``model.footprint.state_bytes`` of ``optim.offload`` and
+  ``optim.state_dtype``): under FSDP2 the fp32 master shards (4 bytes/param / world) and AdamW's
+  two states (8 or 4 / world) unless offloaded to the host (the gradients are freed after each
+  update); DDP keeps fp32 weights (4), AdamW and its fp32 gradient buckets (4) whole;
+- the weights the sampler runs on: with ``sampling.tensor_parallel`` 1 the unsharded bf16
+  parameters (2 bytes/param, all of them; DDP: the bf16 copy autocast makes); with k > 1 a bf16
+  tensor-parallel copy (``ParameterCounts.per_rank``: the decoder layers' q / o projections, MLP
+  and experts / k, max(1, kv_heads / k) K/V heads, the rest replicated), built by gathering one
+  parameter at a time (transient: the largest parameter, whole, in bf16);
 - a KL reference model when ``algorithm.beta > 0``: bf16, sharded under FSDP;
-- the reward models (LLM judge, sentence encoder), bf16, unsharded;
+- the reward models (LLM judge, sentence encoder), bf16, unsharded, unless ``rewards.offload``;
 - CUDA context, NCCL and allocator slack (``RUNTIME_BYTES``).
 The pool is ``gpu_memory_utilization`` x what is left, minus ``activation_reserve`` (a prefill of
-``max_prefill_tokens`` and a decode step's fp32 logits and sampling buffers). Rows fit when the
-pool holds their K/V at the config's longest lengths: a prompt of ``data.max_prompt_length``
-shared by its ``group_size`` samples plus ``max_new_tokens`` each, in whole blocks.
+``max_prefill_tokens`` and a decode step's fp32 logits and sampling buffers for ``max_num_seqs``
+rows, which under tensor parallel count a whole group's rows); it holds the K/V heads of its GPU.
+Rows fit when the pool holds their K/V at the config's longest lengths: a prompt of
+``data.max_prompt_length`` shared by its ``group_size`` samples plus ``max_new_tokens`` each, in
+whole blocks. A group of k GPUs decodes its k ranks' rows. The phase fits when one row does and
+its peak stays within ``model.footprint.TARGET`` (90 %) of the device; else the plan names the
+largest ``gpu_memory_utilization`` and the smallest larger ``tensor_parallel`` that would fit.
 
 Model shapes come from a checkpoint's ``config.json`` (the parameters counted on the meta device,
 no weights) or, for the placeholder paths of the shipped configs, from ``KNOWN_MODELS``: the
@@ -122,12 +131,26 @@ def kv_budget(free_bytes: int, utilization: float, reserve: int) -> int:
     return max(0, int(utilization * free_bytes) - reserve)
 
 
-def kv_bytes_per_token(text_config, dtype: torch.dtype = torch.bfloat16) -> int:
-    """K and V of one token over all layers."""
+def kv_bytes_per_token(text_config, dtype: torch.dtype = torch.bfloat16, tensor_parallel: int = 1) -> int:
+    """K and V of one token over all layers on one GPU; with ``tensor_parallel`` k > 1 a rank holds
+    max(1, kv_heads / k) of the K/V heads (replicated when k exceeds them)."""
     from .kv_cache import kv_shape
 
     layers, kv_heads, head_dim = kv_shape(text_config)
-    return 2 * layers * kv_heads * head_dim * dtype.itemsize
+    return 2 * layers * -(-kv_heads // tensor_parallel) * head_dim * dtype.itemsize
+
+
+def tensor_parallel_sizes(heads: int, world: int) -> list[int]:
+    """The ``sampling.tensor_parallel`` values the plan accepts: divisors of both the query heads and the world."""
+    return [k for k in range(1, world + 1) if world % k == 0 and heads % k == 0]
+
+
+def tensor_parallel_error(k: int, heads: int, world: int) -> str | None:
+    """Why the plan refuses ``sampling.tensor_parallel`` ``k`` for ``heads`` query heads on ``world`` GPUs, or None."""
+    if k in tensor_parallel_sizes(heads, world):
+        return None
+    return (f"sampling.tensor_parallel: {k} must divide the {heads} query heads and the world of {world} GPUs "
+            f"(one of {tensor_parallel_sizes(heads, world)})")
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -141,12 +164,18 @@ class RolloutPlan:
     resident: dict[str, int]  # what else lives on each GPU during the rollout, bytes
     reserve: int
     pool_bytes: int
-    kv_per_token: int
+    kv_per_token: int  # on one GPU (its share of the K/V heads under tensor parallel)
     block_size: int
     row_tokens: int  # worst-case tokens one row holds (its share of the prompt + max_new_tokens), in blocks
-    rows_per_gpu: int  # rows one GPU samples per training step (prompts_per_step / world x group_size)
-    max_num_seqs: int
+    rows_per_group: int  # rows a sampling group decodes per training step (prompts_per_step / world x G x k)
+    max_num_seqs: int  # rows decoded at once per sampling group
     utilization: float = 0.85  # sampling.gpu_memory_utilization
+    tensor_parallel: int = 1  # sampling.tensor_parallel: GPUs per sampling group
+    build: int = 0  # transient while the tensor-parallel copy is built: one whole parameter in bf16
+    fitting_utilization: float | None = None  # the largest gpu_memory_utilization that fits (when this does not)
+    # the smallest larger tensor_parallel that fits, with the largest gpu_memory_utilization it fits at
+    fitting_tensor_parallel: tuple[int, float] | None = None
+    fitting_gpu: int | None = None  # the smallest common GPU memory (GB, footprint.GPU_GB) it fits as it is
 
     @property
     def free_bytes(self) -> int:
@@ -154,8 +183,9 @@ class RolloutPlan:
 
     @property
     def peak_bytes(self) -> int:
-        """The rollout's memory on one GPU: what is resident, the activation reserve and the pool."""
-        return sum(self.resident.values()) + self.reserve + self.pool_bytes
+        """The rollout's memory on one GPU: what is resident, then the larger of the copy's build
+        transient and the activation reserve with the pool (the pool is sized after the build)."""
+        return sum(self.resident.values()) + max(self.build, self.reserve + self.pool_bytes)
 
     @property
     def pool_tokens(self) -> int:
@@ -168,7 +198,10 @@ class RolloutPlan:
 
     @property
     def fits(self) -> bool:
-        return self.rows_fit >= 1
+        """One row's K/V fits the pool, and the phase stays within ``TARGET`` of the device."""
+        from ..model.footprint import TARGET
+
+        return self.rows_fit >= 1 and self.peak_bytes <= TARGET * self.device_bytes
 
     def verdict(self) -> str:
         if not self.fits:
@@ -178,58 +211,115 @@ class RolloutPlan:
         return (f"fits: {self.rows_fit} of {self.max_num_seqs} decode slots at the longest lengths "
                 f"(shorter rows use more; longer ones are preempted and recomputed, never lost)")
 
-    def misfit(self) -> str:
-        """Why not one row fits: the biggest resident term and what would hold it (a larger GPU,
-        or a rollout that keeps the weights sharded when they are the biggest term)."""
-        from ..model.footprint import fitting_gpu
+    def remedies(self) -> list[str]:
+        out = [f"GPUs of {self.fitting_gpu} GB"] if self.fitting_gpu else []
+        if self.fitting_utilization is not None:
+            out.append(f"sampling.gpu_memory_utilization={self.fitting_utilization:.2f} (the largest that fits)")
+        if self.fitting_tensor_parallel is not None:
+            k, utilization = self.fitting_tensor_parallel
+            out.append(f"sampling.tensor_parallel={k}" + (f" with sampling.gpu_memory_utilization={utilization:.2f}"
+                       if utilization < self.utilization else "") + " (the smallest that fits)")
+        return out
 
+    def misfit(self) -> str:
+        """Why it does not fit: not one row's K/V (the biggest resident term and what would hold it),
+        or a peak over ``TARGET`` of the device; the settings that would fit."""
+        from ..model.footprint import TARGET
+
+        fits = f"would fit: {'; '.join(self.remedies())}" if self.remedies() else "no setting the plan tries fits"
+        if self.rows_fit >= 1:
+            return (f"does NOT fit: the rollout needs {_gb(self.peak_bytes)}, over the {TARGET:.0%} planned for "
+                    f"({_gb(TARGET * self.device_bytes)} of {_gb(self.device_bytes)}); {fits}")
         name, size = max(self.resident.items(), key=lambda kv: kv[1])
         row = self.row_tokens * self.kv_per_token
         need = sum(self.resident.values()) + (self.reserve + row) / self.utilization
-        fits = [f"GPUs of {fitting_gpu(need)}"]
-        if "unsharded" in name:
-            fits.append(f"a sharded rollout (weights split over the {self.world} GPUs, {_gb(size / self.world)} "
-                        "each, as tensor-parallel engines do; not in medix_fast)")
         return (f"does NOT fit: not one row's K/V ({_gb(row)}) fits the {_gb(self.pool_bytes)} pool; the biggest "
-                f"term is {name} ({_gb(size)}); one row needs ~{_gb(need)} per GPU; would fit: {'; '.join(fits)}")
+                f"term is {name} ({_gb(size)}); one row needs ~{_gb(need)} per GPU; {fits}")
 
     def table(self) -> str:
+        k = self.tensor_parallel
         rows = [("model", f"{self.model}: {self.params / 1e9:.2f} B parameters"),
-                ("device", f"{_gb(self.device_bytes)} x {self.world} GPUs, {self.strategy}")]
-        rows += [(f"resident: {k}", _gb(v)) for k, v in self.resident.items()]
+                ("device", f"{_gb(self.device_bytes)} x {self.world} GPUs, {self.strategy}"),
+                ("sampling groups", f"{self.world // k} of {k} GPU{'s' if k > 1 else ''} "
+                                    f"(sampling.tensor_parallel {k})")]
+        rows += [(f"resident: {name}", _gb(v)) for name, v in self.resident.items()]
+        if self.build:
+            rows.append(("building the copy: one parameter", f"{_gb(self.build)} (the largest, bf16, transient)"))
         rows += [("activation reserve", _gb(self.reserve)),
                  ("K/V pool", f"{_gb(self.pool_bytes)} = {self.pool_tokens:,} tokens"),
-                 ("K/V per token", f"{self.kv_per_token / 1024:.1f} KiB (bf16), blocks of {self.block_size}"),
+                 ("K/V per token per GPU", f"{self.kv_per_token / 1024:.1f} KiB (bf16), blocks of {self.block_size}"),
                  ("one row at most", f"{self.row_tokens:,} tokens = {_gb(self.row_tokens * self.kv_per_token)}"),
-                 ("rows per GPU per step", f"{self.rows_per_gpu:,}"),
-                 ("rows that fit at once", f"{self.rows_fit:,} (max_num_seqs {self.max_num_seqs})"),
+                 ("rows per group per step", f"{self.rows_per_group:,}"),
+                 ("rows that fit at once", f"{self.rows_fit:,} per group (max_num_seqs {self.max_num_seqs})"),
+                 ("rollout peak", f"{_gb(self.peak_bytes)} of {_gb(self.device_bytes)}"),
                  ("verdict", self.verdict())]
-        width = max(len(k) for k, _ in rows)
-        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+        width = max(len(name) for name, _ in rows)
+        return "\n".join(f"{name:<{width}}  {v}" for name, v in rows)
 
 
 def _gb(nbytes: float) -> str:
     return f"{nbytes / 1e9:.1f} GB"
 
 
-def rollout_plan(cfg, model_config, device_bytes: int, world: int = 8, params: int | None = None,
+def rollout_plan(cfg, model_config, device_bytes: int, world: int = 8, counts=None,
                  reward_params: dict[str, int] | None = None, name: str | None = None) -> RolloutPlan:
     """The rollout's memory on one GPU for training config ``cfg`` (medix_fast.config.Config)
-    and model ``model_config`` (``name``: how to call it; default model.path's last component)."""
-    s = cfg.sampling
+    and model ``model_config`` (``counts``: its ``model.footprint.ParameterCounts``, counted here
+    when None; ``reward_params``: the reward models' parameter counts, resident in bf16 unless
+    ``rewards.offload``; ``name``: how to call the model, default model.path's last component).
+    When it does not fit: the smallest common GPU, the largest ``gpu_memory_utilization`` (by 0.01,
+    at most the config's) and the smallest larger ``tensor_parallel`` (with such a utilization)
+    with which it would."""
+    from ..model.footprint import GPU_GB, parameter_counts
+
+    counts = counts or parameter_counts(model_config)
+    plan = _rollout_at(cfg, model_config, device_bytes, world, counts, reward_params, name,
+                       cfg.sampling.gpu_memory_utilization, cfg.sampling.tensor_parallel)
+    if plan.fits:
+        return plan
+    plan.fitting_gpu = next((gb for gb in GPU_GB if _rollout_at(
+        cfg, model_config, int(gb * 1e9), world, counts, reward_params, name, plan.utilization, plan.tensor_parallel
+    ).fits), None)
+    plan.fitting_utilization = _fitting_utilization(cfg, model_config, device_bytes, world, counts, reward_params,
+                                                    plan.tensor_parallel)
+    heads = model_config.get_text_config().num_attention_heads
+    for k in (k for k in tensor_parallel_sizes(heads, world) if k > plan.tensor_parallel):
+        utilization = _fitting_utilization(cfg, model_config, device_bytes, world, counts, reward_params, k)
+        if utilization is not None:
+            plan.fitting_tensor_parallel = (k, utilization)
+            break
+    return plan
+
+
+def _fitting_utilization(cfg, model_config, device_bytes: int, world: int, counts, reward_params, k: int):
+    """The largest ``gpu_memory_utilization`` by 0.01, at most the config's, with which the rollout
+    fits at ``tensor_parallel`` ``k``; None if none does."""
+    top = round(100 * cfg.sampling.gpu_memory_utilization)
+    return next((percent / 100 for percent in range(top, 0, -1) if _rollout_at(
+        cfg, model_config, device_bytes, world, counts, reward_params, None, percent / 100, k).fits), None)
+
+
+def _rollout_at(cfg, model_config, device_bytes: int, world: int, counts, reward_params: dict[str, int] | None,
+                name: str | None, utilization: float, k: int) -> RolloutPlan:
+    """:func:`rollout_plan` at ``gpu_memory_utilization`` ``utilization`` and ``tensor_parallel`` ``k``."""
+    from ..model.footprint import state_bytes
+
+    s, o = cfg.sampling, cfg.optim
     text = model_config.get_text_config()
-    params = params if params is not None else count_parameters(model_config)
+    params = counts.total
     fsdp = cfg.distributed.strategy == "fsdp"
-    resident = {}
-    if fsdp:
-        resident["policy fp32 shards + AdamW"] = 12 * params // world
-        resident["policy bf16, unsharded for sampling"] = 2 * params
+    shards = world if fsdp else 1
+    state = state_bytes(o.offload, o.state_dtype)
+    resident = {f"policy {state.name(key, o.state_dtype, fsdp)}": b * params // shards
+                for key, b in state.device.items() if key != "grads" or not fsdp}  # FSDP frees its gradients
+    if k > 1:
+        resident[f"policy bf16, tensor-parallel copy (1/{k} of the layers)"] = 2 * counts.per_rank(
+            k, text.num_key_value_heads)
     else:
-        resident["policy fp32 + AdamW + grad buckets"] = 16 * params
-        resident["policy bf16 autocast copy"] = 2 * params
+        resident["policy bf16, unsharded for sampling" if fsdp else "policy bf16 autocast copy"] = 2 * params
     if cfg.algorithm.beta > 0:
-        resident["reference bf16"] = 2 * params // (world if fsdp else 1)
-    for what, count in (reward_params or {}).items():
+        resident["reference bf16" + (" shards" if fsdp else "")] = 2 * params // shards
+    for what, count in ({} if cfg.rewards.offload else reward_params or {}).items():
         resident[f"{what} bf16"] = 2 * count
     resident["CUDA runtime and slack"] = RUNTIME_BYTES
     vocab = text.vocab_size
@@ -238,21 +328,20 @@ def rollout_plan(cfg, model_config, device_bytes: int, world: int = 8, params: i
     block = s.block_size or 16
     blocks = lambda n: -(-n // block)  # noqa: E731
     row_tokens = block * (blocks(-(-cfg.data.max_prompt_length // s.group_size)) + blocks(s.max_new_tokens))
-    return RolloutPlan(model=name or Path(str(cfg.model.path)).name, params=params, device_bytes=device_bytes, world=world,
-                       strategy=cfg.distributed.strategy, resident=resident, reserve=reserve,
-                       pool_bytes=kv_budget(free, s.gpu_memory_utilization, reserve),
-                       kv_per_token=kv_bytes_per_token(text), block_size=block, row_tokens=row_tokens,
-                       rows_per_gpu=-(-max(cfg.train.prompts_per_step, cfg.algorithm.chunk_prompts) // world)
-                       * s.group_size, max_num_seqs=s.max_num_seqs, utilization=s.gpu_memory_utilization)
+    rows_per_gpu = -(-max(cfg.train.prompts_per_step, cfg.algorithm.chunk_prompts) // world) * s.group_size
+    return RolloutPlan(model=name or Path(str(cfg.model.path)).name, params=params, device_bytes=device_bytes,
+                       world=world, strategy=cfg.distributed.strategy, resident=resident, reserve=reserve,
+                       pool_bytes=kv_budget(free, utilization, reserve),
+                       kv_per_token=kv_bytes_per_token(text, tensor_parallel=k), block_size=block,
+                       row_tokens=row_tokens, rows_per_group=k * rows_per_gpu, max_num_seqs=s.max_num_seqs,
+                       utilization=utilization, tensor_parallel=k, build=2 * counts.largest if k > 1 else 0)
 
 
 def reward_model_params(cfg) -> dict[str, int]:
     """Parameter counts of the reward models resident on the GPU during the rollout: the judge
     (when accuracy is weighted and a judge is set) and the encoder (when semantic is weighted;
-    null is the default all-MiniLM-L6-v2); none when ``rewards.offload`` keeps them on the CPU."""
+    null is the default all-MiniLM-L6-v2); under ``rewards.offload`` they live on the host between calls."""
     r, out = cfg.rewards, {}
-    if r.offload:
-        return out
     if r.judge_model and r.active("accuracy"):
         out[f"judge {Path(str(r.judge_model)).name}"] = count_parameters(load_config(r.judge_model))
     if r.active("semantic"):

@@ -1,24 +1,29 @@
-"""What a policy weighs (parameters in all, active per token, per FSDP unit) and the memory of
-the training update on one GPU, for the memory plan of a config.
+"""What a policy weighs (parameters in all, active per token, per FSDP unit, per tensor-parallel
+rank), where its training state lives, and the memory of the training update on one GPU and of
+the host, for the memory plan of a config.
 
-    counts = parameter_counts(model_config)    # ParameterCounts: total, active, experts, units
+    counts = parameter_counts(model_config)    # ParameterCounts: total, active, experts, units, ...
     plan = update_plan(cfg, model_config, device_bytes=141e9, world=8, reward_params={...})
     print(plan.table())
+    host = host_memory(cfg, counts, world=8, gpus_per_node=8)   # {term: bytes per node}
 
-The rollout's part (the unsharded weights the sampler runs on, the K/V pool) is the rollout
-engine's plan; this is the rest of a training step, per GPU under FSDP2 (the shipped large
-configs; DDP holds whole copies and is for small models):
-- resident the whole run: fp32 master shards (4 bytes/param / world), AdamW's two fp32 states
-  (8 / world), a KL reference's bf16 shards (2 / world, ``algorithm.beta > 0``), the reward
-  models in bf16 unless ``rewards.offload``;
-- old log-probs (``algorithm.old_logprobs: recompute``): no-grad forwards on the unsharded bf16
-  weights (2 bytes/param), one layer's activations at a time;
-- the update: the fp32 gradient shards (4 / world, freed when the update ends), the root unit
-  and the largest layer unsharded (bf16 parameters, their bf16
-  gradients, the fp32 reduce-scatter input; two layers' parameters while the next is
+The rollout's part (the weights the sampler runs on, the K/V pool) is the rollout engine's plan
+(``generate/memory.py``); this is the rest of a training step, per GPU under FSDP2 (the shipped
+large configs; DDP holds whole copies and is for small models):
+- resident the whole run: the training state :func:`state_bytes` keeps on the device (fp32
+  master shards, 4 bytes/param / world, and AdamW's two states, 8 or 4 / world, unless
+  ``optim.offload`` moves them to the host), a KL reference's bf16 shards (2 / world,
+  ``algorithm.beta > 0``), the reward models in bf16 unless ``rewards.offload``;
+- old / reference log-probs (``algorithm.old_logprobs: recompute`` or ``beta > 0``): no-grad FSDP
+  forwards, one unit gathered at a time: the root unit and the two largest units in bf16 (one
+  prefetched), one layer's activations of a micro-batch, the LM head's logits chunk;
+- the update: the fp32 gradient shards (4 / world, freed when the update ends; on the host under
+  ``optim.offload: params``), the root unit and the largest layer unsharded (bf16 parameters,
+  their bf16 gradients, the fp32 reduce-scatter input; two layers' parameters while the next is
   prefetched), the checkpointed layer inputs of a micro-batch (``train.micro_batch_tokens``
   tokens; a VL model's image patches bounded by merge^2 per token), one layer recomputed with
-  its gradients, and the fused LM-head loss (a chunk of fp32 logits and the fp32 dW).
+  its gradients, the fused LM-head loss (a chunk of fp32 logits and the fp32 dW) and, under
+  ``optim.offload: optimizer``, the buffers AdamW's states stream through (``STREAM_BYTES``).
 Without ``model.gradient_checkpointing`` every layer's activations stay for the backward.
 A mixture-of-experts layer's activations count the ``num_experts_per_tok`` experts each token
 runs (its gathered input, gate/up, activation and output), not all of them; its parameters count
@@ -28,6 +33,7 @@ than the weights for Qwen3-VL-30B-A3B. The K/V per token does not depend on the 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import torch
 from torch import nn
@@ -45,10 +51,41 @@ class ParameterCounts:
     experts: int  # in the expert banks (0 for a dense model)
     units: tuple[int, ...]  # per FSDP2 unit of its own (vision blocks, decoder layers), forward order
     root: int  # the rest: embeddings, LM head, final norm, the vision tower's patch embedding / mergers
+    tp_split: int = 0  # decoder layers' q / o projections, MLP and experts: 1/k of each per tensor-parallel rank
+    tp_kv: int = 0  # decoder layers' k / v projections: max(1, kv_heads / k) heads per rank
+    largest: int = 0  # the largest single parameter (a whole expert bank for an MoE)
+    decode: int = 0  # what a decode step reads: the language model, LM head included, no embedding, no vision
 
     @property
     def largest_unit(self) -> int:
         return max(self.units, default=0)
+
+    def per_rank(self, k: int, kv_heads: int, part: int | None = None, experts_read: float = 1.0) -> int:
+        """Parameters of ``part`` (default: the whole model) one rank holds in a tensor-parallel copy
+        of ``k`` ranks (``sampling.tensor_parallel``): the split part / k, the k / v projections
+        with max(1, kv_heads / k) heads, the rest replicated. ``experts_read``: the share of the
+        experts counted (a decode step's, :func:`experts_read`); ``part=self.decode`` gives what
+        a decode step reads."""
+        part = self.total if part is None else part
+        split = self.tp_split - round(self.experts * (1 - experts_read))
+        return part - self.tp_split - self.tp_kv + -(-split // k) + self.tp_kv * -(-kv_heads // k) // kv_heads
+
+
+_KV = re.compile(r"self_attn\.[kv]_proj\.")
+_ROW_BIAS = re.compile(r"(o_proj|down_proj)\.bias$")  # a row-parallel layer's bias is added once, not split
+_SPLIT = re.compile(r"self_attn\.(q_proj|o_proj)\.|mlp\.experts\.|mlp\.(.+\.)?(gate_proj|up_proj|down_proj|gate_up_proj)\b")
+
+
+def tensor_parallel_role(name: str) -> str:
+    """How the tensor-parallel sampler copy holds a decoder layer's parameter ``name`` (relative to
+    the layer): ``"split"`` (column / row parallel by heads or intermediate size, an expert bank by
+    its expert width), ``"kv"`` (by K/V heads, replicated past their count) or ``"replicated"``
+    (norms, q / k norms, routers, row-parallel biases)."""
+    if _KV.search(name):
+        return "kv"
+    if _ROW_BIAS.search(name) or not _SPLIT.search(name):
+        return "replicated"
+    return "split"
 
 
 def meta_model(config) -> nn.Module:
@@ -62,7 +99,7 @@ def meta_model(config) -> nn.Module:
 
 def parameter_counts(config) -> ParameterCounts:
     """Parameters of the model ``config`` describes, counted on the meta device."""
-    from ..distributed import shard_units
+    from ..distributed import decoder_layers, shard_units
 
     model = meta_model(config)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
@@ -73,7 +110,26 @@ def parameter_counts(config) -> ParameterCounts:
     if is_moe(config):
         text = text_config(config)
         active -= experts * (text.num_experts - text.num_experts_per_tok) // text.num_experts
-    return ParameterCounts(total, active, experts, units, total - sum(units))
+    roles = {"split": 0, "kv": 0, "replicated": 0}
+    for layer in decoder_layers(model):
+        for name, p in layer.named_parameters():
+            roles[tensor_parallel_role(name)] += p.numel()
+    decode = 0
+    for name, p in model.named_parameters():  # tied embeddings are listed once: the LM head reads them all
+        decode += 0 if "visual" in name or ("embed_tokens" in name and not getattr(config, "tie_word_embeddings",
+                                                                                    False)) else p.numel()
+    return ParameterCounts(total, active, experts, units, total - sum(units), roles["split"], roles["kv"],
+                           max(p.numel() for p in model.parameters()), decode)
+
+
+def experts_read(config, rows: int) -> float:
+    """The share of a mixture of experts' experts a decode step of ``rows`` rows reads, every row
+    routed to ``num_experts_per_tok`` of ``num_experts`` at random: 1 - (1 - k / E)^rows (98 % at
+    64 rows x 8 of 128); 1 for a dense model."""
+    if not is_moe(config):
+        return 1.0
+    t = text_config(config)
+    return 1 - (1 - t.num_experts_per_tok / t.num_experts) ** rows
 
 
 def layer_width(config) -> int:
@@ -96,7 +152,35 @@ def vision_width(config) -> int:
     return 0 if v is None else 6 * v.hidden_size + 2 * v.intermediate_size
 
 
-TARGET = 0.9  # of the device's memory the update may plan for (77.3 of 80 GB left no margin)
+TARGET = 0.9  # of the device's memory a phase may plan for (77.3 of 80 GB left no margin)
+STREAM_BYTES = 2 * 256 * 2**20  # optim.offload: optimizer: the device buffers AdamW's states stream through
+
+
+@dataclasses.dataclass(frozen=True)
+class StateBytes:
+    """Bytes per parameter of the training state by where it lives: ``device`` and (pinned) ``host``,
+    each {"master": fp32 master weights, "grads": fp32 gradients, "states": AdamW's two states}."""
+    device: dict[str, int]
+    host: dict[str, int]
+
+    @staticmethod
+    def name(key: str, state_dtype: str, sharded: bool = True) -> str:
+        """How the plan calls term ``key``: FSDP2's shards, or DDP's whole copies (``sharded=False``)."""
+        if key == "states":
+            return f"AdamW {dict(float32='fp32', bfloat16='bf16')[state_dtype]} states"
+        return {"master": "fp32 master shards", "grads": "fp32 gradient shards"}[key] if sharded else {
+            "master": "fp32 weights", "grads": "fp32 gradient buckets"}[key]
+
+
+def state_bytes(offload: str, state_dtype: str) -> StateBytes:
+    """What ``optim.offload`` and ``optim.state_dtype`` keep where, per parameter (the one place the
+    plan reads them from): ``none`` all on the device; ``optimizer`` AdamW's states on the host,
+    streamed through the device each optimizer step; ``params`` (FSDP2's CPUOffloadPolicy) the
+    master weights, gradients and states on the host, the device holding only the bf16 units being
+    computed. AdamW's states are 8 bytes in fp32, 4 in bf16."""
+    terms = {"master": 4, "grads": 4, "states": 8 if state_dtype == "float32" else 4}
+    host = {"none": (), "optimizer": ("states",), "params": tuple(terms)}[offload]
+    return StateBytes({k: v for k, v in terms.items() if k not in host}, {k: terms[k] for k in host})
 
 
 @dataclasses.dataclass
@@ -105,9 +189,11 @@ class UpdatePlan:
     device_bytes: int
     world: int
     resident: dict[str, int]  # the whole run, besides the phases' own
-    logprobs: dict[str, int]  # old log-probs: no-grad forwards, parameters unsharded
+    logprobs: dict[str, int]  # old / reference log-probs: no-grad FSDP forwards, one unit gathered at a time
     update: dict[str, int]  # forward + backward of one micro-batch
     fitting_tokens: int | None = None  # the largest train.micro_batch_tokens that fits (when this does not)
+    offload: str = "none"  # optim.offload
+    old_logprobs: str = "recompute"  # algorithm.old_logprobs
 
     @property
     def logprobs_bytes(self) -> int:
@@ -130,17 +216,17 @@ class UpdatePlan:
         name, size = max({**self.resident, **terms}.items(), key=lambda kv: kv[1])
         need = max(self.logprobs_bytes, self.update_bytes)
         remedies = [f"GPUs of {fitting_gpu(need / TARGET)}"]
-        if phase == "old log-probs":
-            remedies.append("algorithm.old_logprobs=sampler (no unsharded forward)")
-        else:
-            if self.fitting_tokens:
-                remedies.append(f"train.micro_batch_tokens={self.fitting_tokens} (the largest that fits)")
-            if "every layer's activations" in self.update:
-                remedies.append("model.gradient_checkpointing=true")
+        if phase == "old log-probs" and self.old_logprobs == "recompute":
+            remedies.append("algorithm.old_logprobs=sampler (no forward of the old policy)")
+        if self.fitting_tokens:
+            remedies.append(f"train.micro_batch_tokens={self.fitting_tokens} (the largest that fits)")
+        if "every layer's activations" in self.update:
+            remedies.append("model.gradient_checkpointing=true")
         if any(k.startswith(("judge", "encoder")) for k in self.resident):
             remedies.append("rewards.offload=true")
-        if "unsharded" not in name:
-            remedies.append("more GPUs")
+        remedies += [f"optim.offload={o}" for o in ("optimizer", "params")[("none", "optimizer", "params").index(
+            self.offload):]]
+        remedies.append("more GPUs")
         return (f"does NOT fit: the {phase} phase needs {_gb(need)}, over the {TARGET:.0%} planned for "
                 f"({_gb(TARGET * self.device_bytes)} of {_gb(self.device_bytes)}); its biggest term is {name} "
                 f"({_gb(size)}); would fit: {'; '.join(remedies)}")
@@ -153,12 +239,34 @@ class UpdatePlan:
                                f"root {c.root / 1e6:.0f} M parameters")]
         rows += [(f"resident: {k}", _gb(v)) for k, v in self.resident.items()]
         rows += [(f"old log-probs: {k}", _gb(v)) for k, v in self.logprobs.items()]
-        rows += [("old log-probs peak", f"{_gb(self.logprobs_bytes)} of {_gb(self.device_bytes)}")]
+        rows += [("old log-probs peak", f"{_gb(self.logprobs_bytes)} of {_gb(self.device_bytes)}"
+                  if self.logprobs else "none (algorithm.old_logprobs: sampler, no reference model)")]
         rows += [(f"update: {k}", _gb(v)) for k, v in self.update.items()]
         rows += [("update peak", f"{_gb(self.update_bytes)} of {_gb(self.device_bytes)}"),
                  ("verdict", "fits" if self.fits else self.misfit())]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def host_memory(cfg, counts: ParameterCounts, world: int, gpus_per_node: int = 8,
+                reward_params: dict[str, int] | None = None) -> dict[str, int]:
+    """Host memory one node of ``gpus_per_node`` GPUs needs for what config ``cfg`` keeps there, by
+    term, over its ranks: the offloaded training state (:func:`state_bytes`, pinned), the
+    checkpoint's staging copy (``checkpoint.async_save`` with ``keep_staging``: the fp32 master
+    weights and, with ``save_optimizer``, AdamW's states, kept between saves) and, under
+    ``rewards.offload``, the reward models in bf16 (``reward_params``)."""
+    ranks = min(world, gpus_per_node)
+    shards = world if cfg.distributed.strategy == "fsdp" else 1
+    b = state_bytes(cfg.optim.offload, cfg.optim.state_dtype)
+    out = {f"pinned {b.name(k, cfg.optim.state_dtype, shards > 1)}": v * counts.total // shards * ranks
+           for k, v in b.host.items()}
+    ck = cfg.checkpoint
+    if ck.async_save and ck.keep_staging:
+        per = 4 + ({**b.device, **b.host}["states"] if ck.save_optimizer else 0)
+        out["checkpoint staging copy (keep_staging)"] = per * counts.total // shards * ranks
+    for name, n in (reward_params or {}).items() if cfg.rewards.offload else ():
+        out[f"{name} bf16 (rewards.offload)"] = 2 * n * ranks
+    return out
 
 
 def routing_ids_bytes(cfg, model_config, world: int = 8) -> int:
@@ -213,7 +321,10 @@ def _plan_at(cfg, model_config, device_bytes: int, world: int, reward_params: di
     """:func:`update_plan` with ``tokens`` tokens per micro-batch."""
     t = text_config(model_config)
     h, vocab = t.hidden_size, t.vocab_size
-    resident = {"fp32 master shards": 4 * c.total // world, "AdamW fp32 states": 8 * c.total // world}
+    o = cfg.optim
+    state = state_bytes(o.offload, o.state_dtype)
+    resident = {state.name(k, o.state_dtype): b * c.total // world
+                for k, b in state.device.items() if k != "grads"}
     if cfg.algorithm.beta > 0:
         resident["KL reference bf16 shards"] = 2 * c.total // world
     for name, n in ({} if cfg.rewards.offload else reward_params or {}).items():
@@ -221,8 +332,10 @@ def _plan_at(cfg, model_config, device_bytes: int, world: int, reward_params: di
     resident["CUDA runtime and slack"] = RUNTIME_BYTES
     lm_head = LOGITS_CHUNK_BYTES + 4 * vocab * h + 4 * tokens * h
     logprobs = {}
-    if cfg.algorithm.old_logprobs == "recompute":
-        logprobs = {"bf16 weights, unsharded": 2 * c.total, "one layer's forward": 2 * tokens * layer_width(model_config),
+    if cfg.algorithm.old_logprobs == "recompute" or cfg.algorithm.beta > 0:
+        logprobs = {"root unit bf16": 2 * c.root,
+                    "two largest units bf16 (one prefetched)": 2 * sum(sorted(c.units)[-2:]),
+                    "one layer's forward": 2 * tokens * layer_width(model_config),
                     "LM-head logits chunk": LOGITS_CHUNK_BYTES}
     v = getattr(model_config, "vision_config", None)
     patches = tokens * v.spatial_merge_size**2 if v is not None else 0  # at most merge^2 patches per image token
@@ -235,8 +348,11 @@ def _plan_at(cfg, model_config, device_bytes: int, world: int, reward_params: di
     else:
         activations = {"every layer's activations": 2 * (tokens * layer_width(model_config) * layers
                                                           + patches * vision_width(model_config) * depth)}
-    update = {"fp32 gradient shards": 4 * c.total // world,
-              "root unit unsharded (bf16 + grads + fp32 reduce)": 8 * c.root,
+    update = {state.name("grads", o.state_dtype): 4 * c.total // world} if "grads" in state.device else {}
+    update |= {"root unit unsharded (bf16 + grads + fp32 reduce)": 8 * c.root,
               "two layers gathered, one's grads + fp32 reduce": 10 * c.largest_unit,
               **activations, "fused LM-head loss (fp32 chunk, fp32 dW)": lm_head}
-    return UpdatePlan(c, int(device_bytes), world, resident, logprobs, update)
+    if o.offload == "optimizer":
+        update["AdamW states streamed through (chunk buffers)"] = STREAM_BYTES
+    return UpdatePlan(c, int(device_bytes), world, resident, logprobs, update, offload=o.offload,
+                      old_logprobs=cfg.algorithm.old_logprobs)
