@@ -143,7 +143,7 @@ class SamplingConfig:
     top_p: float = 1.0
     top_k: int = 0
     # The rollout engine (medix_fast.generate; memory plan: python -m medix_fast.generate --plan):
-    max_num_seqs: int = 256  # rows decoded at once per GPU; waiting rows join as others finish
+    max_num_seqs: int = 256  # rows decoded at once per GPU (per group of tensor_parallel GPUs); others wait
     gpu_memory_utilization: float = 0.85  # CUDA: K/V pool = this fraction of the free memory at rollout time
     kv_cache_gb: float = 1.0  # CPU: K/V pool budget in GB
     block_size: int = 0  # tokens per K/V block; 0: 256 with flash-attn, else 16
