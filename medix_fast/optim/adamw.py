@@ -65,18 +65,16 @@ def host_bytes(offload: str, state_dtype: str) -> int:
     return {"none": 0, "optimizer": states, "params": MASTER_BYTES + states}[offload]
 
 
-def staging_bytes(offload: str, state_dtype: str, stochastic_rounding: bool = False,
-                  chunk_elements: int = CHUNK_ELEMENTS) -> int:
+def staging_bytes(offload: str, state_dtype: str, chunk_elements: int = CHUNK_ELEMENTS) -> int:
     """Device bytes an :class:`OffloadAdamW` step needs besides the masters and resident states, whatever
-    the model's size: the two slots of both states (offload), their fp32 widening (bf16), the rounding
-    noise (stochastic) and one chunk's ``sqrt(exp_avg_sq)``. 0 where the trainer uses torch's AdamW,
-    whose step holds a whole ``sqrt(exp_avg_sq)`` (4 bytes per parameter) instead."""
+    the model's size: the two slots of both states (offload), their fp32 widening (bf16) and one chunk's
+    ``sqrt(exp_avg_sq)`` (stochastic rounding's noise comes after it, no larger). 0 where the trainer
+    uses torch's AdamW, whose foreach step holds a whole ``sqrt(exp_avg_sq)`` (4 bytes per parameter)."""
     if offload == "params" or (offload == "none" and state_dtype == "float32"):
         return 0
     per = 4  # one chunk's denominator
     per += 2 * 2 * STATE_BYTES[state_dtype] if offload == "optimizer" else 0
     per += 2 * 4 if state_dtype == "bfloat16" else 0
-    per += 2 * 4 if stochastic_rounding else 0
     return per * chunk_elements
 
 
