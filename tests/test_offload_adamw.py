@@ -196,6 +196,7 @@ def test_two_ranks_fsdp_cpu_offload_policy_trains_as_without(two_ranks):
         assert rank["params"]["loss"] == rank["params"]["reference_loss"] and rank["params"]["difference"] == 0.0
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP in one process, on purpose
 @pytest.mark.parametrize("saved, resumed", [("float32", "bfloat16"), ("bfloat16", "float32")])
 def test_a_checkpoint_resumes_across_a_state_dtype_change(tmp_path, saved, resumed):
     """DCP (distributed.training_state / load_training_state) between fp32 and bf16 states: the
