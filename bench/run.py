@@ -4,7 +4,7 @@
     python -m bench --smoke                 # each benchmark at its smallest size (the CI smoke test)
     python -m bench --only policy_loss      # a benchmark (advantages, logprobs, policy_loss, ...) or a module
                                             # (kernels, cpp, sampler, rewards, train, vl, moe, integrations,
-                                            # checkpoint); repeatable
+                                            # checkpoint, optimizer); repeatable
     python -m bench --out DIR               # default bench/results/ (--smoke: a temporary folder)
     python -m bench --gpu-check [--dry-run] # the prepared check of every CUDA path (bench/gpu_check.py)
 
@@ -50,11 +50,12 @@ MODULES = {
     "moe": "bench.bench_moe",
     "integrations": "bench.bench_integrations",
     "checkpoint": "bench.bench_checkpoint",
+    "optimizer": "bench.bench_optimizer",
 }
 # the benchmark names the modules' cases carry (``--only`` takes these or a module name);
 # bench/test_bench_cases.py checks them against the cases
 BENCHES = ("advantages", "logprobs", "policy_loss", "policy_loss_logp", "sample_step", "sampler", "rewards", "judge",
-           "train", "vl_rollout", "moe", "integrations", "checkpoint")
+           "train", "vl_rollout", "moe", "integrations", "checkpoint", "optimizer")
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 

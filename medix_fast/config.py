@@ -207,6 +207,9 @@ class OptimConfig:
     # the device for each step; params: FSDP2's CPU offload (parameter shards, gradients and states on the host)
     offload: Literal["none", "optimizer", "params"] = "none"
     state_dtype: Literal["float32", "bfloat16"] = "float32"  # AdamW's two states; bfloat16 halves them
+    # bfloat16 states: rounded to nearest, or stochastically (unbiased: keeps exp_avg_sq's decay at beta2 0.999,
+    # which rounding to nearest loses after a few hundred steps; docs/training.md has the figures)
+    state_rounding: Literal["nearest", "stochastic"] = "nearest"
 
 
 @dataclass
@@ -491,6 +494,8 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"sampling.tensor_parallel: must be >= 1 (1: no split), got {s.tensor_parallel}")
     if cfg.optim.offload == "params" and cfg.distributed.strategy != "fsdp":
         raise ConfigError("optim.offload: params is FSDP2's CPU offload and needs distributed.strategy: fsdp")
+    if cfg.optim.state_rounding == "stochastic" and cfg.optim.state_dtype != "bfloat16":
+        raise ConfigError("optim.state_rounding: stochastic rounds bfloat16 states; set optim.state_dtype: bfloat16")
     if block_size_error(s.block_size):
         raise ConfigError(f"sampling.block_size: {block_size_error(s.block_size)}")
     if s.temperature == 0:

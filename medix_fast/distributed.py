@@ -315,18 +315,22 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
     return blocks + decoder_layers(model)
 
 
-def wrap(objective: nn.Module, model: nn.Module, strategy: str, info: DistInfo, compute_dtype: torch.dtype) -> nn.Module:
+def wrap(objective: nn.Module, model: nn.Module, strategy: str, info: DistInfo, compute_dtype: torch.dtype,
+         offload_params: bool = False) -> nn.Module:
     """The training module: ``objective`` as is (one process), in DDP, or with FSDP2 on ``model``.
 
     ``objective`` holds ``model``; its forward runs the whole loss, so DDP / FSDP see every
-    parameter (the LM head included) used inside one forward call.
+    parameter (the LM head included) used inside one forward call. ``offload_params`` (FSDP2 only,
+    ``optim.offload: params``): FSDP2's ``CPUOffloadPolicy``, the parameter shards and their gradients
+    in host memory (pinned on CUDA), copied to the device per unit for the forward and backward, so
+    the optimizer steps on the host.
     """
     if not info.enabled and strategy != "fsdp":
         return objective
     if strategy == "ddp":
         ids = [info.device.index] if info.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(objective, device_ids=ids)
-    return _fully_shard(objective, model, compute_dtype)
+    return _fully_shard(objective, model, compute_dtype, info.device if offload_params else None)
 
 
 def shard_reference(objective: nn.Module, model: nn.Module, strategy: str, info: DistInfo,
@@ -339,13 +343,16 @@ def shard_reference(objective: nn.Module, model: nn.Module, strategy: str, info:
     return _fully_shard(objective, model, compute_dtype)
 
 
-def _fully_shard(objective: nn.Module, model: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+def _fully_shard(objective: nn.Module, model: nn.Module, compute_dtype: torch.dtype,
+                 offload_from: torch.device | None = None) -> nn.Module:
+    """FSDP2 on every unit and the root; ``offload_from``: the shards on the host, not on that device."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    offload = OffloadPolicy() if offload_from is None else CPUOffloadPolicy(pin_memory=offload_from.type == "cuda")
     for unit in shard_units(model):
-        fully_shard(unit, mp_policy=policy)
-    fully_shard(objective, mp_policy=policy)
+        fully_shard(unit, mp_policy=policy, offload_policy=offload)
+    fully_shard(objective, mp_policy=policy, offload_policy=offload)
     # FSDP2 picks its root at the first forward; the sampler runs the inner model first, so
     # make the objective the root now (private hook: there is no public one in torch 2.13)
     objective._get_fsdp_state()._lazy_init()

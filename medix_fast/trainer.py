@@ -58,6 +58,7 @@ from .demo.cache import resolve_model_path
 from .model.loading import (compute_dtype, image_token_id, is_vl, load_image_processor, load_model,
                             set_vision_trainable, stop_ids)
 from .model.moe import is_moe, set_router_trainable
+from .optim.adamw import adamw
 from .report import Eta, clock, end_summary, eval_message, start_message
 from .rewards import build_reward
 from .rl.loss_options import check_config
@@ -149,12 +150,13 @@ class Trainer:
         self.objective = PolicyObjective(self.model, cfg.sampling.temperature, t.share_prompt,
                                          cfg.model.router_aux_loss_coef if is_moe(self.model.config) else 0.0,
                                          cfg.model.router_replay)
-        self.wrapped = D.wrap(self.objective, self.model, cfg.distributed.strategy, self.info, dtype)
-        autocast = dtype if dev.type == "cuda" and dtype != torch.float32 and not fsdp else None
         o = cfg.optim
+        self.wrapped = D.wrap(self.objective, self.model, cfg.distributed.strategy, self.info, dtype,
+                              offload_params=o.offload == "params")
+        autocast = dtype if dev.type == "cuda" and dtype != torch.float32 and not fsdp else None
         fused = not fsdp and dev.type in ("cpu", "cuda")  # one kernel, no host read of each step count (FSDP2: foreach)
-        self.optimizer = torch.optim.AdamW([p for p in self.wrapped.parameters() if p.requires_grad], lr=o.lr,
-                                           betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, fused=fused)
+        # optim.offload / state_dtype: torch's AdamW, or medix_fast/optim/adamw.py's with host / bf16 states
+        self.optimizer = adamw([p for p in self.wrapped.parameters() if p.requires_grad], o, fused)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(o, t.steps))
         ref = None
         if cfg.algorithm.beta > 0:

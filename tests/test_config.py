@@ -66,6 +66,8 @@ def test_int_accepted_for_float_and_yaml_exponent_string(tmp_path):
     ("distributed.dead_after_s=5", "dead_after_s > heartbeat_s"),
     ("distributed.heartbeat_s=-1", "distributed: need"),
     ("distributed.stall_warn_s=0", "distributed: need"),
+    ("optim.offload=params", "optim.offload: params is FSDP2's CPU offload and needs distributed.strategy"),
+    ("optim.state_rounding=stochastic", "optim.state_rounding: stochastic rounds bfloat16 states"),
 ])
 def test_bad_key_or_value_names_the_dotted_key(override, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
