@@ -18,8 +18,9 @@ from medix_fast.distributed import decoder_layers
 from medix_fast.generate import memory
 from medix_fast.generate.__main__ import main
 from medix_fast.generate.step_time import ALLREDUCE_LATENCY, step_time
-from medix_fast.model.footprint import (STREAM_BYTES, experts_read, host_memory, meta_model, parameter_counts,
+from medix_fast.model.footprint import (experts_read, host_memory, meta_model, parameter_counts,
                                         state_bytes, update_plan)
+from medix_fast.optim.adamw import device_bytes, host_bytes, staging_bytes
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -85,12 +86,15 @@ def test_a_decode_step_reads_the_experts_its_rows_are_routed_to():
 @pytest.mark.parametrize("offload", ["none", "optimizer", "params"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_where_the_training_state_lives(offload, dtype):
-    """Bytes per parameter on the device and the host for each optim.offload / state_dtype, and the
-    8B's update and rollout planning exactly those (states streamed through 2 x 256 MiB)."""
+    """Bytes per parameter on the device and the host for each optim.offload / state_dtype (the
+    optimizer's own table, optim.adamw), and the 8B's update and rollout planning exactly those
+    (plus the chunk buffers of the optimizer's step)."""
     b = state_bytes(offload, dtype)
     states = 8 if dtype == "float32" else 4
     assert {**b.device, **b.host} == {"master": 4, "grads": 4, "states": states}
     assert set(b.host) == {"none": set(), "optimizer": {"states"}, "params": {"master", "grads", "states"}}[offload]
+    assert b.device.get("master", 0) + b.device.get("states", 0) == device_bytes(offload, dtype)
+    assert b.host.get("master", 0) + b.host.get("states", 0) == host_bytes(offload, dtype)
     path = CONFIGS / "medix_r1_8b_dapo.yaml"
     model_config = memory.load_config("Qwen3-VL-8B-Instruct")
     counts = parameter_counts(model_config)
@@ -100,7 +104,7 @@ def test_where_the_training_state_lives(offload, dtype):
                        int(80e9), 8, {}, counts)
     on_device = sum(b.device.get(key, 0) for key in ("master", "states")) * p // 8
     assert base.update_bytes - plan.update_bytes == 12 * p // 8 - on_device + 4 * p // 8 * ("grads" in b.host) - (
-        STREAM_BYTES if offload == "optimizer" else 0)
+        staging_bytes(offload, dtype))
     assert base.logprobs_bytes - plan.logprobs_bytes == 12 * p // 8 - on_device
     rollout = memory.rollout_plan(load_config(path, [f"optim.offload={offload}", f"optim.state_dtype={dtype}"]),
                                   model_config, int(80e9), 8, counts, {})

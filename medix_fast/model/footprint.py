@@ -23,7 +23,8 @@ large configs; DDP holds whole copies and is for small models):
   prefetched), the checkpointed layer inputs of a micro-batch (``train.micro_batch_tokens``
   tokens; a VL model's image patches bounded by merge^2 per token), one layer recomputed with
   its gradients, the fused LM-head loss (a chunk of fp32 logits and the fp32 dW) and, under
-  ``optim.offload: optimizer``, the buffers AdamW's states stream through (``STREAM_BYTES``).
+  ``optim.offload: optimizer`` or bf16 states, the chunk buffers of AdamW's step
+  (``optim.adamw.staging_bytes``).
 Without ``model.gradient_checkpointing`` every layer's activations stay for the backward.
 A mixture-of-experts layer's activations count the ``num_experts_per_tok`` experts each token
 runs (its gathered input, gate/up, activation and output), not all of them; its parameters count
@@ -153,7 +154,6 @@ def vision_width(config) -> int:
 
 
 TARGET = 0.9  # of the device's memory a phase may plan for (77.3 of 80 GB left no margin)
-STREAM_BYTES = 2 * 256 * 2**20  # optim.offload: optimizer: the device buffers AdamW's states stream through
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,14 +173,19 @@ class StateBytes:
 
 
 def state_bytes(offload: str, state_dtype: str) -> StateBytes:
-    """What ``optim.offload`` and ``optim.state_dtype`` keep where, per parameter (the one place the
-    plan reads them from): ``none`` all on the device; ``optimizer`` AdamW's states on the host,
-    streamed through the device each optimizer step; ``params`` (FSDP2's CPUOffloadPolicy) the
-    master weights, gradients and states on the host, the device holding only the bf16 units being
-    computed. AdamW's states are 8 bytes in fp32, 4 in bf16."""
-    terms = {"master": 4, "grads": 4, "states": 8 if state_dtype == "float32" else 4}
-    host = {"none": (), "optimizer": ("states",), "params": tuple(terms)}[offload]
-    return StateBytes({k: v for k, v in terms.items() if k not in host}, {k: terms[k] for k in host})
+    """What ``optim.offload`` and ``optim.state_dtype`` keep where, per parameter, from the optimizer's
+    own table (``optim.adamw``: :func:`device_bytes` / :func:`host_bytes` of the master and the two
+    states): ``none`` all on the device; ``optimizer`` AdamW's states on the host, streamed through the
+    device each optimizer step; ``params`` (FSDP2's CPUOffloadPolicy) the master weights, gradients and
+    states on the host, the device holding only the bf16 units being computed. The fp32 gradient shard
+    lives where the master does."""
+    from ..optim.adamw import MASTER_BYTES, STATE_BYTES, device_bytes, host_bytes
+
+    terms = {"master": MASTER_BYTES, "grads": MASTER_BYTES, "states": 2 * STATE_BYTES[state_dtype]}
+    on_host = {"master": host_bytes(offload, state_dtype) > 2 * STATE_BYTES[state_dtype],
+               "states": device_bytes(offload, state_dtype) < MASTER_BYTES + terms["states"]}
+    on_host["grads"] = on_host["master"]
+    return StateBytes({k: v for k, v in terms.items() if not on_host[k]}, {k: v for k, v in terms.items() if on_host[k]})
 
 
 @dataclasses.dataclass
@@ -352,7 +357,9 @@ def _plan_at(cfg, model_config, device_bytes: int, world: int, reward_params: di
     update |= {"root unit unsharded (bf16 + grads + fp32 reduce)": 8 * c.root,
               "two layers gathered, one's grads + fp32 reduce": 10 * c.largest_unit,
               **activations, "fused LM-head loss (fp32 chunk, fp32 dW)": lm_head}
-    if o.offload == "optimizer":
-        update["AdamW states streamed through (chunk buffers)"] = STREAM_BYTES
+    from ..optim.adamw import staging_bytes
+
+    if staging_bytes(o.offload, o.state_dtype):
+        update["AdamW step buffers (chunks streamed / widened)"] = staging_bytes(o.offload, o.state_dtype)
     return UpdatePlan(c, int(device_bytes), world, resident, logprobs, update, offload=o.offload,
                       old_logprobs=cfg.algorithm.old_logprobs)
