@@ -21,7 +21,7 @@ from medix_fast.generate.tensor_parallel import TensorParallelCopy, tensor_paral
 from medix_fast.model.loading import load_model
 
 WORKER = str(Path(__file__).parent / "tp_worker.py")
-MODELS = ["tiny", "tiny-moe", "tiny-vl-moe"]
+MODELS = ["tiny", "tiny-vl", "tiny-moe", "tiny-vl-moe"]
 
 
 @pytest.fixture(scope="module")

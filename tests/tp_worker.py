@@ -3,7 +3,8 @@
     python tp_worker.py OUT engine     # GroupSampler(k = 2) against one Sampler on the whole policy
     python tp_worker.py OUT train      # a training step with sampling.tensor_parallel 1 and 2, a resume across
 
-engine: on tiny, tiny-MoE (with the routing record) and tiny-VL-MoE (with images), each rank
+engine: on tiny (Qwen2: q/k/v biases), tiny-VL (Qwen2.5-VL, images; its attention derives the head size
+from hidden / heads), tiny-MoE (with the routing record) and tiny-VL-MoE (images), each rank
 samples its own prompts (uneven counts; rank 1 also sits one call out) with the group sampler, and
 with a Sampler on the unsharded weights; a pool small enough to preempt on the MoE model (rank 1
 given a larger K/V budget: the group must use the smaller).
@@ -38,7 +39,7 @@ def engine(out: Path, info: D.DistInfo) -> None:
     from medix_fast.model.loading import load_image_processor, load_model
 
     results = {}
-    for name in (sys.argv[3].split(",") if len(sys.argv) > 3 else ("tiny", "tiny-moe", "tiny-vl-moe")):
+    for name in (sys.argv[3].split(",") if len(sys.argv) > 3 else ("tiny", "tiny-vl", "tiny-moe", "tiny-vl-moe")):
         path = resolve_model_path(name)
         model, tokenizer = load_model(path, dtype=torch.float32, device="cpu")
         prompts, images = PROMPTS[info.rank], None
