@@ -32,11 +32,10 @@ import copy as _copy
 import re
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from .. import distributed as D
 from ..model.moe import text_config
-from ..watchdog import waiting
 
 _LAYER = re.compile(r"(^|\.)layers\.\d+\.")  # a decoder layer's parameters (the vision tower's are blocks.N)
 _COLUMN = re.compile(r"\.mlp\.(shared_expert\.)?(gate_proj|up_proj)\.(weight|bias)$")
@@ -86,9 +85,7 @@ def _linear(old: nn.Linear, out_div: int = 1, in_div: int = 1, out_features: int
 def _split_modules(model: nn.Module, k: int, kv_local: int, head_dim: int) -> None:
     """Replace each decoder layer's projections, MLP and expert weights (on the meta device) by
     one rank's share, and the head counts the attention keeps."""
-    from ..distributed import decoder_layers
-
-    for layer in decoder_layers(model):
+    for layer in D.decoder_layers(model):
         attn = layer.self_attn
         heads = attn.q_proj.out_features // head_dim // k
         attn.q_proj = _linear(attn.q_proj, k)
@@ -147,7 +144,7 @@ class TensorParallelCopy:
         if self.tied:
             self.model.get_output_embeddings().weight = self.model.get_input_embeddings().weight
         try:
-            with torch.no_grad(), waiting("all_gather(tensor-parallel copy)"):
+            with torch.no_grad(), D.waiting("all_gather(tensor-parallel copy)"):
                 self._fill()
             yield self.model
         finally:
@@ -210,13 +207,11 @@ class TensorParallelCopy:
     # ------------------------------------------------------------------ forward
     def _reduced_modules(self) -> list[nn.Module]:
         """Each decoder layer's attention and MLP (or expert block): their outputs are partial sums."""
-        from ..distributed import decoder_layers
-
-        return [m for layer in decoder_layers(self.model) for m in (layer.self_attn, layer.mlp)]
+        return [m for layer in D.decoder_layers(self.model) for m in (layer.self_attn, layer.mlp)]
 
     def _all_reduce(self, module, args, output):
         out = output[0] if isinstance(output, tuple) else output
-        dist.all_reduce(out, group=self.group)  # in place: every rank of the group gets the sum
+        D.all_reduce(out, out.device, "sum", self.group)  # in place: every rank of the group gets the sum
         return output
 
     def remove(self) -> None:
