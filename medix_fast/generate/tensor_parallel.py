@@ -63,12 +63,16 @@ def tensor_parallel_error(config, k: int, world: int | None = None) -> str | Non
     return None
 
 
+def _head_dim(text) -> int:
+    return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+
+
 def localize_config(config, k: int) -> None:
     """Make ``config``'s text model (in place) describe one rank's share of a ``k``-way split: what
     the K/V pool and the memory plan read. The modules are built from the full config first
     (some architectures derive the head size from hidden / heads) and split by ``_split_modules``."""
     text = text_config(config)
-    text.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    text.head_dim = _head_dim(text)
     text.num_attention_heads //= k
     text.num_key_value_heads = max(1, text.num_key_value_heads // k)
     for name in ("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size"):
@@ -123,7 +127,7 @@ class TensorParallelCopy:
         self.source, self.k, self.group, self.rank = model, k, group, group_rank
         self.dtype, self.device = dtype, torch.device(device)
         text = text_config(model.config)
-        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self.head_dim = _head_dim(text)
         self.heads, self.kv_heads = text.num_attention_heads, text.num_key_value_heads
         with torch.device("meta"):
             self.model = type(model)._from_config(_copy.deepcopy(model.config), dtype=dtype)
@@ -133,7 +137,8 @@ class TensorParallelCopy:
         self.tied = head is not None and head.weight is model.get_input_embeddings().weight
         self.model.eval().requires_grad_(False)
         self.model.generation_config = model.generation_config
-        self._hooks = [m.register_forward_hook(self._all_reduce) for m in self._reduced_modules()]
+        for module in self._reduced_modules():
+            module.register_forward_hook(self._all_reduce)
 
     # ------------------------------------------------------------------ weights
     @contextlib.contextmanager
@@ -213,7 +218,3 @@ class TensorParallelCopy:
         out = output[0] if isinstance(output, tuple) else output
         D.all_reduce(out, out.device, "sum", self.group)  # in place: every rank of the group gets the sum
         return output
-
-    def remove(self) -> None:
-        for h in self._hooks:
-            h.remove()
