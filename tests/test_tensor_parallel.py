@@ -77,6 +77,13 @@ def test_a_training_step_with_tensor_parallel_equals_the_unsharded_one(trained):
     assert any(not torch.equal(before[k], v) for k, v in whole.items())  # the step moved the weights
 
 
+def test_held_out_evaluation_runs_on_the_group_sampler(trained):
+    """3 items over 2 ranks: a rank without items takes part in its group's calls (greedy and pass@k)."""
+    for results in trained:
+        metrics = results["tp2_eval"]
+        assert 0 <= metrics["eval/mean_accuracy"] <= 1 and 0 <= metrics["eval/pass@1"] <= metrics["eval/pass@2"] <= 1
+
+
 @pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
 @pytest.mark.parametrize("k", [2, 4])
 def test_shares_concatenate_to_the_policy(name, k):

@@ -9,7 +9,7 @@ samples its own prompts (uneven counts; rank 1 also sits one call out) with the 
 with a Sampler on the unsharded weights; a pool small enough to preempt on the MoE model (rank 1
 given a larger K/V budget: the group must use the smaller).
 train: two Trainer steps with sampling.tensor_parallel 1 (FSDP2), a checkpoint after the first; the
-second step again by a Trainer with 2 resumed from that checkpoint.
+second step again by a Trainer with 2 resumed from that checkpoint, then its held-out evaluation.
 Rank r writes ``OUT/<part>_rank<r>.pt`` for the test to compare.
 """
 from __future__ import annotations
@@ -71,6 +71,7 @@ def engine(out: Path, info: D.DistInfo) -> None:
 
 def train(out: Path, info: D.DistInfo) -> None:
     from medix_fast.config import load_config
+    from medix_fast.eval.evaluator import Evaluator
     from medix_fast.trainer import Trainer
 
     def trainer(k: int, run: str, resume: str | None = None) -> Trainer:
@@ -93,6 +94,13 @@ def train(out: Path, info: D.DistInfo) -> None:
     results["tp1_step2"] = step(whole)
     resumed = trainer(2, "tp2", resume=str(out / "tp1" / "checkpoints" / "step_00000001"))
     results["tp2_step2"] = step(resumed)
+    # held-out evaluation on the group sampler: 3 items over 2 ranks in batches of 1 per rank (the evaluator's
+    # batch is the sampler's max_num_seqs), so rank 1 sits out the last greedy call and the last pass@2 call
+    resumed.sampler.max_num_seqs = 1
+    resumed.evaluator = Evaluator.from_config(
+        load_config(None, ["data.val_files=[sample:test]", "eval.every=1", "eval.limit=3", "eval.samples=2",
+                           "sampling.max_new_tokens=12"]), resumed.tokenizer, resumed.info)
+    results["tp2_eval"] = resumed.evaluate(2)
     torch.save(results, out / f"train_rank{info.rank}.pt")
 
 
