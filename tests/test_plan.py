@@ -187,7 +187,8 @@ def test_a_tensor_parallel_size_the_plan_cannot_split_is_refused(capsys):
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and err.startswith(f"error: sampling.tensor_parallel: {k} must divide the 32 "
                                                           f"query heads and the world of {world} GPUs")
-    assert memory.tensor_parallel_sizes(28, 8) == [1, 2, 4] and memory.tensor_parallel_error(2, 28, 8) is None
+    seven_b = memory.load_config("Qwen2.5-VL-7B-Instruct")  # 28 query heads
+    assert memory.tensor_parallel_sizes(seven_b, 8) == [1, 2, 4] and memory.tensor_parallel_error(2, seven_b, 8) is None
 
 
 def test_a_checkpoint_directory_is_read_from_its_config(tmp_path):

@@ -64,7 +64,7 @@ def test_tensor_parallel_weights_and_kv_against_a_meta_shard(name):
     counts = parameter_counts(config)
     model = meta_model(config)
     assert model.parameters().__next__().device == torch.device("meta")
-    for k in memory.tensor_parallel_sizes(text.num_attention_heads, 8):
+    for k in memory.tensor_parallel_sizes(config, 8):
         assert counts.per_rank(k, text.num_key_value_heads) == shard_numel(model, k, text.num_key_value_heads,
                                                                            head_dim), k
         heads = max(1, text.num_key_value_heads // k)

@@ -9,7 +9,7 @@ The model comes from ``--model-config`` (a checkpoint directory, a config.json, 
 ``medix_fast.generate.memory.KNOWN_MODELS``), else from ``model.path`` (a checkpoint, or a known
 name as its last component: the shipped configs' placeholder paths). No weights are loaded: the
 parameters are counted on the meta device. Dotted overrides after the options change the config;
-a ``sampling.tensor_parallel`` that does not divide the query heads and ``--world`` is refused.
+a ``sampling.tensor_parallel`` the sampler cannot split the model or ``--world`` by is refused (its own rule).
 It prints the rollout (``memory.rollout_plan``), the host memory per node of ``--gpus-per-node``
 (``model.footprint.host_memory``, against ``--host-memory-gb``), under FSDP the training side
 (``model.footprint.update_plan``: old log-probs and the update) and the step's peak, the largest
@@ -61,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         from .step_time import step_time
 
         model_config = memory.load_config(args.model_config or cfg.model.path)
-        error = memory.tensor_parallel_error(cfg.sampling.tensor_parallel,
-                                             model_config.get_text_config().num_attention_heads, args.world)
+        error = memory.tensor_parallel_error(cfg.sampling.tensor_parallel, model_config, args.world)
         if error:
             raise ConfigError(error)
         rewards = memory.reward_model_params(cfg)

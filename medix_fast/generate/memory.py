@@ -140,17 +140,24 @@ def kv_bytes_per_token(text_config, dtype: torch.dtype = torch.bfloat16, tensor_
     return 2 * layers * -(-kv_heads // tensor_parallel) * head_dim * dtype.itemsize
 
 
-def tensor_parallel_sizes(heads: int, world: int) -> list[int]:
-    """The ``sampling.tensor_parallel`` values the plan accepts: divisors of both the query heads and the world."""
-    return [k for k in range(1, world + 1) if world % k == 0 and heads % k == 0]
+def tensor_parallel_sizes(model_config, world: int) -> list[int]:
+    """The ``sampling.tensor_parallel`` values the model and the world allow, by the sampler's own rule
+    (``tensor_parallel.tensor_parallel_error``: heads, K/V heads, MLP and expert widths, the world)."""
+    from .tensor_parallel import tensor_parallel_error as why_not
+
+    return [k for k in range(1, world + 1) if why_not(model_config, k, world) is None]
 
 
-def tensor_parallel_error(k: int, heads: int, world: int) -> str | None:
-    """Why the plan refuses ``sampling.tensor_parallel`` ``k`` for ``heads`` query heads on ``world`` GPUs, or None."""
-    if k in tensor_parallel_sizes(heads, world):
+def tensor_parallel_error(k: int, model_config, world: int) -> str | None:
+    """Why the plan refuses ``sampling.tensor_parallel`` ``k`` for ``model_config`` on ``world`` GPUs, or None."""
+    from .tensor_parallel import tensor_parallel_error as why_not
+
+    sizes = tensor_parallel_sizes(model_config, world)
+    if k in sizes:
         return None
+    heads = model_config.get_text_config().num_attention_heads
     return (f"sampling.tensor_parallel: {k} must divide the {heads} query heads and the world of {world} GPUs "
-            f"(one of {tensor_parallel_sizes(heads, world)})")
+            f"(one of {sizes}): {why_not(model_config, k, world)}")
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -282,8 +289,7 @@ def rollout_plan(cfg, model_config, device_bytes: int, world: int = 8, counts=No
     ).fits), None)
     plan.fitting_utilization = _fitting_utilization(cfg, model_config, device_bytes, world, counts, reward_params,
                                                     plan.tensor_parallel)
-    heads = model_config.get_text_config().num_attention_heads
-    for k in (k for k in tensor_parallel_sizes(heads, world) if k > plan.tensor_parallel):
+    for k in (k for k in tensor_parallel_sizes(model_config, world) if k > plan.tensor_parallel):
         utilization = _fitting_utilization(cfg, model_config, device_bytes, world, counts, reward_params, k)
         if utilization is not None:
             plan.fitting_tensor_parallel = (k, utilization)
