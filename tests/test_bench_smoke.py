@@ -25,15 +25,18 @@ def _clean_env() -> dict:
     return {**env, "OMP_NUM_THREADS": "1"}
 
 
-def _bench(tmp_path, *args):
-    proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--threads", "1", "--out", str(tmp_path), *args],
+def _bench(*args):
+    """``python -m bench --smoke --threads 1 ARGS``: the report's header, rows, Markdown and folder."""
+    proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--threads", "1", *args],
                           cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    with open(tmp_path / "cpu_smoke.csv") as f:
+    csv_path = re.search(r"\[bench\] wrote (\S+) and", proc.stdout).group(1)
+    with open(csv_path) as f:
         lines = f.read().splitlines()
     meta = dict(line[2:].split(": ", 1) for line in lines if line.startswith("# "))
     rows = list(csv.DictReader(line for line in lines if not line.startswith("#")))
-    return meta, rows, (tmp_path / "cpu_smoke.md").read_text()
+    with open(csv_path.removesuffix(".csv") + ".md") as f:
+        return meta, rows, f.read(), os.path.dirname(csv_path)
 
 
 def _check_subject_rows(rows):
@@ -48,7 +51,7 @@ def _check_subject_rows(rows):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="CPU peak memory is read from /proc")
 def test_smoke_run_covers_every_benchmark(tmp_path):
-    meta, rows, md = _bench(tmp_path)
+    meta, rows, md, _ = _bench("--out", str(tmp_path))
     assert {"advantages", "logprobs", "policy_loss", "sampler", "rewards", "train"} <= {r["bench"] for r in rows}
     subject = _check_subject_rows(rows)
     losses = {r["case"] for r in subject if r["bench"] == "policy_loss"}
@@ -71,8 +74,14 @@ def test_smoke_run_covers_every_benchmark(tmp_path):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="CPU peak memory is read from /proc")
-def test_isolated_mode_measures_in_fresh_processes(tmp_path):
-    meta, rows, _ = _bench(tmp_path, "--only", "advantages", "--isolate")
+def test_isolated_mode_measures_in_fresh_processes_and_leaves_the_results_folder_alone():
+    """Without --out a smoke run writes to a temporary folder: bench/results/ holds results only."""
+    results = os.path.join(ROOT, "bench", "results")
+    before = sorted(os.walk(results))
+    meta, rows, _, folder = _bench("--only", "advantages", "--isolate")
+    assert not folder.startswith(results), folder
+    shutil.rmtree(folder)
+    assert sorted(os.walk(results)) == before
     assert {r["bench"] for r in rows} == {"advantages"}
     assert "fresh process per case" in meta["cases"]
     _check_subject_rows(rows)
@@ -90,23 +99,12 @@ def test_bench_pytest_front_end_runs_its_cases(tmp_path):
     assert " passed" in summary and "failed" not in summary and "error" not in summary, summary
 
 
-def test_a_smoke_run_leaves_nothing_in_the_results_folder():
-    """Without --out a smoke run writes to a temporary folder: bench/results/ holds results only."""
-    results = os.path.join(ROOT, "bench", "results")
-    before = sorted(os.walk(results))
-    proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--threads", "1", "--only", "advantages"],
-                          cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    csv_path = re.search(r"\[bench\] wrote (\S+) and", proc.stdout).group(1)
-    assert os.path.isfile(csv_path) and not csv_path.startswith(results), csv_path
-    shutil.rmtree(os.path.dirname(csv_path))
-    assert sorted(os.walk(results)) == before
+def test_unknown_only_name_is_an_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(ROOT)  # bench/ is not installed: it runs from the repo root
+    from bench.run import main
 
-
-def test_unknown_only_name_is_an_error(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--only", "no_such_bench", "--out",
-                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 2 and "no_such_bench" in proc.stderr
+    assert main(["--smoke", "--only", "no_such_bench", "--out", str(tmp_path)]) == 2
+    assert "no_such_bench" in capsys.readouterr().err and not os.listdir(tmp_path)
 
 
 def test_help_lists_the_only_names_and_the_gpu_check(monkeypatch):
