@@ -33,7 +33,7 @@ from ..errors import ConfigError
 from ..kernels import group_advantages
 from ..seeds import mix_seed
 from .batch import Sequences, pad_rows
-from .carry import Carry, Pending, staleness_tokens
+from .carry import Carry, staleness_tokens
 
 
 @dataclass
@@ -137,6 +137,9 @@ class Rollout:
         for (p, _), image in zip(call.entries[len(call.entries) - len(ids):], self.pixels(ids)):
             p.image = image  # decoded once: a carried group keeps its prompt's pixels
         done = self.carry.absorb(call, self._sample(call, s, r.stop_share), step)
+        late = [p.prompt for p in done if step - p.born > r.max_staleness]
+        if late:  # the required rows of a due group finish before the call stops: never reached
+            raise RuntimeError(f"prompts {late}: trained more than rollout.max_staleness={r.max_staleness} steps late")
         t1 = time.perf_counter()
         comps = [c for p in done for c in p.tokens]
         draw = _Draw([self.prompts[p.prompt].ids for p in done for _ in range(g)],
