@@ -51,6 +51,7 @@ MODULES = {
     "integrations": "bench.bench_integrations",
     "checkpoint": "bench.bench_checkpoint",
     "optimizer": "bench.bench_optimizer",
+    "partial": "bench.bench_partial",
 }
 # the benchmark names the modules' cases carry (``--only`` takes these or a module name);
 # bench/test_bench_cases.py checks them against the cases

@@ -155,6 +155,17 @@ class SamplingConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """Partial rollouts (``rl/carry.py``): a step's sampling stops once ``stop_share`` of its rows
+    are done; the unfinished rows keep their tokens and behaviour log-probs and go on in the next
+    step's call, under the updated weights, until their group is done. A group is trained at most
+    ``max_staleness`` steps after its first call (its rows are then required to finish)."""
+    partial: bool = False
+    stop_share: float = 0.9  # of the call's rows (carried and fresh) finished before it stops; 1: never early
+    max_staleness: int = 1  # steps between a group's first sampled tokens and its update
+
+
+@dataclass
 class AlgorithmConfig:
     advantage_estimator: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
     # TRL 1.16's loss types, kernels/loss_specs.py's LOSS_TYPES (tests/test_loss_options.py checks): their
@@ -287,6 +298,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     rewards: RewardConfig = field(default_factory=RewardConfig)
@@ -490,6 +502,14 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"sampling: need max_num_seqs >= 1, max_prefill_tokens >= 1, kv_cache_gb > 0 and "
                           f"0 < gpu_memory_utilization <= 1; got {s.max_num_seqs}, {s.max_prefill_tokens}, "
                           f"{s.kv_cache_gb}, {s.gpu_memory_utilization}")
+    r = cfg.rollout
+    if r.partial and not (0 < r.stop_share <= 1 and r.max_staleness >= 1):
+        raise ConfigError(f"rollout: partial needs 0 < stop_share <= 1 and max_staleness >= 1, got {r.stop_share}, "
+                          f"{r.max_staleness}")
+    if r.partial and (a.old_logprobs != "recompute" or not (a.tis_cap or a.mis_level)):
+        raise ConfigError("rollout.partial: carried tokens come from older policies; decoupled PPO needs "
+                          "algorithm.old_logprobs: recompute (the proximal policy) and algorithm.tis_cap (e.g. 2.0) "
+                          "or algorithm.mis_level (the behaviour correction)")
     if s.tensor_parallel < 1:
         raise ConfigError(f"sampling.tensor_parallel: must be >= 1 (1: no split), got {s.tensor_parallel}")
     if cfg.optim.offload == "params" and cfg.distributed.strategy != "fsdp":

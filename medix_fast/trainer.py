@@ -62,7 +62,7 @@ from .optim.adamw import adamw
 from .report import Eta, clock, end_summary, eval_message, start_message
 from .rewards import build_reward
 from .rl.loss_options import check_config
-from .rl.rollout import Rollout
+from .rl.rollout import Rollout, max_trained_groups
 from .rl.update import PolicyObjective, Updater
 from .rollouts_log import rollout_records, show_rollouts, write_rollouts
 from .run_dir import set_aside_after
@@ -168,7 +168,7 @@ class Trainer:
                                     cfg.distributed.strategy, self.info, dtype)
         self.updater = Updater(self.objective, self.wrapped, self.optimizer, cfg.algorithm, t, cfg.sampling, self.info,
                                pad_id=self.tokenizer.pad_token_id or 0, ref_objective=ref, autocast_dtype=autocast,
-                               grad_clip=o.grad_clip)
+                               grad_clip=o.grad_clip, max_groups=max_trained_groups(cfg, self.info.world))
 
         world, s = self.info.world, cfg.sampling
         engine = dict(max_num_seqs=s.max_num_seqs, kv_cache_gb=s.kv_cache_gb, block_size=s.block_size,
@@ -226,9 +226,27 @@ class Trainer:
         self.loader.load_state_dict(state["loader"])
         self.updater.nonfinite_in_a_row = state["nonfinite_in_a_row"]
         C.restore_rng(path, self.info.rank, self.info.world, self.cfg.train.seed)
+        self._restore_carry(state.get("carry"), state["world"], path)
         self.step, self.run_id = state["step"], state["run_id"]
         log.info("resumed from %s at step %d (written by %d rank%s, now %d)", path, self.step, state["world"],
                  "s" * (state["world"] != 1), self.info.world)
+
+    def _restore_carry(self, carry: list | None, world: int, path: Path) -> None:
+        """Partial rollouts: each rank's groups in flight, as saved by the same number of ranks
+        (a rank's groups are its own); otherwise dropped, with a line saying how many."""
+        if self.rollout.carry is None or not carry:
+            if carry and any(carry):
+                log.warning("%s holds %d groups in flight (rollout.partial); this run does not carry: dropped",
+                            path, sum(map(len, carry)))
+            return
+        if world != self.info.world:
+            log.warning("%s: %d groups in flight were written by %d ranks, now %d: dropped (their prompts are "
+                        "not drawn again)", path, sum(map(len, carry)), world, self.info.world)
+            return
+        self.rollout.carry.load(carry[self.info.rank], self.info.device)
+        fresh = [self.rollout.pixels([p.prompt])[0] for p in self.rollout.carry.pending]
+        for p, image in zip(self.rollout.carry.pending, fresh):
+            p.image = image
 
     def save(self, hf: bool = False) -> Path:
         """Checkpoint this step (every rank; written in the background with checkpoint.async_save),
@@ -244,6 +262,8 @@ class Trainer:
 
         trainer_state = {"scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict(),
                          "nonfinite_in_a_row": self.updater.nonfinite_in_a_row}
+        if self.rollout.carry is not None:  # every rank's groups in flight (rank 0 writes them)
+            trainer_state["carry"] = D.all_gather_objects(self.rollout.carry.state())
         state = D.training_state(self.wrapped, self.model, self.optimizer, self.cfg.checkpoint.save_optimizer)
         return self.checkpointer.save(self.step, state, trainer_state, write_extra)
 

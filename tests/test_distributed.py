@@ -71,15 +71,19 @@ def test_two_ranks_equal_one_process(two_process_results, strategy, name):
 
 def test_two_process_fsdp_training_run(tmp_path):
     """The whole loop under torchrun with FSDP2 (and a sharded KL reference): per-rank rollouts, unsharded generation,
-    DAPO's cross-rank dynamic-sampling agreement, a gathered HF checkpoint."""
+    DAPO's cross-rank dynamic-sampling agreement, a gathered HF checkpoint; partial rollouts, each rank
+    carrying its own groups, every rank's saved with the checkpoint."""
     out = tmp_path / "run"
     torchrun(["-m", "medix_fast.train", "distributed.strategy=fsdp", "train.steps=2", "train.prompts_per_step=4",
-              "train.mini_batch_prompts=2", "sampling.group_size=4", "sampling.max_new_tokens=12",
+              "train.mini_batch_prompts=2", "sampling.group_size=4", "sampling.max_new_tokens=32",
               "algorithm.chunk_prompts=4", "algorithm.max_tries=2", "algorithm.beta=0.02", "eval.every=2", "eval.limit=4",
+              "rollout.partial=true", "rollout.stop_share=0.5", "algorithm.tis_cap=2.0",
               "checkpoint.every=2", "logging.progress=false", f"train.output_dir={out}"], tmp_path)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2]  # 0: the held-out baseline
     assert "eval/overall" in records[2]
+    carry = json.loads((out / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())["carry"]
+    assert len(carry) == 2 and len(carry[0]) + len(carry[1]) == records[2]["rollout/carried_groups"] > 0
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out / "checkpoints" / "step_00000002" / "model")

@@ -59,6 +59,14 @@ def test_moe_routing_record_and_preemption_agree(engine):
             assert torch.equal(ours, alone), rank  # the same experts chosen for every token
 
 
+@pytest.mark.parametrize("name", ["tiny", "tiny-vl"])
+def test_a_group_call_stopped_early_and_continued_equals_one_call(engine, name):
+    for rank in (0, 1):
+        pieces, _, whole = engine[rank][name]["pieces"]
+        assert pieces == whole, rank
+    assert engine[0][name]["pieces"][1] + engine[1][name]["pieces"][1] > 0  # rows were left and continued
+
+
 def test_a_rank_without_prompts_takes_part_in_its_group(engine):
     assert [len(engine[r]["tiny"]["sat_out"]) for r in (0, 1)] == [4, 0]  # rank 0's 2 prompts x 2; rank 1 none
 

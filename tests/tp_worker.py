@@ -32,6 +32,24 @@ def samples(sampler, prompts, images, seed, **kw):
             "routing": [r.cpu() for r in out.routing] if out.routing is not None else None}
 
 
+def in_pieces(group, prompts, images, seed) -> tuple[list[list[int]], int]:
+    """The call of ``samples`` stopped at half of the group's rows, its unfinished rows continued by
+    later calls (one more stopped at half, then one to the end); every rank takes part in each call,
+    with no rows when it has none left. Returns the tokens and how many rows the first call left."""
+    seeds = [(seed, k) for k in range(3 * len(prompts))]
+    out = group.generate(prompts, n=3, max_new_tokens=40, row_seeds=seeds, images=images, stop_share=0.5)
+    tokens, logps, reasons = list(out.completion_ids), list(out.logprobs), list(out.finish_reasons)
+    cut = reasons.count("partial")
+    for share in (0.5, None):
+        left = [k for k, r in enumerate(reasons) if r == "partial"]
+        nxt = group.generate([prompts[k // 3] for k in left], n=1, max_new_tokens=40,
+                             row_seeds=[seeds[k] for k in left], continued=[(tokens[k], logps[k]) for k in left],
+                             images=None if images is None else [images[k // 3] for k in left], stop_share=share)
+        for j, k in enumerate(left):
+            tokens[k], logps[k], reasons[k] = nxt.completion_ids[j], nxt.logprobs[j], nxt.finish_reasons[j]
+    return tokens, cut
+
+
 def engine(out: Path, info: D.DistInfo) -> None:
     from medix_fast.config import DataConfig
     from medix_fast.data.loader import build_prompts, load_examples
@@ -64,6 +82,9 @@ def engine(out: Path, info: D.DistInfo) -> None:
             sat_out = group.generate([] if info.rank == 1 else prompts, n=2, max_new_tokens=4,
                                      images=None if info.rank == 1 or images is None else images)
             result["sat_out"] = sat_out.completion_ids
+            if name in ("tiny", "tiny-vl"):  # partial calls (generate/partial.py) over the group's union
+                whole_call = group.generate(prompts, n=3, max_new_tokens=40, seed=21, images=images)
+                result["pieces"] = (*in_pieces(group, prompts, images, 21), whole_call.completion_ids)
         result["weights_after"] = str(next(group.copy.model.parameters()).device)
         results[name] = result
     torch.save(results, out / f"engine_rank{info.rank}.pt")

@@ -58,33 +58,51 @@ class GroupSampler:
     def release(self) -> None:
         self.sampler.release()
 
-    def generate(self, prompt_ids: list, n: int = 1, max_new_tokens: int = 256, temperature: float = 1.0,
+    def generate(self, prompt_ids: list, n: int | list[int] = 1, max_new_tokens: int = 256, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, stop_token_ids: list[int] | None = None,
-                 seed: int | None = None, logprobs_mode: str = "raw", images: list | None = None) -> SamplerOutput:
-        """:meth:`Sampler.generate` over the union of the group's prompts; this rank's rows back."""
+                 seed: int | None = None, logprobs_mode: str = "raw", images: list | None = None,
+                 row_seeds: list | None = None, continued: list | None = None, stop_share: float | None = None,
+                 required: list[bool] | None = None) -> SamplerOutput:
+        """:meth:`Sampler.generate` over the union of the group's prompts; this rank's rows back.
+        ``stop_share`` counts the union's rows (so every rank stops at the same step)."""
         prompts = [p.tolist() if torch.is_tensor(p) else list(p) for p in prompt_ids]
-        if seed is None and prompts:
+        if seed is None and prompts and row_seeds is None:
             seed = int(torch.randint(0, 2**62, ()).item())
-        call = dict(n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                    stop_token_ids=stop_token_ids, logprobs_mode=logprobs_mode)
-        parts = D.all_gather_objects((prompts, images, seed, call), self.group)
-        calls = [c for p, _, _, c in parts if p]
+        counts = [n] * len(prompts) if not isinstance(n, (list, tuple)) else list(n)
+        rows = sum(counts)
+        if row_seeds is None:
+            row_seeds = [(seed, row) for row in range(rows)]
+        call = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                    stop_token_ids=stop_token_ids, logprobs_mode=logprobs_mode, stop_share=stop_share)
+        tokens = None if continued is None else [None if c is None else list(c[0]) for c in continued]
+        mine = (prompts, counts, images, row_seeds, tokens, required)  # log-probs stay here: only ours return
+        parts = D.all_gather_objects((mine, call), self.group)
+        calls = [c for (p, *_), c in parts if p]
         if any(c != calls[0] for c in calls):
             raise ValueError(f"sampling.tensor_parallel: the ranks of a group asked for different samplings: {calls}")
-        union = [p for part in parts for p in part[0]]
-        if not union:
+        if not calls:
             return SamplerOutput([], [], [])
-        n = calls[0]["n"]
-        pictures = None
-        if any(part[1] is not None for part in parts):
-            pictures = [img for p, imgs, _, _ in parts for img in (imgs if imgs is not None else [None] * len(p))]
-        row_seeds = [(seed_r, row) for p, _, seed_r, _ in parts for row in range(len(p) * n)]
-        out = self.sampler.generate(union, images=pictures, row_seeds=row_seeds, **calls[0])
+        union = [part for part, _ in parts]
+        pictures = continuing = needed = None
+        if any(u[2] is not None for u in union):
+            pictures = [i for u in union for i in (u[2] if u[2] is not None else [None] * len(u[0]))]
+        if any(u[4] is not None for u in union):
+            continuing = []
+            for r, u in enumerate(union):
+                if r == self.copy.rank:
+                    continuing += continued or [None] * rows
+                else:  # another rank's rows: its tokens, placeholder log-probs (it keeps its own)
+                    continuing += [None if c is None else (c, torch.zeros(len(c))) for c in u[4] or [None] * sum(u[1])]
+        if any(u[5] is not None for u in union):
+            needed = [r for u in union for r in (u[5] if u[5] is not None else [False] * sum(u[1]))]
+        out = self.sampler.generate([p for u in union for p in u[0]], n=[c for u in union for c in u[1]],
+                                    images=pictures, row_seeds=[s for u in union for s in u[3]],
+                                    continued=continuing, required=needed, **calls[0])
         self._check_agreement(out.completion_ids)
-        start = n * sum(len(p) for p, _, _, _ in parts[:self.copy.rank])
-        mine = slice(start, start + n * len(prompts))
-        return SamplerOutput(out.completion_ids[mine], out.logprobs[mine], out.finish_reasons[mine],
-                             out.routing[mine] if out.routing is not None else None)
+        start = sum(sum(u[1]) for u in union[:self.copy.rank])
+        own = slice(start, start + rows)
+        return SamplerOutput(out.completion_ids[own], out.logprobs[own], out.finish_reasons[own],
+                             out.routing[own] if out.routing is not None else None)
 
     def _check_agreement(self, completions: list[list[int]]) -> None:
         """Every rank of the group sampled the same tokens (one small gather per call): ranks that

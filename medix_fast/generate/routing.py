@@ -7,13 +7,15 @@ inputs (x_0 = the prompt's last token, x_i = completion[i - 1], see ``sequence.p
 theirs are in the log. A recomputed row's inputs point to the recompute's ids (overwritten, never
 duplicated). A row's output is (len(prompt) + len(completion) - 1, layers, k): every input position
 of prompt + completion but the last, which is what the trainer's forward routes for the row's
-log-probs (the final completion token is never an input).
+log-probs (the final completion token is never an input). A row continued from an earlier call
+(``partial.py``) is recomputed here, so its record is this call's, prompt and earlier tokens too.
 """
 from __future__ import annotations
 
 import torch
 
 from ..model.routing import RoutingRecord
+from .partial import PARTIAL
 from .scheduler import PrefillPlan
 from .sequence import Row
 
@@ -50,10 +52,14 @@ class RoutingLog:
             self.private.setdefault(r.index, []).append(start + i)
 
     def collect(self, rows: list[Row]) -> list[torch.Tensor]:
-        """Each row's (len(prompt) + len(completion) - 1, layers, k) ids, one gather."""
+        """Each row's (len(prompt) + len(completion) - 1, layers, k) ids, one gather; none (0 ids)
+        for a row left ``partial`` (its next call recomputes and records all of it)."""
         flat = torch.cat(self.log)  # (logged tokens, layers, k)
-        index = [self.prefix.get(r.group.index, []) + self.private.get(r.index, []) for r in rows]
+        index = [[] if r.finish == PARTIAL else self.prefix.get(r.group.index, []) + self.private.get(r.index, [])
+                 for r in rows]
         for r, i in zip(rows, index):
+            if r.finish == PARTIAL:
+                continue
             if len(i) != len(r.group.tokens) - 1 + len(r.tokens):
                 raise RuntimeError(f"row {r.index}: routing of {len(i)} inputs recorded for "
                                    f"{len(r.group.tokens) - 1 + len(r.tokens)}")

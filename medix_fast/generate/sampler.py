@@ -6,10 +6,11 @@
                            top_k=0, stop_token_ids=[eos], seed=0)
     out.completion_ids[i * 8 + j]  # prompt i's sample j (prompt-major), stop token included
     out.logprobs[i * 8 + j]        # (len,) fp32 log-probs of those tokens, see medix_fast.generate.tokens
-    out.finish_reasons[i * 8 + j]  # "stop" | "length"
+    out.finish_reasons[i * 8 + j]  # "stop" | "length" ("partial": a call with stop_share, partial.py)
     sampler.release()              # give the K/V pool back (before the update phase)
     # VL model (Qwen2.5-VL / Qwen3-VL): images=[PixelBatch or None per prompt] (medix_fast.data.vision),
     # prompt_ids with each image's <|image_pad|> run already expanded
+    # n=[2, 8]: rows per prompt; continued=, stop_share=, required=: rows carried across calls (partial.py)
 
 Design (vLLM's paged K/V and continuous batching, nano-vllm's layout, FlashInfer's cascade
 attention, gpt-fast's sync-free sampling; on the Hugging Face forward of the module the optimizer
@@ -53,6 +54,7 @@ from .attention import default_block_size, select_backend
 from .blocks import BlockPool
 from .kv_cache import ATTN_IMPLEMENTATION, KVPool
 from .memory import activation_reserve, kv_budget, kv_bytes_per_token
+from .partial import PARTIAL, StopRule, check_continued
 from .routing import RoutingLog
 from .runner import Runner
 from .scheduler import Scheduler
@@ -66,7 +68,7 @@ GROUP_SLACK = 4  # group-table rows beyond max_num_seqs (prompts held for rows n
 class SamplerOutput:
     completion_ids: list[list[int]]  # prompt-major: prompt i's sample j at i * n + j
     logprobs: list[torch.Tensor]  # same layout, (len,) fp32 on the model's device
-    finish_reasons: list[str]  # "stop" | "length"
+    finish_reasons: list[str]  # "stop" | "length" | "partial"
     routing: list[torch.Tensor] | None = None  # record_routing: (len(prompt) + len - 1, layers, k) int8/16 ids
 
 
@@ -143,7 +145,7 @@ class Sampler:
     def generate(
         self,
         prompt_ids: list[list[int]],
-        n: int = 1,
+        n: int | list[int] = 1,
         max_new_tokens: int = 256,
         temperature: float = 1.0,
         top_p: float = 1.0,
@@ -153,28 +155,38 @@ class Sampler:
         logprobs_mode: str = "raw",
         images: list | None = None,
         row_seeds: list[tuple[int, int]] | None = None,
+        continued: list | None = None,
+        stop_share: float | None = None,
+        required: list[bool] | None = None,
     ) -> SamplerOutput:
         """Sample ``n`` completions for each prompt. stop_token_ids=None takes the model's
         eos_token_id (generation config, else config), [] disables stopping. seed=None draws one
         from torch's global generator (so ``torch.manual_seed`` makes calls reproducible).
         ``images`` (VL models): one ``medix_fast.data.vision.PixelBatch`` or None per prompt.
         ``row_seeds``: a (seed, index) per row instead of (seed, row): each row's random stream
-        (``tokens.row_key``), so a row samples the same tokens in whichever call decodes it."""
+        (``tokens.row_key``), so a row samples the same tokens in whichever call decodes it.
+        ``n`` may be a count per prompt (rows prompt-major); ``continued`` / ``stop_share`` /
+        ``required``: rows carried over from an earlier call and a call that stops early (``partial.py``)."""
         params = SamplingParams(temperature, top_p, top_k, logprobs_mode)
         stops = self._stop_ids(stop_token_ids)
-        prompts = self._validate(prompt_ids, n, max_new_tokens)
+        prompts = self._validate(prompt_ids, max_new_tokens)
+        counts = _counts(n, len(prompts))
+        rows = sum(counts)
         images = self._validate_images(prompts, images)
+        continued = check_continued(continued, rows, max_new_tokens, set(stops))
+        stop = StopRule(rows, stop_share, required)
         if seed is None and row_seeds is None:
             seed = int(torch.randint(0, 2**62, ()).item())
         if row_seeds is None:
-            row_seeds = [(seed, row) for row in range(len(prompts) * n)]
-        elif len(row_seeds) != len(prompts) * n:
+            row_seeds = [(seed, row) for row in range(rows)]
+        elif len(row_seeds) != rows:
             raise ValueError(f"row_seeds has {len(row_seeds)} entries for {len(prompts)} prompts x n={n} rows")
         # inference_mode(False) turns grad mode back on, so no_grad must come after it
         autocast = self._autocast()
         try:
             with torch.inference_mode(False), torch.no_grad(), _sampling_mode(self.model), autocast:
-                return self._run(prompts, images, n, max_new_tokens, params, set(stops), row_seeds)
+                return self._run(prompts, images, counts, max_new_tokens, params, set(stops), row_seeds, continued,
+                                 stop)
         finally:
             if not isinstance(autocast, contextlib.nullcontext):
                 # The static step (and its CUDA graphs) read autocast's cast copies of the weights,
@@ -199,44 +211,51 @@ class Sampler:
             torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ engine
-    def _run(self, prompts, images, n: int, max_new: int, params: SamplingParams, stops: set[int],
-             row_seeds: list[tuple[int, int]]) -> SamplerOutput:
+    def _run(self, prompts, images, counts: list[int], max_new: int, params: SamplingParams, stops: set[int],
+             row_seeds: list[tuple[int, int]], continued: list | None, stop: StopRule) -> SamplerOutput:
         device = next(self.model.parameters()).device
         groups = self._groups(prompts, images, device)
-        rows = [Row(i * n + j, groups[i], row_key(*row_seeds[i * n + j])) for i in range(len(prompts)) for j in range(n)]
+        rows = [Row(k, group, row_key(*row_seeds[k])) for k, group in enumerate(g for g, c in zip(groups, counts)
+                                                                                 for _ in range(c))]
+        for row, item in zip(rows, continued or ()):
+            if item is not None:
+                row.tokens = list(item[0])  # sampled by an earlier call: recomputed when admitted
         backend, block_size, dtype = self._layout(device)
-        pool = self._pool(prompts, n, max_new, backend, block_size, dtype, device)
+        pool = self._pool(prompts, len(rows), max_new, backend, block_size, dtype, device)
         blocks = BlockPool(pool.num_blocks)
         self._check_fits(prompts, max_new, blocks.capacity, block_size, pool)
         width = -(-max(len(p) - 1 for p in prompts) // block_size) or 1
         runner = Runner(self.model, pool, backend, self.max_num_seqs, self.max_num_seqs + GROUP_SLACK,
                         -(-max_new // block_size), width, self.vl)
-        decode = self._decode_fn(runner, n)
+        decode = self._decode_fn(runner, max(counts))
         sched = Scheduler(blocks, block_size, self.max_num_seqs, self.max_prefill_tokens, rows,
                           self.max_num_seqs + GROUP_SLACK)
         self.stats = EngineStats(pool_blocks=pool.num_blocks, block_bytes=pool.nbytes // pool.num_blocks)
         self.blocks = blocks
         routing = RoutingLog(self.model) if self.record_routing else None
         try:
-            logprob_log = self._loop(sched, runner, decode, params, stops, max_new, routing)
+            logprob_log = self._loop(sched, runner, decode, params, stops, max_new, routing, stop)
         finally:
             sched.release_all()
             if routing is not None:
                 routing.record.remove()
         self.stats.preemptions = sched.preemptions
         blocks.check_idle()
-        out = _collect(rows, logprob_log)
+        for row in rows:
+            row.finish = row.finish or PARTIAL  # stopped early (stop_share): carried by the caller
+        out = _collect(rows, logprob_log, continued)
         if routing is not None:
             out.routing = routing.collect(rows)
         return out
 
     def _loop(self, sched: Scheduler, runner: Runner, decode, params: SamplingParams, stops: set[int],
-              max_new: int, routing: RoutingLog | None = None) -> list[torch.Tensor]:
-        """Admit, prefill, decode and sample until every row finished; returns the per-step log-probs."""
+              max_new: int, routing: RoutingLog | None = None, stop: StopRule | None = None) -> list[torch.Tensor]:
+        """Admit, prefill, decode and sample until every row finished (or ``stop`` is reached);
+        returns the per-step log-probs."""
         stats, blocks = self.stats, sched.pool
         logprob_log: list[torch.Tensor] = []
         logged, prefilter = 0, PREFILTER
-        while not sched.done:
+        while not sched.done and not (stop is not None and stop.reached):
             plan = sched.admit()
             runner.apply(sched.table_writes)
             if not plan.empty:
@@ -271,6 +290,8 @@ class Sampler:
                     sched.finish(row, "stop")
                 elif len(row.tokens) == max_new:
                     sched.finish(row, "length")
+                if row.finish is not None and stop is not None:
+                    stop.finish(row.index)
             logged += len(batch)
             stats.steps += 1
         return logprob_log
@@ -320,11 +341,11 @@ class Sampler:
         return groups
 
     # ------------------------------------------------------------------ memory
-    def _pool(self, prompts, n: int, max_new: int, backend: str, block_size: int, dtype, device) -> KVPool:
-        """The pool for this call: the kept one if it is big enough, else one sized by the budget
-        and by what the call can use at most."""
+    def _pool(self, prompts, rows: int, max_new: int, backend: str, block_size: int, dtype, device) -> KVPool:
+        """The pool for this call of ``rows`` rows: the kept one if it is big enough, else one sized
+        by the budget and by what the call can use at most."""
         block_bytes = kv_bytes_per_token(self.text_config, dtype) * block_size
-        rows = min(len(prompts) * n, self.max_num_seqs)
+        rows = min(rows, self.max_num_seqs)
         prefix_blocks = sorted((-(-(len(p) - 1) // block_size) for p in prompts), reverse=True)
         usable = rows * -(-max_new // block_size) + sum(prefix_blocks[:rows + GROUP_SLACK]) + 1
         pool = self.pool
@@ -361,9 +382,7 @@ class Sampler:
                     f"{budget}): shorten the prompt or max_new_tokens, or raise the budget")
 
     # ------------------------------------------------------------------ checks
-    def _validate(self, prompt_ids, n: int, max_new_tokens: int) -> list[list[int]]:
-        if int(n) != n or n < 1:
-            raise ValueError(f"n must be an integer >= 1, got {n}")
+    def _validate(self, prompt_ids, max_new_tokens: int) -> list[list[int]]:
         if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
         if prompt_ids is None or len(prompt_ids) == 0:
@@ -403,6 +422,17 @@ class Sampler:
         return stops
 
 
+def _counts(n, prompts: int) -> list[int]:
+    """Rows per prompt: ``n`` for each, or ``n`` itself (one count per prompt)."""
+    counts = [n] * prompts if not isinstance(n, (list, tuple)) else list(n)
+    if len(counts) != prompts:
+        raise ValueError(f"n has {len(counts)} counts for {prompts} prompts")
+    for c in counts:
+        if isinstance(c, bool) or int(c) != c or c < 1:
+            raise ValueError(f"n must be an integer >= 1 (or one per prompt), got {n}")
+    return [int(c) for c in counts]
+
+
 def _size(nbytes: float) -> str:
     for unit in ("B", "KiB", "MiB"):
         if nbytes < 1024:
@@ -435,12 +465,16 @@ def _is_id(tok, vocab_size: int) -> bool:
         return False
 
 
-def _collect(rows: list[Row], logprob_log: list[torch.Tensor]) -> SamplerOutput:
-    """The rows' tokens, their log-probs gathered from the per-step log in one index, and reasons."""
+def _collect(rows: list[Row], logprob_log: list[torch.Tensor], continued: list | None = None) -> SamplerOutput:
+    """The rows' tokens, their log-probs gathered from the per-step log in one index (a continued
+    row's earlier ones first), and reasons."""
     flat = torch.cat(logprob_log) if logprob_log else torch.zeros(0)
     index = torch.tensor([i for r in rows for i in r.flat], dtype=torch.long, device=flat.device)
-    logprobs = flat[index].split([len(r.tokens) for r in rows])
-    return SamplerOutput(completion_ids=[r.tokens for r in rows], logprobs=list(logprobs),
+    logprobs = list(flat[index].split([len(r.flat) for r in rows]))
+    for k, item in enumerate(continued or ()):
+        if item is not None:
+            logprobs[k] = torch.cat([item[1].to(logprobs[k]), logprobs[k]])
+    return SamplerOutput(completion_ids=[r.tokens for r in rows], logprobs=logprobs,
                          finish_reasons=[r.finish for r in rows])
 
 

@@ -57,8 +57,9 @@ class Sequences:
         if self.sampling_logprobs.shape[1] < width:
             raise ValueError(f"sampling_logprobs has {self.sampling_logprobs.shape[1]} columns, the longest "
                              f"completion {width} tokens")
-        if isinstance(self.routing, list):
-            self.routing = torch.nn.utils.rnn.pad_sequence(self.routing, batch_first=True, padding_value=-1)
+        if isinstance(self.routing, list):  # no rows (every group filtered out, or none finished yet): none
+            self.routing = torch.nn.utils.rnn.pad_sequence(self.routing, batch_first=True, padding_value=-1) \
+                if self.routing else None
         if self.routing is not None and self.routing.shape[0] != len(self.lengths):
             raise ValueError(f"routing has {self.routing.shape[0]} rows for {len(self.lengths)} completions")
         host = torch.tensor([c + [0] * (width - len(c)) for c in self.completion_ids], dtype=torch.long)

@@ -11,6 +11,12 @@ One call of :meth:`Rollout.collect` gathers this rank's ``prompts_per_step / wor
    ranks agree through one all-reduce per try);
 5. group advantages of the kept groups (``medix_fast.kernels.group_advantages``).
 
+With ``rollout.partial`` (``carry.py``) each call also continues the groups earlier steps left
+unfinished and stops once ``rollout.stop_share`` of its rows are done; only the groups done by
+then are scored, filtered and trained (their number varies around ``prompts_per_step``), the rest
+are carried. ``rollout/*`` then also gives the groups carried, the trained tokens by staleness and
+the share of them drawn by an older policy.
+
 Reward metrics are means over every sampled response of the step (kept or not), so they track
 the policy itself; ``kept_group_fraction`` is kept / drawn groups.
 """
@@ -27,6 +33,7 @@ from ..errors import ConfigError
 from ..kernels import group_advantages
 from ..seeds import mix_seed
 from .batch import Sequences, pad_rows
+from .carry import Carry, staleness_tokens
 
 
 @dataclass
@@ -39,6 +46,7 @@ class _Draw:
     logprobs: list[torch.Tensor] = field(default_factory=list)  # (len,) fp32 each, on the sampler's device
     routing: list[torch.Tensor] | None = None  # MoE routing replay: each response's recorded experts
     rewards: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # (rows,) pieces on the reward device
+    staleness: list[dict[int, int]] = field(default_factory=list)  # partial: each group's tokens by staleness
     truncated: int = 0  # responses cut at max_new_tokens
     sample_s: float = 0.0
     reward_s: float = 0.0
@@ -51,6 +59,7 @@ class _Draw:
         self.logprobs += [other.logprobs[r] for r in rows]
         if other.routing is not None:
             self.routing = (self.routing or []) + [other.routing[r] for r in rows]
+        self.staleness += [other.staleness[gi] for gi in groups] if other.staleness else []
         if len(rows) == len(other.completion_ids):  # every group: no gather
             for key, value in other.rewards.items():
                 self.rewards.setdefault(key, []).extend(value)
@@ -63,6 +72,17 @@ class _Draw:
 def step_seed(seed: int, step: int, rank: int, attempt: int) -> int:
     """A sampler seed that depends only on (seed, step, rank, attempt): resumable runs repeat it."""
     return mix_seed(seed, step, attempt, rank)
+
+
+def max_trained_groups(cfg, world: int) -> int:
+    """The most groups a rank trains in one step: ``prompts_per_step / world``; with partial
+    rollouts up to 1 + max_staleness steps' groups finish at once (or a later try of dynamic
+    sampling adds a chunk to fewer than that)."""
+    target = cfg.train.prompts_per_step // world
+    if not cfg.rollout.partial:
+        return target
+    chunk = max(1, (cfg.algorithm.chunk_prompts or cfg.train.prompts_per_step) // world)
+    return max((1 + cfg.rollout.max_staleness) * target, target - 1 + chunk)
 
 
 class Rollout:
@@ -78,6 +98,7 @@ class Rollout:
                              f"({t.mini_batch_prompts}) must be multiples of the world size {world}")
         self.target = t.prompts_per_step // world
         self.chunk = max(1, (cfg.algorithm.chunk_prompts or t.prompts_per_step) // world)
+        self.carry = Carry(cfg.sampling.group_size) if cfg.rollout.partial else None
 
     def pixels(self, ids: list[int]) -> list:
         """Each prompt's image decoded and patchified (a PixelBatch; None without image or VL model)."""
@@ -107,6 +128,38 @@ class Rollout:
         lengths = torch.tensor([len(c) for c in comps])
         return {k: v.float() for k, v in self.reward_fn(texts, solutions, response_lengths=lengths).items()}
 
+    def _draw_partial(self, ids: list[int], seed: int, step: int, attempt: int) -> _Draw:
+        """One call continuing the carried groups (first try only) beside ``ids``' fresh ones,
+        stopped at ``rollout.stop_share``; the groups done by then, scored."""
+        s, r, g = self.cfg.sampling, self.cfg.rollout, self.cfg.sampling.group_size
+        t0 = time.perf_counter()
+        call = self.carry.call(ids, step, seed, r.max_staleness, carried=attempt == 0)
+        for (p, _), image in zip(call.entries[len(call.entries) - len(ids):], self.pixels(ids)):
+            p.image = image  # decoded once: a carried group keeps its prompt's pixels
+        done = self.carry.absorb(call, self._sample(call, s, r.stop_share), step)
+        late = [p.prompt for p in done if step - p.born > r.max_staleness]
+        if late:  # the required rows of a due group finish before the call stops: never reached
+            raise RuntimeError(f"prompts {late}: trained more than rollout.max_staleness={r.max_staleness} steps late")
+        t1 = time.perf_counter()
+        comps = [c for p in done for c in p.tokens]
+        draw = _Draw([self.prompts[p.prompt].ids for p in done for _ in range(g)],
+                     [p.image for p in done for _ in range(g)], comps, [lp for p in done for lp in p.logprobs],
+                     [x for p in done for x in p.routing] if self.cfg.model.router_replay else None,
+                     staleness=[staleness_tokens([p], step) for p in done],
+                     truncated=sum(x == "length" for p in done for x in p.reasons), sample_s=t1 - t0)
+        draw.rewards = {k: [v] for k, v in self.score([p.prompt for p in done], g, comps).items()}  # 0 rows too
+        draw.reward_s = time.perf_counter() - t1
+        return draw
+
+    def _sample(self, call, s, share: float):
+        """The sampler's output for ``call`` (``carry.Call``)."""
+        images = [p.image for p, _ in call.entries] if self.vision is not None else None
+        return self.sampler.generate([self.prompts[i].ids for i in call.prompts], n=call.counts,
+                                     max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                                     top_k=s.top_k, stop_token_ids=self.stop_token_ids, row_seeds=call.seeds,
+                                     continued=call.continued, stop_share=share, required=call.required,
+                                     images=images)
+
     def _draw(self, ids: list[int], seed: int) -> _Draw:
         s = self.cfg.sampling
         t0 = time.perf_counter()
@@ -126,27 +179,30 @@ class Rollout:
         while True:
             count = self.target if attempt == 0 else self.chunk
             ids = self.loader.next(count)
-            if n_kept < self.target:
-                draw = self._draw(ids, step_seed(self.cfg.train.seed, step, self.info.rank, attempt))
-                good = self._informative(draw.rewards[a.filter_key][0], g) if a.dynamic_sampling \
-                    else list(range(len(ids)))
+            if n_kept + self._in_flight(step) < self.target:
+                seed = step_seed(self.cfg.train.seed, step, self.info.rank, attempt)
+                draw = self._draw_partial(ids, seed, step, attempt) if self.carry else self._draw(ids, seed)
+                groups = len(draw.completion_ids) // g
+                good = self._informative(draw.rewards[a.filter_key][0], g) if a.dynamic_sampling and groups \
+                    else list(range(groups))
                 kept.extend(draw, good, g)
-                seen.extend(draw, list(range(len(ids))), g)
+                seen.extend(draw, list(range(groups)), g)
                 seen.truncated += draw.truncated
                 seen.sample_s += draw.sample_s
                 seen.reward_s += draw.reward_s
                 n_kept += len(good)
-                drawn += len(ids)
+                drawn += groups
             elif getattr(self.sampler, "collective", False):  # its tensor-parallel group decodes together
                 s = self.cfg.sampling
                 self.generate([], s.group_size, s.temperature, s.top_p, s.top_k, 0)
             attempt += 1
             if not a.dynamic_sampling:
                 break
-            done = D.reduce_scalars({"done": float(n_kept >= self.target)}, self.info.device, "min")["done"]
+            have = n_kept + self._in_flight(step)  # partial: this step's groups still sampling count too
+            done = D.reduce_scalars({"done": float(have >= self.target)}, self.info.device, "min")["done"]
             if done or attempt >= a.max_tries:
                 break
-        rows = min(n_kept, self.target) * g
+        rows = (n_kept if self.carry else min(n_kept, self.target)) * g  # partial: every group done now
         rewards = {k: torch.cat(v)[:rows] for k, v in kept.rewards.items()}
         self.last_rewards = rewards  # (rows,) per component, for the rollouts sample (rollouts_log.py)
         device = self.info.device
@@ -154,7 +210,12 @@ class Rollout:
             else torch.zeros(0, device=device)  # (rows,) on the device
         seqs = Sequences(kept.prompt_ids[:rows], kept.completion_ids[:rows], pad_rows(kept.logprobs[:rows], device),
                          adv, g, kept.images[:rows], kept.routing[:rows] if kept.routing is not None else None)
-        return seqs, self._metrics(seen, seqs, n_kept, drawn, attempt)
+        return seqs, self._metrics(seen, seqs, n_kept, drawn, attempt, kept.staleness[:rows // g])
+
+    def _in_flight(self, step: int) -> int:
+        """Groups first drawn this step and not done yet (partial rollouts): trained in a later step,
+        they are not replaced by another try of dynamic sampling."""
+        return sum(p.born == step for p in self.carry.pending) if self.carry else 0
 
     def _informative(self, scores: torch.Tensor, g: int) -> list[int]:
         """DAPO's filter: the groups whose mean score lies strictly inside (filter_low, filter_high),
@@ -164,7 +225,8 @@ class Rollout:
         ok = (means > a.filter_low) & (means < a.filter_high)  # (groups,)
         return [k for k, keep in enumerate(ok.tolist()) if keep]
 
-    def _metrics(self, seen: _Draw, seqs: Sequences, n_kept: int, drawn: int, attempts: int) -> dict:
+    def _metrics(self, seen: _Draw, seqs: Sequences, n_kept: int, drawn: int, attempts: int,
+                 staleness: list[dict[int, int]]) -> dict:
         """The step's rollout metrics: named sums (device tensors and host numbers) reduced over the
         ranks in one all-reduce, the slowest rank's lengths and times in one more."""
         lengths = [len(c) for c in seen.completion_ids]
@@ -174,6 +236,10 @@ class Rollout:
                      adv=adv.sum(), adv_sq=adv.pow(2).sum(), adv_abs=adv.abs().sum(), adv_n=float(adv.numel()),
                      kept=float(n_kept), drawn=float(drawn), groups=float(len(seqs.lengths) // seqs.group_size),
                      tokens=float(sum(map(len, seqs.prompt_ids)) + sum(seqs.lengths)))
+        ages = range(self.cfg.rollout.max_staleness + 1) if self.carry else ()
+        local.update({f"stale{k}": float(sum(d.get(k, 0) for d in staleness)) for k in ages})
+        if self.carry:
+            local["carried"] = float(len(self.carry.pending))
         total = D.reduce_scalars(local, self.info.device)
         slowest = D.reduce_scalars({"length": float(max(lengths, default=0)), "sample_s": seen.sample_s,
                                     "reward_s": seen.reward_s}, self.info.device, "max")
@@ -197,4 +263,9 @@ class Rollout:
             "time/sample_s": slowest["sample_s"],
             "time/reward_s": slowest["reward_s"],
         })
+        if self.carry:  # partial rollouts: groups in flight, trained completion tokens by staleness (steps)
+            sampled = sum(total[f"stale{k}"] for k in ages)
+            out["rollout/carried_groups"] = total["carried"]
+            out["rollout/offpolicy_token_fraction"] = (sampled - total["stale0"]) / max(sampled, 1.0)
+            out.update({f"rollout/stale{k}_tokens": total[f"stale{k}"] for k in ages})
         return out

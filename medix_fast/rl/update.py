@@ -192,11 +192,13 @@ class Updater:
 
     def __init__(self, objective: PolicyObjective, wrapped: nn.Module, optimizer, algo, train, sampling,
                  info: D.DistInfo, *, pad_id: int, ref_objective: PolicyObjective | None = None,
-                 autocast_dtype: torch.dtype | None = None, grad_clip: float = 1.0):
+                 autocast_dtype: torch.dtype | None = None, grad_clip: float = 1.0, max_groups: int = 0):
         self.objective, self.wrapped, self.optimizer = objective, wrapped, optimizer
         self.algo, self.train, self.sampling, self.info = algo, train, sampling, info
         self.pad_id, self.ref_objective, self.autocast_dtype = pad_id, ref_objective, autocast_dtype
         self.grad_clip = grad_clip
+        # the most groups a rank trains in a step (partial rollouts: more); 0: prompts_per_step / world
+        self.max_groups = max_groups or max(1, train.prompts_per_step // info.world)
         self.params = [p for p in wrapped.parameters() if p.requires_grad]
         self.nonfinite_in_a_row = 0
         self.warned = False  # the mismatch warning is given once
@@ -226,7 +228,7 @@ class Updater:
         g = seqs.group_size
         n_groups = len(seqs.completion_ids) // g
         per_mb = max(1, self.train.mini_batch_prompts // self.info.world)
-        bound = -(-max(1, self.train.prompts_per_step // self.info.world) // per_mb)  # the most any rank has
+        bound = -(-self.max_groups // per_mb)  # the most mini-batches any rank has
         minis = []
         for start in range(0, n_groups, per_mb):
             groups = list(range(start, min(start + per_mb, n_groups)))
@@ -234,8 +236,8 @@ class Updater:
             minis.append([collate(seqs, [groups[i] for i in part], self.pad_id, self.info.device)
                           for part in pack(sizes, self.train.micro_batch_tokens)])
         if len(minis) > bound:
-            raise ValueError(f"{n_groups} groups on rank {self.info.rank}: more than prompts_per_step / world "
-                             f"({self.train.prompts_per_step} / {self.info.world})")
+            raise ValueError(f"{n_groups} groups on rank {self.info.rank}: more than the {self.max_groups} a rank "
+                             f"may train in a step (prompts_per_step / world, times 1 + max_staleness when partial)")
         counts = D.reduce_scalars({f"micro{j}": len(minis[j]) if j < len(minis) else 0 for j in range(bound)},
                                   self.info.device, "max")
         sizes = [int(counts[f"micro{j}"]) for j in range(bound)]
