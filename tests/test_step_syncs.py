@@ -37,3 +37,20 @@ def test_a_training_step_syncs_a_fixed_number_of_times_beyond_decoding(tmp_path,
     decode = t.sampler.stats.syncs  # one per decode step, counted by the engine (tests/test_engine.py)
     rest = syncs.count - decode
     assert decode > 0 and rest <= BOUND, collections.Counter(w.split(" at ")[1] for w in syncs.where)
+
+
+@pytest.mark.parametrize("prompts", [2, 8])
+def test_partial_rollouts_add_no_sync_per_row(tmp_path, prompts):
+    """rollout.partial: carried rows (their log-probs kept on the device, concatenated there) and the
+    stop add no host read; beyond decoding, the step reads as a synchronous one does per optimizer step."""
+    t = Trainer(load_config(None, [
+        f"train.output_dir={tmp_path}", "eval.every=0", f"train.prompts_per_step={prompts}",
+        f"train.mini_batch_prompts={prompts // 2}", "sampling.group_size=4", "sampling.max_new_tokens=48",
+        "algorithm.dynamic_sampling=false", "checkpoint.every=0", "logging.tensorboard=false", "logging.plot=false",
+        "logging.progress=false", "rollout.partial=true", "rollout.stop_share=0.5", "algorithm.tis_cap=2.0"]))
+    t.train_step()
+    with count_syncs() as syncs:
+        metrics = t.train_step()
+    assert metrics["rollout/offpolicy_token_fraction"] > 0  # rows carried into this step were trained
+    rest = syncs.count - t.sampler.stats.syncs
+    assert rest - metrics["optimizer_steps"] <= BOUND - 2, collections.Counter(w.split(" at ")[1] for w in syncs.where)
