@@ -159,10 +159,13 @@ class RolloutConfig:
     """Partial rollouts (``rl/carry.py``): a step's sampling stops once ``stop_share`` of its rows
     are done; the unfinished rows keep their tokens and behaviour log-probs and go on in the next
     step's call, under the updated weights, until their group is done. A group is trained at most
-    ``max_staleness`` steps after its first call (its rows are then required to finish)."""
+    ``max_staleness`` steps after its first call (its rows are then required to finish).
+    ``overlap_rewards`` (with or without ``partial``): each group scored as soon as it finishes, on a
+    worker thread (a CUDA stream of its own), while the call's other rows decode (``rl/overlap.py``)."""
     partial: bool = False
     stop_share: float = 0.9  # of the call's rows (carried and fresh) finished before it stops; 1: never early
     max_staleness: int = 1  # steps between a group's first sampled tokens and its update
+    overlap_rewards: bool = False  # score each group when it finishes, on a worker thread, while others decode
 
 
 @dataclass

@@ -62,7 +62,7 @@ class GroupSampler:
                  top_p: float = 1.0, top_k: int = 0, stop_token_ids: list[int] | None = None,
                  seed: int | None = None, logprobs_mode: str = "raw", images: list | None = None,
                  row_seeds: list | None = None, continued: list | None = None, stop_share: float | None = None,
-                 required: list[bool] | None = None) -> SamplerOutput:
+                 required: list[bool] | None = None, on_finish=None) -> SamplerOutput:
         """:meth:`Sampler.generate` over the union of the group's prompts; this rank's rows back.
         ``stop_share`` counts the union's rows (so every rank stops at the same step)."""
         prompts = [p.tolist() if torch.is_tensor(p) else list(p) for p in prompt_ids]
@@ -95,11 +95,13 @@ class GroupSampler:
                     continuing += [None if c is None else (c, torch.zeros(len(c))) for c in u[4] or [None] * sum(u[1])]
         if any(u[5] is not None for u in union):
             needed = [r for u in union for r in (u[5] if u[5] is not None else [False] * sum(u[1]))]
+        start = sum(sum(u[1]) for u in union[:self.copy.rank])
+        mine = None if on_finish is None else (  # this rank's rows, numbered as its own call numbers them
+            lambda done: on_finish([(k - start, t) for k, t in done if start <= k < start + rows]))
         out = self.sampler.generate([p for u in union for p in u[0]], n=[c for u in union for c in u[1]],
                                     images=pictures, row_seeds=[s for u in union for s in u[3]],
-                                    continued=continuing, required=needed, **calls[0])
+                                    continued=continuing, required=needed, on_finish=mine, **calls[0])
         self._check_agreement(out.completion_ids)
-        start = sum(sum(u[1]) for u in union[:self.copy.rank])
         own = slice(start, start + rows)
         return SamplerOutput(out.completion_ids[own], out.logprobs[own], out.finish_reasons[own],
                              out.routing[own] if out.routing is not None else None)

@@ -158,6 +158,7 @@ class Sampler:
         continued: list | None = None,
         stop_share: float | None = None,
         required: list[bool] | None = None,
+        on_finish=None,
     ) -> SamplerOutput:
         """Sample ``n`` completions for each prompt. stop_token_ids=None takes the model's
         eos_token_id (generation config, else config), [] disables stopping. seed=None draws one
@@ -166,7 +167,9 @@ class Sampler:
         ``row_seeds``: a (seed, index) per row instead of (seed, row): each row's random stream
         (``tokens.row_key``), so a row samples the same tokens in whichever call decodes it.
         ``n`` may be a count per prompt (rows prompt-major); ``continued`` / ``stop_share`` /
-        ``required``: rows carried over from an earlier call and a call that stops early (``partial.py``)."""
+        ``required``: rows carried over from an earlier call and a call that stops early (``partial.py``).
+        ``on_finish(rows)``: called after each decode step in which rows finished, with their (row,
+        tokens) (host lists: no device read), so a caller can score them while the rest decode."""
         params = SamplingParams(temperature, top_p, top_k, logprobs_mode)
         stops = self._stop_ids(stop_token_ids)
         prompts = self._validate(prompt_ids, max_new_tokens)
@@ -186,7 +189,7 @@ class Sampler:
         try:
             with torch.inference_mode(False), torch.no_grad(), _sampling_mode(self.model), autocast:
                 return self._run(prompts, images, counts, max_new_tokens, params, set(stops), row_seeds, continued,
-                                 stop)
+                                 stop, on_finish)
         finally:
             if not isinstance(autocast, contextlib.nullcontext):
                 # The static step (and its CUDA graphs) read autocast's cast copies of the weights,
@@ -212,7 +215,7 @@ class Sampler:
 
     # ------------------------------------------------------------------ engine
     def _run(self, prompts, images, counts: list[int], max_new: int, params: SamplingParams, stops: set[int],
-             row_seeds: list[tuple[int, int]], continued: list | None, stop: StopRule) -> SamplerOutput:
+             row_seeds: list[tuple[int, int]], continued: list | None, stop: StopRule, on_finish=None) -> SamplerOutput:
         device = next(self.model.parameters()).device
         groups = self._groups(prompts, images, device)
         rows = [Row(k, group, row_key(*row_seeds[k])) for k, group in enumerate(g for g, c in zip(groups, counts)
@@ -234,7 +237,7 @@ class Sampler:
         self.blocks = blocks
         routing = RoutingLog(self.model) if self.record_routing else None
         try:
-            logprob_log = self._loop(sched, runner, decode, params, stops, max_new, routing, stop)
+            logprob_log = self._loop(sched, runner, decode, params, stops, max_new, routing, stop, on_finish)
         finally:
             sched.release_all()
             if routing is not None:
@@ -249,7 +252,8 @@ class Sampler:
         return out
 
     def _loop(self, sched: Scheduler, runner: Runner, decode, params: SamplingParams, stops: set[int],
-              max_new: int, routing: RoutingLog | None = None, stop: StopRule | None = None) -> list[torch.Tensor]:
+              max_new: int, routing: RoutingLog | None = None, stop: StopRule | None = None,
+              on_finish=None) -> list[torch.Tensor]:
         """Admit, prefill, decode and sample until every row finished (or ``stop`` is reached);
         returns the per-step log-probs."""
         stats, blocks = self.stats, sched.pool
@@ -292,6 +296,8 @@ class Sampler:
                     sched.finish(row, "length")
                 if row.finish is not None and stop is not None:
                     stop.finish(row.index)
+            if on_finish is not None and any(row.finish is not None for row in batch):
+                on_finish([(row.index, row.tokens) for row in batch if row.finish is not None])
             logged += len(batch)
             stats.steps += 1
         return logprob_log

@@ -34,6 +34,7 @@ from ..kernels import group_advantages
 from ..seeds import mix_seed
 from .batch import Sequences, pad_rows
 from .carry import Carry, staleness_tokens
+from .overlap import GroupScorer
 
 
 @dataclass
@@ -104,7 +105,8 @@ class Rollout:
         """Each prompt's image decoded and patchified (a PixelBatch; None without image or VL model)."""
         return [None if self.vision is None else self.vision.pixels(self.prompts[i].image) for i in ids]
 
-    def generate(self, ids: list[int], n: int, temperature: float, top_p: float, top_k: int, seed: int):
+    def generate(self, ids: list[int], n: int, temperature: float, top_p: float, top_k: int, seed: int,
+                 on_finish=None):
         """(prompt ids per response, completions, sampling log-probs, finish reasons, images per
         response, recorded routing per response or None), prompt-major; each image is encoded once
         for its prompt's n responses."""
@@ -113,7 +115,7 @@ class Rollout:
         out = self.sampler.generate(prompt_ids, n=n, max_new_tokens=self.cfg.sampling.max_new_tokens,
                                     temperature=temperature, top_p=top_p, top_k=top_k,
                                     stop_token_ids=self.stop_token_ids, seed=seed,
-                                    images=images if self.vision is not None else None)
+                                    images=images if self.vision is not None else None, on_finish=on_finish)
         comps = [list(c) for c in out.completion_ids]
         logps = [lp.detach().float() for lp in out.logprobs]  # stay on the device: no per-row copy
         reasons = list(out.finish_reasons)
@@ -136,7 +138,20 @@ class Rollout:
         call = self.carry.call(ids, step, seed, r.max_staleness, carried=attempt == 0)
         for (p, _), image in zip(call.entries[len(call.entries) - len(ids):], self.pixels(ids)):
             p.image = image  # decoded once: a carried group keeps its prompt's pixels
-        done = self.carry.absorb(call, self._sample(call, s, r.stop_share), step)
+        starts = [0]
+        for c in call.counts:
+            starts.append(starts[-1] + c)
+        entry_rows = [list(range(a, b)) for a, b in zip(starts, starts[1:])]
+
+        def completions(e, tokens):  # the group's rows in order: this call's, and those finished before
+            p, rows = call.entries[e]
+            mine = dict(zip(rows, entry_rows[e]))
+            return [tokens[mine[j]] if j in mine else p.tokens[j] for j in range(g)]
+        scorer = self._scorer(call.prompts, entry_rows, completions)
+        out = self._sample(call, s, r.stop_share, scorer.finished if scorer else None)
+        finished = [e for e, (p, rows) in enumerate(call.entries) if all(out.finish_reasons[k] != "partial"
+                                                                        for k in entry_rows[e])]
+        done = self.carry.absorb(call, out, step)
         late = [p.prompt for p in done if step - p.born > r.max_staleness]
         if late:  # the required rows of a due group finish before the call stops: never reached
             raise RuntimeError(f"prompts {late}: trained more than rollout.max_staleness={r.max_staleness} steps late")
@@ -147,26 +162,42 @@ class Rollout:
                      [x for p in done for x in p.routing] if self.cfg.model.router_replay else None,
                      staleness=[staleness_tokens([p], step) for p in done],
                      truncated=sum(x == "length" for p in done for x in p.reasons), sample_s=t1 - t0)
-        draw.rewards = {k: [v] for k, v in self.score([p.prompt for p in done], g, comps).items()}  # 0 rows too
+        scores = scorer.results(finished) if scorer and finished else self.score([p.prompt for p in done], g, comps)
+        draw.rewards = {k: [v] for k, v in scores.items()}  # 0 rows too
         draw.reward_s = time.perf_counter() - t1
         return draw
 
-    def _sample(self, call, s, share: float):
+    def _sample(self, call, s, share: float, on_finish=None):
         """The sampler's output for ``call`` (``carry.Call``)."""
         images = [p.image for p, _ in call.entries] if self.vision is not None else None
         return self.sampler.generate([self.prompts[i].ids for i in call.prompts], n=call.counts,
                                      max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                                      top_k=s.top_k, stop_token_ids=self.stop_token_ids, row_seeds=call.seeds,
                                      continued=call.continued, stop_share=share, required=call.required,
-                                     images=images)
+                                     images=images, on_finish=on_finish)
+
+    def _scorer(self, ids: list[int], group_rows: list[list[int]], earlier=None) -> GroupScorer | None:
+        """``rollout.overlap_rewards``: a scorer of group ``e`` (prompt ``ids[e]``, its rows
+        ``group_rows[e]`` in the call) as soon as it finishes; ``earlier(e, tokens)``: the group's
+        completions in row order, from this call's ``tokens`` and what it finished before."""
+        if not self.cfg.rollout.overlap_rewards or not ids:
+            return None
+        g = self.cfg.sampling.group_size
+        earlier = earlier or (lambda e, tokens: [tokens[r] for r in group_rows[e]])
+
+        def score(groups, tokens):
+            return self.score([ids[e] for e in groups], g, [c for e in groups for c in earlier(e, tokens)])
+        return GroupScorer(score, group_rows, max(1, len(ids) // 4), self.info.device, [g] * len(ids))
 
     def _draw(self, ids: list[int], seed: int) -> _Draw:
         s = self.cfg.sampling
         t0 = time.perf_counter()
-        prompts, comps, logps, reasons, images, routing = self.generate(ids, s.group_size, s.temperature, s.top_p,
-                                                                        s.top_k, seed)
+        g = s.group_size
+        scorer = self._scorer(ids, [list(range(e * g, (e + 1) * g)) for e in range(len(ids))])
+        prompts, comps, logps, reasons, images, routing = self.generate(
+            ids, g, s.temperature, s.top_p, s.top_k, seed, scorer.finished if scorer else None)
         t1 = time.perf_counter()
-        rewards = self.score(ids, s.group_size, comps)
+        rewards = scorer.results(list(range(len(ids)))) if scorer else self.score(ids, g, comps)
         return _Draw(prompts, images, comps, logps, routing, {k: [v] for k, v in rewards.items()},
                      truncated=sum(r == "length" for r in reasons), sample_s=t1 - t0,
                      reward_s=time.perf_counter() - t1)
