@@ -12,8 +12,8 @@ stops only that part:
            one-process NCCL group's all_reduce of a device tensor
   lm_head  ``fused_linear_policy_loss`` (grpo, ``valid_lengths`` given) and ``fused_linear_logprobs``
            forward + backward at N=16,384, H=4,096, V=151,936 bf16: time, TFLOP/s of 6·N·H·V
-           (and of what runs, recompute included), % of 790 TFLOP/s (PyTorch's bf16 GEMM on the
-           H200 this is run on), peak memory; against naive PyTorch, torch.compile of it,
+           (and of what runs, recompute included), % of the card's dense bf16 peak (bench/device.py's
+           table: the card it runs on; none for a card not in it), peak memory; against naive PyTorch, torch.compile of it,
            Liger's chunked GRPO loss and fused linear cross entropy, cut-cross-entropy (each when
            importable; bench/baselines.py). torch.compile runs last: its compile is the slowest.
   decode   generation throughput of the sampler (``medix_fast.generate.Sampler``, called through
@@ -56,14 +56,24 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(ROOT, "bench", "results", "gpu")
 PARTS = {"tests": 170.0, "lm_head": 160.0, "decode": 75.0, "train": 75.0, "sharded": 60.0}  # budget shares, s
-GEMM_PEAK_TFLOPS = 790.0  # bf16 GEMM 8192^3 through PyTorch on the H200 this check targets
+
+
+def _peak(device: torch.device):
+    """The card's data-sheet peaks from ``bench/device.py``'s table (None off CUDA or for a card not in it)."""
+    from bench.device import device_name, peak_for
+    return peak_for(device_name(device)) if device.type == "cuda" else None
 
 
 def hbm_tbps(device: torch.device) -> float:
-    """The card's HBM bandwidth from ``bench/device.py``'s table (NaN off CUDA or for a card not in it)."""
-    from bench.device import device_name, peak_for
-    peak = peak_for(device_name(device)) if device.type == "cuda" else None
+    """The card's HBM bandwidth, TB/s (NaN off CUDA or for a card not in the table)."""
+    peak = _peak(device)
     return peak.tbps if peak else math.nan
+
+
+def bf16_tflops(device: torch.device) -> float:
+    """The card's dense bf16 tensor-core peak, TFLOP/s (NaN off CUDA or for a card not in the table)."""
+    peak = _peak(device)
+    return peak.tflops if peak else math.nan
 SUBJECT = "medix_fast"
 QWEN3_1_7B = dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
                   num_key_value_heads=8, head_dim=128, vocab_size=151_936)
@@ -83,7 +93,7 @@ class Row:
     ms: float = math.nan
     tflops: float = math.nan  # of the model FLOPs (6·N·H·V)
     tflops_run: float = math.nan  # of the FLOPs executed (recompute included)
-    pct_790: float = math.nan
+    pct_peak: float = math.nan  # of the card's dense bf16 peak
     tok_s: float = math.nan
     gbps: float = math.nan
     pct_hbm: float = math.nan
@@ -146,7 +156,7 @@ def part_lm_head(dry: bool, deadline: float, emit) -> None:
         # medix_fast's log-prob backward recomputes the logits (8·N·H·V); everything else runs what it counts
         ran = 8 / 6 if (case.impl == SUBJECT and case.bench == "logprobs") else 1.0
         emit(Row("lm_head", f"{r.bench} {r.case}", r.impl, r.shape, r.status, r.median_ms, r.tflops,
-                 r.tflops * ran if r.impl == SUBJECT else math.nan, 100 * r.tflops / GEMM_PEAK_TFLOPS,
+                 r.tflops * ran if r.impl == SUBJECT else math.nan, 100 * r.tflops / bf16_tflops(device),
                  peak_gb=r.peak_mb / 1024, note=r.note))
 
 
@@ -360,8 +370,9 @@ def write_report(out: str, rows: list[Row], meta: dict[str, str]) -> tuple[str, 
         writer.writerows(dataclasses.asdict(r) for r in rows)
     lines = ["# GPU check", ""] + [f"**{k}**: `{v}`  " if k == "command" else f"**{k}**: {v}  " for k, v in meta.items()]
     lines += ["", "_ms: median after warm-up (lm_head: triton.testing.do_bench); TFLOP/s of 6·N·H·V, "
-              "TFLOP/s run: recompute included; % of 790 TFLOP/s (bf16 GEMM through PyTorch on the H200); "
-              "% HBM of the card's bandwidth (bench/device.py: H200 4.8, H100 SXM 3.35 TB/s); peak GB over the inputs_", ""]
+              "TFLOP/s run: recompute included; % peak: of the card's dense bf16 peak, % HBM: of its bandwidth "
+              "(bench/device.py's data-sheet table: H200 989 TFLOP/s, 4.8 TB/s; H100 SXM 989, 3.35); "
+              "peak GB over the inputs_", ""]
     for part in dict.fromkeys(r.part for r in rows):
         section = [r for r in rows if r.part == part]
         cols = [c for c in fields[1:] if any(_cell(getattr(r, c)) for r in section)]

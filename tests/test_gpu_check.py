@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARTS = ("tests", "lm_head", "decode", "train", "sharded")
@@ -94,3 +95,16 @@ def test_tests_part_collects_its_files_without_trl_or_datasets(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "error" not in proc.stdout.lower(), proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "test_cuda.py::" in proc.stdout
+
+
+@pytest.mark.parametrize("name, tflops, tbps", [("NVIDIA H100 80GB HBM3", 989.0, 3.35), ("NVIDIA H100 PCIe", 756.0, 2.0),
+                                                ("NVIDIA H200", 989.0, 4.8), ("NVIDIA L4", None, None)])
+def test_percent_of_peak_is_of_the_card_it_runs_on(gpu_check, monkeypatch, name, tflops, tbps):
+    """The LM head's % and the decode's % HBM come from bench/device.py's row for the card's name."""
+    import bench.device
+
+    monkeypatch.setattr(bench.device, "device_name", lambda device: name)
+    cuda = torch.device("cuda")  # a device object needs no GPU
+    got = gpu_check.bf16_tflops(cuda), gpu_check.hbm_tbps(cuda)
+    assert got == (tflops, tbps) if tflops else all(x != x for x in got)  # NaN: no percentage
+    assert all(x != x for x in (gpu_check.bf16_tflops(torch.device("cpu")), gpu_check.hbm_tbps(torch.device("cpu"))))
