@@ -67,6 +67,7 @@ class Call:
     """One sampler call's arguments: ``entries`` (a Pending and its rows in the call) in order."""
 
     entries: list[tuple[Pending, list[int]]]
+    rows: list[list[int]]  # per entry: its rows' positions in the call
     prompts: list[int]  # prompt index per entry
     counts: list[int]  # rows per entry
     seeds: list[tuple[int, int]]
@@ -90,15 +91,16 @@ class Carry:
             entries.append((Pending(prompt, step, [(seed, i * g + j) for j in range(g)], [[] for _ in range(g)],
                                     [None] * g, [PARTIAL] * g, [[] for _ in range(g)], [None] * g),
                             list(range(g))))
-        seeds, continued, required = [], [], []
+        seeds, continued, required, positions = [], [], [], []
         for p, rows in entries:
             due = p.born + max_staleness <= step  # trained this step or never: must finish now
+            positions.append(list(range(len(seeds), len(seeds) + len(rows))))
             for j in rows:
                 seeds.append(p.seeds[j])
                 continued.append((p.tokens[j], p.logprobs[j]) if p.tokens[j] else None)
                 required.append(due)
-        return Call(entries, [p.prompt for p, _ in entries], [len(r) for _, r in entries], seeds, continued,
-                    required)
+        return Call(entries, positions, [p.prompt for p, _ in entries], [len(r) for _, r in entries], seeds,
+                    continued, required)
 
     def absorb(self, call: Call, out, step: int) -> list[Pending]:
         """The call's output into its groups; returns those now done (in call order: carried

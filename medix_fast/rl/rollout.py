@@ -138,20 +138,15 @@ class Rollout:
         call = self.carry.call(ids, step, seed, r.max_staleness, carried=attempt == 0)
         for (p, _), image in zip(call.entries[len(call.entries) - len(ids):], self.pixels(ids)):
             p.image = image  # decoded once: a carried group keeps its prompt's pixels
-        starts = [0]
-        for c in call.counts:
-            starts.append(starts[-1] + c)
-        entry_rows = [list(range(a, b)) for a, b in zip(starts, starts[1:])]
 
         def completions(e, tokens):  # the group's rows in order: this call's, and those finished before
             p, rows = call.entries[e]
-            mine = dict(zip(rows, entry_rows[e]))
+            mine = dict(zip(rows, call.rows[e]))
             return [tokens[mine[j]] if j in mine else p.tokens[j] for j in range(g)]
-        scorer = self._scorer(call.prompts, entry_rows, completions)
+        scorer = self._scorer(call.prompts, call.rows, completions)
         out = self._sample(call, s, r.stop_share, scorer.finished if scorer else None)
-        finished = [e for e, (p, rows) in enumerate(call.entries) if all(out.finish_reasons[k] != "partial"
-                                                                        for k in entry_rows[e])]
         done = self.carry.absorb(call, out, step)
+        finished = [e for e, (p, _) in enumerate(call.entries) if p.done]  # ``done``'s entries, in order
         late = [p.prompt for p in done if step - p.born > r.max_staleness]
         if late:  # the required rows of a due group finish before the call stops: never reached
             raise RuntimeError(f"prompts {late}: trained more than rollout.max_staleness={r.max_staleness} steps late")
