@@ -70,8 +70,12 @@ class GroupScorer:
                     pieces[g] = dict(zip(out.keys(), part))
         finally:
             self.pool.shutdown(wait=True)
-        if self.stream is not None:
-            torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
+        if self.stream is not None:  # the training stream reads them: it waits, and owns their memory from here
+            main = torch.cuda.current_stream(self.stream.device)
+            main.wait_stream(self.stream)
+            for part in pieces.values():
+                for v in part.values():
+                    v.record_stream(main)
         missing = [g for g in groups if g not in pieces]
         if missing:
             raise RuntimeError(f"groups {missing} were not finished, so never scored")
