@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .. import distributed as D
-from .sampler import Sampler, SamplerOutput, unwrap_model
+from .sampler import Sampler, SamplerOutput, row_counts, unwrap_model
 from .tensor_parallel import TensorParallelCopy
 
 
@@ -68,7 +68,7 @@ class GroupSampler:
         prompts = [p.tolist() if torch.is_tensor(p) else list(p) for p in prompt_ids]
         if seed is None and prompts and row_seeds is None:
             seed = int(torch.randint(0, 2**62, ()).item())
-        counts = [n] * len(prompts) if not isinstance(n, (list, tuple)) else list(n)
+        counts = row_counts(n, len(prompts))
         rows = sum(counts)
         if row_seeds is None:
             row_seeds = [(seed, row) for row in range(rows)]
@@ -96,11 +96,11 @@ class GroupSampler:
         if any(u[5] is not None for u in union):
             needed = [r for u in union for r in (u[5] if u[5] is not None else [False] * sum(u[1]))]
         start = sum(sum(u[1]) for u in union[:self.copy.rank])
-        mine = None if on_finish is None else (  # this rank's rows, numbered as its own call numbers them
+        own_finish = None if on_finish is None else (  # this rank's rows, numbered as its own call numbers them
             lambda done: on_finish([(k - start, t) for k, t in done if start <= k < start + rows]))
         out = self.sampler.generate([p for u in union for p in u[0]], n=[c for u in union for c in u[1]],
                                     images=pictures, row_seeds=[s for u in union for s in u[3]],
-                                    continued=continuing, required=needed, on_finish=mine, **calls[0])
+                                    continued=continuing, required=needed, on_finish=own_finish, **calls[0])
         self._check_agreement(out.completion_ids)
         own = slice(start, start + rows)
         return SamplerOutput(out.completion_ids[own], out.logprobs[own], out.finish_reasons[own],

@@ -58,9 +58,7 @@ class RoutingLog:
         index = [[] if r.finish == PARTIAL else self.prefix.get(r.group.index, []) + self.private.get(r.index, [])
                  for r in rows]
         for r, i in zip(rows, index):
-            if r.finish == PARTIAL:
-                continue
-            if len(i) != len(r.group.tokens) - 1 + len(r.tokens):
+            if r.finish != PARTIAL and len(i) != len(r.group.tokens) - 1 + len(r.tokens):
                 raise RuntimeError(f"row {r.index}: routing of {len(i)} inputs recorded for "
                                    f"{len(r.group.tokens) - 1 + len(r.tokens)}")
         picked = flat[torch.tensor([p for i in index for p in i], dtype=torch.long, device=flat.device)]

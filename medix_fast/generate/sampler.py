@@ -173,7 +173,7 @@ class Sampler:
         params = SamplingParams(temperature, top_p, top_k, logprobs_mode)
         stops = self._stop_ids(stop_token_ids)
         prompts = self._validate(prompt_ids, max_new_tokens)
-        counts = _counts(n, len(prompts))
+        counts = row_counts(n, len(prompts))
         rows = sum(counts)
         images = self._validate_images(prompts, images)
         continued = check_continued(continued, rows, max_new_tokens, set(stops))
@@ -252,14 +252,13 @@ class Sampler:
         return out
 
     def _loop(self, sched: Scheduler, runner: Runner, decode, params: SamplingParams, stops: set[int],
-              max_new: int, routing: RoutingLog | None = None, stop: StopRule | None = None,
-              on_finish=None) -> list[torch.Tensor]:
+              max_new: int, routing: RoutingLog | None, stop: StopRule, on_finish=None) -> list[torch.Tensor]:
         """Admit, prefill, decode and sample until every row finished (or ``stop`` is reached);
         returns the per-step log-probs."""
         stats, blocks = self.stats, sched.pool
         logprob_log: list[torch.Tensor] = []
         logged, prefilter = 0, PREFILTER
-        while not sched.done and not (stop is not None and stop.reached):
+        while not sched.done and not stop.reached:
             plan = sched.admit()
             runner.apply(sched.table_writes)
             if not plan.empty:
@@ -294,7 +293,7 @@ class Sampler:
                     sched.finish(row, "stop")
                 elif len(row.tokens) == max_new:
                     sched.finish(row, "length")
-                if row.finish is not None and stop is not None:
+                if row.finish is not None:
                     stop.finish(row.index)
             if on_finish is not None and any(row.finish is not None for row in batch):
                 on_finish([(row.index, row.tokens) for row in batch if row.finish is not None])
@@ -428,7 +427,7 @@ class Sampler:
         return stops
 
 
-def _counts(n, prompts: int) -> list[int]:
+def row_counts(n, prompts: int) -> list[int]:
     """Rows per prompt: ``n`` for each, or ``n`` itself (one count per prompt)."""
     counts = [n] * prompts if not isinstance(n, (list, tuple)) else list(n)
     if len(counts) != prompts:

@@ -68,11 +68,17 @@ class Call:
 
     entries: list[tuple[Pending, list[int]]]
     rows: list[list[int]]  # per entry: its rows' positions in the call
-    prompts: list[int]  # prompt index per entry
-    counts: list[int]  # rows per entry
     seeds: list[tuple[int, int]]
     continued: list  # per row: None or (tokens, log-probs)
     required: list[bool]
+
+    @property
+    def prompts(self) -> list[int]:  # prompt index per entry
+        return [p.prompt for p, _ in self.entries]
+
+    @property
+    def counts(self) -> list[int]:  # rows per entry
+        return [len(r) for r in self.rows]
 
 
 class Carry:
@@ -99,8 +105,7 @@ class Carry:
                 seeds.append(p.seeds[j])
                 continued.append((p.tokens[j], p.logprobs[j]) if p.tokens[j] else None)
                 required.append(due)
-        return Call(entries, positions, [p.prompt for p, _ in entries], [len(r) for _, r in entries], seeds,
-                    continued, required)
+        return Call(entries, positions, seeds, continued, required)
 
     def absorb(self, call: Call, out, step: int) -> list[Pending]:
         """The call's output into its groups; returns those now done (in call order: carried
