@@ -4,7 +4,7 @@
     python -m bench.learning_seeds --seeds 0 1 2 3 4 --jobs 1 --steps 40
 
 Runs ``python -m medix_fast.train`` (configs/tiny.yaml, the default run) once per seed and mode,
-``--jobs`` at a time, each in its own folder under ``--out``: ``synchronous`` as it ships and
+``--jobs`` at a time, each in its own folder under ``--out`` (a new or empty folder): ``synchronous`` as it ships and
 ``partial`` with ``rollout.partial=true algorithm.tis_cap=2.0`` (what partial rollouts need: the
 behaviour correction of decoupled PPO). Prints, per mode, held-out accuracy (greedy) and pass@1 at
 step 0 and at the last step as mean ± sample standard deviation over the seeds, the change, the
@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra", nargs="*", default=[], help="overrides for every run (section.key=value)")
     args = p.parse_args(argv)
     out = Path(args.out or tempfile.mkdtemp(prefix="medix_learning_seeds_"))
+    if out.exists() and any(out.iterdir()):  # runs and logs go here: nothing of an earlier call is written over
+        print(f"error: --out {out} is not empty: give a new folder", file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     runs = [(mode, seed) for seed in args.seeds for mode in args.modes]
     pending, running, seconds = list(runs), {}, {}
