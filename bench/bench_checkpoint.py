@@ -4,7 +4,8 @@
 
 A random Qwen2 of 124M parameters (hidden 768, 12 layers, vocab 32,000, untied head: 0.5 GB of
 fp32 weights, 1.5 GB with AdamW's two moments) under FSDP2 on 1 and 2 gloo CPU processes
-(``--smoke``: 0.2M parameters, 2 processes, the async case), each case in a torchrun of its own,
+(``--smoke``: 0.2M parameters, 2 processes, the async and the checksum cases, all in one torchrun so
+that the smoke run pays for one launch), each case in a torchrun of its own,
 AdamW stepped once so that its moments exist. Every rank times each save from a barrier and
 takes its peak resident memory above the resident memory before it (VmHWM reset through
 /proc/self/clear_refs, bench/timing.py); a row is the median over saves of the slowest rank's
@@ -23,6 +24,7 @@ on the local disk, fsynced.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -75,19 +77,31 @@ def _full_gather(root: Path, i: int, wrapped, model, optimizer, rank: int) -> No
     D.barrier()
 
 
-def _worker(impl: str, asynchronous: bool, size: str, saves: int, out: Path) -> None:
-    """One torchrun process: ``saves`` checkpoints (the first a warm-up); rank 0 writes the figures to ``out``."""
+def _worker(jobs: list[str], size: str, saves: int, out: Path) -> None:
+    """One torchrun process: for each job ``IMPL:ASYNC``, ``saves`` checkpoints (the first a warm-up);
+    rank 0 writes the figures, by job, to ``out``."""
+    import torch.distributed.checkpoint as dcp
+
+    import medix_fast.checksums
+    from medix_fast import distributed as D
+
+    info = D.init_distributed("cpu", "gloo", "fsdp")
+    figures, writer = {}, medix_fast.checksums.ChecksumWriter
+    for job in jobs:
+        impl, asynchronous = job.split(":")
+        # save_shards imports its writer at each call: no_checksum swaps it for DCP's own
+        medix_fast.checksums.ChecksumWriter = writer if impl != "no_checksum" else dcp.FileSystemWriter
+        figures[job] = _job(info, impl, asynchronous == "1", size, saves)
+    if info.rank == 0:
+        out.write_text(json.dumps(figures))
+    D.close()
+
+
+def _job(info, impl: str, asynchronous: bool, size: str, saves: int) -> dict:
     from medix_fast import checkpoint as C
     from medix_fast import distributed as D
     from medix_fast.rl.update import PolicyObjective
 
-    if impl == "no_checksum":  # save_shards imports its writer at each call
-        import torch.distributed.checkpoint as dcp
-
-        import medix_fast.checksums
-
-        medix_fast.checksums.ChecksumWriter = dcp.FileSystemWriter
-    info = D.init_distributed("cpu", "gloo", "fsdp")
     model = _model(size)
     wrapped = D.wrap(PolicyObjective(model, 1.0), model, "fsdp", info, torch.float32)
     optimizer = torch.optim.AdamW(wrapped.parameters(), lr=1e-4)
@@ -124,23 +138,30 @@ def _worker(impl: str, asynchronous: bool, size: str, saves: int, out: Path) -> 
     held[info.rank] = resident[1] - resident[0]
     held = D.all_reduce(held, info.device)
     if info.rank == 0:
-        out.write_text(json.dumps({"blocked_s": blocked[1:], "total_s": total[1:], "peak_mb": peaks[1:],
-                                   "held_mb": held.tolist()}))
         shutil.rmtree(root, ignore_errors=True)
-    D.close()
+    return {"blocked_s": blocked[1:], "total_s": total[1:], "peak_mb": peaks[1:], "held_mb": held.tolist()}
 
 
-def _measure(impl: str, asynchronous: bool, ranks: int, size: str, budget: Budget) -> tuple[Timing, float, str]:
+@functools.lru_cache(maxsize=None)
+def _launch(jobs: tuple[str, ...], ranks: int, size: str, saves: int) -> dict:
+    """One torchrun of ``ranks`` processes running ``jobs`` in turn: the figures by job."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "figures.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_port=0",
-               "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", "-m", "bench.bench_checkpoint", "--worker",
-               impl, str(int(asynchronous)), size, str(budget.warmup + budget.min_reps), str(out)]
+               "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", "-m", "bench.bench_checkpoint",
+               "--size", size, "--saves", str(saves), "--out", str(out), "--jobs", *jobs]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
         if done.returncode != 0:
             raise RuntimeError(f"torchrun exit {done.returncode}: {' '.join(done.stderr.split()[-40:])}")
-        figures = json.loads(out.read_text())
+        return json.loads(out.read_text())
+
+
+def _measure(impl: str, asynchronous: bool, ranks: int, size: str, budget: Budget,
+             together: tuple[str, ...] = ()) -> tuple[Timing, float, str]:
+    """One case's row; ``together``: the jobs of the launch it shares (the smoke run's), else its own."""
+    job = f"{impl}:{int(asynchronous)}"
+    figures = _launch(together or (job,), ranks, size, budget.warmup + budget.min_reps)[job]
     timing = summarize([1e3 * s for s in figures["blocked_s" if asynchronous else "total_s"]])
     by_rank = [max(save[r] for save in figures["peak_mb"]) for r in range(ranks)]
     note = "peak MB by rank " + " / ".join(f"{mb:,.0f}" for mb in by_rank)
@@ -153,25 +174,28 @@ def _measure(impl: str, asynchronous: bool, ranks: int, size: str, budget: Budge
 def cases(smoke: bool, device: torch.device) -> list[Case]:
     size = "smoke" if smoke else "full"
     params = _parameters(size)
+    # (case, impl, async, ranks); smoke: the bench cannot rot, at 2 ranks in one launch
+    plan = [(case, impl, asynchronous and impl == SUBJECT, ranks) for ranks in ((2,) if smoke else (1, 2))
+            for case, asynchronous in (CASES.items() if not smoke else [("save, training blocked", True)])
+            for impl in (SUBJECT, "full_gather")]
+    plan += [("shard checksums, save until on disk", impl, False, 2 if smoke else 1)
+             for impl in (SUBJECT, "no_checksum")]
+    together = tuple(f"{impl}:{int(asynchronous)}" for _, impl, asynchronous, _ in plan) if smoke else ()
     out = []
-    for ranks in (2,) if smoke else (1, 2):  # smoke: the bench cannot rot, in 2 launches
+    for case, impl, asynchronous, ranks in plan:
         shape = f"Qwen2 {params / 1e6:.1f}M fp32 + AdamW ({12 * params / 2**20:,.0f} MB), FSDP2 x{ranks} gloo"
-        for case, asynchronous in CASES.items() if not smoke else [("save, training blocked", True)]:
-            for impl in (SUBJECT, "full_gather"):
-                def measure(dev, budget, impl=impl, asynchronous=asynchronous and impl == SUBJECT, ranks=ranks):
-                    return _measure(impl, asynchronous, ranks, size, budget)
-                out.append(Case("checkpoint", case, impl, shape, params, None, measure=measure))
-    shape = f"Qwen2 {params / 1e6:.1f}M fp32 + AdamW ({12 * params / 2**20:,.0f} MB), FSDP2 x1 gloo"
-    for impl in (SUBJECT, "no_checksum"):
-        def measure(dev, budget, impl=impl):
-            return _measure(impl, False, 1, size, budget)
-        out.append(Case("checkpoint", "shard checksums, save until on disk", impl, shape, params, None,
-                        measure=measure))
+
+        def measure(dev, budget, impl=impl, asynchronous=asynchronous, ranks=ranks):
+            return _measure(impl, asynchronous, ranks, size, budget, together)
+        out.append(Case("checkpoint", case, impl, shape, params, None, measure=measure))
     return out
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker", nargs=5, metavar=("IMPL", "ASYNC", "SIZE", "SAVES", "OUT"), required=True)
-    impl, asynchronous, size, saves, out = parser.parse_args().worker
-    _worker(impl, asynchronous == "1", size, int(saves), Path(out))
+    parser.add_argument("--jobs", nargs="+", metavar="IMPL:ASYNC", required=True)
+    parser.add_argument("--size", choices=SIZES, required=True)
+    parser.add_argument("--saves", type=int, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    _worker(args.jobs, args.size, args.saves, args.out)
