@@ -1,11 +1,11 @@
-"""``python -m bench --gpu-check``: the one prepared check of the CUDA paths, about 9 minutes on one H200.
+"""``python -m bench --gpu-check``: the one prepared check of the CUDA paths, within 8 minutes on one H100.
 
     python -m bench --gpu-check              # on a GPU -> bench/results/gpu/check.{md,csv}, one log per part
     python -m bench --gpu-check --dry-run    # the same plumbing at tiny shapes (what a CPU runs)
 
-Parts, each in a fresh process with its own time limit out of the total budget (``--budget-s``,
-default 540 s; time a part leaves unused goes to the next), so a crash, hang or out-of-memory
-stops only that part:
+Parts, one after another in one child process, each with its own time limit out of the total
+budget (``--budget-s``, default 450 s; time a part leaves unused goes to the next); a crash, hang or
+out-of-memory stops only that part, and a fresh process takes the rest (bench/gpu_process.py):
   tests    ``pytest -m cuda tests`` (tests/test_cuda.py and any other test marked ``cuda``): every
            Triton kernel at its GPU tiles against fp64 in bf16 and fp32 (tf32 and ieee), CUDA
            autocast, no host sync, offsets past 2^31, a
@@ -25,23 +25,23 @@ stops only that part:
            with ``distributed.strategy=fsdp`` on one GPU (the embedded tiny model's tokenizer,
            whose ids fit the model's vocabulary): step time by phase, peak memory, and the
            trainer-sampler mismatch in bf16 (``mismatch/*``: mean / max |delta logp|, k3 KL, > 1e-3)
+  paths    one report section per path the parts above do not run, each on an embedded tiny model:
+           DDP with autocast, a checkpoint's resume, the eval command, tiny-vl, preemption, the
+           routing record (bench/gpu_paths.py)
   sharded  the train part on 2 GPUs with ``sampling.tensor_parallel=2`` (torchrun, NCCL): the rollout on
            the tensor-parallel copy (generate/group_sampler.py); skipped with its reason on one GPU
 ``--dry-run`` (the default without CUDA): the same parts at tiny shapes, compiled baselines
 skipped, results to a temporary folder unless ``--out``; tests/test_gpu_check.py runs it.
-The child side is ``python -m bench.gpu_check --part NAME --rows FILE [--dry-run] [--deadline T]``.
+The child side is ``python -m bench.gpu_check --child --parts NAME... --out DIR --budget-s B --start T``.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import datetime
 import json
 import math
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -53,6 +53,7 @@ from functools import partial
 import torch
 
 from bench.gpu_paths import SECTIONS, part_paths
+from bench.gpu_process import child, run_parts
 from bench.gpu_report import SUBJECT, Row, write_report
 from bench.gpu_train import QUIET, train_rows
 
@@ -244,60 +245,6 @@ PART_FUNCS = {"tests": part_tests, "lm_head": part_lm_head, "decode": part_decod
               "paths": part_paths, "sharded": partial(part_train, part="sharded", ranks=2)}
 
 
-def _child(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.gpu_check")
-    p.add_argument("--part", choices=PART_FUNCS, required=True)
-    p.add_argument("--rows", required=True, help="JSON file the rows are written to, after each one")
-    p.add_argument("--dry-run", action="store_true")
-    p.add_argument("--deadline", type=float, default=math.inf, help="wall-clock time (epoch s) to stop by")
-    args = p.parse_args(argv)
-    rows: list[dict] = []
-
-    def emit(row: Row) -> None:
-        rows.append(dataclasses.asdict(row))
-        print(f"[gpu-check] {row.part} {row.case} {row.impl}: {row.status} {row.ms:,.1f} ms", flush=True)
-        with open(args.rows + ".tmp", "w") as f:
-            json.dump(rows, f)
-        os.replace(args.rows + ".tmp", args.rows)  # a crash later keeps the rows so far
-
-    PART_FUNCS[args.part](args.dry_run, args.deadline, emit)
-    return 0
-
-
-# ----------------------------------------------------------------------------- the parent
-def run_part(name: str, dry: bool, limit_s: float, out: str) -> list[Row]:
-    """Run part ``name`` in a fresh process for at most ``limit_s``; its rows, plus one saying how
-    it ended when it did not end well. Its output goes to ``out/<name>.log``."""
-    rows_path = os.path.join(out, f".{name}.json")
-    if os.path.exists(rows_path):
-        os.remove(rows_path)
-    cmd = [sys.executable, "-m", "bench.gpu_check", "--part", name, "--rows", rows_path,
-           "--deadline", str(time.time() + limit_s - 5)] + (["--dry-run"] if dry else [])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    with open(os.path.join(out, f"{name}.log"), "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            code = proc.wait(timeout=limit_s)
-            ending = None if code == 0 else f"failed: exit {code} (see {name}.log)"
-        except subprocess.TimeoutExpired:
-            ending = f"failed: over its {limit_s:.0f} s limit (see {name}.log)"
-        finally:  # the part and whatever it started (pytest, the trainer): nothing outlives its limit
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    rows = []
-    if os.path.exists(rows_path):
-        with open(rows_path) as f:
-            rows = [Row(**r) for r in json.load(f)]
-        os.remove(rows_path)
-    if ending or not rows:
-        rows.append(Row(name, "part", impl="", status=ending or "failed: no result"))
-    reached = {r.part for r in rows}
-    rows += [Row(s, "section", impl="", status=f"failed: not reached, the {name} part ended (see {name}.log)")
-             for s in SECTIONS if name == "paths" and s not in reached]
-    return rows
-
-
 def _driver() -> str:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -349,18 +296,12 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(out, "doctor.json"), "w") as f:
         json.dump(env.to_dict(), f, indent=2)
     meta["environment"] = "supported" if env.ok else "; ".join(env.problems)
-    start = time.monotonic()
-    rows: list[Row] = []
-    for i, name in enumerate(args.parts):
-        later = sum(PARTS.get(n, 0.0) for n in args.parts[i + 1:]) * args.budget_s / sum(PARTS.values())
-        limit = args.budget_s - (time.monotonic() - start) - later  # its share plus what earlier parts left
-        if limit < 5:
-            rows.append(Row(name, "part", impl="", status="skipped: total budget spent"))
-            continue
-        print(f"[gpu-check] {name}: up to {limit:.0f} s", flush=True)
-        t0 = time.monotonic()
-        rows += run_part(name, dry, limit, out)
-        meta[f"{name} part"] = f"{time.monotonic() - t0:.0f} s"
+    start, seconds = time.monotonic(), {}
+    rows = run_parts(args.parts, PARTS, dry, out, args.budget_s, seconds)
+    if any(r.part == "paths" and r.status.startswith("failed") for r in rows):  # it ended early
+        rows += [Row(s, "section", impl="", status="failed: not reached, the paths part ended (see paths.log)")
+                 for s in SECTIONS if s not in {r.part for r in rows}]
+    meta.update((f"{name} part", f"{seconds[name]:.0f} s") for name in args.parts if name in seconds)
     meta["total"] = f"{time.monotonic() - start:.0f} s"
     csv_path, md_path = write_report(out, rows, meta)
     with open(os.path.join(out, "command.txt"), "w") as f:
@@ -372,4 +313,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_child(sys.argv[1:]))
+    sys.exit(child(PART_FUNCS, PARTS, sys.argv[1:]))

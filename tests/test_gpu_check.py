@@ -108,16 +108,53 @@ def test_spent_budget_skips_parts(gpu_check, tmp_path, monkeypatch):
 
 
 def test_a_failing_part_is_a_row(gpu_check, tmp_path):
-    rows = gpu_check.run_part("no_such_part", True, 120, str(tmp_path))
+    rows = gpu_check.run_parts(["no_such_part"], gpu_check.PARTS, True, str(tmp_path), 120)
     assert len(rows) == 1 and rows[0].status.startswith("failed: exit 2"), rows
     assert "invalid choice" in (tmp_path / "no_such_part.log").read_text()
 
 
+FAKE_PARTS = """
+import os, subprocess, sys, time
+from bench.gpu_process import child
+from bench.gpu_report import Row
+
+def boom(dry, deadline, emit):
+    emit(Row("boom", "pid", note=str(os.getpid())))
+    raise RuntimeError("boom")
+
+def quick(dry, deadline, emit):
+    emit(Row("quick", "pid", note=str(os.getpid())))
+
+def hang(dry, deadline, emit):
+    subprocess.Popen(["sleep", "61.25"])  # a child of its own
+    time.sleep(60)
+
+sys.exit(child({"boom": boom, "quick": quick, "hang": hang}, {"boom": 1.0, "quick": 1.0, "hang": 1.0}, sys.argv[1:]))
+"""
+
+
+@pytest.fixture
+def fake_parts(tmp_path, monkeypatch):
+    """A child module with a part that raises, one that returns and one that hangs (bench/gpu_process.py)."""
+    (tmp_path / "fake_parts.py").write_text(FAKE_PARTS)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    return "fake_parts"
+
+
+def test_a_part_that_raises_is_a_row_and_the_next_runs_in_a_fresh_process(gpu_check, tmp_path, fake_parts):
+    out = tmp_path / "out"
+    out.mkdir()
+    rows = gpu_check.run_parts(["boom", "quick"], {"boom": 1.0, "quick": 1.0}, True, str(out), 60, module=fake_parts)
+    assert [(r.part, r.case) for r in rows] == [("boom", "pid"), ("boom", "part"), ("quick", "pid")], rows
+    assert rows[1].status.startswith("failed: RuntimeError: boom") and rows[0].note != rows[2].note  # two processes
+    assert "Traceback" in (out / "boom.log").read_text()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups")
-def test_a_part_past_its_limit_is_stopped_with_its_children(gpu_check, tmp_path):
-    rows = gpu_check.run_part("train", True, 3, str(tmp_path))
-    assert rows[-1].status.startswith("failed: over its 3 s limit"), rows
-    leftover = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True)  # its command names tmp_path
+def test_a_part_past_its_limit_is_stopped_with_its_children(gpu_check, tmp_path, fake_parts):
+    rows = gpu_check.run_parts(["hang"], {"hang": 1.0}, True, str(tmp_path), 6, module=fake_parts)
+    assert [r.status for r in rows] == ["failed: over its 6 s limit (see hang.log)"], rows
+    leftover = subprocess.run(["pgrep", "-f", "sleep 61.25"], capture_output=True)
     assert leftover.returncode == 1, leftover.stdout  # nothing of the part survives it
 
 
