@@ -42,6 +42,7 @@ import json
 import math
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -101,27 +102,41 @@ def cuda_test_files() -> list[str]:
                   and name.endswith(".py") and "mark.cuda" in open(os.path.join(tests, name)).read())
 
 
+STOP_S = 10.0  # pytest's time to write its report after Ctrl-C
+
+
 def part_tests(dry: bool, deadline: float, emit) -> None:
     """``pytest -m cuda``: one row per test (its outcome), from pytest's JUnit XML."""
     xml = os.path.join(tempfile.mkdtemp(prefix="medix_gpu_check_"), "pytest.xml")
     # one process (tests/conftest.py would start xdist workers): one GPU, and their start-up would spend the budget
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", *cuda_test_files(), "-p", "no:cacheprovider",
            "-p", "no:xdist", f"--junitxml={xml}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, text=True)
+    stopped = False
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, timeout=max(1.0, deadline - time.time()), text=True)
-        ending = f"pytest exit {proc.returncode}"
-    except subprocess.TimeoutExpired:
-        ending = "pytest stopped at the part's time limit"
+        ending = f"pytest exit {proc.wait(timeout=max(1.0, deadline - time.time() - STOP_S))}"
+    except subprocess.TimeoutExpired:  # Ctrl-C: pytest ends its session, its report keeps the tests run so far
+        proc.send_signal(signal.SIGINT)
+        stopped, ending = True, "pytest stopped at the part's time limit"
+        try:
+            proc.wait(timeout=STOP_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
     if not os.path.exists(xml):
         emit(Row("tests", "pytest -m cuda", impl="pytest", status=f"failed: {ending}, no report"))
         return
     for case in ET.parse(xml).getroot().iter("testcase"):
+        if case.get("name") is None:  # the test a Ctrl-C stopped: an empty element
+            continue
         outcome = next(iter(case), None)
         status = "ok" if outcome is None else (
             f"skipped: {outcome.get('message', '')}" if outcome.tag == "skipped"
             else f"failed: {' '.join((outcome.get('message') or '').split())[:200]}")
-        emit(Row("tests", case.get("name", "?"), impl="pytest", shape=case.get("classname", ""), status=status,
+        emit(Row("tests", case.get("name"), impl="pytest", shape=case.get("classname", ""), status=status,
                  ms=float(case.get("time", "nan")) * 1e3))
+    if stopped:
+        emit(Row("tests", "pytest -m cuda", impl="pytest", status=f"failed: {ending}: the tests after these did not run"))
 
 
 def part_lm_head(dry: bool, deadline: float, emit) -> None:

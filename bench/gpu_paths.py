@@ -24,6 +24,7 @@ section that raises is a failed row and the next one runs. ``part_paths`` is the
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -266,5 +267,6 @@ def part_paths(dry: bool, deadline: float, emit) -> None:
         except Exception as exc:  # a row, not the end of the part
             traceback.print_exc()
             emit(Row(name, "section", status=f"failed: {type(exc).__name__}: {exc}"[:200]))
+        gc.collect()  # the section's trainer and K/V pools, before the next sizes its memory
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -158,6 +158,31 @@ def test_a_part_past_its_limit_is_stopped_with_its_children(gpu_check, tmp_path,
     assert leftover.returncode == 1, leftover.stdout  # nothing of the part survives it
 
 
+SLOW_CUDA_TESTS = """
+import time
+import pytest
+
+@pytest.mark.cuda
+def test_quick():
+    pass
+
+@pytest.mark.cuda
+def test_slow():
+    time.sleep(60)
+"""
+
+
+def test_tests_part_stopped_at_its_limit_keeps_the_tests_run(gpu_check, tmp_path, monkeypatch):
+    """pytest gets a Ctrl-C before the part's limit: its report still holds the tests that ran."""
+    (tmp_path / "test_slow_cuda.py").write_text(SLOW_CUDA_TESTS)
+    monkeypatch.setattr(gpu_check, "cuda_test_files", lambda: [str(tmp_path / "test_slow_cuda.py")])
+    monkeypatch.setattr(gpu_check, "STOP_S", 3.0)
+    rows = []
+    gpu_check.part_tests(True, gpu_check.time.time() + 3 + 6, rows.append)  # 6 s to start pytest, run test_quick
+    assert [(r.case, r.status[:6]) for r in rows] == [("test_quick", "ok"), ("pytest -m cuda", "failed")], rows
+    assert "stopped at the part's time limit: the tests after these did not run" in rows[-1].status
+
+
 def test_trl_tests_collect_without_trl_or_datasets(tmp_path):
     """The TRL adapter's tests skip, not fail to collect, without trl and datasets (the GPU machine's
     environment, which the dry run above runs in); the files with a cuda mark are the tests part's."""
