@@ -40,9 +40,9 @@ from bench.gpu_train import QUIET, ROOT, metrics, train_rows
 
 SECTIONS = {"ddp": 35.0, "checkpoint": 20.0, "eval": 15.0, "vl": 25.0, "preemption": 10.0, "routing": 20.0}  # s
 TIMING = ("time/", "throughput/", "memory/")  # metrics that differ between equal runs
+EVAL_ITEMS = 4
 # small steps of the default run's config; the straight run adds a checkpoint (optimizer included) each step and
 # the held-out evaluation of the last step's weights that the eval section compares with the command's
-EVAL_ITEMS = 4
 SMALL = ["train.prompts_per_step=2", "train.mini_batch_prompts=2", "sampling.group_size=2",
          "sampling.max_new_tokens=16", *QUIET]
 STRAIGHT = [*SMALL, "eval.every=2", "eval.at_start=false", f"eval.limit={EVAL_ITEMS}", "eval.samples=0",

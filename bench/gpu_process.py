@@ -111,7 +111,7 @@ def _child(module, pending, shares, dry, out, budget_s, start, seconds) -> tuple
     finished = progress.get("finished", [])
     seconds.update(progress.get("seconds", {}))
     rows = [Row(**r) for r in _read(rows_path, [])]
-    if len(finished) == len(pending) or code == 3:  # all done, or a part raised (its row says so)
+    if len(finished) == len(pending) or (code == 3 and finished):  # all done, or a part raised (its row says so)
         return rows, finished, None
     part = pending[len(finished)]  # the part it was in (or about to start) when it ended
     seconds[part] = time.time() - (progress.get("started") if progress.get("running") == part else launched)
