@@ -1,11 +1,11 @@
-"""``python -m bench --gpu-check``: the one prepared check of the CUDA paths, about 9 minutes on one H200.
+"""``python -m bench --gpu-check``: the one prepared check of the CUDA paths, within 8 minutes on one H100.
 
     python -m bench --gpu-check              # on a GPU -> bench/results/gpu/check.{md,csv}, one log per part
     python -m bench --gpu-check --dry-run    # the same plumbing at tiny shapes (what a CPU runs)
 
-Parts, each in a fresh process with its own time limit out of the total budget (``--budget-s``,
-default 540 s; time a part leaves unused goes to the next), so a crash, hang or out-of-memory
-stops only that part:
+Parts, one after another in one child process, each with its own time limit out of the total
+budget (``--budget-s``, default 450 s; time a part leaves unused goes to the next); a crash, hang or
+out-of-memory stops only that part, and a fresh process takes the rest (bench/gpu_process.py):
   tests    ``pytest -m cuda tests`` (tests/test_cuda.py and any other test marked ``cuda``): every
            Triton kernel at its GPU tiles against fp64 in bf16 and fp32 (tf32 and ieee), CUDA
            autocast, no host sync, offsets past 2^31, a
@@ -25,18 +25,18 @@ stops only that part:
            with ``distributed.strategy=fsdp`` on one GPU (the embedded tiny model's tokenizer,
            whose ids fit the model's vocabulary): step time by phase, peak memory, and the
            trainer-sampler mismatch in bf16 (``mismatch/*``: mean / max |delta logp|, k3 KL, > 1e-3)
+  paths    one report section per path the parts above do not run, each on an embedded tiny model:
+           DDP with autocast, a checkpoint's resume, the eval command, tiny-vl, preemption, the
+           routing record (bench/gpu_paths.py)
   sharded  the train part on 2 GPUs with ``sampling.tensor_parallel=2`` (torchrun, NCCL): the rollout on
            the tensor-parallel copy (generate/group_sampler.py); skipped with its reason on one GPU
 ``--dry-run`` (the default without CUDA): the same parts at tiny shapes, compiled baselines
 skipped, results to a temporary folder unless ``--out``; tests/test_gpu_check.py runs it.
-The child side is ``python -m bench.gpu_check --part NAME --rows FILE [--dry-run] [--deadline T]``.
+The child side is ``python -m bench.gpu_check --child --parts NAME... --out DIR --budget-s B --start T``.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import csv
-import dataclasses
 import datetime
 import json
 import math
@@ -53,9 +53,15 @@ from functools import partial
 
 import torch
 
+from bench.gpu_paths import SECTIONS, part_paths
+from bench.gpu_process import child, run_parts
+from bench.gpu_report import SUBJECT, Row, write_report
+from bench.gpu_train import QUIET, train_rows
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(ROOT, "bench", "results", "gpu")
-PARTS = {"tests": 170.0, "lm_head": 160.0, "decode": 75.0, "train": 75.0, "sharded": 60.0}  # budget shares, s
+PARTS = {"tests": 110.0, "lm_head": 110.0, "decode": 45.0, "train": 45.0, "paths": sum(SECTIONS.values()),
+         "sharded": 15.0}  # budget shares, s: 450 s in all
 
 
 def _peak(device: torch.device):
@@ -74,31 +80,12 @@ def bf16_tflops(device: torch.device) -> float:
     """The card's dense bf16 tensor-core peak, TFLOP/s (NaN off CUDA or for a card not in the table)."""
     peak = _peak(device)
     return peak.tflops if peak else math.nan
-SUBJECT = "medix_fast"
 QWEN3_1_7B = dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
                   num_key_value_heads=8, head_dim=128, vocab_size=151_936)
 QWEN3_0_6B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
                   num_key_value_heads=8, head_dim=128, vocab_size=151_936)
 TINY_QWEN3 = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                   num_key_value_heads=1, head_dim=16, vocab_size=4096)
-
-
-@dataclasses.dataclass
-class Row:
-    part: str
-    case: str
-    impl: str = SUBJECT
-    shape: str = ""
-    status: str = "ok"  # ok | skipped: why | failed: why
-    ms: float = math.nan
-    tflops: float = math.nan  # of the model FLOPs (6·N·H·V)
-    tflops_run: float = math.nan  # of the FLOPs executed (recompute included)
-    pct_peak: float = math.nan  # of the card's dense bf16 peak
-    tok_s: float = math.nan
-    gbps: float = math.nan
-    pct_hbm: float = math.nan
-    peak_gb: float = math.nan
-    note: str = ""
 
 
 # ----------------------------------------------------------------------------- parts (child side)
@@ -115,27 +102,41 @@ def cuda_test_files() -> list[str]:
                   and name.endswith(".py") and "mark.cuda" in open(os.path.join(tests, name)).read())
 
 
+STOP_S = 10.0  # pytest's time to write its report after Ctrl-C
+
+
 def part_tests(dry: bool, deadline: float, emit) -> None:
     """``pytest -m cuda``: one row per test (its outcome), from pytest's JUnit XML."""
     xml = os.path.join(tempfile.mkdtemp(prefix="medix_gpu_check_"), "pytest.xml")
     # one process (tests/conftest.py would start xdist workers): one GPU, and their start-up would spend the budget
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", *cuda_test_files(), "-p", "no:cacheprovider",
            "-p", "no:xdist", f"--junitxml={xml}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, text=True)
+    stopped = False
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, timeout=max(1.0, deadline - time.time()), text=True)
-        ending = f"pytest exit {proc.returncode}"
-    except subprocess.TimeoutExpired:
-        ending = "pytest stopped at the part's time limit"
+        ending = f"pytest exit {proc.wait(timeout=max(1.0, deadline - time.time() - STOP_S))}"
+    except subprocess.TimeoutExpired:  # Ctrl-C: pytest ends its session, its report keeps the tests run so far
+        proc.send_signal(signal.SIGINT)
+        stopped, ending = True, "pytest stopped at the part's time limit"
+        try:
+            proc.wait(timeout=STOP_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
     if not os.path.exists(xml):
         emit(Row("tests", "pytest -m cuda", impl="pytest", status=f"failed: {ending}, no report"))
         return
     for case in ET.parse(xml).getroot().iter("testcase"):
+        if case.get("name") is None:  # the test a Ctrl-C stopped: an empty element
+            continue
         outcome = next(iter(case), None)
         status = "ok" if outcome is None else (
             f"skipped: {outcome.get('message', '')}" if outcome.tag == "skipped"
             else f"failed: {' '.join((outcome.get('message') or '').split())[:200]}")
-        emit(Row("tests", case.get("name", "?"), impl="pytest", shape=case.get("classname", ""), status=status,
+        emit(Row("tests", case.get("name"), impl="pytest", shape=case.get("classname", ""), status=status,
                  ms=float(case.get("time", "nan")) * 1e3))
+    if stopped:
+        emit(Row("tests", "pytest -m cuda", impl="pytest", status=f"failed: {ending}: the tests after these did not run"))
 
 
 def part_lm_head(dry: bool, deadline: float, emit) -> None:
@@ -212,118 +213,51 @@ def part_decode(dry: bool, deadline: float, emit) -> None:
                      note="time includes the prefill; bytes: weights + K/V per decode step"))
 
 
-def part_train(dry: bool, deadline: float, emit, part: str = "train", ranks: int = 1) -> None:
-    """3 training steps; with ``ranks`` > 1 under torchrun, the rollout tensor-parallel over them."""
-    if not dry and torch.cuda.device_count() < ranks:
-        emit(Row(part, "3 steps", status=f"skipped: {torch.cuda.device_count()} GPU, the sharded rollout needs "
-                                         f"{ranks} (tests/test_tensor_parallel.py runs it on {ranks} gloo ranks)"))
-        return
+def random_checkpoint(fields: dict, device: torch.device, where: str) -> tuple[str, int]:
+    """A random Qwen3 of ``fields``' shape with the embedded tiny model's tokenizer (its ids fit the
+    vocabulary), saved in bf16 under ``where``: (its directory, its parameter count)."""
     from bench.bench_sampler import random_model
     from medix_fast.demo.tiny import TinyConfig, build_tokenizer, read_train_rows
 
-    device = _device()
-    work = tempfile.mkdtemp(prefix="medix_gpu_check_train_")
-    tokenizer = build_tokenizer(read_train_rows(), TinyConfig().vocab_size)  # the embedded tiny model's
-    fields = TINY_QWEN3 if dry else QWEN3_0_6B
+    tokenizer = build_tokenizer(read_train_rows(), TinyConfig().vocab_size)
     if len(tokenizer) > fields["vocab_size"]:
         raise ValueError(f"tokenizer ids ({len(tokenizer)}) do not fit the model's vocabulary")
     model = random_model(fields, device, torch.bfloat16, arch="qwen3")
     model.config.eos_token_id = model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
     params = sum(p.numel() for p in model.parameters())
-    model.save_pretrained(os.path.join(work, "model"))
-    tokenizer.save_pretrained(os.path.join(work, "model"))
+    path = os.path.join(where, "model")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    return path, params
+
+
+def part_train(dry: bool, deadline: float, emit, part: str = "train", ranks: int = 1) -> None:
+    """3 training steps; with ``ranks`` > 1 under torchrun, the rollout tensor-parallel over them."""
+    if not dry and torch.cuda.device_count() < ranks:
+        emit(Row(part, "3 steps", status=f"skipped: {torch.cuda.device_count()} GPU, the sharded rollout needs "
+                                         f"{ranks} (tests/test_tensor_parallel.py runs it on {ranks} gloo ranks)"))
+        return
+    device = _device()
+    work = tempfile.mkdtemp(prefix="medix_gpu_check_train_")
+    path, params = random_checkpoint(TINY_QWEN3 if dry else QWEN3_0_6B, device, work)
     w = dict(prompts=2, mini=2, group=2, new=8) if dry else dict(prompts=16, mini=8, group=8, new=256)
     overrides = [
-        f"model.path={work}/model", f"model.dtype={'float32' if dry else 'bfloat16'}", f"train.device={device.type}",
-        "distributed.strategy=fsdp", "train.steps=3", f"train.prompts_per_step={w['prompts']}",
+        f"model.path={path}", f"model.dtype={'float32' if dry else 'bfloat16'}", f"train.device={device.type}",
+        "distributed.strategy=fsdp", f"train.prompts_per_step={w['prompts']}",
         f"train.mini_batch_prompts={w['mini']}", f"sampling.group_size={w['group']}",
-        f"sampling.max_new_tokens={w['new']}", "sampling.temperature=1.0", "algorithm.dynamic_sampling=false",
-        "data.max_prompt_length=1024", "eval.every=0", "checkpoint.every=0", "checkpoint.save_optimizer=false",
-        "logging.tensorboard=false", "logging.plot=false", "logging.progress=false", f"train.output_dir={work}/run",
-        f"sampling.tensor_parallel={ranks}"]
+        f"sampling.max_new_tokens={w['new']}", "sampling.temperature=1.0", "data.max_prompt_length=1024",
+        "checkpoint.every=0", "checkpoint.save_optimizer=false", f"sampling.tensor_parallel={ranks}", *QUIET]
     shape = (f"random Qwen3 {params / 1e6:,.3g}M {'fp32' if dry else 'bf16'} fsdp, {w['prompts']} prompts x "
              f"G={w['group']}, <= {w['new']} new" + (f", {ranks} ranks, rollout tensor-parallel" if ranks > 1 else ""))
-    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
-                                   if ranks > 1 else [])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    try:
-        code = subprocess.run([*launcher, "-m", "medix_fast.train", *overrides], cwd=work, env=env,
-                              timeout=max(1.0, deadline - time.time())).returncode
-    except subprocess.TimeoutExpired:
-        code = "stopped at the part's time limit"
-    steps = []
-    metrics = os.path.join(work, "run", "metrics.jsonl")
-    if os.path.exists(metrics):
-        with open(metrics) as f:
-            steps = [json.loads(line) for line in f if line.strip()]
-    for m in steps:
-        emit(Row(part, f"step {m['step']}", shape=shape, ms=1e3 * m["time/step_s"], peak_gb=m["memory/peak_gib"],
-                 note=f"rollout {m['time/rollout_s']:.2f} s, update {m['time/update_s']:.2f} s, "
-                      f"{m.get('throughput/train_tokens_per_s', math.nan):,.0f} train tok/s; mismatch |dlogp| mean "
-                      f"{m.get('mismatch/abs_mean', math.nan):.2g} max {m.get('mismatch/abs_max', math.nan):.2g}, "
-                      f"k3 KL {m.get('mismatch/k3_kl', math.nan):.2g}, "
-                      f">1e-3 {m.get('mismatch/frac_above_1e-3', math.nan):.2g}"))
-    status = "ok" if code == 0 and len(steps) == 3 else f"failed: exit {code}, {len(steps)} steps"
-    emit(Row(part, "3 steps", shape=shape, status=status))
+    train_rows(part, overrides, 3, ranks, deadline, emit, shape, os.path.join(work, "run"))
 
 
 PART_FUNCS = {"tests": part_tests, "lm_head": part_lm_head, "decode": part_decode, "train": part_train,
-              "sharded": partial(part_train, part="sharded", ranks=2)}
-
-
-def _child(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.gpu_check")
-    p.add_argument("--part", choices=PART_FUNCS, required=True)
-    p.add_argument("--rows", required=True, help="JSON file the rows are written to, after each one")
-    p.add_argument("--dry-run", action="store_true")
-    p.add_argument("--deadline", type=float, default=math.inf, help="wall-clock time (epoch s) to stop by")
-    args = p.parse_args(argv)
-    rows: list[dict] = []
-
-    def emit(row: Row) -> None:
-        rows.append(dataclasses.asdict(row))
-        print(f"[gpu-check] {row.part} {row.case} {row.impl}: {row.status} {row.ms:,.1f} ms", flush=True)
-        with open(args.rows + ".tmp", "w") as f:
-            json.dump(rows, f)
-        os.replace(args.rows + ".tmp", args.rows)  # a crash later keeps the rows so far
-
-    PART_FUNCS[args.part](args.dry_run, args.deadline, emit)
-    return 0
-
-
-# ----------------------------------------------------------------------------- the parent
-def run_part(name: str, dry: bool, limit_s: float, out: str) -> list[Row]:
-    """Run part ``name`` in a fresh process for at most ``limit_s``; its rows, plus one saying how
-    it ended when it did not end well. Its output goes to ``out/<name>.log``."""
-    rows_path = os.path.join(out, f".{name}.json")
-    if os.path.exists(rows_path):
-        os.remove(rows_path)
-    cmd = [sys.executable, "-m", "bench.gpu_check", "--part", name, "--rows", rows_path,
-           "--deadline", str(time.time() + limit_s - 5)] + (["--dry-run"] if dry else [])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    with open(os.path.join(out, f"{name}.log"), "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            code = proc.wait(timeout=limit_s)
-            ending = None if code == 0 else f"failed: exit {code} (see {name}.log)"
-        except subprocess.TimeoutExpired:
-            ending = f"failed: over its {limit_s:.0f} s limit (see {name}.log)"
-        finally:  # the part and whatever it started (pytest, the trainer): nothing outlives its limit
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    rows = []
-    if os.path.exists(rows_path):
-        with open(rows_path) as f:
-            rows = [Row(**r) for r in json.load(f)]
-        os.remove(rows_path)
-    if ending or not rows:
-        rows.append(Row(name, "part", impl="", status=ending or "failed: no result"))
-    return rows
+              "paths": part_paths, "sharded": partial(part_train, part="sharded", ranks=2)}
 
 
 def _driver() -> str:
@@ -353,36 +287,6 @@ def header(dry: bool, command: str, budget_s: float) -> dict[str, str]:
     }
 
 
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return "" if math.isnan(value) else (f"{value:,.1f}" if abs(value) >= 10 else f"{value:,.3g}")
-    return str(value).replace("|", "/")
-
-
-def write_report(out: str, rows: list[Row], meta: dict[str, str]) -> tuple[str, str]:
-    """``out/check.csv`` (header comments, then one line per row) and ``out/check.md`` (a table per part)."""
-    fields = [f.name for f in dataclasses.fields(Row)]
-    csv_path, md_path = os.path.join(out, "check.csv"), os.path.join(out, "check.md")
-    with open(csv_path, "w", newline="") as f:
-        f.writelines(f"# {k}: {v}\n" for k, v in meta.items())
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(dataclasses.asdict(r) for r in rows)
-    lines = ["# GPU check", ""] + [f"**{k}**: `{v}`  " if k == "command" else f"**{k}**: {v}  " for k, v in meta.items()]
-    lines += ["", "_ms: median after warm-up (lm_head: triton.testing.do_bench); TFLOP/s of 6·N·H·V, "
-              "TFLOP/s run: recompute included; % peak: of the card's dense bf16 peak, % HBM: of its bandwidth "
-              "(bench/device.py's data-sheet table: H200 989 TFLOP/s, 4.8 TB/s; H100 SXM 989, 3.35); "
-              "peak GB over the inputs_", ""]
-    for part in dict.fromkeys(r.part for r in rows):
-        section = [r for r in rows if r.part == part]
-        cols = [c for c in fields[1:] if any(_cell(getattr(r, c)) for r in section)]
-        lines += [f"## {part}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        lines += ["| " + " | ".join(_cell(getattr(r, c)) for c in cols) + " |" for r in section] + [""]
-    with open(md_path, "w") as f:
-        f.write("\n".join(lines))
-    return csv_path, md_path
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench --gpu-check", description=__doc__.splitlines()[0])
     p.add_argument("--gpu-check", action="store_true", help=argparse.SUPPRESS)  # when called through bench/run.py
@@ -400,23 +304,19 @@ def main(argv: list[str] | None = None) -> int:
     meta = header(dry, command.strip(), args.budget_s)
     from medix_fast.doctor import check  # the environment first: versions against the declared ranges
 
-    env = check(build_cpp=False)  # the C++ ops are CPU ops: their build would only spend the budget
+    # the C++ ops are CPU ops: their build would only spend the budget; the parts run the commands
+    # themselves, so the doctor's probe that they import is a second start of every one of them
+    env = check(build_cpp=False, imports=False)
     print(env.format(), flush=True)
     with open(os.path.join(out, "doctor.json"), "w") as f:
         json.dump(env.to_dict(), f, indent=2)
     meta["environment"] = "supported" if env.ok else "; ".join(env.problems)
-    start = time.monotonic()
-    rows: list[Row] = []
-    for i, name in enumerate(args.parts):
-        later = sum(PARTS.get(n, 0.0) for n in args.parts[i + 1:]) * args.budget_s / sum(PARTS.values())
-        limit = args.budget_s - (time.monotonic() - start) - later  # its share plus what earlier parts left
-        if limit < 5:
-            rows.append(Row(name, "part", impl="", status="skipped: total budget spent"))
-            continue
-        print(f"[gpu-check] {name}: up to {limit:.0f} s", flush=True)
-        t0 = time.monotonic()
-        rows += run_part(name, dry, limit, out)
-        meta[f"{name} part"] = f"{time.monotonic() - t0:.0f} s"
+    start, seconds = time.monotonic(), {}
+    rows = run_parts(args.parts, PARTS, dry, out, args.budget_s, seconds)
+    if any(r.part == "paths" and r.status.startswith("failed") for r in rows):  # it ended early
+        rows += [Row(s, "section", impl="", status="failed: not reached, the paths part ended (see paths.log)")
+                 for s in SECTIONS if s not in {r.part for r in rows}]
+    meta.update((f"{name} part", f"{seconds[name]:.0f} s") for name in args.parts if name in seconds)
     meta["total"] = f"{time.monotonic() - start:.0f} s"
     csv_path, md_path = write_report(out, rows, meta)
     with open(os.path.join(out, "command.txt"), "w") as f:
@@ -428,4 +328,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_child(sys.argv[1:]))
+    sys.exit(child(PART_FUNCS, PARTS, sys.argv[1:]))
