@@ -337,7 +337,8 @@ class Trainer:
         """Whether ``metrics.jsonl`` holds ``step``'s evaluation (rank 0 reads, every rank is told)."""
         logged = None
         if self.info.is_main:
-            logged = any(r["step"] == step and "eval/mean_accuracy" in r for r in read_metrics(self.out / "metrics.jsonl"))
+            rows = read_metrics(self.out / "metrics.jsonl")
+            logged = any(r["step"] == step and "eval/mean_accuracy" in r for r in rows)
         return D.broadcast_object(logged)
 
     def _on_signal(self, signum, frame) -> None:

@@ -479,12 +479,16 @@ def test_cli_errors_for_the_protocol(capsys):
 
 def test_in_training_equals_the_command_line_and_resumes(copies, rigged_judge, tmp_path, monkeypatch):
     """``eval.protocol: medix_r1`` with the reward's judge (the rigged one): a run stopped inside the
-    judge phase of step 2's evaluation resumes at step 2's checkpoint and finishes that evaluation
-    from its files (no item generated or judged twice); the logged per-task scores and the judged
-    records equal what the printed ``python -m medix_fast.eval`` command gives for the checkpoint."""
+    judge phase of step 2's evaluation resumes at step 2's checkpoint (written for the evaluation:
+    checkpoint.every is 0) and finishes that evaluation from its files (no item generated or judged
+    twice); the logged per-task scores and the judged records equal what the printed ``python -m
+    medix_fast.eval`` command gives for that checkpoint."""
     import shlex
 
+    import yaml
+
     from medix_fast.config import load_config
+    from medix_fast.export import main as export_main
     from medix_fast.eval.medix_r1_judge import ChatJudge
     from medix_fast.metrics import read_metrics
     from medix_fast.report import eval_command
@@ -492,15 +496,17 @@ def test_in_training_equals_the_command_line_and_resumes(copies, rigged_judge, t
 
     root, _ = copies
     keep = ("medmcqa", "usmle_sa", "pubmedqa", "mimic_cxr_report_summarization")  # 8 items, every kind of verdict
-    text = r1_yaml(tmp_path, root).read_text().split("\n  - ")
+    tree = yaml.safe_load(r1_yaml(tmp_path, root).read_text())
+    tree["tasks"] = [t for t in tree["tasks"] if t["name"] in keep]
     tasks = tmp_path / "r1_four.yaml"
-    tasks.write_text("\n  - ".join([text[0], *(t for t in text[1:] if t.split(",")[0][7:] in keep)]))
+    tasks.write_text(yaml.safe_dump(tree))
     out = tmp_path / "run"
-    argv = ["train.steps=2", "train.prompts_per_step=2", "train.mini_batch_prompts=2", "sampling.group_size=2",
-            "sampling.max_new_tokens=8", "algorithm.chunk_prompts=2", "algorithm.max_tries=1", "eval.every=2",
-            "eval.at_start=false", "eval.protocol=medix_r1", f"eval.tasks={tasks}", "eval.samples=0",
-            "eval.judge_batch=3", f"rewards.judge_model={rigged_judge}", "logging.progress=false",
-            "logging.plot=false", "logging.rollouts_every=0", f"train.output_dir={out}"]
+    argv = ["train.steps=3", "checkpoint.every=0", "checkpoint.keep_last=2", "train.prompts_per_step=2",
+            "train.mini_batch_prompts=2", "sampling.group_size=2", "sampling.max_new_tokens=8",
+            "algorithm.chunk_prompts=2", "algorithm.max_tries=1", "eval.every=2", "eval.at_start=false",
+            "eval.protocol=medix_r1", f"eval.tasks={tasks}", "eval.samples=0", "eval.judge_batch=3",
+            f"rewards.judge_model={rigged_judge}", "logging.progress=false", "logging.plot=false",
+            "logging.rollouts_every=0", f"train.output_dir={out}"]
     calls, chat = [], ChatJudge.__call__
 
     def stopped_on_the_fourth(self, conversations):  # after the first pass of 3 items x 3 rounds
@@ -523,9 +529,10 @@ def test_in_training_equals_the_command_line_and_resumes(copies, rigged_judge, t
     judged = {r["id"]: r for r in map(json.loads, (step / "judged.jsonl").read_text().splitlines())}
     assert len(generated) == len({g["id"] for g in generated}) == len(judged) == 8
     rows = read_metrics(out / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2, 2] and "eval/mean_accuracy" not in rows[1]
+    assert [r["step"] for r in rows] == [1, 2, 2, 3] and "eval/mean_accuracy" not in rows[1]
     logged = rows[2]
-    command = eval_command(load_config(out / "config.yaml"), out / "checkpoints" / "step_00000002" / "model")
+    assert export_main(["--checkpoint", str(out / "checkpoints" / "step_00000002"), "--out", str(tmp_path / "hf")]) == 0
+    command = eval_command(load_config(out / "config.yaml"), tmp_path / "hf")
     assert main([*shlex.split(command)[3:], "--out", str(tmp_path / "cli")]) == 0
     summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
     assert list(summary["tasks"]) == list(keep)
@@ -536,4 +543,5 @@ def test_in_training_equals_the_command_line_and_resumes(copies, rigged_judge, t
     cli = {r["id"]: r for r in map(json.loads, (tmp_path / "cli" / "judged.jsonl").read_text().splitlines())}
     assert {i: (r["response"], r["evaluation"]) for i, r in cli.items()} == \
         {i: (r["response"], r["evaluation"]) for i, r in judged.items()}
-    assert (step / "score.txt").read_text().splitlines()[1:] == (tmp_path / "cli" / "score.txt").read_text().splitlines()[1:]
+    tables = [(d / "score.txt").read_text().splitlines()[1:] for d in (step, tmp_path / "cli")]
+    assert tables[0] == tables[1]  # the kit's table, but for its "Model:" line
