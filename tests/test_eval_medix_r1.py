@@ -545,3 +545,31 @@ def test_in_training_equals_the_command_line_and_resumes(copies, rigged_judge, t
         {i: (r["response"], r["evaluation"]) for i, r in judged.items()}
     tables = [(d / "score.txt").read_text().splitlines()[1:] for d in (step, tmp_path / "cli")]
     assert tables[0] == tables[1]  # the kit's table, but for its "Model:" line
+
+
+def test_the_evaluations_judge_is_the_rewards_else_loaded_and_released(rigged_judge):
+    """The reward's judge is used as it is; without one, ``eval.judge_model`` is loaded for the
+    evaluation and released after it."""
+    import gc
+    import weakref
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from medix_fast.distributed import DistInfo
+    from medix_fast.eval.medix_r1_training import R1Evaluator
+    from medix_fast.model.loading import load_model
+
+    conversation = [[{"role": "user", "content": f"{M['1']}\n"}]]
+    evaluator = R1Evaluator([], None, DistInfo(), None, 8, rigged_judge, 4, torch.float32, {"max_num_seqs": 4})
+    without = SimpleNamespace(judge=None, cfg=SimpleNamespace(judge_model=None), placed=nullcontext)
+    with evaluator._chat(without) as chat:
+        assert chat(conversation) == [VERDICTS["1"]]
+        loaded = weakref.ref(chat.sampler.model)
+    del chat
+    gc.collect()
+    assert loaded() is None  # released
+    model, tokenizer = load_model(rigged_judge)
+    held = SimpleNamespace(judge=SimpleNamespace(model=model, tokenizer=tokenizer),
+                           cfg=SimpleNamespace(judge_model=rigged_judge), placed=nullcontext)
+    with evaluator._chat(held) as chat:
+        assert chat.sampler.model is model and chat(conversation) == [VERDICTS["1"]]
