@@ -320,12 +320,8 @@ class Trainer:
         """The held-out evaluation of the live weights (``eval`` section), written under
         ``<output_dir>/eval/step_N/``; returns its ``eval/*`` metrics."""
         where.enter("eval", step)
-        with self._sampling_weights():
-            try:
-                return self.evaluator.during_training(self.sampler, self.rollout.reward_fn,
-                                                      self.rollout.stop_token_ids, self.out / "eval" / f"step_{step:08d}")
-            finally:
-                self.sampler.release()
+        return self.evaluator.during_training(self.sampler, self.rollout.reward_fn, self.rollout.stop_token_ids,
+                                              self.out / "eval" / f"step_{step:08d}", self._sampling_weights)
 
     def _eval_after_checkpoint(self, step: int) -> bool:
         """Whether ``step`` has a resumable evaluation (``eval.protocol: medix_r1``): run after the
