@@ -16,7 +16,6 @@ inside one resumes at that checkpoint and finishes it from what its folder holds
 """
 from __future__ import annotations
 
-import logging
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -29,8 +28,6 @@ from .medix_r1_tasks import R1Task, load_medix_r1_tasks
 from .results import check_settings, to_metrics
 from .settings import EvalSettings
 from .shares import on_main
-
-log = logging.getLogger("medix_fast.eval")
 
 
 def _same_path(a: str, b: str | None) -> bool:
@@ -96,8 +93,8 @@ class R1Evaluator:
                         weights=nullcontext) -> dict[str, float]:
         """The three phases in ``out_dir`` (continued where it stopped), the generation inside
         ``weights()`` (the trainer's: the weights the sampler runs on, FSDP2's unsharded; the K/V
-        pool released before they go), the judge after it; returns the per-task scores as ``eval/*``. ``self.summary``: the table's summary.
-        Every rank calls it."""
+        pool released before they go), the judge after it; returns the per-task scores as
+        ``eval/*``. ``self.summary``: the table's summary. Every rank calls it."""
         from .evaluator import sampler_generate
 
         out = Path(out_dir)
