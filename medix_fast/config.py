@@ -244,8 +244,12 @@ class TrainConfig:
 class EvalConfig:
     """Held-out evaluation during training, by the code of ``python -m medix_fast.eval``: the
     reward components and per-task accuracy, logged as ``eval/*``, generations under
-    ``<output_dir>/eval/step_N/``."""
+    ``<output_dir>/eval/step_N/``; ``protocol: medix_r1``: MediX-R1's published evaluation
+    (``medix_fast/eval/medix_r1_training.py``)."""
     every: int = 0  # steps between evaluations; 0: off
+    # medix_fast: this project's scores (--protocol medix_fast); medix_r1: MediX-R1's published evaluation,
+    # greedy, 3-round judge (--protocol medix_r1), each evaluation's step checkpointed before it runs
+    protocol: Literal["medix_fast", "medix_r1"] = "medix_fast"
     at_start: bool = True  # also evaluate the initial weights, logged as step 0 (not on resume)
     tasks: str | None = None  # tasks YAML (see medix_fast/eval/tasks.py); null: one open task per data.val_files
     limit: int = 0  # first N items of each task; 0: all
@@ -255,6 +259,9 @@ class EvalConfig:
     judge_votes: int = 1
     judge_temperature: float = 0.0
     samples: int = 0  # k > 0: also pass@1 and pass@k of k responses per item sampled like the rollout
+    judge_model: str | None = None  # medix_r1: a judge loaded for each evaluation (null: the reward's judge_model)
+    judge_batch: int = 1024  # medix_r1: items per rank per three-round judge pass (and per write)
+    data_dir: str | None = None  # medix_r1: the tasks' local copies (null: the tasks YAML's data_dir)
 
 
 @dataclass
@@ -531,8 +538,9 @@ def check(cfg: Config) -> None:
                           f"{e.max_new_tokens}, {e.judge_votes}, {e.samples}")
     if t.threads < 0:
         raise ConfigError(f"train.threads: must be >= 0 (0: automatic), got {t.threads}")
-    if e.every and not e.tasks and not cfg.data.val_files:
+    if e.every and not e.tasks and not cfg.data.val_files and e.protocol == "medix_fast":
         raise ConfigError("eval.every: give eval.tasks (a tasks YAML) or data.val_files to evaluate on")
+    _eval_protocol_checks(cfg)
     if cfg.model.router_aux_loss_coef < 0:
         raise ConfigError(f"model.router_aux_loss_coef: must be >= 0, got {cfg.model.router_aux_loss_coef}")
     c = cfg.checkpoint
@@ -548,6 +556,23 @@ def check(cfg: Config) -> None:
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas}")
     _kernel_checks(cfg)  # last: the loss check imports the kernels (torch)
+
+
+def _eval_protocol_checks(cfg: Config) -> None:
+    """``eval.protocol``: medix_r1 is greedy with MediX-R1's judge, the settings of the other refused."""
+    e = cfg.eval
+    if e.judge_batch < 1:
+        raise ConfigError(f"eval.judge_batch: must be >= 1, got {e.judge_batch}")
+    if e.protocol == "medix_fast":
+        if e.judge_model or e.data_dir or e.judge_batch != EvalConfig.judge_batch:
+            raise ConfigError("eval.judge_model, eval.judge_batch and eval.data_dir are for eval.protocol: medix_r1")
+        return
+    if (e.temperature, e.top_p, e.judge_votes, e.judge_temperature, e.samples) != (0.0, 1.0, 1, 0.0, 0):
+        raise ConfigError("eval.protocol: medix_r1 is greedy with the reference's judge: eval.temperature, top_p, "
+                          "judge_votes, judge_temperature and samples do not apply")
+    if not e.judge_model and not (cfg.rewards.judge_model and cfg.rewards.active("accuracy")):
+        raise ConfigError("eval.protocol: medix_r1 needs a judge: rewards.judge_model (the reward's, used as it is) "
+                          "or eval.judge_model (loaded for each evaluation)")
 
 
 def _kernel_checks(cfg: Config) -> None:

@@ -144,6 +144,10 @@ def check_train(cfg, resume: str | None) -> None:
     data_files(cfg.data.val_files, "data.val_files")
     if cfg.eval.tasks:
         input_file(cfg.eval.tasks, "eval.tasks")
+    if cfg.eval.judge_model:
+        model_dir(cfg.eval.judge_model, "eval.judge_model")
+    if cfg.eval.data_dir:
+        input_dir(cfg.eval.data_dir, "eval.data_dir")
     r = cfg.rewards
     for key, component in (("judge_model", "accuracy"), ("semantic_model", "semantic")):
         if getattr(r, key) and r.active(component):

@@ -12,7 +12,6 @@ import math
 import shlex
 from pathlib import Path
 
-from .eval.evaluator import describe
 from .eval.results import markdown_table
 
 
@@ -47,7 +46,7 @@ def eval_message(step: int, evaluator, metrics: dict[str, float]) -> str:
     """The held-out table of ``step`` (as ``python -m medix_fast.eval`` prints it) under the line
     saying how it was run, and pass@1 / pass@k when sampled."""
     text = (f"held-out evaluation at step {step}: "
-            f"{describe(evaluator.settings, evaluator.weights, len(evaluator.items), evaluator.judged)}\n"
+            f"{evaluator.headline()}\n"
             + markdown_table(evaluator.summary))
     passes = {k: v for k, v in metrics.items() if k.startswith("eval/pass@")}
     if passes:
@@ -92,15 +91,21 @@ def quarter_means(records: list[dict], key: str) -> tuple[float, float] | None:
 
 def eval_command(cfg, model_dir: Path) -> str:
     """The ``python -m medix_fast.eval`` line that evaluates ``model_dir`` as training did."""
-    e = cfg.eval
+    e, r1 = cfg.eval, cfg.eval.protocol == "medix_r1"
     args = ["python", "-m", "medix_fast.eval", "--model", str(model_dir)]
+    if r1:  # MediX-R1's published evaluation, with the judge training used
+        args += ["--protocol", "medix_r1", "--judge", e.judge_model or cfg.rewards.judge_model]
+        if e.data_dir:
+            args += ["--data-dir", e.data_dir]
     if e.tasks:
         args += ["--tasks", e.tasks]
-    elif cfg.data.val_files and cfg.data.val_files != ["sample:test"]:
+    elif not r1 and cfg.data.val_files and cfg.data.val_files != ["sample:test"]:
         args += ["--data", cfg.data.val_files[0]]
     args += ["--max-new-tokens", str(e.max_new_tokens or cfg.sampling.max_new_tokens)]
     if e.limit:
         args += ["--limit", str(e.limit)]
+    if r1:
+        return shlex.join(args)
     if e.temperature:
         args += ["--temperature", f"{e.temperature:g}", "--top-p", f"{e.top_p:g}"]
     if cfg.rewards.judge_model:

@@ -48,7 +48,7 @@ from .config import Config, save_config
 from .data import PromptLoader, build_prompts, load_examples
 from .data.vision import Vision
 from .errors import ConfigError
-from .eval import Evaluator
+from .eval import Evaluator, R1Evaluator
 from .export import save_hf_model, write_hf_files
 from .generate import GroupSampler, Sampler
 from .generate.tensor_parallel import tensor_parallel_error
@@ -145,7 +145,8 @@ class Trainer:
                             cfg.data.min_pixels or None, cfg.data.max_pixels or None)
         self.vision = vision
         self.prompts, _ = build_prompts(train_examples, self.tokenizer, cfg.data.max_prompt_length, vision, dropped)
-        self.evaluator = Evaluator.from_config(cfg, self.tokenizer, self.info, vision) if cfg.eval.every else None
+        evaluator = R1Evaluator if cfg.eval.protocol == "medix_r1" else Evaluator
+        self.evaluator = evaluator.from_config(cfg, self.tokenizer, self.info, vision) if cfg.eval.every else None
 
         self.objective = PolicyObjective(self.model, cfg.sampling.temperature, t.share_prompt,
                                          cfg.model.router_aux_loss_coef if is_moe(self.model.config) else 0.0,
@@ -297,7 +298,7 @@ class Trainer:
             warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
             self.scheduler.step()
         self.step = step
-        if self.evaluator and step % self.cfg.eval.every == 0:
+        if self.evaluator and not self.evaluator.resumable and step % self.cfg.eval.every == 0:
             metrics.update(self.evaluate(step))
         t3 = time.perf_counter()
         metrics.update({
@@ -319,12 +320,22 @@ class Trainer:
         """The held-out evaluation of the live weights (``eval`` section), written under
         ``<output_dir>/eval/step_N/``; returns its ``eval/*`` metrics."""
         where.enter("eval", step)
-        with self._sampling_weights():
-            try:
-                return self.evaluator.during_training(self.sampler, self.rollout.reward_fn,
-                                                      self.rollout.stop_token_ids, self.out / "eval" / f"step_{step:08d}")
-            finally:
-                self.sampler.release()
+        return self.evaluator.during_training(self.sampler, self.rollout.reward_fn, self.rollout.stop_token_ids,
+                                              self.out / "eval" / f"step_{step:08d}", self._sampling_weights)
+
+    def _eval_after_checkpoint(self, step: int) -> bool:
+        """Whether ``step`` has a resumable evaluation (``eval.protocol: medix_r1``): run after the
+        step's checkpoint and logged as a row of its own, so a run stopped inside it resumes at
+        that checkpoint and finishes it (its files are continued)."""
+        return bool(self.evaluator and self.evaluator.resumable and step and step % self.cfg.eval.every == 0)
+
+    def _eval_logged(self, step: int) -> bool:
+        """Whether ``metrics.jsonl`` holds ``step``'s evaluation (rank 0 reads, every rank is told)."""
+        logged = None
+        if self.info.is_main:
+            rows = read_metrics(self.out / "metrics.jsonl")
+            logged = any(r["step"] == step and "eval/mean_accuracy" in r for r in rows)
+        return D.broadcast_object(logged)
 
     def _on_signal(self, signum, frame) -> None:
         if self.stop_requested and signum == signal.SIGINT:
@@ -356,14 +367,20 @@ class Trainer:
                     tqdm.write(f"training rollouts (rollouts/, latest):\n{show_rollouts(self.sample_records, 3)}",
                                file=sys.stdout)
 
+        def held_out(step: int) -> None:  # an evaluation logged as a row of its own
+            nonlocal eval_s
+            t0 = time.perf_counter()
+            scores = self.evaluate(step)
+            eval_s += time.perf_counter() - t0
+            self.logger.log(step, scores)
+            records.append({"step": step, **scores})
+            show(step, scores)
+
         try:
             if self.step == 0 and self.evaluator and cfg.eval.at_start:  # the baseline, as step 0
-                t0 = time.perf_counter()
-                baseline = self.evaluate(0)
-                eval_s += time.perf_counter() - t0
-                self.logger.log(0, baseline)
-                records.append({"step": 0, **baseline})
-                show(0, baseline)
+                held_out(0)
+            elif self._eval_after_checkpoint(self.step) and not self._eval_logged(self.step):
+                held_out(self.step)  # resumed at the checkpoint of an evaluation that had not finished
             while self.step < cfg.train.steps:
                 t0 = time.perf_counter()
                 metrics = self.train_step()
@@ -384,13 +401,16 @@ class Trainer:
                 stop = int(D.reduce_scalars({"stop": self.stop_requested}, self.info.device, "max")["stop"])
                 every, hf_every = cfg.checkpoint.every, cfg.checkpoint.save_hf_every
                 hf = self.step == cfg.train.steps or bool(hf_every and self.step % hf_every == 0)
-                if stop or hf or (every and self.step % every == 0):
+                judged = self._eval_after_checkpoint(self.step)
+                if stop or hf or judged or (every and self.step % every == 0):
                     saved = self.save(hf)
                     path = saved if hf else path  # the last checkpoint with a model/ to evaluate
                 if stop:
                     self.stop_requested = stop  # every rank: the exit status says it
                     log.warning("stopped at step %d by %s; resume with --resume", self.step, signal.Signals(stop).name)
                     break
+                if judged:
+                    held_out(self.step)
             self.checkpointer.wait()
             where.enter(FINISHED)  # the other ranks' watchdogs: this one's silence from now on is no death
         finally:

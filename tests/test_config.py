@@ -151,3 +151,22 @@ def test_shipped_configs_load(name):
     if name.endswith("gspo"):
         assert cfg.algorithm.importance_sampling_level == "sequence_token"
         assert (cfg.algorithm.epsilon_low, cfg.algorithm.epsilon_high) == pytest.approx((3e-4, 4e-4))
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["eval.protocol=medix_r1"], "eval.protocol: medix_r1 is greedy .*samples do not apply"),  # tiny: samples 8
+    (["eval.protocol=medix_r1", "eval.samples=0"], "eval.protocol: medix_r1 needs a judge"),
+    (["eval.protocol=medix_r1", "eval.samples=0", "eval.judge_model=j", "rewards.weights.accuracy=0"], None),
+    (["eval.protocol=medix_r1", "eval.samples=0", "rewards.judge_model=j"], None),
+    (["eval.protocol=medix_r1", "eval.samples=0", "rewards.judge_model=j", "rewards.weights.accuracy=0"],
+     "needs a judge"),  # the reward holds no judge when its accuracy is off
+    (["eval.judge_model=j"], "eval.judge_model, eval.judge_batch and eval.data_dir are for eval.protocol: medix_r1"),
+    (["eval.protocol=medix_r1", "eval.samples=0", "eval.judge_model=j", "eval.judge_batch=0"], "eval.judge_batch"),
+    (["eval.protocol=r1"], "eval.protocol"),
+])
+def test_eval_protocol_combinations(overrides, named):
+    if named is None:
+        assert load_config(None, overrides).eval.protocol == "medix_r1"
+        return
+    with pytest.raises(ConfigError, match=named):
+        load_config(None, overrides)

@@ -475,3 +475,101 @@ def test_cli_errors_for_the_protocol(capsys):
     assert "--protocol medix_r1" in capsys.readouterr().err
     assert main(["--model", "tiny", "--protocol", "medix_r1", "--judge", "/no/such/judge"]) == 2
     assert capsys.readouterr().err.startswith("error: --judge: model path '/no/such/judge' does not exist")
+
+
+def test_in_training_equals_the_command_line_and_resumes(copies, rigged_judge, tmp_path, monkeypatch):
+    """``eval.protocol: medix_r1`` with the reward's judge (the rigged one): a run stopped inside the
+    judge phase of step 2's evaluation resumes at step 2's checkpoint (written for the evaluation:
+    checkpoint.every is 0) and finishes that evaluation from its files (no item generated or judged
+    twice); the logged per-task scores and the judged records equal what the printed ``python -m
+    medix_fast.eval`` command gives for that checkpoint."""
+    import shlex
+
+    import yaml
+
+    from medix_fast.config import load_config
+    from medix_fast.export import main as export_main
+    from medix_fast.eval.medix_r1_judge import ChatJudge
+    from medix_fast.metrics import read_metrics
+    from medix_fast.report import eval_command
+    from medix_fast.train import main as train_main
+
+    root, _ = copies
+    keep = ("medmcqa", "usmle_sa", "pubmedqa", "mimic_cxr_report_summarization")  # 8 items, every kind of verdict
+    tree = yaml.safe_load(r1_yaml(tmp_path, root).read_text())
+    tree["tasks"] = [t for t in tree["tasks"] if t["name"] in keep]
+    tasks = tmp_path / "r1_four.yaml"
+    tasks.write_text(yaml.safe_dump(tree))
+    out = tmp_path / "run"
+    argv = ["train.steps=3", "checkpoint.every=0", "checkpoint.keep_last=2", "train.prompts_per_step=2",
+            "train.mini_batch_prompts=2", "sampling.group_size=2", "sampling.max_new_tokens=8",
+            "algorithm.chunk_prompts=2", "algorithm.max_tries=1", "eval.every=2", "eval.at_start=false",
+            "eval.protocol=medix_r1", f"eval.tasks={tasks}", "eval.samples=0", "eval.judge_batch=3",
+            f"rewards.judge_model={rigged_judge}", "logging.progress=false", "logging.plot=false",
+            "logging.rollouts_every=0", f"train.output_dir={out}"]
+    calls, chat = [], ChatJudge.__call__
+
+    def stopped_on_the_fourth(self, conversations):  # after the first pass of 3 items x 3 rounds
+        calls.append(len(conversations))
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return chat(self, conversations)
+
+    monkeypatch.setattr(ChatJudge, "__call__", stopped_on_the_fourth)
+    assert train_main(argv) == 130
+    step = out / "eval" / "step_00000002"
+    assert len((step / "generations.jsonl").read_text().splitlines()) == 8
+    assert len((step / "judged.jsonl").read_text().splitlines()) == 3
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]  # the training rows
+    calls.clear()
+    monkeypatch.setattr(ChatJudge, "__call__", lambda self, c: calls.append(len(c)) or chat(self, c))
+    assert train_main([*argv, "--resume"]) == 0
+    assert calls == [3, 3, 3, 2, 2, 2]  # the 5 items left, nothing judged twice
+    generated = [json.loads(line) for line in (step / "generations.jsonl").read_text().splitlines()]
+    judged = {r["id"]: r for r in map(json.loads, (step / "judged.jsonl").read_text().splitlines())}
+    assert len(generated) == len({g["id"] for g in generated}) == len(judged) == 8
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 2, 3] and "eval/mean_accuracy" not in rows[1]
+    logged = rows[2]
+    assert export_main(["--checkpoint", str(out / "checkpoints" / "step_00000002"), "--out", str(tmp_path / "hf")]) == 0
+    command = eval_command(load_config(out / "config.yaml"), tmp_path / "hf")
+    assert main([*shlex.split(command)[3:], "--out", str(tmp_path / "cli")]) == 0
+    summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
+    assert list(summary["tasks"]) == list(keep)
+    assert {k: v for k, v in logged.items() if k.startswith("eval/") and k.count("/") == 2} == \
+        {f"eval/{t}/accuracy": summary["tasks"][t]["accuracy"] for t in keep}
+    assert logged["eval/mean_accuracy"] == summary["macro"]["accuracy"] and logged["eval/unparsed"] > 0
+    assert 0 < logged["eval/mean_accuracy"] < 1
+    cli = {r["id"]: r for r in map(json.loads, (tmp_path / "cli" / "judged.jsonl").read_text().splitlines())}
+    assert {i: (r["response"], r["evaluation"]) for i, r in cli.items()} == \
+        {i: (r["response"], r["evaluation"]) for i, r in judged.items()}
+    tables = [(d / "score.txt").read_text().splitlines()[1:] for d in (step, tmp_path / "cli")]
+    assert tables[0] == tables[1]  # the kit's table, but for its "Model:" line
+
+
+def test_the_evaluations_judge_is_the_rewards_else_loaded_and_released(rigged_judge):
+    """The reward's judge is used as it is; without one, ``eval.judge_model`` is loaded for the
+    evaluation and released after it."""
+    import gc
+    import weakref
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from medix_fast.distributed import DistInfo
+    from medix_fast.eval.medix_r1_training import R1Evaluator
+    from medix_fast.model.loading import load_model
+
+    conversation = [[{"role": "user", "content": f"{M['1']}\n"}]]
+    evaluator = R1Evaluator([], None, DistInfo(), None, 8, rigged_judge, 4, torch.float32, {"max_num_seqs": 4})
+    without = SimpleNamespace(judge=None, cfg=SimpleNamespace(judge_model=None), placed=nullcontext)
+    with evaluator._chat(without) as chat:
+        assert chat(conversation) == [VERDICTS["1"]]
+        loaded = weakref.ref(chat.sampler.model)
+    del chat
+    gc.collect()
+    assert loaded() is None  # released
+    model, tokenizer = load_model(rigged_judge)
+    held = SimpleNamespace(judge=SimpleNamespace(model=model, tokenizer=tokenizer),
+                           cfg=SimpleNamespace(judge_model=rigged_judge), placed=nullcontext)
+    with evaluator._chat(held) as chat:
+        assert chat.sampler.model is model and chat(conversation) == [VERDICTS["1"]]

@@ -23,7 +23,6 @@ The training loop runs the same code every ``eval.every`` steps (``Evaluator.dur
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import sys
 from collections.abc import Callable
@@ -37,10 +36,10 @@ from .. import distributed as D
 from ..data import Example, build_prompts
 from ..data.prompt import response_texts
 from ..seeds import mix_seed
-from .results import (ResumeError, check_settings, read_records, summarize, to_metrics,
-                           write_summary)
+from .results import check_settings, read_records, summarize, to_metrics, write_summary
 from .scoring import Scorer, answer_of
 from .settings import EvalSettings
+from .shares import append_in_shares, on_main
 from .tasks import Item, Task, TaskError, data_tasks, load_tasks
 
 log = logging.getLogger("medix_fast.eval")
@@ -60,9 +59,12 @@ def sampler_generate(sampler, tokenizer, stop_token_ids: list[int], settings: Ev
                      vision=None, n: int = 1) -> Generate:
     """A ``Generate`` running ``medix_fast.generate.Sampler``: ``n`` completions per item,
     item-major; with ``vision`` (a ``medix_fast.data.vision.Vision``, VL models) the items'
-    images are encoded and fed."""
+    images are encoded and fed. Called with no items it returns none (a rank of a tensor-parallel
+    group, ``GroupSampler``, still takes part in the group's call)."""
 
     def generate(items: list[Item], prompt_ids: list[list[int]], seed: int) -> list[Generation]:
+        if not items and not generate.collective:
+            return []
         images = None if vision is None else [vision.pixels(it.image) for it in items]
         out = sampler.generate(prompt_ids, n=n, max_new_tokens=settings.max_new_tokens,
                                temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
@@ -89,6 +91,8 @@ class Evaluator:
     ``vision`` (VL models) an item's image tokens are expanded in its prompt; the same ``vision``
     must then go to ``sampler_generate``."""
 
+    resumable = False  # in training: run inside its step, its folder written afresh
+
     def __init__(self, tasks: list[Task], tokenizer, settings: EvalSettings, info: D.DistInfo | None = None,
                  vision=None):
         names = [t.name for t in tasks]
@@ -101,6 +105,10 @@ class Evaluator:
         self.items = [it for t in tasks for it in t.items]
         examples = [Example(it.question, it.solution, it.image) for it in self.items]
         self.prompt_ids = [p.ids for p in build_prompts(examples, tokenizer, sys.maxsize, vision)[0]]
+
+    def headline(self) -> str:
+        """How the evaluation runs, the line above its table (after ``during_training``)."""
+        return describe(self.settings, self.weights, len(self.items), self.judged)
 
     def fingerprint(self, extra: dict | None) -> dict:
         """What the generations depend on: a resumed run must match it."""
@@ -126,8 +134,7 @@ class Evaluator:
 
     def _records(self, share: list[int], generate: Generate, scorer: Scorer, seed: int) -> list[dict]:
         if not share:  # a tensor-parallel group samples together: this rank takes part with no items
-            if getattr(generate, "collective", False):
-                generate([], [], seed)
+            generate([], [], seed)
             return []
         items = [self.items[i] for i in share]
         gens = generate(items, [self.prompt_ids[i] for i in share], seed)
@@ -147,32 +154,14 @@ class Evaluator:
             overwrite: bool = False, progress: bool = True) -> dict:
         """Generate and score every item missing from ``out_dir/generations.jsonl``, then write
         and return the summary (``eval_results.summarize``). Every rank must call it."""
-        from tqdm.auto import tqdm
-
         out, rank, world = Path(out_dir), self.info.rank, self.info.world
         path = out / "generations.jsonl"
-        pending = None
-        if self.info.is_main:
-            try:
-                pending = self._pending(out, fingerprint, overwrite)
-            except ResumeError as err:
-                pending = err
-        pending = D.broadcast_object(pending)
-        if isinstance(pending, ResumeError):
-            raise pending
-        per_call = self.settings.batch_size * world
-        bar = tqdm(total=len(pending), desc="eval", unit="item", disable=not (self.info.is_main and progress))
-        with path.open("a", encoding="utf-8") if self.info.is_main else nullcontext() as f:
-            for batch, start in enumerate(range(0, len(pending), per_call)):
-                share = pending[start:start + per_call][rank::world]
-                seed = mix_seed(self.settings.seed, batch * world + rank)
-                gathered = D.gather_objects(self._records(share, generate, scorer, seed))
-                if f is not None:
-                    lines = [json.dumps(r, ensure_ascii=False) + "\n" for part in gathered for r in part]
-                    f.write("".join(lines))
-                    f.flush()
-                    bar.update(len(lines))
-        bar.close()
+        pending = on_main(self.info, lambda: self._pending(out, fingerprint, overwrite))
+
+        def work(share: list[int], call: int) -> list[dict]:
+            return self._records(share, generate, scorer, mix_seed(self.settings.seed, call * world + rank))
+
+        append_in_shares(path, pending, self.settings.batch_size, self.info, work, "eval", progress)
         summary = None
         if self.info.is_main:
             keys = {(it.task, it.index) for it in self.items}
@@ -196,8 +185,7 @@ class Evaluator:
             items = [self.items[i] for i in share]
             seed = (self.settings.seed * 1_000_003 + 7919 * (batch * world + rank + 1)) % (2**31 - 1)
             if not share:
-                if getattr(generate, "collective", False):
-                    generate([], [], seed)
+                generate([], [], seed)  # a tensor-parallel group samples together
                 continue
             gens = generate(items, [self.prompt_ids[i] for i in share], seed)
             repeated = [it for it in items for _ in range(k)]
@@ -230,12 +218,21 @@ class Evaluator:
                                                         top_k=s.top_k)
         return evaluator
 
-    def during_training(self, sampler, reward_fn, stop_token_ids: list[int], out_dir: Path) -> dict[str, float]:
-        """Evaluate the live weights with the trainer's sampler and reward models (no copies);
-        writes ``out_dir`` afresh and returns ``eval/<score>``, ``eval/<task>/accuracy``,
+    def during_training(self, sampler, reward_fn, stop_token_ids: list[int], out_dir: Path,
+                        weights=nullcontext) -> dict[str, float]:
+        """Evaluate the live weights with the trainer's sampler and reward models (no copies),
+        inside ``weights()`` (the trainer's: the weights the sampler runs on; the sampler's K/V pool
+        released before they go); writes ``out_dir`` afresh and returns ``eval/<score>``, ``eval/<task>/accuracy``,
         ``eval/mean_accuracy`` and, with ``samples`` = k > 0 (``eval.samples``), ``eval/pass@1``
         and ``eval/pass@k`` of k samples per item drawn like the rollout's. ``self.summary`` is
         the table's summary (rank 0)."""
+        with weights():
+            try:
+                return self._during_training(sampler, reward_fn, stop_token_ids, out_dir)
+            finally:
+                sampler.release()
+
+    def _during_training(self, sampler, reward_fn, stop_token_ids: list[int], out_dir: Path) -> dict[str, float]:
         settings = dataclasses.replace(self.settings, batch_size=sampler.max_num_seqs)
         scorer = Scorer(reward_fn, votes=settings.judge_votes, judge_temperature=settings.judge_temperature,
                         seed=settings.seed + self.info.rank)

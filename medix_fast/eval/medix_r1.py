@@ -19,17 +19,16 @@ The candidate model is freed before the judge is loaded.
 from __future__ import annotations
 
 import gc
-import json
 import logging
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
-
+from .. import distributed as D
 from ..errors import UserError
 from .medix_r1_judge import ChatJudge, judge_items
 from .medix_r1_tasks import R1Item, R1Task
 from .results import check_settings, markdown_table, read_records, summarize, write_summary
+from .shares import append_in_shares, on_main
 
 log = logging.getLogger("medix_fast.eval")
 
@@ -53,50 +52,65 @@ def candidate_prompt(tokenizer, item: R1Item, vision=None) -> list[int]:
     return ids
 
 
-def _append(f, records: list[dict]) -> None:
-    f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    f.flush()
+def candidate_prompts(items: list[R1Item], tokenizer, vision=None) -> dict[str, list[int]]:
+    """Each item's :func:`candidate_prompt` by id; a text-only checkpoint (``vision`` None) ignores
+    the items' images (said once) and drops them."""
+    if vision is None and any(it.image is not None for it in items):
+        log.warning("images are ignored: the checkpoint is text only")
+        for it in items:
+            it.image = None
+    return {it.id: candidate_prompt(tokenizer, it, vision) for it in items}
 
 
-def generate_phase(items: list[R1Item], out: Path, generate, prompt_ids, chunk: int) -> int:
-    """Generate every item missing from ``generations.jsonl``; returns how many were generated.
-    ``generate(items, prompt_ids, seed)`` is an ``evaluator.Generate``; ``prompt_ids(item)``."""
-    path = out / "generations.jsonl"
-    done = {r["id"] for r in read_records(path)}
-    pending = [it for it in items if it.id not in done]
-    if len(pending) < len(items):
-        log.info("%s: %d of %d items already generated", path, len(items) - len(pending), len(items))
-    with path.open("a", encoding="utf-8") as f, tqdm(total=len(pending), desc="generate", unit="item") as bar:
-        for start in range(0, len(pending), chunk):
-            batch = pending[start:start + chunk]
-            gens = generate(batch, [prompt_ids(it) for it in batch], 0)
-            _append(f, [{"id": it.id, "task": it.task, "index": it.index, "question": it.question,
-                         "answer": it.answer, "response": g.text, "answer_idx": it.answer_idx,
-                         "finish_reason": g.finish_reason, "tokens": g.tokens} for it, g in zip(batch, gens)])
-            bar.update(len(batch))
-    return len(pending)
+def generate_phase(items: list[R1Item], out: Path, generate, prompt_ids: dict[str, list[int]], chunk: int,
+                   info: D.DistInfo | None = None) -> int:
+    """Generate every item missing from ``generations.jsonl``, ``chunk`` items per rank per call
+    (``shares.append_in_shares``); returns how many were generated. ``generate(items, prompt_ids,
+    seed)`` is an ``evaluator.Generate``; ``prompt_ids``: :func:`candidate_prompts`."""
+    info, path = info or D.DistInfo(), out / "generations.jsonl"
+
+    def pending() -> list[R1Item]:
+        done = {r["id"] for r in read_records(path)}
+        if done:
+            log.info("%s: %d of %d items already generated", path, len(done & {it.id for it in items}), len(items))
+        return [i for i, it in enumerate(items) if it.id not in done]
+
+    def work(share: list[int], call: int) -> list[dict]:
+        batch = [items[i] for i in share]
+        gens = generate(batch, [prompt_ids[it.id] for it in batch], 0)
+        return [{"id": it.id, "task": it.task, "index": it.index, "question": it.question, "answer": it.answer,
+                 "response": g.text, "answer_idx": it.answer_idx, "finish_reason": g.finish_reason,
+                 "tokens": g.tokens} for it, g in zip(batch, gens)]
+
+    todo = on_main(info, pending)
+    append_in_shares(path, todo, chunk, info, work, "generate")
+    return len(todo)
 
 
-def judge_phase(items: list[R1Item], out: Path, chat, chunk: int, rubric: dict[str, bool]) -> int:
+def judge_phase(items: list[R1Item], out: Path, chat, chunk: int, rubric: dict[str, bool],
+                info: D.DistInfo | None = None) -> int:
     """Judge every generated item missing from ``judged.jsonl`` (``chat``: a ``medix_r1_judge.Chat``),
-    ``chunk`` items per three-round pass and per write; returns how many were judged."""
-    keys = {it.id for it in items}
-    generated = [r for r in read_records(out / "generations.jsonl") if r["id"] in keys]
-    missing = len(keys) - len(generated)
-    if missing:
-        raise UserError(f"{out / 'generations.jsonl'}: {missing} of the {len(keys)} items are not generated yet "
-                        "(run the generate phase first)")
-    path = out / "judged.jsonl"
-    done = {r["id"] for r in read_records(path)}
-    pending = [r for r in generated if r["id"] not in done]
-    with path.open("a", encoding="utf-8") as f, tqdm(total=len(pending), desc="judge", unit="item") as bar:
-        for start in range(0, len(pending), chunk):
-            batch = pending[start:start + chunk]
-            verdicts = judge_items(chat, [r["question"] for r in batch], [r["answer"] for r in batch],
-                                   [r["response"] for r in batch], [rubric[r["task"]] for r in batch])
-            _append(f, [{**r, "evaluation": v} for r, v in zip(batch, verdicts)])
-            bar.update(len(batch))
-    return len(pending)
+    ``chunk`` items per rank per three-round pass, one write per pass; returns how many were judged."""
+    info, path = info or D.DistInfo(), out / "judged.jsonl"
+
+    def pending() -> list[dict]:
+        keys = {it.id for it in items}
+        generated = [r for r in read_records(out / "generations.jsonl") if r["id"] in keys]
+        missing = len(keys) - len(generated)
+        if missing:
+            raise UserError(f"{out / 'generations.jsonl'}: {missing} of the {len(keys)} items are not generated "
+                            "yet (run the generate phase first)")
+        done = {r["id"] for r in read_records(path)}
+        return [r for r in generated if r["id"] not in done]
+
+    def work(batch: list[dict], call: int) -> list[dict]:
+        verdicts = judge_items(chat, [r["question"] for r in batch], [r["answer"] for r in batch],
+                               [r["response"] for r in batch], [rubric[r["task"]] for r in batch])
+        return [{**r, "evaluation": v} for r, v in zip(batch, verdicts)]
+
+    todo = on_main(info, pending)
+    append_in_shares(path, todo, chunk, info, work, "judge")
+    return len(todo)
 
 
 def score_phase(tasks: list[R1Task], out: Path, model_name: str) -> tuple[dict, str]:
@@ -135,11 +149,22 @@ def score_table(summary: dict, model_name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _free() -> None:
+def free_memory() -> None:
     """Give a deleted model's memory back before the next one loads."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def load_judge(path: str, dtype: torch.dtype, device, **engine) -> ChatJudge:
+    """The judge LLM at ``path`` (a directory or an embedded name) with a ``Sampler`` of its own
+    (``engine``: the sampler's sizes)."""
+    from ..demo.cache import resolve_model_path
+    from ..generate import Sampler
+    from ..model.loading import load_model
+
+    model, tokenizer = load_model(resolve_model_path(path), dtype=dtype, device=device)
+    return ChatJudge(model, tokenizer, Sampler(model, dtype=dtype, **engine))
 
 
 def run_medix_r1(args, tasks: list[R1Task], info) -> int:
@@ -164,22 +189,18 @@ def run_medix_r1(args, tasks: list[R1Task], info) -> int:
                                       experts_implementation=args.experts_implementation)
         vision = Vision(load_image_processor(model_path), image_token_id(model),
                         args.min_pixels or None, args.max_pixels or None) if is_vl(model) else None
-        if vision is None and any(it.image is not None for it in items):
-            log.warning("images are ignored: the checkpoint is text only")
-        settings = EvalSettings(max_new_tokens=max_new, temperature=0.0, top_p=1.0, top_k=0,
-                                batch_size=args.batch_size)
+        settings = EvalSettings(max_new_tokens=max_new, batch_size=args.batch_size)  # greedy
         sampler = Sampler(model, max_num_seqs=args.batch_size, dtype=dtype)
         generate = sampler_generate(sampler, tokenizer, stop_ids(model, tokenizer), settings, vision)
-        generate_phase(items, out, generate, lambda it: candidate_prompt(tokenizer, it, vision), args.batch_size)
+        generate_phase(items, out, generate, candidate_prompts(items, tokenizer, vision), args.batch_size)
         del model, sampler, generate
-        _free()
+        free_memory()
     if "judge" in phases:
         check_settings(out / "judge.json", {"judge": str(args.judge)})
-        judge_model, judge_tokenizer = load_model(resolve_model_path(args.judge), dtype=dtype, device=info.device)
-        chat = ChatJudge(judge_model, judge_tokenizer, Sampler(judge_model, max_num_seqs=args.batch_size, dtype=dtype))
+        chat = load_judge(args.judge, dtype, info.device, max_num_seqs=args.batch_size)
         judge_phase(items, out, chat, args.judge_batch, {t.name: t.rubric for t in tasks})
-        del judge_model, chat
-        _free()
+        del chat
+        free_memory()
     if "score" in phases:
         summary, table = score_phase(tasks, out, Path(args.model).name)
         print(table + "\n" + markdown_table(summary), end="")

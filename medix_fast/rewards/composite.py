@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -85,6 +86,19 @@ class RewardFunction:
         if device.type == "cpu" and torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+    @contextmanager
+    def placed(self):
+        """The reward models on the scorer's device for the block; with ``offload``, back on the
+        host after it (the judge of ``eval.protocol: medix_r1`` runs inside one too)."""
+        if not self.cfg.offload:
+            yield
+            return
+        self._place(self.device)
+        try:
+            yield
+        finally:
+            self._place(torch.device("cpu"))
+
     def __call__(self, responses: Sequence[str], solutions: Sequence[str],
                  response_lengths: Sequence[int] | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """N responses and their ``"<TAG> answer"`` solutions -> {component: (N,) float32 on the
@@ -96,13 +110,8 @@ class RewardFunction:
         if bad is not None:
             raise ValueError(f"response row {bad}: expected a string, got {type(responses[bad]).__name__}")
         validate_solutions(solutions)
-        if self.cfg.offload:
-            self._place(self.device)
-        try:
+        with self.placed():
             out = self._score(responses, solutions, response_lengths)
-        finally:
-            if self.cfg.offload:
-                self._place(torch.device("cpu"))
         out["overall"] = sum((self.cfg.weights[k] * v for k, v in out.items()),
                              torch.zeros(len(responses), device=self.device))  # (N,)
         return out
