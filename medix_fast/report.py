@@ -35,7 +35,7 @@ def start_message(cfg, info, model_path: Path, parameters: int, threads: tuple[i
     lines = [f"training {cfg.model.path} ({model_path}, {parameters / 1e6:.2f}M parameters) on {where}{cpu}; "
              f"{'C++' if cpp_ops else 'PyTorch'} ops on the CPU",
              f"data: {train_prompts} train prompts from {', '.join(cfg.data.train_files)}; " + (
-                 f"held-out: {held_out} items, evaluated at step 0 and every {e.every} steps" if held_out
+                 f"held-out: {held_out} items, evaluated {'at step 0 and ' * e.at_start}every {e.every} steps" if held_out
                  else "no held-out evaluation"),
              f"{t.steps} steps x {t.prompts_per_step} prompts x {s.group_size} responses ({cfg.algorithm.loss_type}); "
              f"output: {t.output_dir}"]
@@ -104,6 +104,9 @@ def eval_command(cfg, model_dir: Path) -> str:
     args += ["--max-new-tokens", str(e.max_new_tokens or cfg.sampling.max_new_tokens)]
     if e.limit:
         args += ["--limit", str(e.limit)]
+    for flag, pixels in (("--min-pixels", cfg.data.min_pixels), ("--max-pixels", cfg.data.max_pixels)):
+        if pixels:  # VL: the images resized as in training
+            args += [flag, str(pixels)]
     if r1:
         return shlex.join(args)
     if e.temperature:

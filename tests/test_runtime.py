@@ -98,7 +98,10 @@ def test_start_message_names_processes_threads_and_data():
     cfg = load_config(None)
     one = start_message(cfg, DistInfo(), Path("/cache/tiny"), 1_050_000, (2, "2 cores available"), True, 400, 80)
     assert "on cpu x1, 2 CPU threads per process (2 cores available" in one and "(ddp)" not in one
-    assert "400 train prompts" in one and "held-out: 80 items" in one and "C++ ops" in one
+    assert "400 train prompts" in one and "held-out: 80 items, evaluated at step 0 and every" in one
+    assert "C++ ops" in one
+    late = start_message(load_config(None, ["eval.at_start=false"]), DistInfo(), Path("/t"), 1, (1, "x"), True, 4, 8)
+    assert f"held-out: 8 items, evaluated every {cfg.eval.every} steps" in late
     two = start_message(cfg, DistInfo(world=2), Path("/cache/tiny"), 1, (1, "2 cores available / 2 ranks"), False,
                         400, 0)
     assert "cpu x2 (ddp)" in two and "no held-out evaluation" in two
@@ -147,6 +150,8 @@ def test_eval_command_carries_what_training_evaluated_with():
                              "eval.top_p=0.95", "eval.max_new_tokens=32"])
     assert eval_command(cfg, Path("m")) == ("python -m medix_fast.eval --model m --data held.jsonl "
                                             "--max-new-tokens 32 --limit 7 --temperature 0.6 --top-p 0.95")
+    vl = load_config(None, ["data.min_pixels=784", "data.max_pixels=12544"])  # the images resized as in training
+    assert "--max-new-tokens 48 --min-pixels 784 --max-pixels 12544" in eval_command(vl, Path("m"))
 
 
 def test_reward_plot_reads_at_a_glance():
