@@ -16,14 +16,19 @@ How each one is made invariant:
 - Sums (``fold``): zero-padded to a power of two and folded in halves by element-wise adds, so
   the order is fixed by construction and extra zero padding changes nothing (x + 0 = x): a sum
   over a query's keys is the same in a 40-key decode table and a 100-column training row.
-- Attention: scores as a fold over the head dimension, softmax as max (exact) and a fold over
-  the keys in position order, output as a fold of the weighted values; K/V (and q) rounded to the
-  compute dtype first, as the sampler's pool holds them. Its backward recomputes the same maths
-  with autograd, in fp32: gradients are not required to be invariant.
+- Attention: each (query, head) over its keys in position order, K/V (and q) rounded to the
+  compute dtype first, as the sampler's pool holds them. On the C++ op (``csrc/exact_attention.cpp``,
+  the CPU default) every sum runs sequentially, one query at a time; in PyTorch (no compiler, or
+  ``force_backend("torch")``) scores are a fold over the head dimension, the softmax a max (exact)
+  and a fold over the keys, the output a fold of the weighted values. Both sides of a run take the
+  same one (``dispatch.use_cpp``). The backward recomputes the maths with autograd in fp32:
+  gradients are not required to be invariant.
 """
 from __future__ import annotations
 
 import torch
+
+from . import cpp, dispatch
 
 TILE = 16  # rows per GEMM call
 CHUNK = 1 << 24  # elements of the (.., queries, keys, D) products materialised at once
@@ -109,6 +114,8 @@ class _Attention(torch.autograd.Function):
     def forward(ctx, q, k, v, seen, scale):
         ctx.save_for_backward(q, k, v, seen)
         ctx.scale = scale
+        if dispatch.use_cpp(q):
+            return cpp.exact_attention(q, k, v, seen, scale)
         return _attention(q, k, v, seen, scale)
 
     @staticmethod
