@@ -3,16 +3,20 @@ rows share the call, how many there are, or where the row sits. ``sampling.exact
 sampler and the trainer through these, so their bf16 log-probs agree bit for bit
 (docs/mismatch.md#exact-mode).
 
-    y = linear(x, w, b)                        # (..., N): every row through a fixed-shape GEMM
+    y = linear(x, w, b)                        # (..., N): F.linear, batch-invariant
     o = attention(q, k, v, seen, scale)        # (S, Tq, H, D): per query, keys in position order
-    z = head_logits(h, w, b)                   # (n, V) fp32 logits, fixed-shape GEMMs
+    z = head_logits(h, w, b)                   # (n, V) fp32 logits, batch-invariant
     lp = token_logprobs(z, targets, inv_temp)  # (n,) fp32 log softmax(z * inv_temp)[target]
 
 How each one is made invariant:
 - GEMMs (``linear``, ``head_logits``): the rows go through ``torch.mm`` in tiles of exactly
   ``TILE`` rows (the last one zero-padded), so the BLAS sees one shape whatever the batch; a
   GEMM computes each row of a call alike (oneDNN / MKL pick kernels, blocking and K order by
-  shape: M = 1 and M = T take different ones, which is what differs without this).
+  shape: MKL's fp32 GEMM gives rows 1-15 of a call other bits than a large call does). Tiles cost
+  one BLAS call per 64 rows, so where this machine's own GEMM already is invariant for a shape
+  (probed once: rows alone and in batches of 1-2,048 rows, at several positions; oneDNN's bf16
+  GEMM on an AVX512-BF16 CPU is) the plain call runs instead: ``plain_gemm_is_invariant``, the
+  one place that chooses, and ``tiles_forced`` to override it. The tiled backward is plain GEMMs.
 - Sums (``fold``): zero-padded to a power of two and folded in halves by element-wise adds, so
   the order is fixed by construction and extra zero padding changes nothing (x + 0 = x): a sum
   over a query's keys is the same in a 40-key decode table and a 100-column training row.
@@ -26,11 +30,18 @@ How each one is made invariant:
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.nn.functional as F
 
 from . import cpp, dispatch
 
-TILE = 16  # rows per GEMM call
+TILE = 64  # rows per GEMM call of the tiled path
+PROBE_ROWS = 2048
+PROBE_SIZES = (1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257, 1000, 2048)
+_PROBED: dict[tuple, bool] = {}
+_forced_tiles = False
 CHUNK = 1 << 24  # elements of the (.., queries, keys, D) products materialised at once
 
 
@@ -49,29 +60,92 @@ def fold(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _rows(x: torch.Tensor, w_t: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """(n, K) @ (K, N) (+ b) in tiles of ``TILE`` rows -> (n, N), x's dtype."""
+    """(n, K) @ (K, N) (+ b) in tiles of ``TILE`` rows -> (n, N), x's dtype (no autograd)."""
     n, k = x.shape
-    xp = torch.cat([x, x.new_zeros(-n % TILE, k)]) if n % TILE else x.contiguous()  # (n', K)
-    tiles = [torch.mm(t, w_t) if b is None else torch.addmm(b, t, w_t) for t in xp.split(TILE)]
-    return torch.cat(tiles)[:n]
+    if n % TILE:
+        x = torch.cat([x, x.new_zeros(-n % TILE, k)])  # (n', K)
+    x = x.contiguous()
+    out = x.new_empty(x.shape[0], w_t.shape[1])  # (n', N)
+    for i in range(0, x.shape[0], TILE):
+        if b is None:
+            torch.mm(x[i:i + TILE], w_t, out=out[i:i + TILE])
+        else:
+            torch.addmm(b, x[i:i + TILE], w_t, out=out[i:i + TILE])
+    return out[:n]
+
+
+class _Linear(torch.autograd.Function):
+    """Forward in tiles; backward by plain GEMMs (gradients are not required to be invariant)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.bias = bias is not None
+        return _rows(x, weight.t(), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        dx = grad @ weight if ctx.needs_input_grad[0] else None
+        dw = grad.t() @ x if ctx.needs_input_grad[1] else None
+        db = grad.sum(0) if ctx.bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db
+
+
+def plain_gemm_is_invariant(dtype: torch.dtype, k: int, n: int, bias: bool, device: torch.device) -> bool:
+    """Whether this machine's own GEMM (``F.linear``) of (rows, k) x (k, n) in ``dtype`` gave every row
+    the same bits alone and in batches of 1 to ``PROBE_ROWS`` rows, first and last: probed
+    once per shape, dtype and thread count (a few ms). The one place the fast path is chosen;
+    :func:`tiles_forced` overrides it."""
+    if _forced_tiles:
+        return False
+    key = (dtype, k, n, bias, device, torch.get_num_threads())
+    if key not in _PROBED:
+        g = torch.Generator(device).manual_seed(0)
+        x = torch.randn(PROBE_ROWS, k, generator=g, device=device).to(dtype)
+        w = torch.randn(n, k, generator=g, device=device).to(dtype)
+        b = torch.randn(n, generator=g, device=device).to(dtype) if bias else None
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            full = F.linear(x, w, b)
+            _PROBED[key] = all(torch.equal(F.linear(x[at:at + m], w, b), full[at:at + m])
+                               for m in PROBE_SIZES for at in {0, PROBE_ROWS - m})
+    return _PROBED[key]
+
+
+@contextlib.contextmanager
+def tiles_forced():
+    """Every GEMM of this module in fixed-shape tiles, whatever :func:`plain_gemm_is_invariant` found."""
+    global _forced_tiles
+    before, _forced_tiles = _forced_tiles, True
+    try:
+        yield
+    finally:
+        _forced_tiles = before
+
+
+def _gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(n, K) x (N, K)^T (+ b), batch-invariant: the plain GEMM where the probe found it so, else tiles."""
+    if plain_gemm_is_invariant(x.dtype, x.shape[1], weight.shape[0], bias is not None, x.device):
+        return F.linear(x, weight, bias)
+    return _Linear.apply(x, weight, bias)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` batch-invariantly: operands in autocast's dtype when it is on (as ``F.linear``
-    under autocast), rows in fixed-shape tiles. Differentiable (autograd of the tiles)."""
+    under autocast), then :func:`_gemm`. Differentiable."""
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
     with torch.autocast(x.device.type, enabled=False):
-        out = _rows(x.reshape(-1, x.shape[-1]), weight.t(), bias)  # (n, N)
+        out = _gemm(x.reshape(-1, x.shape[-1]), weight, bias)  # (n, N)
     return out.view(*x.shape[:-1], -1)
 
 
 def head_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 logits (n, V) of hidden rows (n, H) already in the head's compute dtype: operands upcast
-    to fp32 (exact for bf16), fixed-shape fp32 GEMMs."""
-    return _rows(h.float(), weight.float().t(), None if bias is None else bias.float())
+    to fp32 (exact for bf16), then :func:`_gemm`."""
+    return _gemm(h.float(), weight.float(), None if bias is None else bias.float())
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, inv_temp: float = 1.0) -> torch.Tensor:

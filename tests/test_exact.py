@@ -7,6 +7,7 @@ Run: pytest tests/test_exact.py
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -22,14 +23,21 @@ SMALL = ["eval.every=0", "train.prompts_per_step=4", "train.mini_batch_prompts=4
          "model.dtype=bfloat16", "sampling.exact=true"]
 
 
+@pytest.mark.parametrize("tiles", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_a_row_alone_equals_the_row_in_any_batch(dtype):
-    """Rows 0 and 5 of a 37-row batch, alone and in batches of 2 and 19: linear, LM head, log-softmax."""
+def test_a_row_alone_equals_the_row_in_any_batch(dtype, tiles):
+    """Rows 0 and 5 of a 70-row batch, alone and in batches of 2 and 19: linear, LM head,
+    log-softmax; the GEMMs as the probe chose (fp32 here: tiles) and in tiles."""
     g = torch.Generator().manual_seed(0)
-    x, w, b = (torch.randn(*s, generator=g).to(dtype) for s in ((37, 128), (384, 128), (384,)))
-    full, logits = exact.linear(x, w, b), exact.head_logits(x, w)  # (37, 384), (37, 384) fp32
-    targets = torch.randint(0, 384, (37,), generator=g)
-    logp = exact.token_logprobs(logits, targets, 1 / 0.7)
+    x, w, b = (torch.randn(*s, generator=g).to(dtype) for s in ((70, 128), (384, 128), (384,)))
+    with exact.tiles_forced() if tiles else contextlib.nullcontext():
+        full, logits = exact.linear(x, w, b), exact.head_logits(x, w)  # (70, 384), (70, 384) fp32
+        targets = torch.randint(0, 384, (70,), generator=g)
+        logp = exact.token_logprobs(logits, targets, 1 / 0.7)
+        check(x, w, b, full, logits, targets, logp)
+
+
+def check(x, w, b, full, logits, targets, logp):
     for rows in ([0], [5], [5, 0], list(range(19))):
         assert torch.equal(exact.linear(x[rows], w, b), full[rows]), rows
         assert torch.equal(exact.head_logits(x[rows], w), logits[rows]), rows
@@ -58,15 +66,18 @@ def steps(tmp_path, overrides: list[str], n: int) -> list[dict]:
 
 
 @pytest.mark.parametrize("model, overrides, kinds", [
-    ("tiny", [], ()),
+    ("tiny", ["tiles"], ()),
     ("tiny-vl", ["data.train_files=[sample:train, sample:train_vl]", "data.min_pixels=784", "data.max_pixels=12544",
                  "train.seed=1", "train.prompts_per_step=8", "train.mini_batch_prompts=8", "sampling.group_size=2"],
      ("text", "image")),
 ])
 def test_bf16_sampler_log_probs_equal_the_trainers_bit_for_bit(tmp_path, model, overrides, kinds):
     """Three steps: over every sampled token, max |sampler - recompute| is 0 (and per prompt kind
-    where a step has both; the VL run's first one does)."""
-    records = steps(tmp_path, [f"model.path={model}", *overrides], n=3)
+    where a step has both; the VL run's first one does). The text model's GEMMs all in tiles, the
+    VL model's as the probe chose."""
+    tiles = "tiles" in overrides
+    with exact.tiles_forced() if tiles else contextlib.nullcontext():
+        records = steps(tmp_path, [f"model.path={model}", *(o for o in overrides if o != "tiles")], n=3)
     for r in records:
         assert r["optimizer_steps"] == 1
         for prefix in ("mismatch/", *(f"mismatch/{k}/" for k in kinds if f"mismatch/{k}/abs_max" in r)):
