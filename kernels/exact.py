@@ -123,29 +123,25 @@ def tiles_forced():
         _forced_tiles = before
 
 
-def _gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """(n, K) x (N, K)^T (+ b), batch-invariant: the plain GEMM where the probe found it so, else tiles."""
-    if plain_gemm_is_invariant(x.dtype, x.shape[1], weight.shape[0], bias is not None, x.device):
-        return F.linear(x, weight, bias)
-    return _Linear.apply(x, weight, bias)
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` batch-invariantly: operands in autocast's dtype when it is on (as ``F.linear``
-    under autocast), then :func:`_gemm`. Differentiable."""
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-    with torch.autocast(x.device.type, enabled=False):
-        out = _gemm(x.reshape(-1, x.shape[-1]), weight, bias)  # (n, N)
+    """``F.linear`` batch-invariantly, in autocast's dtype when it is on: the plain call on rows made
+    contiguous (autocast casts and caches the weights as usual) where the probe found it
+    invariant, else tiles of operands cast here. Differentiable."""
+    kind = x.device.type
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+    rows = x.reshape(-1, x.shape[-1])  # (n, K)
+    if plain_gemm_is_invariant(dtype, weight.shape[1], weight.shape[0], bias is not None, x.device):
+        return F.linear(rows, weight, bias).view(*x.shape[:-1], -1)
+    with torch.autocast(kind, enabled=False):
+        out = _Linear.apply(rows.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))  # (n, N)
     return out.view(*x.shape[:-1], -1)
 
 
 def head_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 logits (n, V) of hidden rows (n, H) already in the head's compute dtype: operands upcast
-    to fp32 (exact for bf16), then :func:`_gemm`."""
-    return _gemm(h.float(), weight.float(), None if bias is None else bias.float())
+    to fp32 (exact for bf16), then :func:`linear`."""
+    with torch.autocast(h.device.type, enabled=False):
+        return linear(h.float(), weight.float(), None if bias is None else bias.float())
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, inv_temp: float = 1.0) -> torch.Tensor:
