@@ -287,5 +287,7 @@ def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, ta
 
 
 def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seen: torch.Tensor, scale: float) -> torch.Tensor:
-    """``medix_fast.kernels.exact.attention``'s forward on the C++ op (CPU): (S, Tq, H, D) fp32."""
-    return torch.ops.medix_fast.exact_attention(_f32(q), _f32(k), _f32(v), seen.long().contiguous(), float(scale))
+    """``medix_fast.kernels.exact.attention``'s forward on the C++ op (CPU): q, k, v in one dtype, read
+    in place (their last dimension contiguous); (S, Tq, H, D) fp32."""
+    q, k, v = (t.detach() if t.stride(-1) == 1 else t.detach().contiguous() for t in (q, k, v))
+    return torch.ops.medix_fast.exact_attention(q, k, v, seen.long().contiguous(), float(scale))

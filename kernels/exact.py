@@ -13,7 +13,7 @@ How each one is made invariant:
   ``TILE`` rows (the last one zero-padded), so the BLAS sees one shape whatever the batch; a
   GEMM computes each row of a call alike (oneDNN / MKL pick kernels, blocking and K order by
   shape: MKL's fp32 GEMM gives rows 1-15 of a call other bits than a large call does). Tiles cost
-  one BLAS call per 64 rows, so where this machine's own GEMM already is invariant for a shape
+  one BLAS call per 16 rows, so where this machine's own GEMM already is invariant for a shape
   (probed once: rows alone and in batches of 1-2,048 rows, at several positions; oneDNN's bf16
   GEMM on an AVX512-BF16 CPU is) the plain call runs instead: ``plain_gemm_is_invariant``, the
   one place that chooses, and ``tiles_forced`` to override it. The tiled backward is plain GEMMs.
@@ -25,8 +25,8 @@ How each one is made invariant:
   the CPU default) every sum runs sequentially, one query at a time; in PyTorch (no compiler, or
   ``force_backend("torch")``) scores are a fold over the head dimension, the softmax a max (exact)
   and a fold over the keys, the output a fold of the weighted values. Both sides of a run take the
-  same one (``dispatch.use_cpp``). The backward recomputes the maths with autograd in fp32:
-  gradients are not required to be invariant.
+  same one (``dispatch.use_cpp``). The backward is SDPA's over the same keys in fp32 (a query that
+  sees nothing passes no gradient): gradients are not required to be invariant.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from . import cpp, dispatch
 
-TILE = 64  # rows per GEMM call of the tiled path
+TILE = 16  # rows per GEMM call of the tiled path (the decode's rows pad up to it)
 PROBE_ROWS = 2048
 PROBE_SIZES = (1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257, 1000, 2048)
 _PROBED: dict[tuple, bool] = {}
@@ -191,17 +191,14 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         q, k, v, seen = ctx.saved_tensors
-        with torch.enable_grad():
+        with torch.enable_grad(), torch.autocast(q.device.type, enabled=False):
             qf, kf, vf = (t.detach().float().requires_grad_(t.requires_grad) for t in (q, k, v))
-            s, tq, heads, dim = q.shape
-            r = heads // k.shape[2]
-            kh, vh = kf.repeat_interleave(r, 2), vf.repeat_interleave(r, 2)  # (S, L, H, D)
-            scores = torch.einsum("sqhd,slhd->shql", qf, kh) * ctx.scale  # (S, H, Tq, L)
-            valid = torch.arange(k.shape[1], device=q.device) < seen[:, None, :, None]  # (S, 1, Tq, L)
-            p = scores.masked_fill(~valid, float("-inf")).softmax(-1).nan_to_num(0.0)
-            out = torch.einsum("shql,slhd->sqhd", p, vh)  # (S, Tq, H, D)
+            valid = torch.arange(k.shape[1], device=q.device) < seen.clamp_min(1)[:, None, :, None]  # (S, 1, Tq, L)
+            out = F.scaled_dot_product_attention(qf.transpose(1, 2), kf.transpose(1, 2), vf.transpose(1, 2),
+                                                 attn_mask=valid, scale=ctx.scale, enable_gqa=True)  # (S, H, Tq, D)
             inputs = [t for t in (qf, kf, vf) if t.requires_grad]
-            grads = iter(torch.autograd.grad(out, inputs, grad.float()))
+            grad = grad.float().masked_fill((seen == 0)[..., None, None], 0)  # queries that see nothing: no gradient
+            grads = iter(torch.autograd.grad(out, inputs, grad.transpose(1, 2)))
         return (*(next(grads).to(t.dtype) if t.requires_grad else None for t in (q, k, v)), None, None)
 
 

@@ -60,6 +60,25 @@ def test_a_query_alone_equals_the_query_among_others_and_padding(backend):
     assert not full[seen == 0].any()  # a query that sees nothing: 0
 
 
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_attention_and_its_gradients_are_softmax_attention(backend):
+    """Against fp64 causal softmax attention (GQA, a query that sees nothing): output and gradients
+    within fp32 rounding."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
+               for s in ((2, 6, 4, 32), (2, 7, 2, 32), (2, 7, 2, 32)))
+    seen = torch.tensor([[1, 2, 3, 4, 5, 6], [0, 2, 3, 4, 5, 7]])
+    with force_backend(backend):
+        out = exact.attention(q, k, v, seen, 0.3)  # (2, 6, 4, 32) fp32
+    scores = torch.einsum("sqhd,slhd->shql", q, k.repeat_interleave(2, 2)) * 0.3
+    p = scores.masked_fill(torch.arange(7) >= seen[:, None, :, None], float("-inf")).softmax(-1).nan_to_num(0.0)
+    ref = torch.einsum("shql,slhd->sqhd", p, v.repeat_interleave(2, 2))
+    grad = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    for got, want in zip(torch.autograd.grad(out, (q, k, v), grad.float()), torch.autograd.grad(ref, (q, k, v), grad)):
+        assert (got - want).abs().max() < 1e-5
+    assert (out - ref).abs().max() < 1e-6
+
+
 def steps(tmp_path, overrides: list[str], n: int) -> list[dict]:
     t = Trainer(load_config(None, [f"train.output_dir={tmp_path}", *SMALL, *overrides]))
     return [t.train_step() for _ in range(n)]
