@@ -1,5 +1,5 @@
 // CPU implementation of medix_fast::exact_attention, the attention of sampling.exact
-// (kernels/exact.py): every (sequence, query, head) alone, parallel over them, its keys in position
+// (kernels/exact.py): every (sequence, query, head) computed as if alone, its keys in position
 // order and each sum in one fixed order (the dot product over D in 8 lanes, then the keys one after
 // another), so a query's output depends on its own query and keys only: never on the other
 // queries, the padding past its keys, or how the caller laid them out (the sampler's paged decode
@@ -29,40 +29,64 @@ inline float dot(const float* q, const float* k, int64_t D) {
   return total;
 }
 
+constexpr int64_t QB = 16;  // queries per work item: they share each key's and value's conversion to float
+
+// Work item: sequence si, KV head g, queries [t0, t0 + QB) with the R heads sharing g. Each
+// (query, head) keeps its own running max, sum and output, updated key after key in position order,
+// so its arithmetic is the one it would get alone; the item only shares the loads.
 template <typename scalar_t>
 void kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const int64_t* seen, float scale,
             float* out) {
   const int64_t S = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3), L = k.size(1), KV = k.size(2);
+  const int64_t R = H / KV, blocks = (T + QB - 1) / QB;
   const scalar_t* qp = q.data_ptr<scalar_t>();
   const scalar_t* kp = k.data_ptr<scalar_t>();
   const scalar_t* vp = v.data_ptr<scalar_t>();
   const int64_t qs = q.stride(0), qt = q.stride(1), qh = q.stride(2);
   const int64_t ks = k.stride(0), kl = k.stride(1), kh = k.stride(2);
   const int64_t vs = v.stride(0), vl = v.stride(1), vh = v.stride(2);
-  at::parallel_for(0, S * T * H, 1, [&](int64_t w0, int64_t w1) {
-    std::vector<float> s(L), qf(D), kf(D);
+  at::parallel_for(0, S * KV * blocks, 1, [&](int64_t w0, int64_t w1) {
+    std::vector<float> qf(QB * R * D), s(QB * R * L), m(QB * R), denom(QB * R), kf(D);
+    std::vector<int64_t> n(QB * R);
     for (int64_t w = w0; w < w1; ++w) {
-      const int64_t si = w / (T * H), t = (w / H) % T, h = w % H, g = h / (H / KV);
-      const int64_t n = std::min(seen[si * T + t], L);
-      if (n <= 0) continue;
-      const scalar_t* qw = qp + si * qs + t * qt + h * qh;
-      for (int64_t d = 0; d < D; ++d) qf[d] = static_cast<float>(qw[d]);
-      float m = -std::numeric_limits<float>::infinity();
-      for (int64_t j = 0; j < n; ++j) {
+      const int64_t si = w / (KV * blocks), g = (w / blocks) % KV, t0 = (w % blocks) * QB;
+      const int64_t M = std::min(QB, T - t0) * R;  // (query, head) pairs: mq = (t - t0) * R + r
+      int64_t longest = 0;
+      for (int64_t mq = 0; mq < M; ++mq) {
+        const int64_t t = t0 + mq / R, h = g * R + mq % R;
+        n[mq] = std::min(seen[si * T + t], L);
+        longest = std::max(longest, n[mq]);
+        const scalar_t* src = qp + si * qs + t * qt + h * qh;
+        for (int64_t d = 0; d < D; ++d) qf[mq * D + d] = static_cast<float>(src[d]);
+        m[mq] = -std::numeric_limits<float>::infinity();
+        denom[mq] = 0;
+      }
+      for (int64_t j = 0; j < longest; ++j) {
         const scalar_t* kj = kp + si * ks + j * kl + g * kh;
         for (int64_t d = 0; d < D; ++d) kf[d] = static_cast<float>(kj[d]);
-        s[j] = dot(qf.data(), kf.data(), D) * scale;
-        m = std::max(m, s[j]);
+        for (int64_t mq = 0; mq < M; ++mq) {
+          if (j >= n[mq]) continue;
+          const float x = dot(qf.data() + mq * D, kf.data(), D) * scale;
+          s[mq * L + j] = x;
+          m[mq] = std::max(m[mq], x);
+        }
       }
-      float denom = 0;
-      float* ow = out + w * D;
-      for (int64_t j = 0; j < n; ++j) {
-        const float p = std::exp(s[j] - m);
-        denom += p;
+      for (int64_t j = 0; j < longest; ++j) {
         const scalar_t* vj = vp + si * vs + j * vl + g * vh;
-        for (int64_t d = 0; d < D; ++d) ow[d] += p * static_cast<float>(vj[d]);
+        for (int64_t d = 0; d < D; ++d) kf[d] = static_cast<float>(vj[d]);
+        for (int64_t mq = 0; mq < M; ++mq) {
+          if (j >= n[mq]) continue;
+          const float p = std::exp(s[mq * L + j] - m[mq]);
+          denom[mq] += p;
+          float* o = out + ((si * T + t0 + mq / R) * H + g * R + mq % R) * D;
+          for (int64_t d = 0; d < D; ++d) o[d] += p * kf[d];
+        }
       }
-      for (int64_t d = 0; d < D; ++d) ow[d] /= denom;
+      for (int64_t mq = 0; mq < M; ++mq) {
+        if (n[mq] <= 0) continue;
+        float* o = out + ((si * T + t0 + mq / R) * H + g * R + mq % R) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] /= denom[mq];
+      }
     }
   });
 }
