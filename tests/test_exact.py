@@ -79,6 +79,22 @@ def test_attention_and_its_gradients_are_softmax_attention(backend):
     assert (out - ref).abs().max() < 1e-6
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_models_lm_head_in_exact_mode_gives_a_row_alone_its_bits_in_a_batch(autocast):
+    """``model.forward.head_logits`` (the sampler's and the trainer's LM head) of a model in exact
+    mode: row 3 alone and among 37 (fp32: MKL's GEMM takes another kernel for one row)."""
+    from medix_fast.demo.cache import resolve_model_path
+    from medix_fast.model import exact as model_exact
+    from medix_fast.model.forward import head_logits
+    from medix_fast.model.loading import load_model
+
+    model, _ = load_model(resolve_model_path("tiny"))
+    model_exact.enable(model)
+    h = torch.randn(37, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), torch.no_grad():
+        assert torch.equal(head_logits(model, h[3:4]), head_logits(model, h)[3:4])
+
+
 def steps(tmp_path, overrides: list[str], n: int) -> list[dict]:
     t = Trainer(load_config(None, [f"train.output_dir={tmp_path}", *SMALL, *overrides]))
     return [t.train_step() for _ in range(n)]
