@@ -69,7 +69,7 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     Each row's keys are put in position order (its attended columns first, in column order), and
     query t sees the first ``mask[t].sum()`` of them: exactly its causal keys."""
     dtype = _compute_dtype(key)
-    b, _, tq, tk = query.shape[0], query.shape[1], query.shape[2], key.shape[2]
+    b, tq, tk = query.shape[0], query.shape[2], key.shape[2]
     q = query.transpose(1, 2).to(dtype)  # (B, Tq, H, D)
     k, v = key.transpose(1, 2).to(dtype), value.transpose(1, 2).to(dtype)  # (B, Tk, kv, D)
     mask = attention_mask[:, 0].expand(b, tq, tk)  # (B, Tq, Tk)
