@@ -153,3 +153,28 @@ def test_every_linear_and_the_patch_embedding_of_vl_go_through_the_invariant_gem
              if isinstance(m, (torch.nn.Linear, torch.nn.Conv3d)) and m is not head}
     assert any(isinstance(m, torch.nn.Conv3d) for m in model.modules())
     assert [name for name, ptr in gemms.items() if ptr not in seen] == []
+
+
+def test_preempted_and_continued_rows_give_one_calls_log_probs_bit_for_bit():
+    """The prefill of a recomputed row (its prompt's cached blocks, then its own tokens) takes the
+    decode's maths: with a pool that preempts, and with rows continued from their first 9 tokens,
+    the same tokens and bitwise the same log-probs as one uninterrupted bf16 call."""
+    from medix_fast.demo.cache import resolve_model_path
+    from medix_fast.generate import Sampler
+    from medix_fast.model import exact as model_exact
+    from medix_fast.model.loading import load_model
+
+    model, tokenizer = load_model(resolve_model_path("tiny"))
+    model_exact.enable(model)
+    prompts = [tokenizer(t)["input_ids"] for t in ("Patient with a finding in the left lung; what is the diagnosis?",
+                                                   "CT of the head shows")]
+    call = dict(n=3, max_new_tokens=24, seed=1, stop_token_ids=[])
+    ref = Sampler(model, dtype=torch.bfloat16).generate(prompts, **call)
+    tight = Sampler(model, dtype=torch.bfloat16, max_num_seqs=2, kv_cache_gb=0.00012)
+    runs = [tight.generate(prompts, **call)]
+    assert tight.stats.preemptions > 0
+    runs.append(Sampler(model, dtype=torch.bfloat16).generate(
+        prompts, **call, continued=[(ids[:9], lp[:9]) for ids, lp in zip(ref.completion_ids, ref.logprobs)]))
+    for out in runs:
+        assert out.completion_ids == ref.completion_ids
+        assert all(torch.equal(a, b) for a, b in zip(out.logprobs, ref.logprobs))
