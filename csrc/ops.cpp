@@ -1,5 +1,5 @@
 // Schemas of the medix_fast custom ops (torch.ops.medix_fast.*). The CPU kernels register in
-// policy_loss.cpp, advantage.cpp, sampling.cpp and paged_attention.cpp (CPU only: CUDA runs the
+// policy_loss.cpp, advantage.cpp, sampling.cpp, paged_attention.cpp and exact_attention.cpp (CPU only: CUDA runs the
 // Triton paged kernel), the CUDA kernels in the matching .cu files;
 // autograd and the fake (meta) implementations for torch.compile live in kernels/cpp.py.
 #include <torch/library.h>
@@ -32,4 +32,8 @@ TORCH_LIBRARY(medix_fast, m) {
   // (the pool's accumulation type); rows no item covers get 0 and -inf.
   m.def("paged_decode(Tensor q, Tensor k_pool, Tensor v_pool, Tensor table, Tensor lens, Tensor? rows, "
         "float scale) -> (Tensor out, Tensor lse)");
+  // sampling.exact's attention (kernels/exact.py): q (S, Tq, H, D), k / v (S, L, kv, D) of one dtype (any
+  // strides, D contiguous), query t of sequence s over keys [0, seen[s, t]) in a fixed order. Returns
+  // (S, Tq, H, D) float32.
+  m.def("exact_attention(Tensor q, Tensor k, Tensor v, Tensor seen, float scale) -> Tensor");
 }

@@ -14,8 +14,8 @@ path. Prebuild, and see what is active, with::
 Ops (schemas in ``csrc/ops.cpp``): ``policy_loss`` (forward and backward in one pass; autograd
 is registered here as grad_output * the saved gradient, so it is differentiable once, not
 twice), ``group_advantages`` and ``paged_decode`` (the rollout engine's decode attention,
-``medix_fast.generate.attention``) and ``sample_tokens`` (the engine's sampling step at large
-vocabularies), CPU only (the default there: faster than the PyTorch path; on CUDA tensors the
+``medix_fast.generate.attention``), ``sample_tokens`` (the engine's sampling step at large
+vocabularies) and ``exact_attention`` (``sampling.exact``'s attention, ``kernels/exact.py``), CPU only (the default there: faster than the PyTorch path; on CUDA tensors the
 Triton kernels and PyTorch run). Each has a
 fake implementation, so they work under ``torch.compile``.
 """
@@ -209,6 +209,10 @@ def _register_python_parts() -> None:
     def _paged_decode_fake(q, k_pool, v_pool, table, lens, rows, scale):
         return torch.empty_like(q), q.new_empty(q.shape[:2])
 
+    @torch.library.register_fake(lib + "exact_attention")
+    def _exact_attention_fake(q, k, v, seen, scale):
+        return torch.empty_like(q)
+
 
 def _f32(t: torch.Tensor | None, detach: bool = True) -> torch.Tensor | None:
     if t is None:
@@ -280,3 +284,10 @@ def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, ta
     return torch.ops.medix_fast.paged_decode(
         q.to(acc).contiguous(), k_pool, v_pool, table.to(torch.int32).contiguous(), lens.to(torch.int32).contiguous(),
         None if rows is None else rows.contiguous(), float(scale))
+
+
+def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seen: torch.Tensor, scale: float) -> torch.Tensor:
+    """``medix_fast.kernels.exact.attention``'s forward on the C++ op (CPU): q, k, v in one dtype, read
+    in place (their last dimension contiguous); (S, Tq, H, D) fp32."""
+    q, k, v = (t.detach() if t.stride(-1) == 1 else t.detach().contiguous() for t in (q, k, v))
+    return torch.ops.medix_fast.exact_attention(q, k, v, seen.long().contiguous(), float(scale))

@@ -152,6 +152,9 @@ class SamplingConfig:
     # from their FSDP2 shards each step (attention heads, MLP and expert widths split k ways; generate/
     # tensor_parallel.py); each group decodes the union of its ranks' prompts. 1: every rank alone, unsharded
     tensor_parallel: int = 1
+    # true: the sampler's log-probs equal the trainer's bit for bit (dense models, CPU): one batch-invariant
+    # attention, GEMM and log-softmax for both (model/exact.py; docs/mismatch.md#exact-mode), at a cost
+    exact: bool = False
 
 
 @dataclass
@@ -522,6 +525,12 @@ def check(cfg: Config) -> None:
                           "or algorithm.mis_level (the behaviour correction)")
     if s.tensor_parallel < 1:
         raise ConfigError(f"sampling.tensor_parallel: must be >= 1 (1: no split), got {s.tensor_parallel}")
+    if s.exact and (t.device == "cuda" or s.tensor_parallel > 1 or cfg.distributed.strategy == "fsdp"
+                    or cfg.model.dtype == "float16"):
+        raise ConfigError("sampling.exact: CPU only (train.device: cpu or auto on a CPU machine), with "
+                          "sampling.tensor_parallel: 1, no distributed.strategy: fsdp and model.dtype bfloat16, "
+                          f"float32 or auto; got {t.device}, {s.tensor_parallel}, {cfg.distributed.strategy}, "
+                          f"{cfg.model.dtype}")
     if cfg.optim.offload == "params" and cfg.distributed.strategy != "fsdp":
         raise ConfigError("optim.offload: params is FSDP2's CPU offload and needs distributed.strategy: fsdp")
     if cfg.optim.state_rounding == "stochastic" and cfg.optim.state_dtype != "bfloat16":

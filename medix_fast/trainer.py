@@ -57,6 +57,7 @@ from .metrics import MetricsLogger, read_metrics
 from .demo.cache import resolve_model_path
 from .model.loading import (compute_dtype, image_token_id, is_vl, load_image_processor, load_model,
                             set_vision_trainable, stop_ids)
+from .model.exact import enable as enable_exact
 from .model.moe import is_moe, set_router_trainable
 from .optim.adamw import adamw
 from .report import Eta, clock, end_summary, eval_message, start_message
@@ -148,13 +149,18 @@ class Trainer:
         evaluator = R1Evaluator if cfg.eval.protocol == "medix_r1" else Evaluator
         self.evaluator = evaluator.from_config(cfg, self.tokenizer, self.info, vision) if cfg.eval.every else None
 
+        if cfg.sampling.exact:  # sampler and trainer through the same batch-invariant maths (model/exact.py)
+            if dev.type != "cpu":
+                raise ConfigError(f"sampling.exact: CPU only, and train.device resolved to {dev.type}")
+            enable_exact(self.model)
         self.objective = PolicyObjective(self.model, cfg.sampling.temperature, t.share_prompt,
                                          cfg.model.router_aux_loss_coef if is_moe(self.model.config) else 0.0,
                                          cfg.model.router_replay)
         o = cfg.optim
         self.wrapped = D.wrap(self.objective, self.model, cfg.distributed.strategy, self.info, dtype,
                               offload_params=o.offload == "params")
-        autocast = dtype if dev.type == "cuda" and dtype != torch.float32 and not fsdp else None
+        # CUDA, or exact mode on the CPU: the update's forwards in the sampler's compute dtype
+        autocast = dtype if (dev.type == "cuda" or cfg.sampling.exact) and dtype != torch.float32 and not fsdp else None
         fused = not fsdp and dev.type in ("cpu", "cuda")  # one kernel, no host read of each step count (FSDP2: foreach)
         # optim.offload / state_dtype: torch's AdamW, or medix_fast/optim/adamw.py's with host / bf16 states
         self.optimizer = adamw([p for p in self.wrapped.parameters() if p.requires_grad], o, fused)

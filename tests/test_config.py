@@ -74,6 +74,13 @@ def test_bad_key_or_value_names_the_dotted_key(override, named):
         load_config(None, [override])
 
 
+@pytest.mark.parametrize("other", ["train.device=cuda", "sampling.tensor_parallel=2", "distributed.strategy=fsdp",
+                                   "model.dtype=float16"])
+def test_exact_refuses_in_one_line_what_it_cannot_make_exact(other):
+    with pytest.raises(ConfigError, match=r"^sampling\.exact: CPU only[^\n]*$"):
+        load_config(None, ["sampling.exact=true", other])
+
+
 def test_bad_key_in_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"sampling\.temprature"):
         load_config(write(tmp_path, "sampling:\n  temprature: 0.7\n"))

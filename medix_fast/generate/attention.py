@@ -22,8 +22,11 @@ Back-ends (``select_backend``; force one with ``medix_fast.kernels.force_backend
   the CPU default when the C++ ops build (bench/bench_sampler.py: the gathers of the PyTorch path
   were half of a CPU decode step);
 - "torch": gathers the live blocks and runs the same maths in PyTorch; the reference, and the CPU
-  path without a compiler.
-Prefill uses SDPA per sequence except under "flash".
+  path without a compiler;
+- "exact": a model in exact mode (``model/exact.py``, ``sampling.exact``), decode and prefill: each
+  query over its keys gathered in position order through ``medix_fast.kernels.exact.attention``,
+  the maths the trainer's forward takes, so the two agree bit for bit.
+Prefill uses SDPA per sequence except under "flash" and "exact".
 """
 from __future__ import annotations
 
@@ -33,15 +36,18 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import dispatch
+from ..kernels.exact import attention as exact_attention
 
-BACKENDS = ("flash", "triton", "cpp", "torch")
+BACKENDS = ("flash", "triton", "cpp", "torch", "exact")
 HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
 FLASH_BLOCK = 256  # flash-attn's paged K/V needs page sizes that are multiples of 256
 
 
-def select_backend(device: torch.device, block_size: int | None = None) -> str:
+def select_backend(device: torch.device, block_size: int | None = None, exact: bool = False) -> str:
     """The decode back-end for K/V on ``device`` (see the module docstring); ``block_size`` None
-    means the caller will pick a flash-compatible one."""
+    means the caller will pick a flash-compatible one; ``exact``: the model is in exact mode."""
+    if exact:
+        return "exact"
     forced = dispatch.requested_backend()
     if forced == "triton":
         return "triton" if dispatch.use_triton(torch.empty(0, device=device)) else "torch"
@@ -64,6 +70,10 @@ def cascade_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, 
     """q (b, H, D) against each row's prompt blocks and own blocks (``step``: a kv_cache.DecodeStep);
     returns (b, H, D) in q's dtype."""
     b, dtype = q.shape[0], q.dtype
+    if backend == "exact":
+        slots, seen = step.memo("exact_keys", lambda: _decode_keys(step, k_pool.shape[1], b))  # (b, L), (b, 1)
+        out = exact_attention(q.to(k_pool.dtype)[:, None], _take(k_pool, slots), _take(v_pool, slots), seen, scale)
+        return out[:, 0].to(dtype)
     if backend == "cpp":
         from ..kernels import cpp
         o1, lse1 = cpp.paged_decode(q, k_pool, v_pool, step.group_table, step.group_lens, step.group_rows, scale)
@@ -87,6 +97,33 @@ def cascade_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, 
     o1, lse1 = _flash_paged(q, k_pool, v_pool, step.group_table, step.group_lens, step.group_rows, scale)
     o2, lse2 = _flash_paged(q, k_pool, v_pool, step.row_table, step.row_lens, own_rows, scale)
     return merge(o1[:b], lse1[:b], o2[:b], lse2[:b]).to(dtype)
+
+
+def _decode_keys(step, block_size: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's key slots in position order, its prompt's then its own, (b, L) int64 with L the
+    tables' widths (no host read; past a row's keys the slots are any), and the keys it sees (b, 1)."""
+    groups, width = step.group_rows.shape
+    row_group = torch.empty(b + 1, dtype=torch.long, device=step.group_rows.device)
+    row_group[step.group_rows.reshape(-1)] = torch.arange(groups, device=row_group.device).repeat_interleave(width)
+    row_group = row_group[:b]  # (b,): each row's group
+    prompt, own = _token_slots(step.group_table[row_group], block_size), _token_slots(step.row_table, block_size)
+    cached = step.group_lens.long()[row_group][:, None]  # (b, 1)
+    j = torch.arange(prompt.shape[1] + own.shape[1], device=prompt.device)[None]  # (1, L)
+    slots = torch.where(j < cached, prompt.gather(1, j.clamp(max=prompt.shape[1] - 1).expand(b, -1)),
+                        own.gather(1, (j - cached).clamp(0, own.shape[1] - 1)))
+    return slots, cached + step.row_lens.long()[:, None]
+
+
+def _token_slots(table: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Token slots (N, W * block_size) of block tables (N, W)."""
+    return (table.long()[:, :, None] * block_size + torch.arange(block_size, device=table.device)).flatten(1)
+
+
+def _take(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Tokens ``slots`` (N, L) of a pool view (blocks, block_size, kv, D) -> (N, L, kv, D)."""
+    blocks, block_size, kv, dim = pool.shape
+    flat = pool.permute(2, 0, 1, 3).reshape(kv, blocks * block_size, dim)  # a view if head-major
+    return flat.index_select(1, slots.reshape(-1)).view(kv, *slots.shape, dim).permute(1, 2, 0, 3)
 
 
 def _valid(lens: torch.Tensor, table: torch.Tensor, block_size: int, kv: int) -> torch.Tensor:
@@ -173,6 +210,16 @@ def packed_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: to
     """q (N, H, D), k/v (N, kv, D) of packed sequences ``items`` (start, end, prefix blocks or None,
     prefix length) -> (N, H, D)."""
     out = torch.empty_like(q)
+    if backend == "exact":
+        for start, end, prefix, prefix_len in items:
+            ki, vi = k[start:end].to(k_pool.dtype), v[start:end].to(k_pool.dtype)  # (L, kv, D), as the pool holds them
+            if prefix is not None:
+                cached = _token_slots(prefix[None], k_pool.shape[1])[:, :prefix_len]  # (1, P)
+                ki, vi = torch.cat([_take(k_pool, cached)[0], ki]), torch.cat([_take(v_pool, cached)[0], vi])
+            seen = prefix_len + 1 + torch.arange(end - start, device=q.device)  # (L,)
+            out[start:end] = exact_attention(q[start:end].to(k_pool.dtype)[None], ki[None], vi[None], seen[None],
+                                             scale)[0].to(out.dtype)
+        return out
     plain = [it for it in items if it[2] is None]
     if backend == "flash" and plain:
         _flash_varlen(q, k, v, plain, scale, out)

@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from ..config import block_size_error
+from ..model.exact import is_exact
 from ..model.forward import mrope_positions
 from ..model.loading import stop_ids
 from .attention import default_block_size, select_backend
@@ -170,7 +171,7 @@ class Sampler:
         ``required``: rows carried over from an earlier call and a call that stops early (``partial.py``).
         ``on_finish(rows)``: called after each decode step in which rows finished, with their (row,
         tokens) (host lists: no device read), so a caller can score them while the rest decode."""
-        params = SamplingParams(temperature, top_p, top_k, logprobs_mode)
+        params = SamplingParams(temperature, top_p, top_k, logprobs_mode, is_exact(self.model))
         stops = self._stop_ids(stop_token_ids)
         prompts = self._validate(prompt_ids, max_new_tokens)
         counts = row_counts(n, len(prompts))
@@ -326,7 +327,7 @@ class Sampler:
 
     def _layout(self, device: torch.device) -> tuple[str, int, torch.dtype]:
         """Attention back-end, block size and compute dtype for the model's device."""
-        backend = select_backend(device, self.block_size or None)
+        backend = select_backend(device, self.block_size or None, is_exact(self.model))
         block_size = self.block_size or default_block_size(backend)
         param = next(self.model.parameters())
         dtype = self.dtype or (torch.bfloat16 if device.type == "cuda" else param.dtype)

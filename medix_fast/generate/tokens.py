@@ -33,15 +33,18 @@ Returned log-probs (fp32), chosen by ``logprobs_mode``:
   importance ratio of an unchanged policy is exactly 1. With T = 0 it is ``log_softmax(logits)``.
 - "processed": the log-prob under the distribution actually sampled from, after top-k/top-p
   renormalisation (0 for greedy).
+``exact`` (a model in exact mode, ``model/exact.py``): the "raw" log-probs by
+``medix_fast.kernels.exact.token_logprobs``, the log-softmax the trainer takes in that mode.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from ..config import sampling_error
 from ..kernels import dispatch
+from ..kernels.exact import token_logprobs
 
 LOGPROBS_MODES = ("raw", "processed")
 CPP_MIN_VOCAB = 32768  # the C++ step wins above this vocabulary size on the CPU (bench/bench_cpp.py)
@@ -57,6 +60,7 @@ class SamplingParams:
     top_p: float = 1.0  # 1: off
     top_k: int = 0  # 0: off
     logprobs_mode: str = "raw"  # "raw" | "processed", see the module docstring
+    exact: bool = False  # "raw" log-probs by the exact mode's log-softmax
 
     def __post_init__(self):
         error = sampling_error(self.temperature, self.top_p, self.top_k)  # the config's rule (sampling.*)
@@ -64,6 +68,8 @@ class SamplingParams:
             raise ValueError(error)
         if self.logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {self.logprobs_mode!r}")
+        if self.exact and self.logprobs_mode != "raw":
+            raise ValueError("exact mode returns the raw log-probs (what the trainer recomputes), not 'processed'")
 
     @property
     def truncates(self) -> bool:
@@ -108,6 +114,9 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams, uniform: torch.T
     """One token per row of ``logits`` (B, V) with ``uniform`` (B,) in [0, 1). Returns tokens (B,)
     int64, log-probs (B,) fp32 and ``fits`` (B,) bool (see the module docstring)."""
     logits = logits.float()
+    if params.exact:
+        tokens, _, fits = sample_tokens(logits, replace(params, exact=False), uniform, prefilter)
+        return tokens, token_logprobs(logits, tokens, 1.0 / params.temperature if params.temperature else 1.0), fits
     rows, vocab = logits.shape
     fits = torch.ones(rows, dtype=torch.bool, device=logits.device)
     if _use_cpp(logits, params):

@@ -11,8 +11,10 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
+from ..kernels import exact
 from ..kernels.logprobs import cast, chunk_logits, compute_dtype, no_autocast
 from .compat import cache_kwargs, image_token_types
+from .exact import is_exact
 from .loading import is_vl
 
 
@@ -72,9 +74,14 @@ def head_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
     the LM head's compute dtype (autocast's when on), products kept in fp32, never rounded to bf16
     (``chunk_logits``, what ``fused_linear_logprobs`` computes). The one exception: a CUDA weight
     not in the compute dtype (DDP's fp32 masters under autocast) goes through autocast's cached
-    cast and bf16 logits, as a copy of the weight per call would cost more than the head."""
+    cast and bf16 logits, as a copy of the weight per call would cost more than the head. A model
+    in exact mode (``model/exact.py``) takes ``kernels.exact.head_logits``'s fixed-shape GEMMs."""
     weight, bias = lm_head(model)
     dtype = compute_dtype(hidden)
+    if is_exact(model):
+        with no_autocast(hidden):
+            h, w, b = cast((hidden.reshape(-1, hidden.shape[-1]), weight, bias), dtype)  # (n, H), (V, H), (V,)
+            return exact.head_logits(h, w, b).view(*hidden.shape[:-1], -1)  # (..., V)
     if weight.is_cuda and weight.dtype != dtype:
         return torch.nn.functional.linear(hidden, weight, bias).float()
     with no_autocast(hidden):

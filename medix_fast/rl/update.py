@@ -45,10 +45,12 @@ from transformers import DynamicCache
 
 from .. import distributed as D
 from ..kernels import fused_linear_logprobs, fused_linear_policy_loss
+from ..kernels.exact import token_logprobs
 from ..kernels.importance import mis_keep
 from ..kernels.loss_specs import LOSS_SPECS
 from ..kernels.policy_loss import METRICS
-from ..model.forward import (continuation_hidden_states, hidden_states, left_pad_positions, lm_head,
+from ..model.exact import is_exact
+from ..model.forward import (continuation_hidden_states, head_logits, hidden_states, left_pad_positions, lm_head,
                              prompt_hidden_states)
 from ..model.moe import RouterLogits
 from ..model.routing import RouterReplay
@@ -174,9 +176,11 @@ class PolicyObjective(nn.Module):
         weight, bias = lm_head(self.model)
         if loss_opts is None:
             keep = mb.mask.reshape(-1).nonzero_static(size=mb.tokens).squeeze(1)  # (n_valid,): no sync
-            logp = fused_linear_logprobs(h.reshape(-1, h.shape[-1]).index_select(0, keep), weight,
-                                         mb.targets.reshape(-1).index_select(0, keep), bias=bias,
-                                         temperature=self.temperature)  # (n_valid,)
+            rows, targets = h.reshape(-1, h.shape[-1]).index_select(0, keep), mb.targets.reshape(-1).index_select(0, keep)
+            if is_exact(self.model):  # the sampler's LM head and log-softmax (model/exact.py)
+                logp = token_logprobs(head_logits(self.model, rows), targets, 1.0 / self.temperature)  # (n_valid,)
+            else:
+                logp = fused_linear_logprobs(rows, weight, targets, bias=bias, temperature=self.temperature)
             return mb.mask.new_zeros(mb.mask.numel()).index_copy(0, keep, logp.float()).view_as(mb.mask)  # (B, C)
         loss, metrics = fused_linear_policy_loss(h, weight, mb.targets, mb.mask, mb.advantages, mb.old, mb.ref,
                                                  bias=bias, temperature=self.temperature, valid_lengths=mb.lengths,
