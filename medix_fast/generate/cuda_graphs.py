@@ -7,7 +7,8 @@ the groups' table slots, prompt lengths and row grid are copied into static buff
 step), and the attention reads only each item's live length, so one graph per batch bucket
 serves every sequence length: lengths and block tables are graph inputs, not shapes. Padded rows
 feed token 0 at position 0 and write their K/V into the reserved block 0; padded groups have
-length 0. With ``capture=False`` the same fixed-shape step runs eagerly (the CPU tests' path).
+length 0. With ``capture=False`` the same fixed-shape step runs eagerly (the CPU tests' path),
+its outputs written into the same tensors at each step of a bucket, as a graph's replays are.
 
 A graph holds the addresses of the weights, the K/V pool, the tables and its own buffers, so
 nothing it reads may be freed or moved while it is kept: the weights it reads are the engine's
@@ -67,6 +68,7 @@ class StaticDecoder:
         self.weights = _weights(runner.model)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor | None]] = {}
         self.graph_pool = None
+        self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # capture=False: a bucket's outputs
         self.runner = runner
 
     def fits(self, runner: Runner, group: int) -> bool:
@@ -104,8 +106,13 @@ class StaticDecoder:
         if self.capture:
             graph, logits, routed = self.graphs[size]
             graph.replay()
-        else:
-            logits, routed = self._step(size)
+        else:  # written into one set of outputs per bucket, as a graph's replays are
+            step = self._step(size)
+            outputs = self.outputs.setdefault(size, step)
+            for kept, new in zip(outputs, step):
+                if kept is not None and kept is not new:
+                    kept.copy_(new)
+            logits, routed = outputs
         if routed is not None:  # (size, layers, k): the next replay writes over the graph's buffer
             self.runner.routed = routed[:b].clone()
         return logits[:b]
