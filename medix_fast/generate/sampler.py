@@ -143,6 +143,7 @@ class Sampler:
         self._decoder = None  # cuda_graphs.StaticDecoder, kept across calls
         self.weights: EngineWeights | None = None  # what the static step reads, kept with the decoder
         self.decoders_built = 0  # StaticDecoders made (each captures its buckets again on CUDA)
+        self.kept = False  # the last release kept everything (weights.py: FSDP2's slots get buffers then)
 
     # ------------------------------------------------------------------ public
     def generate(
@@ -211,9 +212,9 @@ class Sampler:
         param = next(self.model.parameters())
         if self._mode(param.device) == "eager":
             return contextlib.nullcontext()
-        if self.weights is None or not self.weights.matches(self.model):
+        if self.weights is None or not self.weights.matches(self.model, self.kept):
             self.weights = self._decoder = None  # its graphs read the old buffers
-            self.weights = EngineWeights(self.model, self._layout(param.device)[2])
+            self.weights = EngineWeights(self.model, self._layout(param.device)[2], self.kept)
         return self.weights.swapped()
 
     @property
@@ -226,6 +227,7 @@ class Sampler:
         """Free the K/V pool, the engine's weights and the CUDA graphs (the next call makes them
         again, a capture per bucket); ``keep``: hold all of them for the next call (the trainer's
         choice when they fit beside the update, ``memory.keep_across_steps``)."""
+        self.kept = keep
         if keep:
             return
         self.pool, self._decoder, self.weights = None, None, None
@@ -386,8 +388,9 @@ class Sampler:
         budget = self.agree(self._budget_blocks(block_bytes, device, pool.nbytes if pool is not None else 0))
         if keep and pool.num_blocks >= min(usable, budget):
             return pool
+        grown = max(usable, 2 * pool.num_blocks) if keep else usable  # doubling: few new pools (and captures) a run
         self.pool = self._decoder = None  # give the old pool back before making the new one
-        self.pool = KVPool(self.text_config, max(2, min(budget, usable)), block_size, dtype, device,
+        self.pool = KVPool(self.text_config, max(2, min(budget, grown)), block_size, dtype, device,
                            head_major=backend != "flash")
         return self.pool
 

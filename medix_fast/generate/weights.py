@@ -1,7 +1,7 @@
 """The sampler's own compute-dtype copy of the weights its fixed-shape decode step (and so its CUDA
 graphs) reads, refreshed in place: captured graphs stay valid for the whole run.
 
-    weights = EngineWeights(model, torch.bfloat16)   # buffers for the slots that need one (maybe none)
+    weights = EngineWeights(model, torch.bfloat16, kept)  # buffers for the slots that need one (maybe none)
     with weights.swapped():                          # refreshed (copy_), then read by every forward
         ...                                          # the model's own forward code, unchanged
 
@@ -13,8 +13,11 @@ A CUDA graph holds the addresses its kernels read. Two kinds of weights would mo
   bf16 buffer. Autocast then finds them already in bf16 and casts nothing, so the decode computes
   what it did on autocast's copies, bit for bit; the rest (norms, biases, the embedding) are read
   as they are, and a capture turns autocast's cache off so a bias cast is made inside the graph.
-- **FSDP2's unsharded parameters**, which land in new storage at each unshard: every slot of an
-  FSDP2 module gets a buffer (in the parameters' own dtype, FSDP2's compute dtype).
+- **FSDP2's unsharded parameters**, which land in new storage at each unshard (each rollout): when
+  the sampler is kept across steps (``kept``), every slot of an FSDP2 module gets a buffer (in the
+  parameters' own dtype, FSDP2's compute dtype), 2 bytes per parameter more in the rollout, beside
+  the unsharded parameters; when it is not, its graphs die at the end of the rollout anyway and
+  read the unsharded parameters, which stay put for the rollout's calls.
 A model whose weights are already in the compute dtype and in storage of their own (one process
 or DDP in bf16, the tensor-parallel copy kept across steps) needs none: the graphs read its
 parameters, which the optimizer updates in place.
@@ -49,10 +52,12 @@ def _buffered(module: nn.Module, param: torch.Tensor, dtype: torch.dtype, fsdp: 
 
 
 class EngineWeights:
-    """Compute-dtype buffers for the parameter slots of ``model`` that need one (possibly none)."""
+    """Compute-dtype buffers for the parameter slots of ``model`` that need one (possibly none);
+    ``kept``: the sampler keeps its graphs across steps (FSDP2's slots need buffers then)."""
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype):
-        fsdp = _fsdp(model)
+    def __init__(self, model: nn.Module, dtype: torch.dtype, kept: bool):
+        fsdp = kept and _fsdp(model)
+        self.kept = kept
         self.slots: list[tuple[nn.Module, str, nn.Parameter]] = []
         made: dict[int, nn.Parameter] = {}  # a tied parameter: one buffer for its slots
         for module in model.modules():
@@ -66,9 +71,9 @@ class EngineWeights:
         self.nbytes = sum(p.nbytes for p in made.values())
         self.shapes = [tuple(module._parameters[name].shape) for module, name, _ in self.slots]
 
-    def matches(self, model: nn.Module) -> bool:
-        """The slots still hold parameters of the buffers' shapes (an FSDP2 module unsharded)."""
-        return [tuple(m._parameters[n].shape) for m, n, _ in self.slots] == self.shapes
+    def matches(self, model: nn.Module, kept: bool) -> bool:
+        """Made for ``kept``, and the slots still hold parameters of the buffers' shapes."""
+        return kept == self.kept and [tuple(m._parameters[n].shape) for m, n, _ in self.slots] == self.shapes
 
     @contextlib.contextmanager
     def swapped(self):
