@@ -56,8 +56,7 @@ class EngineWeights:
     ``kept``: the sampler keeps its graphs across steps (FSDP2's slots need buffers then)."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype, kept: bool):
-        fsdp = kept and _fsdp(model)
-        self.kept = kept
+        fsdp = self.every = kept and _fsdp(model)
         self.slots: list[tuple[nn.Module, str, nn.Parameter]] = []
         made: dict[int, nn.Parameter] = {}  # a tied parameter: one buffer for its slots
         for module in model.modules():
@@ -72,8 +71,8 @@ class EngineWeights:
         self.shapes = [tuple(module._parameters[name].shape) for module, name, _ in self.slots]
 
     def matches(self, model: nn.Module, kept: bool) -> bool:
-        """Made for ``kept``, and the slots still hold parameters of the buffers' shapes."""
-        return kept == self.kept and [tuple(m._parameters[n].shape) for m, n, _ in self.slots] == self.shapes
+        """Made for ``kept`` (FSDP2), and the slots still hold parameters of the buffers' shapes."""
+        return (kept and _fsdp(model)) == self.every and [tuple(m._parameters[n].shape) for m, n, _ in self.slots] == self.shapes
 
     @contextlib.contextmanager
     def swapped(self):
