@@ -255,6 +255,9 @@ def test_static_decoder_kept_across_calls_sees_each_weight_update(compute):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
         outs.append((out.completion_ids, seen))
     assert outs[0][0] != outs[1][0] != outs[2][0], "each update changes the samples"
+    single = {**kwargs, "n": 1}  # narrower groups (an evaluation's) in the same decoder
+    assert static.generate(make_prompts([5]), **single).completion_ids == \
+        eager.generate(make_prompts([5]), **single).completion_ids
     assert static.decoders_built == 1
     # q_proj reads one address in every call: the engine's bf16 buffer under autocast (autocast
     # casts nothing), its own parameter when already in the compute dtype

@@ -72,8 +72,9 @@ class StaticDecoder:
         self.runner = runner
 
     def fits(self, runner: Runner, group: int) -> bool:
-        """Whether this decoder (its buffers and graphs) serves ``runner``'s call."""
-        return (group == self.group and runner.pool is self.pool and _weights(runner.model) == self.weights
+        """Whether this decoder (its buffers and graphs) serves ``runner``'s call: the same pool and
+        weights, tables and groups no wider (an evaluation's single rows in a rollout's decoder)."""
+        return (group <= self.group and runner.pool is self.pool and _weights(runner.model) == self.weights
                 and runner.row_table.shape[1] <= self.row_table.shape[1]
                 and runner.group_table.shape[1] <= self.group_table.shape[1])
 
