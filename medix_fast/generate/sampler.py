@@ -7,7 +7,7 @@
     out.completion_ids[i * 8 + j]  # prompt i's sample j (prompt-major), stop token included
     out.logprobs[i * 8 + j]        # (len,) fp32 log-probs of those tokens, see medix_fast.generate.tokens
     out.finish_reasons[i * 8 + j]  # "stop" | "length" ("partial": a call with stop_share, partial.py)
-    sampler.release()              # give the K/V pool back (before the update phase)
+    sampler.release()              # the K/V pool, weights copy and graphs back (keep=True: held for the next)
     # VL model (Qwen2.5-VL / Qwen3-VL): images=[PixelBatch or None per prompt] (medix_fast.data.vision),
     # prompt_ids with each image's <|image_pad|> run already expanded
     # n=[2, 8]: rows per prompt; continued=, stop_share=, required=: rows carried across calls (partial.py)
