@@ -147,11 +147,11 @@ def advantage_launches() -> list[Launch]:
 
 
 def decode_launches(sms: int, decode_shapes: Sequence = ()) -> list[Launch]:
-    """``paged_decode``'s split and (more than one split) combine kernels for each of ``decode_shapes`` (one per model, as
-    ``medix_fast.generate.decode_shapes.DecodeShape``: ``model``, ``heads``, ``kv_heads``, ``dim``,
-    ``block_size``, ``prompt_len``, ``new_len``, ``buckets`` and ``launches(...)``) at every batch
-    bucket, both cascade parts, at the typical (1/4) and the longest lengths (every split count they
-    pick), bf16 (the shipped compute dtype) and fp32."""
+    """``paged_decode``'s split and (unless the split kernel finishes alone) combine kernels for each
+    of ``decode_shapes`` (one per model, as ``medix_fast.generate.decode_shapes.DecodeShape``:
+    ``model``, ``heads``, ``kv_heads``, ``dim``, ``block_size``, ``prompt_len``, ``new_len``,
+    ``buckets`` and ``launches(...)``) at every batch bucket, both cascade parts, at the typical (1/4)
+    and the longest lengths (every split count they pick), bf16 (the shipped compute dtype) and fp32."""
     out = []
     for shape in decode_shapes:
         for dtype in (torch.bfloat16, torch.float32):

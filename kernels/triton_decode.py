@@ -16,9 +16,9 @@ sum; the combine program merges the splits by their maxima, optionally merges th
 ``prior`` (output, log-sum-exp) per row (the cascade's other part), and scatters the normalised
 output and log-sum-exp to the item's rows (``_finish``). With one split (the launch's choice when
 the items alone fill the GPU) the split program finishes itself: no fp32 partials, no combine
-(bf16 / fp16; fp32 on a GPU keeps the combine, its fp32 products leave no registers to spare). Rows no item covers keep output 0, lse -inf. Splits
-are chosen so that about two programs run per SM, and only live tokens are read: a split past an
-item's length does no loads. Offsets into the pool are 64-bit.
+(bf16 / fp16; fp32 on a GPU keeps the combine, its fp32 products leave no registers to spare).
+Rows no item covers keep output 0, lse -inf. Splits are chosen so that about two programs run per
+SM, and only live tokens are read: a split past an item's length does no loads. Offsets into the pool are 64-bit.
 """
 from __future__ import annotations
 

@@ -72,7 +72,8 @@ class EngineWeights:
 
     def matches(self, model: nn.Module, kept: bool) -> bool:
         """Made for ``kept`` (FSDP2), and the slots still hold parameters of the buffers' shapes."""
-        return (kept and _fsdp(model)) == self.every and [tuple(m._parameters[n].shape) for m, n, _ in self.slots] == self.shapes
+        shapes = [tuple(m._parameters[n].shape) for m, n, _ in self.slots]
+        return (kept and _fsdp(model)) == self.every and shapes == self.shapes
 
     @contextlib.contextmanager
     def swapped(self):
