@@ -147,11 +147,11 @@ def advantage_launches() -> list[Launch]:
 
 
 def decode_launches(sms: int, decode_shapes: Sequence = ()) -> list[Launch]:
-    """``paged_decode``'s split and combine kernels for each of ``decode_shapes`` (one per model, as
-    ``medix_fast.generate.decode_shapes.DecodeShape``: ``model``, ``heads``, ``kv_heads``, ``dim``,
-    ``block_size``, ``prompt_len``, ``new_len``, ``buckets`` and ``launches(...)``) at every batch
-    bucket, both cascade parts, at the typical (1/4) and the longest lengths (every split count they
-    pick), bf16 (the shipped compute dtype) and fp32."""
+    """``paged_decode``'s split and (unless the split kernel finishes alone) combine kernels for each
+    of ``decode_shapes`` (one per model, as ``medix_fast.generate.decode_shapes.DecodeShape``:
+    ``model``, ``heads``, ``kv_heads``, ``dim``, ``block_size``, ``prompt_len``, ``new_len``,
+    ``buckets`` and ``launches(...)``) at every batch bucket, both cascade parts, at the typical (1/4)
+    and the longest lengths (every split count they pick), bf16 (the shipped compute dtype) and fp32."""
     out = []
     for shape in decode_shapes:
         for dtype in (torch.bfloat16, torch.float32):
@@ -163,7 +163,8 @@ def decode_launches(sms: int, decode_shapes: Sequence = ()) -> list[Launch]:
                         label = (f"decode {part} {shape.model} {str(dtype)[6:]} R={t.r} G={t.group} "
                                  f"splits={t.splits}")
                         split_args = (dtype, dtype, dtype, torch.int32, torch.int32, torch.int64, torch.float32,
-                                      torch.float32, torch.float32, bucket, 0.088, shape.heads * shape.dim,
+                                      torch.float32, torch.float32, torch.float32, torch.float32, torch.float32,
+                                      torch.float32, shape.heads, bucket, 0.088, shape.heads * shape.dim,
                                       shape.dim, shape.block_size * shape.kv_heads * shape.dim,
                                       shape.kv_heads * shape.dim, shape.dim,
                                       shape.block_size * shape.kv_heads * shape.dim, shape.kv_heads * shape.dim,
@@ -171,8 +172,11 @@ def decode_launches(sms: int, decode_shapes: Sequence = ()) -> list[Launch]:
                         consts = (("BLOCK_D", t.block_d), ("BLOCK_M", t.block_m), ("BLOCK_N", t.block_n),
                                   ("BS", shape.block_size), ("D", shape.dim), ("EXACT", t.exact), ("GM", t.group),
                                   ("QCHUNKS", t.qchunks), ("R", t.r))
-                        out.append(Launch("split " + label, td._split_kernel, split_args, consts, t.num_warps,
-                                          exact=t.exact))
+                        one = (("HAS_PRIOR", part == "own"), ("ONE_SPLIT", t.direct))
+                        out.append(Launch("split " + label, td._split_kernel, split_args, tuple(sorted(consts + one)),
+                                          t.num_warps, exact=t.exact))
+                        if t.direct:  # the split kernel writes the rows: no combine
+                            continue
                         comb_args = (torch.float32, torch.float32, torch.float32, torch.int32, torch.int64, torch.float32,
                                      torch.float32, torch.float32, torch.float32, bucket, t.group, shape.heads,
                                      t.splits)

@@ -14,9 +14,11 @@ of the item's live tokens in tiles of ``BLOCK_N`` (within one block: the block s
 multiple), with an online softmax in fp32, and writes its unnormalised partial output, max and
 sum; the combine program merges the splits by their maxima, optionally merges the result with a
 ``prior`` (output, log-sum-exp) per row (the cascade's other part), and scatters the normalised
-output and log-sum-exp to the item's rows. Rows no item covers keep output 0, lse -inf. Splits
-are chosen so that about two programs run per SM, and only live tokens are read: a split past an
-item's length does no loads. Offsets into the pool are 64-bit.
+output and log-sum-exp to the item's rows (``_finish``). With one split (the launch's choice when
+the items alone fill the GPU) the split program finishes itself: no fp32 partials, no combine
+(bf16 / fp16; fp32 on a GPU keeps the combine, its fp32 products leave no registers to spare).
+Rows no item covers keep output 0, lse -inf. Splits are chosen so that about two programs run per
+SM, and only live tokens are read: a split past an item's length does no loads. Offsets into the pool are 64-bit.
 """
 from __future__ import annotations
 
@@ -34,13 +36,38 @@ MAX_BLOCK_M = 64  # query rows x heads per program (more: several query chunks p
 _RUNTIME = ["n_rows", "stride_table", "stride_rows", "splits"]
 
 
+@triton.jit
+def _finish(acc, m_i, l_i, row, live, head, d, out_ptr, lse_ptr, prior_o_ptr, prior_lse_ptr, H,
+            D: tl.constexpr, HAS_PRIOR: tl.constexpr):
+    """Normalise a query block's (acc, max, sum), merge it with the prior by log-sum-exp, and store
+    the output and log-sum-exp at its rows."""
+    nonempty = l_i > 0
+    out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+    lse = tl.where(nonempty, m_i + tl.log(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+    o_off = row.to(tl.int64)[:, None] * H * D + head[:, None] * D + d[None, :]
+    o_mask = live[:, None] & (d < D)[None, :]
+    if HAS_PRIOR:  # merge with the other part of the cascade by log-sum-exp
+        p_lse = tl.load(prior_lse_ptr + row.to(tl.int64) * H + head, mask=live, other=float("-inf"))
+        p_out = tl.load(prior_o_ptr + o_off, mask=o_mask, other=0.0)
+        top = tl.maximum(lse, p_lse)
+        top = tl.where(top > float("-inf"), top, 0.0)
+        wa = tl.exp(lse - top)
+        wb = tl.exp(p_lse - top)
+        total = wa + wb
+        out = (out * wa[:, None] + p_out * wb[:, None]) / tl.where(total > 0, total, 1.0)[:, None]
+        lse = tl.where(total > 0, top + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
+    tl.store(out_ptr + o_off, out, mask=o_mask)
+    tl.store(lse_ptr + row.to(tl.int64) * H + head, lse, mask=live)
+
+
 @triton.jit(do_not_specialize=_RUNTIME)
 def _split_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, rows_ptr, po_ptr, pm_ptr, pl_ptr,
+                  out_ptr, lse_ptr, prior_o_ptr, prior_lse_ptr, H,
                   n_rows, scale, stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
                   stride_vh, stride_table, stride_rows, splits,
                   R: tl.constexpr, GM: tl.constexpr, QCHUNKS: tl.constexpr, BS: tl.constexpr,
                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                  EXACT: tl.constexpr):
+                  EXACT: tl.constexpr, ONE_SPLIT: tl.constexpr, HAS_PRIOR: tl.constexpr):
     pid = tl.program_id(0)
     item, chunk = pid // QCHUNKS, pid % QCHUNKS
     kvh = tl.program_id(1)
@@ -88,12 +115,17 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, rows_ptr, po_ptr, pm
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
-    part = ((item * QCHUNKS + chunk) * tl.num_programs(1) + kvh) * splits + split  # partial index
-    mm = tl.arange(0, BLOCK_M)
-    seen = mm < tl.where(length > 0, BLOCK_M, 0)  # an empty item (a padded group of the static step) writes nothing
-    tl.store(pm_ptr + part.to(tl.int64) * BLOCK_M + mm, m_i, mask=seen)
-    tl.store(pl_ptr + part.to(tl.int64) * BLOCK_M + mm, l_i, mask=seen)
-    tl.store(po_ptr + (part.to(tl.int64) * BLOCK_M + mm)[:, None] * BLOCK_D + d[None, :], acc, mask=seen[:, None])
+    if ONE_SPLIT:  # the whole item: straight to its rows
+        _finish(acc, m_i, l_i, row, live, kvh * R + r, d, out_ptr, lse_ptr, prior_o_ptr, prior_lse_ptr, H,
+                D=D, HAS_PRIOR=HAS_PRIOR)
+    else:
+        part = ((item * QCHUNKS + chunk) * tl.num_programs(1) + kvh) * splits + split  # partial index
+        mm = tl.arange(0, BLOCK_M)
+        seen = mm < tl.where(length > 0, BLOCK_M, 0)  # an empty item (a padded group of the static step) writes nothing
+        tl.store(pm_ptr + part.to(tl.int64) * BLOCK_M + mm, m_i, mask=seen)
+        tl.store(pl_ptr + part.to(tl.int64) * BLOCK_M + mm, l_i, mask=seen)
+        tl.store(po_ptr + (part.to(tl.int64) * BLOCK_M + mm)[:, None] * BLOCK_D + d[None, :], acc,
+                 mask=seen[:, None])
 
 
 @triton.jit(do_not_specialize=["n_rows", "stride_rows", "splits"])
@@ -127,25 +159,8 @@ def _combine_kernel(po_ptr, pm_ptr, pl_ptr, lens_ptr, rows_ptr, out_ptr, lse_ptr
         l_i = l_i * a + ls * b
         acc = acc * a[:, None] + os * b[:, None]
         m_i = m_new
-    nonempty = l_i > 0
-    out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
-    lse = tl.where(nonempty, m_i + tl.log(tl.where(nonempty, l_i, 1.0)), float("-inf"))
-
-    head = kvh * R + r
-    o_off = row.to(tl.int64)[:, None] * H * D + head[:, None] * D + d[None, :]
-    o_mask = live[:, None] & (d < D)[None, :]
-    if HAS_PRIOR:  # merge with the other part of the cascade by log-sum-exp
-        p_lse = tl.load(prior_lse_ptr + row.to(tl.int64) * H + head, mask=live, other=float("-inf"))
-        p_out = tl.load(prior_o_ptr + o_off, mask=o_mask, other=0.0)
-        top = tl.maximum(lse, p_lse)
-        top = tl.where(top > float("-inf"), top, 0.0)
-        wa = tl.exp(lse - top)
-        wb = tl.exp(p_lse - top)
-        total = wa + wb
-        out = (out * wa[:, None] + p_out * wb[:, None]) / tl.where(total > 0, total, 1.0)[:, None]
-        lse = tl.where(total > 0, top + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
-    tl.store(out_ptr + o_off, out, mask=o_mask)
-    tl.store(lse_ptr + row.to(tl.int64) * H + head, lse, mask=live)
+    _finish(acc, m_i, l_i, row, live, kvh * R + r, d, out_ptr, lse_ptr, prior_o_ptr, prior_lse_ptr, H,
+            D=D, HAS_PRIOR=HAS_PRIOR)
 
 
 @dataclass(frozen=True)
@@ -161,6 +176,9 @@ class DecodeLaunch:
     block_d: int
     exact: bool  # fp32 products (fp32 asked for, or the interpreter)
     num_warps: int  # 8 for exact fp32 (without tensor cores 4 warps spill at 64 x 128: compile check)
+    # one split, finished by the split program itself (no partials, no combine); not for fp32 on a GPU,
+    # whose fp32 products leave no registers for it (spills at 64 x 128, compile check)
+    direct: bool
 
     def split_grid(self, items: int, kv_heads: int) -> tuple[int, int, int]:
         return items * self.qchunks, kv_heads, self.splits
@@ -178,9 +196,10 @@ def decode_launch(items: int, group: int, heads: int, kv_heads: int, dim: int, b
     block_n = min(block_size, 64)
     wanted = -(-2 * sms // max(1, items * kv_heads * qchunks))
     splits = max(1, min(wanted, 16, -(-max_tokens // block_n)))
-    exact = dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    exact = dtype == torch.float32 or interpreted
     return DecodeLaunch(r, group, qchunks, splits, block_m, block_n, max(16, triton.next_power_of_2(dim)), exact,
-                        8 if exact else 4)
+                        8 if exact else 4, splits == 1 and (dtype != torch.float32 or interpreted))
 
 
 def sm_count(device: torch.device) -> int:
@@ -202,22 +221,25 @@ def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, ta
                          f"contiguous head dims")
     t = decode_launch(items, group, heads, kv_heads, dim, block_size, table.shape[1] * block_size, q.dtype,
                       sm_count(q.device))
-    parts = items * t.qchunks * kv_heads * t.splits
-    po = torch.empty(parts, t.block_m, t.block_d, dtype=torch.float32, device=q.device)
-    pm = torch.empty(parts, t.block_m, dtype=torch.float32, device=q.device)
-    pl = torch.empty(parts, t.block_m, dtype=torch.float32, device=q.device)
-    table, rows, lens = table.contiguous(), rows.contiguous(), lens.contiguous()
-    _split_kernel[t.split_grid(items, kv_heads)](
-        q, k_pool, v_pool, table, lens, rows, po, pm, pl, b, scale, q.stride(0), q.stride(1),
-        k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), v_pool.stride(0), v_pool.stride(1),
-        v_pool.stride(2), table.stride(0), rows.stride(0), t.splits,
-        R=t.r, GM=group, QCHUNKS=t.qchunks, BS=block_size, D=dim, BLOCK_M=t.block_m,
-        BLOCK_N=t.block_n, BLOCK_D=t.block_d, EXACT=t.exact, num_warps=t.num_warps)
     out = torch.zeros(b, heads, dim, dtype=torch.float32, device=q.device)
     lse = torch.full((b, heads), float("-inf"), dtype=torch.float32, device=q.device)
-    prior_o, prior_lse = prior if prior is not None else (out, lse)
-    _combine_kernel[t.split_grid(items, kv_heads)[:2]](
-        po, pm, pl, lens, rows, out, lse, prior_o.contiguous(), prior_lse.contiguous(), b, rows.stride(0), heads, t.splits,
-        R=t.r, GM=group, QCHUNKS=t.qchunks, D=dim, BLOCK_M=t.block_m, BLOCK_D=t.block_d,
-        HAS_PRIOR=prior is not None)
+    prior_o, prior_lse = (prior[0].contiguous(), prior[1].contiguous()) if prior is not None else (out, lse)
+    one = t.direct  # the split program writes the rows itself: no partials (out stands in for them)
+    parts = 0 if one else items * t.qchunks * kv_heads * t.splits
+    po = out if one else torch.empty(parts, t.block_m, t.block_d, dtype=torch.float32, device=q.device)
+    pm = out if one else torch.empty(parts, t.block_m, dtype=torch.float32, device=q.device)
+    pl = out if one else torch.empty(parts, t.block_m, dtype=torch.float32, device=q.device)
+    table, rows, lens = table.contiguous(), rows.contiguous(), lens.contiguous()
+    _split_kernel[t.split_grid(items, kv_heads)](
+        q, k_pool, v_pool, table, lens, rows, po, pm, pl, out, lse, prior_o, prior_lse, heads, b, scale,
+        q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), v_pool.stride(0),
+        v_pool.stride(1), v_pool.stride(2), table.stride(0), rows.stride(0), t.splits,
+        R=t.r, GM=group, QCHUNKS=t.qchunks, BS=block_size, D=dim, BLOCK_M=t.block_m,
+        BLOCK_N=t.block_n, BLOCK_D=t.block_d, EXACT=t.exact, ONE_SPLIT=one, HAS_PRIOR=prior is not None,
+        num_warps=t.num_warps)
+    if not one:
+        _combine_kernel[t.split_grid(items, kv_heads)[:2]](
+            po, pm, pl, lens, rows, out, lse, prior_o, prior_lse, b, rows.stride(0), heads, t.splits,
+            R=t.r, GM=group, QCHUNKS=t.qchunks, D=dim, BLOCK_M=t.block_m, BLOCK_D=t.block_d,
+            HAS_PRIOR=prior is not None)
     return out, lse

@@ -37,6 +37,7 @@ import sys
 import time
 import uuid
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,7 @@ from .errors import ConfigError
 from .eval import Evaluator, R1Evaluator
 from .export import save_hf_model, write_hf_files
 from .generate import GroupSampler, Sampler
+from .generate.memory import keep_across_steps
 from .generate.tensor_parallel import tensor_parallel_error
 from .kernels.dispatch import use_cpp
 from .metrics import MetricsLogger, read_metrics
@@ -187,6 +189,7 @@ class Trainer:
         reward_fn = build_reward(cfg.rewards, dev, dtype)
         self.rollout = Rollout(self.sampler, reward_fn, self.tokenizer, self.prompts, self.loader, cfg, self.info,
                                stop_token_ids=stop_ids(self.model, self.tokenizer), vision=vision)
+        self.update_peak: int | None = None  # bytes, the last update's peak without the sampler's (CUDA)
         self.step, self.run_id = 0, uuid.uuid4().hex
         if ckpt:
             self._restore(ckpt)
@@ -282,19 +285,26 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(dev)
         t0 = time.perf_counter()
         where.enter("rollout", step)  # for the watchdog's lines: host-side labels only
-        with self._sampling_weights():
+        keep = self._keep_sampler()
+        with self._sampling_weights(keep):
             seqs, metrics = self.rollout.collect(step)
             every = self.cfg.logging.rollouts_every
             if self.info.is_main and every and step % every == 0:  # written by run(), outside the step
                 self.sampled = (seqs, self.rollout.last_rewards)
-            self.sampler.release()  # the K/V pool goes before the update: the step's peak is its largest phase
+            self.sampler.release(keep)  # unless kept, the K/V pool goes before the update
         t1 = time.perf_counter()
         where.enter("update")
+        rollout_peak = 0
+        if dev.type == "cuda":  # the update's own peak, for _keep_sampler; the step's is the larger of the two
+            rollout_peak = torch.cuda.max_memory_allocated(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
         plan = self.updater.prepare(seqs)  # old / reference log-probs: FSDP2 forwards, one unit gathered at a time
         seq_tokens = metrics["rollout/trained_tokens"]
         if not metrics["rollout/trained_groups"]:
             log.warning("step %d: no group with a learning signal was kept; no update", step)
         metrics.update(self.updater.run(plan))
+        if dev.type == "cuda":
+            self.update_peak = torch.cuda.max_memory_allocated(dev) - (self.sampler.held_bytes if keep else 0)
         t2 = time.perf_counter()
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         with warnings.catch_warnings():
@@ -310,24 +320,48 @@ class Trainer:
         metrics.update({
             "time/rollout_s": t1 - t0, "time/update_s": t2 - t1, "time/eval_s": t3 - t2, "time/step_s": t3 - t0,
             "throughput/train_tokens_per_s": seq_tokens * self.cfg.algorithm.ppo_epochs / max(t2 - t1, 1e-9),
-            "memory/peak_gib": peak_memory_gib(dev),
+            "memory/peak_gib": max(peak_memory_gib(dev), rollout_peak / 2**30),
         })
         return metrics
 
-    def _sampling_weights(self):
+    def _sampling_weights(self, keep: bool):
         """The weights the sampler runs on, for a rollout or an evaluation: this rank's share of the
-        tensor-parallel copy (``sampling.tensor_parallel`` > 1), else the policy's parameters
-        unsharded (FSDP2; as they are with DDP or one process)."""
+        tensor-parallel copy (``sampling.tensor_parallel`` > 1; ``keep``: its storage stays for the
+        next rollout, refilled in place), else the policy's parameters unsharded (FSDP2; as they
+        are with DDP or one process)."""
         if isinstance(self.sampler, GroupSampler):
-            return self.sampler.weights()
+            return self.sampler.weights(keep)
         return D.generation_mode(self.wrapped)
+
+    def _keep_sampler(self) -> bool:
+        """Whether the sampler keeps its K/V pool, its copy of the weights and its CUDA graphs
+        through the update (graphs captured once per run): always on the CPU; on CUDA when the last
+        update's peak beside them fits (``memory.keep_across_steps``): the first step gives them back
+        and measures, a step that no longer fits gives them back again."""
+        dev = self.info.device
+        if dev.type != "cuda":
+            return True
+        if self.update_peak is None:
+            return False
+        total = torch.cuda.get_device_properties(dev).total_memory
+        return keep_across_steps(self.update_peak, self.sampler.held_bytes, total)
 
     def evaluate(self, step: int) -> dict[str, float]:
         """The held-out evaluation of the live weights (``eval`` section), written under
         ``<output_dir>/eval/step_N/``; returns its ``eval/*`` metrics."""
         where.enter("eval", step)
+        # medix_r1's judge comes after the generation: the policy's pool goes before the judge's comes
+        keep = self._keep_sampler() and not self.evaluator.resumable
+
+        @contextmanager
+        def weights():
+            with self._sampling_weights(keep):
+                try:
+                    yield
+                finally:
+                    self.sampler.release(keep)
         return self.evaluator.during_training(self.sampler, self.rollout.reward_fn, self.rollout.stop_token_ids,
-                                              self.out / "eval" / f"step_{step:08d}", self._sampling_weights)
+                                              self.out / "eval" / f"step_{step:08d}", weights)
 
     def _eval_after_checkpoint(self, step: int) -> bool:
         """Whether ``step`` has a resumable evaluation (``eval.protocol: medix_r1``): run after the

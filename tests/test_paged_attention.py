@@ -114,6 +114,24 @@ def test_many_splits_and_query_chunks():
     torch.testing.assert_close(lse.double(), ref[1], rtol=0, atol=2e-5)
 
 
+def test_one_split_writes_the_rows_without_partials(monkeypatch):
+    """Items that fill the GPU alone get one split each: the split kernel normalises, merges the
+    prior and writes the rows itself (no fp32 partials, the combine kernel never launched)."""
+    from medix_fast.kernels import triton_decode
+
+    q, k_pool, v_pool, table, lens, rows = make_case(8, 2, 16, [0, 1, 17, 40], 3, torch.float32, seed=4)
+    b, heads, dim = q.shape
+    assert triton_decode.decode_launch(4, 3, heads, 2, dim, 16, table.shape[1] * 16, q.dtype, 2).splits == 1
+    monkeypatch.setattr(triton_decode, "_combine_kernel", None)  # launching it would fail
+    g = torch.Generator().manual_seed(5)
+    prior = torch.randn(b, heads, dim, generator=g), torch.randn(b, heads, generator=g)
+    out, lse = paged_decode(q, k_pool, v_pool, table, lens, rows, 0.3, prior=prior)
+    ref_out, ref_lse = reference(q, k_pool, v_pool, table, lens, rows, 0.3)
+    expect = attention.merge(ref_out, ref_lse, prior[0].double(), prior[1].double())
+    torch.testing.assert_close(out.double(), expect, rtol=0, atol=2e-5)
+    torch.testing.assert_close(lse.double(), torch.logaddexp(ref_lse, prior[1].double()), rtol=0, atol=2e-5)
+
+
 def _cascade_step(b: int, block_size: int, seed: int):
     """A decode step of 3 groups (prompt lengths 0, 20, 33) and b rows with own lengths 1..; the
     pool holds both. Returns q, pools, the step and the fp64 reference of attention over each

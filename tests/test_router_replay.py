@@ -126,14 +126,16 @@ def test_record_layout_dtype_and_fp32_agreement(tiny, objective):
     assert routing_dtype(128) == torch.int8 and routing_dtype(129) == torch.int16
 
 
-def test_preempted_rows_are_overwritten_by_their_recompute(tiny):
+@pytest.mark.parametrize("decode_mode", ["eager", "static"])
+def test_preempted_rows_are_overwritten_by_their_recompute(tiny, decode_mode):
     """A pool so small that rows are preempted and recomputed: the same record (shape and ids) as
-    an unconstrained call; the recompute overwrites, never duplicates."""
+    an unconstrained eager call; the recompute overwrites, never duplicates. "static": the CUDA
+    graphs' fixed-shape step (padded buckets), whose ids come out of the step's own buffers."""
     model, prompts = tiny
     kw = dict(n=G, max_new_tokens=40, temperature=1.0, stop_token_ids=[], seed=3)  # rows cross block boundaries
     free = Sampler(model, record_routing=True).generate(prompts, **kw)
-    tight = Sampler(model, record_routing=True, max_num_seqs=G * 3, block_size=16,  # 8 blocks of 16 tokens
-                    kv_cache_gb=8 * 16 * kv_bytes_per_token(model.config, model.dtype) / 2**30)
+    tight = Sampler(model, record_routing=True, max_num_seqs=G * 3, block_size=16, decode_mode=decode_mode,
+                    kv_cache_gb=8 * 16 * kv_bytes_per_token(model.config, model.dtype) / 2**30)  # 8 blocks of 16
     out = tight.generate(prompts, **kw)
     assert tight.stats.preemptions > 0
     assert out.completion_ids == free.completion_ids
@@ -266,12 +268,13 @@ def test_router_replay_needs_a_mixture_of_experts(tmp_path):
         Trainer(load_config(None, [f"train.output_dir={tmp_path}", "model.router_replay=true", "eval.every=0"]))
 
 
-def test_recording_adds_no_host_sync_to_the_decode_loop(tiny, monkeypatch):
+@pytest.mark.parametrize("decode_mode", ["eager", "static"])
+def test_recording_adds_no_host_sync_to_the_decode_loop(tiny, monkeypatch, decode_mode):
     """The records stay on the device: still one host read per decode step."""
     from syncs import count_decode_loop
 
     model, prompts = tiny
     counted = count_decode_loop(monkeypatch)
-    sampler = Sampler(model, max_num_seqs=4, record_routing=True)
+    sampler = Sampler(model, max_num_seqs=4, record_routing=True, decode_mode=decode_mode)
     sampler.generate(prompts, n=2, max_new_tokens=6, temperature=1.0, stop_token_ids=[], seed=0)
     assert counted["syncs"].count == sampler.stats.steps > 0, counted["syncs"].where[:5]

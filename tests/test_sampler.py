@@ -226,28 +226,45 @@ def test_static_decode_step_matches_eager():
 
 
 @pytest.mark.parametrize("compute", [torch.bfloat16, None])
-def test_static_decoder_never_outlives_autocasts_weight_copies(monkeypatch, compute):
-    """fp32 weights with a bf16 compute dtype run under autocast, whose bf16 copies of the weights
-    live for one call: a static decoder (its CUDA graphs hold their addresses) built in one call
-    must not serve the next. With the weights in the compute dtype it is kept across calls."""
-    from medix_fast.generate import cuda_graphs
-
+def test_static_decoder_kept_across_calls_sees_each_weight_update(compute):
+    """One static decoder serves every call, under autocast too (fp32 weights, bf16 compute): it
+    reads the engine's buffers (the addresses its CUDA graphs hold, the same in every call),
+    refreshed in place at each call, so an in-place update between calls (an optimizer step) is
+    sampled from at once: tokens and log-probs equal the eager step's (autocast's own copies) in
+    each of 3 calls. The model's parameters are the same objects, untouched, after."""
     model = tiny_model("qwen2", torch.float32)
-    sampler = Sampler(model, max_num_seqs=4, decode_mode="static", dtype=compute)
-    used = []
-    step = cuda_graphs.StaticDecoder.__call__
-    monkeypatch.setattr(cuda_graphs.StaticDecoder, "__call__", lambda self, inputs: used.append(self) or step(self, inputs))
-    decoders = []
-    for seed in (1, 2):
-        used.clear()
-        sampler.generate(make_prompts([4, 6]), n=2, max_new_tokens=5, temperature=1.0, seed=seed)
-        assert used and all(d is used[0] for d in used)
-        decoders.append(used[0])  # held: a freed decoder's id could be reused
-    if compute is None:
-        assert decoders[0] is decoders[1] and sampler._decoder is not None
-    else:
-        assert decoders[0] is not decoders[1], "a static decoder built under autocast was replayed by the next call"
-        assert sampler._decoder is None
+    params = [(n, p, p.dtype) for n, p in model.named_parameters()]
+    static = Sampler(model, max_num_seqs=4, decode_mode="static", dtype=compute)
+    eager = Sampler(model, max_num_seqs=4, dtype=compute)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    read = []
+    hook = q_proj.register_forward_pre_hook(lambda m, args: read.append((m.weight.data_ptr(), m.weight.dtype)))
+    kwargs = dict(n=2, max_new_tokens=6, temperature=1.0, stop_token_ids=[], seed=3)
+    outs = []
+    for call in range(3):
+        if call:
+            with torch.no_grad():  # an optimizer step: in place
+                for _, p, _ in params:
+                    p.add_(torch.randn_like(p), alpha=0.1)
+        read.clear()
+        out = static.generate(make_prompts([4, 7]), **kwargs)
+        seen = set(read)
+        ref = eager.generate(make_prompts([4, 7]), **kwargs)
+        assert out.completion_ids == ref.completion_ids
+        for a, b in zip(out.logprobs, ref.logprobs):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        outs.append((out.completion_ids, seen))
+    assert outs[0][0] != outs[1][0] != outs[2][0], "each update changes the samples"
+    single = {**kwargs, "n": 1}  # narrower groups (an evaluation's) in the same decoder
+    assert static.generate(make_prompts([5]), **single).completion_ids == \
+        eager.generate(make_prompts([5]), **single).completion_ids
+    assert static.decoders_built == 1
+    # q_proj reads one address in every call: the engine's bf16 buffer under autocast (autocast
+    # casts nothing), its own parameter when already in the compute dtype
+    own = [buf for m, name, buf in static.weights.slots if m is q_proj and name == "weight"] or [q_proj.weight]
+    assert outs[0][1] == outs[1][1] == outs[2][1] == {(own[0].data_ptr(), compute or torch.float32)}
+    hook.remove()
+    assert [(n, p, p.dtype) for n, p in model.named_parameters()] == params
 
 
 def test_prefill_once_per_prompt_and_finished_rows_leave_the_batch():

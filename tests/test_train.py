@@ -267,27 +267,32 @@ def test_metrics_file_truncates_to_the_resumed_step(tmp_path):
     assert logger.close(plot=True).stat().st_size > 0
 
 
-def test_kv_pool_is_released_before_each_update(tmp_path, monkeypatch):
-    """The rollout's K/V pool is given back before the update runs (a step's peak is max(rollout,
-    update), not their sum), and made again by the next rollout."""
+@pytest.mark.parametrize("keep", [False, True])
+def test_kv_pool_is_released_or_kept_before_each_update(tmp_path, monkeypatch, keep):
+    """Before the update runs the rollout's K/V pool is given back (a step's peak is max(rollout,
+    update), not their sum; made again by the next rollout), or kept with the sampler's weights and
+    graphs when the trainer's policy says they fit beside the update (always on the CPU)."""
     from medix_fast.generate import Sampler
     from medix_fast.rl.update import Updater
+    from medix_fast.trainer import Trainer
 
     events = []
     release, run = Sampler.release, Updater.run
 
-    def recording_release(self):
-        events.append(("release", self.pool is not None))
-        release(self)
+    def recording_release(self, kept=False):
+        release(self, kept)
+        events.append(("release", kept, self.pool is not None))
 
     def recording_run(self, plan):  # the trainer prepares the plan inside generation_mode, runs it after
-        events.append(("update", None))
+        events.append(("update", None, None))
         return run(self, plan)
 
     monkeypatch.setattr(Sampler, "release", recording_release)
     monkeypatch.setattr(Updater, "run", recording_run)
+    if not keep:  # what a GPU does when they do not fit
+        monkeypatch.setattr(Trainer, "_keep_sampler", lambda self: False)
     assert main([*SMALL, f"train.output_dir={tmp_path / 'run'}", "train.steps=2", "eval.every=0"]) == 0
-    assert events == [("release", True), ("update", None)] * 2
+    assert events == [("release", keep, keep), ("update", None, None)] * 2
 
 
 def test_rollouts_sample_and_wandb_offline_on_the_tiny_default(tmp_path, capsys, monkeypatch):

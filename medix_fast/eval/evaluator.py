@@ -221,16 +221,13 @@ class Evaluator:
     def during_training(self, sampler, reward_fn, stop_token_ids: list[int], out_dir: Path,
                         weights=nullcontext) -> dict[str, float]:
         """Evaluate the live weights with the trainer's sampler and reward models (no copies),
-        inside ``weights()`` (the trainer's: the weights the sampler runs on; the sampler's K/V pool
-        released before they go); writes ``out_dir`` afresh and returns ``eval/<score>``, ``eval/<task>/accuracy``,
+        inside ``weights()`` (the trainer's: the weights the sampler runs on; it gives the sampler's
+        K/V pool back, or keeps it for the next rollout, before they go); writes ``out_dir`` afresh and returns ``eval/<score>``, ``eval/<task>/accuracy``,
         ``eval/mean_accuracy`` and, with ``samples`` = k > 0 (``eval.samples``), ``eval/pass@1``
         and ``eval/pass@k`` of k samples per item drawn like the rollout's. ``self.summary`` is
         the table's summary (rank 0)."""
         with weights():
-            try:
-                return self._during_training(sampler, reward_fn, stop_token_ids, out_dir)
-            finally:
-                sampler.release()
+            return self._during_training(sampler, reward_fn, stop_token_ids, out_dir)
 
     def _during_training(self, sampler, reward_fn, stop_token_ids: list[int], out_dir: Path) -> dict[str, float]:
         settings = dataclasses.replace(self.settings, batch_size=sampler.max_num_seqs)

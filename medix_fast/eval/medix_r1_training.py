@@ -92,8 +92,8 @@ class R1Evaluator:
     def during_training(self, sampler, reward_fn, stop_token_ids: list[int], out_dir: Path,
                         weights=nullcontext) -> dict[str, float]:
         """The three phases in ``out_dir`` (continued where it stopped), the generation inside
-        ``weights()`` (the trainer's: the weights the sampler runs on, FSDP2's unsharded; the K/V
-        pool released before they go), the judge after it; returns the per-task scores as
+        ``weights()`` (the trainer's: the weights the sampler runs on, FSDP2's unsharded; it gives
+        the K/V pool back before they go), the judge after it; returns the per-task scores as
         ``eval/*``. ``self.summary``: the table's summary. Every rank calls it."""
         from .evaluator import sampler_generate
 
@@ -110,10 +110,7 @@ class R1Evaluator:
         settings = EvalSettings(max_new_tokens=self.max_new_tokens, batch_size=sampler.max_num_seqs)  # greedy
         generate = sampler_generate(sampler, self.tokenizer, stop_token_ids, settings, self.vision)
         with weights():  # the policy's weights and K/V pool go before the judge's come
-            try:
-                generate_phase(self.items, out, generate, self.prompt_ids, settings.batch_size, self.info)
-            finally:
-                sampler.release()
+            generate_phase(self.items, out, generate, self.prompt_ids, settings.batch_size, self.info)
         with self._chat(reward_fn) as chat:
             judge_phase(self.items, out, chat, self.judge_batch, {t.name: t.rubric for t in self.tasks}, self.info)
         self.summary = on_main(self.info, lambda: score_phase(self.tasks, out, out.name)[0])

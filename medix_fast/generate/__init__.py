@@ -8,7 +8,8 @@
 ``blocks.py`` (block accounting) and ``sequence.py`` (prompt and row records) the host side;
 ``runner.py`` (packing steps, the model forward), ``kv_cache.py`` (paged K/V pool, attention
 back-end), ``attention.py`` (cascade attention, back-end choice; the paged decode kernel is
-``medix_fast.kernels.triton_decode``) and ``cuda_graphs.py`` the device side; ``tokens.py`` the token sampling;
+``medix_fast.kernels.triton_decode``), ``cuda_graphs.py`` and ``weights.py`` (the copy of the weights the
+graphs read) the device side; ``tokens.py`` the token sampling;
 ``memory.py`` the memory plan; ``group_sampler.py`` samples by groups of ranks on a tensor-parallel
 copy of the policy (``tensor_parallel.py``, ``sampling.tensor_parallel``). The public names are imported when first asked for (torch comes
 with them), so that ``python -m medix_fast.generate --plan`` reads its arguments at once.

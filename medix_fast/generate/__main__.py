@@ -86,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     update = update_plan(cfg, model_config, device_bytes, args.world, rewards, counts)
     print("\nold log-probs and update")
     print(update.table())
+    keep = memory.keep_across_steps(update.update_bytes, plan.held_bytes, device_bytes)
+    print(f"\nthe sampler's pool and copy ({plan.held_bytes / 1e9:.1f} GB) beside the update "
+          f"({update.update_bytes / 1e9:.1f} GB): " + (
+              "kept across steps, CUDA graphs captured once per run" if keep else
+              "do not fit, given back before each update: CUDA graphs captured again every rollout"))
     peaks = {"rollout": plan.peak_bytes, "old log-probs": update.logprobs_bytes, "update": update.update_bytes}
     phase = max(peaks, key=peaks.get)
     print(f"\nstep peak: {phase}, {peaks[phase] / 1e9:.1f} GB of {device_bytes / 1e9:.1f} GB "

@@ -5,10 +5,10 @@
 A decode step of ``b`` rows reads the weights once (``decode_shapes.decode_weights``, bf16) and
 the live K/V of every row (the prompt part reads each prompt once for its group, the own part each
 row's completion so far): that is the minimum, and at the GPU's bandwidth the step's time. On top,
-per layer, the split kernel of each cascade part writes fp32 partials (output, max, sum) for every
-(item, query block, kv head, split) the launch makes (``triton_decode.decode_launch``; the static
-step's padded groups, of length 0, write none) and the combine kernel
-reads them back and writes the fp32 output; the step writes the new token's K/V and the logits
+per layer, the split kernel of each cascade part split more than once writes fp32 partials (output,
+max, sum) for every (item, query block, kv head, split) the launch makes (``triton_decode.decode_launch``;
+the static step's padded groups, of length 0, write none) and the combine kernel reads them back; a
+part of one split writes its fp32 output directly; the step writes the new token's K/V and the logits
 (bf16 from the LM head, fp32 copy, read by sampling). Hidden-state activations (b x hidden per
 op) are left out: under 1 % at these sizes. The ratio total / minimum is the goal's measure
 (<= 1.10 at 64 and 320 rows); tokens/s = b x bandwidth / total bytes.
@@ -57,7 +57,7 @@ def step_traffic(shape: DecodeShape, rows: int, prompt_len: int, done_len: int, 
     partials = 0
     (_, prompt), (_, own) = shape.launches(bucket, prompt_len, done_len, sms)
     for items, t in ((groups, prompt), (bucket, own)):  # padded groups (length 0) move no partials
-        parts = items * t.qchunks * shape.kv_heads * t.splits
+        parts = 0 if t.direct else items * t.qchunks * shape.kv_heads * t.splits  # one split: no partials
         partials += 2 * parts * t.block_m * (t.block_d + 2) * 4  # written by the split kernel, read by the combine
     out = rows * shape.heads * shape.dim * 4
     partials = shape.layers * (partials + 4 * out)  # zero-fill, prompt out, read as prior, own out

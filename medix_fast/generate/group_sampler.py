@@ -46,17 +46,23 @@ class GroupSampler:
         return self.sampler.stats
 
     @contextlib.contextmanager
-    def weights(self):
+    def weights(self, keep: bool = False):
         """This rank's share made from the policy's parameters for the duration (every rank of the
-        process group calls it), given back with the K/V pool and CUDA graphs after."""
-        with self.copy.materialized():
+        process group calls it), given back with the K/V pool and CUDA graphs after; ``keep``: all
+        of them stay for the next call, the share refilled in place (its graphs stay valid)."""
+        with self.copy.materialized(keep):
             try:
                 yield
             finally:
-                self.sampler.release()  # the graphs read the copy's weights: they go first
+                self.sampler.release(keep)  # the graphs read the copy's weights: they go first
 
-    def release(self) -> None:
-        self.sampler.release()
+    @property
+    def held_bytes(self) -> int:
+        """The sampler's pool and this rank's share of the copy, while held."""
+        return self.sampler.held_bytes + sum(p.nbytes for p in self.copy.model.parameters() if not p.is_meta)
+
+    def release(self, keep: bool = False) -> None:
+        self.sampler.release(keep)
 
     def generate(self, prompt_ids: list, n: int | list[int] = 1, max_new_tokens: int = 256, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, stop_token_ids: list[int] | None = None,

@@ -161,6 +161,19 @@ def tensor_parallel_error(k: int, model_config, world: int) -> str | None:
 
 
 # ----------------------------------------------------------------------------- the plan
+SAMPLER_COPY = "policy bf16, the sampler's own copy (its CUDA graphs read it)"
+
+
+def keep_across_steps(update_bytes: int, held_bytes: int, device_bytes: int) -> bool:
+    """Whether the sampler may hold its K/V pool, its copy of the weights and its CUDA graphs
+    (``held_bytes``) through the update (``update_bytes`` at its peak without them): both within
+    ``footprint.TARGET`` of the device. Then its graphs are captured once per run; else it gives
+    them back before each update and captures its buckets again in the next rollout."""
+    from ..model.footprint import TARGET
+
+    return update_bytes + held_bytes <= TARGET * device_bytes
+
+
 @dataclasses.dataclass
 class RolloutPlan:
     model: str
@@ -193,6 +206,14 @@ class RolloutPlan:
         """The rollout's memory on one GPU: what is resident, then the larger of the copy's build
         transient and the activation reserve with the pool (the pool is sized after the build)."""
         return sum(self.resident.values()) + max(self.build, self.reserve + self.pool_bytes)
+
+    @property
+    def held_bytes(self) -> int:
+        """What the sampler would hold between steps: the pool and its copy of the weights (under
+        FSDP2 at tensor_parallel 1 a copy made for it, 2 bytes per parameter, weights.py)."""
+        copy = sum(v for name, v in self.resident.items() if name != "CUDA runtime and slack" and (
+            name == SAMPLER_COPY or "tensor-parallel copy" in name or "unsharded for sampling" in name))
+        return self.pool_bytes + copy
 
     @property
     def pool_tokens(self) -> int:
@@ -318,11 +339,11 @@ def _rollout_at(cfg, model_config, device_bytes: int, world: int, counts, reward
     state = state_bytes(o.offload, o.state_dtype)
     resident = {f"policy {state.name(key, o.state_dtype, fsdp)}": b * params // shards
                 for key, b in state.device.items() if key != "grads" or not fsdp}  # FSDP frees its gradients
-    if k > 1:
+    if k > 1:  # the tensor-parallel copy is the sampler's own: its graphs read it
         resident[f"policy bf16, tensor-parallel copy (1/{k} of the layers)"] = 2 * counts.per_rank(
             k, text.num_key_value_heads)
-    else:
-        resident["policy bf16, unsharded for sampling" if fsdp else "policy bf16 autocast copy"] = 2 * params
+    else:  # what the CUDA graphs read (weights.py): FSDP2's unsharded parameters, else the sampler's copy
+        resident["policy bf16, unsharded for sampling" if fsdp else SAMPLER_COPY] = 2 * params
     if cfg.algorithm.beta > 0:
         resident["reference bf16" + (" shards" if fsdp else "")] = 2 * params // shards
     for what, count in ({} if cfg.rewards.offload else reward_params or {}).items():

@@ -1,7 +1,9 @@
 """The engine's record of a mixture-of-experts model's routing (``Sampler(record_routing=True)``):
 each input token's selected experts per layer, for the update's routing replay (``model/routing.py``).
 
-Every forward's ids (its tokens, layers, k) go to a log on the device, as the log-probs do; each
+Every forward's ids (its tokens, layers, k) are an output of the runner's forward (``runner.routed``,
+stacked inside the step, so the fixed-shape step and its CUDA graph write them into the graph's own
+buffer, copied out after each replay) and go to a log on the device, as the log-probs do; each
 prompt's prefix (its tokens but the last, prefilled once for the group) and each row's private
 inputs (x_0 = the prompt's last token, x_i = completion[i - 1], see ``sequence.py``) keep where
 theirs are in the log. A recomputed row's inputs point to the recompute's ids (overwritten, never
@@ -21,15 +23,20 @@ from .sequence import Row
 
 
 class RoutingLog:
-    def __init__(self, model):
-        self.record = RoutingRecord(model)
+    def __init__(self, runner):
+        self.runner = runner
+        runner.record = RoutingRecord(runner.model)
         self.log: list[torch.Tensor] = []
         self.size = 0
         self.prefix: dict[int, list[int]] = {}  # group index -> log positions of its prefix tokens
         self.private: dict[int, list[int]] = {}  # row index -> log positions of x_0 .. x_{computed-1}
 
+    def remove(self) -> None:
+        self.runner.record.remove()
+        self.runner.record = self.runner.routed = None
+
     def _append(self) -> int:
-        ids = self.record.take()  # (tokens, layers, k)
+        ids = self.runner.routed  # (tokens, layers, k), the last forward's
         start = self.size
         self.log.append(ids)
         self.size += ids.shape[0]

@@ -57,6 +57,8 @@ class Runner:
         self.row_table = torch.zeros(max_num_seqs, row_width, dtype=torch.int32, device=device)
         self.group_table = torch.zeros(group_slots, group_width, dtype=torch.int32, device=device)
         self.pinned = device.type == "cuda"
+        self.record = None  # a model.routing.RoutingRecord while the routing is recorded (routing.py)
+        self.routed: torch.Tensor | None = None  # its ids of the last forward: (tokens, layers, k)
 
     # ------------------------------------------------------------------ host -> device
     def to_device(self, values) -> torch.Tensor:
@@ -87,9 +89,12 @@ class Runner:
     # ------------------------------------------------------------------ forward
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, step, keep: int, **vision) -> torch.Tensor | None:
         """The one call into the Hugging Face decoder; fp32 logits (1 or b, keep, V) of the last
-        ``keep`` positions by ``head_logits`` (the trainer's LM-head cast order), None for 0."""
+        ``keep`` positions by ``head_logits`` (the trainer's LM-head cast order), None for 0; the
+        routing ids in ``routed`` while a record is on."""
         decoder = self.model.model if self.vl else self.model.get_decoder()
         hidden = decoder(input_ids=ids, position_ids=pos, use_cache=False, medix_step=step, **vision).last_hidden_state
+        if self.record is not None:
+            self.routed = self.record.take()  # inside the step: a CUDA graph's output like the logits
         return head_logits(self.model, hidden[:, -keep:]) if keep else None
 
     def prefill(self, plan: PrefillPlan) -> None:

@@ -7,7 +7,7 @@
     out.completion_ids[i * 8 + j]  # prompt i's sample j (prompt-major), stop token included
     out.logprobs[i * 8 + j]        # (len,) fp32 log-probs of those tokens, see medix_fast.generate.tokens
     out.finish_reasons[i * 8 + j]  # "stop" | "length" ("partial": a call with stop_share, partial.py)
-    sampler.release()              # give the K/V pool back (before the update phase)
+    sampler.release()              # the K/V pool, weights copy and graphs back (keep=True: held for the next)
     # VL model (Qwen2.5-VL / Qwen3-VL): images=[PixelBatch or None per prompt] (medix_fast.data.vision),
     # prompt_ids with each image's <|image_pad|> run already expanded
     # n=[2, 8]: rows per prompt; continued=, stop_share=, required=: rows carried across calls (partial.py)
@@ -61,6 +61,7 @@ from .runner import Runner
 from .scheduler import Scheduler
 from .sequence import Group, Row
 from .tokens import PREFILTER, SamplingParams, row_key, sample_tokens, uniforms
+from .weights import EngineWeights
 
 GROUP_SLACK = 4  # group-table rows beyond max_num_seqs (prompts held for rows not admitted yet)
 
@@ -103,8 +104,10 @@ class Sampler:
     block_size: tokens per K/V block (0: 256 with flash-attn, else 16). max_prefill_tokens: tokens
     per prefill forward. dtype: the compute dtype (None: bf16 on CUDA, the weights' dtype on the
     CPU). decode_mode: "eager"; "static" (the fixed-shape step of the CUDA graphs, run eagerly);
-    "cuda_graph"; "auto" = "cuda_graph" on CUDA, else "eager". record_routing (MoE models): also
-    return each token's selected experts per layer (``routing.py``; decodes eagerly). agree (a
+    "cuda_graph"; "auto" = "cuda_graph" on CUDA, else "eager"; the static modes read the engine's own
+    copy of the weights (``weights.py``) and keep their decoder across calls and steps until
+    ``release()``. record_routing (MoE models): also return each token's selected experts per
+    layer (``routing.py``; in every decode mode). agree (a
     ``GroupSampler``'s): called with the K/V budget in blocks, returns the one every rank of its
     group uses (the smallest), so the ranks that decode together schedule alike.
     """
@@ -131,9 +134,7 @@ class Sampler:
             raise ValueError(f"only full-attention decoders are supported, the model has layer types {sorted(layer_types)}")
         self.max_num_seqs, self.kv_cache_gb, self.utilization = max_num_seqs, kv_cache_gb, gpu_memory_utilization
         self.block_size, self.max_prefill_tokens, self.dtype = block_size, max_prefill_tokens, dtype
-        if record_routing and decode_mode not in ("auto", "eager"):
-            raise ValueError(f"record_routing decodes eagerly: decode_mode must be auto or eager, got {decode_mode!r}")
-        self.decode_mode = "eager" if record_routing else decode_mode
+        self.decode_mode = decode_mode
         self.record_routing = record_routing
         self.agree = agree or (lambda blocks: blocks)
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
@@ -141,6 +142,9 @@ class Sampler:
         self.stats = EngineStats()
         self.blocks: BlockPool | None = None  # the last call's block accounting
         self._decoder = None  # cuda_graphs.StaticDecoder, kept across calls
+        self.weights: EngineWeights | None = None  # what the static step reads, kept with the decoder
+        self.decoders_built = 0  # StaticDecoders made (each captures its buckets again on CUDA)
+        self.kept = False  # the last release kept everything (weights.py: FSDP2's slots get buffers then)
 
     # ------------------------------------------------------------------ public
     def generate(
@@ -186,30 +190,48 @@ class Sampler:
         elif len(row_seeds) != rows:
             raise ValueError(f"row_seeds has {len(row_seeds)} entries for {len(prompts)} prompts x n={n} rows")
         # inference_mode(False) turns grad mode back on, so no_grad must come after it
-        autocast = self._autocast()
-        try:
-            with torch.inference_mode(False), torch.no_grad(), _sampling_mode(self.model), autocast:
-                return self._run(prompts, images, counts, max_new_tokens, params, set(stops), row_seeds, continued,
-                                 stop, on_finish)
-        finally:
-            if not isinstance(autocast, contextlib.nullcontext):
-                # The static step (and its CUDA graphs) read autocast's cast copies of the weights,
-                # which autocast frees when the call returns: nothing of it may be replayed later.
-                self._decoder = None
+        with torch.inference_mode(False), torch.no_grad(), _sampling_mode(self.model), self._autocast(), \
+                self._engine_weights():
+            return self._run(prompts, images, counts, max_new_tokens, params, set(stops), row_seeds, continued,
+                             stop, on_finish)
 
     def _autocast(self):
         """The compute dtype for weights kept in another one (DDP's fp32 masters: bf16 on CUDA),
         for the whole call: autocast's cache then casts each weight once per call, not per step.
-        Its copies live for the call only, so the call's static decoder does too (``generate``)."""
+        The static step never reads those copies (they die with the call): it reads the engine's
+        (``_engine_weights``), which autocast finds already cast."""
         param = next(self.model.parameters())
         dtype = self._layout(param.device)[2]
         if param.dtype == dtype:
             return contextlib.nullcontext()
         return torch.autocast(param.device.type, dtype=dtype)
 
-    def release(self) -> None:
-        """Free the K/V pool and the CUDA graphs (the next call makes them again)."""
-        self.pool, self._decoder = None, None
+    def _engine_weights(self):
+        """The static modes: the engine's buffers (``weights.py``) refreshed in place and swapped in
+        for the call, so a decoder captured in an earlier call reads this call's weights; eager:
+        the model's own parameters (and autocast's per-call copies)."""
+        param = next(self.model.parameters())
+        if self._mode(param.device) == "eager":
+            return contextlib.nullcontext()
+        if self.weights is None or not self.weights.matches(self.model, self.kept):
+            self.weights = self._decoder = None  # its graphs read the old buffers
+            self.weights = EngineWeights(self.model, self._layout(param.device)[2], self.kept)
+        return self.weights.swapped()
+
+    @property
+    def held_bytes(self) -> int:
+        """Device bytes the sampler holds between calls: the K/V pool and the engine's weights (the
+        graphs' own activation pool is within the plan's activation reserve)."""
+        return (self.pool.nbytes if self.pool is not None else 0) + (self.weights.nbytes if self.weights else 0)
+
+    def release(self, keep: bool = False) -> None:
+        """Free the K/V pool, the engine's weights and the CUDA graphs (the next call makes them
+        again, a capture per bucket); ``keep``: hold all of them for the next call (the trainer's
+        choice when they fit beside the update, ``memory.keep_across_steps``)."""
+        self.kept = keep
+        if keep:
+            return
+        self.pool, self._decoder, self.weights = None, None, None
         param = next(self.model.parameters())
         if param.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -236,13 +258,13 @@ class Sampler:
                           self.max_num_seqs + GROUP_SLACK)
         self.stats = EngineStats(pool_blocks=pool.num_blocks, block_bytes=pool.nbytes // pool.num_blocks)
         self.blocks = blocks
-        routing = RoutingLog(self.model) if self.record_routing else None
+        routing = RoutingLog(runner) if self.record_routing else None
         try:
             logprob_log = self._loop(sched, runner, decode, params, stops, max_new, routing, stop, on_finish)
         finally:
             sched.release_all()
             if routing is not None:
-                routing.record.remove()
+                routing.remove()
         self.stats.preemptions = sched.preemptions
         blocks.check_idle()
         for row in rows:
@@ -302,17 +324,24 @@ class Sampler:
             stats.steps += 1
         return logprob_log
 
-    def _decode_fn(self, runner: Runner, n: int):
+    def _mode(self, device: torch.device) -> str:
+        """The decode mode on ``device``: "eager", "static" or "cuda_graph"."""
         mode = self.decode_mode
         if mode == "auto":
-            mode = "cuda_graph" if runner.device.type == "cuda" else "eager"
-        if mode == "cuda_graph" and runner.device.type != "cuda":
-            raise ValueError(f"decode_mode='cuda_graph' needs a CUDA model, this one is on {runner.device}")
+            mode = "cuda_graph" if device.type == "cuda" else "eager"
+        if mode == "cuda_graph" and device.type != "cuda":
+            raise ValueError(f"decode_mode='cuda_graph' needs a CUDA model, this one is on {device}")
+        return mode
+
+    def _decode_fn(self, runner: Runner, n: int):
+        mode = self._mode(runner.device)
         if mode == "eager":
             return runner.decode
         from .cuda_graphs import StaticDecoder
         if self._decoder is None or not self._decoder.fits(runner, n):
+            self._decoder = None  # its graphs' memory goes back before the new ones are captured
             self._decoder = StaticDecoder(runner, self.max_num_seqs, n, capture=mode == "cuda_graph")
+            self.decoders_built += 1
         self._decoder.bind(runner)
         return self._decoder
 
@@ -360,8 +389,9 @@ class Sampler:
         budget = self.agree(self._budget_blocks(block_bytes, device, pool.nbytes if pool is not None else 0))
         if keep and pool.num_blocks >= min(usable, budget):
             return pool
+        grown = max(usable, 2 * pool.num_blocks) if keep else usable  # doubling: few new pools (and captures) a run
         self.pool = self._decoder = None  # give the old pool back before making the new one
-        self.pool = KVPool(self.text_config, max(2, min(budget, usable)), block_size, dtype, device,
+        self.pool = KVPool(self.text_config, max(2, min(budget, grown)), block_size, dtype, device,
                            head_major=backend != "flash")
         return self.pool
 

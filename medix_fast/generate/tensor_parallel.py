@@ -142,20 +142,24 @@ class TensorParallelCopy:
 
     # ------------------------------------------------------------------ weights
     @contextlib.contextmanager
-    def materialized(self):
+    def materialized(self, keep: bool = False):
         """The copy's weights for the duration (every rank of the whole process group calls it:
-        the policy's FSDP2 shards are gathered over it); given back to the meta device after."""
-        self.model.to_empty(device=self.device)  # new parameters from the meta device: ties are made again
-        if self.tied:
-            self.model.get_output_embeddings().weight = self.model.get_input_embeddings().weight
+        the policy's FSDP2 shards are gathered over it); given back to the meta device after, or
+        with ``keep`` held for the next call, which fills the same storage in place (the sampler's
+        CUDA graphs read its addresses)."""
+        if next(self.model.parameters()).is_meta:
+            self.model.to_empty(device=self.device)  # new parameters from the meta device: ties are made again
+            if self.tied:
+                self.model.get_output_embeddings().weight = self.model.get_input_embeddings().weight
         try:
             with torch.no_grad(), D.waiting("all_gather(tensor-parallel copy)"):
                 self._fill()
             yield self.model
         finally:
-            self.model.to("meta")
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+            if not keep:
+                self.model.to("meta")
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
 
     def _fill(self) -> None:
         params = dict(self.source.named_parameters())

@@ -1,0 +1,93 @@
+"""The sampler's own compute-dtype copy of the weights its fixed-shape decode step (and so its CUDA
+graphs) reads, refreshed in place: captured graphs stay valid for the whole run.
+
+    weights = EngineWeights(model, torch.bfloat16, kept)  # buffers for the slots that need one (maybe none)
+    with weights.swapped():                          # refreshed (copy_), then read by every forward
+        ...                                          # the model's own forward code, unchanged
+
+A CUDA graph holds the addresses its kernels read. Two kinds of weights would move under it:
+- **autocast's cast copies.** fp32 masters (one GPU, DDP) run under ``torch.autocast``, whose bf16
+  copy of each weight lives for one autocast context, i.e. one ``generate`` call. So every parameter
+  slot autocast would cast (one of at least 2 dimensions outside an ``nn.Embedding``: the linear,
+  convolution and expert weights; a tied LM head's slot too, its embedding's slot not) gets a
+  bf16 buffer. Autocast then finds them already in bf16 and casts nothing, so the decode computes
+  what it did on autocast's copies, bit for bit; the rest (norms, biases, the embedding) are read
+  as they are, and a capture turns autocast's cache off so a bias cast is made inside the graph.
+- **FSDP2's unsharded parameters**, which land in new storage at each unshard (each rollout): when
+  the sampler is kept across steps (``kept``), every slot of an FSDP2 module gets a buffer (in the
+  parameters' own dtype, FSDP2's compute dtype), 2 bytes per parameter more in the rollout, beside
+  the unsharded parameters; when it is not, its graphs die at the end of the rollout anyway and
+  read the unsharded parameters, which stay put for the rollout's calls.
+A model whose weights are already in the compute dtype and in storage of their own (one process
+or DDP in bf16, the tensor-parallel copy kept across steps) needs none: the graphs read its
+parameters, which the optimizer updates in place.
+
+How the decode reads them: for the duration of ``swapped()`` each slot's ``module._parameters``
+entry is a parameter wrapping the buffer, and the original parameter object is put back after
+(never altered: no ``.data`` swap, no copy into it). So there is one forward code path, the
+training parameters are untouched whatever happens inside, and the graphs see the buffers'
+addresses, which never change. The buffers are refreshed (``copy_``) on entry, i.e. at the start
+of every ``generate`` call, from whatever the slots hold then: 2 bytes written and 2 or 4 read per
+buffered parameter, what autocast's per-call cast cost before (docs/sampler.md, CUDA graphs).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+
+def _fsdp(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def _buffered(module: nn.Module, param: torch.Tensor, dtype: torch.dtype, fsdp: bool) -> bool:
+    """Whether the slot needs an engine buffer (see the module docstring)."""
+    if fsdp:
+        return True
+    return param.dtype != dtype and param.ndim >= 2 and not isinstance(module, nn.Embedding)
+
+
+class EngineWeights:
+    """Compute-dtype buffers for the parameter slots of ``model`` that need one (possibly none);
+    ``kept``: the sampler keeps its graphs across steps (FSDP2's slots need buffers then)."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype, kept: bool):
+        fsdp = self.every = kept and _fsdp(model)
+        self.slots: list[tuple[nn.Module, str, nn.Parameter]] = []
+        made: dict[int, nn.Parameter] = {}  # a tied parameter: one buffer for its slots
+        for module in model.modules():
+            for name, param in module._parameters.items():
+                if param is None or not _buffered(module, param, dtype, fsdp):
+                    continue
+                if id(param) not in made:
+                    made[id(param)] = nn.Parameter(torch.empty_like(param, dtype=param.dtype if fsdp else dtype),
+                                                   requires_grad=False)
+                self.slots.append((module, name, made[id(param)]))
+        self.nbytes = sum(p.nbytes for p in made.values())
+        self.shapes = [tuple(module._parameters[name].shape) for module, name, _ in self.slots]
+
+    def matches(self, model: nn.Module, kept: bool) -> bool:
+        """Made for ``kept`` (FSDP2), and the slots still hold parameters of the buffers' shapes."""
+        shapes = [tuple(m._parameters[n].shape) for m, n, _ in self.slots]
+        return (kept and _fsdp(model)) == self.every and shapes == self.shapes
+
+    @contextlib.contextmanager
+    def swapped(self):
+        """Refresh the buffers from the slots' parameters, then let the slots hold the buffers for
+        the duration; the original parameters are back in their slots after."""
+        saved = [(module, name, module._parameters[name]) for module, name, _ in self.slots]
+        sources = {id(buffer): (buffer, param) for (_, _, param), (_, _, buffer) in zip(saved, self.slots)}
+        with torch.no_grad():
+            for buffer, param in sources.values():  # a tied buffer once
+                buffer.copy_(param.detach())  # in place: the graphs' addresses stay
+        try:
+            for module, name, buffer in self.slots:
+                module._parameters[name] = buffer
+            yield
+        finally:
+            for module, name, param in saved:
+                module._parameters[name] = param
