@@ -8,7 +8,7 @@ import torch
 
 from medix_fast.config import LoraConfig, load_config
 from medix_fast.demo.cache import resolve_model_path
-from medix_fast.errors import ConfigError
+from medix_fast.errors import ConfigError, UserError
 from medix_fast.generate import Sampler
 from medix_fast.model.loading import load_model
 from medix_fast.model.lora import AdaptersOff, adapter_parameters, add_adapters, merged_state_dict
@@ -73,6 +73,8 @@ def test_adapters_equal_peft_and_merge_and_switch_off(name, tmp_path):
         add_adapters(again, lora)
         read_adapter(again, lora, tmp_path / "adapter")
         assert torch.equal(again(ids).logits, logits)
+        with pytest.raises(UserError, match=r"^model\.lora\.init_from: .* r=4, lora_alpha=8; model.lora has rank=8"):
+            read_adapter(again, LoraConfig(rank=8, alpha=8, experts=lora.experts), tmp_path / "adapter")
         save_pretrained(model, tmp_path / "merged", merged_state_dict(model))
         merged = type(base).from_pretrained(tmp_path / "merged")
         torch.testing.assert_close(merged(input_ids=ids).logits, logits, rtol=0, atol=1e-4)
