@@ -45,10 +45,12 @@ def adapted(name: str, lora: LoraConfig, seed: int = 0):
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-vl", "tiny-moe"])
 def test_adapters_equal_peft_and_merge_and_switch_off(name, tmp_path):
-    """Only the adapters train (the LM head and a VL tower frozen); fresh adapters change nothing;
+    """Only the adapters train (the LM head and a VL tower frozen), every one gets a gradient and
+    dropout acts in training only; fresh adapters change nothing;
     PEFT loads the written adapter with equal fp32 logits, and so does the merged model; with the
     adapters off the model is its base (the KL reference)."""
-    lora = LoraConfig(rank=4, alpha=8, experts=name == "tiny-moe")
+    moe = name == "tiny-moe"
+    lora = LoraConfig(rank=4, alpha=8, experts=moe, dropout=0.0 if moe else 0.1)
     path = resolve_model_path(name)
     base, _ = load_model(path)
     ids = torch.randint(0, 200, (2, 11))
@@ -60,9 +62,15 @@ def test_adapters_equal_peft_and_merge_and_switch_off(name, tmp_path):
     assert trained and all(".lora_A." in n or ".lora_B." in n for n in trained)
     assert not any("visual" in n or "lm_head" in n for n in trained)
     assert any("experts.lora_A" in n for n in trained) == lora.experts
+    model = adapted(name, lora)
+    model.train()(ids).logits.square().mean().backward()  # every adapter learns (dropout on: training)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter_parameters(model))
+    if lora.dropout:
+        with torch.no_grad():
+            assert not torch.equal(model(ids).logits, model(ids).logits)
+    model.eval()  # dropout off, as the sampler runs the model
     with torch.no_grad():
         assert torch.equal(fresh(ids).logits, expected_base)
-        model = adapted(name, lora)
         logits = model(ids).logits
         assert (logits - expected_base).abs().max() > 1e-2
         assert torch.equal(AdaptersOff(model, model)(ids).logits, expected_base)

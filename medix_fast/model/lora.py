@@ -117,8 +117,10 @@ def _vision_prefix(model: nn.Module) -> str | None:
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at ``name``, in the train / eval mode of the module it replaces."""
     parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
+    owner = model.get_submodule(parent) if parent else model
+    setattr(owner, child, new.train(getattr(owner, child).training))
 
 
 def add_adapters(model: nn.Module, lora: LoraConfig) -> list[str]:
@@ -138,7 +140,7 @@ def add_adapters(model: nn.Module, lora: LoraConfig) -> list[str]:
         if not is_moe(model.config):
             raise UserError(f"model.lora.experts: {model.config.model_type} is not a mixture-of-experts model")
         for block in sparse_blocks(model):
-            block.experts = LoraExperts(block.experts, lora.rank, lora.alpha)
+            block.experts = LoraExperts(block.experts, lora.rank, lora.alpha).train(block.experts.training)
         names += [n for n, m in model.named_modules() if isinstance(m, LoraExperts)]
     if not names:
         linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
