@@ -121,9 +121,19 @@ def test_a_lora_run_checkpoints_adapters_resumes_exactly_and_exports(tmp_path, c
     from medix_fast.train import main
     from safetensors.torch import load_file
 
+    from medix_fast import distributed as D
+    from medix_fast.trainer import Trainer
+
     out = tmp_path / "run"
     args = [*SMALL, f"train.output_dir={out}"]
-    assert main(args) == 0
+    trainer = Trainer(load_config(None, args))
+    try:
+        assert [id(p) for g in trainer.optimizer.param_groups for p in g["params"]] == \
+            [id(p) for p in adapter_parameters(trainer.model)]
+        assert isinstance(trainer.updater.ref_objective, AdaptersOff)  # the base, not a copy nor the policy
+        trainer.run()
+    finally:
+        D.close()
     first = read_metrics(out / "metrics.jsonl")
     assert first[-1]["kl"] > 0 and first[-1]["grad_norm"] > 0
     step1 = C.checkpoint_root(out) / "step_00000001"
