@@ -582,8 +582,6 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"model.lora: {lora.error()}")
     if lora.rank and s.tensor_parallel > 1:
         raise ConfigError("model.lora: sampling.tensor_parallel > 1 copies the base weights only; use 1 with adapters")
-    if lora.rank and cfg.distributed.strategy == "fsdp":
-        raise ConfigError("model.lora: distributed.strategy fsdp is not supported with adapters yet; use ddp")
     if cfg.model.router_aux_loss_coef < 0:
         raise ConfigError(f"model.router_aux_loss_coef: must be >= 0, got {cfg.model.router_aux_loss_coef}")
     c = cfg.checkpoint

@@ -273,7 +273,7 @@ class Trainer:
         where.enter("checkpoint")
         full = D.full_state_dict(self.wrapped, self.model) if hf and self.cfg.distributed.strategy == "fsdp" else None
         if hf and self.lora_base:  # the Hugging Face copy: the base with the adapters folded in
-            full = merged_state_dict(self.model)
+            full = merged_state_dict(self.model, full)
         processor = self.vision.image_processor if self.vision else None  # a VL model is served with it
 
         def write_extra(directory: Path) -> None:  # rank 0

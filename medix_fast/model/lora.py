@@ -70,10 +70,6 @@ class LoraLinear(nn.Module):
         low = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))  # (..., out)
         return y + (low * self.scaling).to(y.dtype)
 
-    def delta(self) -> torch.Tensor:
-        """The weight this adapter adds, (out, in) fp32: ``scaling * B @ A``."""
-        return self.lora_B.weight @ self.lora_A.weight * self.scaling
-
 
 class LoraExperts(nn.Module):
     """An MoE expert bank with per-expert adapters on ``gate_up_proj`` and ``down_proj``: the forward
@@ -93,19 +89,21 @@ class LoraExperts(nn.Module):
         self.scaling = alpha / rank
         self.enabled = True
 
-    def delta(self, name: str) -> torch.Tensor:
-        """(E, out, in) fp32: every expert's ``scaling * B_e @ A_e`` in one batched product."""
-        return torch.bmm(self.lora_B[name], self.lora_A[name]) * self.scaling
-
     def forward(self, *args, **kwargs):
         if not self.enabled:
             return self.base_layer(*args, **kwargs)
         banks = {n: getattr(self.base_layer, n) for n in EXPERT_BANKS}
-        weights = {n: w + self.delta(n).to(w.dtype) for n, w in banks.items()}
+        weights = {n: fold(w, self.lora_B[n], self.lora_A[n], self.scaling) for n, w in banks.items()}
         return torch.func.functional_call(self.base_layer, weights, args, kwargs)
 
 
 ADAPTERS = (LoraLinear, LoraExperts)
+
+
+def fold(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``w + scaling * b @ a`` in ``w``'s dtype: (out, in) with (out, r) @ (r, in), or every expert's
+    at once, (E, out, in) with (E, out, r) @ (E, r, in) (one batched product)."""
+    return w + (torch.matmul(b.float(), a.float()) * scaling).to(w.dtype)
 
 
 def _vision_prefix(model: nn.Module) -> str | None:
@@ -193,18 +191,21 @@ class AdaptersOff(nn.Module):
 
 
 @torch.no_grad()
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def merged_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The Hugging Face state dict of ``model`` with every adapter folded into its base weight
-    (``W + scale * B A``, in the base's dtype), under the plain model's names; ``model`` itself is
-    left as it is (new tensors for the adapted weights, the others shared)."""
+    (``W + scale * B A``, in the base's dtype), under the plain model's names. ``state``: the
+    model's own state dict to fold (under FSDP2 the gathered one, ``distributed.full_state_dict``;
+    default the live tensors, left as they are); empty stays empty (the other ranks of a gather)."""
+    state = model.state_dict() if state is None else state
+    if not state:
+        return {}
     folded = {}
     for name, module in model.named_modules():
-        if isinstance(module, LoraLinear):
-            w = module.base_layer.weight
-            folded[f"{name}.base_layer.weight"] = w + module.delta().to(w.dtype)
-        elif isinstance(module, LoraExperts):
-            for bank in EXPERT_BANKS:
-                w = getattr(module.base_layer, bank)
-                folded[f"{name}.base_layer.{bank}"] = w + module.delta(bank).to(w.dtype)
-    return {k.replace(".base_layer.", "."): folded.get(k, v) for k, v in model.state_dict().items()
+        banks = ("weight",) if isinstance(module, LoraLinear) else EXPERT_BANKS if isinstance(module, LoraExperts) \
+            else ()
+        for bank in banks:
+            key = f"{name}.base_layer.{bank}"
+            folded[key] = fold(state[key], state[f"{name}.lora_B.{bank}"], state[f"{name}.lora_A.{bank}"],
+                               module.scaling)
+    return {k.replace(".base_layer.", "."): folded.get(k, v) for k, v in state.items()
             if ".lora_A." not in k and ".lora_B." not in k}
