@@ -31,7 +31,7 @@ import math
 import torch
 from torch import nn
 
-from ..config import LoraConfig
+from ..config import LORA_NEVER, LoraConfig
 from ..errors import UserError
 from .moe import is_moe, sparse_blocks
 
@@ -131,7 +131,7 @@ def add_adapters(model: nn.Module, lora: LoraConfig) -> list[str]:
         if not lora.vision and vision and (name == vision or name.startswith(vision + ".")):
             continue
         if isinstance(module, nn.Linear) and matches(name, lora.target_modules) \
-                and name.split(".")[-1] not in ("lm_head", "embed_tokens"):
+                and name.split(".")[-1] not in LORA_NEVER:
             _replace(model, name, LoraLinear(module, lora.rank, lora.alpha, lora.dropout))
             names.append(name)
     if lora.experts:
@@ -149,10 +149,6 @@ def add_adapters(model: nn.Module, lora: LoraConfig) -> list[str]:
 
 def adapters(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, ADAPTERS)]
-
-
-def has_adapters(model: nn.Module) -> bool:
-    return bool(adapters(model))
 
 
 def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
