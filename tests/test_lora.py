@@ -113,7 +113,8 @@ SMALL = ["train.prompts_per_step=4", "train.mini_batch_prompts=2", "sampling.gro
 def test_a_lora_run_checkpoints_adapters_resumes_exactly_and_exports(tmp_path, capsys):
     """The checkpoint holds the adapters and their AdamW state only (plus the base's identity); a
     resume from step 1 gives the same metrics (dropout, KL to the adapters-off base) and adapters;
-    export writes PEFT files and, with --merge, the model they make."""
+    export writes PEFT files and, with --merge, the model they make; a run started from them
+    (``model.lora.init_from``) holds those adapters."""
     from medix_fast import checkpoint as C
     from medix_fast.export import main as export_main
     from medix_fast.metrics import read_metrics
@@ -159,6 +160,14 @@ def test_a_lora_run_checkpoints_adapters_resumes_exactly_and_exports(tmp_path, c
         assert (expected - base(ids).logits).abs().max() > 1e-3
         got = peft.PeftModel.from_pretrained(base, tmp_path / "again")(input_ids=ids).logits
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    from medix_fast.model.peft_files import peft_tensors
+
+    started = Trainer(load_config(None, [*SMALL, f"train.output_dir={tmp_path / 'next'}",
+                                         f"model.lora.init_from={tmp_path / 'again'}"]))  # a run from the adapter
+    try:
+        assert all(torch.equal(v, again[k]) for k, v in peft_tensors(started.model).items())
+    finally:
+        D.close()
 
 
 def test_the_plan_of_the_8b_with_lora_on_one_80_gb_gpu(capsys):
