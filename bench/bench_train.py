@@ -10,6 +10,8 @@ semantic, format, modality), group advantages, then two AdamW steps on mini-batc
 with the DAPO loss (epsilon 0.2 / 0.28, beta 0, lr 2e-4 constant). Off for both: dynamic
 sampling, dual clip, evaluation, checkpoints, logging to disk beyond what each needs.
   medix_fast: ``Trainer.train_step()`` (in-process KV-cached sampler, batched reward, fused loss).
+  medix_fast LoRA r=16: the same with ``model.lora.rank=16`` (alpha 32) on the 7 decoder linears: the
+              base frozen, AdamW on the adapters only (docs/lora.md); beside full fine-tuning.
   trl:        ``GRPOTrainer.train()`` (HF ``generate``, full logits); per_device_train_batch_size=64
               and steps_per_generation=2, so one rollout feeds two optimizer steps; a step here
               is the time of those two steps, read from a ``TrainerCallback``.
@@ -34,7 +36,7 @@ def _workload(smoke: bool) -> dict:
     return dict(prompts=16, group=8, new_tokens=48, mini_batch=8)
 
 
-def _medix(device: torch.device, w: dict):
+def _medix(device: torch.device, w: dict, lora: int = 0):
     from medix_fast.config import load_config
     from medix_fast.train import Trainer
 
@@ -47,6 +49,7 @@ def _medix(device: torch.device, w: dict):
         "algorithm.epsilon_low=0.2", "algorithm.epsilon_high=0.28", "algorithm.beta=0.0",
         "optim.lr=2e-4", "optim.warmup_steps=0", "checkpoint.every=0",
         "logging.tensorboard=false", "logging.plot=false", "logging.progress=false",
+        f"model.lora.rank={lora}", f"model.lora.alpha={2 * lora}",
     ])
     return Trainer(cfg).train_step
 
@@ -120,6 +123,8 @@ def cases(smoke: bool, device: torch.device) -> list[Case]:
     return [
         Case("train", "rollout + 2 updates" if not smoke else "rollout + 1 update", SUBJECT, shape, rows,
              lambda dev: _medix(dev, w), work=rows, work_unit="completions/s"),
+        Case("train", "rollout + 2 updates" if not smoke else "rollout + 1 update", f"{SUBJECT} LoRA r=16", shape,
+             rows, lambda dev: _medix(dev, w, lora=16), work=rows, work_unit="completions/s"),
         Case("train", "rollout + 2 updates" if not smoke else "rollout + 1 update", "trl", shape, rows, None,
              work=rows, work_unit="completions/s", measure=lambda dev, budget: _trl_measure(dev, budget, w)),
     ]

@@ -105,6 +105,49 @@ class RewardConfig:
                               f"{list(REWARD_COMPONENTS)} and those of rewards.custom")
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # every decoder linear
+LORA_NEVER = ("lm_head", "embed_tokens")  # frozen: the fused log-prob kernels read the head's weight in one pass
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters on the policy (``model/lora.py``, docs/lora.md): the base frozen (in the
+    compute dtype), only the adapters trained and checkpointed; the KL reference is the base with
+    the adapters off. ``rank`` 0: off (full fine-tuning).
+
+    target_modules: linear layers by name, PEFT's rule (a name equal to the module's dotted path
+        or to its end after a dot: ``q_proj``, ``self_attn.o_proj``); the LM head and embeddings never.
+    experts: MoE models: adapters on every expert's ``gate_up_proj`` / ``down_proj`` banks too.
+    vision: VL models: the vision tower's matching linear layers too (else it stays frozen).
+    init_from: a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``)
+        to start from; its rank, alpha and targets must be these.
+    """
+    rank: int = 0
+    alpha: float = 16.0  # the adapters' output is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapters' input, training only (the sampler runs in eval mode)
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    experts: bool = False
+    vision: bool = False
+    init_from: str | None = None
+
+    def error(self) -> str | None:
+        """Why these settings cannot make adapters, or None."""
+        if self.rank < 0:
+            return f"rank must be >= 0 (0: off), got {self.rank}"
+        if not self.rank:
+            return "init_from needs rank > 0 (the adapter's own)" if self.init_from else None
+        if not self.alpha > 0 or not 0 <= self.dropout < 1:
+            return f"need alpha > 0 and 0 <= dropout < 1, got {self.alpha}, {self.dropout}"
+        never = [t for t in self.target_modules if t.split(".")[-1] in LORA_NEVER]
+        if never:
+            return f"target_modules: {never} stay frozen (the fused log-prob kernels read the LM head in one pass)"
+        if not self.target_modules and not self.experts:
+            return "target_modules is empty and experts is false: no layer would get an adapter"
+        if self.experts and self.dropout:
+            return "dropout must be 0 with experts: true (an expert adapter is a weight delta, its input is never seen)"
+        return None
+
+
 @dataclass
 class ModelConfig:
     path: str = "tiny"  # a local Hugging Face checkpoint directory, or "tiny" (the embedded model)
@@ -117,6 +160,7 @@ class ModelConfig:
     train_router: bool = True  # MoE: train the routers (MediX-R1 does) or freeze them
     router_aux_loss_coef: float = 0.0  # MoE load-balancing loss weight; MediX-R1 applies none (0)
     router_replay: bool = False  # MoE: the update replays the sampler's experts per token (R3, model/routing.py)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # low-rank adapters; rank 0: full fine-tuning
 
 
 @dataclass
@@ -550,6 +594,11 @@ def check(cfg: Config) -> None:
     if e.every and not e.tasks and not cfg.data.val_files and e.protocol == "medix_fast":
         raise ConfigError("eval.every: give eval.tasks (a tasks YAML) or data.val_files to evaluate on")
     _eval_protocol_checks(cfg)
+    lora = cfg.model.lora
+    if lora.error():
+        raise ConfigError(f"model.lora: {lora.error()}")
+    if lora.rank and s.tensor_parallel > 1:
+        raise ConfigError("model.lora: sampling.tensor_parallel > 1 copies the base weights only; use 1 with adapters")
     if cfg.model.router_aux_loss_coef < 0:
         raise ConfigError(f"model.router_aux_loss_coef: must be >= 0, got {cfg.model.router_aux_loss_coef}")
     c = cfg.checkpoint

@@ -424,24 +424,31 @@ def full_optimizer_state(wrapped: nn.Module, optimizer) -> dict:
     return optimizer.state_dict()
 
 
-def training_state(wrapped: nn.Module, model: nn.Module, optimizer, with_optimizer: bool = True) -> dict:
+def training_state(wrapped: nn.Module, model: nn.Module, optimizer, with_optimizer: bool = True,
+                   trained_only: bool = False) -> dict:
     """What a training checkpoint holds, as this rank's share for torch.distributed.checkpoint:
     ``{"model": ..., "optimizer": ...}``, keyed by parameter names (the model's own, the optimizer's
     relative to the objective), DTensor shards under FSDP2 and whole tensors otherwise, so one
     checkpoint loads under any strategy and world size. Views of the live tensors, not copies;
-    a fresh optimizer's state is created (zeros) so that it can be loaded into."""
+    a fresh optimizer's state is created (zeros) so that it can be loaded into. ``trained_only``
+    (LoRA): the model's trained parameters only, its frozen base is not written."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     state = {"model": get_model_state_dict(model)}
+    if trained_only:  # by name: a tied LM head is no parameter of its own, its requires_grad is not looked at
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        state["model"] = {k: v for k, v in state["model"].items() if k in trained}
     if with_optimizer:
         state["optimizer"] = get_optimizer_state_dict(wrapped, optimizer)
     return state
 
 
-def load_training_state(wrapped: nn.Module, model: nn.Module, optimizer, state: dict) -> None:
+def load_training_state(wrapped: nn.Module, model: nn.Module, optimizer, state: dict,
+                        trained_only: bool = False) -> None:
     """Put a :func:`training_state` dict, filled from a checkpoint, into the model and optimizer."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
 
-    set_model_state_dict(model, state["model"])
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=not trained_only))
     if "optimizer" in state:
         set_optimizer_state_dict(wrapped, optimizer, state["optimizer"])

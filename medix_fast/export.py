@@ -2,6 +2,8 @@
 
     python -m medix_fast.export --checkpoint runs/8b/checkpoints/step_00000120 --out runs/8b/hf_120
     python -m medix_fast.export --checkpoint ... --out ... --dtype bfloat16    # half the size
+    python -m medix_fast.export --checkpoint <a LoRA run's> --out adapter/     # PEFT adapter files
+    python -m medix_fast.export --checkpoint <a LoRA run's> --out hf/ --merge  # adapters folded in
 
 One CPU process, whatever world size and strategy wrote the checkpoint: the model is built on
 the meta device from the checkpoint's ``hf_config/``, given (uninitialised) CPU storage, and
@@ -9,6 +11,12 @@ torch.distributed.checkpoint reads the model's tensors from ``state/`` into it, 
 shards (the optimizer state is not read). The directory is written next to ``--out`` and
 renamed into place when complete; the tokenizer and a VL model's image processor go with it.
 Peak host memory: the model once, at ``--dtype`` (float32: 4 bytes per parameter).
+
+A LoRA run's checkpoint (``model.lora``, docs/lora.md) holds the adapters only, with its base's
+path and hash: the base is loaded from that path (refused if its hash differs), the adapters
+added and read, and ``--out`` gets PEFT's ``adapter_config.json`` + ``adapter_model.safetensors``
+(float32; ``peft.PeftModel.from_pretrained(base, out)``), or with ``--merge`` the Hugging Face
+model with the adapters folded into the base (``W + alpha / r * B A``, at ``--dtype``).
 
 ``--out`` is never deleted unless an export wrote it: each export lists the files it wrote in
 ``.medix_fast_export.json``, and a previous export holding nothing else is replaced; any other
@@ -65,14 +73,45 @@ def _model_class(config):
     return AutoModelForImageTextToText if config.model_type in VL_MODEL_TYPES else AutoModelForCausalLM
 
 
+def lora_record(checkpoint: Path) -> dict | None:
+    """A LoRA run's ``{"base": {"path", "hash"}, "config": model.lora}``, else None."""
+    from . import checkpoint as C
+
+    return C.load_trainer_state(checkpoint).get("lora")
+
+
+def load_lora_model(checkpoint: Path, record: dict, dtype: torch.dtype):
+    """A LoRA checkpoint's base (from its recorded path, hash checked) with its adapters read."""
+    from . import checkpoint as C
+    from .config import LoraConfig
+    from .model.loading import load_model
+    from .model.lora import add_adapters, adapter_state_dict
+    from .model.peft_files import base_identity
+
+    base = record["base"]
+    if not Path(base["path"]).is_dir() or base_identity(base["path"])["hash"] != base["hash"]:
+        raise C.CheckpointError(f"{checkpoint}: its adapters were trained on the base at {base['path']} (hash "
+                                f"{base['hash']}), which is {'changed' if Path(base['path']).is_dir() else 'gone'}")
+    model, _ = load_model(base["path"], dtype=dtype)
+    add_adapters(model, LoraConfig(**record["config"]))
+    state = adapter_state_dict(model)
+    C.check_model(checkpoint, {k: tuple(v.shape) for k, v in state.items()})
+    C.load_state(checkpoint, {"model": state}, no_dist=True)
+    return model.eval()
+
+
 def load_checkpoint_model(checkpoint: str | Path, dtype: torch.dtype | None = None):
-    """The model of a training checkpoint, on the CPU at ``dtype`` (None: float32), in one process."""
+    """The model of a training checkpoint, on the CPU at ``dtype`` (None: float32), in one process
+    (a LoRA run's: its base at ``dtype`` with its float32 adapters)."""
     import torch
     from transformers import AutoConfig
 
     from . import checkpoint as C
 
     path = C.check_checkpoint(checkpoint)
+    record = lora_record(path)
+    if record:
+        return load_lora_model(path, record, dtype or torch.float32)
     if not (path / C.HF_CONFIG / "config.json").is_file():
         raise C.CheckpointError(f"{path}: incomplete checkpoint: no {C.HF_CONFIG}/config.json")
     config = AutoConfig.from_pretrained(path / C.HF_CONFIG, local_files_only=True)
@@ -110,22 +149,32 @@ def claim_export_dir(out: Path, overwrite: bool) -> Path | None:
 
 
 def export(checkpoint: str | Path, out: str | Path, dtype: torch.dtype | None = None,
-           overwrite: bool = False) -> Path:
+           overwrite: bool = False, merge: bool = False) -> Path:
     """Write the Hugging Face model directory of ``checkpoint`` to ``out`` (atomically, at ``dtype``,
-    None: float32); returns ``out``. Nothing is deleted but an earlier export's files (see the
-    module docstring)."""
+    None: float32); returns ``out``. A LoRA run's checkpoint gives its PEFT adapter files, or with
+    ``merge`` the model with the adapters folded in. Nothing is deleted but an earlier export's
+    files (see the module docstring)."""
     from . import checkpoint as C
+    from .config import LoraConfig
+    from .model.lora import merged_state_dict
     from .model.moe import save_pretrained
+    from .model.peft_files import write_adapter
 
     out = Path(out)
+    record = lora_record(C.check_checkpoint(checkpoint))
+    if merge and not record:
+        raise UserError(f"--merge: {checkpoint} holds a whole model, no adapters to merge (leave --merge out)")
     if not overwrite:
         claim_export_dir(out, False)  # refused before the model is read
     model = load_checkpoint_model(checkpoint, dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp_{out.name}.", dir=out.parent))  # this export's own
     try:
-        shutil.copytree(Path(checkpoint) / C.HF_CONFIG, tmp, dirs_exist_ok=True)  # tokenizer, processor
-        save_pretrained(model, tmp)  # an MoE's experts in their Hub layout
+        if record and not merge:
+            write_adapter(model, LoraConfig(**record["config"]), record["base"]["path"], tmp)
+        else:
+            shutil.copytree(Path(checkpoint) / C.HF_CONFIG, tmp, dirs_exist_ok=True)  # tokenizer, processor
+            save_pretrained(model, tmp, merged_state_dict(model) if record else None)  # MoE experts: Hub layout
         files = sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file())
         (tmp / MARKER).write_text(json.dumps({"checkpoint": str(checkpoint), "files": files}))
         aside = claim_export_dir(out, overwrite)  # checked again: something may have appeared meanwhile
@@ -150,12 +199,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--overwrite", action="store_true",
                    help="move a non-empty --out that is not a previous export aside to <out>.old-N")
+    p.add_argument("--merge", action="store_true",
+                   help="a LoRA run's checkpoint: the Hugging Face model with the adapters folded in "
+                        "(default: its PEFT adapter files)")
     args = p.parse_args(argv)  # --help and a bad line are answered here, before torch is imported
     try:
         preflight.check_export(args)  # every path, before torch is imported
         import torch
 
-        out = export(args.checkpoint, args.out, getattr(torch, args.dtype), args.overwrite)
+        out = export(args.checkpoint, args.out, getattr(torch, args.dtype), args.overwrite, args.merge)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

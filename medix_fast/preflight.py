@@ -134,12 +134,14 @@ def check_eval(args) -> None:
 
 
 def check_train(cfg, resume: str | None) -> None:
-    """``python -m medix_fast.train``'s paths: the output directory, the model, the data, the
+    """``python -m medix_fast.train``'s paths: the output directory, the model (and a PEFT adapter), the data, the
     evaluation tasks, the reward models in use and ``--resume-from``'s checkpoint."""
     output_dir(cfg.train.output_dir, "train.output_dir")
     if resume not in (None, "latest"):
         input_dir(resume, "--resume-from")
     model_dir(cfg.model.path, None)
+    if cfg.model.lora.init_from:
+        input_dir(cfg.model.lora.init_from, "model.lora.init_from")
     data_files(cfg.data.train_files, "data.train_files")
     data_files(cfg.data.val_files, "data.val_files")
     if cfg.eval.tasks:

@@ -28,6 +28,7 @@ any checkpoint into a Hugging Face model directory.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -60,7 +61,9 @@ from .demo.cache import resolve_model_path
 from .model.loading import (compute_dtype, image_token_id, is_vl, load_image_processor, load_model,
                             set_vision_trainable, stop_ids)
 from .model.exact import enable as enable_exact
+from .model.lora import AdaptersOff, add_adapters, merged_state_dict
 from .model.moe import is_moe, set_router_trainable
+from .model.peft_files import base_identity, read_adapter
 from .optim.adamw import adamw
 from .report import Eta, clock, end_summary, eval_message, start_message
 from .rewards import build_reward
@@ -130,7 +133,9 @@ class Trainer:
                                           self.info.world)
             if error:
                 raise ConfigError(f"sampling.tensor_parallel={cfg.sampling.tensor_parallel}: {error}")
-        self.model, self.tokenizer = load_model(model_path, dtype=torch.float32,
+        lora = cfg.model.lora
+        # LoRA: the frozen base in the compute dtype (no fp32 master), the adapters in fp32
+        self.model, self.tokenizer = load_model(model_path, dtype=dtype if lora.rank else torch.float32,
                                                 device=dev, attn_impl=attn_impl,
                                                 gradient_checkpointing=cfg.model.gradient_checkpointing,
                                                 experts_implementation=experts,
@@ -147,6 +152,12 @@ class Trainer:
             vision = Vision(load_image_processor(model_path), image_token_id(self.model),
                             cfg.data.min_pixels or None, cfg.data.max_pixels or None)
         self.vision = vision
+        self.lora_base = None  # LoRA: the base's identity, kept in every checkpoint and checked on resume
+        if lora.rank:  # everything frozen (routers, vision tower too) but the adapters
+            add_adapters(self.model, lora)
+            if lora.init_from:
+                read_adapter(self.model, lora, lora.init_from)
+            self.lora_base = base_identity(model_path)
         self.prompts, _ = build_prompts(train_examples, self.tokenizer, cfg.data.max_prompt_length, vision, dropped)
         evaluator = R1Evaluator if cfg.eval.protocol == "medix_r1" else Evaluator
         self.evaluator = evaluator.from_config(cfg, self.tokenizer, self.info, vision) if cfg.eval.every else None
@@ -168,7 +179,9 @@ class Trainer:
         self.optimizer = adamw([p for p in self.wrapped.parameters() if p.requires_grad], o, fused)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(o, t.steps))
         ref = None
-        if cfg.algorithm.beta > 0:
+        if cfg.algorithm.beta > 0 and lora.rank:  # the base with the adapters off: no second copy
+            ref = AdaptersOff(self.objective, self.model)
+        elif cfg.algorithm.beta > 0:
             ref_model, _ = load_model(model_path, dtype=dtype, device=dev,
                                       attn_impl=attn_impl, gradient_checkpointing=False,
                                       experts_implementation=experts)
@@ -226,10 +239,16 @@ class Trainer:
     def _restore(self, path: Path) -> None:
         """Model and optimizer (re-sharded to this world size), scheduler, loader, RNG: see checkpoint.py."""
         state = C.load_trainer_state(path)
-        tensors = D.training_state(self.wrapped, self.model, self.optimizer, C.has_optimizer(path))
+        saved = state.get("lora", {}).get("base")
+        if (saved or {}).get("hash") != (self.lora_base or {}).get("hash"):
+            raise C.CheckpointError(f"{path} was trained {f'as adapters on base {saved}' if saved else 'in full'}; "
+                                    f"this run {f'adapts base {self.lora_base}' if self.lora_base else 'trains in full'}"
+                                    " (model.path / model.lora)")
+        trained_only = self.lora_base is not None
+        tensors = D.training_state(self.wrapped, self.model, self.optimizer, C.has_optimizer(path), trained_only)
         C.check_model(path, {k: tuple(v.shape) for k, v in tensors["model"].items()})
         C.load_state(path, tensors)
-        D.load_training_state(self.wrapped, self.model, self.optimizer, tensors)
+        D.load_training_state(self.wrapped, self.model, self.optimizer, tensors, trained_only)
         if "optimizer" not in tensors:
             log.warning("%s holds no optimizer state (checkpoint.save_optimizer=false): AdamW starts afresh", path)
         self.scheduler.load_state_dict(state["scheduler"])
@@ -263,6 +282,8 @@ class Trainer:
         with the Hugging Face model when ``hf``; returns the path it has once published."""
         where.enter("checkpoint")
         full = D.full_state_dict(self.wrapped, self.model) if hf and self.cfg.distributed.strategy == "fsdp" else None
+        if hf and self.lora_base:  # the Hugging Face copy: the base with the adapters folded in
+            full = merged_state_dict(self.model, full)
         processor = self.vision.image_processor if self.vision else None  # a VL model is served with it
 
         def write_extra(directory: Path) -> None:  # rank 0
@@ -272,9 +293,12 @@ class Trainer:
 
         trainer_state = {"scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict(),
                          "nonfinite_in_a_row": self.updater.nonfinite_in_a_row}
+        if self.lora_base:  # what export needs to rebuild the model: the base and the adapters' settings
+            trainer_state["lora"] = {"base": self.lora_base, "config": dataclasses.asdict(self.cfg.model.lora)}
         if self.rollout.carry is not None:  # every rank's groups in flight (rank 0 writes them)
             trainer_state["carry"] = D.all_gather_objects(self.rollout.carry.state())
-        state = D.training_state(self.wrapped, self.model, self.optimizer, self.cfg.checkpoint.save_optimizer)
+        state = D.training_state(self.wrapped, self.model, self.optimizer, self.cfg.checkpoint.save_optimizer,
+                                 trained_only=self.lora_base is not None)
         return self.checkpointer.save(self.step, state, trainer_state, write_extra)
 
     # ------------------------------------------------------------------ the loop

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         preflight.check_plan(args)
         cfg = load_config(args.config, args.overrides)
-        from ..model.footprint import host_memory, parameter_counts, update_plan
+        from ..model.footprint import host_memory, lora_parameters, parameter_counts, update_plan
         from . import memory
         from .step_time import step_time
 
@@ -73,15 +73,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print("rollout (the K/V pool and the sampler's copy are given back before the update)")
     print(plan.table())
-    host = host_memory(cfg, counts, args.world, args.gpus_per_node, rewards)
+    host = host_memory(cfg, counts, args.world, args.gpus_per_node, rewards,
+                       lora_parameters(cfg, model_config) if cfg.model.lora.rank else None)
     host_fits = sum(host.values()) <= args.host_memory_gb * 1e9
     print(f"\nhost memory per node ({min(args.world, args.gpus_per_node)} ranks)")
     for name, size in host.items():
         print(f"  {name}: {size / 1e9:.1f} GB")
     print(f"  total {sum(host.values()) / 1e9:.1f} GB of the {args.host_memory_gb:.0f} GB assumed (--host-memory-gb): "
           + ("fits" if host_fits else "does NOT fit"))
-    if cfg.distributed.strategy != "fsdp":
-        print("\nupdate: planned for distributed.strategy=fsdp only")
+    if cfg.distributed.strategy != "fsdp" and not cfg.model.lora.rank:
+        print("\nupdate: planned for distributed.strategy=fsdp (or model.lora) only")
         return 0 if plan.fits and host_fits else 1
     update = update_plan(cfg, model_config, device_bytes, args.world, rewards, counts)
     print("\nold log-probs and update")

@@ -17,6 +17,9 @@ resident besides the K/V pool:
   and experts / k, max(1, kv_heads / k) K/V heads, the rest replicated), built by gathering one
   parameter at a time (transient: the largest parameter, whole, in bf16);
 - a KL reference model when ``algorithm.beta > 0``: bf16, sharded under FSDP;
+- with ``model.lora``, instead of the three above: the frozen base in bf16 (what the sampler runs,
+  and the KL reference with the adapters off) and the adapters' fp32 weights, gradients and AdamW
+  states (``model.footprint.lora_parameters``);
 - the reward models (LLM judge, sentence encoder), bf16, unsharded, unless ``rewards.offload``;
 - CUDA context, NCCL and allocator slack (``RUNTIME_BYTES``).
 The pool is ``gpu_memory_utilization`` x what is left, minus ``activation_reserve`` (a prefill of
@@ -329,7 +332,7 @@ def _fitting_utilization(cfg, model_config, device_bytes: int, world: int, count
 def _rollout_at(cfg, model_config, device_bytes: int, world: int, counts, reward_params: dict[str, int] | None,
                 name: str | None, utilization: float, k: int) -> RolloutPlan:
     """:func:`rollout_plan` at ``gpu_memory_utilization`` ``utilization`` and ``tensor_parallel`` ``k``."""
-    from ..model.footprint import state_bytes
+    from ..model.footprint import lora_parameters, state_bytes
 
     s, o = cfg.sampling, cfg.optim
     text = model_config.get_text_config()
@@ -339,12 +342,17 @@ def _rollout_at(cfg, model_config, device_bytes: int, world: int, counts, reward
     state = state_bytes(o.offload, o.state_dtype)
     resident = {f"policy {state.name(key, o.state_dtype, fsdp)}": b * params // shards
                 for key, b in state.device.items() if key != "grads" or not fsdp}  # FSDP frees its gradients
-    if k > 1:  # the tensor-parallel copy is the sampler's own: its graphs read it
+    if cfg.model.lora.rank:  # the frozen bf16 base: sampled as it is, the KL reference with its adapters off
+        resident = {"frozen base bf16 (sampled as is)": 2 * params}
+        resident |= {f"adapters' {state.name(key, o.state_dtype, False)}": b * lora_parameters(cfg, model_config)
+                     for key, b in state.device.items()}
+    elif k > 1:  # the tensor-parallel copy is the sampler's own: its graphs read it
         resident[f"policy bf16, tensor-parallel copy (1/{k} of the layers)"] = 2 * counts.per_rank(
             k, text.num_key_value_heads)
-    else:  # what the CUDA graphs read (weights.py): FSDP2's unsharded parameters, else the sampler's copy
+    else:
+        # what the CUDA graphs read (weights.py): FSDP2's unsharded parameters, else the sampler's copy
         resident["policy bf16, unsharded for sampling" if fsdp else SAMPLER_COPY] = 2 * params
-    if cfg.algorithm.beta > 0:
+    if cfg.algorithm.beta > 0 and not cfg.model.lora.rank:
         resident["reference bf16" + (" shards" if fsdp else "")] = 2 * params // shards
     for what, count in ({} if cfg.rewards.offload else reward_params or {}).items():
         resident[f"{what} bf16"] = 2 * count

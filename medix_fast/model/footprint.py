@@ -26,6 +26,11 @@ large configs; DDP holds whole copies and is for small models):
   ``optim.offload: optimizer`` or bf16 states, the chunk buffers of AdamW's step
   (``optim.adamw.staging_bytes``).
 Without ``model.gradient_checkpointing`` every layer's activations stay for the backward.
+With ``model.lora`` (one GPU or DDP: whole copies) the base is frozen in bf16 (2 bytes/param, no fp32
+master, gradient nor AdamW state), the sampler's weights and, with its adapters off, the KL reference;
+the training state is the adapters' (:func:`lora_parameters`); the forwards gather nothing; the
+fused LM-head loss makes no dW (the head is frozen). The adapters' own activations (r per
+adapted layer and token) are not counted.
 A mixture-of-experts layer's activations count the ``num_experts_per_tok`` experts each token
 runs (its gathered input, gate/up, activation and output), not all of them; its parameters count
 every expert, which is why the active count per token (decode reads, FLOPs) is ~10x smaller
@@ -121,6 +126,18 @@ def parameter_counts(config) -> ParameterCounts:
                                                                                     False)) else p.numel()
     return ParameterCounts(total, active, experts, units, total - sum(units), roles["split"], roles["kv"],
                            max(p.numel() for p in model.parameters()), decode)
+
+
+def lora_parameters(cfg, model_config) -> int:
+    """Parameters of ``cfg.model.lora``'s adapters on the model ``model_config`` describes (counted on
+    the meta device, by ``model/lora.py``'s own targeting); 0 without adapters."""
+    if not cfg.model.lora.rank:
+        return 0
+    from .lora import adapter_parameters, add_adapters
+
+    model = meta_model(model_config)
+    add_adapters(model, cfg.model.lora)
+    return sum(p.numel() for p in adapter_parameters(model))
 
 
 def experts_read(config, rows: int) -> float:
@@ -254,21 +271,23 @@ class UpdatePlan:
 
 
 def host_memory(cfg, counts: ParameterCounts, world: int, gpus_per_node: int = 8,
-                reward_params: dict[str, int] | None = None) -> dict[str, int]:
+                reward_params: dict[str, int] | None = None, trained: int | None = None) -> dict[str, int]:
     """Host memory one node of ``gpus_per_node`` GPUs needs for what config ``cfg`` keeps there, by
     term, over its ranks: the offloaded training state (:func:`state_bytes`, pinned), the
     checkpoint's staging copy (``checkpoint.async_save`` with ``keep_staging``: the fp32 master
     weights and, with ``save_optimizer``, AdamW's states, kept between saves) and, under
-    ``rewards.offload``, the reward models in bf16 (``reward_params``)."""
+    ``rewards.offload``, the reward models in bf16 (``reward_params``). ``trained``: the parameters
+    with a training state (default all; LoRA: the adapters', :func:`lora_parameters`)."""
     ranks = min(world, gpus_per_node)
     shards = world if cfg.distributed.strategy == "fsdp" else 1
+    trained = counts.total if trained is None else trained
     b = state_bytes(cfg.optim.offload, cfg.optim.state_dtype)
-    out = {f"pinned {b.name(k, cfg.optim.state_dtype, shards > 1)}": v * counts.total // shards * ranks
+    out = {f"pinned {b.name(k, cfg.optim.state_dtype, shards > 1)}": v * trained // shards * ranks
            for k, v in b.host.items()}
     ck = cfg.checkpoint
     if ck.async_save and ck.keep_staging:
         per = 4 + ({**b.device, **b.host}["states"] if ck.save_optimizer else 0)
-        out["checkpoint staging copy (keep_staging)"] = per * counts.total // shards * ranks
+        out["checkpoint staging copy (keep_staging)"] = per * trained // shards * ranks
     for name, n in (reward_params or {}).items() if cfg.rewards.offload else ():
         out[f"{name} bf16 (rewards.offload)"] = 2 * n * ranks
     return out
@@ -309,35 +328,44 @@ def update_plan(cfg, model_config, device_bytes: int, world: int = 8,
     ``fitting_tokens`` is the largest ``train.micro_batch_tokens`` with which it would (both
     phases grow with it: a bisection), a multiple of 1024 from 1024 up; None if none would."""
     c = counts or parameter_counts(model_config)
-    plan = _plan_at(cfg, model_config, device_bytes, world, reward_params, c, cfg.train.micro_batch_tokens)
+    lora = lora_parameters(cfg, model_config)
+    plan = _plan_at(cfg, model_config, device_bytes, world, reward_params, c, cfg.train.micro_batch_tokens, lora)
     if plan.fits:
         return plan
     low, high = 0, cfg.train.micro_batch_tokens  # fits at low (0: none yet), not at high
     while high - low > 1:
         mid = (low + high) // 2
-        low, high = (mid, high) if _plan_at(cfg, model_config, device_bytes, world, reward_params, c, mid).fits \
+        low, high = (mid, high) if _plan_at(cfg, model_config, device_bytes, world, reward_params, c, mid, lora).fits \
             else (low, mid)
     plan.fitting_tokens = (low // 1024 * 1024 if low >= 1024 else low) or None
     return plan
 
 
 def _plan_at(cfg, model_config, device_bytes: int, world: int, reward_params: dict[str, int] | None,
-             c: ParameterCounts, tokens: int) -> UpdatePlan:
-    """:func:`update_plan` with ``tokens`` tokens per micro-batch."""
+             c: ParameterCounts, tokens: int, lora: int = 0) -> UpdatePlan:
+    """:func:`update_plan` with ``tokens`` tokens per micro-batch (``lora``: the adapters' parameters)."""
     t = text_config(model_config)
     h, vocab = t.hidden_size, t.vocab_size
     o = cfg.optim
     state = state_bytes(o.offload, o.state_dtype)
-    resident = {state.name(k, o.state_dtype): b * c.total // world
-                for k, b in state.device.items() if k != "grads"}
-    if cfg.algorithm.beta > 0:
+    if lora:
+        resident = {"frozen base bf16 (the KL reference with adapters off)": 2 * c.total}
+        resident |= {f"adapters' {state.name(k, o.state_dtype, False)}": b * lora
+                     for k, b in state.device.items() if k != "grads"}
+    else:
+        resident = {state.name(k, o.state_dtype): b * c.total // world
+                    for k, b in state.device.items() if k != "grads"}
+    if cfg.algorithm.beta > 0 and not lora:
         resident["KL reference bf16 shards"] = 2 * c.total // world
     for name, n in ({} if cfg.rewards.offload else reward_params or {}).items():
         resident[f"{name} bf16"] = 2 * n
     resident["CUDA runtime and slack"] = RUNTIME_BYTES
     lm_head = LOGITS_CHUNK_BYTES + 4 * vocab * h + 4 * tokens * h
     logprobs = {}
-    if cfg.algorithm.old_logprobs == "recompute" or cfg.algorithm.beta > 0:
+    if lora and (cfg.algorithm.old_logprobs == "recompute" or cfg.algorithm.beta > 0):
+        logprobs = {"one layer's forward": 2 * tokens * layer_width(model_config),
+                    "LM-head logits chunk": LOGITS_CHUNK_BYTES}
+    elif cfg.algorithm.old_logprobs == "recompute" or cfg.algorithm.beta > 0:
         logprobs = {"root unit bf16": 2 * c.root,
                     "two largest units bf16 (one prefetched)": 2 * sum(sorted(c.units)[-2:]),
                     "one layer's forward": 2 * tokens * layer_width(model_config),
@@ -353,10 +381,14 @@ def _plan_at(cfg, model_config, device_bytes: int, world: int, reward_params: di
     else:
         activations = {"every layer's activations": 2 * (tokens * layer_width(model_config) * layers
                                                           + patches * vision_width(model_config) * depth)}
-    update = {state.name("grads", o.state_dtype): 4 * c.total // world} if "grads" in state.device else {}
-    update |= {"root unit unsharded (bf16 + grads + fp32 reduce)": 8 * c.root,
-              "two layers gathered, one's grads + fp32 reduce": 10 * c.largest_unit,
-              **activations, "fused LM-head loss (fp32 chunk, fp32 dW)": lm_head}
+    if lora:
+        update = {"adapters' fp32 gradients": 4 * lora, **activations,
+                  "fused LM-head loss (fp32 chunk; frozen head, no dW)": lm_head - 4 * vocab * h}
+    else:
+        update = {state.name("grads", o.state_dtype): 4 * c.total // world} if "grads" in state.device else {}
+        update |= {"root unit unsharded (bf16 + grads + fp32 reduce)": 8 * c.root,
+                   "two layers gathered, one's grads + fp32 reduce": 10 * c.largest_unit,
+                   **activations, "fused LM-head loss (fp32 chunk, fp32 dW)": lm_head}
     from ..optim.adamw import staging_bytes
 
     if staging_bytes(o.offload, o.state_dtype):
