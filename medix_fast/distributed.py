@@ -365,6 +365,11 @@ def _fsdp_modules(module: nn.Module) -> list:
     return [m for m in module.modules() if isinstance(m, FSDPModule)]
 
 
+def is_sharded(module: nn.Module) -> bool:
+    """Whether FSDP2 shards ``module`` or one of its submodules."""
+    return bool(_fsdp_modules(module))
+
+
 @contextlib.contextmanager
 def generation_mode(wrapped: nn.Module):
     """Parameters unsharded (FSDP2) for the sampler, which may then run any number of forwards

@@ -37,11 +37,7 @@ import contextlib
 import torch
 from torch import nn
 
-
-def _fsdp(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(isinstance(m, FSDPModule) for m in model.modules())
+from .. import distributed as D
 
 
 def _buffered(module: nn.Module, param: torch.Tensor, dtype: torch.dtype, fsdp: bool) -> bool:
@@ -56,7 +52,7 @@ class EngineWeights:
     ``kept``: the sampler keeps its graphs across steps (FSDP2's slots need buffers then)."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype, kept: bool):
-        fsdp = self.every = kept and _fsdp(model)
+        fsdp = self.every = kept and D.is_sharded(model)
         self.slots: list[tuple[nn.Module, str, nn.Parameter]] = []
         made: dict[int, nn.Parameter] = {}  # a tied parameter: one buffer for its slots
         for module in model.modules():
@@ -73,7 +69,7 @@ class EngineWeights:
     def matches(self, model: nn.Module, kept: bool) -> bool:
         """Made for ``kept`` (FSDP2), and the slots still hold parameters of the buffers' shapes."""
         shapes = [tuple(m._parameters[n].shape) for m, n, _ in self.slots]
-        return (kept and _fsdp(model)) == self.every and shapes == self.shapes
+        return (kept and D.is_sharded(model)) == self.every and shapes == self.shapes
 
     @contextlib.contextmanager
     def swapped(self):
