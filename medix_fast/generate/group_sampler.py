@@ -64,6 +64,14 @@ class GroupSampler:
     def release(self, keep: bool = False) -> None:
         self.sampler.release(keep)
 
+    @property
+    def sleeps(self) -> bool:
+        return self.sampler.sleeps
+
+    @property
+    def vmm_bytes(self) -> int:
+        return self.sampler.vmm_bytes
+
     def generate(self, prompt_ids: list, n: int | list[int] = 1, max_new_tokens: int = 256, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, stop_token_ids: list[int] | None = None,
                  seed: int | None = None, logprobs_mode: str = "raw", images: list | None = None,

@@ -51,6 +51,7 @@ from ..config import block_size_error
 from ..model.exact import is_exact
 from ..model.forward import mrope_positions
 from ..model.loading import stop_ids
+from . import vmm
 from .attention import default_block_size, select_backend
 from .blocks import BlockPool
 from .kv_cache import ATTN_IMPLEMENTATION, KVPool
@@ -145,6 +146,8 @@ class Sampler:
         self.weights: EngineWeights | None = None  # what the static step reads, kept with the decoder
         self.decoders_built = 0  # StaticDecoders made (each captures its buckets again on CUDA)
         self.kept = False  # the last release kept everything (weights.py: FSDP2's slots get buffers then)
+        self.driver = None  # vmm.Driver: the static modes' pool and weights in sleepable memory (first call decides)
+        self._probed = False
 
     # ------------------------------------------------------------------ public
     def generate(
@@ -213,10 +216,30 @@ class Sampler:
         param = next(self.model.parameters())
         if self._mode(param.device) == "eager":
             return contextlib.nullcontext()
-        if self.weights is None or not self.weights.matches(self.model, self.kept):
+        if not self._probed:
+            self.driver, self._probed = vmm.driver_for(param.device), True
+        for part in (self.pool, self.weights):  # asleep since the last release: pages back before any write
+            if part is not None and part.memory is not None:
+                part.wake()
+        if self.weights is None or not self.weights.matches(self.model, self.graphs_kept):
             self.weights = self._decoder = None  # its graphs read the old buffers
-            self.weights = EngineWeights(self.model, self._layout(param.device)[2], self.kept)
+            self.weights = EngineWeights(self.model, self._layout(param.device)[2], self.graphs_kept, self.driver)
         return self.weights.swapped()
+
+    @property
+    def graphs_kept(self) -> bool:
+        """Whether the graphs outlive a release: kept, or asleep in sleepable memory."""
+        return self.kept or self.driver is not None
+
+    @property
+    def sleeps(self) -> bool:
+        """``release()`` puts the pool and weights to sleep (``vmm.py``) and keeps the graphs."""
+        return self.driver is not None
+
+    @property
+    def vmm_bytes(self) -> int:
+        """Bytes of the pool and weights in sleepable memory, awake in a call (outside torch's allocator stats)."""
+        return sum(part.memory.size for part in (self.pool, self.weights) if part is not None and part.memory)
 
     @property
     def held_bytes(self) -> int:
@@ -226,10 +249,17 @@ class Sampler:
 
     def release(self, keep: bool = False) -> None:
         """Free the K/V pool, the engine's weights and the CUDA graphs (the next call makes them
-        again, a capture per bucket); ``keep``: hold all of them for the next call (the trainer's
-        choice when they fit beside the update, ``memory.keep_across_steps``)."""
+        again, a capture per bucket); in sleepable memory (``vmm.py``, CUDA) put the pool and
+        weights to sleep instead (their pages given back, their addresses and the graphs kept: the
+        next call wakes them); ``keep``: hold all of them for the next call (the trainer's choice
+        when they fit beside the update, ``memory.keep_across_steps``)."""
         self.kept = keep
         if keep:
+            return
+        if self.sleeps:
+            for part in (self.pool, self.weights):
+                if part is not None and part.memory is not None:
+                    part.memory.sleep()
             return
         self.pool, self._decoder, self.weights = None, None, None
         param = next(self.model.parameters())
@@ -390,9 +420,11 @@ class Sampler:
         if keep and pool.num_blocks >= min(usable, budget):
             return pool
         grown = max(usable, 2 * pool.num_blocks) if keep else usable  # doubling: few new pools (and captures) a run
+        if pool is not None and pool.memory is not None:
+            pool.memory.sleep()  # its pages back now, its addresses when the last view goes
         self.pool = self._decoder = None  # give the old pool back before making the new one
         self.pool = KVPool(self.text_config, max(2, min(budget, grown)), block_size, dtype, device,
-                           head_major=backend != "flash")
+                           head_major=backend != "flash", driver=self.driver)
         return self.pool
 
     def _budget_blocks(self, block_bytes: int, device, held: int) -> int:
