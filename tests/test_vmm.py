@@ -188,7 +188,7 @@ def test_fallback_when_vmm_is_unsupported_or_absent(monkeypatch):
 def test_sampler_sleeps_between_calls_and_keeps_its_decoder(monkeypatch):
     """Static mode on a forced fake driver: release() unmaps the pool's and the weights' pages
     (which come back as NaN bytes), the next call maps them at the same addresses, zeroes the pool
-    and refreshes the weights; one decoder serves every call, and its tokens are the eager engine's
+    (a back-end reading a block's tail past a row's length multiplies it by 0) and refreshes the weights; one decoder serves every call, and its tokens are the eager engine's
     after each in-place update."""
     lib = FakeLib()
     monkeypatch.setattr(vmm, "OVERRIDE", Driver(lib))
@@ -205,6 +205,7 @@ def test_sampler_sleeps_between_calls_and_keeps_its_decoder(monkeypatch):
         out = static.generate(make_prompts([4, 7]), **kwargs)
         assert out.completion_ids == eager.generate(make_prompts([4, 7]), **kwargs).completion_ids
         addresses.add((static.pool.kv.data_ptr(), static.weights.memory.va))
+        assert not static.pool.kv.isnan().any()  # zeroed at the wake: the slots no row wrote are 0, not NaN
         static.release()
         eager.release()
         assert static.pool.memory.va in lib.reserved and not lib.mapped and not lib.handles
@@ -219,3 +220,25 @@ def test_trainer_lets_a_sleeping_sampler_sleep_through_the_update():
     trainer = SimpleNamespace(info=SimpleNamespace(device=torch.device("cuda", 0)), update_peak=1,
                               sampler=SimpleNamespace(sleeps=True))
     assert Trainer._keep_sampler(trainer) is False
+
+
+def test_tensor_parallel_copy_sleeps_in_place():
+    """The group sampler's share in one sleepable range: made once, asleep after each rollout, woken
+    and refilled at the same addresses (ties kept); without a driver it goes back to the meta device."""
+    from medix_fast.generate.tensor_parallel import TensorParallelCopy
+
+    lib = FakeLib()
+    model = tiny_model("qwen2", torch.float32)
+    model.lm_head.weight = model.model.embed_tokens.weight
+    copy = TensorParallelCopy(model, 1, None, 0, torch.float32, torch.device("cpu"))
+    copy.driver = Driver(lib)
+    addresses = []
+    for _ in range(2):
+        with copy.materialized():
+            addresses.append([p.data_ptr() for p in copy.model.parameters()])
+            assert all(torch.equal(a, b) for a, b in zip(copy.model.parameters(), model.parameters()))
+            assert copy.model.lm_head.weight is copy.model.model.embed_tokens.weight
+        assert not lib.mapped and copy.memory.va in lib.reserved
+        with torch.no_grad():
+            model.model.norm.weight.add_(1)
+    assert addresses[0] == addresses[1] and lib.calls.count("cuMemAddressReserve") == 1

@@ -216,8 +216,7 @@ class Sampler:
         param = next(self.model.parameters())
         if self._mode(param.device) == "eager":
             return contextlib.nullcontext()
-        if not self._probed:
-            self.driver, self._probed = vmm.driver_for(param.device), True
+        self.sleep_driver(param.device)
         for part in (self.pool, self.weights):  # asleep since the last release: pages back before any write
             if part is not None and part.memory is not None:
                 part.wake()
@@ -225,6 +224,14 @@ class Sampler:
             self.weights = self._decoder = None  # its graphs read the old buffers
             self.weights = EngineWeights(self.model, self._layout(param.device)[2], self.graphs_kept, self.driver)
         return self.weights.swapped()
+
+    def sleep_driver(self, device: torch.device):
+        """The ``vmm.Driver`` whose sleepable memory the static modes' pool and weights use on
+        ``device`` (probed once, ``vmm.driver_for``), None in eager mode or where VMM is unavailable."""
+        if not self._probed:
+            self.driver = vmm.driver_for(device) if self._mode(device) != "eager" else None
+            self._probed = True
+        return self.driver
 
     @property
     def graphs_kept(self) -> bool:
