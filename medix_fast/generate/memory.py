@@ -168,7 +168,8 @@ def keep_across_steps(update_bytes: int, held_bytes: int, device_bytes: int) -> 
     """Whether the sampler may hold its K/V pool, its copy of the weights and its CUDA graphs
     (``held_bytes``) through the update (``update_bytes`` at its peak without them): both within
     ``footprint.TARGET`` of the device. Then its graphs are captured once per run; else it gives
-    them back before each update and captures its buckets again in the next rollout."""
+    them back before each update and captures its buckets again in the next rollout (unless they
+    sleep, ``vmm.py``: then the trainer does not ask)."""
     from ..model.footprint import TARGET
 
     return update_bytes + held_bytes <= TARGET * device_bytes

@@ -7,7 +7,8 @@
     out.completion_ids[i * 8 + j]  # prompt i's sample j (prompt-major), stop token included
     out.logprobs[i * 8 + j]        # (len,) fp32 log-probs of those tokens, see medix_fast.generate.tokens
     out.finish_reasons[i * 8 + j]  # "stop" | "length" ("partial": a call with stop_share, partial.py)
-    sampler.release()              # the K/V pool, weights copy and graphs back (keep=True: held for the next)
+    sampler.release()              # the K/V pool, weights copy and graphs back (keep=True: held for the next;
+                                   # with VMM on CUDA, vmm.py: pool and copy asleep, graphs kept)
     # VL model (Qwen2.5-VL / Qwen3-VL): images=[PixelBatch or None per prompt] (medix_fast.data.vision),
     # prompt_ids with each image's <|image_pad|> run already expanded
     # n=[2, 8]: rows per prompt; continued=, stop_share=, required=: rows carried across calls (partial.py)
@@ -27,7 +28,8 @@ updates: no weight copy, no second engine):
 - Decode attention (``attention.py``): each group's rows read their prompt's blocks once, each
   row its own blocks, merged by log-sum-exp; only live tokens are read. Back-ends: flash-attn,
   the Triton paged kernel (``medix_fast.kernels.triton_decode``) or PyTorch.
-- CUDA graphs of the decode step per batch bucket (``cuda_graphs.py``).
+- CUDA graphs of the decode step per batch bucket (``cuda_graphs.py``), kept across steps where the
+  pool and weights can sleep through the update at fixed addresses (``vmm.py``).
 - Sampling with one counter-based uniform per row and step (``tokens.py``): a row's tokens do not
   depend on its batch, so scheduling choices (``max_num_seqs``, preemption) do not change them.
   The host reads the sampled tokens once per step (stop tokens, scheduling): one sync per step.
