@@ -15,7 +15,9 @@ transformers and the trainer are started once:
   preemption  the sampler (its CUDA-graph decode; the same fixed-shape step run eagerly on the CPU)
               with a K/V pool capped far below what the rows need (through its ``agree`` hook, the same
               on every device), so rows are preempted and recomputed: its tokens must equal an
-              uncapped call's
+              uncapped call's; then the uncapped sampler, released (asleep with VMM, generate/vmm.py)
+              and called again after an in-place weight update: tokens equal the eager decode's, and
+              with VMM the pool at the same address and no new decoder
   routing     tiny-moe: one step with ``model.router_replay=true``, and the sampler's routing record
               (each token's experts) under the CUDA-graph decode against the eager one: ids equal
 
@@ -194,7 +196,7 @@ def section_preemption(ctx: Context, deadline: float, emit) -> None:
     t0 = time.perf_counter()
     want = free.generate(prompts, **kw)
     free_ms = 1e3 * (time.perf_counter() - t0)
-    size = free.pool.block_size
+    size, address = free.pool.block_size, free.pool.kv.data_ptr()
     need = max(-(-(len(p) - 1) // size) for p in prompts) + -(-kw["max_new_tokens"] // size)  # one row alone
     cap = need + 2  # a row alone fits, a few at once do not
     free.release()
@@ -206,15 +208,28 @@ def section_preemption(ctx: Context, deadline: float, emit) -> None:
     rows = sum(a == b for a, b in zip(got.completion_ids, want.completion_ids))
     dlogp = max((a - b).abs().max().item() for a, b in zip(got.logprobs, want.logprobs))
     pre = tight.stats.preemptions
+    tight.release()
+    with torch.no_grad():  # an optimizer step, in place; the released sampler (asleep with VMM) goes on
+        for p in model.parameters():
+            p.mul_(1.01)
+    again = free.generate(prompts, **kw)
+    eager = Sampler(model, max_num_seqs=32, dtype=torch.float32, decode_mode="eager").generate(prompts, **kw)
+    updated = sum(a == b for a, b in zip(again.completion_ids, eager.completion_ids))
+    kept = not free.sleeps or (free.pool.kv.data_ptr() == address and free.decoders_built == 1)
     ok = pre > 0 and rows == len(want.completion_ids)
     status = "ok" if ok else (f"failed: no row preempted at {cap} blocks" if not pre else
                               f"failed: {len(want.completion_ids) - rows} of {len(want.completion_ids)} rows differ")
+    if ok and not (kept and updated == len(want.completion_ids)):
+        status = "failed: after a release and an update: " + ("the pool moved or the graphs were made again"
+                                                             if not kept else "tokens differ from eager")
     emit(Row("preemption", "capped pool = uncapped",
              shape=f"tiny fp32, {len(prompts)} prompts x 4, 32 new, top-k 20, {ctx.graphs}, "
                    f"pool {cap} of {free.stats.peak_blocks} blocks",
              status=status, ms=ms, note=f"{pre} preemptions, {rows}/{len(want.completion_ids)} rows' tokens equal, "
-                                        f"max |dlogp| {dlogp:.2g}; uncapped {free_ms:,.0f} ms"))
-    tight.release()
+                                        f"max |dlogp| {dlogp:.2g}; uncapped {free_ms:,.0f} ms; after a release "
+                                        f"and an update {updated} rows equal eager, VMM "
+                                        + ("on: same pool address, one decoder" if free.sleeps else "off")))
+    free.release()
 
 
 def section_routing(ctx: Context, deadline: float, emit) -> None:

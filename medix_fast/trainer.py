@@ -320,7 +320,7 @@ class Trainer:
         where.enter("update")
         rollout_peak = 0
         if dev.type == "cuda":  # the update's own peak, for _keep_sampler; the step's is the larger of the two
-            rollout_peak = torch.cuda.max_memory_allocated(dev)
+            rollout_peak = torch.cuda.max_memory_allocated(dev) + self.sampler.vmm_bytes  # its pages: not torch's
             torch.cuda.reset_peak_memory_stats(dev)
         plan = self.updater.prepare(seqs)  # old / reference log-probs: FSDP2 forwards, one unit gathered at a time
         seq_tokens = metrics["rollout/trained_tokens"]
@@ -361,10 +361,13 @@ class Trainer:
         """Whether the sampler keeps its K/V pool, its copy of the weights and its CUDA graphs
         through the update (graphs captured once per run): always on the CPU; on CUDA when the last
         update's peak beside them fits (``memory.keep_across_steps``): the first step gives them back
-        and measures, a step that no longer fits gives them back again."""
+        and measures, a step that no longer fits gives them back again. In sleepable memory
+        (``generate/vmm.py``) never: the release puts them to sleep (no bytes held, graphs kept)."""
         dev = self.info.device
         if dev.type != "cuda":
             return True
+        if self.sampler.sleeps:
+            return False
         if self.update_peak is None:
             return False
         total = torch.cuda.get_device_properties(dev).total_memory

@@ -201,3 +201,19 @@ def test_a_checkpoint_directory_is_read_from_its_config(tmp_path):
 def test_budget_arithmetic():
     assert memory.kv_budget(100, 0.5, 20) == 30
     assert memory.kv_budget(10, 0.5, 20) == 0
+
+
+def test_the_plan_says_what_stays_through_the_update_with_sleepable_memory(capsys):
+    """With VMM the pool and copy sleep through the update and the graphs stay: their shared fp32
+    logits, one step's in their pool and its activations (not a logits tensor per bucket); under
+    FSDP2 at tensor_parallel 1 the sampler's own bf16 copy is named."""
+    two_b = CONFIGS[[p.stem for p in CONFIGS].index("medix_r1_2b_dapo")]
+    cfg = load_config(two_b)
+    model_config = memory.load_config("Qwen3-VL-2B-Instruct")
+    graphs = memory.graph_pool_bytes(model_config, cfg.sampling.max_num_seqs)
+    layer = 3 * 2048 + 2 * 16 * 128 + 2 * 8 * 128 + 4 * 6144
+    assert graphs == cfg.sampling.max_num_seqs * (2 * 151936 * 4 + 2 * layer)
+    main(["--plan", "--config", str(two_b), "--device-memory-gb", "80"])
+    out = capsys.readouterr().out
+    assert "sleep, their pages given back, their addresses kept: CUDA graphs captured once per run" in out
+    assert f"about {graphs / 1e9:.1f} GB (update + graphs: " in out and "the sampler then reads its own bf16 copy" in out

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print("rollout (the K/V pool and the sampler's copy are given back before the update)")
+    print("rollout (the K/V pool and the sampler's copy are put to sleep, or given back, before the update)")
     print(plan.table())
     host = host_memory(cfg, counts, args.world, args.gpus_per_node, rewards,
                        lora_parameters(cfg, model_config) if cfg.model.lora.rank else None)
@@ -88,10 +88,20 @@ def main(argv: list[str] | None = None) -> int:
     print("\nold log-probs and update")
     print(update.table())
     keep = memory.keep_across_steps(update.update_bytes, plan.held_bytes, device_bytes)
-    print(f"\nthe sampler's pool and copy ({plan.held_bytes / 1e9:.1f} GB) beside the update "
-          f"({update.update_bytes / 1e9:.1f} GB): " + (
-              "kept across steps, CUDA graphs captured once per run" if keep else
-              "do not fit, given back before each update: CUDA graphs captured again every rollout"))
+    graphs = memory.graph_pool_bytes(model_config, cfg.sampling.max_num_seqs)
+    print(f"\nthrough the update, with the CUDA driver's virtual memory management (generate/vmm.py, where the "
+          f"GPU supports it): the sampler's pool and copy ({plan.held_bytes / 1e9:.1f} GB) sleep, their pages "
+          f"given back, their addresses kept: CUDA graphs captured once per run; resident: the graphs' outputs "
+          f"and activations, about {graphs / 1e9:.1f} GB (update + graphs: "
+          f"{(update.update_bytes + graphs) / 1e9:.1f} GB of {device_bytes / 1e9:.1f} GB"
+          + ("" if memory.keep_across_steps(update.update_bytes, graphs, device_bytes) else
+             ", over the 90% planned for") + ")")
+    if cfg.sampling.tensor_parallel == 1:
+        print(f"  the sampler then reads its own bf16 copy of FSDP2's unsharded weights, not in the table above: "
+              f"{2 * counts.total / 1e9:.1f} GB more in the rollout, the pool that much smaller (weights.py)")
+    print(f"without it: the pool and copy beside the update ({update.update_bytes / 1e9:.1f} GB) " + (
+        "fit, kept across steps: CUDA graphs captured once per run" if keep else
+        "do not fit, given back before each update: CUDA graphs captured again every rollout"))
     peaks = {"rollout": plan.peak_bytes, "old log-probs": update.logprobs_bytes, "update": update.update_bytes}
     phase = max(peaks, key=peaks.get)
     print(f"\nstep peak: {phase}, {peaks[phase] / 1e9:.1f} GB of {device_bytes / 1e9:.1f} GB "

@@ -20,7 +20,9 @@ Autocast's cache is off during a capture, so a weight autocast still casts (a bi
 the graph at each replay, never read from a per-call copy. The tables are allocated at a power of
 two of blocks wide, so a call with a somewhat longer prompt than the last fits the same decoder.
 With a routing record on (``routing.py``) the step's routing ids are stacked inside the step, in
-the graph's buffer, and copied out after each replay.
+the graph's buffer, and copied out after each replay. Every graph writes its logits into one
+(max_rows, V) fp32 buffer (one copy of them per step): a graph's own output would live as long as
+the graph, the sum of the buckets' logits (31.7 GB at the 30B's 1,280 rows) where one maximum does.
 """
 from __future__ import annotations
 
@@ -68,6 +70,7 @@ class StaticDecoder:
         self.weights = _weights(runner.model)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor | None]] = {}
         self.graph_pool = None
+        self.logits: torch.Tensor | None = None  # (max_rows, V) fp32: every graph's logits, made at the first capture
         self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # capture=False: a bucket's outputs
         self.runner = runner
 
@@ -139,7 +142,10 @@ class StaticDecoder:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.graph_pool):
                 logits, routed = self._step(size)
+                if self.logits is None:
+                    self.logits = torch.empty(self.max_rows, logits.shape[1], dtype=logits.dtype, device=logits.device)
+                self.logits[:size].copy_(logits)  # the step's own logits die with the capture: the next reuses them
         finally:
             torch.set_autocast_cache_enabled(cache)
         self.graph_pool = graph.pool()
-        return graph, logits, routed
+        return graph, self.logits[:size], routed

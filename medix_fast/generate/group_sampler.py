@@ -39,6 +39,7 @@ class GroupSampler:
         self.info, self.k = info, k
         self.copy = TensorParallelCopy(unwrap_model(model), k, self.group, group_rank, dtype, info.device)
         self.sampler = Sampler(self.copy.model, dtype=dtype, agree=self._smallest, **sampler_kwargs)
+        self.copy.driver = self.sampler.sleep_driver(info.device)  # the share sleeps with the pool (vmm.py)
         self.max_num_seqs = self.sampler.max_num_seqs
 
     @property
@@ -48,8 +49,9 @@ class GroupSampler:
     @contextlib.contextmanager
     def weights(self, keep: bool = False):
         """This rank's share made from the policy's parameters for the duration (every rank of the
-        process group calls it), given back with the K/V pool and CUDA graphs after; ``keep``: all
-        of them stay for the next call, the share refilled in place (its graphs stay valid)."""
+        process group calls it), given back with the K/V pool and CUDA graphs after (in sleepable
+        memory, ``vmm.py``: put to sleep with the pool, the graphs kept); ``keep``: all of them stay
+        for the next call, the share refilled in place (its graphs stay valid)."""
         with self.copy.materialized(keep):
             try:
                 yield
@@ -63,6 +65,14 @@ class GroupSampler:
 
     def release(self, keep: bool = False) -> None:
         self.sampler.release(keep)
+
+    @property
+    def sleeps(self) -> bool:
+        return self.sampler.sleeps
+
+    @property
+    def vmm_bytes(self) -> int:
+        return self.sampler.vmm_bytes + (self.copy.memory.size if self.copy.memory is not None else 0)
 
     def generate(self, prompt_ids: list, n: int | list[int] = 1, max_new_tokens: int = 256, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, stop_token_ids: list[int] | None = None,

@@ -1,12 +1,13 @@
 """The paged K/V pool, the per-step attention metadata, and the attention back-end that writes and
 reads them inside a Hugging Face forward.
 
-Pool: one tensor (K then V, every layer) in the compute dtype, zeroed once when made; block ``b``
-of layer ``l`` holds ``block_size`` consecutive tokens of one sequence (a prompt's shared prefix,
-or one row's private tokens). ``layer(l)`` gives K and V as ``(blocks, block_size, kv_heads,
-head_dim)`` views whatever the storage order: head-major ``(kv_heads, blocks, block_size,
-head_dim)`` (a head's block is one contiguous run: what the Triton kernel streams and what the
-PyTorch path gathers without a transpose) or token-major (flash-attn's paged layout). Token slot
+Pool: one tensor (K then V, every layer) in the compute dtype, zeroed when made (in sleepable
+memory, ``vmm.py``, at each wake too); block ``b`` of layer ``l`` holds ``block_size`` consecutive
+tokens of one sequence (a prompt's shared prefix, or one row's private tokens). ``layer(l)`` gives
+K and V as ``(blocks, block_size, kv_heads, head_dim)`` views whatever the storage order:
+head-major ``(kv_heads, blocks, block_size, head_dim)`` (a head's block is one contiguous run: what
+the Triton kernel streams and what the PyTorch path gathers without a transpose) or token-major
+(flash-attn's paged layout). Token slot
 ``s = block * block_size + offset`` indexes the flattened ``(blocks * block_size, kv_heads,
 head_dim)`` view. Block 0 is never handed out (``blocks.BlockPool``): padded rows write there.
 
@@ -20,6 +21,7 @@ skips masks for back-ends it does not know).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -43,12 +45,27 @@ class KVPool:
     """The K/V of every layer in fixed-size blocks (see the module docstring)."""
 
     def __init__(self, text_config, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
-                 head_major: bool = True):
+                 head_major: bool = True, driver=None):
         layers, kv_heads, head_dim = kv_shape(text_config)
         self.num_blocks, self.block_size, self.dtype, self.device = num_blocks, block_size, dtype, device
         self.head_major = head_major
-        shape = (kv_heads, num_blocks, block_size) if head_major else (num_blocks, block_size, kv_heads)
-        self.kv = torch.zeros(2, layers, *shape, head_dim, dtype=dtype, device=device)
+        shape = (2, layers, *((kv_heads, num_blocks, block_size) if head_major else (num_blocks, block_size, kv_heads)),
+                 head_dim)
+        self.memory = None  # vmm.SleepableMemory when ``driver`` (a vmm.Driver) is given
+        if driver is None:
+            self.kv = torch.zeros(shape, dtype=dtype, device=device)
+            return
+        from .vmm import SleepableMemory
+
+        nbytes = dtype.itemsize * math.prod(shape)
+        self.memory = SleepableMemory(driver, nbytes, device)
+        self.kv = self.memory.tensor()[:nbytes].view(dtype).view(shape).zero_()
+
+    def wake(self) -> None:
+        """Pages behind a sleeping pool again, zeroed as when made: attention reads whole blocks
+        (a block's tail past a row's length is masked, but 0 x NaN is NaN: undefined pages could hold NaNs)."""
+        if self.memory is not None and self.memory.wake():
+            self.kv.zero_()
 
     @property
     def nbytes(self) -> int:

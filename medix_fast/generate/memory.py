@@ -171,10 +171,22 @@ def keep_across_steps(update_bytes: int, held_bytes: int, device_bytes: int) -> 
     """Whether the sampler may hold its K/V pool, its copy of the weights and its CUDA graphs
     (``held_bytes``) through the update (``update_bytes`` at its peak without them): both within
     ``footprint.TARGET`` of the device. Then its graphs are captured once per run; else it gives
-    them back before each update and captures its buckets again in the next rollout."""
+    them back before each update and captures its buckets again in the next rollout (unless they
+    sleep, ``vmm.py``: then the trainer does not ask)."""
     from ..model.footprint import TARGET
 
     return update_bytes + held_bytes <= TARGET * device_bytes
+
+
+def graph_pool_bytes(config, max_num_seqs: int) -> int:
+    """What the decode's CUDA graphs hold between calls, so through the update too when the pool
+    and weights sleep (``vmm.py``): their shared fp32 logits (``cuda_graphs.py``) and, in their
+    private pool, one step's at the largest bucket and its bf16 activations
+    (``model.footprint.layer_width``); their static inputs and tables are a few MB."""
+    from ..model.footprint import layer_width
+
+    vocab = config.get_text_config().vocab_size
+    return max_num_seqs * (2 * vocab * 4 + layer_width(config) * 2)
 
 
 @dataclasses.dataclass

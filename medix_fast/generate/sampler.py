@@ -7,7 +7,8 @@
     out.completion_ids[i * 8 + j]  # prompt i's sample j (prompt-major), stop token included
     out.logprobs[i * 8 + j]        # (len,) fp32 log-probs of those tokens, see medix_fast.generate.tokens
     out.finish_reasons[i * 8 + j]  # "stop" | "length" ("partial": a call with stop_share, partial.py)
-    sampler.release()              # the K/V pool, weights copy and graphs back (keep=True: held for the next)
+    sampler.release()              # the K/V pool, weights copy and graphs back (keep=True: held for the next;
+                                   # with VMM on CUDA, vmm.py: pool and copy asleep, graphs kept)
     # VL model (Qwen2.5-VL / Qwen3-VL): images=[PixelBatch or None per prompt] (medix_fast.data.vision),
     # prompt_ids with each image's <|image_pad|> run already expanded
     # n=[2, 8]: rows per prompt; continued=, stop_share=, required=: rows carried across calls (partial.py)
@@ -27,7 +28,8 @@ updates: no weight copy, no second engine):
 - Decode attention (``attention.py``): each group's rows read their prompt's blocks once, each
   row its own blocks, merged by log-sum-exp; only live tokens are read. Back-ends: flash-attn,
   the Triton paged kernel (``medix_fast.kernels.triton_decode``) or PyTorch.
-- CUDA graphs of the decode step per batch bucket (``cuda_graphs.py``).
+- CUDA graphs of the decode step per batch bucket (``cuda_graphs.py``), kept across steps where the
+  pool and weights can sleep through the update at fixed addresses (``vmm.py``).
 - Sampling with one counter-based uniform per row and step (``tokens.py``): a row's tokens do not
   depend on its batch, so scheduling choices (``max_num_seqs``, preemption) do not change them.
   The host reads the sampled tokens once per step (stop tokens, scheduling): one sync per step.
@@ -51,6 +53,7 @@ from ..config import block_size_error
 from ..model.exact import is_exact
 from ..model.forward import mrope_positions
 from ..model.loading import stop_ids
+from . import vmm
 from .attention import default_block_size, select_backend
 from .blocks import BlockPool
 from .kv_cache import ATTN_IMPLEMENTATION, KVPool
@@ -145,6 +148,8 @@ class Sampler:
         self.weights: EngineWeights | None = None  # what the static step reads, kept with the decoder
         self.decoders_built = 0  # StaticDecoders made (each captures its buckets again on CUDA)
         self.kept = False  # the last release kept everything (weights.py: FSDP2's slots get buffers then)
+        self.driver = None  # vmm.Driver: the static modes' pool and weights in sleepable memory (first call decides)
+        self._probed = False
 
     # ------------------------------------------------------------------ public
     def generate(
@@ -213,10 +218,37 @@ class Sampler:
         param = next(self.model.parameters())
         if self._mode(param.device) == "eager":
             return contextlib.nullcontext()
-        if self.weights is None or not self.weights.matches(self.model, self.kept):
+        self.sleep_driver(param.device)
+        for part in (self.pool, self.weights):  # asleep since the last release: pages back before any write
+            if part is not None and part.memory is not None:
+                part.wake()
+        if self.weights is None or not self.weights.matches(self.model, self.graphs_kept):
             self.weights = self._decoder = None  # its graphs read the old buffers
-            self.weights = EngineWeights(self.model, self._layout(param.device)[2], self.kept)
+            self.weights = EngineWeights(self.model, self._layout(param.device)[2], self.graphs_kept, self.driver)
         return self.weights.swapped()
+
+    def sleep_driver(self, device: torch.device):
+        """The ``vmm.Driver`` whose sleepable memory the static modes' pool and weights use on
+        ``device`` (probed once, ``vmm.driver_for``), None in eager mode or where VMM is unavailable."""
+        if not self._probed:
+            self.driver = vmm.driver_for(device) if self._mode(device) != "eager" else None
+            self._probed = True
+        return self.driver
+
+    @property
+    def graphs_kept(self) -> bool:
+        """Whether the graphs outlive a release: kept, or asleep in sleepable memory."""
+        return self.kept or self.driver is not None
+
+    @property
+    def sleeps(self) -> bool:
+        """``release()`` puts the pool and weights to sleep (``vmm.py``) and keeps the graphs."""
+        return self.driver is not None
+
+    @property
+    def vmm_bytes(self) -> int:
+        """Bytes of the pool and weights in sleepable memory, awake in a call (outside torch's allocator stats)."""
+        return sum(part.memory.size for part in (self.pool, self.weights) if part is not None and part.memory)
 
     @property
     def held_bytes(self) -> int:
@@ -226,10 +258,17 @@ class Sampler:
 
     def release(self, keep: bool = False) -> None:
         """Free the K/V pool, the engine's weights and the CUDA graphs (the next call makes them
-        again, a capture per bucket); ``keep``: hold all of them for the next call (the trainer's
-        choice when they fit beside the update, ``memory.keep_across_steps``)."""
+        again, a capture per bucket); in sleepable memory (``vmm.py``, CUDA) put the pool and
+        weights to sleep instead (their pages given back, their addresses and the graphs kept: the
+        next call wakes them); ``keep``: hold all of them for the next call (the trainer's choice
+        when they fit beside the update, ``memory.keep_across_steps``)."""
         self.kept = keep
         if keep:
+            return
+        if self.sleeps:
+            for part in (self.pool, self.weights):
+                if part is not None and part.memory is not None:
+                    part.memory.sleep()
             return
         self.pool, self._decoder, self.weights = None, None, None
         param = next(self.model.parameters())
@@ -390,9 +429,11 @@ class Sampler:
         if keep and pool.num_blocks >= min(usable, budget):
             return pool
         grown = max(usable, 2 * pool.num_blocks) if keep else usable  # doubling: few new pools (and captures) a run
+        if pool is not None and pool.memory is not None:
+            pool.memory.sleep()  # its pages back now, its addresses when the last view goes
         self.pool = self._decoder = None  # give the old pool back before making the new one
         self.pool = KVPool(self.text_config, max(2, min(budget, grown)), block_size, dtype, device,
-                           head_major=backend != "flash")
+                           head_major=backend != "flash", driver=self.driver)
         return self.pool
 
     def _budget_blocks(self, block_bytes: int, device, held: int) -> int:

@@ -139,6 +139,8 @@ class TensorParallelCopy:
         self.model.generation_config = model.generation_config
         for module in self._reduced_modules():
             module.register_forward_hook(self._all_reduce)
+        self.driver = None  # a vmm.Driver: the storage in sleepable memory (the sampler's choice)
+        self.memory = None  # its vmm.SleepableMemory, once materialized
 
     # ------------------------------------------------------------------ weights
     @contextlib.contextmanager
@@ -146,20 +148,46 @@ class TensorParallelCopy:
         """The copy's weights for the duration (every rank of the whole process group calls it:
         the policy's FSDP2 shards are gathered over it); given back to the meta device after, or
         with ``keep`` held for the next call, which fills the same storage in place (the sampler's
-        CUDA graphs read its addresses)."""
+        CUDA graphs read its addresses). With a ``driver`` the storage is one sleepable range
+        (``vmm.py``), made once: given back means put to sleep (same addresses at the next wake)."""
         if next(self.model.parameters()).is_meta:
-            self.model.to_empty(device=self.device)  # new parameters from the meta device: ties are made again
-            if self.tied:
-                self.model.get_output_embeddings().weight = self.model.get_input_embeddings().weight
+            self._materialize()
+        elif self.memory is not None:
+            self.memory.wake()
         try:
             with torch.no_grad(), D.waiting("all_gather(tensor-parallel copy)"):
                 self._fill()
             yield self.model
         finally:
-            if not keep:
+            if not keep and self.memory is not None:
+                self.memory.sleep()
+            elif not keep:
                 self.model.to("meta")
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
+
+    def _materialize(self) -> None:
+        """Storage for the copy's parameters and buffers: new tensors, or views of one sleepable range."""
+        if self.driver is None:
+            self.model.to_empty(device=self.device)  # new parameters from the meta device: ties are made again
+        else:
+            from .vmm import SleepableMemory
+
+            slots = [(m, kind, n, t) for m in self.model.modules() for kind in ("_parameters", "_buffers")
+                     for n, t in getattr(m, kind).items() if t is not None]
+            starts, end = {}, 0  # a tied parameter: one range for its slots; 256-byte aligned
+            for _, _, _, t in slots:
+                if id(t) not in starts:
+                    starts[id(t)], end = end, end + -(-t.numel() * t.dtype.itemsize // 256) * 256
+            self.memory = SleepableMemory(self.driver, end, self.device)
+            whole, made = self.memory.tensor(), {}
+            for module, kind, name, t in slots:
+                if id(t) not in made:
+                    view = whole[starts[id(t)]:starts[id(t)] + t.numel() * t.dtype.itemsize].view(t.dtype).view(t.shape)
+                    made[id(t)] = nn.Parameter(view, requires_grad=False) if kind == "_parameters" else view
+                getattr(module, kind)[name] = made[id(t)]
+        if self.tied:
+            self.model.get_output_embeddings().weight = self.model.get_input_embeddings().weight
 
     def _fill(self) -> None:
         params = dict(self.source.named_parameters())

@@ -29,6 +29,9 @@ training parameters are untouched whatever happens inside, and the graphs see th
 addresses, which never change. The buffers are refreshed (``copy_``) on entry, i.e. at the start
 of every ``generate`` call, from whatever the slots hold then: 2 bytes written and 2 or 4 read per
 buffered parameter, what autocast's per-call cast cost before (docs/sampler.md, CUDA graphs).
+With a ``driver`` (``vmm.py``) the buffers are views of one sleepable range: the sampler's sleep
+gives their pages back through the update and its wake maps them again, at the same addresses,
+before the refresh writes them.
 """
 from __future__ import annotations
 
@@ -51,20 +54,37 @@ class EngineWeights:
     """Compute-dtype buffers for the parameter slots of ``model`` that need one (possibly none);
     ``kept``: the sampler keeps its graphs across steps (FSDP2's slots need buffers then)."""
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype, kept: bool):
+    def __init__(self, model: nn.Module, dtype: torch.dtype, kept: bool, driver=None):
         fsdp = self.every = kept and D.is_sharded(model)
-        self.slots: list[tuple[nn.Module, str, nn.Parameter]] = []
-        made: dict[int, nn.Parameter] = {}  # a tied parameter: one buffer for its slots
-        for module in model.modules():
-            for name, param in module._parameters.items():
-                if param is None or not _buffered(module, param, dtype, fsdp):
-                    continue
-                if id(param) not in made:
-                    made[id(param)] = nn.Parameter(torch.empty_like(param, dtype=param.dtype if fsdp else dtype),
-                                                   requires_grad=False)
-                self.slots.append((module, name, made[id(param)]))
+        slots = [(module, name, param) for module in model.modules() for name, param in module._parameters.items()
+                 if param is not None and _buffered(module, param, dtype, fsdp)]
+        sources = {id(param): param for _, _, param in slots}  # a tied parameter: one buffer for its slots
+        dtypes = {key: param.dtype if fsdp else dtype for key, param in sources.items()}
+        starts, end = {}, 0  # each buffer's byte offset in one sleepable range, 256-byte aligned
+        for key, param in sources.items():
+            starts[key] = end
+            end += -(-param.numel() * dtypes[key].itemsize // 256) * 256
+        self.memory = None  # vmm.SleepableMemory holding every buffer, when ``driver`` is given
+        if driver is not None and sources:
+            from .vmm import SleepableMemory
+
+            self.memory = SleepableMemory(driver, end, next(iter(sources.values())).device)
+            self.range = self.memory.tensor()  # (bytes,) uint8: the buffers are views of it
+        made = {key: nn.Parameter(self._buffer(param, dtypes[key], starts[key]), requires_grad=False)
+                for key, param in sources.items()}
+        self.slots: list[tuple[nn.Module, str, nn.Parameter]] = [(m, n, made[id(p)]) for m, n, p in slots]
         self.nbytes = sum(p.nbytes for p in made.values())
         self.shapes = [tuple(module._parameters[name].shape) for module, name, _ in self.slots]
+
+    def _buffer(self, param: torch.Tensor, dtype: torch.dtype, start: int) -> torch.Tensor:
+        if self.memory is None:
+            return torch.empty_like(param, dtype=dtype)
+        nbytes = param.numel() * dtype.itemsize
+        return self.range[start:start + nbytes].view(dtype).view(param.shape)
+
+    def wake(self) -> None:
+        """Pages behind sleeping buffers again (undefined until the refresh at the call's start writes them)."""
+        self.memory.wake()
 
     def matches(self, model: nn.Module, kept: bool) -> bool:
         """Made for ``kept`` (FSDP2), and the slots still hold parameters of the buffers' shapes."""
