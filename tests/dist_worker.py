@@ -3,7 +3,7 @@
 Each rank takes its half of the groups of the batch that test_update.py builds, runs one
 ``Updater.update`` under DDP and under FSDP2 (gloo, CPU; the KL reference sharded too), and rank 0 saves the full
 parameters to ``OUT/<strategy>_<algorithm>.pt`` for the test to compare with one process. The LoRA case
-(:func:`lora_case`, ``OUT/lora_<strategy>.pt``) does the same with adapters on a frozen base, the KL taken to
+(:func:`lora_update`, ``OUT/lora_<strategy>.pt``) does the same with adapters on a frozen base, the KL taken to
 the base with the adapters off, and saves what DDP reduced and what the optimizer holds.
 """
 from __future__ import annotations
@@ -12,11 +12,10 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_update import ALGORITHMS, G, MAX_NEW, make_sequences, tiny_model  # noqa: E402
-
-from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook  # noqa: E402
 
 from medix_fast import distributed as D  # noqa: E402
 from medix_fast.config import AlgorithmConfig, LoraConfig, SamplingConfig, TrainConfig  # noqa: E402

@@ -80,8 +80,8 @@ def lora_one_process():
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_lora_on_two_ranks_equals_one_process(two_process_results, lora_one_process, strategy):
     """LoRA, 2 optimizer steps with the KL on: the ranks' adapters, loss, grad norm and KL (to the base
-    with their adapters off) are one process's (KL to a copy of the base); the base is unchanged; DDP all-reduces the adapters' gradients and nothing else,
-    FSDP2's optimizer holds shards of the adapters only."""
+    with their adapters off) are one process's (KL to a copy of the base); the base is unchanged; DDP
+    all-reduces the adapters' gradients and nothing else, FSDP2's optimizer holds shards of the adapters only."""
     saved = torch.load(two_process_results / f"lora_{strategy}.pt", weights_only=False)
     metrics, one = lora_one_process
     assert saved["metrics"]["optimizer_steps"] == metrics["optimizer_steps"] == 2 and metrics["kl"] > 0
