@@ -203,8 +203,7 @@ def test_the_plan_of_the_8b_with_lora_on_one_80_gb_gpu(capsys):
 def test_fsdp2_trains_the_adapters_and_writes_the_merged_model(tmp_path):
     """FSDP2 (one process: the same fully_shard units as on many ranks) with adapters: a step, a
     checkpoint of the adapters' shards only, and the gathered Hugging Face copy with the adapters
-    folded in, equal to PEFT on the exported adapter. (Two gloo ranks gave DDP's loss, grad norm and
-    KL to 1e-9: checked by hand, docs/lora.md.)"""
+    folded in, equal to PEFT on the exported adapter. (Two gloo ranks: tests/test_distributed.py.)"""
     from medix_fast import checkpoint as C
     from medix_fast import distributed as D
     from medix_fast.export import export
