@@ -17,7 +17,12 @@ of the three phases (the sampler gives its pool and copy back before the update,
 never hold each other's memory), and the time per step on paper (``step_time``: an H100 up to 94
 GB, an H200 above, at ``--mfu``). Exit status 0 when every phase fits the device and the host
 fits its memory, 1 when one does not, 2 on bad arguments (answered before torch is imported, as
-is a config error).
+is a config error). ``--longest-completion GB...`` (last on the line) prints instead, per GPU
+memory, the longest ``sampling.max_new_tokens`` every phase fits (``longest.py``); 0 when one fits
+on each, 1 when one does not.
+
+    python -m medix_fast.generate --plan --config configs/medix_r1_8b_dapo.yaml --world 1 model.lora.rank=64 \
+        distributed.strategy=ddp sampling.tensor_parallel=1 rewards.offload=true --longest-completion 24 48 80
 """
 from __future__ import annotations
 
