@@ -127,3 +127,26 @@ def test_the_longest_completion_of_the_8b_with_lora_grows_with_memory(qwen3_vl_8
                       "--longest-completion", "24", "48"]) == 1  # 24 GB: none
     out = capsys.readouterr().out
     assert "24 GB x 1: no completion fits" in out and f"sampling.max_new_tokens={rows[48].max_new_tokens} " in out
+
+
+def test_the_folded_expert_banks_are_what_the_backward_keeps():
+    """The plan's expert delta keeps each MoE layer's folded banks for the backward (2 bytes per
+    element of ``LoraCounts.banks``): on tiny-MoE with expert adapters, the two largest tensors
+    autograd saves in one sparse block's forward are the folded banks (the grouped GEMM's weights)."""
+    import torch
+
+    from medix_fast.config import LoraConfig
+    from medix_fast.demo.cache import resolve_model_path
+    from medix_fast.model.loading import load_model
+    from medix_fast.model.lora import add_adapters
+    from medix_fast.model.moe import sparse_blocks
+
+    model, _ = load_model(resolve_model_path("tiny-moe"))
+    lora = LoraConfig(rank=4, alpha=8, experts=True, target_modules=["q_proj"])
+    banks = lora_counts(lora, model.config).banks
+    add_adapters(model, lora)
+    saved = []
+    x = torch.randn(1, 5, model.config.hidden_size, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        sparse_blocks(model)[0](x)
+    assert sorted(saved)[-2:] == sorted(banks)  # the two largest tensors kept
