@@ -82,7 +82,8 @@ def test_the_30b_with_expert_lora_fits_8_x_80_gb_under_fsdp2(qwen3_vl_30b):
     gate_up, down = lora.banks
     assert update.update["expert delta bmm(B, A): folded banks bf16 (saved) + fp32 product + the bank's gradient"] \
         == 2 * (gate_up + down) + 10 * gate_up
-    assert update.logprobs["expert delta bmm(B, A): folded banks bf16 + fp32 product"] == 2 * (gate_up + down) + 8 * gate_up
+    assert update.logprobs["expert delta bmm(B, A): folded banks bf16 + fp32 product"] == 2 * (gate_up + down) + (
+        8 * gate_up)
     unit = max(counts.units) + experts + attention  # a decoder layer with its adapters, gathered in bf16
     assert update.update["two layers gathered bf16, one's adapters' grads + fp32 reduce"] == 4 * unit + 6 * (
         experts + attention)  # two layers' weights; one's adapters' bf16 gradients and fp32 reduce-scatter input

@@ -332,14 +332,14 @@ def rollout_plan(cfg, model_config, device_bytes: int, world: int = 8, counts=No
     counts = counts or parameter_counts(model_config)
     lora = lora or lora_counts(cfg.model.lora, model_config)
     plan = rollout_at(cfg, model_config, device_bytes, world, counts, reward_params, name,
-                       cfg.sampling.gpu_memory_utilization, cfg.sampling.tensor_parallel, lora)
+                      cfg.sampling.gpu_memory_utilization, cfg.sampling.tensor_parallel, lora)
     if plan.fits:
         return plan
     plan.fitting_gpu = next((gb for gb in GPU_GB if rollout_at(
         cfg, model_config, int(gb * 1e9), world, counts, reward_params, name, plan.utilization, plan.tensor_parallel,
         lora).fits), None)
     plan.fitting_utilization = fitting_utilization(cfg, model_config, device_bytes, world, counts, reward_params,
-                                                    plan.tensor_parallel, lora)
+                                                   plan.tensor_parallel, lora)
     for k in (k for k in tensor_parallel_sizes(model_config, world) if k > plan.tensor_parallel):
         utilization = fitting_utilization(cfg, model_config, device_bytes, world, counts, reward_params, k, lora)
         if utilization is not None:
@@ -357,7 +357,7 @@ def fitting_utilization(cfg, model_config, device_bytes: int, world: int, counts
 
 
 def rollout_at(cfg, model_config, device_bytes: int, world: int, counts, reward_params: dict[str, int] | None,
-                name: str | None, utilization: float, k: int, lora=None) -> RolloutPlan:
+               name: str | None, utilization: float, k: int, lora=None) -> RolloutPlan:
     """The rollout plan (:func:`rollout_plan`) at ``gpu_memory_utilization`` ``utilization`` and
     ``tensor_parallel`` ``k`` (``lora``: the adapters' ``model.footprint.LoraCounts``, None without)."""
     from ..model.footprint import expert_delta_bytes, state_bytes
