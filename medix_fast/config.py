@@ -597,8 +597,6 @@ def check(cfg: Config) -> None:
     lora = cfg.model.lora
     if lora.error():
         raise ConfigError(f"model.lora: {lora.error()}")
-    if lora.rank and s.tensor_parallel > 1:
-        raise ConfigError("model.lora: sampling.tensor_parallel > 1 copies the base weights only; use 1 with adapters")
     if cfg.model.router_aux_loss_coef < 0:
         raise ConfigError(f"model.router_aux_loss_coef: must be >= 0, got {cfg.model.router_aux_loss_coef}")
     c = cfg.checkpoint
