@@ -4,7 +4,7 @@
     python -m bench --smoke                 # each benchmark at its smallest size (the CI smoke test)
     python -m bench --only policy_loss      # a benchmark (advantages, logprobs, policy_loss, ...) or a module
                                             # (kernels, cpp, sampler, rewards, train, vl, moe, integrations,
-                                            # checkpoint, optimizer); repeatable
+                                            # checkpoint, optimizer, lora); repeatable
     python -m bench --out DIR               # default bench/results/ (--smoke: a temporary folder)
     python -m bench --gpu-check [--dry-run] # the prepared check of every CUDA path (bench/gpu_check.py)
 
@@ -52,11 +52,13 @@ MODULES = {
     "checkpoint": "bench.bench_checkpoint",
     "optimizer": "bench.bench_optimizer",
     "partial": "bench.bench_partial",
+    "lora": "bench.bench_lora",
 }
 # the benchmark names the modules' cases carry (``--only`` takes these or a module name);
 # bench/test_bench_cases.py checks them against the cases
 BENCHES = ("advantages", "logprobs", "policy_loss", "policy_loss_logp", "sample_step", "sampler", "rewards", "judge",
-           "train", "vl_rollout", "moe", "integrations", "checkpoint", "optimizer")
+           "train", "vl_rollout", "moe", "integrations", "checkpoint", "optimizer",
+           "lora_sampling")
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
