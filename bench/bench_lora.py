@@ -17,6 +17,8 @@ attention linears and its expert banks (``experts: true``; "expert adapters"). R
         8 prompts x G=4 x 32 new;
   larger: hidden 512, 4 layers, 32 experts of 256, 4 active (dense intermediate 1,024), vocab 8,192,
         rank 16, 8 prompts x G=4 x 32 new.
+  GPU (not run yet): Qwen3-30B-A3B's layer (bench_moe's GPU shape: hidden 2048, 128 experts of 768,
+        8 active; dense 6,144) at 4 layers, bf16, CUDA graphs, rank 16, 64 prompts x G=5 x 128 new.
 ``--smoke``: the embedded tiny MoE's shape, 2 x 2 x 8.
 """
 from __future__ import annotations
@@ -35,6 +37,9 @@ SHAPES = {  # TinyMoeConfig fields, vocab, (prompts, G, new tokens, prompt token
                   experts_per_token=2, expert_intermediate=128, init_std=0.02), 2048, (8, 4, 32, 64), 8),
     "larger": (dict(hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=4, head_dim=64, num_experts=32,
                     experts_per_token=4, expert_intermediate=256, init_std=0.02), 8192, (8, 4, 32, 64), 16),
+    "gpu": (dict(hidden_size=2048, num_layers=4, num_heads=32, num_kv_heads=4, head_dim=128, num_experts=128,
+                 experts_per_token=8, expert_intermediate=768, max_position_embeddings=4096, init_std=0.02),
+            151_936, (64, 5, 128, 128), 16),
 }
 IMPLS = {SUBJECT: True, "low-rank add": False}  # sampling.lora_merge
 KINDS = {"linear adapters": None, "expert adapters": "auto"}  # random_model's experts argument (None: dense)
@@ -48,7 +53,7 @@ def adapted_rollout(fields: dict, vocab: int, experts: str | None, rank: int, la
     from medix_fast.generate import Sampler
     from medix_fast.model.lora import adapter_parameters, add_adapters
 
-    model = random_model(fields, vocab, experts, device, torch.float32)
+    model = random_model(fields, vocab, experts, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj"] + (["gate_proj", "up_proj", "down_proj"] if experts is None
                                                             else [])
     add_adapters(model, LoraConfig(rank=rank, alpha=2 * rank, target_modules=targets, experts=experts is not None))
@@ -64,7 +69,7 @@ def adapted_rollout(fields: dict, vocab: int, experts: str | None, rank: int, la
         start = time.process_time()
         sampler.generate(prompts, n=g, max_new_tokens=new, temperature=1.0, stop_token_ids=[], seed=0)
         cpu.append(time.process_time() - start)
-        if case is not None:
+        if case is not None and device.type == "cpu":
             ms = statistics.median(cpu) * 1e3
             case.note = f"CPU {ms:,.0f} ms a call, {ms / new:.1f} ms a step ({len(cpu)} calls)"
     return call
@@ -72,7 +77,7 @@ def adapted_rollout(fields: dict, vocab: int, experts: str | None, rank: int, la
 
 def cases(smoke: bool, device: torch.device) -> list[Case]:
     out = []
-    for size in ["smoke"] if smoke else ["tiny", "larger"]:
+    for size in ["smoke"] if smoke else ["gpu"] if device.type == "cuda" else ["tiny", "larger"]:
         fields, vocab, layout, rank = SHAPES[size]
         prompts_n, g, new, _ = layout
         from medix_fast.demo.tiny_moe import TinyMoeConfig

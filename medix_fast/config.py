@@ -201,7 +201,7 @@ class SamplingConfig:
     exact: bool = False
     # model.lora: true: each adapter folded into an engine weight buffer at each rollout (W + alpha / r * B A,
     # 2 bytes per adapted parameter; plain decode GEMMs); false: its low-rank add in every forward; auto: the
-    # measured choice per kind, linear or experts (generate/weights.py MERGE_AUTO, docs/lora.md#sampling)
+    # measured choice per kind, linear or experts (generate/weights.py MERGE_AUTO; docs/lora.md, Sampling with adapters)
     lora_merge: Literal["auto"] | bool = "auto"
 
 

@@ -1,4 +1,4 @@
-"""The two ways to sample with LoRA adapters at the shipped shapes, on paper (docs/lora.md#sampling).
+"""The two ways to sample with LoRA adapters at the shipped shapes, on paper (docs/lora.md, Sampling with adapters).
 
     python -m medix_fast.generate.lora_traffic            # rank 16, adapters on every decoder linear
     python -m medix_fast.generate.lora_traffic --rank 64  # (and the expert banks of a mixture of experts)

@@ -23,7 +23,7 @@ or DDP in bf16, the tensor-parallel copy kept across steps) needs none: the grap
 parameters, which the optimizer updates in place.
 
 LoRA adapters (``model/lora.py``) are either merged or run as their low-rank add, per kind
-(``merged_adapters``, the ``sampling.lora_merge`` setting; docs/lora.md#sampling has the measurements):
+(``merged_adapters``, the ``sampling.lora_merge`` setting; measured in docs/lora.md#sampling-with-adapters):
 a merged adapter's base slot (a ``LoraLinear``'s ``base_layer.weight``, a ``LoraExperts``' two
 expert banks) gets a compute-dtype buffer refreshed as ``W + scaling * B @ A`` (summed in fp32,
 rounded once; every expert's in one batched product), and the adapter's own path is off inside
@@ -53,7 +53,7 @@ from .. import distributed as D
 from ..model.lora import LoraExperts, LoraLinear, adapters, factors, fold
 
 # sampling.lora_merge: auto, per adapter kind: merged (True) or the low-rank add (False), as measured
-# on the CPU and on paper at the shipped shapes (docs/lora.md#sampling)
+# on the CPU and on paper at the shipped shapes (docs/lora.md#sampling-with-adapters)
 MERGE_AUTO = {LoraLinear: True, LoraExperts: True}
 
 
