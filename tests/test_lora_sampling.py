@@ -1,8 +1,9 @@
 """Sampling with LoRA adapters (``sampling.lora_merge``, generate/weights.py): merged into the engine's
 weight buffers or run as the low-rank add, greedy tokens equal to HF + PEFT ``generate`` (tiny-VL with
 images; tiny and tiny-MoE in tests/test_lora.py), and the static decoder (the CUDA graphs' step, run
-eagerly on the CPU) kept across optimizer steps sampling from the new adapters each time. The
-tensor-parallel copy with adapters is tested on 2 ranks in tests/test_tensor_parallel.py."""
+eagerly on the CPU) kept across optimizer steps sampling from the new adapters each time, and the two
+ways' costs on paper (generate/lora_traffic.py). The tensor-parallel copy with adapters is tested on
+2 ranks in tests/test_tensor_parallel.py."""
 from __future__ import annotations
 
 import pytest
@@ -99,3 +100,23 @@ def test_static_decoder_kept_across_steps_samples_the_new_adapters(merge):
     slots = {(id(m), n) for m, n, _ in static.weights.slots}
     expert = adapters(model)[-1].base_layer
     assert ((id(expert), "gate_up_proj") in slots) == merge  # merged: the bank's buffer, read at a fixed address
+
+
+def test_the_two_ways_on_paper_at_the_shipped_shapes():
+    """generate/lora_traffic.py: the adapted parameters of the 8B and the 30B-A3B by hand; the low-rank
+    add of the 30B's expert banks rewrites them every step (28 bytes per expert parameter, more than
+    the step's own traffic ten times over), its linears add a fraction; merging is 2 bytes a parameter."""
+    from medix_fast.generate.decode_shapes import shipped
+    from medix_fast.generate.lora_traffic import FOLD_BYTES, adapted, cost, table
+
+    shapes = {s.model: s for s in shipped()}
+    dense = adapted("Qwen3-VL-8B-Instruct")
+    assert dense.parameters == 36 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 12288) and not dense.banks
+    moe = adapted("Qwen3-VL-30B-A3B-Thinking")
+    experts = 48 * 128 * 3 * 2048 * 768
+    assert moe.parameters == 48 * 2 * (2048 * 4096 + 2048 * 512) + experts
+    c = cost(shapes["Qwen3-VL-30B-A3B-Thinking"], moe, 64, 16)
+    assert c.add_bytes > FOLD_BYTES * experts > 10 * c.base and c.buffers == 2 * moe.parameters
+    d = cost(shapes["Qwen3-VL-8B-Instruct"], dense, 64, 16)
+    assert 0 < d.add_bytes < 0.1 * d.base and d.add_launches == 4 * 7 * 36
+    assert "medix_r1_8b_dapo" in table(16)
