@@ -88,8 +88,8 @@ def test_adapters_equal_peft_and_merge_and_switch_off(name, tmp_path):
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
 def test_sampler_greedy_equals_peft_generate(name, tmp_path):
-    """The in-process sampler runs the adapters (the low-rank add beside each decode GEMM): its
-    greedy tokens are HF + PEFT ``generate``'s."""
+    """The in-process sampler runs the adapters (``sampling.lora_merge``'s default; both ways in
+    tests/test_lora_sampling.py): its greedy tokens are HF + PEFT ``generate``'s."""
     lora = LoraConfig(rank=4, alpha=8, experts=name == "tiny-moe")
     model = adapted(name, lora, seed=1)
     write_adapter(model, lora, "base", tmp_path)
