@@ -48,7 +48,16 @@ def test_the_plan_of_the_8b_with_lora_on_one_80_gb_gpu(qwen3_vl_8b, capsys):
     plan = memory.rollout_plan(cfg, model_config, 80 * GB, 1, counts, rewards, lora=lora)
     adapters = {k: v for k, v in plan.resident.items() if k.startswith("adapters'")}
     assert plan.resident["frozen base bf16 (sampled as is)"] == 2 * counts.total and sum(adapters.values()) == 16 * n
-    assert not any("reference" in k or "copy" in k for k in plan.resident) and plan.fits
+    assert not any("reference" in k or "copy" in k for k in plan.resident)
+    # sampling.lora_merge's default merges every adapted linear into a bf16 buffer (2 bytes each, 13.9 GB
+    # here): the rollout fits only with a smaller pool; the low-rank add fits at the config's 0.9
+    merged = "adapted weights merged for sampling, bf16 (sampling.lora_merge)"
+    assert plan.resident[merged] == 2 * lora.linear_weights == 2 * 36 * (2 * 4096 * 4096 + 2 * 4096 * 1024
+                                                                          + 3 * 4096 * 12288)
+    assert plan.expert_delta == 8 * 4096 * 12288 and not plan.fits and plan.fitting_utilization == 0.75
+    plan = memory.rollout_plan(load_config(path, [*LORA_8B, "sampling.lora_merge=false"]), model_config, 80 * GB, 1,
+                               counts, rewards, lora=lora)
+    assert merged not in plan.resident and not plan.expert_delta and plan.fits
     update = update_plan(cfg, model_config, 80 * GB, 1, rewards, counts, lora)
     assert update.fits and sum(v for k, v in update.resident.items() if k.startswith("adapters'")) == 12 * n
     tokens = cfg.train.micro_batch_tokens  # one layer recomputed: 6 adapted inputs of 4096 and down's 12288, + r each
@@ -57,7 +66,8 @@ def test_the_plan_of_the_8b_with_lora_on_one_80_gb_gpu(qwen3_vl_8b, capsys):
     assert update.update["checkpointed layer inputs"] == 2 * tokens * 4096 * 36  # the frozen tower saves nothing
     full = update_plan(load_config(path, ["sampling.tensor_parallel=1"]), model_config, 80 * GB, 1, rewards, counts)
     assert not full.fits
-    assert plan_main(["--plan", "--config", str(path), "--device-memory-gb", "80", "--world", "1", *LORA_8B]) == 0
+    assert plan_main(["--plan", "--config", str(path), "--device-memory-gb", "80", "--world", "1", *LORA_8B,
+                      "sampling.lora_merge=false"]) == 0
     assert "update: adapters' activations" in capsys.readouterr().out
 
 
@@ -92,9 +102,17 @@ def test_the_30b_with_expert_lora_fits_8_x_80_gb_under_fsdp2(qwen3_vl_30b):
     copy = "frozen base bf16, tensor-parallel copy (1/4 of the layers, adapters merged)"
     assert rollout.resident[copy] == 2 * counts.per_rank(4, 4) and rollout.build == 10 * gate_up
     assert rollout.fits and not rollout.expert_delta  # the copy holds the merged banks: no fold per decode step
-    unsharded = memory.rollout_plan(load_config(path, [*LORA_30B, "sampling.tensor_parallel=1"]), model_config,
-                                    80 * GB, 8, counts, rewards, lora=lora)
-    assert unsharded.expert_delta == 2 * (gate_up + down) + 8 * gate_up and not unsharded.fits
+    for merge in ("false", "auto"):  # unsharded: the banks folded per forward, or merged once per call
+        unsharded = memory.rollout_plan(load_config(path, [*LORA_30B, "sampling.tensor_parallel=1",
+                                                           f"sampling.lora_merge={merge}"]),
+                                        model_config, 80 * GB, 8, counts, rewards, lora=lora)
+        buffers = unsharded.resident.get("adapted weights merged for sampling, bf16 (sampling.lora_merge)", 0)
+        if merge == "false":
+            assert unsharded.expert_delta == 2 * (gate_up + down) + 8 * gate_up and not buffers
+        else:  # every adapted weight in a bf16 buffer; the merge's fp32 product of the largest bank
+            assert buffers == 2 * (lora.linear_weights + 48 * (gate_up + down)) and lora.bank_layers == 48
+            assert unsharded.expert_delta == 8 * gate_up
+        assert not unsharded.fits
     full = load_config(path)  # full fine-tuning, as the shipped config: the figures of before
     rollout, update = memory.rollout_plan(full, model_config, 80 * GB, 8, counts, rewards), update_plan(
         full, model_config, 80 * GB, 8, rewards, counts)

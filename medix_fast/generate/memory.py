@@ -22,8 +22,11 @@ resident besides the K/V pool:
   fp32 weights and AdamW states (``model.footprint.lora_counts``; DDP: their gradients too), FSDP2
   sharding both; the sampler's weights: FSDP2's unsharded base and adapters (bf16) with k = 1, the
   tensor-parallel copy with k > 1 (base-shaped bf16 shares, the adapters merged in; its build
-  folds an adapted expert bank through an fp32 product); adapted expert banks sampled as they are
-  fold once per layer and forward (``footprint.expert_delta_bytes``), beside the reserve;
+  folds an adapted expert bank through an fp32 product); with k = 1 the adapters ``sampling.lora_merge``
+  merges (``weights.merge_kinds``) get bf16 buffers of their base weights (2 bytes per adapted
+  parameter), folded at each call through an fp32 product of the largest (8 bytes per element, beside
+  the pool), and adapted expert banks sampled as they are (not merged) fold once per layer and
+  forward (``footprint.expert_delta_bytes``), beside the reserve;
 - the reward models (LLM judge, sentence encoder), bf16, unsharded, unless ``rewards.offload``;
 - CUDA context, NCCL and allocator slack (``RUNTIME_BYTES``).
 The pool is ``gpu_memory_utilization`` x what is left, minus ``activation_reserve`` (a prefill of
@@ -299,8 +302,8 @@ class RolloutPlan:
         elif self.build:
             rows.append(("building the copy: one parameter", f"{_gb(self.build)} (the largest, bf16, transient)"))
         if self.expert_delta:
-            rows.append(("expert delta bmm(B, A) per forward", f"{_gb(self.expert_delta)} (folded banks bf16 + fp32 "
-                                                               f"product, beside the reserve)"))
+            rows.append(("adapters folded for sampling", f"{_gb(self.expert_delta)} (the merge's fp32 product, or "
+                                                         f"unmerged expert banks per forward; beside the reserve)"))
         rows += [("activation reserve", _gb(self.reserve)),
                  ("K/V pool", f"{_gb(self.pool_bytes)} = {self.pool_tokens:,} tokens"),
                  ("K/V per token per GPU", f"{self.kv_per_token / 1024:.1f} KiB (bf16), blocks of {self.block_size}"),
@@ -360,7 +363,8 @@ def rollout_at(cfg, model_config, device_bytes: int, world: int, counts, reward_
                name: str | None, utilization: float, k: int, lora=None) -> RolloutPlan:
     """The rollout plan (:func:`rollout_plan`) at ``gpu_memory_utilization`` ``utilization`` and
     ``tensor_parallel`` ``k`` (``lora``: the adapters' ``model.footprint.LoraCounts``, None without)."""
-    from ..model.footprint import expert_delta_bytes, state_bytes
+    from ..model.footprint import state_bytes
+    from .weights import merge_kinds
 
     s, o = cfg.sampling, cfg.optim
     text = model_config.get_text_config()
@@ -378,8 +382,13 @@ def rollout_at(cfg, model_config, device_bytes: int, world: int, counts, reward_
         if k > 1:  # base-shaped shares with the adapters merged in: the decode adds no low-rank term
             resident[f"frozen base bf16, tensor-parallel copy (1/{k} of the layers, adapters merged)"] = \
                 2 * counts.per_rank(k, text.num_key_value_heads)
-        elif fsdp:  # FSDP2's unsharded parameters, the adapters' too (in bf16)
-            resident["policy bf16, unsharded for sampling (base and adapters)"] = 2 * (params + lora.total)
+        else:
+            if fsdp:  # FSDP2's unsharded parameters, the adapters' too (in bf16)
+                resident["policy bf16, unsharded for sampling (base and adapters)"] = 2 * (params + lora.total)
+            linear, experts = merge_kinds(s.lora_merge)
+            merged = linear * lora.linear_weights + experts * lora.bank_weights
+            if merged:
+                resident["adapted weights merged for sampling, bf16 (sampling.lora_merge)"] = 2 * merged
     elif k > 1:  # the tensor-parallel copy is the sampler's own: its graphs read it
         resident[f"policy bf16, tensor-parallel copy (1/{k} of the layers)"] = 2 * counts.per_rank(
             k, text.num_key_value_heads)
@@ -407,7 +416,22 @@ def rollout_at(cfg, model_config, device_bytes: int, world: int, counts, reward_
                        kv_per_token=kv_bytes_per_token(text, tensor_parallel=k), block_size=block,
                        row_tokens=row_tokens, rows_per_group=k * rows_per_gpu, max_num_seqs=s.max_num_seqs,
                        utilization=utilization, tensor_parallel=k, build=build,
-                       expert_delta=expert_delta_bytes(lora) if k == 1 else 0, folds=build > 2 * counts.largest)
+                       expert_delta=_sampling_fold(lora, s.lora_merge) if k == 1 else 0,
+                       folds=build > 2 * counts.largest)
+
+
+def _sampling_fold(lora, setting) -> int:
+    """The rollout's transient beside the pool for adapters sampled at ``tensor_parallel`` 1: the
+    per-call merge's fp32 product of the largest merged weight (8 bytes per element), or the folded
+    banks of adapted experts sampled as they are, per forward (``footprint.expert_delta_bytes``)."""
+    from ..model.footprint import expert_delta_bytes
+    from .weights import merge_kinds
+
+    if not lora:
+        return 0
+    linear, experts = merge_kinds(setting)
+    merge = max(linear * lora.largest_linear, experts * max(lora.banks, default=0))
+    return max(8 * merge, 0 if experts else expert_delta_bytes(lora))
 
 
 def reward_model_params(cfg) -> dict[str, int]:

@@ -60,8 +60,13 @@ MERGE_AUTO = {LoraLinear: True, LoraExperts: True}
 def merged_adapters(model: nn.Module, setting: str | bool) -> list[nn.Module]:
     """The adapters of ``model`` the sampler merges under ``sampling.lora_merge`` = ``setting``
     (true, false or "auto": ``MERGE_AUTO``'s choice for each kind). The one place this is decided."""
-    auto = [(m, next(v for kind, v in MERGE_AUTO.items() if isinstance(m, kind))) for m in adapters(model)]
-    return [m for m, merge in auto if (merge if setting == "auto" else setting)]
+    linear, experts = merge_kinds(setting)
+    return [m for m in adapters(model) if (linear if isinstance(m, LoraLinear) else experts)]
+
+
+def merge_kinds(setting: str | bool) -> tuple[bool, bool]:
+    """Whether ``setting`` merges (linear adapters, expert adapters): the plan's view of ``merged_adapters``."""
+    return tuple(MERGE_AUTO[kind] if setting == "auto" else bool(setting) for kind in (LoraLinear, LoraExperts))
 
 
 def _buffered(module: nn.Module, param: torch.Tensor, dtype: torch.dtype, fsdp: bool) -> bool:

@@ -141,6 +141,13 @@ class LoraCounts:
     widest: int  # the widest adapted input (its fp32 cast for the fp32 adapters, transient)
     banks: tuple[int, ...] = ()  # one MoE layer's adapted expert banks, E x out x in elements each
     bank_layers: int = 0  # layers whose expert banks carry adapters
+    linear_weights: int = 0  # the adapted linears' base weights, elements (what a merged sampler buffers)
+    largest_linear: int = 0  # the largest adapted linear's weight, elements (the merge's fp32 transient)
+
+    @property
+    def bank_weights(self) -> int:
+        """The adapted expert banks' base weights, elements, all layers."""
+        return sum(self.banks) * self.bank_layers
 
     @property
     def root(self) -> int:
@@ -168,10 +175,12 @@ def lora_counts(lora, model_config) -> LoraCounts | None:
     vision = [u for u in units if not any(u is d for d in decoders)]
     banks = [tuple(getattr(e.base_layer, n).numel() for n in EXPERT_BANKS) for e in model.modules()
              if isinstance(e, LoraExperts)]
+    linear = [a.base_layer.weight.numel() for a in model.modules() if isinstance(a, LoraLinear)]
     return LoraCounts(count(model), tuple(count(u) for u in units), max(map(width, decoders), default=0),
                       max(map(width, vision), default=0),
                       max((a.base_layer.in_features for a in model.modules() if isinstance(a, LoraLinear)), default=0),
-                      max(banks, key=sum, default=()), len(banks))
+                      max(banks, key=sum, default=()), len(banks), sum(linear),
+                      max(linear, default=0))
 
 
 def expert_delta_bytes(lora: LoraCounts | None, backward: bool = False, layers: int = 1) -> int:
