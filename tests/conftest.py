@@ -6,7 +6,8 @@ Every run draws the same numbers: torch's global generator is seeded before each
 ``torch.randn`` is reproducible too) and hypothesis is derandomised, with no example database.
 The suite runs on ``WORKERS`` pytest-xdist processes unless ``-n`` says otherwise (``-n 0``: one
 process), each test file on one of them (module fixtures built once), torch's threads shared out
-between them; only here, so that ``pytest bench/`` (timings, which xdist would switch off) is not."""
+between them; only here, so that ``pytest bench/`` (timings, which xdist would switch off) is not.
+The ``two_ranks`` fixture runs the session's two-rank jobs in one torchrun launch (tests/two_rank_jobs.py)."""
 import os
 
 import torch
