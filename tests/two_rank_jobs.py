@@ -43,7 +43,7 @@ JOBS = {  # job: (module:function, the test file reading its folder); run in thi
 RANKS = 2
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={RANKS}", "--master_port=0",
             "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0"]
-JOB_TIMEOUT_S = 300  # a launch may take this long per job it runs
+JOB_TIMEOUT_S = 120  # a launch is stopped after this long per job it runs (a job takes seconds, the imports ~15)
 GROUP_TIMEOUT_MIN = 5.0  # a collective one rank never joins fails the job after this long
 
 
