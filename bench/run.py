@@ -4,7 +4,7 @@
     python -m bench --smoke                 # each benchmark at its smallest size (the CI smoke test)
     python -m bench --only policy_loss      # a benchmark (advantages, logprobs, policy_loss, ...) or a module
                                             # (kernels, cpp, sampler, rewards, train, vl, moe, integrations,
-                                            # checkpoint, optimizer); repeatable
+                                            # checkpoint, optimizer, lora); repeatable
     python -m bench --out DIR               # default bench/results/ (--smoke: a temporary folder)
     python -m bench --gpu-check [--dry-run] # the prepared check of every CUDA path (bench/gpu_check.py)
 
@@ -52,11 +52,16 @@ MODULES = {
     "checkpoint": "bench.bench_checkpoint",
     "optimizer": "bench.bench_optimizer",
     "partial": "bench.bench_partial",
+    "lora": "bench.bench_lora",
 }
-# the benchmark names the modules' cases carry (``--only`` takes these or a module name);
-# bench/test_bench_cases.py checks them against the cases
-BENCHES = ("advantages", "logprobs", "policy_loss", "policy_loss_logp", "sample_step", "sampler", "rewards", "judge",
-           "train", "vl_rollout", "moe", "integrations", "checkpoint", "optimizer")
+# module name -> the benchmark names its cases carry (``--only`` takes these or a module name, and imports
+# only the modules it names: each imports its libraries); bench/test_bench_cases.py checks them against the cases
+MODULE_BENCHES = {"kernels": ("advantages", "logprobs", "policy_loss"),
+                  "cpp": ("advantages", "policy_loss_logp", "sample_step"), "sampler": ("sampler",),
+                  "rewards": ("rewards",), "judge": ("judge",), "train": ("train",), "vl": ("vl_rollout",),
+                  "moe": ("moe",), "integrations": ("integrations",), "checkpoint": ("checkpoint",),
+                  "optimizer": ("optimizer",), "partial": (), "lora": ("lora_sampling",)}
+BENCHES = tuple(dict.fromkeys(b for benches in MODULE_BENCHES.values() for b in benches))
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -114,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Result] = []
     matched: set[str] = set()
     for name, module_name in MODULES.items():
+        if not _wanted(args.only, name, *MODULE_BENCHES[name]):
+            continue
         if importlib.util.find_spec(module_name) is None:
             print(f"[bench] {name}: {module_name} not written yet, skipped", flush=True)
             continue

@@ -199,6 +199,10 @@ class SamplingConfig:
     # true: the sampler's log-probs equal the trainer's bit for bit (dense models, CPU): one batch-invariant
     # attention, GEMM and log-softmax for both (model/exact.py; docs/mismatch.md#exact-mode), at a cost
     exact: bool = False
+    # model.lora: true: each adapter folded into an engine weight buffer at each rollout (W + alpha / r * B A,
+    # 2 bytes per adapted parameter; plain decode GEMMs); false: its low-rank add in every forward; auto: the
+    # measured choice per kind, linear or experts (generate/weights.py MERGE_AUTO; docs/lora.md, Sampling with adapters)
+    lora_merge: Literal["auto"] | bool = "auto"
 
 
 @dataclass
@@ -597,8 +601,6 @@ def check(cfg: Config) -> None:
     lora = cfg.model.lora
     if lora.error():
         raise ConfigError(f"model.lora: {lora.error()}")
-    if lora.rank and s.tensor_parallel > 1:
-        raise ConfigError("model.lora: sampling.tensor_parallel > 1 copies the base weights only; use 1 with adapters")
     if cfg.model.router_aux_loss_coef < 0:
         raise ConfigError(f"model.router_aux_loss_coef: must be >= 0, got {cfg.model.router_aux_loss_coef}")
     c = cfg.checkpoint

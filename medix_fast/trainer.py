@@ -195,7 +195,7 @@ class Trainer:
         world, s = self.info.world, cfg.sampling
         engine = dict(max_num_seqs=s.max_num_seqs, kv_cache_gb=s.kv_cache_gb, block_size=s.block_size,
                       gpu_memory_utilization=s.gpu_memory_utilization, max_prefill_tokens=s.max_prefill_tokens,
-                      record_routing=cfg.model.router_replay)
+                      record_routing=cfg.model.router_replay, lora_merge=s.lora_merge)
         self.sampler = GroupSampler(self.model, s.tensor_parallel, self.info, dtype, **engine) \
             if s.tensor_parallel > 1 else Sampler(self.model, dtype=dtype, **engine)
         self.loader = PromptLoader(len(self.prompts), t.seed, cfg.data.shuffle, self.info.rank, world)

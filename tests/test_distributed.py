@@ -3,7 +3,8 @@
 Each rank updates on half of the groups (DDP and FSDP2); one process updates on all of them
 (one mini-batch, two PPO epochs, micro-batches of 40 tokens, so the ranks pad to the same
 micro-batch count and the second epoch uses recomputed old log-probs). The dapo normaliser counts tokens over both ranks and
-grpo / dr_grpo count sequences over both ranks, so the results must agree.
+grpo / dr_grpo count sequences over both ranks, so the results must agree. The same launch runs
+LoRA (``model.lora``: adapters on a frozen base, the KL to the base with the adapters off) under both.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dist_worker import lora_update
 from test_update import ALGORITHMS, G, MAX_NEW, make_sequences, tiny_model
 from two_rank_jobs import run_launch
 
@@ -61,6 +63,36 @@ def test_two_ranks_equal_one_process(two_process_results, strategy, name):
     assert saved["state"].keys() == state.keys()
     for key, value in state.items():
         torch.testing.assert_close(saved["state"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.fixture(scope="module")
+def lora_one_process():
+    """One process, the KL reference a second copy of the base (the ranks switch their adapters off)."""
+    return lora_update(make_sequences(GROUPS, model=tiny_model(0)), DistInfo(), reference=tiny_model(0))
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_lora_on_two_ranks_equals_one_process(two_process_results, lora_one_process, strategy):
+    """LoRA, 2 optimizer steps with the KL on: the ranks' adapters, loss, grad norm and KL (to the base
+    with their adapters off) are one process's (KL to a copy of the base); the base is unchanged; DDP
+    all-reduces the adapters' gradients and nothing else, FSDP2's optimizer holds shards of the adapters only."""
+    saved = torch.load(two_process_results / f"lora_{strategy}.pt", weights_only=False)
+    metrics, one = lora_one_process
+    assert saved["metrics"]["optimizer_steps"] == metrics["optimizer_steps"] == 2 and metrics["kl"] > 0
+    for key in ("loss", "grad_norm", "kl"):
+        assert saved["metrics"][key] == pytest.approx(metrics[key], rel=1e-5, abs=1e-6), key
+    adapters = {k for k in one["state"] if ".lora_A." in k or ".lora_B." in k}
+    base = tiny_model(0).state_dict()
+    assert saved["state"].keys() == one["state"].keys() and len(adapters) == 2 * 7 * 2
+    for key, value in one["state"].items():
+        torch.testing.assert_close(saved["state"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+        if key not in adapters:  # the frozen base, as loaded
+            assert torch.equal(saved["state"][key], base[key.replace(".base_layer.", ".")]), key
+    assert {name for name, _ in saved["held"]} == adapters
+    if strategy == "ddp":
+        assert set(saved["reduced"]) == adapters
+    else:
+        assert all(sharded for _, sharded in saved["held"])
 
 
 FSDP_RUN = ["distributed.strategy=fsdp", "train.steps=2", "train.prompts_per_step=4", "train.mini_batch_prompts=2",

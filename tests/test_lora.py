@@ -24,7 +24,6 @@ peft = pytest.importorskip("peft")
     ("model.lora.target_modules=[q_proj,lm_head]", "stay frozen"),
     ("model.lora.dropout=1.0", "0 <= dropout < 1"),
     ("model.lora.experts=true model.lora.dropout=0.1", "dropout must be 0 with experts"),
-    ("sampling.tensor_parallel=2", "tensor_parallel"),
 ])
 def test_bad_lora_settings_are_refused_in_one_line(override, named):
     with pytest.raises(ConfigError, match=named) as err:
@@ -89,8 +88,8 @@ def test_adapters_equal_peft_and_merge_and_switch_off(name, tmp_path):
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
 def test_sampler_greedy_equals_peft_generate(name, tmp_path):
-    """The in-process sampler runs the adapters (the low-rank add beside each decode GEMM): its
-    greedy tokens are HF + PEFT ``generate``'s."""
+    """The in-process sampler runs the adapters (``sampling.lora_merge``'s default; both ways in
+    tests/test_lora_sampling.py): its greedy tokens are HF + PEFT ``generate``'s."""
     lora = LoraConfig(rank=4, alpha=8, experts=name == "tiny-moe")
     model = adapted(name, lora, seed=1)
     write_adapter(model, lora, "base", tmp_path)
@@ -170,41 +169,10 @@ def test_a_lora_run_checkpoints_adapters_resumes_exactly_and_exports(tmp_path, c
         D.close()
 
 
-def test_the_plan_of_the_8b_with_lora_on_one_80_gb_gpu(capsys):
-    """Qwen3-VL-8B with rank-64 adapters on every decoder linear, one GPU: the base frozen in bf16
-    (2 bytes/param: the sampler's weights and the KL reference, no copy), the fp32 state of the
-    adapters only; it fits on 80 GB where full fine-tuning (16 bytes/param resident) does not."""
-    from pathlib import Path
-
-    from medix_fast.generate import memory
-    from medix_fast.generate.__main__ import main as plan_main
-    from medix_fast.model.footprint import lora_parameters, parameter_counts, update_plan
-
-    path = Path(__file__).parent.parent / "configs" / "medix_r1_8b_dapo.yaml"
-    lora = ["model.lora.rank=64", "model.lora.alpha=128", "distributed.strategy=ddp", "sampling.tensor_parallel=1"]
-    cfg = load_config(path, lora)
-    model_config = memory.load_config("Qwen3-VL-8B-Instruct")
-    counts = parameter_counts(model_config)
-    n = lora_parameters(cfg, model_config)
-    assert n == 36 * 64 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 12288))  # q o, k v, gate up down
-    rewards = memory.reward_model_params(cfg)
-    plan = memory.rollout_plan(cfg, model_config, 80 * 10**9, 1, counts, rewards)
-    adapters = {k: v for k, v in plan.resident.items() if k.startswith("adapters'")}
-    assert plan.resident["frozen base bf16 (sampled as is)"] == 2 * counts.total and sum(adapters.values()) == 16 * n
-    assert not any("reference" in k or "copy" in k for k in plan.resident) and plan.fits
-    update = update_plan(cfg, model_config, 80 * 10**9, 1, rewards, counts)
-    assert update.fits and sum(v for k, v in update.resident.items() if k.startswith("adapters'")) == 12 * n
-    full = update_plan(load_config(path, ["sampling.tensor_parallel=1"]), model_config, 80 * 10**9, 1, rewards, counts)
-    assert not full.fits
-    assert plan_main(["--plan", "--config", str(path), "--device-memory-gb", "80", "--world", "1", *lora]) == 0
-    assert "update: adapters' fp32 gradients" in capsys.readouterr().out
-
-
 def test_fsdp2_trains_the_adapters_and_writes_the_merged_model(tmp_path):
     """FSDP2 (one process: the same fully_shard units as on many ranks) with adapters: a step, a
     checkpoint of the adapters' shards only, and the gathered Hugging Face copy with the adapters
-    folded in, equal to PEFT on the exported adapter. (Two gloo ranks gave DDP's loss, grad norm and
-    KL to 1e-9: checked by hand, docs/lora.md.)"""
+    folded in, equal to PEFT on the exported adapter. (Two gloo ranks: tests/test_distributed.py.)"""
     from medix_fast import checkpoint as C
     from medix_fast import distributed as D
     from medix_fast.export import export

@@ -30,16 +30,21 @@ def tokenizer():
     return build_tokenizer(read_train_rows()[:64], vocab_size=400)
 
 
+def save_random(arch, tokenizer, tmp_path_factory):
+    """A random-weight model of ``arch`` with the tiny tokenizer, saved: (its folder, the model)."""
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS[arch](len(tokenizer)))
+    path = tmp_path_factory.mktemp(arch)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path, model
+
+
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def checkpoint(request, tokenizer, tmp_path_factory):
     """A random-weight checkpoint of one architecture, with the tiny tokenizer, on disk."""
-    from transformers import AutoModelForCausalLM
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(CONFIGS[request.param](len(tokenizer)))
-    path = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return request.param, path, model
+    return request.param, *save_random(request.param, tokenizer, tmp_path_factory)
 
 
 def batch(tokenizer, texts):
@@ -138,21 +143,42 @@ def test_attention_backend(monkeypatch):
 
 
 LIGER_CHECK = """
-import sys, torch
+import json, sys
 from transformers import AutoModelForCausalLM
 from medix_fast.model.loading import apply_liger
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
-forward = type(model).forward
-assert apply_liger(model)
-layer = model.get_decoder().layers[0]
-assert model.get_decoder().norm.forward.__qualname__ == "LigerRMSNorm.forward"
-assert layer.mlp.forward.__qualname__ == "LigerSwiGLUMLP.forward"
-assert sys.modules[type(layer.self_attn).__module__].apply_rotary_pos_emb.__name__ == "liger_rotary_pos_emb"
-assert type(model).forward is forward and "forward" not in vars(model)  # no fused cross-entropy
+
+def patches(path):
+    model = AutoModelForCausalLM.from_pretrained(path)
+    forward, decoder = type(model).forward, model.get_decoder()
+    layer = decoder.layers[0]
+    def seen():  # the final norm's, the first MLP's and the attention module's RoPE function
+        rope = sys.modules[type(layer.self_attn).__module__].apply_rotary_pos_emb
+        return [decoder.norm.forward.__qualname__, layer.mlp.forward.__qualname__,
+                getattr(rope, "__name__", type(rope).__name__)]  # transformers' own may be a module
+    before = seen()
+    return {"before": before, "applied": apply_liger(model), "after": seen(),
+            "loss kept": type(model).forward is forward and "forward" not in vars(model)}
+
+print(json.dumps({path: patches(path) for path in sys.argv[1:]}))
 """
+LIGER = ["LigerRMSNorm.forward", "LigerSwiGLUMLP.forward", "liger_rotary_pos_emb"]
 
 
-def test_liger_patches_norm_mlp_rope_only(checkpoint):
-    """Liger patches process-wide (and runs Triton on CUDA only): check the patching in a subprocess."""
-    _, path, _ = checkpoint
-    subprocess.run([sys.executable, "-c", LIGER_CHECK, str(path)], check=True, capture_output=True, cwd=path)
+@pytest.fixture(scope="module")
+def liger_patches(tokenizer, tmp_path_factory):
+    """Liger patches process-wide (and runs Triton on CUDA only): the patching, checked in a subprocess,
+    one for every architecture (one start of torch, transformers and Liger); arch -> what it saw."""
+    paths = {arch: str(save_random(arch, tokenizer, tmp_path_factory)[0]) for arch in sorted(CONFIGS)}
+    done = subprocess.run([sys.executable, "-c", LIGER_CHECK, *paths.values()], capture_output=True, text=True,
+                          cwd=paths["qwen2"], timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    return {arch: seen[path] for arch, path in paths.items()}
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_liger_patches_norm_mlp_rope_only(liger_patches, arch):
+    seen = liger_patches[arch]
+    # nothing of Liger before its own patch (an earlier architecture's patch leaked into it would hide a miss)
+    assert seen["applied"] and not set(seen["before"]) & set(LIGER) and seen["after"] == LIGER, seen
+    assert seen["loss kept"]  # no fused cross-entropy

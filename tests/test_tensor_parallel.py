@@ -60,6 +60,15 @@ def test_a_group_call_stopped_early_and_continued_equals_one_call(engine, name):
     assert engine[0][name]["pieces"][1] + engine[1][name]["pieces"][1] > 0  # rows were left and continued
 
 
+def test_a_lora_policy_samples_its_merged_weights_on_the_copy(engine):
+    """tiny-MoE with adapters on its linears and experts: the copy's shares are the folded weights, the
+    adapters' update between two calls of a kept copy seen (tests/tp_worker.py's lora)."""
+    for rank in (0, 1):
+        r = engine[rank]["lora"]
+        assert r["group0"] == r["merged0"] and r["group1"] == r["merged1"], rank
+        assert r["merged0"] != r["merged1"]  # the update changes the tokens
+
+
 def test_a_rank_without_prompts_takes_part_in_its_group(engine):
     assert [len(engine[r]["tiny"]["sat_out"]) for r in (0, 1)] == [4, 0]  # rank 0's 2 prompts x 2; rank 1 none
 

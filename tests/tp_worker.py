@@ -7,7 +7,10 @@ engine: on tiny (Qwen2: q/k/v biases), tiny-VL (Qwen2.5-VL, images; its attentio
 from hidden / heads), tiny-MoE (with the routing record) and tiny-VL-MoE (images), each rank
 samples its own prompts (uneven counts; rank 1 also sits one call out) with the group sampler, and
 with a Sampler on the unsharded weights; a pool small enough to preempt on the MoE model (rank 1
-given a larger K/V budget: the group must use the smaller).
+given a larger K/V budget: the group must use the smaller). Then tiny-MoE with LoRA adapters on its
+linears and experts: the group sampler's greedy tokens (its copy's shares folded, ``W + s B A``)
+against a Sampler on the single-process model with the adapters merged, over two calls with the
+copy kept and the adapters updated between them.
 train: two Trainer steps with sampling.tensor_parallel 1 (FSDP2), a checkpoint after the first; the
 second step again by a Trainer with 2 resumed from that checkpoint, then its held-out evaluation.
 Rank r writes ``OUT/<part>_rank<r>.pt`` for the test to compare.
@@ -86,7 +89,36 @@ def engine(out: Path, info: D.DistInfo) -> None:
                 result["pieces"] = (*in_pieces(group, prompts, images, 21), whole_call.completion_ids)
         result["weights_after"] = str(next(group.copy.model.parameters()).device)
         results[name] = result
+    results["lora"] = lora(info)
     torch.save(results, out / f"engine_rank{info.rank}.pt")
+
+
+def lora(info: D.DistInfo) -> dict:
+    """tiny-MoE with adapters (linears and experts, B non-zero), the same on both ranks: each call's
+    greedy tokens from the group (its copy kept across the in-place update of the adapters between
+    the calls) and from a Sampler on the plain model loaded with the merged weights."""
+    from medix_fast.config import LoraConfig
+    from medix_fast.model.loading import load_model
+    from medix_fast.model.lora import adapter_parameters, add_adapters, merged_state_dict
+
+    path = resolve_model_path("tiny-moe")
+    model, _ = load_model(path, dtype=torch.float32, device="cpu")
+    torch.manual_seed(7)  # A's initialisation: the same on both ranks
+    add_adapters(model, LoraConfig(rank=4, alpha=8, experts=True))
+    g = torch.Generator().manual_seed(7)
+    group = GroupSampler(model, 2, info, torch.float32, max_num_seqs=4, kv_cache_gb=0.01)
+    kw = dict(n=2, max_new_tokens=12, temperature=0, stop_token_ids=[])
+    result = {}
+    for call in range(2):
+        with torch.no_grad():  # B random (fresh it is zero), then an update
+            for p in adapter_parameters(model):
+                p.add_(torch.randn(p.shape, generator=g), alpha=0.1)
+        with group.weights(keep=True):
+            result[f"group{call}"] = group.generate(PROMPTS[info.rank], **kw).completion_ids
+        merged, _ = load_model(path, dtype=torch.float32, device="cpu")
+        merged.load_state_dict(merged_state_dict(model))
+        result[f"merged{call}"] = Sampler(merged, max_num_seqs=4).generate(PROMPTS[info.rank], **kw).completion_ids
+    return result
 
 
 def train(out: Path, info: D.DistInfo) -> None:

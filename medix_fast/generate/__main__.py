@@ -17,7 +17,12 @@ of the three phases (the sampler gives its pool and copy back before the update,
 never hold each other's memory), and the time per step on paper (``step_time``: an H100 up to 94
 GB, an H200 above, at ``--mfu``). Exit status 0 when every phase fits the device and the host
 fits its memory, 1 when one does not, 2 on bad arguments (answered before torch is imported, as
-is a config error).
+is a config error). ``--longest-completion GB...`` (last on the line) prints instead, per GPU
+memory, the longest ``sampling.max_new_tokens`` every phase fits (``longest.py``); 0 when one fits
+on each, 1 when one does not.
+
+    python -m medix_fast.generate --plan --config configs/medix_r1_8b_dapo.yaml --world 1 model.lora.rank=64 \
+        distributed.strategy=ddp sampling.tensor_parallel=1 rewards.offload=true --longest-completion 24 48 80
 """
 from __future__ import annotations
 
@@ -43,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="share of the bf16 dense peak the forwards and backwards reach, for the time on paper "
                         "(default 0.3)")
     p.add_argument("--model-config", default=None, help="checkpoint dir, config.json or known model name")
+    p.add_argument("--longest-completion", type=float, nargs="+", metavar="GB",
+                   help="instead of the plan: the longest sampling.max_new_tokens (and the train.micro_batch_tokens "
+                        "beside it) every phase fits on --world GPUs of each of these memories (longest.py)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. sampling.max_num_seqs=128")
     args = p.parse_args(argv)  # a bad line is answered here, before torch is imported
     if args.config is None:
@@ -50,13 +58,13 @@ def main(argv: list[str] | None = None) -> int:
 
         print(decode_traffic.table())
         return 0
-    if args.device_memory_gb is None:
+    if args.device_memory_gb is None and not args.longest_completion:
         p.error("--device-memory-gb is needed with --config")
-    device_bytes = int(args.device_memory_gb * 1e9)
+    device_bytes = int((args.device_memory_gb or args.longest_completion[0]) * 1e9)
     try:
         preflight.check_plan(args)
         cfg = load_config(args.config, args.overrides)
-        from ..model.footprint import host_memory, lora_parameters, parameter_counts, update_plan
+        from ..model.footprint import host_memory, lora_counts, parameter_counts, update_plan
         from . import memory
         from .step_time import step_time
 
@@ -66,15 +74,17 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(error)
         rewards = memory.reward_model_params(cfg)
         counts = parameter_counts(model_config)
+        lora = lora_counts(cfg.model.lora, model_config)
+        if args.longest_completion:
+            return _longest(cfg, model_config, args, counts, rewards, lora)
         plan = memory.rollout_plan(cfg, model_config, device_bytes, args.world, counts, rewards,
-                                   name=Path(args.model_config).name if args.model_config else None)
+                                   name=Path(args.model_config).name if args.model_config else None, lora=lora)
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print("rollout (the K/V pool and the sampler's copy are put to sleep, or given back, before the update)")
     print(plan.table())
-    host = host_memory(cfg, counts, args.world, args.gpus_per_node, rewards,
-                       lora_parameters(cfg, model_config) if cfg.model.lora.rank else None)
+    host = host_memory(cfg, counts, args.world, args.gpus_per_node, rewards, lora.total if lora else None)
     host_fits = sum(host.values()) <= args.host_memory_gb * 1e9
     print(f"\nhost memory per node ({min(args.world, args.gpus_per_node)} ranks)")
     for name, size in host.items():
@@ -84,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.distributed.strategy != "fsdp" and not cfg.model.lora.rank:
         print("\nupdate: planned for distributed.strategy=fsdp (or model.lora) only")
         return 0 if plan.fits and host_fits else 1
-    update = update_plan(cfg, model_config, device_bytes, args.world, rewards, counts)
+    update = update_plan(cfg, model_config, device_bytes, args.world, rewards, counts, lora)
     print("\nold log-probs and update")
     print(update.table())
     keep = memory.keep_across_steps(update.update_bytes, plan.held_bytes, device_bytes)
@@ -96,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{(update.update_bytes + graphs) / 1e9:.1f} GB of {device_bytes / 1e9:.1f} GB"
           + ("" if memory.keep_across_steps(update.update_bytes, graphs, device_bytes) else
              ", over the 90% planned for") + ")")
-    if cfg.sampling.tensor_parallel == 1:
+    if cfg.sampling.tensor_parallel == 1 and cfg.distributed.strategy == "fsdp":
         print(f"  the sampler then reads its own bf16 copy of FSDP2's unsharded weights, not in the table above: "
               f"{2 * counts.total / 1e9:.1f} GB more in the rollout, the pool that much smaller (weights.py)")
     print(f"without it: the pool and copy beside the update ({update.update_bytes / 1e9:.1f} GB) " + (
@@ -110,6 +120,23 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(step_time(cfg, model_config, counts, plan, args.world, gpu, args.mfu, rewards).table())
     return 0 if plan.fits and update.fits and host_fits else 1
+
+
+def _longest(cfg, model_config, args, counts, rewards, lora) -> int:
+    """``--longest-completion``: one line per GPU memory; 0 when a completion fits on each."""
+    from ..model.footprint import TARGET
+    from .longest import longest_completion
+
+    s = cfg.sampling
+    print(f"the longest completion on {args.world} GPU(s), {cfg.distributed.strategy}, sampling.tensor_parallel "
+          f"{s.tensor_parallel}" + (f", model.lora rank {cfg.model.lora.rank}" if lora else "")
+          + f": every phase within {TARGET:.0%}, a micro-batch of one group at least ({s.group_size} rows of "
+          f"{cfg.data.max_prompt_length:,} prompt + the completion tokens)")
+    rows = [longest_completion(cfg, model_config, int(gb * 1e9), args.world, counts, rewards, lora)
+            for gb in args.longest_completion]
+    for row in rows:
+        print(row.line())
+    return 0 if all(row.max_new_tokens for row in rows) else 1
 
 
 if __name__ == "__main__":

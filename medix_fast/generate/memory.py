@@ -17,9 +17,13 @@ resident besides the K/V pool:
   and experts / k, max(1, kv_heads / k) K/V heads, the rest replicated), built by gathering one
   parameter at a time (transient: the largest parameter, whole, in bf16);
 - a KL reference model when ``algorithm.beta > 0``: bf16, sharded under FSDP;
-- with ``model.lora``, instead of the three above: the frozen base in bf16 (what the sampler runs,
-  and the KL reference with the adapters off) and the adapters' fp32 weights, gradients and AdamW
-  states (``model.footprint.lora_parameters``);
+- with ``model.lora``, instead of the three above: the frozen base in bf16 (the KL reference with
+  the adapters off; sampled as it is with ``tensor_parallel`` 1 on one GPU or DDP) and the adapters'
+  fp32 weights and AdamW states (``model.footprint.lora_counts``; DDP: their gradients too), FSDP2
+  sharding both; the sampler's weights: FSDP2's unsharded base and adapters (bf16) with k = 1, the
+  tensor-parallel copy with k > 1 (base-shaped bf16 shares, the adapters merged in; its build
+  folds an adapted expert bank through an fp32 product); adapted expert banks sampled as they are
+  fold once per layer and forward (``footprint.expert_delta_bytes``), beside the reserve;
 - the reward models (LLM judge, sentence encoder), bf16, unsharded, unless ``rewards.offload``;
 - CUDA context, NCCL and allocator slack (``RUNTIME_BYTES``).
 The pool is ``gpu_memory_utilization`` x what is left, minus ``activation_reserve`` (a prefill of
@@ -207,6 +211,8 @@ class RolloutPlan:
     utilization: float = 0.85  # sampling.gpu_memory_utilization
     tensor_parallel: int = 1  # sampling.tensor_parallel: GPUs per sampling group
     build: int = 0  # transient while the tensor-parallel copy is built: one whole parameter in bf16
+    expert_delta: int = 0  # LoRA on experts, sampled as is: each forward's folded banks (footprint.expert_delta_bytes)
+    folds: bool = False  # the build transient is an adapted expert bank's fold (LoRA on experts, tensor parallel)
     fitting_utilization: float | None = None  # the largest gpu_memory_utilization that fits (when this does not)
     # the smallest larger tensor_parallel that fits, with the largest gpu_memory_utilization it fits at
     fitting_tensor_parallel: tuple[int, float] | None = None
@@ -219,8 +225,9 @@ class RolloutPlan:
     @property
     def peak_bytes(self) -> int:
         """The rollout's memory on one GPU: what is resident, then the larger of the copy's build
-        transient and the activation reserve with the pool (the pool is sized after the build)."""
-        return sum(self.resident.values()) + max(self.build, self.reserve + self.pool_bytes)
+        transient and the activation reserve with the pool (the pool is sized after the build) and
+        the expert adapters' folded banks, which the engine's reserve does not hold."""
+        return sum(self.resident.values()) + max(self.build, self.reserve + self.pool_bytes + self.expert_delta)
 
     @property
     def held_bytes(self) -> int:
@@ -286,8 +293,14 @@ class RolloutPlan:
                 ("sampling groups", f"{self.world // k} of {k} GPU{'s' if k > 1 else ''} "
                                     f"(sampling.tensor_parallel {k})")]
         rows += [(f"resident: {name}", _gb(v)) for name, v in self.resident.items()]
-        if self.build:
+        if self.build and self.folds:
+            rows.append(("building the copy: one expert bank", f"{_gb(self.build)} (gathered bf16, folded with its "
+                                                               f"adapters through an fp32 product, transient)"))
+        elif self.build:
             rows.append(("building the copy: one parameter", f"{_gb(self.build)} (the largest, bf16, transient)"))
+        if self.expert_delta:
+            rows.append(("expert delta bmm(B, A) per forward", f"{_gb(self.expert_delta)} (folded banks bf16 + fp32 "
+                                                               f"product, beside the reserve)"))
         rows += [("activation reserve", _gb(self.reserve)),
                  ("K/V pool", f"{_gb(self.pool_bytes)} = {self.pool_tokens:,} tokens"),
                  ("K/V per token per GPU", f"{self.kv_per_token / 1024:.1f} KiB (bf16), blocks of {self.block_size}"),
@@ -305,46 +318,49 @@ def _gb(nbytes: float) -> str:
 
 
 def rollout_plan(cfg, model_config, device_bytes: int, world: int = 8, counts=None,
-                 reward_params: dict[str, int] | None = None, name: str | None = None) -> RolloutPlan:
+                 reward_params: dict[str, int] | None = None, name: str | None = None, lora=None) -> RolloutPlan:
     """The rollout's memory on one GPU for training config ``cfg`` (medix_fast.config.Config)
-    and model ``model_config`` (``counts``: its ``model.footprint.ParameterCounts``, counted here
-    when None; ``reward_params``: the reward models' parameter counts, resident in bf16 unless
-    ``rewards.offload``; ``name``: how to call the model, default model.path's last component).
+    and model ``model_config`` (``counts`` / ``lora``: its ``model.footprint.ParameterCounts`` and
+    ``LoraCounts``, counted here when None; ``reward_params``: the reward models' parameter counts,
+    resident in bf16 unless ``rewards.offload``; ``name``: how to call the model, default
+    model.path's last component).
     When it does not fit: the smallest common GPU, the largest ``gpu_memory_utilization`` (by 0.01,
     at most the config's) and the smallest larger ``tensor_parallel`` (with such a utilization)
     with which it would."""
-    from ..model.footprint import GPU_GB, parameter_counts
+    from ..model.footprint import GPU_GB, lora_counts, parameter_counts
 
     counts = counts or parameter_counts(model_config)
-    plan = _rollout_at(cfg, model_config, device_bytes, world, counts, reward_params, name,
-                       cfg.sampling.gpu_memory_utilization, cfg.sampling.tensor_parallel)
+    lora = lora or lora_counts(cfg.model.lora, model_config)
+    plan = rollout_at(cfg, model_config, device_bytes, world, counts, reward_params, name,
+                      cfg.sampling.gpu_memory_utilization, cfg.sampling.tensor_parallel, lora)
     if plan.fits:
         return plan
-    plan.fitting_gpu = next((gb for gb in GPU_GB if _rollout_at(
-        cfg, model_config, int(gb * 1e9), world, counts, reward_params, name, plan.utilization, plan.tensor_parallel
-    ).fits), None)
-    plan.fitting_utilization = _fitting_utilization(cfg, model_config, device_bytes, world, counts, reward_params,
-                                                    plan.tensor_parallel)
+    plan.fitting_gpu = next((gb for gb in GPU_GB if rollout_at(
+        cfg, model_config, int(gb * 1e9), world, counts, reward_params, name, plan.utilization, plan.tensor_parallel,
+        lora).fits), None)
+    plan.fitting_utilization = fitting_utilization(cfg, model_config, device_bytes, world, counts, reward_params,
+                                                   plan.tensor_parallel, lora)
     for k in (k for k in tensor_parallel_sizes(model_config, world) if k > plan.tensor_parallel):
-        utilization = _fitting_utilization(cfg, model_config, device_bytes, world, counts, reward_params, k)
+        utilization = fitting_utilization(cfg, model_config, device_bytes, world, counts, reward_params, k, lora)
         if utilization is not None:
             plan.fitting_tensor_parallel = (k, utilization)
             break
     return plan
 
 
-def _fitting_utilization(cfg, model_config, device_bytes: int, world: int, counts, reward_params, k: int):
+def fitting_utilization(cfg, model_config, device_bytes: int, world: int, counts, reward_params, k: int, lora):
     """The largest ``gpu_memory_utilization`` by 0.01, at most the config's, with which the rollout
     fits at ``tensor_parallel`` ``k``; None if none does."""
     top = round(100 * cfg.sampling.gpu_memory_utilization)
-    return next((percent / 100 for percent in range(top, 0, -1) if _rollout_at(
-        cfg, model_config, device_bytes, world, counts, reward_params, None, percent / 100, k).fits), None)
+    return next((percent / 100 for percent in range(top, 0, -1) if rollout_at(
+        cfg, model_config, device_bytes, world, counts, reward_params, None, percent / 100, k, lora).fits), None)
 
 
-def _rollout_at(cfg, model_config, device_bytes: int, world: int, counts, reward_params: dict[str, int] | None,
-                name: str | None, utilization: float, k: int) -> RolloutPlan:
-    """:func:`rollout_plan` at ``gpu_memory_utilization`` ``utilization`` and ``tensor_parallel`` ``k``."""
-    from ..model.footprint import lora_parameters, state_bytes
+def rollout_at(cfg, model_config, device_bytes: int, world: int, counts, reward_params: dict[str, int] | None,
+               name: str | None, utilization: float, k: int, lora=None) -> RolloutPlan:
+    """The rollout plan (:func:`rollout_plan`) at ``gpu_memory_utilization`` ``utilization`` and
+    ``tensor_parallel`` ``k`` (``lora``: the adapters' ``model.footprint.LoraCounts``, None without)."""
+    from ..model.footprint import expert_delta_bytes, state_bytes
 
     s, o = cfg.sampling, cfg.optim
     text = model_config.get_text_config()
@@ -354,17 +370,23 @@ def _rollout_at(cfg, model_config, device_bytes: int, world: int, counts, reward
     state = state_bytes(o.offload, o.state_dtype)
     resident = {f"policy {state.name(key, o.state_dtype, fsdp)}": b * params // shards
                 for key, b in state.device.items() if key != "grads" or not fsdp}  # FSDP frees its gradients
-    if cfg.model.lora.rank:  # the frozen bf16 base: sampled as it is, the KL reference with its adapters off
-        resident = {"frozen base bf16 (sampled as is)": 2 * params}
-        resident |= {f"adapters' {state.name(key, o.state_dtype, False)}": b * lora_parameters(cfg, model_config)
-                     for key, b in state.device.items()}
+    if lora:  # the frozen bf16 base (the KL reference with its adapters off), sharded as the adapters' state
+        base = "frozen base bf16" + (" shards" if fsdp else " (sampled as is)" if k == 1 else "")
+        resident = {base: 2 * params // shards}
+        resident |= {f"adapters' {state.name(key, o.state_dtype, fsdp)}": b * lora.total // shards
+                     for key, b in state.device.items() if key != "grads" or not fsdp}
+        if k > 1:  # base-shaped shares with the adapters merged in: the decode adds no low-rank term
+            resident[f"frozen base bf16, tensor-parallel copy (1/{k} of the layers, adapters merged)"] = \
+                2 * counts.per_rank(k, text.num_key_value_heads)
+        elif fsdp:  # FSDP2's unsharded parameters, the adapters' too (in bf16)
+            resident["policy bf16, unsharded for sampling (base and adapters)"] = 2 * (params + lora.total)
     elif k > 1:  # the tensor-parallel copy is the sampler's own: its graphs read it
         resident[f"policy bf16, tensor-parallel copy (1/{k} of the layers)"] = 2 * counts.per_rank(
             k, text.num_key_value_heads)
     else:
         # what the CUDA graphs read (weights.py): FSDP2's unsharded parameters, else the sampler's copy
         resident["policy bf16, unsharded for sampling" if fsdp else SAMPLER_COPY] = 2 * params
-    if cfg.algorithm.beta > 0 and not cfg.model.lora.rank:
+    if cfg.algorithm.beta > 0 and not lora:
         resident["reference bf16" + (" shards" if fsdp else "")] = 2 * params // shards
     for what, count in ({} if cfg.rewards.offload else reward_params or {}).items():
         resident[f"{what} bf16"] = 2 * count
@@ -376,12 +398,16 @@ def _rollout_at(cfg, model_config, device_bytes: int, world: int, counts, reward
     blocks = lambda n: -(-n // block)  # noqa: E731
     row_tokens = block * (blocks(-(-cfg.data.max_prompt_length // s.group_size)) + blocks(s.max_new_tokens))
     rows_per_gpu = -(-max(cfg.train.prompts_per_step, cfg.algorithm.chunk_prompts) // world) * s.group_size
+    build = 0
+    if k > 1:  # one parameter gathered whole in bf16; an adapted expert bank is also folded through its fp32 product
+        build = max(2 * counts.largest, 10 * max(lora.banks, default=0) if lora else 0)
     return RolloutPlan(model=name or Path(str(cfg.model.path)).name, params=params, device_bytes=device_bytes,
                        world=world, strategy=cfg.distributed.strategy, resident=resident, reserve=reserve,
                        pool_bytes=kv_budget(free, utilization, reserve),
                        kv_per_token=kv_bytes_per_token(text, tensor_parallel=k), block_size=block,
                        row_tokens=row_tokens, rows_per_group=k * rows_per_gpu, max_num_seqs=s.max_num_seqs,
-                       utilization=utilization, tensor_parallel=k, build=2 * counts.largest if k > 1 else 0)
+                       utilization=utilization, tensor_parallel=k, build=build,
+                       expert_delta=expert_delta_bytes(lora) if k == 1 else 0, folds=build > 2 * counts.largest)
 
 
 def reward_model_params(cfg) -> dict[str, int]:

@@ -64,7 +64,7 @@ from .runner import Runner
 from .scheduler import Scheduler
 from .sequence import Group, Row
 from .tokens import PREFILTER, SamplingParams, row_key, sample_tokens, uniforms
-from .weights import EngineWeights
+from .weights import EngineWeights, merged_adapters
 
 GROUP_SLACK = 4  # group-table rows beyond max_num_seqs (prompts held for rows not admitted yet)
 
@@ -112,13 +112,16 @@ class Sampler:
     ``release()``. record_routing (MoE models): also return each token's selected experts per
     layer (``routing.py``; in every decode mode). agree (a
     ``GroupSampler``'s): called with the K/V budget in blocks, returns the one every rank of its
-    group uses (the smallest), so the ranks that decode together schedule alike.
+    group uses (the smallest), so the ranks that decode together schedule alike. lora_merge (a
+    model with LoRA adapters, ``sampling.lora_merge``): true, false or "auto" (``weights.MERGE_AUTO``
+    per kind): merged adapters are folded into the engine's weight buffers at each call (in every
+    decode mode), the others run their low-rank add in each forward.
     """
 
     def __init__(self, model: nn.Module, max_num_seqs: int = 64, kv_cache_gb: float = 1.0,
                  gpu_memory_utilization: float = 0.85, block_size: int = 0, max_prefill_tokens: int = 16384,
                  dtype: torch.dtype | None = None, decode_mode: str = "auto", record_routing: bool = False,
-                 agree=None):
+                 agree=None, lora_merge: str | bool = "auto"):
         self.model = unwrap_model(model)
         if max_num_seqs < 1 or max_prefill_tokens < 1:
             raise ValueError(f"need max_num_seqs >= 1 and max_prefill_tokens >= 1, got {max_num_seqs}, "
@@ -140,6 +143,7 @@ class Sampler:
         self.decode_mode = decode_mode
         self.record_routing = record_routing
         self.agree = agree or (lambda blocks: blocks)
+        self.merge = merged_adapters(self.model, lora_merge)  # adapters folded into the engine's buffers
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
         self.pool: KVPool | None = None
         self.stats = EngineStats()
@@ -212,11 +216,12 @@ class Sampler:
         return torch.autocast(param.device.type, dtype=dtype)
 
     def _engine_weights(self):
-        """The static modes: the engine's buffers (``weights.py``) refreshed in place and swapped in
-        for the call, so a decoder captured in an earlier call reads this call's weights; eager:
-        the model's own parameters (and autocast's per-call copies)."""
+        """The static modes, and merged adapters in any mode: the engine's buffers (``weights.py``)
+        refreshed in place and swapped in for the call, so a decoder captured in an earlier call
+        reads this call's weights; eager without merged adapters: the model's own parameters (and
+        autocast's per-call copies)."""
         param = next(self.model.parameters())
-        if self._mode(param.device) == "eager":
+        if self._mode(param.device) == "eager" and not self.merge:
             return contextlib.nullcontext()
         self.sleep_driver(param.device)
         for part in (self.pool, self.weights):  # asleep since the last release: pages back before any write
@@ -224,7 +229,8 @@ class Sampler:
                 part.wake()
         if self.weights is None or not self.weights.matches(self.model, self.graphs_kept):
             self.weights = self._decoder = None  # its graphs read the old buffers
-            self.weights = EngineWeights(self.model, self._layout(param.device)[2], self.graphs_kept, self.driver)
+            self.weights = EngineWeights(self.model, self._layout(param.device)[2], self.graphs_kept, self.driver,
+                                         self.merge)
         return self.weights.swapped()
 
     def sleep_driver(self, device: torch.device):

@@ -24,6 +24,12 @@ at k = 8: 96 columns per expert and rank).
 The shares come from the policy's parameters, sharded by FSDP2 (DTensors) or whole (DDP, one
 process): each is cast to the copy's dtype on its shard and all-gathered one at a time, sliced and
 dropped (transient: the largest parameter in bf16), so no rank ever holds the unsharded policy.
+
+A LoRA policy (``model/lora.py``): the copy is the plain model, its shares folded weights. An adapted
+weight's base (``q_proj.base_layer.weight``, ``experts.base_layer.gate_up_proj``) is gathered like any
+parameter, its adapter's A and B (small, fp32) too, and the full ``W + scaling * B @ A`` is summed in
+fp32 (transient: one fp32 tensor of the weight's shape), rounded once to the copy's dtype and split;
+so the copy holds base-shaped merged shares, refilled with the current adapters at every fill.
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ import torch
 from torch import nn
 
 from .. import distributed as D
+from ..model.lora import fold
 from ..model.moe import text_config
 
 _LAYER = re.compile(r"(^|\.)layers\.\d+\.")  # a decoder layer's parameters (the vision tower's are blocks.N)
@@ -192,18 +199,35 @@ class TensorParallelCopy:
     def _fill(self) -> None:
         params = dict(self.source.named_parameters())
         for name, dst in self.model.named_parameters():
-            if name not in params:
+            owner, _, leaf = name.rpartition(".")
+            base = f"{owner}.base_layer.{leaf}"  # the weight under a LoRA adapter (model/lora.py)
+            if name in params:
+                self._copy(name, params[name], dst)
+            elif base in params:
+                adapter = self.source.get_submodule(owner)
+                b, a = (params.get(f"{owner}.lora_{x}.{leaf}") for x in "BA")  # none for a bias
+                self._copy(name, params[base], dst, (b, a, adapter.scaling) if b is not None and adapter.enabled
+                           else None)
+            else:
                 raise ValueError(f"tensor-parallel copy: {name} has no counterpart in the policy")
-            self._copy(name, params[name], dst)
         buffers = dict(self.source.named_buffers())
         for name, dst in self.model.named_buffers():
             self._copy(name, buffers[name], dst)
 
-    def _copy(self, name: str, src: torch.Tensor, dst: torch.Tensor) -> None:
+    def _full(self, src: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The whole of ``src`` on the copy's device: an FSDP2 shard cast on the shard, gathered in ``dtype``."""
         src = src.detach()
-        if hasattr(src, "full_tensor"):  # an FSDP2 shard: cast on the shard, gather in the copy's dtype
-            src = src.to(self.dtype).full_tensor()
-        share = self._share(name, src.to(self.device))
+        if hasattr(src, "full_tensor"):
+            src = src.to(dtype).full_tensor()
+        return src.to(self.device)
+
+    def _copy(self, name: str, src: torch.Tensor, dst: torch.Tensor, lora: tuple | None = None) -> None:
+        """``dst`` = this rank's share of ``src``, with ``lora`` (B, A, scaling) folded in first."""
+        src = self._full(src, self.dtype)
+        if lora is not None:
+            b, a, scaling = lora
+            src = fold(src.to(self.dtype), self._full(b, b.dtype), self._full(a, a.dtype), scaling)
+        share = self._share(name, src)
         if share.shape != dst.shape:
             raise ValueError(f"tensor-parallel copy: {name} of shape {tuple(src.shape)} gives a share of "
                              f"{tuple(share.shape)}, the copy expects {tuple(dst.shape)}")

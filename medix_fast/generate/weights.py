@@ -22,6 +22,15 @@ A model whose weights are already in the compute dtype and in storage of their o
 or DDP in bf16, the tensor-parallel copy kept across steps) needs none: the graphs read its
 parameters, which the optimizer updates in place.
 
+LoRA adapters (``model/lora.py``) are either merged or run as their low-rank add, per kind
+(``merged_adapters``, the ``sampling.lora_merge`` setting; measured in docs/lora.md#sampling-with-adapters):
+a merged adapter's base slot (a ``LoraLinear``'s ``base_layer.weight``, a ``LoraExperts``' two
+expert banks) gets a compute-dtype buffer refreshed as ``W + scaling * B @ A`` (summed in fp32,
+rounded once; every expert's in one batched product), and the adapter's own path is off inside
+``swapped()``: the decode runs plain GEMMs on fixed addresses, the adapters' delta read once per
+call instead of in every step. 2 bytes per adapted parameter (bf16), in every decode mode. A
+low-rank adapter reads its A and B in each forward (updated in place by the optimizer).
+
 How the decode reads them: for the duration of ``swapped()`` each slot's ``module._parameters``
 entry is a parameter wrapping the buffer, and the original parameter object is put back after
 (never altered: no ``.data`` swap, no copy into it). So there is one forward code path, the
@@ -41,6 +50,18 @@ import torch
 from torch import nn
 
 from .. import distributed as D
+from ..model.lora import LoraExperts, LoraLinear, adapters, factors, fold
+
+# sampling.lora_merge: auto, per adapter kind: merged (True) or the low-rank add (False), as measured
+# on the CPU and on paper at the shipped shapes (docs/lora.md#sampling-with-adapters)
+MERGE_AUTO = {LoraLinear: True, LoraExperts: True}
+
+
+def merged_adapters(model: nn.Module, setting: str | bool) -> list[nn.Module]:
+    """The adapters of ``model`` the sampler merges under ``sampling.lora_merge`` = ``setting``
+    (true, false or "auto": ``MERGE_AUTO``'s choice for each kind). The one place this is decided."""
+    auto = [(m, next(v for kind, v in MERGE_AUTO.items() if isinstance(m, kind))) for m in adapters(model)]
+    return [m for m, merge in auto if (merge if setting == "auto" else setting)]
 
 
 def _buffered(module: nn.Module, param: torch.Tensor, dtype: torch.dtype, fsdp: bool) -> bool:
@@ -52,12 +73,17 @@ def _buffered(module: nn.Module, param: torch.Tensor, dtype: torch.dtype, fsdp: 
 
 class EngineWeights:
     """Compute-dtype buffers for the parameter slots of ``model`` that need one (possibly none);
-    ``kept``: the sampler keeps its graphs across steps (FSDP2's slots need buffers then)."""
+    ``kept``: the sampler keeps its graphs across steps (FSDP2's slots need buffers then);
+    ``merge``: the adapters folded into their base slots' buffers (``merged_adapters``)."""
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype, kept: bool, driver=None):
+    def __init__(self, model: nn.Module, dtype: torch.dtype, kept: bool, driver=None, merge: list = ()):
         fsdp = self.every = kept and D.is_sharded(model)
+        self.merge = list(merge)
+        folded = {(id(owner), name) for m in self.merge for owner, name, _, _ in factors(m)}
+        unread = {id(p) for m in self.merge for _, _, b, a in factors(m) for p in (b, a)}  # off while merged
         slots = [(module, name, param) for module in model.modules() for name, param in module._parameters.items()
-                 if param is not None and _buffered(module, param, dtype, fsdp)]
+                 if param is not None and id(param) not in unread
+                 and ((id(module), name) in folded or _buffered(module, param, dtype, fsdp))]
         sources = {id(param): param for _, _, param in slots}  # a tied parameter: one buffer for its slots
         dtypes = {key: param.dtype if fsdp else dtype for key, param in sources.items()}
         starts, end = {}, 0  # each buffer's byte offset in one sleepable range, 256-byte aligned
@@ -73,6 +99,8 @@ class EngineWeights:
         made = {key: nn.Parameter(self._buffer(param, dtypes[key], starts[key]), requires_grad=False)
                 for key, param in sources.items()}
         self.slots: list[tuple[nn.Module, str, nn.Parameter]] = [(m, n, made[id(p)]) for m, n, p in slots]
+        # each merged adapter with its base slots' buffers, in ``factors``' order
+        self.folded = [(m, [made[id(owner._parameters[name])] for owner, name, _, _ in factors(m)]) for m in self.merge]
         self.nbytes = sum(p.nbytes for p in made.values())
         self.shapes = [tuple(module._parameters[name].shape) for module, name, _ in self.slots]
 
@@ -93,17 +121,29 @@ class EngineWeights:
 
     @contextlib.contextmanager
     def swapped(self):
-        """Refresh the buffers from the slots' parameters, then let the slots hold the buffers for
-        the duration; the original parameters are back in their slots after."""
+        """Refresh the buffers from the slots' parameters (a merged adapter's base slot: folded with
+        its A and B), then let the slots hold the buffers and the merged adapters' own path be off for
+        the duration; the original parameters and adapter flags are back after."""
         saved = [(module, name, module._parameters[name]) for module, name, _ in self.slots]
         sources = {id(buffer): (buffer, param) for (_, _, param), (_, _, buffer) in zip(saved, self.slots)}
+        folded = {id(buffer) for adapter, buffers in self.folded if adapter.enabled for buffer in buffers}
+        flags = [(m, m.enabled) for m in self.merge]
         with torch.no_grad():
-            for buffer, param in sources.values():  # a tied buffer once
-                buffer.copy_(param.detach())  # in place: the graphs' addresses stay
+            for buffer, param in sources.values():  # a tied buffer once; in place: the graphs' addresses stay
+                if id(buffer) not in folded:
+                    buffer.copy_(param.detach())
+            for adapter, buffers in self.folded:  # an adapter switched off (adapters_off) is copied as its base
+                for (owner, name, b, a), buffer in zip(factors(adapter), buffers):
+                    if adapter.enabled:
+                        fold(owner._parameters[name].detach(), b.detach(), a.detach(), adapter.scaling, out=buffer)
         try:
             for module, name, buffer in self.slots:
                 module._parameters[name] = buffer
+            for m, _ in flags:
+                m.enabled = False
             yield
         finally:
             for module, name, param in saved:
                 module._parameters[name] = param
+            for m, enabled in flags:
+                m.enabled = enabled

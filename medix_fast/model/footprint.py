@@ -26,11 +26,14 @@ large configs; DDP holds whole copies and is for small models):
   ``optim.offload: optimizer`` or bf16 states, the chunk buffers of AdamW's step
   (``optim.adamw.staging_bytes``).
 Without ``model.gradient_checkpointing`` every layer's activations stay for the backward.
-With ``model.lora`` (one GPU or DDP: whole copies) the base is frozen in bf16 (2 bytes/param, no fp32
-master, gradient nor AdamW state), the sampler's weights and, with its adapters off, the KL reference;
-the training state is the adapters' (:func:`lora_parameters`); the forwards gather nothing; the
-fused LM-head loss makes no dW (the head is frozen). The adapters' own activations (r per
-adapted layer and token) are not counted.
+With ``model.lora`` the base is frozen in bf16 (2 bytes/param, no fp32 master, gradient nor AdamW
+state; FSDP2 shards it, 2 / world, and gathers its units in bf16 with no gradient nor fp32 reduce
+but the adapters'; one GPU or DDP hold it whole and gather nothing), the sampler's weights and,
+with its adapters off, the KL reference; the training state is the adapters' (:func:`lora_counts`),
+sharded as the base; the fused LM-head loss makes no dW (the head is frozen); a frozen vision tower
+saves nothing for a backward. Counted besides: the adapters' own activations (each adapted
+linear's input, which lora_A saves, and A x, r values, per token; outside FSDP2 the fp32 cast of
+the input) and, with ``model.lora.experts``, each MoE layer's folded banks (:func:`expert_delta_bytes`).
 A mixture-of-experts layer's activations count the ``num_experts_per_tok`` experts each token
 runs (its gathered input, gate/up, activation and output), not all of them; its parameters count
 every expert, which is why the active count per token (decode reads, FLOPs) is ~10x smaller
@@ -128,16 +131,59 @@ def parameter_counts(config) -> ParameterCounts:
                            max(p.numel() for p in model.parameters()), decode)
 
 
-def lora_parameters(cfg, model_config) -> int:
-    """Parameters of ``cfg.model.lora``'s adapters on the model ``model_config`` describes (counted on
-    the meta device, by ``model/lora.py``'s own targeting); 0 without adapters."""
-    if not cfg.model.lora.rank:
-        return 0
-    from .lora import adapter_parameters, add_adapters
+@dataclasses.dataclass(frozen=True)
+class LoraCounts:
+    """What ``model.lora``'s adapters add to a model (:func:`lora_counts`), for the plan."""
+    total: int  # adapter parameters: fp32 weights, gradients and AdamW states
+    units: tuple[int, ...]  # adapter parameters per FSDP2 unit, ``ParameterCounts.units``' order; the rest in the root
+    width: int  # saved per token by one decoder layer's adapters: each adapted linear's input (lora_A's) and A x (r)
+    vision_width: int  # the same per image patch of one vision block (``model.lora.vision``; 0: the tower frozen)
+    widest: int  # the widest adapted input (its fp32 cast for the fp32 adapters, transient)
+    banks: tuple[int, ...] = ()  # one MoE layer's adapted expert banks, E x out x in elements each
+    bank_layers: int = 0  # layers whose expert banks carry adapters
+
+    @property
+    def root(self) -> int:
+        return self.total - sum(self.units)
+
+    def with_units(self, counts: ParameterCounts) -> tuple[int, tuple[int, ...]]:
+        """The root and the units of ``counts`` with these adapters in them (what FSDP2 gathers)."""
+        return counts.root + self.root, tuple(u + a for u, a in zip(counts.units, self.units))
+
+
+def lora_counts(lora, model_config) -> LoraCounts | None:
+    """The adapters ``lora`` (``cfg.model.lora``) puts on the model ``model_config`` describes, counted
+    on the meta device by ``model/lora.py``'s own targeting; None without adapters."""
+    if not lora.rank:
+        return None
+    from ..distributed import decoder_layers, shard_units
+    from .lora import EXPERT_BANKS, LoraExperts, LoraLinear, adapter_parameters, add_adapters
 
     model = meta_model(model_config)
-    add_adapters(model, cfg.model.lora)
-    return sum(p.numel() for p in adapter_parameters(model))
+    add_adapters(model, lora)
+    count = lambda m: sum(p.numel() for p in adapter_parameters(m))  # noqa: E731
+    width = lambda m: sum(a.base_layer.in_features + lora.rank for a in m.modules()  # noqa: E731
+                          if isinstance(a, LoraLinear))
+    units, decoders = shard_units(model), decoder_layers(model)
+    vision = [u for u in units if not any(u is d for d in decoders)]
+    banks = [tuple(getattr(e.base_layer, n).numel() for n in EXPERT_BANKS) for e in model.modules()
+             if isinstance(e, LoraExperts)]
+    return LoraCounts(count(model), tuple(count(u) for u in units), max(map(width, decoders), default=0),
+                      max(map(width, vision), default=0),
+                      max((a.base_layer.in_features for a in model.modules() if isinstance(a, LoraLinear)), default=0),
+                      max(banks, key=sum, default=()), len(banks))
+
+
+def expert_delta_bytes(lora: LoraCounts | None, backward: bool = False, layers: int = 1) -> int:
+    """The transient of ``model/lora.py``'s ``LoraExperts`` in one MoE layer's forward: each adapted bank
+    folded, ``bank + scaling * bmm(B, A)``, a whole (E, out, in) bank in bf16 (2 bytes per element of
+    both banks; with ``backward`` kept for it, as the grouped GEMM saves its weight, in ``layers``
+    layers at once), made through an fp32 product and its scaled copy (8 bytes per element of the
+    largest bank); the backward then makes the bank's bf16 gradient and widens it to fp32 twice
+    (10 bytes per element of the largest bank, after the forward's 8 are freed). 0 without expert adapters."""
+    if not lora or not lora.banks:
+        return 0
+    return 2 * sum(lora.banks) * layers + (10 if backward else 8) * max(lora.banks)
 
 
 def experts_read(config, rows: int) -> float:
@@ -216,6 +262,8 @@ class UpdatePlan:
     fitting_tokens: int | None = None  # the largest train.micro_batch_tokens that fits (when this does not)
     offload: str = "none"  # optim.offload
     old_logprobs: str = "recompute"  # algorithm.old_logprobs
+    tokens: int = 0  # the micro-batch planned
+    group_tokens: int = 0  # one group at the longest lengths: group_size x (max_prompt_length + max_new_tokens)
 
     @property
     def logprobs_bytes(self) -> int:
@@ -266,6 +314,10 @@ class UpdatePlan:
         rows += [(f"update: {k}", _gb(v)) for k, v in self.update.items()]
         rows += [("update peak", f"{_gb(self.update_bytes)} of {_gb(self.device_bytes)}"),
                  ("verdict", "fits" if self.fits else self.misfit())]
+        if self.group_tokens > self.tokens:  # rl/batch.py's pack trains a group over the budget alone
+            rows.append(("but one group", f"at the longest lengths ({self.group_tokens:,} tokens) is longer than the "
+                                          f"{self.tokens:,}-token micro-batch planned: trained whole, alone, over this "
+                                          f"plan (--longest-completion)"))
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -277,7 +329,7 @@ def host_memory(cfg, counts: ParameterCounts, world: int, gpus_per_node: int = 8
     checkpoint's staging copy (``checkpoint.async_save`` with ``keep_staging``: the fp32 master
     weights and, with ``save_optimizer``, AdamW's states, kept between saves) and, under
     ``rewards.offload``, the reward models in bf16 (``reward_params``). ``trained``: the parameters
-    with a training state (default all; LoRA: the adapters', :func:`lora_parameters`)."""
+    with a training state (default all; LoRA: the adapters', :func:`lora_counts`)."""
     ranks = min(world, gpus_per_node)
     shards = world if cfg.distributed.strategy == "fsdp" else 1
     trained = counts.total if trained is None else trained
@@ -320,37 +372,50 @@ def fitting_gpu(need_bytes: float) -> str:
     return f"{size} GB" if size else f"more than {GPU_GB[-1]} GB"
 
 
-def update_plan(cfg, model_config, device_bytes: int, world: int = 8,
-                reward_params: dict[str, int] | None = None, counts: ParameterCounts | None = None) -> UpdatePlan:
-    """The training update's memory on one of ``world`` GPUs under FSDP2 for config ``cfg``
-    (medix_fast.config.Config) and model ``model_config``; ``reward_params``: the reward models'
-    parameter counts by name (resident in bf16 unless ``rewards.offload``). When it does not fit,
-    ``fitting_tokens`` is the largest ``train.micro_batch_tokens`` with which it would (both
-    phases grow with it: a bisection), a multiple of 1024 from 1024 up; None if none would."""
+def update_plan(cfg, model_config, device_bytes: int, world: int = 8, reward_params: dict[str, int] | None = None,
+                counts: ParameterCounts | None = None, lora: LoraCounts | None = None) -> UpdatePlan:
+    """The training update's memory on one of ``world`` GPUs under FSDP2 (or, with ``model.lora``,
+    DDP) for config ``cfg`` (medix_fast.config.Config) and model ``model_config``; ``reward_params``:
+    the reward models' parameter counts by name (resident in bf16 unless ``rewards.offload``);
+    ``counts`` / ``lora``: the model's and the adapters' counts (counted here when None). When it
+    does not fit, ``fitting_tokens`` is the largest ``train.micro_batch_tokens`` with which it would
+    (both phases grow with it), a multiple of 1024 from 1024 up; None if none would."""
     c = counts or parameter_counts(model_config)
-    lora = lora_parameters(cfg, model_config)
-    plan = _plan_at(cfg, model_config, device_bytes, world, reward_params, c, cfg.train.micro_batch_tokens, lora)
+    lora = lora or lora_counts(cfg.model.lora, model_config)
+    plan = update_at(cfg, model_config, device_bytes, world, reward_params, c, cfg.train.micro_batch_tokens, lora)
     if plan.fits:
         return plan
-    low, high = 0, cfg.train.micro_batch_tokens  # fits at low (0: none yet), not at high
-    while high - low > 1:
-        mid = (low + high) // 2
-        low, high = (mid, high) if _plan_at(cfg, model_config, device_bytes, world, reward_params, c, mid, lora).fits \
-            else (low, mid)
+    low = largest_tokens(cfg, model_config, device_bytes, world, reward_params, c, lora, cfg.train.micro_batch_tokens)
     plan.fitting_tokens = (low // 1024 * 1024 if low >= 1024 else low) or None
     return plan
 
 
-def _plan_at(cfg, model_config, device_bytes: int, world: int, reward_params: dict[str, int] | None,
-             c: ParameterCounts, tokens: int, lora: int = 0) -> UpdatePlan:
-    """:func:`update_plan` with ``tokens`` tokens per micro-batch (``lora``: the adapters' parameters)."""
+def largest_tokens(cfg, model_config, device_bytes: int, world: int, reward_params: dict[str, int] | None,
+                   c: ParameterCounts, lora: LoraCounts | None, high: int) -> int:
+    """The largest micro-batch below ``high`` tokens whose old log-probs and update fit (both grow with
+    it: a bisection); 0 if none does."""
+    low = 0  # fits at low (0: none yet), not at high
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if update_at(cfg, model_config, device_bytes, world, reward_params, c, mid, lora).fits \
+            else (low, mid)
+    return low
+
+
+def update_at(cfg, model_config, device_bytes: int, world: int, reward_params: dict[str, int] | None,
+              c: ParameterCounts, tokens: int, lora: LoraCounts | None = None) -> UpdatePlan:
+    """The update plan (:func:`update_plan`) with ``tokens`` tokens per micro-batch (``lora``: the
+    adapters' counts)."""
     t = text_config(model_config)
     h, vocab = t.hidden_size, t.vocab_size
     o = cfg.optim
+    fsdp = cfg.distributed.strategy == "fsdp"
+    shards = world if fsdp else 1
     state = state_bytes(o.offload, o.state_dtype)
-    if lora:
-        resident = {"frozen base bf16 (the KL reference with adapters off)": 2 * c.total}
-        resident |= {f"adapters' {state.name(k, o.state_dtype, False)}": b * lora
+    if lora:  # the frozen base: no fp32 master, gradient nor AdamW state; those of the adapters, sharded as the base
+        resident = {f"frozen base bf16{' shards' if fsdp else ''} (the KL reference with adapters off)":
+                    2 * c.total // shards}
+        resident |= {f"adapters' {state.name(k, o.state_dtype, fsdp)}": b * lora.total // shards
                      for k, b in state.device.items() if k != "grads"}
     else:
         resident = {state.name(k, o.state_dtype): b * c.total // world
@@ -361,29 +426,50 @@ def _plan_at(cfg, model_config, device_bytes: int, world: int, reward_params: di
         resident[f"{name} bf16"] = 2 * n
     resident["CUDA runtime and slack"] = RUNTIME_BYTES
     lm_head = LOGITS_CHUNK_BYTES + 4 * vocab * h + 4 * tokens * h
+    root, units = lora.with_units(c) if lora else (c.root, c.units)  # FSDP2 gathers a unit with its adapters
     logprobs = {}
-    if lora and (cfg.algorithm.old_logprobs == "recompute" or cfg.algorithm.beta > 0):
-        logprobs = {"one layer's forward": 2 * tokens * layer_width(model_config),
-                    "LM-head logits chunk": LOGITS_CHUNK_BYTES}
-    elif cfg.algorithm.old_logprobs == "recompute" or cfg.algorithm.beta > 0:
-        logprobs = {"root unit bf16": 2 * c.root,
-                    "two largest units bf16 (one prefetched)": 2 * sum(sorted(c.units)[-2:]),
-                    "one layer's forward": 2 * tokens * layer_width(model_config),
-                    "LM-head logits chunk": LOGITS_CHUNK_BYTES}
+    if cfg.algorithm.old_logprobs == "recompute" or cfg.algorithm.beta > 0:
+        if fsdp or not lora:
+            logprobs = {"root unit bf16": 2 * root,
+                        "two largest units bf16 (one prefetched)": 2 * sum(sorted(units)[-2:])}
+        logprobs |= {"one layer's forward": 2 * tokens * layer_width(model_config),
+                     "LM-head logits chunk": LOGITS_CHUNK_BYTES}
+        if expert_delta_bytes(lora):
+            logprobs["expert delta bmm(B, A): folded banks bf16 + fp32 product"] = expert_delta_bytes(lora)
     v = getattr(model_config, "vision_config", None)
     patches = tokens * v.spatial_merge_size**2 if v is not None else 0  # at most merge^2 patches per image token
     layers = t.num_hidden_layers
     depth, vision_h = (v.depth, v.hidden_size) if v is not None else (0, 0)
+    tower = depth if not lora or lora.vision_width else 0  # blocks that save for a backward (a frozen tower: none)
     if cfg.model.gradient_checkpointing:
-        saved = 2 * (tokens * h * layers + patches * vision_h * depth)
+        saved = 2 * (tokens * h * layers + patches * vision_h * tower)
         working = 2 * 2 * max(tokens * layer_width(model_config), patches * vision_width(model_config))
         activations = {"checkpointed layer inputs": saved, "one layer recomputed + its gradients": working}
     else:
         activations = {"every layer's activations": 2 * (tokens * layer_width(model_config) * layers
-                                                          + patches * vision_width(model_config) * depth)}
+                                                          + patches * vision_width(model_config) * max(tower, 1))}
     if lora:
-        update = {"adapters' fp32 gradients": 4 * lora, **activations,
-                  "fused LM-head loss (fp32 chunk; frozen head, no dW)": lm_head - 4 * vocab * h}
+        update = {f"adapters' fp32 gradient{' shards' if fsdp else 's'}": 4 * lora.total // shards} \
+            if "grads" in state.device else {}
+        if fsdp:
+            big = max(range(len(units)), key=units.__getitem__)  # bf16 weights of two, adapters' grads of one
+            update |= {"root unit unsharded bf16 (frozen; its adapters' grads + fp32 reduce)":
+                       2 * c.root + 8 * lora.root,
+                       "two layers gathered bf16, one's adapters' grads + fp32 reduce":
+                       4 * units[big] + 6 * lora.units[big]}
+        update |= activations
+        if cfg.model.gradient_checkpointing:  # one unit recomputed at a time
+            own = 2 * max(tokens * lora.width, patches * lora.vision_width)
+        else:
+            own = 2 * (tokens * lora.width * layers + patches * lora.vision_width * depth)
+        # outside FSDP2 the fp32 adapters cast their input to fp32 (autocast casts it back to bf16 and saves that)
+        update["adapters' activations (inputs and A x saved; the fp32 input cast)"] = own + (
+            0 if fsdp else 4 * tokens * lora.widest)
+        if lora.banks:
+            kept = 1 if cfg.model.gradient_checkpointing else lora.bank_layers  # layers whose folded banks are saved
+            update["expert delta bmm(B, A): folded banks bf16 (saved) + fp32 product + the bank's gradient"] = \
+                expert_delta_bytes(lora, backward=True, layers=kept)
+        update["fused LM-head loss (fp32 chunk; frozen head, no dW)"] = lm_head - 4 * vocab * h
     else:
         update = {state.name("grads", o.state_dtype): 4 * c.total // world} if "grads" in state.device else {}
         update |= {"root unit unsharded (bf16 + grads + fp32 reduce)": 8 * c.root,
@@ -393,5 +479,6 @@ def _plan_at(cfg, model_config, device_bytes: int, world: int, reward_params: di
 
     if staging_bytes(o.offload, o.state_dtype):
         update["AdamW step buffers (chunks streamed / widened)"] = staging_bytes(o.offload, o.state_dtype)
+    group = cfg.sampling.group_size * (cfg.data.max_prompt_length + cfg.sampling.max_new_tokens)
     return UpdatePlan(c, int(device_bytes), world, resident, logprobs, update, offload=o.offload,
-                      old_logprobs=cfg.algorithm.old_logprobs)
+                      old_logprobs=cfg.algorithm.old_logprobs, tokens=tokens, group_tokens=group)

@@ -100,10 +100,21 @@ class LoraExperts(nn.Module):
 ADAPTERS = (LoraLinear, LoraExperts)
 
 
-def fold(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``w + scaling * b @ a`` in ``w``'s dtype: (out, in) with (out, r) @ (r, in), or every expert's
-    at once, (E, out, in) with (E, out, r) @ (E, r, in) (one batched product)."""
-    return w + (torch.matmul(b.float(), a.float()) * scaling).to(w.dtype)
+def fold(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, scaling: float,
+         out: torch.Tensor | None = None) -> torch.Tensor:
+    """``w + scaling * b @ a`` summed in fp32 and rounded once to ``w``'s dtype (or written into
+    ``out``, in its dtype): (out, in) with (out, r) @ (r, in), or every expert's at once, (E, out, in)
+    with (E, out, r) @ (E, r, in) (one batched product). Transient: one fp32 tensor of ``w``'s shape."""
+    total = torch.matmul(b.float(), a.float()).mul_(scaling).add_(w)
+    return total.to(w.dtype) if out is None else out.copy_(total)
+
+
+def factors(module: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]]:
+    """An adapter's adapted weights, each as (the module holding it, its parameter name, B, A), read
+    from the slots now (FSDP2 puts new unsharded parameters in them at each unshard)."""
+    if isinstance(module, LoraLinear):
+        return [(module.base_layer, "weight", module.lora_B.weight, module.lora_A.weight)]
+    return [(module.base_layer, n, module.lora_B[n], module.lora_A[n]) for n in EXPERT_BANKS]
 
 
 def _vision_prefix(model: nn.Module) -> str | None:
