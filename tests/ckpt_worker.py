@@ -1,18 +1,17 @@
-"""Worker for tests/test_checkpoint.py, run under ``torchrun --nproc_per_node=2`` (gloo, CPU, FSDP2).
+"""Worker for tests/test_checkpoint.py: two two-rank jobs (tests/two_rank_jobs.py; gloo, CPU, FSDP2).
 
-    python ckpt_worker.py train OUT     # 2 steps, checkpoint (async), full state -> OUT/reference.pt,
-                                        # then step 3 -> OUT/uninterrupted.json
-    python ckpt_worker.py resume OUT    # resume the latest checkpoint: full state -> OUT/resumed_2.pt,
-                                        # then step 3 -> OUT/resumed.json; the shard files each rank
-                                        # verified the checksum of -> OUT/verified_rank<R>.json
+    train(OUT, info)    # 2 steps into OUT/run, checkpoint (async), full state -> OUT/reference.pt,
+                        # then step 3 -> OUT/uninterrupted.json
+    resume(OUT, info)   # a new Trainer resumes train's latest checkpoint (OUT: resume's folder, beside
+                        # train's): full state -> OUT/resumed_2.pt, then step 3 -> OUT/resumed.json; the
+                        # shard files each rank verified the checksum of -> OUT/verified_rank<R>.json
 
 The full (gathered) model and optimizer state is what the test compares across world sizes.
 """
 from __future__ import annotations
 
+import contextlib
 import json
-import os
-import sys
 from pathlib import Path
 
 import torch
@@ -49,8 +48,9 @@ def comparable(metrics: dict) -> dict:
     return {k: None if v != v else v for k, v in metrics.items() if not k.startswith(TIMING)}
 
 
-def recording_verified() -> list[str]:
-    """The names of the files whose CRC-32 this process computes from now on."""
+@contextlib.contextmanager
+def recording_verified():
+    """The names of the files whose CRC-32 this process computes inside the block."""
     verified, crc = [], checksums.file_crc
 
     def recorded(path: Path) -> str:
@@ -58,28 +58,33 @@ def recording_verified() -> list[str]:
         return crc(path)
 
     checksums.file_crc = recorded
-    return verified
+    try:
+        yield verified
+    finally:
+        checksums.file_crc = crc
 
 
-def main(mode: str, out: Path) -> None:
-    verified = recording_verified()
-    if mode == "train":
-        trainer = Trainer(config(out / "run"))
-        for _ in range(2):
-            trainer.train_step()
-        trainer.save()
-        trainer.checkpointer.wait()
-    else:
-        trainer = Trainer(config(out / "run"), resume="latest")
-        (out / f"verified_rank{os.environ['RANK']}.json").write_text(json.dumps(verified))
+def step_3(trainer: Trainer, out: Path, state_file: str, metrics_file: str) -> None:
+    """The full state into ``out/state_file``, then step 3's metrics into ``out/metrics_file`` (rank 0)."""
     state = full_state(trainer)  # views of live tensors (the optimizer's step counts): saved before step 3
     if trainer.info.is_main:
-        torch.save(state, out / ("reference.pt" if mode == "train" else "resumed_2.pt"))
+        torch.save(state, out / state_file)
     metrics = comparable(trainer.train_step())
     if trainer.info.is_main:
-        (out / ("uninterrupted.json" if mode == "train" else "resumed.json")).write_text(json.dumps(metrics))
-    D.close()
+        (out / metrics_file).write_text(json.dumps(metrics))
 
 
-if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]))
+def train(out: Path, info: D.DistInfo) -> None:
+    trainer = Trainer(config(out / "run"))
+    for _ in range(2):
+        trainer.train_step()
+    trainer.save()
+    trainer.checkpointer.wait()
+    step_3(trainer, out, "reference.pt", "uninterrupted.json")
+
+
+def resume(out: Path, info: D.DistInfo) -> None:
+    with recording_verified() as verified:
+        trainer = Trainer(config(out.parent / "ckpt_train" / "run"), resume="latest")
+    (out / f"verified_rank{info.rank}.json").write_text(json.dumps(verified))
+    step_3(trainer, out, "resumed_2.pt", "resumed.json")

@@ -6,7 +6,8 @@ Every run draws the same numbers: torch's global generator is seeded before each
 ``torch.randn`` is reproducible too) and hypothesis is derandomised, with no example database.
 The suite runs on ``WORKERS`` pytest-xdist processes unless ``-n`` says otherwise (``-n 0``: one
 process), each test file on one of them (module fixtures built once), torch's threads shared out
-between them; only here, so that ``pytest bench/`` (timings, which xdist would switch off) is not."""
+between them; only here, so that ``pytest bench/`` (timings, which xdist would switch off) is not.
+The ``two_ranks`` fixture runs the session's two-rank jobs in one torchrun launch (tests/two_rank_jobs.py)."""
 import os
 
 import torch
@@ -20,6 +21,7 @@ import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 from medix_fast.kernels import cpp, force_backend  # noqa: E402
+from two_rank_jobs import Results, jobs_of, shared  # noqa: E402
 
 settings.register_profile("deterministic", derandomize=True, database=None)
 settings.load_profile("deterministic")
@@ -60,6 +62,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def two_ranks(request, tmp_path_factory) -> Results:
+    """The two-rank jobs (tests/two_rank_jobs.py) of the test files collected that use this fixture, in one
+    torchrun launch for the session: the first test asking runs it, under xdist in the session's shared
+    temporary folder (its workers read its results there); ``.folder(job)`` is a job's folder."""
+    files = {item.path.name for item in request.session.items if "two_ranks" in item.fixturenames}
+    root = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        root = root.parent
+    return shared(root, jobs_of(files))
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""Worker for tests/test_distributed.py, run under ``torchrun --nproc_per_node=2``.
+"""Worker for tests/test_distributed.py, a two-rank job (tests/two_rank_jobs.py: ``run``).
 
 Each rank takes its half of the groups of the batch that test_update.py builds, runs one
 ``Updater.update`` under DDP and under FSDP2 (gloo, CPU; the KL reference sharded too), and rank 0 saves the full
@@ -104,5 +104,8 @@ def main(out: Path, names: list[str]) -> None:
     D.close()
 
 
-if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2].split(","))
+def run(out: Path, info: D.DistInfo) -> None:
+    """The job: every algorithm test_distributed.py compares (``main`` finds the launch's group)."""
+    from test_distributed import NAMES
+
+    main(out, NAMES)

@@ -1,4 +1,4 @@
-"""Worker for tests/test_moe.py, run under ``torchrun --nproc_per_node=2``.
+"""Worker for tests/test_moe.py: a two-rank job (tests/two_rank_jobs.py; gloo, CPU).
 
 Each rank takes its half of the 4 image groups that test_moe.py builds on the tiny Qwen3-VL-MoE,
 wraps the policy with FSDP2 (gloo, CPU, fp32), checks what is sharded (each decoder layer and
@@ -9,21 +9,19 @@ gathered parameters and the metrics to ``OUT/fsdp_moe.pt``.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 from torch.distributed.fsdp import FSDPModule
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_moe import experts_of, image_sequences, updater_for  # noqa: E402
+from test_moe import experts_of, image_sequences, updater_for
 
-from medix_fast import distributed as D  # noqa: E402
-from medix_fast.data.vision import Vision  # noqa: E402
+from medix_fast import distributed as D
+from medix_fast.data.vision import Vision
 from medix_fast.demo.cache import resolve_model_path
-from medix_fast.model.loading import load_image_processor, load_model  # noqa: E402
-from medix_fast.rl.batch import Sequences  # noqa: E402
-from medix_fast.rl.update import PolicyObjective  # noqa: E402
+from medix_fast.model.loading import load_image_processor, load_model
+from medix_fast.rl.batch import Sequences
+from medix_fast.rl.update import PolicyObjective
 
 
 def half(seqs: Sequences, rank: int, world: int) -> Sequences:
@@ -33,9 +31,7 @@ def half(seqs: Sequences, rank: int, world: int) -> Sequences:
                      seqs.advantages[rows], seqs.group_size, seqs.images[rows])
 
 
-def main(out: Path) -> None:
-    torch.set_num_threads(1)
-    info = D.init_distributed("cpu", "gloo", "fsdp")
+def run(out: Path, info: D.DistInfo) -> None:
     model, tokenizer = load_model(resolve_model_path("tiny-vl-moe"))
     vision = Vision(load_image_processor(resolve_model_path("tiny-vl-moe")), model.config.image_token_id)
     seqs = half(image_sequences(model, tokenizer, vision, 4, seed=5), info.rank, info.world)
@@ -50,8 +46,3 @@ def main(out: Path) -> None:
     state = D.full_state_dict(wrapped, model)
     if info.is_main:
         torch.save({"state": state, "metrics": metrics}, out / "fsdp_moe.pt")
-    D.close()
-
-
-if __name__ == "__main__":
-    main(Path(sys.argv[1]))

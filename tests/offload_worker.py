@@ -1,6 +1,6 @@
-"""Worker for tests/test_offload_adamw.py, run under ``torchrun --nproc_per_node=2`` (gloo, CPU, FSDP2).
+"""Worker for tests/test_offload_adamw.py: a two-rank job (tests/two_rank_jobs.py; gloo, CPU, FSDP2).
 
-    python offload_worker.py OUT
+    run(OUT, info)
 
 Each rank takes its half of test_update.py's batch and runs ``Updater.update`` (one mini-batch, two
 PPO epochs: two optimizer steps per call) on FSDP2-wrapped copies of one tiny model:
@@ -17,20 +17,18 @@ host DTensors.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from dist_worker import GROUPS, half  # noqa: E402
-from test_update import G, MAX_NEW, make_sequences, tiny_model  # noqa: E402
+from dist_worker import GROUPS, half
+from test_update import G, MAX_NEW, make_sequences, tiny_model
 
-from medix_fast import checkpoint as C  # noqa: E402
-from medix_fast import distributed as D  # noqa: E402
-from medix_fast.config import AlgorithmConfig, SamplingConfig, TrainConfig  # noqa: E402
-from medix_fast.optim.adamw import OffloadAdamW  # noqa: E402
-from medix_fast.rl.update import PolicyObjective, Updater  # noqa: E402
+from medix_fast import checkpoint as C
+from medix_fast import distributed as D
+from medix_fast.config import AlgorithmConfig, SamplingConfig, TrainConfig
+from medix_fast.optim.adamw import OffloadAdamW
+from medix_fast.rl.update import PolicyObjective, Updater
 
 ADAMW = dict(lr=1e-2, weight_decay=0.1)
 
@@ -82,8 +80,7 @@ def largest_difference(run: Run, reference: Run) -> float:
     return max((got[k].double() - want[k].double()).abs().max().item() if want[k].numel() else 0.0 for k in want)
 
 
-def main(out: Path) -> None:
-    info = D.init_distributed("cpu", "gloo", "fsdp")
+def run(out: Path, info: D.DistInfo) -> None:
     seqs = half(make_sequences(GROUPS, model=tiny_model(0)), info.rank, info.world)
     torch_run, offload_run = Run(info, seqs).update(2), Run(info, seqs, offload=True).update(2)
     report = {"after_2": largest_difference(offload_run, torch_run)}
@@ -108,8 +105,3 @@ def main(out: Path) -> None:
                         "policies": sorted({type(m._get_fsdp_state()._fsdp_param_group.offload_policy).__name__
                                             for m in D._fsdp_modules(params.wrapped)})}
     (out / f"rank{info.rank}.json").write_text(json.dumps(report))
-    D.close()
-
-
-if __name__ == "__main__":
-    main(Path(sys.argv[1]))

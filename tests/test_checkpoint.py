@@ -4,8 +4,8 @@ One process: the async save writes a snapshot (the staging copy), a failed write
 checkpoint, pruning keeps this run's newest and every HF copy, bad directories are one-line errors,
 RNG streams are restored or re-derived (their files keep every field), a pickle in a checkpoint
 naming code is refused before it runs (an older format's .pt files still load), VL exports carry
-the image processor, an MoE exports in its Hub layout. Two gloo processes (tests/ckpt_worker.py,
-FSDP2): a checkpoint written by 2 ranks resumes at 2 ranks (the same step-3 metrics as the
+the image processor, an MoE exports in its Hub layout. Two gloo processes (tests/ckpt_worker.py's
+jobs, FSDP2): a checkpoint written by 2 ranks resumes at 2 ranks (the same step-3 metrics as the
 uninterrupted run, each shard's checksum verified by one rank) and at 1 (the same weights and
 optimizer state, FSDP or not; a damaged second shard is refused), and exports to a Hugging Face
 directory with the same weights.
@@ -26,7 +26,6 @@ import pytest
 import torch
 
 from ckpt_worker import comparable, config, full_state
-from test_distributed import torchrun
 
 from medix_fast.config import load_config
 from medix_fast import checkpoint as C
@@ -519,13 +518,15 @@ def test_moe_export_writes_the_hub_layout_and_loads_back(tmp_path):
 
 # ----------------------------------------------------------------------------- two ranks
 @pytest.fixture(scope="module")
-def two_rank_checkpoint(tmp_path_factory):
-    """Written by 2 FSDP ranks at step 2 (then step 3 run on), resumed by 2 ranks (step 3 run again)."""
-    out = tmp_path_factory.mktemp("ckpt2")
-    worker = str(Path(__file__).parent / "ckpt_worker.py")
-    torchrun([worker, "train", str(out)], out)
-    torchrun([worker, "resume", str(out)], out)
-    return out
+def two_rank_checkpoint(two_ranks):
+    """Written by 2 FSDP ranks at step 2, then step 3 run on (ckpt_worker.train's folder)."""
+    return two_ranks.folder("ckpt_train")
+
+
+@pytest.fixture(scope="module")
+def two_rank_resume(two_ranks):
+    """That checkpoint resumed by 2 ranks, step 3 run again (ckpt_worker.resume's folder)."""
+    return two_ranks.folder("ckpt_resume")
 
 
 TINY_LR = load_config(None, []).optim.lr
@@ -542,11 +543,12 @@ def assert_same_state(got: dict, want: dict) -> None:
             assert torch.equal(got["optimizer"][key][name], value), (key, name)
 
 
-def test_two_rank_checkpoint_resumes_at_two_ranks_exactly(two_rank_checkpoint):
+def test_two_rank_checkpoint_resumes_at_two_ranks_exactly(two_rank_checkpoint, two_rank_resume):
     out = two_rank_checkpoint
     reference = torch.load(out / "reference.pt", weights_only=False)
-    assert_same_state(torch.load(out / "resumed_2.pt", weights_only=False), reference)
-    assert json.loads((out / "resumed.json").read_text()) == json.loads((out / "uninterrupted.json").read_text())
+    assert_same_state(torch.load(two_rank_resume / "resumed_2.pt", weights_only=False), reference)
+    resumed = json.loads((two_rank_resume / "resumed.json").read_text())
+    assert resumed == json.loads((out / "uninterrupted.json").read_text())
     path = C.latest_checkpoint(out / "run")
     assert path.name == "step_00000002" and C.load_trainer_state(path)["world"] == 2
     assert sorted(p.name for p in (path / C.STATE).iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
@@ -576,8 +578,8 @@ def test_one_process_verifies_every_shard_of_a_two_rank_checkpoint(two_rank_chec
         C.check_checkpoint(path)
 
 
-def test_two_ranks_verify_each_shard_once(two_rank_checkpoint):
-    verified = [json.loads((two_rank_checkpoint / f"verified_rank{r}.json").read_text()) for r in (0, 1)]
+def test_two_ranks_verify_each_shard_once(two_rank_resume):
+    verified = [json.loads((two_rank_resume / f"verified_rank{r}.json").read_text()) for r in (0, 1)]
     assert [len(v) for v in verified] == [1, 1] and sorted(verified[0] + verified[1]) == ["__0_0.distcp",
                                                                                           "__1_0.distcp"]
 

@@ -9,9 +9,7 @@ LoRA (``model.lora``: adapters on a frozen base, the KL to the base with the ada
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ import torch
 
 from dist_worker import lora_update
 from test_update import ALGORITHMS, G, MAX_NEW, make_sequences, tiny_model
+from two_rank_jobs import run_launch
 
 from medix_fast.config import AlgorithmConfig, SamplingConfig, TrainConfig
 from medix_fast.distributed import DistInfo
@@ -30,19 +29,14 @@ GROUPS = 4
 
 def torchrun(args: list[str], tmp_path: Path, timeout: int = 300, launcher: list[str] = ()) -> subprocess.CompletedProcess:
     """``torchrun`` (2 processes, ``launcher``'s flags too) running ``args``; asserts it succeeded."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
-           "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", *launcher, *args]
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    done = run_launch(args, tmp_path, timeout, launcher)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done
 
 
 @pytest.fixture(scope="module")
-def two_process_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist")
-    torchrun([str(Path(__file__).parent / "dist_worker.py"), str(out), ",".join(NAMES)], out)
-    return out
+def two_process_results(two_ranks):
+    return two_ranks.folder("dist")
 
 
 def one_process(name: str):
@@ -101,16 +95,24 @@ def test_lora_on_two_ranks_equals_one_process(two_process_results, lora_one_proc
         assert all(sharded for _, sharded in saved["held"])
 
 
-def test_two_process_fsdp_training_run(tmp_path):
+FSDP_RUN = ["distributed.strategy=fsdp", "train.steps=2", "train.prompts_per_step=4", "train.mini_batch_prompts=2",
+            "sampling.group_size=4", "sampling.max_new_tokens=32", "algorithm.chunk_prompts=4", "algorithm.max_tries=2",
+            "algorithm.beta=0.02", "eval.every=2", "eval.limit=4", "rollout.partial=true", "rollout.stop_share=0.5",
+            "algorithm.tis_cap=2.0", "checkpoint.every=2", "logging.progress=false"]
+
+
+def fsdp_training_run(out: Path, info: DistInfo) -> None:
+    """A two-rank job (tests/two_rank_jobs.py): the training command with ``FSDP_RUN``, into ``out/run``."""
+    from medix_fast.train import main
+
+    assert main([*FSDP_RUN, f"train.output_dir={out / 'run'}"]) == 0
+
+
+def test_two_process_fsdp_training_run(two_ranks):
     """The whole loop under torchrun with FSDP2 (and a sharded KL reference): per-rank rollouts, unsharded generation,
     DAPO's cross-rank dynamic-sampling agreement, a gathered HF checkpoint; partial rollouts, each rank
     carrying its own groups, every rank's saved with the checkpoint."""
-    out = tmp_path / "run"
-    torchrun(["-m", "medix_fast.train", "distributed.strategy=fsdp", "train.steps=2", "train.prompts_per_step=4",
-              "train.mini_batch_prompts=2", "sampling.group_size=4", "sampling.max_new_tokens=32",
-              "algorithm.chunk_prompts=4", "algorithm.max_tries=2", "algorithm.beta=0.02", "eval.every=2", "eval.limit=4",
-              "rollout.partial=true", "rollout.stop_share=0.5", "algorithm.tis_cap=2.0",
-              "checkpoint.every=2", "logging.progress=false", f"train.output_dir={out}"], tmp_path)
+    out = two_ranks.folder("fsdp_run") / "run"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2]  # 0: the held-out baseline
     assert "eval/overall" in records[2]

@@ -7,10 +7,7 @@ once in one process and once under torchrun with two gloo ranks (greedy: the sam
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -327,9 +324,15 @@ def cli(*args: str) -> list[str]:
     return ["--model", "tiny", "--limit", "4", "--max-new-tokens", "40", "--batch-size", "1", *args]
 
 
-def test_tiny_smoke_and_two_ranks(tmp_path, capsys):
+def two_rank_eval(out: Path, info) -> None:
+    """A two-rank job (tests/two_rank_jobs.py): the command of ``test_tiny_smoke_and_two_ranks`` into
+    ``out/out``, its items split over the ranks."""
+    assert main(cli("--out", str(out / "out"))) == 0
+
+
+def test_tiny_smoke_and_two_ranks(tmp_path, capsys, two_ranks):
     """The default task (bundled held-out split) on the tiny model: 2 items, then 2 more resumed;
-    then the same 4 items under torchrun with 2 gloo ranks give the same greedy responses."""
+    then the same 4 items split over 2 gloo ranks (``two_rank_eval``) give the same greedy responses."""
     one = tmp_path / "one"
     assert main(cli("--limit", "2", "--out", str(one))) == 0
     assert len(read_records(one / "generations.jsonl")) == 2
@@ -345,14 +348,10 @@ def test_tiny_smoke_and_two_ranks(tmp_path, capsys):
         assert r["finish_reason"] in ("stop", "length") and 0 < r["tokens"] <= 40
     assert (one / "summary.md").read_text().startswith("| task | n | accuracy |")
 
-    two = tmp_path / "two"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
-           "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", "-m", "medix_fast.eval", *cli("--out", str(two))]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert done.stdout.count("| sample_test | 4 |") == 1  # rank 0 prints
-    by_index = {r["index"]: r for r in read_records(two / "generations.jsonl")}
+    two = two_ranks.folder("eval")
+    outs = [(two / f"rank{r}.out").read_text() for r in (0, 1)]
+    assert [out.count("| sample_test | 4 |") for out in outs] == [1, 0]  # rank 0 prints
+    by_index = {r["index"]: r for r in read_records(two / "out" / "generations.jsonl")}
     assert sorted(by_index) == [0, 1, 2, 3]
     for r in records:
         assert by_index[r["index"]]["response"] == r["response"]

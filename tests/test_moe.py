@@ -505,14 +505,11 @@ def test_30b_update_plan_fits_8_h100_and_names_the_fix():
 
 
 # ----------------------------------------------------------------------------- two ranks
-def test_two_fsdp_ranks_equal_one_process(tmp_path):
+def test_two_fsdp_ranks_equal_one_process(two_ranks):
     """Each of two gloo ranks updates on its half of 4 image groups under FSDP2 (experts and vision
-    blocks sharded, load-balancing loss on, a group per micro-batch); the gathered weights equal
-    one process on all four."""
-    from test_distributed import torchrun
-
-    torchrun([str(Path(__file__).parent / "moe_dist_worker.py"), str(tmp_path)], tmp_path, timeout=600)
-    saved = torch.load(tmp_path / "fsdp_moe.pt", weights_only=False)
+    blocks sharded, load-balancing loss on, a group per micro-batch: moe_dist_worker.run); the gathered
+    weights equal one process on all four."""
+    saved = torch.load(two_ranks.folder("moe") / "fsdp_moe.pt", weights_only=False)
     model, tokenizer = load_model(resolve_model_path("tiny-vl-moe"))
     vision = Vision(load_image_processor(resolve_model_path("tiny-vl-moe")), model.config.image_token_id)
     objective = PolicyObjective(model, temperature=1.0, router_aux_coef=0.1)

@@ -13,12 +13,10 @@ CPUOffloadPolicy) trains to the same loss and parameters as without.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from test_distributed import torchrun
 
 from medix_fast.config import OptimConfig
 from medix_fast.optim.adamw import (OffloadAdamW, STATES, adamw, device_bytes, host_bytes, staging_bytes)
@@ -170,28 +168,27 @@ def test_parameters_other_than_fp32_are_refused():
 
 # ----------------------------------------------------------------------------- two ranks
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("offload")
-    torchrun([str(Path(__file__).parent / "offload_worker.py"), str(out)], out)
+def two_ranks_offload(two_ranks):
+    out = two_ranks.folder("offload")  # offload_worker.run
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
-def test_two_ranks_fsdp_offloaded_states_give_torch_adamw_bits(two_ranks):
-    for rank in two_ranks:
+def test_two_ranks_fsdp_offloaded_states_give_torch_adamw_bits(two_ranks_offload):
+    for rank in two_ranks_offload:
         assert rank["after_2"] == 0.0 and rank["after_3"]["offload"] == 0.0
         assert rank["losses"]["offload"] == rank["losses"]["torch"]
         assert rank["offload_state"] == {"type": "DTensor", "device": "cpu", "placements": "(Shard(dim=0),)"}
 
 
-def test_two_ranks_checkpoint_resumes_across_an_offload_change(two_ranks):
-    for rank in two_ranks:
+def test_two_ranks_checkpoint_resumes_across_an_offload_change(two_ranks_offload):
+    for rank in two_ranks_offload:
         assert rank["resumed"] == {"from_torch": 0.0, "from_off": 0.0}
         assert rank["after_3"]["from_torch"] == rank["after_3"]["from_off"] == 0.0
         assert rank["losses"]["from_torch"] == rank["losses"]["from_off"] == rank["losses"]["torch"][-1:]
 
 
-def test_two_ranks_fsdp_cpu_offload_policy_trains_as_without(two_ranks):
-    for rank in two_ranks:
+def test_two_ranks_fsdp_cpu_offload_policy_trains_as_without(two_ranks_offload):
+    for rank in two_ranks_offload:
         assert rank["params"]["policies"] == ["CPUOffloadPolicy"]
         assert rank["params"]["loss"] == rank["params"]["reference_loss"] and rank["params"]["difference"] == 0.0
 

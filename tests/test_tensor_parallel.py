@@ -9,32 +9,25 @@ Run: pytest tests/test_tensor_parallel.py
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-
-from test_distributed import torchrun
 
 from medix_fast.demo.cache import resolve_model_path
 from medix_fast.generate.tensor_parallel import TensorParallelCopy, tensor_parallel_error
 from medix_fast.model.loading import load_model
 
-WORKER = str(Path(__file__).parent / "tp_worker.py")
 MODELS = ["tiny", "tiny-vl", "tiny-moe", "tiny-vl-moe"]
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tp_engine")
-    torchrun([WORKER, str(out), "engine"], out)
+def engine(two_ranks):
+    out = two_ranks.folder("tp_engine")  # tp_worker.engine
     return [torch.load(out / f"engine_rank{r}.pt", weights_only=False) for r in (0, 1)]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tp_train")
-    torchrun([WORKER, str(out), "train"], out)
+def trained(two_ranks):
+    out = two_ranks.folder("tp_train")  # tp_worker.train
     return [torch.load(out / f"train_rank{r}.pt", weights_only=False) for r in (0, 1)]
 
 

@@ -1,7 +1,7 @@
-"""Worker for tests/test_tensor_parallel.py, run under ``torchrun --nproc_per_node=2`` (gloo, CPU).
+"""Worker for tests/test_tensor_parallel.py: two two-rank jobs (tests/two_rank_jobs.py; gloo, CPU).
 
-    python tp_worker.py OUT engine     # GroupSampler(k = 2) against one Sampler on the whole policy
-    python tp_worker.py OUT train      # a training step with sampling.tensor_parallel 1 and 2, a resume across
+    engine(OUT, info)    # GroupSampler(k = 2) against one Sampler on the whole policy
+    train(OUT, info)     # a training step with sampling.tensor_parallel 1 and 2, a resume across
 
 engine: on tiny (Qwen2: q/k/v biases), tiny-VL (Qwen2.5-VL, images; its attention derives the head size
 from hidden / heads), tiny-MoE (with the routing record) and tiny-VL-MoE (images), each rank
@@ -17,7 +17,6 @@ Rank r writes ``OUT/<part>_rank<r>.pt`` for the test to compare.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
@@ -60,7 +59,7 @@ def engine(out: Path, info: D.DistInfo) -> None:
     from medix_fast.model.loading import load_image_processor, load_model
 
     results = {}
-    for name in (sys.argv[3].split(",") if len(sys.argv) > 3 else ("tiny", "tiny-vl", "tiny-moe", "tiny-vl-moe")):
+    for name in ("tiny", "tiny-vl", "tiny-moe", "tiny-vl-moe"):
         path = resolve_model_path(name)
         model, tokenizer = load_model(path, dtype=torch.float32, device="cpu")
         prompts, images = PROMPTS[info.rank], None
@@ -155,10 +154,3 @@ def train(out: Path, info: D.DistInfo) -> None:
                            "sampling.max_new_tokens=12"]), resumed.tokenizer, resumed.info)
     results["tp2_eval"] = resumed.evaluate(2)
     torch.save(results, out / f"train_rank{info.rank}.pt")
-
-
-if __name__ == "__main__":
-    where, part = Path(sys.argv[1]), sys.argv[2]
-    dist_info = D.init_distributed("cpu", "gloo")
-    {"engine": engine, "train": train}[part](where, dist_info)
-    D.close()
