@@ -37,9 +37,13 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import preflight
 from .errors import UserError
+
+if TYPE_CHECKING:  # annotations only: torch is imported by the functions that run
+    import torch
 
 MARKER = ".medix_fast_export.json"  # the files an export wrote (relative paths)
 

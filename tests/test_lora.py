@@ -32,13 +32,13 @@ def test_bad_lora_settings_are_refused_in_one_line(override, named):
 
 
 def adapted(name: str, lora: LoraConfig, seed: int = 0):
-    """The tiny model ``name`` with adapters, their B made non-zero (a fresh B is zero)."""
-    model, _ = load_model(resolve_model_path(name))
+    """The tiny model ``name`` with adapters, their B made non-zero (a fresh B is zero), and its tokenizer."""
+    model, tokenizer = load_model(resolve_model_path(name))
     add_adapters(model, lora)
     g = torch.Generator().manual_seed(seed)
     for p in adapter_parameters(model):
         p.data = torch.randn(p.shape, generator=g) * 0.1
-    return model.eval()
+    return model.eval(), tokenizer
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-vl", "tiny-moe"])
@@ -60,7 +60,7 @@ def test_adapters_equal_peft_and_merge_and_switch_off(name, tmp_path):
     assert trained and all(".lora_A." in n or ".lora_B." in n for n in trained)
     assert not any("visual" in n or "lm_head" in n for n in trained)
     assert any("experts.lora_A" in n for n in trained) == lora.experts
-    model = adapted(name, lora)
+    model, _ = adapted(name, lora)
     model.train()(ids).logits.square().mean().backward()  # every adapter learns (dropout on: training)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter_parameters(model))
     if lora.dropout:
@@ -91,7 +91,7 @@ def test_sampler_greedy_equals_peft_generate(name, tmp_path):
     """The in-process sampler runs the adapters (``sampling.lora_merge``'s default; both ways in
     tests/test_lora_sampling.py): its greedy tokens are HF + PEFT ``generate``'s."""
     lora = LoraConfig(rank=4, alpha=8, experts=name == "tiny-moe")
-    model = adapted(name, lora, seed=1)
+    model, _ = adapted(name, lora, seed=1)
     write_adapter(model, lora, "base", tmp_path)
     reference = peft.PeftModel.from_pretrained(load_model(resolve_model_path(name))[0], tmp_path).eval()
     prompts = [torch.randint(0, 200, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 9, 3)]

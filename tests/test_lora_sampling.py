@@ -17,20 +17,11 @@ from medix_fast.generate import Sampler
 from medix_fast.generate.weights import merged_adapters
 from medix_fast.model.compat import hf_image_kwargs
 from medix_fast.model.loading import load_image_processor, load_model
-from medix_fast.model.lora import adapter_parameters, adapters, add_adapters
+from medix_fast.model.lora import adapter_parameters, adapters
 from medix_fast.model.peft_files import write_adapter
 
 peft = pytest.importorskip("peft")
-
-
-def adapted(name: str, lora: LoraConfig, seed: int = 0):
-    """The tiny model ``name`` with adapters, their B made non-zero (a fresh B is zero)."""
-    model, tokenizer = load_model(resolve_model_path(name))
-    add_adapters(model, lora)
-    g = torch.Generator().manual_seed(seed)
-    for p in adapter_parameters(model):
-        p.data = torch.randn(p.shape, generator=g) * 0.1
-    return model.eval(), tokenizer
+from test_lora import adapted  # noqa: E402
 
 
 def test_lora_merge_setting_picks_the_adapters_to_merge():
