@@ -30,31 +30,32 @@ FOLD_BYTES = 28  # per adapted parameter: fp32 B @ A written, scaled, added to t
 
 @dataclass(frozen=True)
 class Adapted:
-    """The adapted weights of one model: its linears (in, out) and expert banks (E, in, out), all layers."""
+    """The adapted weights of one model: its linears (in, out) and expert banks (E, out, in), all layers."""
     linears: list[tuple[int, int]]
     banks: list[tuple[int, int, int]]
 
     @property
     def parameters(self) -> int:
-        return sum(i * o for i, o in self.linears) + sum(e * i * o for e, i, o in self.banks)
+        return sum(i * o for i, o in self.linears) + sum(e * o * i for e, o, i in self.banks)
 
 
 def adapted(model: str) -> Adapted:
-    """Every decoder linear (q, k, v, o; gate, up, down of a dense MLP) and a MoE's expert banks."""
+    """The weights ``model.lora``'s default targets adapt (every decoder linear; a MoE's expert banks
+    too), found by ``model/lora.py``'s own targeting on the meta device."""
+    from ..config import LoraConfig
+    from ..model.footprint import meta_model
+    from ..model.lora import EXPERT_BANKS, LoraExperts, LoraLinear, add_adapters
+    from ..model.moe import is_moe
     from .memory import load_config
 
-    text = load_config(model).get_text_config()
-    h, heads, kv = text.hidden_size, text.num_attention_heads, text.num_key_value_heads
-    dim = getattr(text, "head_dim", None) or h // heads
-    layer = [(h, heads * dim), (h, kv * dim), (h, kv * dim), (heads * dim, h)]
-    banks = []
-    experts = getattr(text, "num_experts", None)
-    if experts:
-        width = text.moe_intermediate_size
-        banks = [(experts, h, 2 * width), (experts, width, h)] * text.num_hidden_layers
-    else:
-        layer += [(h, text.intermediate_size)] * 2 + [(text.intermediate_size, h)]
-    return Adapted(layer * text.num_hidden_layers, banks)
+    config = load_config(model)
+    meta = meta_model(config)
+    add_adapters(meta, LoraConfig(rank=1, experts=is_moe(config)))
+    modules = list(meta.modules())
+    return Adapted([(m.base_layer.in_features, m.base_layer.out_features) for m in modules
+                    if isinstance(m, LoraLinear)],
+                   [tuple(getattr(m.base_layer, n).shape) for m in modules if isinstance(m, LoraExperts)
+                    for n in EXPERT_BANKS])
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ class Cost:
 
 def cost(shape: DecodeShape, model: Adapted, rows: int, rank: int) -> Cost:
     linear = sum(2 * rank * (i + o) + rows * (2 * i + 4 * rank + 12 * o) for i, o in model.linears)
-    banks = sum(FOLD_BYTES * e * i * o + 4 * e * rank * (i + o) for e, i, o in model.banks)
+    banks = sum(FOLD_BYTES * e * o * i + 4 * e * rank * (o + i) for e, o, i in model.banks)
     weights = len(model.linears) + len(model.banks)
     return Cost(shape, rows, step_traffic(shape, rows, *TYPICAL).total, linear + banks, 4 * weights,
                 FOLD_BYTES * model.parameters, 4 * weights, 2 * model.parameters)

@@ -175,12 +175,11 @@ def lora_counts(lora, model_config) -> LoraCounts | None:
     vision = [u for u in units if not any(u is d for d in decoders)]
     banks = [tuple(getattr(e.base_layer, n).numel() for n in EXPERT_BANKS) for e in model.modules()
              if isinstance(e, LoraExperts)]
-    linear = [a.base_layer.weight.numel() for a in model.modules() if isinstance(a, LoraLinear)]
+    linears = [a.base_layer for a in model.modules() if isinstance(a, LoraLinear)]
+    weights = [w.weight.numel() for w in linears]
     return LoraCounts(count(model), tuple(count(u) for u in units), max(map(width, decoders), default=0),
-                      max(map(width, vision), default=0),
-                      max((a.base_layer.in_features for a in model.modules() if isinstance(a, LoraLinear)), default=0),
-                      max(banks, key=sum, default=()), len(banks), sum(linear),
-                      max(linear, default=0))
+                      max(map(width, vision), default=0), max((w.in_features for w in linears), default=0),
+                      max(banks, key=sum, default=()), len(banks), sum(weights), max(weights, default=0))
 
 
 def expert_delta_bytes(lora: LoraCounts | None, backward: bool = False, layers: int = 1) -> int:
