@@ -54,9 +54,8 @@ def adapted_rollout(fields: dict, vocab: int, experts: str | None, rank: int, la
     from medix_fast.model.lora import adapter_parameters, add_adapters
 
     model = random_model(fields, vocab, experts, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj"] + (["gate_proj", "up_proj", "down_proj"] if experts is None
-                                                            else [])
-    add_adapters(model, LoraConfig(rank=rank, alpha=2 * rank, target_modules=targets, experts=experts is not None))
+    # the default targets: the 7 decoder linears (the MoE's its 4 attention linears, its experts not nn.Linear)
+    add_adapters(model, LoraConfig(rank=rank, alpha=2 * rank, experts=experts is not None))
     with torch.no_grad():
         for p in adapter_parameters(model):
             p.normal_(0, 0.02)
